@@ -1,0 +1,923 @@
+"""Tests for tsmd, in the order of tsmd.py: codecs, address policy, fetch, storage, config, sync,
+reports, command line. Network tests use loopback only and run under trio.fail_after."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import bencoder
+import libtorrent as lt
+import pytest
+import trio
+from hypothesis import given, settings as hsettings, strategies as st
+from typer.testing import CliRunner
+
+import tsmd
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(async_fn, *args, timeout: float = 30, **kwargs):
+    async def bounded():
+        with trio.fail_after(timeout):
+            return await async_fn(*args, **kwargs)
+    return trio.run(bounded)
+
+
+# ---- Torrent fixtures ----
+
+
+def v1_torrent(name: str = "file.bin", length: int = 1000, *, files: list[int] | None = None,
+               trackers: list[list[str]] | None = None, announce: str | None = None,
+               seed: int = 0, canonical: bool = True) -> bytes:
+    """A v1 .torrent; with canonical=False the keys are deliberately out of order."""
+    total = sum(files) if files else length
+    piece = hashlib.sha1(f"{name}{seed}".encode()).digest()
+    pieces = piece * max(1, -(-total // 16384))  # libtorrent checks the piece count
+    if files:
+        info_items = [(b"name", name.encode()), (b"piece length", 16384), (b"pieces", pieces),
+                      (b"files", [{b"length": n, b"path": [f"f{i}".encode()]}
+                                  for i, n in enumerate(files)])]
+    else:
+        info_items = [(b"name", name.encode()), (b"piece length", 16384), (b"pieces", pieces),
+                      (b"length", length)]
+    top: list[tuple[bytes, object]] = [(b"creation date", 1_600_000_000 + seed),
+                                       (b"created by", b"test_tsmd")]
+    if announce:
+        top.append((b"announce", announce.encode()))
+    if trackers:
+        top.append((b"announce-list", [[u.encode() for u in tier] for tier in trackers]))
+    if canonical:
+        return bencoder.bencode({**dict(top), b"info": dict(info_items)})
+    # Hand-encode with keys reversed: valid bencode, but not the canonical sorted form.
+    def enc_dict(items):
+        return b"d" + b"".join(bencoder.bencode(k) + (v if isinstance(v, bytes) and v[:1] == b"d"
+                                                       and k == b"info" else bencoder.bencode(v))
+                               for k, v in items) + b"e"
+    info_raw = b"d" + b"".join(bencoder.bencode(k) + bencoder.bencode(v)
+                               for k, v in reversed(info_items)) + b"e"
+    return enc_dict(list(reversed(top)) + [(b"info", info_raw)])
+
+
+def lt_torrent(tmp_path: Path, name: str, sizes: list[int], flags: int) -> bytes:
+    """A v2 or hybrid .torrent made by libtorrent from real files (independent implementation)."""
+    root = tmp_path / name
+    root.mkdir(parents=True)
+    for i, size in enumerate(sizes):
+        (root / f"part{i}.bin").write_bytes(os.urandom(size))
+    storage = lt.file_storage()
+    lt.add_files(storage, str(root))
+    creator = lt.create_torrent(storage, 16384, flags=flags)
+    creator.add_tracker("udp://tracker.example.org:1337/announce", 0)
+    lt.set_piece_hashes(creator, str(tmp_path))
+    return lt.bencode(creator.generate())
+
+
+def lt_hashes(data: bytes) -> tuple[str, str | None]:
+    info = lt.torrent_info(data)
+    hashes = info.info_hashes()
+    v2 = str(hashes.v2) if hashes.has_v2() else None
+    return str(hashes.v1), v2
+
+
+# ---- Bencode and metainfo ----
+
+
+def test_bdecode_refuses_deep_nesting_without_crashing():
+    for depth in (tsmd.MAX_BENCODE_DEPTH + 1, 60_000, 1_000_000):
+        with pytest.raises(tsmd.ProtocolError, match="nested deeper"):
+            tsmd.bdecode_untrusted(b"l" * depth + b"e" * depth)
+    # Nesting hidden behind dictionaries and strings that contain 'l' bytes is still counted.
+    hostile = b"d1:a" + b"l" * 70_000 + b"e" * 70_000 + b"e"
+    with pytest.raises(tsmd.ProtocolError):
+        tsmd.bdecode_untrusted(hostile)
+    # Strings full of 'l' are skipped by length and do not count as nesting.
+    assert tsmd.bdecode_untrusted(b"l100000:" + b"l" * 100_000 + b"e") == [b"l" * 100_000]
+
+
+def test_deep_nesting_in_a_subprocess_does_not_kill_the_interpreter(tmp_path):
+    # The crash being guarded against is a segfault, which pytest could not report, so it runs apart.
+    script = ("import tsmd\n"
+              "try:\n    tsmd.decode_metainfo_untrusted(b'd4:info' + b'l'*200000 + b'e'*200000 + b'e')\n"
+              "except tsmd.ProtocolError as e:\n    print('refused:', e)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "refused: bencode nested deeper" in done.stdout
+
+
+@pytest.mark.parametrize("bad", [b"", b"l", b"i", b"ie", b"i01e", b"i-0e", b"5:ab", b"d1:a",
+                                 b"di1ei2ee", b"-1:a", b"99999999999999999999:a", b"x",
+                                 b"d1:ai1eeXYZ"])
+def test_bdecode_rejects_malformed(bad):
+    with pytest.raises(tsmd.ProtocolError):
+        tsmd.bdecode_untrusted(bad)
+
+
+def test_v1_single_and_multi_file_match_libtorrent():
+    single = v1_torrent("single.iso", 123_456, announce="http://t.example/announce")
+    multi = v1_torrent("dir", files=[10, 20, 30], trackers=[["udp://a.example:80/announce"],
+                                                            ["http://b.example/announce"]])
+    for data, size, count in ((single, 123_456, 1), (multi, 60, 3)):
+        meta = tsmd.decode_metainfo_untrusted(data)
+        assert meta.infohash == lt_hashes(data)[0]
+        assert meta.infohash_v2 is None
+        assert (meta.size_bytes, meta.file_count) == (size, count)
+        assert meta.piece_length == 16384 and meta.has_metainfo
+    meta = tsmd.decode_metainfo_untrusted(multi)
+    assert [(t.url, t.tier) for t in meta.trackers] == [("udp://a.example:80/announce", 0),
+                                                        ("http://b.example/announce", 1)]
+    assert tsmd.decode_metainfo_untrusted(single).created_by == "test_tsmd"
+
+
+def test_non_canonical_key_order_hashes_the_raw_info_bytes():
+    data = v1_torrent("noncanon.bin", 5000, canonical=False, announce="udp://x.example:6969")
+    assert bencoder.bencode(bencoder.bdecode(data)) != data  # really non-canonical
+    meta = tsmd.decode_metainfo_untrusted(data)
+    assert meta.infohash == lt_hashes(data)[0]
+    reencoded = hashlib.sha1(bencoder.bencode(bencoder.bdecode(data)[b"info"])).hexdigest()
+    assert meta.infohash != reencoded
+
+
+def test_v2_and_hybrid_match_libtorrent(tmp_path):
+    v2 = lt_torrent(tmp_path / "a", "v2only", [40_000, 1_000], lt.create_torrent.v2_only)
+    hybrid = lt_torrent(tmp_path / "b", "hybrid", [70_000, 5, 16384], 0)
+    meta = tsmd.decode_metainfo_untrusted(v2)
+    _, lt_v2 = lt_hashes(v2)
+    assert meta.infohash_v2 == lt_v2 and meta.infohash == lt_v2[:40]
+    assert (meta.size_bytes, meta.file_count) == (41_000, 2)
+    meta = tsmd.decode_metainfo_untrusted(hybrid)
+    lt_v1, lt_v2 = lt_hashes(hybrid)
+    assert (meta.infohash, meta.infohash_v2) == (lt_v1, lt_v2)
+    assert meta.size_bytes == 70_000 + 5 + 16384
+    assert meta.trackers == (tsmd.Tracker("udp://tracker.example.org:1337/announce", 0),)
+
+
+def test_every_truncation_and_corruption_of_a_torrent_raises_only_protocol_error():
+    data = v1_torrent("t.bin", 99, files=[1, 2], trackers=[["udp://a.example:1/x"]])
+    for end in range(len(data)):
+        with pytest.raises(tsmd.ProtocolError):
+            tsmd.decode_metainfo_untrusted(data[:end])
+    for position in range(len(data)):
+        for replacement in (b"x", b"e", b"9", b"l", b":"):
+            corrupted = data[:position] + replacement + data[position + 1:]
+            try:
+                tsmd.decode_metainfo_untrusted(corrupted)
+            except tsmd.ProtocolError:
+                pass
+
+
+@given(st.binary(max_size=300))
+@hsettings(max_examples=300, deadline=None)
+def test_metainfo_parser_raises_only_protocol_error_on_random_bytes(data):
+    try:
+        tsmd.decode_metainfo_untrusted(data)
+    except tsmd.ProtocolError:
+        pass
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"le", "not a bencoded dictionary"), (b"d1:ai1e1:be", "unexpected byte"), (b"d1:ai1e", "truncated"), (b"di1ei1ee", "not a string"),
+    (b"d4:infoi1ee", "no 'info'"),
+    (b"d4:infod4:name1:xee", "neither"),
+    (bencoder.bencode({b"info": {b"name": b"x", b"length": -5, b"pieces": b""}}), "length"),
+    (bencoder.bencode({b"info": {b"name": b"x", b"files": [{b"path": []}], b"pieces": b""}}),
+     "files"),
+    (bencoder.bencode({b"info": {b"meta version": 2, b"file tree": {b"a": {b"": {}}}}}), "length"),
+])
+def test_metainfo_semantic_errors_are_named(data, message):
+    with pytest.raises(tsmd.ProtocolError, match=message):
+        tsmd.decode_metainfo_untrusted(data)
+
+
+def test_magnet_links():
+    infohash = "63a04291a8b266d968aa7ab8a276543fa63a9e84"
+    meta = tsmd.decode_magnet_untrusted(
+        f"magnet:?xt=urn:btih:{infohash.upper()}&dn=r_000&tr=udp%3A%2F%2Ft.example%3A80%2Fannounce"
+        "&tr=http://u.example/announce&tr=udp://t.example:80/announce&xl=6874163906")
+    assert meta.infohash == infohash and meta.name == "r_000" and not meta.has_metainfo
+    assert [t.url for t in meta.trackers] == ["udp://t.example:80/announce",
+                                              "http://u.example/announce"]
+    assert meta.size_bytes == 6_874_163_906
+    b32 = __import__("base64").b32encode(bytes.fromhex(infohash)).decode()
+    assert tsmd.decode_magnet_untrusted(f"magnet:?xt=urn:btih:{b32}").infohash == infohash
+    v2 = "a" * 64
+    meta = tsmd.decode_magnet_untrusted(f"magnet:?xt=urn:btmh:1220{v2}")
+    assert (meta.infohash, meta.infohash_v2) == (v2[:40], v2)
+    for bad in ("magnet:?dn=x", "magnet:?xt=urn:btih:xyz", "http://x", "magnet:?xt=urn:btih:" + "g" * 40):
+        with pytest.raises(tsmd.ProtocolError):
+            tsmd.decode_magnet_untrusted(bad)
+    assert tsmd.decode_magnet_untrusted(tsmd.magnet_uri(infohash, "n 1", ["udp://a:1"])).name == "n 1"
+
+
+def test_tracker_url_normalisation():
+    norm = tsmd.normalise_tracker_url
+    assert norm(" HTTP://Tracker.Example:80/announce ") == "http://tracker.example/announce"
+    assert norm("udp://t.example:1337/announce") == "udp://t.example:1337/announce"
+    assert norm("udp://t.example:1337") == "udp://t.example:1337"
+    assert norm("udp://[2001:db8::1]:6969") == "udp://[2001:db8::1]:6969"
+    for bad in ("udp://t.example", "wss://t.example/", "http://", "not a url", "http://h:99999/"):
+        assert norm(bad) is None
+
+
+# ---- Collection index pages ----
+
+BASE = "http://archive.example/repository_torrent/"
+
+
+def test_html_index_resolves_filters_and_keeps_same_origin():
+    page = f"""<!DOCTYPE html><html><body>
+    <a href="r_0.torrent">r_0</a> <a href='/repository_torrent/r_1000.torrent'>r_1000</a>
+    <a href="sub/r_2000.TORRENT?x=1">upper</a> <a href="r_0.torrent">duplicate</a>
+    <a href="http://other.example/r_3000.torrent">elsewhere</a> <a href="readme.txt">no</a>
+    <a href="magnet:?xt=urn:btih:{'b' * 40}&amp;dn=m_1">magnet</a> <a href="magnet:?xt=bad">bad</a>
+    <a>no href</a></body></html>""".encode()
+    entries, problems = tsmd.parse_index_untrusted(page, BASE)
+    assert [e.source for e in entries] == [
+        BASE + "r_0.torrent", BASE + "r_1000.torrent", BASE + "sub/r_2000.TORRENT?x=1",
+        f"magnet:?xt=urn:btih:{'b' * 40}&dn=m_1"]
+    assert entries[0].file_name == "r_0.torrent" and entries[3].kind is tsmd.EntryKind.MAGNET
+    assert len(problems) == 1 and "bad magnet" in problems[0]
+    entries, _ = tsmd.parse_index_untrusted(page, BASE, same_origin=False,
+                                            required_substring="r_")
+    assert "http://other.example/r_3000.torrent" in [e.source for e in entries]
+    assert all("r_" in e.source for e in entries)
+
+
+def test_text_and_json_lists():
+    text = f"""# a comment
+    r_1.torrent
+    https://mirror.example/r_2.torrent
+    magnet:?xt=urn:btih:{'c' * 40}
+    {'D' * 40}
+    ftp://nope.example/x.torrent
+    """.encode()
+    entries, problems = tsmd.parse_index_untrusted(text, BASE)
+    assert [(e.kind.value, e.source) for e in entries] == [
+        ("url", BASE + "r_1.torrent"), ("url", "https://mirror.example/r_2.torrent"),
+        ("magnet", f"magnet:?xt=urn:btih:{'c' * 40}"), ("infohash", "d" * 40)]
+    assert len(problems) == 1 and "ftp://" in problems[0]
+    feed = json.dumps([{"name": "r_5.torrent", "link": "r_5.torrent", "infohash": "e" * 40},
+                       "e" * 40, 7, {"nothing": 1}]).encode()
+    entries, problems = tsmd.parse_index_untrusted(feed, BASE)
+    assert [(e.source, e.file_name) for e in entries] == [(BASE + "r_5.torrent", "r_5.torrent"),
+                                                          ("e" * 40, None)]
+    assert len(problems) == 2
+    with pytest.raises(tsmd.ProtocolError):
+        tsmd.parse_index_untrusted(b"[" * 100_000, BASE)
+    with pytest.raises(tsmd.ProtocolError):
+        tsmd.parse_index_untrusted(b'{"no": "list"}', BASE)
+
+
+def test_remote_index_cannot_point_at_local_files():
+    page = b"file:///etc/passwd.torrent\n/ok.torrent\n"
+    entries, problems = tsmd.parse_index_untrusted(page, BASE)
+    assert [e.source for e in entries] == ["http://archive.example/ok.torrent"]
+    assert "local file" in problems[0]
+    entries, problems = tsmd.parse_index_untrusted(page, "file:///srv/list.txt")
+    assert len(entries) == 2 and not problems
+
+
+# ---- Address policy ----
+
+
+@pytest.mark.parametrize("address,allowed", [
+    ("93.184.216.34", True), ("2606:2800:220:1:248:1893:25c8:1946", True), ("1.1.1.1", True),
+    ("127.0.0.1", False), ("127.3.2.1", False), ("::1", False), ("10.1.2.3", False),
+    ("172.16.0.1", False), ("192.168.1.1", False), ("169.254.169.254", False),
+    ("100.64.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False), ("255.255.255.255", False),
+    ("240.0.0.1", False), ("fe80::1", False), ("fc00::1", False), ("ff02::1", False),
+    ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("::", False), ("192.0.0.8", False),
+    ("198.18.0.1", False), ("2001:db8::1", False), ("not-an-ip", False),
+])
+def test_is_global_address(address, allowed):
+    assert tsmd.is_global_address(address) is allowed
+
+
+# ---- A loopback HTTP server serving generated collections ----
+
+
+class CollectionServer:
+    """Serves files from a dict on 127.0.0.1, counts requests, answers conditional requests."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self.requests: list[tuple[str, str]] = []  # (path, status)
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def setup(self):
+                super().setup()
+                # Headers and body go out in two writes; without this Nagle's algorithm and the
+                # client's delayed ACK add 40 ms to every response.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def do_GET(self):
+                path = urllib.parse.urlsplit(self.path).path
+                status = server.respond(self, path)
+                with server.lock:
+                    server.requests.append((path, status))
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def count(self, prefix: str = "/") -> int:
+        with self.lock:
+            return sum(1 for path, _ in self.requests if path.startswith(prefix))
+
+    def respond(self, handler, path: str) -> str:
+        if path.startswith("/redirect/"):
+            handler.send_response(302)
+            handler.send_header("Location", urllib.parse.unquote(path[len("/redirect/"):]))
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return "302"
+        if path == "/loop":
+            handler.send_response(301)
+            handler.send_header("Location", "/loop")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return "301"
+        if path.startswith("/slow/"):
+            time.sleep(3)
+        if path.startswith("/truncated/"):
+            handler.send_response(200)
+            handler.send_header("Content-Length", "100000")
+            handler.end_headers()
+            handler.wfile.write(b"d8:announce")
+            handler.close_connection = True
+            return "200-truncated"
+        if path.startswith("/chunked-huge/"):
+            handler.send_response(200)
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            chunk = b"x" * 65536
+            try:
+                for _ in range(1000):  # 64 MiB at most, a client must stop long before
+                    handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:
+                pass
+            handler.close_connection = True
+            return "200-huge"
+        body_type = self.files.get(path)
+        if body_type is None:
+            handler.send_response(404)
+            handler.send_header("Content-Length", "9")
+            handler.end_headers()
+            handler.wfile.write(b"not found")
+            return "404"
+        body, content_type = body_type
+        etag = '"' + hashlib.sha1(body).hexdigest() + '"'
+        if handler.headers.get("If-None-Match") == etag:
+            handler.send_response(304)
+            handler.send_header("ETag", etag)
+            handler.end_headers()
+            return "304"
+        handler.send_response(200)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.send_header("ETag", etag)
+        handler.end_headers()
+        handler.wfile.write(body)
+        return "200"
+
+    def __enter__(self) -> CollectionServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def server():
+    with CollectionServer() as running:
+        yield running
+
+
+def publish_collection(server: CollectionServer, prefix: str, count: int,
+                       start: int = 0) -> dict[str, str]:
+    """r_N.torrent files plus an index page linking them; returns file name -> infohash."""
+    hashes = {}
+    for n in range(start, start + count):
+        data = v1_torrent(f"book{n}.zip", 1000 + n, seed=n,
+                          trackers=[[f"udp://t{n % 3}.example:1337/announce"]])
+        server.files[f"{prefix}r_{n}.torrent"] = (data, "application/x-bittorrent")
+        hashes[f"r_{n}.torrent"] = lt_hashes(data)[0]
+    index_page(server, prefix, [f"r_{n}.torrent" for n in range(start, start + count)])
+    return hashes
+
+
+def index_page(server: CollectionServer, prefix: str, names: list[str]) -> None:
+    links = "\n".join(f'<a href="{name}">{name}</a>' for name in names)
+    server.files[prefix] = (f"<html><body>{links}</body></html>".encode(), "text/html")
+
+
+def make_settings(tmp_path: Path, collections: list[dict], **sections) -> tsmd.Settings:
+    document = {"database": "tsmd.sqlite3", "network": {"allow_private": True, "timeout": 2,
+                                                        "connect_timeout": 2},
+                "collections": collections, **sections}
+    return tsmd.settings_from_document(document, tmp_path / "tsmd.toml")
+
+
+def do_sync(settings: tsmd.Settings, names=(), **kwargs) -> tuple[tsmd.SyncCounts, sqlite3.Connection]:
+    db = tsmd.open_database(settings.database)
+    chosen = tsmd.select_collections(settings, names)
+    counts = run(tsmd.run_sync, db, settings, chosen, tsmd.Reporter(-1), **kwargs)
+    return counts, db
+
+
+def listed(db: sqlite3.Connection, collection: str) -> dict[str, str]:
+    return dict(db.execute(
+        "SELECT m.file_name, t.infohash FROM memberships m JOIN torrents t ON t.id = m.torrent_id "
+        "JOIN collections c ON c.id = m.collection_id WHERE c.name = ? AND m.removed IS NULL",
+        (collection,)))
+
+
+# ---- Fetch policy ----
+
+
+def test_fetch_limits_and_errors(server):
+    server.files["/small"] = (b"hello", "text/plain")
+    server.files["/big"] = (b"x" * 5000, "text/plain")
+    settings = make_settings(Path("/tmp"), [])
+
+    async def scenario():
+        fetcher = tsmd.make_fetcher(settings, 4)
+        try:
+            ok = await fetcher.fetch(server.url("/small"), max_bytes=100)
+            assert (ok.status, ok.body) == (200, b"hello")
+            again = await fetcher.fetch(server.url("/small"), max_bytes=100, etag=ok.etag)
+            assert again.status == 304 and again.body == b""
+            redirected = await fetcher.fetch(server.url("/redirect/%2Fsmall"), max_bytes=100)
+            assert redirected.body == b"hello" and redirected.url == server.url("/small")
+            expectations = [
+                ("/big", "5,000 bytes, over the 1,000-byte limit"), ("/missing", "HTTP 404"),
+                ("/loop", "more than 5 redirects"), ("/truncated/x", "broken HTTP response"),
+                ("/chunked-huge/x", "more than 1,000,000 bytes"),
+                ("/redirect/ftp%3A%2F%2Fx.example%2F", "only http, https and file"),
+            ]
+            for path, message in expectations:
+                limit = 1000 if path in ("/big", "/loop") else 1_000_000
+                with pytest.raises(tsmd.FetchError, match=message):
+                    await fetcher.fetch(server.url(path), max_bytes=limit)
+        finally:
+            await fetcher.aclose()
+
+    run(scenario)
+
+
+def test_fetch_times_out(server):
+    server.files["/slow/page"] = (b"late", "text/plain")
+    settings = make_settings(Path("/tmp"), [], )
+    settings = tsmd.dataclasses.replace(
+        settings, network=tsmd.dataclasses.replace(settings.network, timeout=0.5))
+
+    async def scenario():
+        fetcher = tsmd.make_fetcher(settings, 1)
+        started = trio.current_time()
+        with pytest.raises(tsmd.FetchError, match="timed out"):
+            await fetcher.fetch(server.url("/slow/page"), max_bytes=100)
+        assert trio.current_time() - started < 2.9
+        await fetcher.aclose()
+
+    run(scenario)
+
+
+def test_private_addresses_refused_by_default(server):
+    server.files["/index"] = (b"r_1.torrent\n", "text/plain")
+    settings = make_settings(Path("/tmp"), [], network={"allow_private": False})
+
+    async def scenario():
+        fetcher = tsmd.make_fetcher(settings, 2)
+        for url in (server.url("/index"), f"http://localhost:{server.port}/index",
+                    f"http://[::1]:{server.port}/index"):
+            with pytest.raises(tsmd.FetchError, match="not a public address"):
+                await fetcher.fetch(url, max_bytes=100)
+        await fetcher.aclose()
+
+    run(scenario)
+    assert server.count() == 0  # refused before connecting, not after
+
+
+def test_redirects_and_dns_answers_into_loopback_are_refused(server):
+    """127.0.0.1 plays a public server here; 127.0.0.2 and names resolving to it play the LAN."""
+    server.files["/index"] = (b"ok", "text/plain")
+    settings = make_settings(Path("/tmp"), [], network={"allow_private": False})
+
+    async def resolve(host, port):
+        return {"public.test": ["127.0.0.1"], "rebind.test": ["127.0.0.2"]}.get(host, [host])
+
+    async def scenario():
+        fetcher = tsmd.make_fetcher(settings, 2, resolve=resolve,
+                                    address_allowed=lambda address: address == "127.0.0.1")
+        ok = await fetcher.fetch(f"http://public.test:{server.port}/index", max_bytes=100)
+        assert ok.body == b"ok"
+        to_lan = urllib.parse.quote(f"http://127.0.0.2:{server.port}/index", safe="")
+        with pytest.raises(tsmd.FetchError, match="127.0.0.2.*not a public address"):
+            await fetcher.fetch(f"http://public.test:{server.port}/redirect/{to_lan}", max_bytes=100)
+        to_name = urllib.parse.quote(f"http://rebind.test:{server.port}/index", safe="")
+        with pytest.raises(tsmd.FetchError, match="rebind.test.*not a public address"):
+            await fetcher.fetch(f"http://public.test:{server.port}/redirect/{to_name}", max_bytes=100)
+        await fetcher.aclose()
+
+    run(scenario)
+    assert server.count("/index") == 1
+
+
+# ---- Storage ----
+
+
+def test_migrations_create_the_model_and_newer_databases_are_refused(tmp_path):
+    path = tmp_path / "t.sqlite3"
+    db = tsmd.open_database(path)
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"collections", "torrents", "memberships", "trackers", "torrent_trackers", "runs",
+            "tracker_samples", "dht_samples", "dht_nodes"} <= tables
+    assert db.execute("PRAGMA user_version").fetchone()[0] == tsmd.SCHEMA_VERSION
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    db.execute(f"PRAGMA user_version = {tsmd.SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(tsmd.DatabaseError, match="newer than this"):
+        tsmd.open_database(path)
+    tsmd.open_database(tmp_path / "again.sqlite3").close()
+    reopened = tsmd.open_database(tmp_path / "again.sqlite3")  # idempotent
+    assert reopened.execute("PRAGMA user_version").fetchone()[0] == tsmd.SCHEMA_VERSION
+
+
+def test_magnet_does_not_overwrite_metainfo(tmp_path):
+    db = tsmd.open_database(tmp_path / "t.sqlite3")
+    full = tsmd.decode_metainfo_untrusted(v1_torrent("real.bin", 777))
+    magnet = tsmd.decode_magnet_untrusted(tsmd.magnet_uri(full.infohash, "wrong name"))
+    with tsmd.Transaction(db):
+        first = tsmd.upsert_torrent(db, full, 1)
+        second = tsmd.upsert_torrent(db, magnet, 2)
+    assert first == second
+    assert db.execute("SELECT name, size_bytes, has_metainfo FROM torrents").fetchone() == (
+        "real.bin", 777, 1)
+
+
+# ---- Configuration ----
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tsmd.toml"
+    path.write_text(text)
+    return path
+
+
+def test_config_defaults_and_relative_paths(tmp_path):
+    (tmp_path / "local").mkdir()
+    path = write_config(tmp_path, """
+database = "data/db.sqlite3"
+[network]
+timeout = "1m"
+[sync]
+max_torrent_bytes = "2MiB"
+revalidate_after = "1d"
+[[collections]]
+name = "local"
+url = "local"
+type = "books"
+trackers = ["udp://t.example:1337/announce"]
+[[collections]]
+name = "web"
+url = "https://archive.example/torrents/"
+type = "scimag"
+enabled = false
+required_substring = "sm_"
+""")
+    settings = tsmd.load_settings(path)
+    assert settings.database == tmp_path / "data" / "db.sqlite3"
+    assert settings.network.timeout == 60 and not settings.network.allow_private
+    assert settings.sync.max_torrent_bytes == 2 * 1024 * 1024
+    assert settings.sync.revalidate_after == 86400
+    assert settings.collections[0].url == (tmp_path / "local").as_uri()
+    assert settings.collections[1].required_substring == "sm_"
+    assert [c.name for c in tsmd.select_collections(settings, [])] == ["local"]
+    assert [c.name for c in tsmd.select_collections(settings, ["web"])] == ["web"]
+    with pytest.raises(tsmd.ConfigError, match="no collection named 'nope'"):
+        tsmd.select_collections(settings, ["nope"])
+    assert tsmd.load_settings(path, Path("/x/y.db")).database == Path("/x/y.db")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("colections = []", "unknown key 'colections'"),
+    ("[network]\nallow_private = 'yes'", r"\[network\]\.allow_private: expected true or false"),
+    ("[network]\ntimeout = 'soon'", r"\[network\]\.timeout: 'soon' is not a duration"),
+    ("[network]\nproxy = 'socks5://x'", "proxy"),
+    ("[sync]\nconcurrency = -1", "non-negative"),
+    ("[sync]\nconcurrency = 0", "at least 1"),
+    ("[sync]\nbogus = 1", r"\[sync\]: unknown key 'bogus'"),
+    ("[[collections]]\nname = 'a'\nurl = 'http://x/'", "#1: missing required key 'type'"),
+    ("[[collections]]\nname = 'a'\nurl = 'http://x/'\ntype = 'books'\n"
+     "[[collections]]\nname = 'a'\nurl = 'http://y/'\ntype = 'books'", "#2.name: duplicate"),
+    ("[[collections]]\nname = 'a'\nurl = 'ftp://x/'\ntype = 'books'", "url: expected an http"),
+    ("[[collections]]\nname = 'a'\nurl = 'http://x/'\ntype = 'books'\ntrackers = ['nope']",
+     "trackers: not a udp"),
+    ("[[collections]]\nname = 'a'\nurl = 'http://x/'\ntype = 'books'\nenabled = 1", "enabled"),
+    ("database = 5", "database"),
+    ("this is = not toml", "invalid TOML"),
+])
+def test_config_errors_name_file_key_and_expectation(tmp_path, text, message):
+    path = write_config(tmp_path, text)
+    with pytest.raises(tsmd.ConfigError, match=message) as caught:
+        tsmd.load_settings(path)
+    assert str(path) in str(caught.value)
+
+
+def test_durations_and_sizes():
+    assert tsmd.parse_duration("90") == 90 and tsmd.parse_duration("1.5h") == 5400
+    assert tsmd.parse_duration("2w") == 1_209_600
+    assert tsmd.parse_size("2TB") == 2 * 10**12 and tsmd.parse_size("1GiB") == 2**30
+    assert tsmd.parse_size("512") == 512 and tsmd.parse_size("1.5 kB") == 1500
+    for bad in ("-1", "soon", "5 parsecs"):
+        with pytest.raises(ValueError):
+            tsmd.parse_size(bad) if "parsec" in bad else tsmd.parse_duration(bad)
+
+
+# ---- Sync ----
+
+
+def test_first_sync_then_incremental_resync_costs_one_request(server, tmp_path):
+    hashes = publish_collection(server, "/books/", 30)
+    settings = make_settings(tmp_path, [{"name": "books", "url": server.url("/books/"),
+                                         "type": "books"}])
+    counts, db = do_sync(settings)
+    assert (counts.new, counts.failed, counts.downloads, counts.pages) == (30, 0, 30, 1)
+    assert listed(db, "books") == hashes
+    assert server.count() == 31
+    trackers = db.execute("SELECT count(*) FROM trackers").fetchone()[0]
+    assert trackers == 3
+
+    before = server.count()
+    counts, db = do_sync(settings)
+    assert (counts.new, counts.unchanged, counts.downloads) == (0, 30, 0)
+    assert server.count() - before == 1  # only the index page, answered 304
+    assert server.requests[-1] == ("/books/", "304")
+
+    # --revalidate: one conditional request per torrent, all 304, still zero downloads.
+    before = server.count()
+    counts, db = do_sync(settings, revalidate=True)
+    assert (counts.unchanged, counts.downloads) == (30, 0)
+    assert server.count() - before == 31
+    assert all(status == "304" for _, status in server.requests[-31:])
+
+
+def test_sync_detects_new_changed_and_removed_and_keeps_history(server, tmp_path):
+    hashes = publish_collection(server, "/c/", 5)
+    settings = make_settings(tmp_path, [{"name": "c", "url": server.url("/c/"), "type": "fiction",
+                                         "revalidate_after": 0}
+                                        ] if False else [{"name": "c", "url": server.url("/c/"),
+                                                          "type": "fiction"}],
+                             sync={"revalidate_after": 0})
+    counts, db = do_sync(settings)
+    assert counts.new == 5
+    removed_hash = hashes["r_4.torrent"]
+    # r_0 is rebuilt with other content, r_4 leaves the index, r_5 joins it.
+    server.files["/c/r_0.torrent"] = (v1_torrent("book0-fixed.zip", 5, seed=99), "")
+    server.files["/c/r_5.torrent"] = (v1_torrent("book5.zip", 5, seed=5), "")
+    index_page(server, "/c/", ["r_0.torrent", "r_1.torrent", "r_2.torrent", "r_3.torrent",
+                               "r_5.torrent"])
+    counts, db = do_sync(settings)
+    assert (counts.new, counts.changed, counts.unchanged, counts.removed) == (1, 1, 3, 1)
+    now_listed = listed(db, "c")
+    assert "r_4.torrent" not in now_listed and now_listed["r_0.torrent"] != hashes["r_0.torrent"]
+    removed = db.execute("SELECT m.removed FROM memberships m JOIN torrents t ON t.id = "
+                         "m.torrent_id WHERE t.infohash = ?", (removed_hash,)).fetchone()
+    assert removed[0] is not None  # kept, marked removed
+    report = tsmd.load_report_rows(db)
+    assert removed_hash not in {row.infohash for row in report}
+    # It comes back: listed again, counted as new, not removed any more.
+    index_page(server, "/c/", ["r_0.torrent", "r_1.torrent", "r_2.torrent", "r_3.torrent",
+                               "r_4.torrent", "r_5.torrent"])
+    counts, db = do_sync(settings)
+    assert counts.new == 1 and listed(db, "c")["r_4.torrent"] == removed_hash
+
+
+def test_partial_failures_fail_only_their_item(server, tmp_path):
+    publish_collection(server, "/mixed/", 3)
+    server.files["/mixed/nested.torrent"] = (b"d4:info" + b"l" * 60_000 + b"e" * 60_000 + b"e", "")
+    server.files["/mixed/garbage.torrent"] = (b"<html>not a torrent</html>", "")
+    server.files["/mixed/huge.torrent"] = (b"d" + b"0" * 3_000_000, "")
+    index_page(server, "/mixed/", ["r_0.torrent", "r_1.torrent", "r_2.torrent", "missing.torrent",
+                                   "nested.torrent", "garbage.torrent", "huge.torrent",
+                                   "/truncated/t.torrent", "/slow/s.torrent"])
+    settings = make_settings(tmp_path, [{"name": "mixed", "url": server.url("/mixed/"),
+                                         "type": "books"},
+                                        {"name": "dead", "url": server.url("/nowhere/"),
+                                         "type": "books"}],
+                             sync={"max_torrent_bytes": "1MB"},
+                             network={"allow_private": True, "timeout": 1})
+    reporter = tsmd.Reporter(-1)
+    messages = []
+    reporter.problem = messages.append
+    db = tsmd.open_database(settings.database)
+    counts = run(tsmd.run_sync, db, settings, settings.collections, reporter)
+    assert (counts.new, counts.failed) == (3, 7)
+    text = "\n".join(messages)
+    for expected in ("missing.torrent: HTTP 404", "nested.torrent: not a valid .torrent: bencode "
+                     "nested deeper", "garbage.torrent: not a valid .torrent",
+                     "huge.torrent: 3,000,001 bytes, over the 1,000,000-byte limit",
+                     "t.torrent: broken HTTP response", "s.torrent: timed out",
+                     "collection 'dead':", "HTTP 404"):
+        assert expected in text
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    errors = db.execute("SELECT count(*) FROM memberships WHERE last_error IS NOT NULL").fetchone()
+    assert errors[0] == 6
+    # A failed index keeps the collection as it was: nothing is marked removed.
+    publish_collection(server, "/nowhere/", 2)
+    run(tsmd.run_sync, db, settings, settings.collections[1:], tsmd.Reporter(-1))
+    del server.files["/nowhere/"]
+    counts = run(tsmd.run_sync, db, settings, settings.collections[1:], tsmd.Reporter(-1))
+    assert counts.removed == 0 and counts.failed == 1
+    assert len(listed(db, "dead")) == 2
+
+
+def test_direct_torrent_url_magnets_infohash_lists_and_local_sources(server, tmp_path):
+    single = v1_torrent("direct.bin", 42, seed=7)
+    server.files["/one.torrent"] = (single, "application/x-bittorrent")
+    hexes = ["1" * 40, "2" * 40]
+    server.files["/list.txt"] = ((f"magnet:?xt=urn:btih:{hexes[0]}&dn=Mag%201\n{hexes[1]}\n"
+                                  "/one.torrent\n").encode(), "text/plain")
+    server.files["/feed.json"] = (json.dumps([{"link": "/one.torrent"}, hexes[1]]).encode(),
+                                  "application/json")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "r_9.torrent").write_bytes(v1_torrent("local9.bin", 9, seed=9))
+    (folder / "notes.txt").write_text("ignored")
+    listfile = tmp_path / "mine.txt"
+    listfile.write_text(f"{(folder / 'r_9.torrent').as_uri()}\n{hexes[0]}\n")
+    settings = make_settings(tmp_path, [
+        {"name": "direct", "url": server.url("/one.torrent"), "type": "books"},
+        {"name": "list", "url": server.url("/list.txt"), "type": "books"},
+        {"name": "feed", "url": server.url("/feed.json"), "type": "books"},
+        {"name": "folder", "url": "folder", "type": "scimag"},
+        {"name": "listfile", "url": "mine.txt", "type": "scimag"},
+    ])
+    counts, db = do_sync(settings)
+    assert counts.failed == 0
+    assert server.count("/one.torrent") == 3  # the direct URL is fetched once, not twice
+    single_hash = lt_hashes(single)[0]
+    assert set(listed(db, "direct").values()) == {single_hash}
+    assert set(listed(db, "list").values()) == {single_hash, *hexes}
+    assert set(listed(db, "feed").values()) == {single_hash, hexes[1]}
+    local_hash = lt_hashes((folder / "r_9.torrent").read_bytes())[0]
+    assert listed(db, "folder") == {"r_9.torrent": local_hash}
+    assert set(listed(db, "listfile").values()) == {local_hash, hexes[0]}
+    name = db.execute("SELECT name FROM torrents WHERE infohash = ?", (hexes[0],)).fetchone()[0]
+    assert name == "Mag 1"
+    # Re-sync: the unchanged local folder and list cost nothing, and nothing changes.
+    counts, db = do_sync(settings)
+    assert (counts.new, counts.changed, counts.removed, counts.failed) == (0, 0, 0, 0)
+
+
+def test_sync_interrupted_commits_what_it_has(server, tmp_path):
+    publish_collection(server, "/big/", 40)
+    index_page(server, "/big/", [f"r_{n}.torrent" for n in range(40)] + ["/slow/x.torrent"])
+    settings = make_settings(tmp_path, [{"name": "big", "url": server.url("/big/"),
+                                         "type": "books"}], sync={"concurrency": 2})
+    db = tsmd.open_database(settings.database)
+
+    async def interrupted():
+        with trio.move_on_after(1.5):
+            await tsmd.run_sync(db, settings, settings.collections, tsmd.Reporter(-1))
+
+    run(interrupted)
+    assert len(listed(db, "big")) == 40
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+# ---- Reports ----
+
+SEEDTOOLS_FIELDS = {"name": str, "link": str, "infohash": str, "created_unix": int,
+                    "scraped_date": int, "seeders": int, "leechers": int, "size_bytes": int,
+                    "type": str, "dht_peers": int, "dht_scraped": int}
+
+
+def assert_seedtools_valid(feed) -> None:
+    """The field rules libgen-seedtools 0.4.0 validates (see shared/FORMATS.md)."""
+    assert isinstance(feed, list)
+    for item in feed:
+        for key, kind in SEEDTOOLS_FIELDS.items():
+            assert isinstance(item[key], kind) and not isinstance(item[key], bool), (key, item)
+        assert len(item["infohash"]) == 40 and item["infohash"] == item["infohash"].lower()
+        int(item["infohash"], 16)
+        assert any(ch.isdigit() for ch in item["name"])
+
+
+def test_report_json_is_seedtools_valid(server, tmp_path):
+    publish_collection(server, "/r/", 3)
+    server.files["/r/list.txt"] = (f"magnet:?xt=urn:btih:{'f' * 40}&dn=no-digits\n".encode(), "")
+    settings = make_settings(tmp_path, [
+        {"name": "r", "url": server.url("/r/"), "type": "books"},
+        {"name": "again", "url": server.url("/r/"), "type": "fiction"},
+        {"name": "m", "url": server.url("/r/list.txt"), "type": "scimag"}])
+    _, db = do_sync(settings)
+    feed = json.loads(tsmd.render_json(tsmd.load_report_rows(db)))
+    assert_seedtools_valid(feed)
+    assert len(feed) == 4  # a torrent listed by two collections appears once
+    by_hash = {item["infohash"]: item for item in feed}
+    magnet_item = by_hash["f" * 40]
+    assert magnet_item["link"].startswith("magnet:?") and magnet_item["size_bytes"] == -1
+    assert magnet_item["name"] == f"no-digits 0x{'f' * 40}"
+    book = next(item for item in feed if item["name"] == "r_1.torrent")
+    assert book["type"] == "books" and book["link"] == server.url("/r/r_1.torrent")
+    assert book["size_bytes"] == 1001 and book["created_unix"] == 1_600_000_001
+    assert book["seeders"] == book["dht_peers"] == book["scraped_date"] == -1
+    only = tsmd.load_report_rows(db, ["m"])
+    assert [row.infohash for row in only] == ["f" * 40]
+
+
+# ---- Command line ----
+
+
+def cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "tsmd.py"), *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})},
+                          cwd=cwd, stdin=subprocess.DEVNULL)
+
+
+def test_cli_sync_report_and_exit_codes(server, tmp_path):
+    publish_collection(server, "/cli/", 4)
+    config = write_config(tmp_path, f"""
+database = "from-config.sqlite3"
+[network]
+allow_private = true
+[[collections]]
+name = "cli"
+url = "{server.url('/cli/')}"
+type = "books"
+[[collections]]
+name = "broken"
+url = "{server.url('/gone/')}"
+type = "books"
+enabled = false
+""")
+    done = cli("--config", str(config), "sync")
+    assert done.returncode == 0, done.stderr
+    assert "4 new" in done.stderr and done.stdout == ""
+    assert (tmp_path / "from-config.sqlite3").exists()
+    done = cli("--config", str(config), "report", "--format", "json")
+    assert done.returncode == 0 and len(json.loads(done.stdout)) == 4
+    # --db beats TSMD_DB beats the file.
+    done = cli("sync", env={"TSMD_CONFIG": str(config), "TSMD_DB": str(tmp_path / "env.db")})
+    assert done.returncode == 0 and (tmp_path / "env.db").exists()
+    done = cli("--db", str(tmp_path / "cli.db"), "sync",
+               env={"TSMD_CONFIG": str(config), "TSMD_DB": str(tmp_path / "env2.db")})
+    assert (tmp_path / "cli.db").exists() and not (tmp_path / "env2.db").exists()
+    # A failed collection: exit code 1, the cause on stderr, stdout clean.
+    done = cli("--config", str(config), "-q", "sync", "--collection", "broken")
+    assert done.returncode == tsmd.ExitCode.PARTIAL
+    assert "collection 'broken'" in done.stderr and "HTTP 404" in done.stderr
+    assert "sync partial" not in done.stderr  # -q prints only errors
+    out = tmp_path / "feed.json"
+    done = cli("--config", str(config), "report", "--output", str(out))
+    assert done.returncode == 0 and len(json.loads(out.read_text())) == 4
+
+
+def test_cli_usage_errors(tmp_path):
+    bad = write_config(tmp_path, "[network]\nallow_private = 'maybe'\n")
+    done = cli("--config", str(bad), "sync")
+    assert done.returncode == tsmd.ExitCode.USAGE and "expected true or false" in done.stderr
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    done = cli("--config", str(empty), "sync")
+    assert done.returncode == tsmd.ExitCode.USAGE and "no enabled collections" in done.stderr
+    done = cli("--config", str(empty), "--db", str(tmp_path / "x.db"), "report", "--format", "xml")
+    assert done.returncode == tsmd.ExitCode.USAGE and "unknown report format 'xml'" in done.stderr
+    db_path = tmp_path / "future.db"
+    sqlite3.connect(db_path).execute("PRAGMA user_version = 99").connection.close()
+    done = cli("--config", str(empty), "--db", str(db_path), "report")
+    assert done.returncode == tsmd.ExitCode.DATABASE and "newer than" in done.stderr
+    assert cli("--version").stdout.strip() == f"tsmd {tsmd.__version__}"
+
+
+def test_cli_in_process_help_has_examples():
+    result = CliRunner().invoke(tsmd.app, ["sync", "--help"])
+    assert result.exit_code == 0 and "Example: tsmd" in result.output

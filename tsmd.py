@@ -1,0 +1,1855 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "typer>=0.12",
+#     "rich>=13",
+#     "trio>=0.25",
+#     "httpcore>=1.0,<2",
+#     "bencoder.pyx>=3.0",
+#     "tomli>=2.0; python_version < '3.11'",
+# ]
+# ///
+"""tsmd, the Torrent Swarm Monitoring Daemon.
+
+tsmd keeps a SQLite database of torrent collections (book and paper archives, data sets shared as
+thousands of torrents), measures every torrent's swarm and publishes the result ranked by need.
+Each subcommand performs one stage of the pipeline so that cron can run them one by one:
+
+    tsmd sync      fetch the collections' index pages and .torrent files into the database
+    tsmd report    publish what the database knows (JSON for libgen-seedtools, ...)
+
+The file reads top to bottom: constants, errors, data model, pure codecs, then I/O (HTTP fetch,
+storage), configuration, the stages, rendering and last the command line.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import enum
+import hashlib
+import html.parser
+import ipaddress
+import json
+import math
+import os
+import re
+import sqlite3
+import sys
+import time
+import urllib.parse
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Final, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+import bencoder
+import httpcore
+import trio
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+__version__: Final = "0.1.0"
+
+# ---- Constants ----
+
+# bencoder.pyx recurses in C and kills the interpreter near 50,000 nesting levels; real metainfo
+# needs fewer than 10 (a v2 `file tree` adds one level per directory), so 500 is generous.
+MAX_BENCODE_DEPTH: Final = 500
+DEFAULT_USER_AGENT: Final = f"tsmd/{__version__} (+https://github.com/tsmd/tsmd)"
+HTTP_SCHEMES: Final = frozenset({"http", "https"})
+TRACKER_SCHEMES: Final = frozenset({"http", "https", "udp"})
+SHA1_HEX_LEN: Final = 40
+SHA256_HEX_LEN: Final = 64
+SYNC_WRITE_BATCH: Final = 200  # rows per transaction: one fsync per batch, not per torrent
+PROGRESS_REFRESH_PER_SECOND: Final = 4
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes, documented in the README for cron users."""
+
+    OK = 0
+    PARTIAL = 1  # the run finished, but some items (pages, torrents) failed
+    USAGE = 2  # bad command line or configuration
+    DATABASE = 3  # the database could not be opened or is newer than this program
+    INTERRUPTED = 130  # Ctrl-C or SIGTERM; what was measured so far is committed
+
+
+# ---- Errors ----
+
+
+class TsmdError(Exception):
+    """Root of every error tsmd reports as one line on stderr."""
+
+    exit_code: ExitCode = ExitCode.PARTIAL
+
+
+class ProtocolError(TsmdError):
+    """Untrusted bytes (a file, a packet, a page) did not parse. Raised only by `*_untrusted`."""
+
+
+class FetchError(TsmdError):
+    """A URL could not be fetched: refused by policy, network failure, HTTP error, too large."""
+
+
+class ConfigError(TsmdError):
+    exit_code = ExitCode.USAGE
+
+
+class DatabaseError(TsmdError):
+    exit_code = ExitCode.DATABASE
+
+
+# ---- Data model ----
+
+
+@dataclass(frozen=True, slots=True)
+class Tracker:
+    url: str
+    tier: int
+
+
+@dataclass(frozen=True, slots=True)
+class Metainfo:
+    """What tsmd keeps of a torrent. `infohash` is the 20-byte key the swarm is found under."""
+
+    infohash: str  # 40 hex: SHA-1 of `info` (v1, hybrid) or truncated SHA-256 (v2 only)
+    infohash_v2: str | None  # 64 hex SHA-256 of `info` for v2 and hybrid torrents
+    name: str | None
+    size_bytes: int | None
+    file_count: int | None
+    piece_length: int | None
+    created_unix: int | None
+    created_by: str | None
+    comment: str | None
+    trackers: tuple[Tracker, ...]
+    has_metainfo: bool  # False for a magnet link or a bare infohash
+
+
+class EntryKind(enum.Enum):
+    URL = "url"  # a .torrent file to download
+    MAGNET = "magnet"
+    INFOHASH = "infohash"
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """One torrent listed by a collection's index. `source` identifies it inside the collection."""
+
+    kind: EntryKind
+    source: str  # URL of the .torrent, the magnet URI, or the 40-hex infohash
+    file_name: str | None
+
+
+# ---- Bencode and metainfo ----
+
+_BENCODE_TOKEN = re.compile(rb"i-?[0-9]+e|([0-9]+):")
+
+
+def check_bencode_depth_untrusted(data: bytes, limit: int = MAX_BENCODE_DEPTH) -> None:
+    """Refuse nesting deeper than `limit` before bencoder.pyx recurses into it.
+
+    Only lists and dicts nest. When the whole input holds fewer `l` and `d` bytes than the limit no
+    scan is needed; otherwise walk the tokens, skipping string bodies by their declared length.
+    """
+    if data.count(b"l") + data.count(b"d") <= limit:
+        return
+    depth, pos, end = 0, 0, len(data)
+    match = _BENCODE_TOKEN.match
+    while pos < end:
+        byte = data[pos]
+        if byte == 0x6C or byte == 0x64:  # l, d
+            depth += 1
+            if depth > limit:
+                raise ProtocolError(f"bencode nested deeper than {limit} levels")
+            pos += 1
+        elif byte == 0x65:  # e
+            depth -= 1
+            pos += 1
+        else:
+            token = match(data, pos)
+            if token is None:
+                raise ProtocolError(f"invalid bencode at byte {pos}")
+            pos = token.end()
+            if token.group(1) is not None:
+                pos += int(token.group(1))
+
+
+_BENCODE_ERRORS: Final = (bencoder.BTFailure, ValueError, TypeError, IndexError, KeyError,
+                          OverflowError)
+
+
+def bdecode_untrusted(data: bytes) -> Any:
+    """Decode one complete bencoded value; any defect raises ProtocolError."""
+    if not data:
+        raise ProtocolError("empty input, expected bencode")
+    check_bencode_depth_untrusted(data)
+    try:
+        return bencoder.bdecode(data)
+    except _BENCODE_ERRORS as exc:
+        raise ProtocolError(f"invalid bencode: {exc}") from None
+
+
+def bencode(value: Any) -> bytes:
+    return bencoder.bencode(value)
+
+
+def _bdecode_top_dict_untrusted(data: bytes) -> tuple[dict, tuple[int, int] | None]:
+    """Decode a bencoded dict and the byte span of its `info` value, in one pass.
+
+    The infohash is the hash of those exact bytes: re-encoding would silently "fix" a
+    non-canonical file (unsorted keys) and give a hash nobody else uses. bencoder.pyx's element
+    decoders do not check bounds themselves; like its bdecode(), this relies on the walk ending
+    exactly at the last byte, which an overrun or truncation cannot.
+    """
+    if not data:
+        raise ProtocolError("empty input, expected bencode")
+    if data[:1] != b"d":
+        raise ProtocolError("not a bencoded dictionary")
+    check_bencode_depth_untrusted(data)
+    decoders = bencoder.decode_func
+    top: dict = {}
+    span = None
+    pos = 1
+    try:
+        while data[pos] != 0x65:  # e
+            if not 0x30 <= data[pos] <= 0x39:
+                raise ProtocolError(f"dictionary key at byte {pos} is not a string")
+            key, pos = bencoder.decode_string(data, pos)
+            start = pos
+            top[key], pos = decoders[data[pos]](data, pos)
+            if key == b"info":
+                span = (start, pos)
+    except IndexError:
+        raise ProtocolError("invalid bencode: truncated") from None
+    except KeyError as exc:
+        byte = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        raise ProtocolError("invalid bencode: unexpected byte"
+                            + (f" {bytes([byte])!r}" if byte is not None and byte < 256 else "")
+                            ) from None
+    except _BENCODE_ERRORS as exc:
+        raise ProtocolError(f"invalid bencode: {exc or type(exc).__name__}") from None
+    if pos + 1 != len(data):
+        raise ProtocolError("invalid bencode: truncated, or data after the end")
+    return top, span
+
+
+def _text(value: Any) -> str | None:
+    """A metainfo string as text; metainfo strings are bytes of unknown, usually UTF-8, encoding."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return None
+
+
+def _non_negative_int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    return None
+
+
+def normalise_tracker_url(url: str) -> str | None:
+    """Canonical form of an announce URL, or None when it is not a usable tracker URL."""
+    url = url.strip()
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in TRACKER_SCHEMES or not parts.hostname:
+        return None
+    if scheme == "udp" and not port:
+        return None
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    default_port = {"http": 80, "https": 443}.get(scheme)
+    netloc = host if port in (None, default_port) else f"{host}:{port}"
+    path = parts.path if scheme != "udp" else (parts.path if parts.path not in ("", "/") else "")
+    if scheme != "udp" and not path:
+        path = "/"
+    return urllib.parse.urlunsplit((scheme, netloc, path, parts.query, ""))
+
+
+def _collect_trackers(top: dict) -> tuple[Tracker, ...]:
+    """Trackers in tier order (BEP 12); `announce` leads when there is no `announce-list`."""
+    tiers: list[list[Any]] = []
+    announce_list = top.get(b"announce-list")
+    if isinstance(announce_list, list):
+        tiers = [tier if isinstance(tier, list) else [tier] for tier in announce_list]
+    announce = top.get(b"announce")
+    seen: set[str] = set()
+    trackers: list[Tracker] = []
+    for tier_index, tier in enumerate(tiers or [[announce]]):
+        for raw in tier:
+            url = normalise_tracker_url(_text(raw) or "")
+            if url and url not in seen:
+                seen.add(url)
+                trackers.append(Tracker(url, tier_index))
+    if tiers and announce is not None:
+        url = normalise_tracker_url(_text(announce) or "")
+        if url and url not in seen:
+            trackers.append(Tracker(url, len(tiers)))
+    return tuple(trackers)
+
+
+def _v2_file_tree_totals(tree: Any) -> tuple[int, int]:
+    """(total bytes, file count) of a BEP 52 `file tree`, walked without recursion."""
+    total = count = 0
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            raise ProtocolError("'file tree' node is not a dictionary")
+        for key, child in node.items():
+            if key == b"" and isinstance(child, dict):
+                length = _non_negative_int(child.get(b"length"))
+                if length is None:
+                    raise ProtocolError("'file tree' file without a valid 'length'")
+                total += length
+                count += 1
+            else:
+                stack.append(child)
+    return total, count
+
+
+def decode_metainfo_untrusted(data: bytes) -> Metainfo:
+    """Parse a .torrent file (BEP 3, BEP 12, BEP 52). Raises only ProtocolError."""
+    top, span = _bdecode_top_dict_untrusted(data)
+    info = top.get(b"info")
+    if not isinstance(info, dict) or span is None:
+        raise ProtocolError("metainfo has no 'info' dictionary")
+    raw_info = data[span[0]:span[1]]
+
+    is_v2 = info.get(b"meta version") == 2 and b"file tree" in info
+    is_v1 = b"pieces" in info or b"length" in info or b"files" in info
+    if not (is_v1 or is_v2):
+        raise ProtocolError("'info' has neither v1 'pieces'/'files' nor a v2 'file tree'")
+    sha256 = hashlib.sha256(raw_info).hexdigest() if is_v2 else None
+    infohash = hashlib.sha1(raw_info).hexdigest() if is_v1 else sha256[:SHA1_HEX_LEN]  # type: ignore[index]
+
+    if is_v2:
+        size, file_count = _v2_file_tree_totals(info[b"file tree"])
+    elif b"files" in info:
+        files = info[b"files"]
+        if not isinstance(files, list) or not files:
+            raise ProtocolError("'files' is not a non-empty list")
+        size = 0
+        for entry in files:
+            length = _non_negative_int(entry.get(b"length")) if isinstance(entry, dict) else None
+            if length is None:
+                raise ProtocolError("a 'files' entry has no valid 'length'")
+            size += length
+        file_count = len(files)
+    else:
+        size = _non_negative_int(info.get(b"length"))
+        if size is None:
+            raise ProtocolError("'length' is missing or not a non-negative integer")
+        file_count = 1
+
+    name = _text(info.get(b"name.utf-8")) or _text(info.get(b"name"))
+    return Metainfo(
+        infohash=infohash,
+        infohash_v2=sha256,
+        name=name,
+        size_bytes=size,
+        file_count=file_count,
+        piece_length=_non_negative_int(info.get(b"piece length")),
+        created_unix=_non_negative_int(top.get(b"creation date")),
+        created_by=_text(top.get(b"created by")),
+        comment=_text(top.get(b"comment.utf-8")) or _text(top.get(b"comment")),
+        trackers=_collect_trackers(top),
+        has_metainfo=True,
+    )
+
+
+_HEX40 = re.compile(r"[0-9a-fA-F]{40}")
+_BASE32_32 = re.compile(r"[A-Za-z2-7]{32}")
+
+
+def parse_infohash_untrusted(text: str) -> str:
+    """A v1 infohash as 40 hex digits or 32 base32 characters, returned as lower-case hex."""
+    text = text.strip()
+    if _HEX40.fullmatch(text):
+        return text.lower()
+    if _BASE32_32.fullmatch(text):
+        return base64.b32decode(text.upper()).hex()
+    raise ProtocolError(f"not an infohash: {text[:80]!r}")
+
+
+def decode_magnet_untrusted(uri: str) -> Metainfo:
+    """Parse a magnet link (BEP 9, BEP 52 `btmh`): infohash, display name and trackers."""
+    if not uri.lower().startswith("magnet:?"):
+        raise ProtocolError(f"not a magnet link: {uri[:80]!r}")
+    params = urllib.parse.parse_qs(uri[len("magnet:?"):], keep_blank_values=False)
+    infohash = infohash_v2 = None
+    for xt in params.get("xt", []):
+        lowered = xt.lower()
+        if lowered.startswith("urn:btih:"):
+            infohash = parse_infohash_untrusted(xt[len("urn:btih:"):])
+        elif lowered.startswith("urn:btmh:1220") and re.fullmatch(r"[0-9a-f]{64}", lowered[13:]):
+            infohash_v2 = lowered[13:]
+    if infohash is None and infohash_v2 is not None:
+        infohash = infohash_v2[:SHA1_HEX_LEN]
+    if infohash is None:
+        raise ProtocolError(f"magnet link without a usable 'xt': {uri[:80]!r}")
+    trackers: list[Tracker] = []
+    for raw in params.get("tr", []):
+        url = normalise_tracker_url(raw)
+        if url and all(t.url != url for t in trackers):
+            trackers.append(Tracker(url, len(trackers)))
+    names = params.get("dn")
+    return Metainfo(
+        infohash=infohash, infohash_v2=infohash_v2, name=names[0] if names else None,
+        size_bytes=_non_negative_int(int(params["xl"][0])) if params.get("xl", [""])[0].isdigit() else None,
+        file_count=None, piece_length=None, created_unix=None, created_by=None, comment=None,
+        trackers=tuple(trackers), has_metainfo=False,
+    )
+
+
+def magnet_uri(infohash: str, name: str | None = None, trackers: Sequence[str] = ()) -> str:
+    parts = [("xt", f"urn:btih:{infohash}")]
+    if name:
+        parts.append(("dn", name))
+    parts.extend(("tr", url) for url in trackers)
+    return "magnet:?" + urllib.parse.urlencode(parts, safe=":/")
+
+
+# ---- Collection index pages ----
+
+
+class _LinkCollector(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            for key, value in attrs:
+                if key == "href" and value:
+                    self.hrefs.append(value.strip())
+
+
+def _url_file_name(url: str) -> str | None:
+    path = urllib.parse.urlsplit(url).path
+    name = urllib.parse.unquote(path.rsplit("/", 1)[-1])
+    return name or None
+
+
+def _is_torrent_url(url: str) -> bool:
+    return urllib.parse.urlsplit(url).path.lower().endswith(".torrent")
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, (parts.hostname or ""), parts.port
+
+
+def _entry_from_text(text: str, base_url: str) -> IndexEntry:
+    """One line of a list, or one string of a JSON list: URL, magnet link or bare infohash."""
+    text = text.strip()
+    if text.lower().startswith("magnet:?"):
+        meta = decode_magnet_untrusted(text)
+        return IndexEntry(EntryKind.MAGNET, text, meta.name)
+    if _HEX40.fullmatch(text) or _BASE32_32.fullmatch(text):
+        return IndexEntry(EntryKind.INFOHASH, parse_infohash_untrusted(text), None)
+    url = urllib.parse.urljoin(base_url, text)
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in HTTP_SCHEMES | {"file"}:
+        raise ProtocolError(f"unsupported entry {text[:80]!r}")
+    return IndexEntry(EntryKind.URL, url, _url_file_name(url))
+
+
+def _entries_from_json(document: Any, base_url: str) -> Iterator[IndexEntry | ProtocolError]:
+    if isinstance(document, dict):
+        document = document.get("torrents", document.get("items"))
+    if not isinstance(document, list):
+        raise ProtocolError("JSON index is neither a list nor an object with a 'torrents' list")
+    for item in document:
+        try:
+            if isinstance(item, str):
+                yield _entry_from_text(item, base_url)
+            elif isinstance(item, dict):
+                # The libgen-seedtools shape (and tsmd's own report) is accepted as an index.
+                value = next((item[k] for k in ("link", "url", "magnet", "infohash")
+                              if isinstance(item.get(k), str)), None)
+                if value is None:
+                    raise ProtocolError("JSON item has no 'link', 'url', 'magnet' or 'infohash'")
+                entry = _entry_from_text(value, base_url)
+                if entry.kind is EntryKind.URL and isinstance(item.get("name"), str):
+                    entry = dataclasses.replace(entry, file_name=item["name"])
+                yield entry
+            else:
+                raise ProtocolError(f"JSON item is a {type(item).__name__}, not a string or object")
+        except ProtocolError as exc:
+            yield exc
+
+
+def parse_index_untrusted(
+    body: bytes,
+    base_url: str,
+    *,
+    content_type: str = "",
+    required_substring: str | None = None,
+    same_origin: bool = True,
+) -> tuple[list[IndexEntry], list[str]]:
+    """Entries listed by an index page, and one message per item that could not be read.
+
+    An index is an HTML page (its links to .torrent files and magnets), a JSON list, or a text list
+    of URLs, magnets and infohashes, one per line. Links resolve against `base_url`; HTML links to
+    another origin are skipped when `same_origin`. A `file:` entry is only honoured in a local index,
+    so a remote page can never make tsmd read the host's files.
+    """
+    text = body.decode("utf-8", errors="replace")
+    stripped = text.lstrip("\ufeff \t\r\n")
+    problems: list[str] = []
+    candidates: list[IndexEntry | ProtocolError] = []
+    if stripped[:1] in ("[", "{") or "json" in content_type:
+        try:
+            document = json.loads(stripped)
+        except (ValueError, RecursionError) as exc:
+            raise ProtocolError(f"invalid JSON index: {exc}") from None
+        candidates.extend(_entries_from_json(document, base_url))
+    elif "html" in content_type or re.match(r"(?is)\s*(<!doctype|<html|<head|<body|<a\s)", stripped[:4096]) \
+            or re.search(r"(?i)<a\s[^>]*href", stripped[:65536]):
+        collector = _LinkCollector()
+        collector.feed(text)
+        collector.close()
+        page_origin = _origin(base_url)
+        for href in collector.hrefs:
+            if href.lower().startswith("magnet:?"):
+                candidates.append(_entry_from_text(href, base_url) if _safe_magnet(href) else
+                                  ProtocolError(f"bad magnet link {href[:80]!r}"))
+                continue
+            url = urllib.parse.urljoin(base_url, href)
+            if not _is_torrent_url(url):
+                continue
+            if same_origin and _origin(url) != page_origin:
+                continue
+            candidates.append(IndexEntry(EntryKind.URL, url, _url_file_name(url)))
+    else:
+        for line in stripped.splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                candidates.append(_entry_from_text(line, base_url))
+            except ProtocolError as exc:
+                candidates.append(exc)
+
+    local_index = urllib.parse.urlsplit(base_url).scheme == "file"
+    entries: list[IndexEntry] = []
+    seen: set[str] = set()
+    for candidate in candidates:
+        if isinstance(candidate, ProtocolError):
+            problems.append(str(candidate))
+            continue
+        if candidate.kind is EntryKind.URL and not local_index \
+                and urllib.parse.urlsplit(candidate.source).scheme == "file":
+            problems.append(f"remote index links to a local file, ignored: {candidate.source[:80]}")
+            continue
+        if required_substring and required_substring not in candidate.source:
+            continue
+        if candidate.source not in seen:
+            seen.add(candidate.source)
+            entries.append(candidate)
+    return entries, problems
+
+
+def _safe_magnet(uri: str) -> bool:
+    try:
+        decode_magnet_untrusted(uri)
+    except ProtocolError:
+        return False
+    return True
+
+
+# ---- Address policy ----
+
+# Ranges that ipaddress does not flag as private but that are not reachable on the internet.
+_EXTRA_NON_GLOBAL: Final = (
+    ipaddress.ip_network("100.64.0.0/10"),  # CGNAT, RFC 6598
+    ipaddress.ip_network("192.0.0.0/24"),  # IETF protocol assignments
+    ipaddress.ip_network("64:ff9b:1::/48"),  # local-use NAT64, RFC 8215
+)
+
+
+def is_global_address(address: str) -> bool:
+    """True when `address` is a globally routable unicast IPv4 or IPv6 address."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified:
+        return False
+    return not any(ip in net for net in _EXTRA_NON_GLOBAL if net.version == ip.version)
+
+
+# ---- HTTP and file fetch ----
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    url: str  # after redirects
+    status: int  # 200, or 304 when the conditional request found it unchanged
+    body: bytes
+    etag: str | None
+    last_modified: str | None
+    content_type: str
+
+
+class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
+    """Resolves host names itself and connects only to addresses the policy allows.
+
+    The check happens at connect time on the very address the socket connects to, so a redirect,
+    or a name whose DNS answer changes between check and use (rebinding), cannot reach the host's
+    own network.
+    """
+
+    def __init__(self, allow_private: bool, resolve: Any = None, exempt_hosts: Iterable[str] = (),
+                 address_allowed: Any = None):
+        self._inner = httpcore.TrioBackend()
+        self._allow_private = allow_private
+        self._resolve = resolve or _resolve_host
+        self._exempt = {host.lower() for host in exempt_hosts}  # the configured proxy
+        self._address_allowed = address_allowed or is_global_address
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None, socket_options: Any = None):
+        addresses = await self._resolve(host, port)
+        if not addresses:
+            raise httpcore.ConnectError(f"{host} has no address")
+        if not self._allow_private and host.lower() not in self._exempt:
+            allowed = [a for a in addresses if self._address_allowed(a)]
+            if not allowed:
+                raise httpcore.ConnectError(
+                    f"refused to connect to {host} ({', '.join(addresses[:3])}): not a public address"
+                    " (set allow_private = true in [network] for a LAN)")
+            addresses = allowed
+        last_error: Exception | None = None
+        for address in addresses:
+            try:
+                return await self._inner.connect_tcp(address, port, timeout=timeout,
+                                                     local_address=local_address,
+                                                     socket_options=socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last_error = exc
+        assert last_error is not None
+        raise last_error
+
+    async def sleep(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+
+
+async def _resolve_host(host: str, port: int) -> list[str]:
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
+    except OSError as exc:
+        raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+class Fetcher:
+    """Fetches http(s) and file URLs with size caps, timeouts, a redirect limit and the policy."""
+
+    def __init__(self, *, allow_private: bool, proxy: str | None, timeout: float,
+                 connect_timeout: float, user_agent: str, max_redirects: int,
+                 max_connections: int = 32, resolve: Any = None,
+                 address_allowed: Any = None) -> None:
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.user_agent = user_agent
+        self.max_redirects = max_redirects
+        self.allow_private = allow_private
+        self.proxy = proxy
+        self.requests = 0
+        exempt = [urllib.parse.urlsplit(proxy).hostname or ""] if proxy else []
+        backend = GuardedNetworkBackend(allow_private, resolve, exempt, address_allowed)
+        if proxy:
+            self._pool: httpcore.AsyncConnectionPool = httpcore.AsyncHTTPProxy(
+                proxy_url=proxy, network_backend=backend, max_connections=max_connections)
+        else:
+            self._pool = httpcore.AsyncConnectionPool(network_backend=backend,
+                                                      max_connections=max_connections)
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+    async def fetch(self, url: str, *, max_bytes: int, etag: str | None = None,
+                    last_modified: str | None = None) -> FetchResult:
+        """GET `url`; with `etag`/`last_modified` a 304 comes back as status 304 and no body."""
+        for _ in range(self.max_redirects + 1):
+            scheme = urllib.parse.urlsplit(url).scheme.lower()
+            if scheme == "file":
+                return _read_local(url, max_bytes, etag)
+            if scheme not in HTTP_SCHEMES:
+                raise FetchError(f"{url}: only http, https and file URLs are fetched")
+            host = urllib.parse.urlsplit(url).hostname or ""
+            if self.proxy and not self.allow_private and _is_ip_literal(host) \
+                    and not is_global_address(host):
+                raise FetchError(f"{url}: refused, {host} is not a public address")
+            status, headers, body = await self._get(url, max_bytes, etag, last_modified)
+            if status in (301, 302, 303, 307, 308):
+                location = headers.get("location")
+                if not location:
+                    raise FetchError(f"{url}: HTTP {status} redirect without a Location")
+                url = urllib.parse.urljoin(url, location)
+                continue
+            if status == 304 and (etag or last_modified):
+                return FetchResult(url, 304, b"", etag, last_modified,
+                                   headers.get("content-type", ""))
+            if status != 200:
+                raise FetchError(f"{url}: HTTP {status}")
+            return FetchResult(url, 200, body, headers.get("etag"),
+                               headers.get("last-modified"), headers.get("content-type", ""))
+        raise FetchError(f"{url}: more than {self.max_redirects} redirects")
+
+    async def _get(self, url: str, max_bytes: int, etag: str | None,
+                   last_modified: str | None) -> tuple[int, dict[str, str], bytes]:
+        headers = [("User-Agent", self.user_agent), ("Accept-Encoding", "identity")]
+        if etag:
+            headers.append(("If-None-Match", etag))
+        if last_modified:
+            headers.append(("If-Modified-Since", last_modified))
+        timeouts = {"connect": self.connect_timeout, "read": self.timeout,
+                    "write": self.timeout, "pool": self.timeout}
+        self.requests += 1
+        try:
+            # The whole exchange is bounded too, so a server trickling one byte per read
+            # timeout cannot hold a download slot forever.
+            with trio.fail_after(self.connect_timeout + 4 * self.timeout):
+                async with self._pool.stream("GET", url, headers=headers,
+                                             extensions={"timeout": timeouts}) as response:
+                    response_headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                                        for k, v in response.headers}
+                    declared = response_headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > max_bytes:
+                        raise FetchError(f"{url}: {int(declared):,} bytes, over the "
+                                         f"{max_bytes:,}-byte limit")
+                    chunks: list[bytes] = []
+                    received = 0
+                    if response.status == 200:
+                        async for chunk in response.aiter_stream():
+                            received += len(chunk)
+                            if received > max_bytes:
+                                raise FetchError(f"{url}: more than {max_bytes:,} bytes, "
+                                                 "over the limit")
+                            chunks.append(chunk)
+                    return response.status, response_headers, b"".join(chunks)
+        except trio.TooSlowError:
+            raise FetchError(f"{url}: timed out") from None
+        except httpcore.TimeoutException as exc:
+            raise FetchError(f"{url}: timed out ({type(exc).__name__})") from None
+        except httpcore.RemoteProtocolError as exc:
+            raise FetchError(f"{url}: broken HTTP response: {exc}") from None
+        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol,
+                httpcore.ProxyError, OSError) as exc:
+            raise FetchError(f"{url}: {exc or type(exc).__name__}") from None
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def file_url_to_path(url: str) -> Path:
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise FetchError(f"{url}: file URLs on other hosts are not supported")
+    return Path(urllib.parse.unquote(parts.path))
+
+
+def _read_local(url: str, max_bytes: int, etag: str | None) -> FetchResult:
+    """A local file as a fetch result; size and modification time stand in for an ETag."""
+    path = file_url_to_path(url)
+    try:
+        stat = path.stat()
+        local_etag = f'"{stat.st_size}-{stat.st_mtime_ns}"'
+        if etag == local_etag:
+            return FetchResult(url, 304, b"", etag, None, "")
+        if stat.st_size > max_bytes:
+            raise FetchError(f"{path}: {stat.st_size:,} bytes, over the {max_bytes:,}-byte limit")
+        with path.open("rb") as handle:
+            body = handle.read(max_bytes + 1)
+    except OSError as exc:
+        raise FetchError(f"{path}: {exc.strerror or exc}") from None
+    if len(body) > max_bytes:
+        raise FetchError(f"{path}: more than {max_bytes:,} bytes, over the limit")
+    content_type = "text/html" if path.suffix.lower() in (".html", ".htm") else ""
+    return FetchResult(url, 200, body, local_etag, None, content_type)
+
+
+def local_index_entries(directory: Path) -> list[IndexEntry]:
+    """A local directory as an index: every .torrent file directly inside it, by name."""
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() == ".torrent" and p.is_file())
+    return [IndexEntry(EntryKind.URL, p.resolve().as_uri(), p.name) for p in files]
+
+
+# ---- Storage ----
+
+# Each migration moves the schema one version up (PRAGMA user_version) inside one transaction.
+# The whole model is here from the start; later stages fill the measurement tables.
+MIGRATIONS: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE collections (
+        id              INTEGER PRIMARY KEY,
+        name            TEXT NOT NULL UNIQUE,
+        url             TEXT NOT NULL,
+        type            TEXT NOT NULL,
+        enabled         INTEGER NOT NULL DEFAULT 1,
+        index_etag      TEXT,     -- validators of the index page, for conditional re-sync
+        index_last_modified TEXT,
+        index_fingerprint TEXT,   -- url + filters the validators belong to
+        last_synced     INTEGER,
+        last_error      TEXT
+    );
+    CREATE TABLE torrents (
+        id              INTEGER PRIMARY KEY,
+        infohash        TEXT NOT NULL UNIQUE,   -- 40 hex, the swarm key (v1, or truncated v2)
+        infohash_v2     TEXT UNIQUE,            -- 64 hex for v2 and hybrid torrents
+        name            TEXT,
+        size_bytes      INTEGER,
+        file_count      INTEGER,
+        piece_length    INTEGER,
+        created_unix    INTEGER,
+        created_by      TEXT,
+        comment         TEXT,
+        has_metainfo    INTEGER NOT NULL DEFAULT 0,
+        first_seen      INTEGER NOT NULL,
+        updated         INTEGER NOT NULL
+    );
+    CREATE TABLE memberships (
+        collection_id   INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+        source          TEXT NOT NULL,          -- .torrent URL, magnet link or infohash
+        torrent_id      INTEGER REFERENCES torrents(id),
+        file_name       TEXT,
+        first_seen      INTEGER NOT NULL,
+        last_seen       INTEGER NOT NULL,
+        removed         INTEGER,                -- when it vanished from the index; NULL if listed
+        etag            TEXT,
+        last_modified   TEXT,
+        validated       INTEGER,                -- last time the .torrent was fetched or confirmed
+        last_error      TEXT,
+        PRIMARY KEY (collection_id, source)
+    ) WITHOUT ROWID;
+    CREATE INDEX memberships_torrent ON memberships(torrent_id);
+    CREATE TABLE trackers (
+        id              INTEGER PRIMARY KEY,
+        url             TEXT NOT NULL UNIQUE,   -- normalised announce URL
+        successes       INTEGER NOT NULL DEFAULT 0,
+        failures        INTEGER NOT NULL DEFAULT 0,
+        consecutive_failures INTEGER NOT NULL DEFAULT 0,
+        last_attempt    INTEGER,
+        last_success    INTEGER,
+        last_error      TEXT,
+        rtt_ms          REAL,
+        hashes_answered INTEGER NOT NULL DEFAULT 0,
+        next_attempt    INTEGER                 -- back-off: not asked again before this time
+    );
+    CREATE TABLE torrent_trackers (
+        torrent_id      INTEGER NOT NULL REFERENCES torrents(id) ON DELETE CASCADE,
+        tracker_id      INTEGER NOT NULL REFERENCES trackers(id) ON DELETE CASCADE,
+        tier            INTEGER NOT NULL,
+        position        INTEGER NOT NULL,
+        PRIMARY KEY (torrent_id, tracker_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX torrent_trackers_tracker ON torrent_trackers(tracker_id);
+    CREATE TABLE runs (
+        id              INTEGER PRIMARY KEY,
+        stage           TEXT NOT NULL,          -- sync, dht, scrape, report, run
+        started         REAL NOT NULL,
+        finished        REAL,
+        outcome         TEXT NOT NULL,          -- running, ok, partial, failed, interrupted
+        counts          TEXT NOT NULL DEFAULT '{}',  -- JSON object of the stage's counters
+        error           TEXT
+    );
+    CREATE TABLE tracker_samples (
+        torrent_id      INTEGER NOT NULL REFERENCES torrents(id) ON DELETE CASCADE,
+        tracker_id      INTEGER NOT NULL REFERENCES trackers(id) ON DELETE CASCADE,
+        run_id          INTEGER REFERENCES runs(id) ON DELETE SET NULL,
+        measured        INTEGER NOT NULL,
+        seeders         INTEGER NOT NULL,
+        leechers        INTEGER NOT NULL,
+        completed       INTEGER NOT NULL
+    );
+    CREATE INDEX tracker_samples_torrent ON tracker_samples(torrent_id, measured);
+    CREATE TABLE dht_samples (
+        torrent_id      INTEGER NOT NULL REFERENCES torrents(id) ON DELETE CASCADE,
+        run_id          INTEGER REFERENCES runs(id) ON DELETE SET NULL,
+        measured        INTEGER NOT NULL,
+        peers           INTEGER NOT NULL,       -- unique peers from `values`
+        bep33_seeds     REAL,                   -- BEP 33 estimates, NULL if no node scraped
+        bep33_peers     REAL,
+        nodes_answered  INTEGER NOT NULL
+    );
+    CREATE INDEX dht_samples_torrent ON dht_samples(torrent_id, measured);
+    CREATE TABLE dht_nodes (
+        node_id         BLOB NOT NULL,
+        host            TEXT NOT NULL,
+        port            INTEGER NOT NULL,
+        last_seen       INTEGER NOT NULL,
+        failures        INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (host, port)
+    ) WITHOUT ROWID;
+    """,
+)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) and migrate the database; refuse one newer than this program."""
+    try:
+        if path.parent and not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, isolation_level=None, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+        db.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")  # WAL keeps NORMAL crash-safe for commits
+        db.execute("PRAGMA foreign_keys = ON")
+        migrate(db, path)
+    except sqlite3.DatabaseError as exc:
+        raise DatabaseError(f"database {path}: {exc}") from None
+    except OSError as exc:
+        raise DatabaseError(f"database {path}: {exc.strerror or exc}") from None
+    return db
+
+
+def migrate(db: sqlite3.Connection, path: Path) -> None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise DatabaseError(f"database {path} has schema version {version}, newer than this "
+                            f"tsmd {__version__} understands ({SCHEMA_VERSION}); upgrade tsmd")
+    for number in range(version, SCHEMA_VERSION):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read inside the write lock: a concurrent tsmd may have migrated meanwhile.
+            if db.execute("PRAGMA user_version").fetchone()[0] != number:
+                db.execute("ROLLBACK")
+                continue
+            for statement in _split_sql(MIGRATIONS[number]):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number + 1}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+
+def _split_sql(script: str) -> Iterator[str]:
+    """Statements of a migration; executescript() would commit behind our transaction's back."""
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                yield buffer
+            buffer = ""
+    if buffer.strip():
+        yield buffer
+
+
+class Transaction:
+    """`with Transaction(db):` runs the block in BEGIN IMMEDIATE ... COMMIT, rolling back on error."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def start_run(db: sqlite3.Connection, stage: str) -> int:
+    with Transaction(db):
+        cursor = db.execute("INSERT INTO runs (stage, started, outcome) VALUES (?, ?, 'running')",
+                            (stage, time.time()))
+    return int(cursor.lastrowid)  # type: ignore[arg-type]
+
+
+def finish_run(db: sqlite3.Connection, run_id: int, outcome: str, counts: dict[str, Any],
+               error: str | None = None) -> None:
+    with Transaction(db):
+        db.execute("UPDATE runs SET finished = ?, outcome = ?, counts = ?, error = ? WHERE id = ?",
+                   (time.time(), outcome, json.dumps(counts, sort_keys=True), error, run_id))
+
+
+def upsert_collection(db: sqlite3.Connection, name: str, url: str, kind: str, enabled: bool) -> int:
+    row = db.execute(
+        "INSERT INTO collections (name, url, type, enabled) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT(name) DO UPDATE SET url = excluded.url, type = excluded.type, "
+        "enabled = excluded.enabled RETURNING id", (name, url, kind, int(enabled))).fetchone()
+    return int(row[0])
+
+
+def upsert_torrent(db: sqlite3.Connection, meta: Metainfo, now: int) -> int:
+    """Insert or update a torrent; a magnet never overwrites what a .torrent file told us."""
+    row = db.execute(
+        """
+        INSERT INTO torrents (infohash, infohash_v2, name, size_bytes, file_count, piece_length,
+                              created_unix, created_by, comment, has_metainfo, first_seen, updated)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        ON CONFLICT(infohash) DO UPDATE SET
+            infohash_v2  = coalesce(excluded.infohash_v2, infohash_v2),
+            name         = CASE WHEN excluded.has_metainfo OR NOT has_metainfo
+                                THEN coalesce(excluded.name, name) ELSE name END,
+            size_bytes   = CASE WHEN excluded.has_metainfo OR NOT has_metainfo
+                                THEN coalesce(excluded.size_bytes, size_bytes) ELSE size_bytes END,
+            file_count   = coalesce(excluded.file_count, file_count),
+            piece_length = coalesce(excluded.piece_length, piece_length),
+            created_unix = coalesce(excluded.created_unix, created_unix),
+            created_by   = coalesce(excluded.created_by, created_by),
+            comment      = coalesce(excluded.comment, comment),
+            has_metainfo = max(has_metainfo, excluded.has_metainfo),
+            updated      = excluded.updated
+        RETURNING id
+        """,
+        (meta.infohash, meta.infohash_v2, meta.name, meta.size_bytes, meta.file_count,
+         meta.piece_length, meta.created_unix, meta.created_by, meta.comment,
+         int(meta.has_metainfo), now, now)).fetchone()
+    torrent_id = int(row[0])
+    if meta.trackers:
+        db.executemany("INSERT INTO trackers (url) VALUES (?) ON CONFLICT(url) DO NOTHING",
+                       [(t.url,) for t in meta.trackers])
+        db.executemany(
+            "INSERT INTO torrent_trackers (torrent_id, tracker_id, tier, position) "
+            "SELECT ?, id, ?, ? FROM trackers WHERE url = ? "
+            "ON CONFLICT(torrent_id, tracker_id) DO UPDATE SET tier = excluded.tier, "
+            "position = excluded.position",
+            [(torrent_id, t.tier, position, t.url) for position, t in enumerate(meta.trackers)])
+    return torrent_id
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    source: str
+    torrent_id: int | None
+    infohash: str | None
+    etag: str | None
+    last_modified: str | None
+    validated: int | None
+    removed: int | None
+
+
+def load_memberships(db: sqlite3.Connection, collection_id: int) -> dict[str, Membership]:
+    rows = db.execute(
+        "SELECT m.source, m.torrent_id, t.infohash, m.etag, m.last_modified, m.validated, "
+        "m.removed FROM memberships m LEFT JOIN torrents t ON t.id = m.torrent_id "
+        "WHERE m.collection_id = ?", (collection_id,))
+    return {row[0]: Membership(*row) for row in rows}
+
+
+# ---- Configuration ----
+
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d|w)?\s*", re.IGNORECASE)
+_DURATION_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgtp]?i?b?)\s*", re.IGNORECASE)
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from `90`, `"45s"`, `"30m"`, `"12h"`, `"7d"` or `"2w"`."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    match = _DURATION.fullmatch(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration like 45s, 30m, 12h, 7d or 2w")
+    return float(match.group(1)) * _DURATION_SECONDS[(match.group(2) or "s").lower()]
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from `1048576`, `"1MiB"`, `"2TB"` (decimal) or `"2TiB"` (binary)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    match = _SIZE.fullmatch(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a size like 500MB, 2TB or 1GiB")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    prefix = unit[:1] if unit[:1] in "kmgtp" and unit else ""
+    base = 1024 if "i" in unit else 1000
+    return int(number * base ** ("kmgtp".index(prefix) + 1 if prefix else 0))
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkSettings:
+    allow_private: bool = False
+    proxy: Optional[str] = None
+    timeout: float = 30.0  # seconds without data before a read fails
+    connect_timeout: float = 10.0
+    user_agent: str = DEFAULT_USER_AGENT
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSettings:
+    concurrency: int = 16  # .torrent downloads in flight
+    max_index_bytes: int = 64 * 1024 * 1024
+    max_torrent_bytes: int = 32 * 1024 * 1024
+    max_redirects: int = 5
+    revalidate_after: float = 7 * 86400.0  # seconds before a known .torrent is re-checked
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionSettings:
+    name: str
+    url: str
+    type: str
+    enabled: bool = True
+    required_substring: Optional[str] = None
+    same_origin: bool = True
+    trackers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database: Path = Path("tsmd.sqlite3")
+    network: NetworkSettings = NetworkSettings()
+    sync: SyncSettings = SyncSettings()
+    collections: tuple[CollectionSettings, ...] = ()
+    config_path: Optional[Path] = None
+
+
+_DURATION_FIELDS: Final = {"timeout", "connect_timeout", "revalidate_after"}
+_SIZE_FIELDS: Final = {"max_index_bytes", "max_torrent_bytes"}
+
+
+def _expected(annotation: str) -> str:
+    return {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
+            "Optional[str]": "a string", "tuple[str, ...]": "a list of strings"}.get(
+                annotation, annotation)
+
+
+def _convert_field(where: str, name: str, annotation: str, value: Any) -> Any:
+    """Check one TOML value against a settings field; the message names file, key and type."""
+    try:
+        if name in _DURATION_FIELDS:
+            return parse_duration(value)
+        if name in _SIZE_FIELDS:
+            return parse_size(value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}.{name}: {exc}") from None
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "Optional[str]": isinstance(value, str),
+        "tuple[str, ...]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+    }.get(annotation, False)
+    if not ok:
+        raise ConfigError(f"{where}.{name}: expected {_expected(annotation)}, "
+                          f"got {type(value).__name__} {value!r}")
+    if annotation == "tuple[str, ...]":
+        return tuple(value)
+    if annotation == "float":
+        return float(value)
+    if annotation == "int" and value < 0:
+        raise ConfigError(f"{where}.{name}: expected a non-negative integer, got {value}")
+    return value
+
+
+def _settings_from_table(cls: type, table: dict, where: str, **fixed: Any) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name not in fixed}
+    values: dict[str, Any] = dict(fixed)
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known))})")
+        values[key] = _convert_field(where, key, str(known[key].type), value)
+    missing = [name for name, f in known.items()
+               if name not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+    if missing:
+        raise ConfigError(f"{where}: missing required key '{missing[0]}'")
+    return cls(**values)
+
+
+def _resolve_location(location: str, base: Path) -> str:
+    """A collection URL, or a local path made absolute against the config file's folder."""
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", location):
+        return location
+    return (base / Path(location).expanduser()).resolve().as_uri()
+
+
+def load_settings(config_path: Path | None, db_override: Path | None = None) -> Settings:
+    """Settings from the TOML file (if any) over the defaults, then the command line's database."""
+    if config_path is None:
+        settings = Settings()
+    else:
+        try:
+            document = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"config {config_path}: {exc.strerror or exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config {config_path}: invalid TOML: {exc}") from None
+        settings = settings_from_document(document, config_path)
+    if db_override is not None:
+        settings = dataclasses.replace(settings, database=db_override)
+    return settings
+
+
+def settings_from_document(document: dict, config_path: Path) -> Settings:
+    where = str(config_path)
+    base = config_path.resolve().parent
+    sections = {"database", "network", "sync", "collections"}
+    for key in document:
+        if key not in sections:
+            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(sections))})")
+    database = document.get("database", "tsmd.sqlite3")
+    if not isinstance(database, str) or not database:
+        raise ConfigError(f"{where}: database: expected a file name string, got {database!r}")
+    tables = {}
+    for section in ("network", "sync"):
+        table = document.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{section}] must be a table")
+        tables[section] = table
+    network = _settings_from_table(NetworkSettings, tables["network"], f"{where}: [network]")
+    if network.proxy is not None and urllib.parse.urlsplit(network.proxy).scheme not in HTTP_SCHEMES:
+        raise ConfigError(f"{where}: [network].proxy: expected an http:// or https:// proxy URL, "
+                          f"got {network.proxy!r}")
+    sync = _settings_from_table(SyncSettings, tables["sync"], f"{where}: [sync]")
+    if sync.concurrency < 1:
+        raise ConfigError(f"{where}: [sync].concurrency: expected at least 1")
+    raw_collections = document.get("collections", [])
+    if not isinstance(raw_collections, list) or not all(isinstance(c, dict) for c in raw_collections):
+        raise ConfigError(f"{where}: collections must be written as [[collections]] tables")
+    collections = []
+    names: set[str] = set()
+    for number, table in enumerate(raw_collections, start=1):
+        label = f"{where}: [[collections]] #{number}"
+        collection = _settings_from_table(CollectionSettings, table, label)
+        if not collection.name.strip():
+            raise ConfigError(f"{label}.name: expected a non-empty string")
+        if collection.name in names:
+            raise ConfigError(f"{label}.name: duplicate collection name '{collection.name}'")
+        names.add(collection.name)
+        url = _resolve_location(collection.url, base)
+        if urllib.parse.urlsplit(url).scheme not in HTTP_SCHEMES | {"file"}:
+            raise ConfigError(f"{label}.url: expected an http, https or file URL or a path, "
+                              f"got {collection.url!r}")
+        bad = [t for t in collection.trackers if normalise_tracker_url(t) is None]
+        if bad:
+            raise ConfigError(f"{label}.trackers: not a udp/http/https tracker URL: {bad[0]!r}")
+        collections.append(dataclasses.replace(collection, url=url))
+    return Settings(
+        database=(base / Path(database).expanduser()).resolve(),
+        network=network, sync=sync, collections=tuple(collections), config_path=config_path)
+
+
+def select_collections(settings: Settings, names: Sequence[str]) -> list[CollectionSettings]:
+    """The enabled collections, or exactly those named (enabled or not) on the command line."""
+    if not names:
+        return [c for c in settings.collections if c.enabled]
+    by_name = {c.name: c for c in settings.collections}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ConfigError(f"no collection named '{unknown[0]}' in the configuration "
+                          f"(known: {', '.join(by_name) or 'none'})")
+    return [by_name[n] for n in dict.fromkeys(names)]
+
+
+def make_fetcher(settings: Settings, max_connections: int, resolve: Any = None,
+                 address_allowed: Any = None) -> Fetcher:
+    """The fetcher the settings describe; `resolve` and `address_allowed` are test seams."""
+    net = settings.network
+    return Fetcher(allow_private=net.allow_private, proxy=net.proxy, timeout=net.timeout,
+                   connect_timeout=net.connect_timeout, user_agent=net.user_agent,
+                   max_redirects=settings.sync.max_redirects, max_connections=max_connections,
+                   resolve=resolve, address_allowed=address_allowed)
+
+
+# ---- Output on stderr ----
+
+
+class Reporter:
+    """Everything tsmd says to a person goes through here, to stderr (stdout carries results)."""
+
+    MAX_PROBLEM_LINES: Final = 20
+
+    def __init__(self, verbosity: int = 0, console: Console | None = None) -> None:
+        self.verbosity = verbosity  # -1 quiet, 0 normal, 1+ verbose
+        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+        self.problems_shown = 0
+        self.problems_hidden = 0
+
+    def info(self, message: str) -> None:
+        if self.verbosity >= 0:
+            self.console.print(message, markup=False)
+
+    def debug(self, message: str) -> None:
+        if self.verbosity >= 1:
+            self.console.print(message, markup=False, style="dim")
+
+    def problem(self, message: str) -> None:
+        """One failed item. Shown even with -q; past a screenful only counted unless -v."""
+        if self.verbosity >= 1 or self.problems_shown < self.MAX_PROBLEM_LINES:
+            self.problems_shown += 1
+            self.console.print(f"error: {message}", markup=False, style="red")
+        else:
+            self.problems_hidden += 1
+
+    def flush_problems(self) -> None:
+        if self.problems_hidden:
+            self.console.print(f"error: ... and {self.problems_hidden} more failures "
+                               "(-v shows them all)", markup=False, style="red")
+            self.problems_hidden = 0
+
+    def progress(self) -> Progress:
+        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=self.console, transient=True,
+                        disable=self.verbosity < 0 or not self.console.is_terminal,
+                        refresh_per_second=PROGRESS_REFRESH_PER_SECOND)
+
+
+# ---- Sync stage ----
+
+
+@dataclass(slots=True)
+class SyncCounts:
+    collections: int = 0
+    pages: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    failed: int = 0
+    downloads: int = 0
+    requests: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.collections} collections, {self.pages} index pages, {self.new} new, "
+                f"{self.changed} changed, {self.unchanged} unchanged, {self.removed} removed, "
+                f"{self.failed} failed ({self.downloads} downloads, {self.requests} requests)")
+
+
+@dataclass(frozen=True, slots=True)
+class SyncOutcome:
+    """One entry's result, sent to the writer. `meta` is None when the entry failed."""
+
+    collection_id: int
+    entry: IndexEntry
+    meta: Metainfo | None
+    status: str  # new, changed, unchanged, failed
+    etag: str | None = None
+    last_modified: str | None = None
+    error: str | None = None
+
+
+def _write_sync_outcomes(db: sqlite3.Connection, outcomes: list[SyncOutcome], now: int) -> None:
+    with Transaction(db):
+        for outcome in outcomes:
+            entry = outcome.entry
+            if outcome.meta is None:
+                db.execute(
+                    "INSERT INTO memberships (collection_id, source, file_name, first_seen, "
+                    "last_seen, last_error) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(collection_id, source) DO UPDATE SET last_seen = excluded.last_seen, "
+                    "last_error = excluded.last_error, removed = NULL",
+                    (outcome.collection_id, entry.source, entry.file_name, now, now, outcome.error))
+                continue
+            torrent_id = upsert_torrent(db, outcome.meta, now)
+            validated = now if entry.kind is EntryKind.URL else None
+            db.execute(
+                "INSERT INTO memberships (collection_id, source, torrent_id, file_name, first_seen, "
+                "last_seen, etag, last_modified, validated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(collection_id, source) DO UPDATE SET torrent_id = excluded.torrent_id, "
+                "file_name = coalesce(excluded.file_name, file_name), last_seen = excluded.last_seen, "
+                "etag = coalesce(excluded.etag, etag), "
+                "last_modified = coalesce(excluded.last_modified, last_modified), "
+                "validated = excluded.validated, last_error = NULL, removed = NULL",
+                (outcome.collection_id, entry.source, torrent_id, entry.file_name, now, now,
+                 outcome.etag, outcome.last_modified, validated))
+
+
+async def _sync_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChannel,
+                       counts: SyncCounts, reporter: Reporter, on_written: Any) -> None:
+    """The one task that writes sync results: batches, one transaction each."""
+    batch: list[SyncOutcome] = []
+
+    def take(outcome: SyncOutcome) -> None:
+        batch.append(outcome)
+        setattr(counts, outcome.status, getattr(counts, outcome.status) + 1)
+        if outcome.error:
+            reporter.problem(outcome.error)
+        on_written()
+
+    try:
+        async for outcome in receive:
+            take(outcome)
+            if len(batch) >= SYNC_WRITE_BATCH:
+                _write_sync_outcomes(db, batch, int(time.time()))
+                batch.clear()
+    finally:
+        # Also on cancellation (Ctrl-C, SIGTERM): what was measured, queued or not, is kept.
+        while True:
+            try:
+                take(receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        receive.close()
+        if batch:
+            _write_sync_outcomes(db, batch, int(time.time()))
+
+
+def _entry_metainfo(entry: IndexEntry) -> Metainfo:
+    if entry.kind is EntryKind.MAGNET:
+        return decode_magnet_untrusted(entry.source)
+    return Metainfo(entry.source, None, None, None, None, None, None, None, None, (), False)
+
+
+def _classify(previous: Membership | None, infohash: str) -> str:
+    if previous is None or previous.torrent_id is None or previous.removed is not None:
+        return "new"
+    return "unchanged" if previous.infohash == infohash else "changed"
+
+
+async def _download_entry(fetcher: Fetcher, settings: Settings, collection_id: int,
+                          entry: IndexEntry, previous: Membership | None,
+                          send: trio.MemorySendChannel, limiter: trio.CapacityLimiter,
+                          counts: SyncCounts, prefetched: FetchResult | None = None) -> None:
+    known = previous is not None and previous.torrent_id is not None
+    try:
+        if prefetched is not None:
+            result = prefetched
+        else:
+            async with limiter:
+                result = await fetcher.fetch(
+                    entry.source, max_bytes=settings.sync.max_torrent_bytes,
+                    etag=previous.etag if known else None,  # type: ignore[union-attr]
+                    last_modified=previous.last_modified if known else None)  # type: ignore[union-attr]
+        if result.status == 304:
+            await send.send(SyncOutcome(collection_id, entry, Metainfo(
+                previous.infohash, None, None, None, None, None, None, None, None, (), False),  # type: ignore[union-attr, arg-type]
+                "new" if previous.removed is not None else "unchanged",  # type: ignore[union-attr]
+                result.etag, result.last_modified))
+            return
+        counts.downloads += 1
+        meta = decode_metainfo_untrusted(result.body)
+    except ProtocolError as exc:
+        await send.send(SyncOutcome(collection_id, entry, None, "failed",
+                                    error=f"{entry.source}: not a valid .torrent: {exc}"))
+        return
+    except FetchError as exc:
+        await send.send(SyncOutcome(collection_id, entry, None, "failed", error=str(exc)))
+        return
+    await send.send(SyncOutcome(collection_id, entry, meta, _classify(previous, meta.infohash),
+                                result.etag, result.last_modified))
+
+
+def _looks_like_torrent(result: FetchResult) -> bool:
+    return result.body[:1] == b"d" and (b"4:info" in result.body[:1 << 20])
+
+
+async def _sync_collection(db: sqlite3.Connection, fetcher: Fetcher, settings: Settings,
+                           collection: CollectionSettings, send: trio.MemorySendChannel,
+                           limiter: trio.CapacityLimiter, counts: SyncCounts, reporter: Reporter,
+                           revalidate: bool, on_entries: Any) -> None:
+    now = int(time.time())
+    with Transaction(db):
+        collection_id = upsert_collection(db, collection.name, collection.url, collection.type,
+                                          collection.enabled)
+        stored = db.execute("SELECT index_etag, index_last_modified, index_fingerprint "
+                            "FROM collections WHERE id = ?", (collection_id,)).fetchone()
+    fingerprint = json.dumps([collection.url, collection.required_substring, collection.same_origin])
+    conditional = stored[2] == fingerprint
+    memberships = load_memberships(db, collection_id)
+    prefetched: dict[str, FetchResult] = {}
+    url = collection.url
+    index_etag = index_last_modified = None
+    counts.pages += 1
+    try:
+        local_path = file_url_to_path(url) if url.startswith("file:") else None
+        if local_path is not None and local_path.is_dir():
+            entries = local_index_entries(local_path)
+            problems: list[str] = []
+        else:
+            result = await fetcher.fetch(url, max_bytes=max(settings.sync.max_index_bytes,
+                                                            settings.sync.max_torrent_bytes),
+                                         etag=stored[0] if conditional else None,
+                                         last_modified=stored[1] if conditional else None)
+            index_etag, index_last_modified = result.etag, result.last_modified
+            if result.status == 304:
+                entries = [_entry_from_stored_source(m.source, m) for m in memberships.values()
+                           if m.removed is None]
+                problems = []
+            elif _looks_like_torrent(result):
+                entries = [IndexEntry(EntryKind.URL, url, _url_file_name(url))]
+                prefetched[url] = result
+                problems = []
+            else:
+                if len(result.body) > settings.sync.max_index_bytes:
+                    raise FetchError(f"{url}: index over the {settings.sync.max_index_bytes:,}-"
+                                     "byte limit")
+                entries, problems = parse_index_untrusted(
+                    result.body, result.url, content_type=result.content_type,
+                    required_substring=collection.required_substring,
+                    same_origin=collection.same_origin)
+    except (FetchError, ProtocolError) as exc:
+        message = f"collection '{collection.name}': {exc}"
+        counts.failed += 1
+        reporter.problem(message)
+        with Transaction(db):
+            db.execute("UPDATE collections SET last_error = ? WHERE id = ?", (message, collection_id))
+        return
+    for problem in problems:
+        counts.failed += 1
+        reporter.problem(f"collection '{collection.name}': {problem}")
+    on_entries(len(entries))
+
+    confirmed: list[str] = []
+    async with trio.open_nursery() as nursery:
+        for entry in entries:
+            previous = memberships.get(entry.source)
+            if entry.kind is not EntryKind.URL:
+                try:
+                    meta = _entry_metainfo(entry)
+                except ProtocolError as exc:
+                    await send.send(SyncOutcome(collection_id, entry, None, "failed",
+                                                error=f"{entry.source[:80]}: {exc}"))
+                    continue
+                await send.send(SyncOutcome(collection_id, entry, meta,
+                                            _classify(previous, meta.infohash)))
+            elif (previous is not None and previous.torrent_id is not None
+                  and previous.removed is None and not revalidate
+                  and now - (previous.validated or 0) < settings.sync.revalidate_after
+                  and entry.source not in prefetched):
+                confirmed.append(entry.source)
+                counts.unchanged += 1
+                on_entries(0, advance=1)
+            else:
+                nursery.start_soon(_download_entry, fetcher, settings, collection_id, entry,
+                                   previous, send, limiter, counts, prefetched.get(entry.source))
+
+    listed = {entry.source for entry in entries}
+    vanished = [source for source, m in memberships.items()
+                if source not in listed and m.removed is None]
+    with Transaction(db):
+        db.executemany("UPDATE memberships SET last_seen = ? WHERE collection_id = ? AND source = ?",
+                       [(now, collection_id, source) for source in confirmed])
+        db.executemany("UPDATE memberships SET removed = ? WHERE collection_id = ? AND source = ?",
+                       [(now, collection_id, source) for source in vanished])
+        db.execute("UPDATE collections SET index_etag = ?, index_last_modified = ?, "
+                   "index_fingerprint = ?, last_synced = ?, last_error = NULL WHERE id = ?",
+                   (index_etag, index_last_modified, fingerprint, now, collection_id))
+    counts.removed += len(vanished)
+
+
+def _entry_from_stored_source(source: str, membership: Membership) -> IndexEntry:
+    if source.lower().startswith("magnet:?"):
+        return IndexEntry(EntryKind.MAGNET, source, None)
+    if _HEX40.fullmatch(source):
+        return IndexEntry(EntryKind.INFOHASH, source, None)
+    return IndexEntry(EntryKind.URL, source, _url_file_name(source))
+
+
+async def run_sync(db: sqlite3.Connection, settings: Settings,
+                   collections: Sequence[CollectionSettings], reporter: Reporter, *,
+                   revalidate: bool = False, resolve: Any = None,
+                   address_allowed: Any = None) -> SyncCounts:
+    """Fetch every given collection into the database; failures are counted, never raised."""
+    counts = SyncCounts(collections=len(collections))
+    fetcher = make_fetcher(settings, settings.sync.concurrency + 2, resolve, address_allowed)
+    limiter = trio.CapacityLimiter(settings.sync.concurrency)
+    send, receive = trio.open_memory_channel[SyncOutcome](SYNC_WRITE_BATCH)
+    with reporter.progress() as progress:
+        task = progress.add_task("sync", total=0)
+
+        def on_entries(number: int, advance: int = 0) -> None:
+            progress.update(task, total=(progress.tasks[0].total or 0) + number, advance=advance)
+
+        def on_written() -> None:
+            progress.update(task, advance=1)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_sync_writer, db, receive, counts, reporter, on_written)
+                async with send:
+                    for collection in collections:
+                        progress.update(task, description=f"sync {collection.name}")
+                        async with send.clone() as collection_send:
+                            await _sync_collection(db, fetcher, settings, collection,
+                                                   collection_send, limiter, counts, reporter,
+                                                   revalidate, on_entries)
+        finally:
+            counts.requests = fetcher.requests
+            with trio.CancelScope(shield=True):
+                await fetcher.aclose()
+    reporter.flush_problems()
+    return counts
+
+
+# ---- Reports ----
+
+
+@dataclass(frozen=True, slots=True)
+class ReportRow:
+    """One torrent as every report format sees it; -1 stands for "not measured yet"."""
+
+    infohash: str
+    name: str  # contains a digit, as libgen-seedtools requires
+    torrent_name: str | None
+    link: str
+    magnet: str
+    collection: str
+    type: str
+    size_bytes: int
+    file_count: int
+    created_unix: int
+    seeders: int
+    leechers: int
+    completed: int
+    scraped_date: int
+    dht_peers: int
+    dht_scraped: int
+
+
+def _report_name(file_name: str | None, torrent_name: str | None, infohash: str) -> str:
+    for candidate in (file_name, torrent_name):
+        if candidate and any(ch.isdigit() for ch in candidate):
+            return candidate
+    # seedtools sorts by the first number in the name; the infohash nearly always holds a digit.
+    base = file_name or torrent_name or "torrent"
+    return f"{base} {infohash}" if any(ch.isdigit() for ch in infohash) else f"{base} 0x{infohash}"
+
+
+def load_report_rows(db: sqlite3.Connection, collections: Sequence[str] = ()) -> list[ReportRow]:
+    """Every torrent listed by a collection now, once, under the first collection listing it."""
+    where = ""
+    params: list[Any] = []
+    if collections:
+        where = f"AND c.name IN ({', '.join('?' * len(collections))})"
+        params.extend(collections)
+    rows = db.execute(
+        f"""
+        SELECT t.infohash, t.name, t.size_bytes, t.file_count, t.created_unix,
+               m.file_name, m.source, c.name, c.type,
+               (SELECT group_concat(url, char(10)) FROM (
+                    SELECT tr.url FROM torrent_trackers tt JOIN trackers tr ON tr.id = tt.tracker_id
+                    WHERE tt.torrent_id = t.id ORDER BY tt.position LIMIT 10))
+        FROM torrents t
+        JOIN memberships m ON m.torrent_id = t.id AND m.removed IS NULL
+        JOIN collections c ON c.id = m.collection_id
+        WHERE 1 {where}
+        ORDER BY c.id, m.first_seen, m.source
+        """, params)
+    seen: set[str] = set()
+    result: list[ReportRow] = []
+    for (infohash, name, size, file_count, created, file_name, source, collection, kind,
+         trackers) in rows:
+        if infohash in seen:
+            continue
+        seen.add(infohash)
+        magnet = magnet_uri(infohash, name, (trackers or "").split("\n") if trackers else ())
+        link = source if "://" in source else magnet
+        result.append(ReportRow(
+            infohash=infohash, name=_report_name(file_name, name, infohash), torrent_name=name,
+            link=link, magnet=magnet, collection=collection, type=kind,
+            size_bytes=-1 if size is None else size,
+            file_count=-1 if file_count is None else file_count,
+            created_unix=-1 if created is None else created,
+            seeders=-1, leechers=-1, completed=-1, scraped_date=-1, dht_peers=-1, dht_scraped=-1))
+    return result
+
+
+def render_json(rows: Sequence[ReportRow]) -> str:
+    """The libgen-seedtools feed: a list of objects, integers everywhere, -1 when unknown."""
+    return json.dumps([dataclasses.asdict(row) for row in rows], ensure_ascii=False, indent=1) + "\n"
+
+
+REPORT_RENDERERS: Final = {"json": render_json}
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a reader never sees half a report."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise TsmdError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+# ---- Command line ----
+
+app = typer.Typer(
+    name="tsmd", add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+    help="Torrent Swarm Monitoring Daemon: which torrents of a collection need seeders?")
+
+
+@dataclass(slots=True)
+class CliState:
+    config: Path | None
+    db: Path | None
+    verbosity: int
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"tsmd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", envvar="TSMD_CONFIG", help="Configuration file (default: ./tsmd.toml if present).",
+        dir_okay=False)] = None,
+    db: Annotated[Optional[Path], typer.Option(
+        "--db", envvar="TSMD_DB", help="SQLite database (overrides 'database' of the config).",
+        dir_okay=False)] = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                         help="Say more; -v also lists every failure.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version_callback, is_eager=True, help="Print the version.")] = None,
+) -> None:
+    """Torrent Swarm Monitoring Daemon: which torrents of a collection need seeders?"""
+    if config is None and Path("tsmd.toml").is_file():
+        config = Path("tsmd.toml")
+    ctx.obj = CliState(config=config, db=db, verbosity=-1 if quiet else verbose)
+
+
+def _fail(message: str, code: ExitCode) -> typer.Exit:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"tsmd: {message}", markup=False, style="bold red")
+    return typer.Exit(int(code))
+
+
+def _load(ctx: typer.Context) -> tuple[Settings, Reporter]:
+    state: CliState = ctx.obj
+    try:
+        settings = load_settings(state.config, state.db)
+    except TsmdError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    return settings, Reporter(state.verbosity)
+
+
+def _open_db(settings: Settings) -> sqlite3.Connection:
+    try:
+        return open_database(settings.database)
+    except TsmdError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+
+
+def run_interruptible(async_fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, bool]:
+    """trio.run a stage; SIGTERM or Ctrl-C cancel it cleanly. Returns (result, interrupted)."""
+    import signal
+
+    outcome: dict[str, Any] = {"interrupted": False}
+
+    async def supervised() -> None:
+        async with trio.open_nursery() as nursery:
+            async def watch_sigterm() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        outcome["interrupted"] = True
+                        nursery.cancel_scope.cancel()
+
+            if hasattr(signal, "SIGTERM"):
+                nursery.start_soon(watch_sigterm)
+            outcome["result"] = await async_fn(*args, **kwargs)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(supervised)
+    except KeyboardInterrupt:
+        outcome["interrupted"] = True
+    return outcome.get("result"), outcome["interrupted"]
+
+
+@app.command()
+def sync(
+    ctx: typer.Context,
+    collection: Annotated[Optional[list[str]], typer.Option(
+        "--collection", "-c", help="Only this collection (repeatable).")] = None,
+    revalidate: Annotated[bool, typer.Option(
+        help="Re-check every known .torrent with a conditional request, however recent.")] = False,
+) -> None:
+    """Fetch every enabled collection's torrents into the database.
+
+    Example: tsmd --config tsmd.toml sync --collection libgen-books
+    """
+    settings, reporter = _load(ctx)
+    try:
+        chosen = select_collections(settings, collection or [])
+    except TsmdError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    if not chosen:
+        raise _fail("no enabled collections to sync: add [[collections]] to the configuration "
+                    f"({settings.config_path or 'no config file given; see --config'})",
+                    ExitCode.USAGE)
+    db = _open_db(settings)
+    run_id = start_run(db, "sync")
+    started = time.monotonic()
+    counts, interrupted = run_interruptible(run_sync, db, settings, chosen, reporter,
+                                            revalidate=revalidate)
+    if counts is None:  # interrupted before the stage returned its counters
+        counts = SyncCounts(collections=len(chosen))
+    outcome = "interrupted" if interrupted else "partial" if counts.failed else "ok"
+    finish_run(db, run_id, outcome, dataclasses.asdict(counts))
+    db.close()
+    reporter.info(f"sync {outcome}: {counts.summary()} in {time.monotonic() - started:.1f} s")
+    if interrupted:
+        raise typer.Exit(int(ExitCode.INTERRUPTED))
+    if counts.failed:
+        raise typer.Exit(int(ExitCode.PARTIAL))
+
+
+@app.command()
+def report(
+    ctx: typer.Context,
+    format: Annotated[str, typer.Option("--format", "-f", help="Output format: json.")] = "json",
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Write to this file atomically instead of stdout.",
+        dir_okay=False)] = None,
+    collection: Annotated[Optional[list[str]], typer.Option(
+        "--collection", "-c", help="Only torrents of this collection (repeatable).")] = None,
+) -> None:
+    """Publish what the database knows, in the libgen-seedtools JSON shape.
+
+    Example: tsmd report --format json --output /var/www/torrents.json
+    """
+    settings, reporter = _load(ctx)
+    renderer = REPORT_RENDERERS.get(format)
+    if renderer is None:
+        raise _fail(f"unknown report format '{format}' (known: {', '.join(REPORT_RENDERERS)})",
+                    ExitCode.USAGE)
+    db = _open_db(settings)
+    rows = load_report_rows(db, collection or [])
+    db.close()
+    text = renderer(rows)
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        try:
+            write_atomically(output, text)
+        except TsmdError as exc:
+            raise _fail(str(exc), exc.exit_code) from None
+        reporter.info(f"report: {len(rows)} torrents written to {output}")
+
+
+if __name__ == "__main__":
+    app()
