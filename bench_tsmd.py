@@ -18,7 +18,6 @@ import http.server
 import multiprocessing
 import os
 import platform
-import resource
 import socket
 import subprocess
 import sys
@@ -95,18 +94,29 @@ def serve(files_dir: str, port_queue: multiprocessing.Queue, count_file: str) ->
     httpd.server_close()
 
 
+# Runs tsmd.py as __main__ and reports the child's own peak RSS on stderr when it exits.
+PEAK_RSS_WRAPPER = """
+import atexit, resource, runpy, sys
+atexit.register(lambda: sys.stderr.write(
+    "\\npeak-rss-kib %d\\n" % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def run_tsmd(config: Path, *args: str) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS in KiB of this child, stderr) of one tsmd invocation."""
+    """(wall seconds, peak RSS in KiB, last line tsmd said) of one tsmd invocation."""
     started = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    done = subprocess.run([sys.executable, str(HERE / "tsmd.py"), "--config", str(config), *args],
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, str(HERE / "tsmd.py"),
+                           "--config", str(config), *args],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800)
     wall = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if done.returncode != 0:
         sys.exit(f"tsmd {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
-    # RUSAGE_CHILDREN keeps the largest child so far: report it only when it grew.
-    return wall, max(peak, before) if peak > before else peak, done.stderr.strip()
+    lines = done.stderr.strip().splitlines()
+    peak = int(lines[-1].split()[-1])
+    said = next((line for line in reversed(lines[:-1]) if line.strip()), "")
+    return wall, peak, said
 
 
 def bench_sync(torrents: int, files: int) -> None:
@@ -143,7 +153,7 @@ def bench_sync(torrents: int, files: int) -> None:
                 requests = int(Path(count_file).read_text()) - requests_before
                 print(f"{label:>10}: {wall:6.2f} s, {torrents / wall:7.0f} torrents/s, "
                       f"{requests} requests, peak RSS {peak_kib / 1024:.0f} MiB")
-                print(f"{'':>12}tsmd said: {summary.splitlines()[-1]}")
+                print(f"{'':>12}tsmd said: {summary}")
         finally:
             Path(count_file + ".stop").touch()
             server.join(timeout=5)

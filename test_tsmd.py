@@ -467,7 +467,7 @@ def test_fetch_limits_and_errors(server):
     settings = make_settings(Path("/tmp"), [])
 
     async def scenario():
-        fetcher = tsmd.make_fetcher(settings, 4)
+        fetcher = tsmd.make_fetcher(settings)
         try:
             ok = await fetcher.fetch(server.url("/small"), max_bytes=100)
             assert (ok.status, ok.body) == (200, b"hello")
@@ -498,7 +498,7 @@ def test_fetch_times_out(server):
         settings, network=tsmd.dataclasses.replace(settings.network, timeout=0.5))
 
     async def scenario():
-        fetcher = tsmd.make_fetcher(settings, 1)
+        fetcher = tsmd.make_fetcher(settings)
         started = trio.current_time()
         with pytest.raises(tsmd.FetchError, match="timed out"):
             await fetcher.fetch(server.url("/slow/page"), max_bytes=100)
@@ -513,7 +513,7 @@ def test_private_addresses_refused_by_default(server):
     settings = make_settings(Path("/tmp"), [], network={"allow_private": False})
 
     async def scenario():
-        fetcher = tsmd.make_fetcher(settings, 2)
+        fetcher = tsmd.make_fetcher(settings)
         for url in (server.url("/index"), f"http://localhost:{server.port}/index",
                     f"http://[::1]:{server.port}/index"):
             with pytest.raises(tsmd.FetchError, match="not a public address"):
@@ -533,7 +533,7 @@ def test_redirects_and_dns_answers_into_loopback_are_refused(server):
         return {"public.test": ["127.0.0.1"], "rebind.test": ["127.0.0.2"]}.get(host, [host])
 
     async def scenario():
-        fetcher = tsmd.make_fetcher(settings, 2, resolve=resolve,
+        fetcher = tsmd.make_fetcher(settings, resolve=resolve,
                                     address_allowed=lambda address: address == "127.0.0.1")
         ok = await fetcher.fetch(f"http://public.test:{server.port}/index", max_bytes=100)
         assert ok.body == b"ok"
@@ -921,3 +921,14 @@ def test_cli_usage_errors(tmp_path):
 def test_cli_in_process_help_has_examples():
     result = CliRunner().invoke(tsmd.app, ["sync", "--help"])
     assert result.exit_code == 0 and "Example: tsmd" in result.output
+
+
+def test_config_example_mirrors_every_setting_and_default():
+    example = tsmd.load_settings(HERE / "config.example.toml")
+    assert example.network == tsmd.NetworkSettings()
+    assert example.sync == tsmd.SyncSettings()
+    text = (HERE / "config.example.toml").read_text()
+    for cls in (tsmd.NetworkSettings, tsmd.SyncSettings, tsmd.CollectionSettings):
+        for f in tsmd.dataclasses.fields(cls):
+            assert f"\n{f.name} =" in text or f"\n# {f.name} =" in text, f.name
+    assert "database =" in text

@@ -4,7 +4,7 @@
 #     "typer>=0.12",
 #     "rich>=13",
 #     "trio>=0.25",
-#     "httpcore>=1.0,<2",
+#     "h11>=0.14",
 #     "bencoder.pyx>=3.0",
 #     "tomli>=2.0; python_version < '3.11'",
 # ]
@@ -50,7 +50,7 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 import bencoder
-import httpcore
+import h11
 import trio
 import typer
 from rich.console import Console
@@ -607,55 +607,187 @@ class FetchResult:
     content_type: str
 
 
-class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
-    """Resolves host names itself and connects only to addresses the policy allows.
-
-    The check happens at connect time on the very address the socket connects to, so a redirect,
-    or a name whose DNS answer changes between check and use (rebinding), cannot reach the host's
-    own network.
-    """
-
-    def __init__(self, allow_private: bool, resolve: Any = None, exempt_hosts: Iterable[str] = (),
-                 address_allowed: Any = None):
-        self._inner = httpcore.TrioBackend()
-        self._allow_private = allow_private
-        self._resolve = resolve or _resolve_host
-        self._exempt = {host.lower() for host in exempt_hosts}  # the configured proxy
-        self._address_allowed = address_allowed or is_global_address
-
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None, socket_options: Any = None):
-        addresses = await self._resolve(host, port)
-        if not addresses:
-            raise httpcore.ConnectError(f"{host} has no address")
-        if not self._allow_private and host.lower() not in self._exempt:
-            allowed = [a for a in addresses if self._address_allowed(a)]
-            if not allowed:
-                raise httpcore.ConnectError(
-                    f"refused to connect to {host} ({', '.join(addresses[:3])}): not a public address"
-                    " (set allow_private = true in [network] for a LAN)")
-            addresses = allowed
-        last_error: Exception | None = None
-        for address in addresses:
-            try:
-                return await self._inner.connect_tcp(address, port, timeout=timeout,
-                                                     local_address=local_address,
-                                                     socket_options=socket_options)
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                last_error = exc
-        assert last_error is not None
-        raise last_error
-
-    async def sleep(self, seconds: float) -> None:
-        await trio.sleep(seconds)
-
-
 async def _resolve_host(host: str, port: int) -> list[str]:
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
     except OSError as exc:
-        raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
+        raise FetchError(f"cannot resolve {host}: {exc.strerror or exc}") from None
     return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+@dataclass(slots=True)
+class _HttpConnection:
+    stream: trio.abc.Stream
+    protocol: h11.Connection
+    reused: bool = False
+
+
+class HttpClient:
+    """A small keep-alive HTTP/1.1 client: h11 over trio streams, one pool per origin.
+
+    It resolves host names itself and connects only to addresses the policy allows. The check
+    happens at connect time, on the very address the socket connects to, so neither a redirect
+    nor a DNS answer that changes between check and use (rebinding) reaches the host's own network.
+    """
+
+    def __init__(self, *, allow_private: bool, proxy: str | None, connect_timeout: float,
+                 read_timeout: float, resolve: Any = None, address_allowed: Any = None) -> None:
+        self.allow_private = allow_private
+        self.proxy = urllib.parse.urlsplit(proxy) if proxy else None
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._resolve = resolve or _resolve_host
+        self._address_allowed = address_allowed or is_global_address
+        self._idle: dict[tuple[str, str, int], list[_HttpConnection]] = {}
+        self._ssl_context: Any = None
+
+    async def aclose(self) -> None:
+        for connections in self._idle.values():
+            for connection in connections:
+                await trio.aclose_forcefully(connection.stream)
+        self._idle.clear()
+
+    async def _open_tcp(self, host: str, port: int, check: bool) -> trio.SocketStream:
+        addresses = await self._resolve(host, port)
+        if not addresses:
+            raise FetchError(f"{host} has no address")
+        if check and not self.allow_private:
+            allowed = [a for a in addresses if self._address_allowed(a)]
+            if not allowed:
+                raise FetchError(
+                    f"refused to connect to {host} ({', '.join(addresses[:3])}): not a public "
+                    "address (set allow_private = true in [network] for a LAN)")
+            addresses = allowed
+        last_error: OSError | None = None
+        for address in addresses:
+            try:
+                with trio.fail_after(self.connect_timeout):
+                    stream = await trio.open_tcp_stream(address, port)
+            except trio.TooSlowError:
+                last_error = OSError(f"connection to {address} port {port} timed out")
+                continue
+            except OSError as exc:
+                last_error = exc
+                continue
+            stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
+            return stream
+        raise FetchError(f"cannot connect to {host} port {port}: "
+                         f"{getattr(last_error, 'strerror', None) or last_error}")
+
+    async def _tls(self, stream: trio.abc.Stream, host: str) -> trio.SSLStream:
+        import ssl
+
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        tls = trio.SSLStream(stream, self._ssl_context, server_hostname=host,
+                             https_compatible=True)
+        try:
+            with trio.fail_after(self.connect_timeout):
+                await tls.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError) as exc:
+            raise FetchError(f"TLS with {host} failed: {exc.__cause__ or exc}") from None
+        except trio.TooSlowError:
+            raise FetchError(f"TLS with {host} timed out") from None
+        return tls
+
+    async def _connect(self, scheme: str, host: str, port: int) -> _HttpConnection:
+        if self.proxy is None:
+            stream: trio.abc.Stream = await self._open_tcp(host, port, check=True)
+            if scheme == "https":
+                stream = await self._tls(stream, host)
+            return _HttpConnection(stream, h11.Connection(h11.CLIENT))
+        # Through the configured proxy: the proxy itself may sit on the LAN; what it reaches is
+        # its policy. Plain http goes to it in absolute form, https through a CONNECT tunnel.
+        proxy_port = self.proxy.port or (443 if self.proxy.scheme == "https" else 80)
+        stream = await self._open_tcp(self.proxy.hostname or "", proxy_port, check=False)
+        if self.proxy.scheme == "https":
+            stream = await self._tls(stream, self.proxy.hostname or "")
+        if scheme == "https":
+            connection = _HttpConnection(stream, h11.Connection(h11.CLIENT))
+            authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            await self._send(connection, "CONNECT", authority, authority, [])
+            status, _, _ = await self._receive(connection, 65536, head_only=True)
+            if status != 200:
+                raise FetchError(f"proxy refused CONNECT to {authority}: HTTP {status}")
+            stream = await self._tls(stream, host)
+        return _HttpConnection(stream, h11.Connection(h11.CLIENT))
+
+    async def _send(self, connection: _HttpConnection, method: str, target: str, host: str,
+                    headers: list[tuple[str, str]]) -> None:
+        request = h11.Request(method=method, target=target, headers=[("Host", host), *headers])
+        data = connection.protocol.send(request) + (connection.protocol.send(h11.EndOfMessage())
+                                                    or b"")
+        await connection.stream.send_all(data)
+
+    async def _receive(self, connection: _HttpConnection, max_bytes: int, *,
+                       head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
+        protocol = connection.protocol
+        status, headers, chunks, received = 0, {}, [], 0
+        while True:
+            event = protocol.next_event()
+            if event is h11.NEED_DATA:
+                with trio.move_on_after(self.read_timeout) as waited:
+                    data = await connection.stream.receive_some(65536)
+                if waited.cancelled_caught:
+                    raise FetchError(f"timed out: no data for {self.read_timeout:g} s")
+                protocol.receive_data(data)
+                continue
+            if isinstance(event, h11.Response):
+                status = event.status_code
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                           for k, v in event.headers}
+                if head_only:
+                    return status, headers, b""
+                declared = headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > max_bytes and status == 200:
+                    raise FetchError(f"{int(declared):,} bytes, over the {max_bytes:,}-byte limit")
+            elif isinstance(event, h11.Data):
+                received += len(event.data)
+                if received > max_bytes:
+                    raise FetchError(f"more than {max_bytes:,} bytes, over the limit")
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return status, headers, b"".join(chunks)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise trio.BrokenResourceError("connection closed before the response")
+
+    async def get(self, url: str, headers: list[tuple[str, str]], max_bytes: int
+                  ) -> tuple[int, dict[str, str], bytes]:
+        parts = urllib.parse.urlsplit(url)
+        scheme, host = parts.scheme.lower(), parts.hostname or ""
+        port = parts.port or (443 if scheme == "https" else 80)
+        authority = parts.netloc.rsplit("@", 1)[-1]
+        plain_proxy = self.proxy is not None and scheme == "http"
+        target = url.split("#", 1)[0] if plain_proxy else (parts.path or "/") + (
+            f"?{parts.query}" if parts.query else "")
+        key = (scheme, host, port)
+        idle = self._idle.setdefault(key, [])
+        for attempt in range(2):
+            connection = idle.pop() if idle else await self._connect(scheme, host, port)
+            try:
+                await self._send(connection, "GET", target, authority, headers)
+                result = await self._receive(connection, max_bytes)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                await trio.aclose_forcefully(connection.stream)
+                # A kept-alive connection the server closed meanwhile gets one fresh retry.
+                if connection.reused and attempt == 0:
+                    continue
+                raise FetchError(f"connection failed: {exc.__cause__ or exc or 'closed'}") from None
+            except h11.ProtocolError as exc:
+                await trio.aclose_forcefully(connection.stream)
+                raise FetchError(f"broken HTTP response: {exc}") from None
+            except BaseException:
+                await trio.aclose_forcefully(connection.stream)
+                raise
+            protocol = connection.protocol
+            if protocol.our_state is h11.DONE and protocol.their_state is h11.DONE:
+                protocol.start_next_cycle()
+                connection.reused = True
+                idle.append(connection)
+            else:
+                await trio.aclose_forcefully(connection.stream)
+            return result
+        raise AssertionError("unreachable")
 
 
 class Fetcher:
@@ -663,8 +795,7 @@ class Fetcher:
 
     def __init__(self, *, allow_private: bool, proxy: str | None, timeout: float,
                  connect_timeout: float, user_agent: str, max_redirects: int,
-                 max_connections: int = 32, resolve: Any = None,
-                 address_allowed: Any = None) -> None:
+                 resolve: Any = None, address_allowed: Any = None) -> None:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.user_agent = user_agent
@@ -672,17 +803,12 @@ class Fetcher:
         self.allow_private = allow_private
         self.proxy = proxy
         self.requests = 0
-        exempt = [urllib.parse.urlsplit(proxy).hostname or ""] if proxy else []
-        backend = GuardedNetworkBackend(allow_private, resolve, exempt, address_allowed)
-        if proxy:
-            self._pool: httpcore.AsyncConnectionPool = httpcore.AsyncHTTPProxy(
-                proxy_url=proxy, network_backend=backend, max_connections=max_connections)
-        else:
-            self._pool = httpcore.AsyncConnectionPool(network_backend=backend,
-                                                      max_connections=max_connections)
+        self._client = HttpClient(allow_private=allow_private, proxy=proxy,
+                                  connect_timeout=connect_timeout, read_timeout=timeout,
+                                  resolve=resolve, address_allowed=address_allowed)
 
     async def aclose(self) -> None:
-        await self._pool.aclose()
+        await self._client.aclose()
 
     async def fetch(self, url: str, *, max_bytes: int, etag: str | None = None,
                     last_modified: str | None = None) -> FetchResult:
@@ -693,7 +819,13 @@ class Fetcher:
                 return _read_local(url, max_bytes, etag)
             if scheme not in HTTP_SCHEMES:
                 raise FetchError(f"{url}: only http, https and file URLs are fetched")
-            host = urllib.parse.urlsplit(url).hostname or ""
+            try:
+                host = urllib.parse.urlsplit(url).hostname or ""
+                urllib.parse.urlsplit(url).port
+            except ValueError as exc:
+                raise FetchError(f"{url}: bad URL: {exc}") from None
+            if not host:
+                raise FetchError(f"{url}: bad URL: no host")
             if self.proxy and not self.allow_private and _is_ip_literal(host) \
                     and not is_global_address(host):
                 raise FetchError(f"{url}: refused, {host} is not a public address")
@@ -720,40 +852,16 @@ class Fetcher:
             headers.append(("If-None-Match", etag))
         if last_modified:
             headers.append(("If-Modified-Since", last_modified))
-        timeouts = {"connect": self.connect_timeout, "read": self.timeout,
-                    "write": self.timeout, "pool": self.timeout}
         self.requests += 1
         try:
             # The whole exchange is bounded too, so a server trickling one byte per read
             # timeout cannot hold a download slot forever.
             with trio.fail_after(self.connect_timeout + 4 * self.timeout):
-                async with self._pool.stream("GET", url, headers=headers,
-                                             extensions={"timeout": timeouts}) as response:
-                    response_headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                                        for k, v in response.headers}
-                    declared = response_headers.get("content-length", "")
-                    if declared.isdigit() and int(declared) > max_bytes:
-                        raise FetchError(f"{url}: {int(declared):,} bytes, over the "
-                                         f"{max_bytes:,}-byte limit")
-                    chunks: list[bytes] = []
-                    received = 0
-                    if response.status == 200:
-                        async for chunk in response.aiter_stream():
-                            received += len(chunk)
-                            if received > max_bytes:
-                                raise FetchError(f"{url}: more than {max_bytes:,} bytes, "
-                                                 "over the limit")
-                            chunks.append(chunk)
-                    return response.status, response_headers, b"".join(chunks)
+                return await self._client.get(url, headers, max_bytes)
         except trio.TooSlowError:
             raise FetchError(f"{url}: timed out") from None
-        except httpcore.TimeoutException as exc:
-            raise FetchError(f"{url}: timed out ({type(exc).__name__})") from None
-        except httpcore.RemoteProtocolError as exc:
-            raise FetchError(f"{url}: broken HTTP response: {exc}") from None
-        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol,
-                httpcore.ProxyError, OSError) as exc:
-            raise FetchError(f"{url}: {exc or type(exc).__name__}") from None
+        except FetchError as exc:
+            raise FetchError(f"{url}: {exc}") from None
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -1265,14 +1373,14 @@ def select_collections(settings: Settings, names: Sequence[str]) -> list[Collect
     return [by_name[n] for n in dict.fromkeys(names)]
 
 
-def make_fetcher(settings: Settings, max_connections: int, resolve: Any = None,
+def make_fetcher(settings: Settings, resolve: Any = None,
                  address_allowed: Any = None) -> Fetcher:
     """The fetcher the settings describe; `resolve` and `address_allowed` are test seams."""
     net = settings.network
     return Fetcher(allow_private=net.allow_private, proxy=net.proxy, timeout=net.timeout,
                    connect_timeout=net.connect_timeout, user_agent=net.user_agent,
-                   max_redirects=settings.sync.max_redirects, max_connections=max_connections,
-                   resolve=resolve, address_allowed=address_allowed)
+                   max_redirects=settings.sync.max_redirects, resolve=resolve,
+                   address_allowed=address_allowed)
 
 
 # ---- Output on stderr ----
@@ -1565,7 +1673,7 @@ async def run_sync(db: sqlite3.Connection, settings: Settings,
                    address_allowed: Any = None) -> SyncCounts:
     """Fetch every given collection into the database; failures are counted, never raised."""
     counts = SyncCounts(collections=len(collections))
-    fetcher = make_fetcher(settings, settings.sync.concurrency + 2, resolve, address_allowed)
+    fetcher = make_fetcher(settings, resolve, address_allowed)
     limiter = trio.CapacityLimiter(settings.sync.concurrency)
     send, receive = trio.open_memory_channel[SyncOutcome](SYNC_WRITE_BATCH)
     with reporter.progress() as progress:
