@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -287,6 +288,85 @@ def test_remote_index_cannot_point_at_local_files():
     assert "local file" in problems[0]
     entries, problems = tsmd.parse_index_untrusted(page, "file:///srv/list.txt")
     assert len(entries) == 2 and not problems
+
+
+# ---- Tracker scrape codecs ----
+
+
+def test_udp_tracker_packets_both_ways():
+    connect = tsmd.encode_udp_connect(0x01020304)
+    assert connect == bytes.fromhex("0000041727101980") + bytes.fromhex("00000000 01020304")
+    hashes = [bytes([n]) * 20 for n in range(3)]
+    scrape = tsmd.encode_udp_scrape(0x1122334455667788, 7, hashes)
+    assert scrape[:16] == bytes.fromhex("1122334455667788 00000002 00000007") and len(scrape) == 76
+    with pytest.raises(ValueError):
+        tsmd.encode_udp_scrape(1, 1, [b"short"])
+    reply = tsmd.decode_udp_tracker_reply_untrusted(
+        bytes.fromhex("00000000 01020304 aabbccddeeff0011"))
+    assert (reply.action, reply.transaction_id, reply.connection_id) == (
+        tsmd.TrackerAction.CONNECT, 0x01020304, 0xAABBCCDDEEFF0011)
+    # BEP 15 order on the wire: seeders, completed, leechers.
+    body = struct.pack("!II", 2, 9) + struct.pack("!III", 5, 100, 3) + struct.pack("!III", 0, 0, 0)
+    reply = tsmd.decode_udp_tracker_reply_untrusted(body)
+    assert reply.entries == (tsmd.ScrapeCounts(seeders=5, leechers=3, completed=100),
+                             tsmd.ScrapeCounts(0, 0, 0))
+    error = tsmd.decode_udp_tracker_reply_untrusted(struct.pack("!II", 3, 9) + b"bad hash\x00")
+    assert error.error == "bad hash" and tsmd.udp_transaction_id_untrusted(body) == 9
+
+
+def test_every_truncation_and_corruption_of_tracker_replies_raises_only_protocol_error():
+    valid = [bytes.fromhex("00000000 01020304 aabbccddeeff0011"),
+             struct.pack("!II", 2, 9) + struct.pack("!III", 5, 100, 3) * 3,
+             struct.pack("!II", 3, 9) + b"message"]
+    for packet in valid:
+        for end in range(len(packet)):
+            try:
+                tsmd.decode_udp_tracker_reply_untrusted(packet[:end])
+            except tsmd.ProtocolError:
+                pass
+        for position in range(len(packet)):
+            for byte in (0, 0xFF, 0x07):
+                try:
+                    tsmd.decode_udp_tracker_reply_untrusted(
+                        packet[:position] + bytes([byte]) + packet[position + 1:])
+                except tsmd.ProtocolError:
+                    pass
+    for short in (b"", b"\x00" * 7, bytes.fromhex("00000000 01020304 aabb"),
+                  struct.pack("!II", 2, 1) + b"\x00" * 11, struct.pack("!II", 9, 1)):
+        with pytest.raises(tsmd.ProtocolError):
+            tsmd.decode_udp_tracker_reply_untrusted(short)
+
+
+@given(st.binary(max_size=200))
+@hsettings(max_examples=300, deadline=None)
+def test_tracker_reply_parsers_raise_only_protocol_error(data):
+    for parse in (tsmd.decode_udp_tracker_reply_untrusted, tsmd.decode_http_scrape_untrusted):
+        try:
+            parse(data)
+        except tsmd.ProtocolError:
+            pass
+
+
+def test_http_scrape_url_and_body():
+    assert tsmd.http_scrape_url("http://t.example/announce") == "http://t.example/scrape"
+    assert tsmd.http_scrape_url("http://t.example/x/announce.php?k=1") == \
+        "http://t.example/x/scrape.php?k=1"
+    assert tsmd.http_scrape_url("http://t.example/a") is None
+    assert tsmd.http_scrape_url("http://t.example/announce/x") is None
+    url = tsmd.encode_http_scrape_url("http://t.example/scrape?k=1", [b"\x00\xff" + b"a" * 18])
+    assert url == "http://t.example/scrape?k=1&info_hash=%00%FF" + "a" * 18
+    body = bencoder.bencode({b"files": {b"h" * 20: {b"complete": 4, b"incomplete": 1,
+                                                    b"downloaded": 30}}})
+    assert tsmd.decode_http_scrape_untrusted(body) == {b"h" * 20: tsmd.ScrapeCounts(4, 1, 30)}
+    for bad, message in ((bencoder.bencode({b"failure reason": b"go away"}), "go away"),
+                         (b"le", "not a bencoded dictionary"), (b"de", "no 'files'"),
+                         (bencoder.bencode({b"files": {b"short": {}}}), "malformed"),
+                         (bencoder.bencode({b"files": {b"h" * 20: {b"complete": -1}}}), "counts")):
+        with pytest.raises(tsmd.ProtocolError, match=message):
+            tsmd.decode_http_scrape_untrusted(bad)
+    for end in range(len(body)):
+        with pytest.raises(tsmd.ProtocolError):
+            tsmd.decode_http_scrape_untrusted(body[:end])
 
 
 # ---- Address policy ----
@@ -932,3 +1012,296 @@ def test_config_example_mirrors_every_setting_and_default():
         for f in tsmd.dataclasses.fields(cls):
             assert f"\n{f.name} =" in text or f"\n# {f.name} =" in text, f.name
     assert "database =" in text
+
+
+# ---- Scrape: in-process fake trackers ----
+
+
+class FakeUdpTracker:
+    """A BEP 15 tracker on 127.0.0.1 with switches for the ways real trackers misbehave."""
+
+    def __init__(self, counts: dict[bytes, tuple[int, int, int]], *, truncate_at: int | None = None,
+                 drop_every: int = 0, wrong_tid_every: int = 0, wrong_source_every: int = 0,
+                 connection_uses: int | None = None, scrape_error: str | None = None,
+                 silent: bool = False, garbage_every: int = 0, delay: float = 0.0) -> None:
+        self.counts = counts  # infohash -> (seeders, leechers, completed)
+        self.truncate_at = truncate_at
+        self.drop_every = drop_every
+        self.wrong_tid_every = wrong_tid_every
+        self.wrong_source_every = wrong_source_every
+        self.connection_uses = connection_uses
+        self.scrape_error = scrape_error
+        self.silent = silent
+        self.garbage_every = garbage_every
+        self.delay = delay
+        self.connections: dict[int, int] = {}  # connection id -> scrapes left
+        self.packets = 0
+        self.scrapes = 0
+        self.hashes_asked = 0
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"udp://127.0.0.1:{self.port}/announce"
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock, \
+                trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as other:
+            await sock.bind(("127.0.0.1", 0))
+            await other.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+            task_status.started(self.port)
+            async with trio.open_nursery() as nursery:
+                while True:
+                    data, address = await sock.recvfrom(2048)
+                    self.packets += 1
+                    reply = self.answer(data)
+                    if reply is None or self.silent:
+                        continue
+                    if self.drop_every and self.packets % self.drop_every == 0:
+                        continue
+                    if self.garbage_every and self.packets % self.garbage_every == 0:
+                        reply = reply[:8] + os.urandom(5)
+                    if self.wrong_tid_every and self.packets % self.wrong_tid_every == 0:
+                        reply = reply[:4] + struct.pack("!I", (struct.unpack_from("!I", reply, 4)[0]
+                                                               + 1) % 2**32) + reply[8:]
+                    sender = sock
+                    if self.wrong_source_every and self.packets % self.wrong_source_every == 0:
+                        sender = other
+                    nursery.start_soon(self._send_later, sender, reply, address)
+
+    async def _send_later(self, sock, reply: bytes, address) -> None:
+        if self.delay:
+            await trio.sleep(self.delay)
+        await sock.sendto(reply, address)
+
+    def answer(self, data: bytes) -> bytes | None:
+        if len(data) < 16:
+            return None
+        connection_id, action, tid = struct.unpack_from("!QII", data)
+        if action == 0 and connection_id == 0x41727101980:
+            new_id = int.from_bytes(os.urandom(8), "big")
+            self.connections[new_id] = self.connection_uses or 10**9
+            return struct.pack("!IIQ", 0, tid, new_id)
+        if action != 2:
+            return None
+        if self.connections.get(connection_id, 0) <= 0:
+            return struct.pack("!II", 3, tid) + b"Connection ID missmatch.\x00"
+        self.connections[connection_id] -= 1
+        if self.scrape_error:
+            return struct.pack("!II", 3, tid) + self.scrape_error.encode()
+        hashes = [data[i:i + 20] for i in range(16, len(data), 20)]
+        self.scrapes += 1
+        self.hashes_asked += len(hashes)
+        if self.truncate_at is not None:
+            hashes = hashes[:self.truncate_at]
+        entries = b"".join(struct.pack("!III", s, c, l) for s, l, c in
+                           (self.counts.get(h, (0, 0, 0)) for h in hashes))
+        return struct.pack("!II", 2, tid) + entries
+
+
+class FakeHttpTracker:
+    """A BEP 48 scrape endpoint that answers at most `cap` hashes per request, like opentracker."""
+
+    def __init__(self, counts: dict[bytes, tuple[int, int, int]], cap: int = 64) -> None:
+        self.counts = counts
+        self.cap = cap
+        self.requests = 0
+        tracker = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                tracker.requests += 1
+                parts = urllib.parse.urlsplit(self.path)
+                asked = [urllib.parse.unquote_to_bytes(value) for key, value in
+                         (pair.split("=", 1) for pair in parts.query.split("&") if "=" in pair)
+                         if key == "info_hash"]
+                if parts.path != "/scrape":
+                    body = bencoder.bencode({b"failure reason": b"no such path"})
+                else:
+                    files = {h: {b"complete": tracker.counts[h][0], b"incomplete":
+                                 tracker.counts[h][1], b"downloaded": tracker.counts[h][2]}
+                             for h in asked[:tracker.cap] if h in tracker.counts}
+                    body = bencoder.bencode({b"files": files})
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/announce"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def torrent_db(tmp_path: Path, count: int, trackers: list[str],
+               collection: str = "c") -> tuple[sqlite3.Connection, list[bytes]]:
+    """A database with `count` torrents in one collection, each listing `trackers` in order."""
+    db = tsmd.open_database(tmp_path / "tsmd.sqlite3")
+    hashes = [hashlib.sha1(f"torrent {n}".encode()).digest() for n in range(count)]
+    with tsmd.Transaction(db):
+        collection_id = tsmd.upsert_collection(db, collection, "http://x/", "books", True)
+        for n, infohash in enumerate(hashes):
+            meta = tsmd.decode_magnet_untrusted(tsmd.magnet_uri(infohash.hex(), f"t{n}", trackers))
+            torrent_id = tsmd.upsert_torrent(db, meta, 1)
+            db.execute("INSERT INTO memberships (collection_id, source, torrent_id, file_name, "
+                       "first_seen, last_seen) VALUES (?, ?, ?, ?, 1, 1)",
+                       (collection_id, infohash.hex(), torrent_id, f"t_{n}.torrent"))
+    return db, hashes
+
+
+def scrape_settings(tmp_path: Path, **scrape) -> tsmd.Settings:
+    return make_settings(tmp_path, [{"name": "c", "url": "http://x/", "type": "books"}],
+                         scrape={"bind": "127.0.0.1:0", "timeout": 0.3, "attempts": 2, **scrape})
+
+
+def numbers(db: sqlite3.Connection) -> dict[str, tuple[int, int, int]]:
+    rows = tsmd.load_report_rows(db)
+    return {row.infohash: (row.seeders, row.leechers, row.completed) for row in rows}
+
+
+def known_counts(hashes: list[bytes], salt: int) -> dict[bytes, tuple[int, int, int]]:
+    return {h: ((n * 7 + salt) % 50, (n * 3 + salt) % 20, n * 11 + salt)
+            for n, h in enumerate(hashes)}
+
+
+def test_scrape_udp_truncation_drops_wrong_replies_and_failover(tmp_path):
+    """Four trackers per torrent: one truncates at 50 and drops packets, one answers from a wrong
+    address or with a wrong transaction id every other packet, one expires its connection ids,
+    one is dead. Every torrent still gets exact numbers: the maximum over trackers."""
+    hashes = [hashlib.sha1(f"torrent {n}".encode()).digest() for n in range(300)]
+    truncating = FakeUdpTracker(known_counts(hashes, 1), truncate_at=50, drop_every=5)
+    # Bad replies at packets 3, 4, 6, 8, 9, 12...: never three in a row, so three attempts
+    # always get through when requests go one at a time (window 1 keeps the pattern exact).
+    tricky = FakeUdpTracker(known_counts(hashes, 2), wrong_tid_every=4, wrong_source_every=3)
+    expiring = FakeUdpTracker(known_counts(hashes, 3), connection_uses=2)
+    dead = FakeUdpTracker({}, silent=True)
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            for tracker in (truncating, tricky, expiring, dead):
+                await nursery.start(tracker.serve)
+            db, _ = torrent_db(tmp_path, 300, [t.url for t in (truncating, tricky, expiring,
+                                                                 dead)])
+            settings = scrape_settings(tmp_path, window=1, attempts=3)
+            counts = await tsmd.run_scrape(db, settings, settings.collections, tsmd.Reporter(-1))
+            nursery.cancel_scope.cancel()
+        return db, counts
+
+    db, counts = run(scenario, timeout=60)
+    assert counts.torrents == counts.torrents_answered == 300
+    assert (counts.trackers_ok, counts.trackers_failed) == (3, 1)
+    assert counts.hashes_answered == 900
+    assert counts.truncations == 1  # the first batch of 70; then 50 at a time
+    assert counts.retries > 0 and counts.dropped > 0
+    assert truncating.hashes_asked >= 300 and max(truncating.hashes_asked, 0) < 600
+    expected = {}
+    for h in hashes:
+        candidates = [t.counts[h] for t in (truncating, tricky, expiring)]
+        expected[h.hex()] = max(candidates, key=lambda c: (c[0], c[1]))
+        expected[h.hex()] = (*expected[h.hex()][:2], max(c[2] for c in candidates))
+    assert numbers(db) == expected
+    samples = db.execute("SELECT count(*) FROM tracker_samples").fetchone()[0]
+    assert samples == 900  # one per (torrent, live tracker)
+    health = {row.url: row for row in tsmd.load_tracker_health(db)}
+    assert health[dead.url].consecutive_failures == 1 and "no reply" in health[dead.url].last_error
+    assert health[dead.url].next_attempt > time.time() + 3000
+    assert health[truncating.url].hashes_answered == 300 and health[truncating.url].rtt_ms
+
+
+def test_scrape_backs_off_failing_trackers_and_http_scrape(tmp_path):
+    hashes = [hashlib.sha1(f"torrent {n}".encode()).digest() for n in range(150)]
+    refusing = FakeUdpTracker({}, scrape_error="tracker is closed")
+
+    async def scenario(http_url):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(refusing.serve)
+            db, _ = torrent_db(tmp_path, 150, [refusing.url, http_url,
+                                               "udp://127.0.0.1:1/announce"])
+            settings = scrape_settings(tmp_path)
+            first = await tsmd.run_scrape(db, settings, settings.collections, tsmd.Reporter(-1))
+            second = await tsmd.run_scrape(db, settings, settings.collections, tsmd.Reporter(-1))
+            explicit = await tsmd.run_scrape(db, settings, settings.collections, tsmd.Reporter(-1),
+                                             only_trackers=[refusing.url])
+            nursery.cancel_scope.cancel()
+        return db, first, second, explicit
+
+    with FakeHttpTracker(known_counts(hashes, 5), cap=64) as http_tracker:
+        db, first, second, explicit = run(scenario, http_tracker.url, timeout=60)
+        # 150 hashes, 50 per request, 64 answered at most: 3 requests, no truncation needed.
+        assert first.hashes_answered == 150 and http_tracker.requests == 3 * 2
+    assert (first.trackers_ok, first.trackers_failed) == (1, 2)
+    assert second.trackers_skipped == 2 and second.trackers == 1
+    assert explicit.trackers == 1 and explicit.trackers_failed == 1  # --tracker overrides back-off
+    health = {row.url: row for row in tsmd.load_tracker_health(db)}
+    assert health[refusing.url].consecutive_failures == 2
+    assert health[refusing.url].last_error == "tracker error: tracker is closed"
+    assert numbers(db) == {h.hex(): c for h, c in known_counts(hashes, 5).items()}
+
+
+def test_http_scrape_truncated_replies_are_asked_again(tmp_path):
+    hashes = [hashlib.sha1(f"torrent {n}".encode()).digest() for n in range(130)]
+    counts_by_hash = known_counts(hashes[:120], 9)  # the last ten are unknown to the tracker
+
+    async def scenario(url):
+        db, _ = torrent_db(tmp_path, 130, [url])
+        settings = scrape_settings(tmp_path, http_batch_size=100)
+        return db, await tsmd.run_scrape(db, settings, settings.collections, tsmd.Reporter(-1))
+
+    with FakeHttpTracker(counts_by_hash, cap=30) as tracker:
+        db, counts = run(scenario, tracker.url, timeout=60)
+    assert counts.hashes_answered == 120 and counts.truncations >= 1
+    assert counts.torrents_answered == 120
+    got = numbers(db)
+    assert all(got[h.hex()] == c for h, c in counts_by_hash.items())
+    assert all(got[h.hex()] == (-1, -1, -1) for h in hashes[120:])
+
+
+def test_scrape_refuses_private_tracker_addresses_by_default(tmp_path):
+    db, _ = torrent_db(tmp_path, 3, ["udp://127.0.0.1:6969/announce",
+                                     "http://localhost:1/announce"])
+    settings = tsmd.dataclasses.replace(scrape_settings(tmp_path),
+                                        network=tsmd.NetworkSettings(allow_private=False))
+    counts = run(tsmd.run_scrape, db, settings, settings.collections, tsmd.Reporter(-1))
+    assert counts.trackers_failed == 2 and counts.packets_sent == 0
+    errors = {row.last_error for row in tsmd.load_tracker_health(db)}
+    assert any("private addresses need allow_private" in e for e in errors)
+    assert any("not a public address" in e for e in errors)
+
+
+def test_scrape_stale_after_and_infohash_selection(tmp_path):
+    hashes = [hashlib.sha1(f"torrent {n}".encode()).digest() for n in range(20)]
+    tracker = FakeUdpTracker(known_counts(hashes, 4))
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tracker.serve)
+            db, _ = torrent_db(tmp_path, 20, [tracker.url])
+            settings = scrape_settings(tmp_path)
+            one = await tsmd.run_scrape(db, settings, settings.collections, tsmd.Reporter(-1),
+                                        infohashes=[hashes[3].hex()])
+            rest = await tsmd.run_scrape(db, settings, settings.collections, tsmd.Reporter(-1),
+                                         stale_after=3600)
+            nothing = await tsmd.run_scrape(db, settings, settings.collections, tsmd.Reporter(-1),
+                                            stale_after=3600)
+            with pytest.raises(tsmd.ConfigError, match="not listed"):
+                await tsmd.run_scrape(db, settings, settings.collections, tsmd.Reporter(-1),
+                                      infohashes=["0" * 40])
+            nursery.cancel_scope.cancel()
+        return one, rest, nothing
+
+    one, rest, nothing = run(scenario)
+    assert (one.torrents, rest.torrents, nothing.torrents) == (1, 19, 0)

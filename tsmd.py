@@ -36,6 +36,7 @@ import math
 import os
 import re
 import sqlite3
+import struct
 import sys
 import time
 import urllib.parse
@@ -54,6 +55,7 @@ import h11
 import trio
 import typer
 from rich.console import Console
+from rich.markup import escape as escape_markup
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 __version__: Final = "0.1.0"
@@ -571,6 +573,123 @@ def _safe_magnet(uri: str) -> bool:
     return True
 
 
+# ---- Tracker scrape codecs (BEP 15 UDP, BEP 48 HTTP) ----
+
+UDP_TRACKER_PROTOCOL_ID: Final = 0x41727101980  # BEP 15 magic constant of the connect request
+UDP_CONNECTION_ID_LIFETIME: Final = 60.0  # BEP 15: a connection id may be used for one minute
+MAX_UDP_SCRAPE_HASHES: Final = 70  # BEP 15 says ~74; 70 keeps the packet under an IPv4 MTU
+
+
+class TrackerAction(enum.IntEnum):
+    CONNECT = 0
+    ANNOUNCE = 1
+    SCRAPE = 2
+    ERROR = 3
+
+
+# BEP 15 byte tables. Requests: connect = protocol id, action, transaction id;
+# scrape = connection id, action, transaction id, then 20-byte infohashes.
+_UDP_REQUEST_HEADER: Final = struct.Struct("!QII")
+# Replies: action, transaction id, then connect: connection id (8 bytes);
+# scrape: one (seeders, completed, leechers) triple per asked hash, in order; error: a message.
+_UDP_REPLY_HEADER: Final = struct.Struct("!II")
+_UDP_CONNECTION_ID: Final = struct.Struct("!Q")
+_UDP_SCRAPE_ENTRY: Final = struct.Struct("!III")
+
+
+@dataclass(frozen=True, slots=True)
+class ScrapeCounts:
+    seeders: int
+    leechers: int
+    completed: int
+
+
+@dataclass(frozen=True, slots=True)
+class UdpTrackerReply:
+    action: TrackerAction
+    transaction_id: int
+    connection_id: int | None = None
+    entries: tuple[ScrapeCounts, ...] = ()
+    error: str | None = None
+
+
+def encode_udp_connect(transaction_id: int) -> bytes:
+    return _UDP_REQUEST_HEADER.pack(UDP_TRACKER_PROTOCOL_ID, TrackerAction.CONNECT, transaction_id)
+
+
+def encode_udp_scrape(connection_id: int, transaction_id: int, infohashes: Sequence[bytes]) -> bytes:
+    if not 1 <= len(infohashes) <= 255 or any(len(h) != 20 for h in infohashes):
+        raise ValueError("a scrape asks for 1 to 255 infohashes of 20 bytes")
+    return (_UDP_REQUEST_HEADER.pack(connection_id, TrackerAction.SCRAPE, transaction_id)
+            + b"".join(infohashes))
+
+
+def udp_transaction_id_untrusted(data: bytes) -> int:
+    if len(data) < _UDP_REPLY_HEADER.size:
+        raise ProtocolError(f"tracker reply of {len(data)} bytes is shorter than its header")
+    return _UDP_REPLY_HEADER.unpack_from(data)[1]
+
+
+def decode_udp_tracker_reply_untrusted(data: bytes) -> UdpTrackerReply:
+    """A BEP 15 reply to connect, scrape or an error. Raises only ProtocolError."""
+    if len(data) < _UDP_REPLY_HEADER.size:
+        raise ProtocolError(f"tracker reply of {len(data)} bytes is shorter than its header")
+    action, transaction_id = _UDP_REPLY_HEADER.unpack_from(data)
+    body = data[_UDP_REPLY_HEADER.size:]
+    if action == TrackerAction.CONNECT:
+        if len(body) != _UDP_CONNECTION_ID.size:
+            raise ProtocolError(f"connect reply of {len(data)} bytes, expected 16")
+        return UdpTrackerReply(TrackerAction.CONNECT, transaction_id,
+                               connection_id=_UDP_CONNECTION_ID.unpack(body)[0])
+    if action == TrackerAction.SCRAPE:
+        if len(body) % _UDP_SCRAPE_ENTRY.size:
+            raise ProtocolError(f"scrape reply body of {len(body)} bytes is not whole entries")
+        entries = tuple(ScrapeCounts(seeders, leechers, completed) for seeders, completed, leechers
+                        in _UDP_SCRAPE_ENTRY.iter_unpack(body))
+        return UdpTrackerReply(TrackerAction.SCRAPE, transaction_id, entries=entries)
+    if action == TrackerAction.ERROR:
+        message = body.decode("utf-8", errors="replace").strip("\x00 \r\n")[:300]
+        return UdpTrackerReply(TrackerAction.ERROR, transaction_id, error=message or "no message")
+    raise ProtocolError(f"tracker reply with unknown action {action}")
+
+
+def http_scrape_url(announce_url: str) -> str | None:
+    """BEP 48: the scrape URL replaces `announce` at the start of the last path segment."""
+    parts = urllib.parse.urlsplit(announce_url)
+    head, _, last = parts.path.rpartition("/")
+    if not last.startswith("announce"):
+        return None
+    return urllib.parse.urlunsplit(parts._replace(path=f"{head}/scrape{last[len('announce'):]}"))
+
+
+def encode_http_scrape_url(scrape_url: str, infohashes: Sequence[bytes]) -> str:
+    query = "&".join("info_hash=" + urllib.parse.quote_from_bytes(h, safe="") for h in infohashes)
+    return f"{scrape_url}{'&' if '?' in scrape_url else '?'}{query}"
+
+
+def decode_http_scrape_untrusted(body: bytes) -> dict[bytes, ScrapeCounts]:
+    """A bencoded BEP 48 scrape reply: {files: {hash: {complete, incomplete, downloaded}}}."""
+    reply = bdecode_untrusted(body)
+    if not isinstance(reply, dict):
+        raise ProtocolError("scrape reply is not a bencoded dictionary")
+    failure = reply.get(b"failure reason")
+    if failure is not None:
+        raise ProtocolError(f"tracker failure: {_text(failure) or failure!r}"[:300])
+    files = reply.get(b"files")
+    if not isinstance(files, dict):
+        raise ProtocolError("scrape reply has no 'files' dictionary")
+    result = {}
+    for infohash, stats in files.items():
+        if len(infohash) != 20 or not isinstance(stats, dict):
+            raise ProtocolError("scrape reply 'files' entry is malformed")
+        numbers = [_non_negative_int(stats.get(key, 0)) for key in
+                   (b"complete", b"incomplete", b"downloaded")]
+        if None in numbers:
+            raise ProtocolError("scrape reply counts are not non-negative integers")
+        result[infohash] = ScrapeCounts(*numbers)  # type: ignore[arg-type]
+    return result
+
+
 # ---- Address policy ----
 
 # Ranges that ipaddress does not flag as private but that are not reachable on the internet.
@@ -592,6 +711,190 @@ def is_global_address(address: str) -> bool:
     if not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified:
         return False
     return not any(ip in net for net in _EXTRA_NON_GLOBAL if net.version == ip.version)
+
+
+# ---- UDP endpoint ----
+
+UDP_RECEIVE_BUFFER: Final = 4 * 1024 * 1024  # bytes; bulk replies arrive in bursts
+UDP_MAX_DATAGRAM: Final = 65536
+
+
+def _plain_address(host: str) -> str:
+    """The textual address as routed: IPv4-mapped IPv6 (from a dual-stack socket) as IPv4."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host.split("%", 1)[0]
+
+
+@dataclass(slots=True)
+class _PendingReply:
+    event: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+
+
+@dataclass(slots=True)
+class UdpCounters:
+    sent: int = 0
+    received: int = 0
+    send_errors: int = 0
+    receive_errors: int = 0
+    dropped_unmatched: int = 0  # late, unknown or spoofed (wrong source address) replies
+    dropped_invalid: int = 0  # replies whose transaction id could not even be read
+
+
+class TokenBucket:
+    """At most `rate` events per second on average, in bursts of at most `burst`; rate 0 = off."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, burst)
+        self.tokens = self.burst
+        self.updated = trio.current_time() if rate else 0.0
+
+    def try_take(self) -> float:
+        """Take a token and return 0, or return the seconds until one is due (taking nothing)."""
+        if not self.rate:
+            return 0.0
+        now = trio.current_time()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+    async def take(self) -> None:
+        while (wait := self.try_take()) > 0:
+            await trio.sleep(wait)
+
+
+def open_udp_socket(bind_host: str, bind_port: int = 0) -> trio.socket.SocketType:
+    """A UDP socket; binding "::" gives one dual-stack socket for IPv4 and IPv6 peers."""
+    family = trio.socket.AF_INET6 if ":" in bind_host else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
+    try:
+        if family == trio.socket.AF_INET6:
+            sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 0)
+        try:
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+        except OSError:
+            pass  # a smaller buffer still works, it only drops sooner under bursts
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+class UdpEndpoint:
+    """One UDP socket; one receive task routes each reply to the request waiting for it.
+
+    A reply is matched by (transaction key, source address); anything else is dropped, counted and
+    never answered. Send errors (a bogus address taken from a hostile reply, an unreachable
+    network) are counted and survived: the request simply gets no reply.
+    """
+
+    def __init__(self, sock: trio.socket.SocketType, transaction_key_untrusted: Any) -> None:
+        self.sock = sock
+        self.dual_stack = sock.family == trio.socket.AF_INET6
+        self._transaction_key = transaction_key_untrusted
+        self._pending: dict[tuple[Any, str, int], _PendingReply] = {}
+        self.counters = UdpCounters()
+
+    @classmethod
+    async def open(cls, bind: str, transaction_key_untrusted: Any) -> UdpEndpoint:
+        host, port = split_host_port(bind, default_port=0)
+        try:
+            sock = open_udp_socket(host)
+            await sock.bind((host, port))
+        except OSError as exc:
+            if host == "::":  # no IPv6 on this host: IPv4 only
+                sock = open_udp_socket("0.0.0.0")
+                await sock.bind(("0.0.0.0", port))
+            else:
+                raise TsmdError(f"cannot bind UDP {bind}: {exc.strerror or exc}") from None
+        return cls(sock, transaction_key_untrusted)
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return host, port
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def can_reach(self, host: str) -> bool:
+        return self.dual_stack or ":" not in host
+
+    async def send(self, data: bytes, host: str, port: int) -> bool:
+        target = f"::ffff:{host}" if self.dual_stack and ":" not in host else host
+        try:
+            await self.sock.sendto(data, (target, port))
+        except OSError:
+            self.counters.send_errors += 1
+            return False
+        self.counters.sent += 1
+        return True
+
+    async def request(self, data: bytes, host: str, port: int, key: Any,
+                      timeout: float) -> bytes | None:
+        """Send `data` and wait up to `timeout` s for the reply carrying `key` from host:port."""
+        slot_key = (key, host, port)
+        if slot_key in self._pending:
+            raise ValueError(f"transaction {key!r} to {host}:{port} already pending")
+        slot = _PendingReply()
+        self._pending[slot_key] = slot
+        try:
+            if not await self.send(data, host, port):
+                return None
+            with trio.move_on_after(timeout):
+                await slot.event.wait()
+            return slot.data
+        finally:
+            del self._pending[slot_key]
+
+    def is_pending(self, key: Any, host: str, port: int) -> bool:
+        return (key, host, port) in self._pending
+
+    async def receive_forever(self) -> None:
+        counters = self.counters
+        while True:
+            try:
+                data, address = await self.sock.recvfrom(UDP_MAX_DATAGRAM)
+            except OSError:
+                # ICMP errors from earlier sends surface here on Linux; they belong to no request.
+                counters.receive_errors += 1
+                continue
+            counters.received += 1
+            try:
+                key = self._transaction_key(data)
+            except ProtocolError:
+                counters.dropped_invalid += 1
+                continue
+            slot = self._pending.get((key, _plain_address(address[0]), address[1]))
+            if slot is None or slot.data is not None:
+                counters.dropped_unmatched += 1
+                continue
+            slot.data = data
+            slot.event.set()
+
+
+def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or `v6` (with a default port) as (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"{text!r} has no port (expected HOST:PORT)")
+        return host, default_port
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r} has no valid port")
+    return host, int(port_text)
 
 
 # ---- HTTP and file fetch ----
@@ -905,6 +1208,250 @@ def local_index_entries(directory: Path) -> list[IndexEntry]:
     return [IndexEntry(EntryKind.URL, p.resolve().as_uri(), p.name) for p in files]
 
 
+# ---- Tracker scrape ----
+
+
+@dataclass(slots=True)
+class TrackerTally:
+    """What one tracker did in one run; stored as its health."""
+
+    url: str
+    hashes_asked: int = 0
+    hashes_answered: int = 0
+    requests: int = 0
+    retries: int = 0
+    truncations: int = 0
+    error: str | None = None
+    rtt_total: float = 0.0
+    rtt_count: int = 0
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    @property
+    def rtt_ms(self) -> float | None:
+        return 1000 * self.rtt_total / self.rtt_count if self.rtt_count else None
+
+
+class TrackerDead(Exception):
+    """Internal: stop asking this tracker in this run (its tally carries the reason)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScrapeOptions:
+    udp_batch: int
+    http_batch: int
+    timeout: float
+    attempts: int
+    window: int
+    allow_private: bool
+
+
+class _HashQueue:
+    """The hashes a tracker still owes, handed out in batches whose size shrinks on truncation."""
+
+    def __init__(self, hashes: Sequence[bytes], batch: int) -> None:
+        self.pending = list(reversed(hashes))
+        self.batch = batch
+        self.requeued: set[bytes] = set()
+
+    def take(self) -> list[bytes]:
+        size = min(self.batch, len(self.pending))
+        taken = self.pending[-size:][::-1] if size else []
+        del self.pending[len(self.pending) - size:]
+        return taken
+
+    def give_back(self, hashes: Sequence[bytes], answered_per_request: int) -> None:
+        """Re-queue hashes a truncated reply left out, and ask fewer at once from now on."""
+        self.batch = max(1, min(self.batch, answered_per_request))
+        self.pending.extend(reversed(hashes))
+        self.requeued.update(hashes)
+
+
+async def _resolve_tracker(host: str, port: int, endpoint: UdpEndpoint | None,
+                           allow_private: bool) -> str:
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise TrackerDead(f"cannot resolve {host}: {exc.strerror or exc}") from None
+    addresses = [_plain_address(info[4][0]) for info in infos]
+    usable = [a for a in addresses if (allow_private or is_global_address(a))
+              and (endpoint is None or endpoint.can_reach(a))]
+    if not usable:
+        raise TrackerDead(f"{host} resolves to no usable address ({', '.join(addresses[:3])}"
+                          f"{'' if allow_private else '; private addresses need allow_private'})")
+    return sorted(usable, key=lambda a: ":" in a)[0]  # IPv4 first: more trackers answer there
+
+
+class UdpTrackerClient:
+    """BEP 15 scrape of one tracker over the shared endpoint."""
+
+    def __init__(self, endpoint: UdpEndpoint, url: str, options: ScrapeOptions,
+                 tally: TrackerTally) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.endpoint = endpoint
+        self.host = parts.hostname or ""
+        self.port = parts.port or 0
+        self.address = ""
+        self.options = options
+        self.tally = tally
+        self._connection_id: int | None = None
+        self._connected_at = 0.0
+        self._connect_lock = trio.Lock()
+
+    async def _exchange(self, build: Any) -> UdpTrackerReply:
+        """One request with retransmits; `build(tid)` makes the packet."""
+        for attempt in range(self.options.attempts):
+            if attempt:
+                self.tally.retries += 1
+            transaction_id = int.from_bytes(os.urandom(4), "big")
+            if self.endpoint.is_pending(transaction_id, self.address, self.port):
+                continue
+            self.tally.requests += 1
+            started = trio.current_time()
+            data = await self.endpoint.request(build(transaction_id), self.address, self.port,
+                                               transaction_id, self.options.timeout)
+            if data is None:
+                continue
+            try:
+                reply = decode_udp_tracker_reply_untrusted(data)
+            except ProtocolError as exc:
+                raise TrackerDead(f"malformed reply: {exc}") from None
+            self.tally.rtt_total += trio.current_time() - started
+            self.tally.rtt_count += 1
+            return reply
+        raise TrackerDead(f"no reply after {self.options.attempts} attempts "
+                          f"({self.options.timeout:g} s each)")
+
+    async def _connection(self) -> int:
+        async with self._connect_lock:
+            # Renew a little before BEP 15's one minute so a reply never races the expiry.
+            if self._connection_id is None or \
+                    trio.current_time() - self._connected_at > UDP_CONNECTION_ID_LIFETIME - 5:
+                reply = await self._exchange(encode_udp_connect)
+                if reply.action == TrackerAction.ERROR:
+                    raise TrackerDead(f"tracker error on connect: {reply.error}")
+                if reply.action != TrackerAction.CONNECT or reply.connection_id is None:
+                    raise TrackerDead(f"unexpected reply to connect (action {reply.action})")
+                self._connection_id = reply.connection_id
+                self._connected_at = trio.current_time()
+            return self._connection_id
+
+    async def scrape(self, queue: _HashQueue, deliver: Any) -> None:
+        """Work through `queue`, handing (hash, counts) pairs to `deliver` batch by batch."""
+        connection_errors = 0
+        while batch := queue.take():
+            connection_id = await self._connection()
+            reply = await self._exchange(
+                lambda tid: encode_udp_scrape(connection_id, tid, batch))
+            if reply.action == TrackerAction.ERROR:
+                queue.give_back(batch, queue.batch)
+                # An expired or unknown connection id: connect again, a bounded number of times.
+                if connection_errors < self.options.attempts and "connect" in (reply.error or "").lower():
+                    connection_errors += 1
+                    self._connection_id = None
+                    continue
+                raise TrackerDead(f"tracker error: {reply.error}")
+            if reply.action != TrackerAction.SCRAPE:
+                raise TrackerDead(f"unexpected reply to scrape (action {reply.action})")
+            entries = reply.entries
+            if len(entries) > len(batch):
+                raise TrackerDead(f"answered {len(entries)} entries for {len(batch)} hashes")
+            if len(entries) < len(batch):
+                self.tally.truncations += 1
+                if not entries:
+                    raise TrackerDead(f"answered none of {len(batch)} hashes")
+                queue.give_back(batch[len(entries):], len(entries))
+            self.tally.hashes_answered += len(entries)
+            await deliver(list(zip(batch, entries)))
+
+
+class HttpTrackerClient:
+    """BEP 48 scrape of one tracker through the fetcher (timeouts, size cap, address policy)."""
+
+    MAX_REPLY_BYTES: Final = 4 * 1024 * 1024
+
+    def __init__(self, fetcher: Fetcher, url: str, options: ScrapeOptions,
+                 tally: TrackerTally) -> None:
+        scrape_url = http_scrape_url(url)
+        if scrape_url is None:
+            raise TrackerDead("announce URL has no 'announce' segment, so no scrape URL (BEP 48)")
+        self.scrape_url = scrape_url
+        self.fetcher = fetcher
+        self.options = options
+        self.tally = tally
+
+    async def scrape(self, queue: _HashQueue, deliver: Any) -> None:
+        while batch := queue.take():
+            result = None
+            for attempt in range(self.options.attempts):
+                if attempt:
+                    self.tally.retries += 1
+                self.tally.requests += 1
+                started = trio.current_time()
+                try:
+                    with trio.fail_after(self.options.timeout * 2):
+                        result = await self.fetcher.fetch(
+                            encode_http_scrape_url(self.scrape_url, batch),
+                            max_bytes=self.MAX_REPLY_BYTES)
+                    break
+                except trio.TooSlowError:
+                    error = f"timed out after {self.options.timeout * 2:g} s"
+                except FetchError as exc:
+                    error = str(exc).replace(f"{self.scrape_url}", "scrape URL", 1)[:300]
+                    if "HTTP 4" in error or "not a public address" in error:
+                        break  # asking again will not help
+            if result is None:
+                raise TrackerDead(error)
+            self.tally.rtt_total += trio.current_time() - started
+            self.tally.rtt_count += 1
+            try:
+                files = decode_http_scrape_untrusted(result.body)
+            except ProtocolError as exc:
+                raise TrackerDead(str(exc)) from None
+            answered = [(h, files[h]) for h in batch if h in files]
+            # A tracker that caps its answer (opentracker: 64) returns fewer than asked; those
+            # left out are asked again once, in smaller requests. Twice missing = unknown to it.
+            missing = [h for h in batch if h not in files and h not in queue.requeued]
+            if missing and answered:
+                self.tally.truncations += 1
+                queue.give_back(missing, len(answered))
+            self.tally.hashes_answered += len(answered)
+            if answered:
+                await deliver(answered)
+
+
+async def scrape_tracker(url: str, hashes: Sequence[bytes], options: ScrapeOptions,
+                         endpoint: UdpEndpoint, fetcher: Fetcher, deliver: Any) -> TrackerTally:
+    """Scrape every hash from one tracker with a window of requests in flight; never raises for
+    the tracker's own failures, which end up in the tally."""
+    tally = TrackerTally(url, hashes_asked=len(hashes))
+    scheme = urllib.parse.urlsplit(url).scheme
+    try:
+        if scheme == "udp":
+            client: UdpTrackerClient | HttpTrackerClient = UdpTrackerClient(
+                endpoint, url, options, tally)
+            client.address = await _resolve_tracker(client.host, client.port, endpoint,
+                                                    options.allow_private)
+            queue = _HashQueue(hashes, options.udp_batch)
+        else:
+            client = HttpTrackerClient(fetcher, url, options, tally)
+            queue = _HashQueue(hashes, options.http_batch)
+        async with trio.open_nursery() as nursery:
+            async def worker() -> None:
+                try:
+                    await client.scrape(queue, deliver)
+                except TrackerDead as exc:
+                    tally.error = tally.error or str(exc)
+                    queue.pending.clear()  # a dead tracker is not asked again in this run
+            for _ in range(max(1, options.window)):
+                nursery.start_soon(worker)
+    except TrackerDead as exc:
+        tally.error = str(exc)
+    return tally
+
+
 # ---- Storage ----
 
 # Each migration moves the schema one version up (PRAGMA user_version) inside one transaction.
@@ -992,7 +1539,8 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         leechers        INTEGER NOT NULL,
         completed       INTEGER NOT NULL
     );
-    CREATE INDEX tracker_samples_torrent ON tracker_samples(torrent_id, measured);
+    CREATE INDEX tracker_samples_torrent ON tracker_samples(torrent_id, tracker_id, measured);
+    CREATE INDEX tracker_samples_measured ON tracker_samples(measured);
     CREATE TABLE dht_samples (
         torrent_id      INTEGER NOT NULL REFERENCES torrents(id) ON DELETE CASCADE,
         run_id          INTEGER REFERENCES runs(id) ON DELETE SET NULL,
@@ -1215,6 +1763,21 @@ class SyncSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ScrapeSettings:
+    trackers: tuple[str, ...] = ()  # asked for every torrent, besides its own
+    use_torrent_trackers: bool = True  # ask the trackers listed in each .torrent / magnet
+    bind: str = "[::]:0"  # the one UDP socket for all UDP trackers (dual-stack)
+    batch_size: int = MAX_UDP_SCRAPE_HASHES  # hashes per UDP scrape
+    http_batch_size: int = 50  # hashes per HTTP scrape (opentracker answers at most 64)
+    timeout: float = 3.0  # seconds to wait for one UDP reply before retransmitting
+    attempts: int = 3  # tries per request before the tracker counts as failed for this run
+    concurrency: int = 64  # trackers asked at the same time
+    window: int = 4  # requests in flight per tracker; real trackers drop bursts
+    backoff: float = 3600.0  # first pause after a failing run, doubled per further failing run
+    max_backoff: float = 7 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
 class CollectionSettings:
     name: str
     url: str
@@ -1230,11 +1793,13 @@ class Settings:
     database: Path = Path("tsmd.sqlite3")
     network: NetworkSettings = NetworkSettings()
     sync: SyncSettings = SyncSettings()
+    scrape: ScrapeSettings = ScrapeSettings()
     collections: tuple[CollectionSettings, ...] = ()
     config_path: Optional[Path] = None
 
 
-_DURATION_FIELDS: Final = {"timeout", "connect_timeout", "revalidate_after"}
+_DURATION_FIELDS: Final = {"timeout", "connect_timeout", "revalidate_after", "backoff",
+                            "max_backoff"}
 _SIZE_FIELDS: Final = {"max_index_bytes", "max_torrent_bytes"}
 
 
@@ -1315,7 +1880,7 @@ def load_settings(config_path: Path | None, db_override: Path | None = None) -> 
 def settings_from_document(document: dict, config_path: Path) -> Settings:
     where = str(config_path)
     base = config_path.resolve().parent
-    sections = {"database", "network", "sync", "collections"}
+    sections = {"database", "network", "sync", "scrape", "collections"}
     for key in document:
         if key not in sections:
             raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(sections))})")
@@ -1323,7 +1888,7 @@ def settings_from_document(document: dict, config_path: Path) -> Settings:
     if not isinstance(database, str) or not database:
         raise ConfigError(f"{where}: database: expected a file name string, got {database!r}")
     tables = {}
-    for section in ("network", "sync"):
+    for section in ("network", "sync", "scrape"):
         table = document.get(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{section}] must be a table")
@@ -1335,6 +1900,17 @@ def settings_from_document(document: dict, config_path: Path) -> Settings:
     sync = _settings_from_table(SyncSettings, tables["sync"], f"{where}: [sync]")
     if sync.concurrency < 1:
         raise ConfigError(f"{where}: [sync].concurrency: expected at least 1")
+    scrape = _settings_from_table(ScrapeSettings, tables["scrape"], f"{where}: [scrape]")
+    _check_trackers(scrape.trackers, f"{where}: [scrape].trackers")
+    for name in ("batch_size", "http_batch_size", "attempts", "concurrency", "window"):
+        if getattr(scrape, name) < 1:
+            raise ConfigError(f"{where}: [scrape].{name}: expected at least 1")
+    if scrape.batch_size > 255:
+        raise ConfigError(f"{where}: [scrape].batch_size: expected at most 255 (one UDP packet)")
+    try:
+        split_host_port(scrape.bind)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: [scrape].bind: {exc}") from None
     raw_collections = document.get("collections", [])
     if not isinstance(raw_collections, list) or not all(isinstance(c, dict) for c in raw_collections):
         raise ConfigError(f"{where}: collections must be written as [[collections]] tables")
@@ -1352,13 +1928,17 @@ def settings_from_document(document: dict, config_path: Path) -> Settings:
         if urllib.parse.urlsplit(url).scheme not in HTTP_SCHEMES | {"file"}:
             raise ConfigError(f"{label}.url: expected an http, https or file URL or a path, "
                               f"got {collection.url!r}")
-        bad = [t for t in collection.trackers if normalise_tracker_url(t) is None]
-        if bad:
-            raise ConfigError(f"{label}.trackers: not a udp/http/https tracker URL: {bad[0]!r}")
+        _check_trackers(collection.trackers, f"{label}.trackers")
         collections.append(dataclasses.replace(collection, url=url))
     return Settings(
-        database=(base / Path(database).expanduser()).resolve(),
-        network=network, sync=sync, collections=tuple(collections), config_path=config_path)
+        database=(base / Path(database).expanduser()).resolve(), network=network, sync=sync,
+        scrape=scrape, collections=tuple(collections), config_path=config_path)
+
+
+def _check_trackers(urls: Sequence[str], where: str) -> None:
+    bad = [url for url in urls if normalise_tracker_url(url) is None]
+    if bad:
+        raise ConfigError(f"{where}: not a udp/http/https tracker URL: {bad[0]!r}")
 
 
 def select_collections(settings: Settings, names: Sequence[str]) -> list[CollectionSettings]:
@@ -1703,6 +2283,214 @@ async def run_sync(db: sqlite3.Connection, settings: Settings,
     return counts
 
 
+# ---- Scrape stage ----
+
+SCRAPE_WRITE_BATCH: Final = 5000  # samples per transaction
+
+
+@dataclass(slots=True)
+class ScrapeRunCounts:
+    torrents: int = 0
+    torrents_answered: int = 0
+    trackers: int = 0
+    trackers_ok: int = 0
+    trackers_failed: int = 0
+    trackers_skipped: int = 0  # backing off after failing runs
+    hashes_answered: int = 0
+    requests: int = 0
+    retries: int = 0
+    truncations: int = 0
+    packets_sent: int = 0
+    packets_received: int = 0
+    dropped: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.torrents} torrents ({self.torrents_answered} answered), {self.trackers} "
+                f"trackers: {self.trackers_ok} ok, {self.trackers_failed} failed, "
+                f"{self.trackers_skipped} backing off; {self.hashes_answered} hashes answered, "
+                f"{self.requests} requests, {self.retries} retries, {self.truncations} truncated "
+                f"replies; UDP {self.packets_sent} sent, {self.packets_received} received, "
+                f"{self.dropped} dropped")
+
+
+@dataclass(slots=True)
+class ScrapePlan:
+    torrent_ids: dict[bytes, int]  # infohash -> torrents.id
+    hashes_by_tracker: dict[str, list[bytes]]
+    tracker_ids: dict[str, int]
+    skipped_trackers: list[str]
+
+
+def load_scrape_plan(db: sqlite3.Connection, settings: Settings,
+                     collections: Sequence[CollectionSettings], infohashes: Sequence[str],
+                     only_trackers: Sequence[str], stale_after: float | None,
+                     now: int) -> ScrapePlan:
+    """Which hashes to ask which tracker: every tracker of every selected torrent, grouped."""
+    names = [c.name for c in collections]
+    query = (f"SELECT DISTINCT t.id, t.infohash, c.name FROM torrents t "
+             f"JOIN memberships m ON m.torrent_id = t.id AND m.removed IS NULL "
+             f"JOIN collections c ON c.id = m.collection_id "
+             f"WHERE c.name IN ({', '.join('?' * len(names))})")
+    params: list[Any] = list(names)
+    if infohashes:
+        query += f" AND t.infohash IN ({', '.join('?' * len(infohashes))})"
+        params.extend(infohashes)
+    if stale_after is not None:
+        query += (" AND NOT EXISTS (SELECT 1 FROM tracker_samples s WHERE s.torrent_id = t.id "
+                  "AND s.measured > ?)")
+        params.append(now - stale_after)
+    collection_trackers = {c.name: [normalise_tracker_url(u) for u in c.trackers]
+                           for c in collections}
+    global_trackers = [normalise_tracker_url(u) for u in settings.scrape.trackers]
+    explicit = [url for url in (normalise_tracker_url(u) for u in only_trackers) if url]
+    trackers_of: dict[int, list[str]] = {}
+    torrent_ids: dict[bytes, int] = {}
+    for torrent_id, infohash, collection in db.execute(query, params):
+        torrent_ids[bytes.fromhex(infohash)] = torrent_id
+        urls = trackers_of.setdefault(torrent_id, [])
+        urls.extend(explicit or [u for u in (*collection_trackers[collection], *global_trackers)
+                                 if u])
+    if infohashes:
+        missing = set(infohashes) - {h.hex() for h in torrent_ids}
+        if missing and stale_after is None:
+            raise ConfigError(f"infohash {sorted(missing)[0]} is not listed by the selected "
+                              "collections (sync it first)")
+    if settings.scrape.use_torrent_trackers and not explicit:
+        for torrent_id, url in db.execute(
+                "SELECT tt.torrent_id, tr.url FROM torrent_trackers tt "
+                "JOIN trackers tr ON tr.id = tt.tracker_id ORDER BY tt.torrent_id, tt.position"):
+            urls = trackers_of.get(torrent_id)
+            if urls is not None:
+                urls.append(url)
+    hashes_by_tracker: dict[str, list[bytes]] = {}
+    hash_of = {torrent_id: infohash for infohash, torrent_id in torrent_ids.items()}
+    for torrent_id, urls in trackers_of.items():
+        for url in dict.fromkeys(urls):
+            hashes_by_tracker.setdefault(url, []).append(hash_of[torrent_id])
+    with Transaction(db):
+        db.executemany("INSERT INTO trackers (url) VALUES (?) ON CONFLICT(url) DO NOTHING",
+                       [(url,) for url in hashes_by_tracker])
+    tracker_ids: dict[str, int] = {}
+    skipped: list[str] = []
+    for url, tracker_id, next_attempt in db.execute("SELECT url, id, next_attempt FROM trackers"):
+        if url in hashes_by_tracker:
+            tracker_ids[url] = tracker_id
+            if next_attempt is not None and next_attempt > now and url not in explicit:
+                skipped.append(url)
+    for url in skipped:
+        del hashes_by_tracker[url]
+    return ScrapePlan(torrent_ids, hashes_by_tracker, tracker_ids, skipped)
+
+
+def _write_tracker_samples(db: sqlite3.Connection, rows: list[tuple]) -> None:
+    with Transaction(db):
+        db.executemany("INSERT INTO tracker_samples (torrent_id, tracker_id, run_id, measured, "
+                       "seeders, leechers, completed) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+def record_tracker_health(db: sqlite3.Connection, settings: Settings, tracker_id: int,
+                          tally: TrackerTally, now: int) -> None:
+    """A tracker that answered nothing this run backs off exponentially; one that answered is
+    asked again next run."""
+    failed = tally.failed and tally.hashes_answered == 0
+    consecutive = db.execute("SELECT consecutive_failures FROM trackers WHERE id = ?",
+                             (tracker_id,)).fetchone()[0] + 1 if failed else 0
+    pause = min(settings.scrape.backoff * 2 ** max(0, consecutive - 1), settings.scrape.max_backoff)
+    db.execute(
+        "UPDATE trackers SET successes = successes + ?, failures = failures + ?, "
+        "consecutive_failures = ?, last_attempt = ?, "
+        "last_success = CASE WHEN ? THEN last_success ELSE ? END, last_error = ?, "
+        "rtt_ms = coalesce(?, rtt_ms), hashes_answered = hashes_answered + ?, next_attempt = ? "
+        "WHERE id = ?",
+        (int(not failed), int(failed), consecutive, now, failed, now, tally.error, tally.rtt_ms,
+         tally.hashes_answered, now + int(pause) if failed else None, tracker_id))
+
+
+async def run_scrape(db: sqlite3.Connection, settings: Settings,
+                     collections: Sequence[CollectionSettings], reporter: Reporter, *,
+                     infohashes: Sequence[str] = (), only_trackers: Sequence[str] = (),
+                     stale_after: float | None = None, run_id: int | None = None,
+                     resolve: Any = None) -> ScrapeRunCounts:
+    """Scrape every tracker of every selected torrent; failures are counted, never raised."""
+    now = int(time.time())
+    plan = load_scrape_plan(db, settings, collections, infohashes, only_trackers, stale_after, now)
+    counts = ScrapeRunCounts(torrents=len(plan.torrent_ids), trackers=len(plan.hashes_by_tracker),
+                           trackers_skipped=len(plan.skipped_trackers))
+    options = ScrapeOptions(
+        udp_batch=settings.scrape.batch_size, http_batch=settings.scrape.http_batch_size,
+        timeout=settings.scrape.timeout, attempts=settings.scrape.attempts,
+        window=settings.scrape.window, allow_private=settings.network.allow_private)
+    answered: set[int] = set()
+    tallies: list[TrackerTally] = []
+    rows: list[tuple] = []
+    endpoint = await UdpEndpoint.open(settings.scrape.bind, udp_transaction_id_untrusted)
+    fetcher = make_fetcher(settings, resolve)
+    limiter = trio.CapacityLimiter(settings.scrape.concurrency)
+    total = sum(len(hashes) for hashes in plan.hashes_by_tracker.values())
+    with reporter.progress() as progress:
+        task = progress.add_task("scrape", total=total)
+
+        async def deliver_for(tracker_id: int) -> Any:
+            async def deliver(pairs: list[tuple[bytes, ScrapeCounts]]) -> None:
+                measured = int(time.time())
+                for infohash, numbers in pairs:
+                    torrent_id = plan.torrent_ids[infohash]
+                    answered.add(torrent_id)
+                    rows.append((torrent_id, tracker_id, run_id, measured, numbers.seeders,
+                                 numbers.leechers, numbers.completed))
+                progress.update(task, advance=len(pairs))
+                if len(rows) >= SCRAPE_WRITE_BATCH:
+                    _write_tracker_samples(db, rows)
+                    rows.clear()
+            return deliver
+
+        async def one_tracker(url: str, hashes: list[bytes]) -> None:
+            async with limiter:
+                tally = await scrape_tracker(url, hashes, options, endpoint, fetcher,
+                                             await deliver_for(plan.tracker_ids[url]))
+            tallies.append(tally)
+            progress.update(task, advance=tally.hashes_asked - tally.hashes_answered)
+            if tally.error:
+                reporter.debug(f"tracker {url!r}: {tally.error}")
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(endpoint.receive_forever)
+                async with trio.open_nursery() as trackers:
+                    for url, hashes in plan.hashes_by_tracker.items():
+                        trackers.start_soon(one_tracker, url, hashes)
+                nursery.cancel_scope.cancel()
+        finally:
+            # Also on Ctrl-C or SIGTERM: every sample measured so far, and the health of every
+            # tracker that finished, is committed.
+            endpoint.close()
+            with trio.CancelScope(shield=True):
+                await fetcher.aclose()
+            if rows:
+                _write_tracker_samples(db, rows)
+            finished = int(time.time())
+            with Transaction(db):
+                for tally in tallies:
+                    record_tracker_health(db, settings, plan.tracker_ids[tally.url], tally,
+                                          finished)
+            for tally in tallies:
+                failed = tally.failed and tally.hashes_answered == 0
+                counts.trackers_failed += failed
+                counts.trackers_ok += not failed
+                counts.hashes_answered += tally.hashes_answered
+                counts.requests += tally.requests
+                counts.retries += tally.retries
+                counts.truncations += tally.truncations
+            counts.torrents_answered = len(answered)
+            counts.packets_sent = endpoint.counters.sent
+            counts.packets_received = endpoint.counters.received
+            counts.dropped = endpoint.counters.dropped_unmatched + endpoint.counters.dropped_invalid
+    # Dead trackers are everyday life on the public internet: said, but not as errors.
+    for tally in sorted((t for t in tallies if t.failed), key=lambda t: t.url):
+        reporter.info(f"tracker {tally.url!r}: {tally.error}")
+    return counts
+
+
 # ---- Reports ----
 
 
@@ -1724,6 +2512,7 @@ class ReportRow:
     leechers: int
     completed: int
     scraped_date: int
+    tracker: str | None  # the tracker that gave seeders, leechers and scraped_date
     dht_peers: int
     dht_scraped: int
 
@@ -1744,9 +2533,10 @@ def load_report_rows(db: sqlite3.Connection, collections: Sequence[str] = ()) ->
     if collections:
         where = f"AND c.name IN ({', '.join('?' * len(collections))})"
         params.extend(collections)
+    tracker_numbers = load_tracker_numbers(db, int(time.time()) - TRACKER_SAMPLE_FRESHNESS)
     rows = db.execute(
         f"""
-        SELECT t.infohash, t.name, t.size_bytes, t.file_count, t.created_unix,
+        SELECT t.id, t.infohash, t.name, t.size_bytes, t.file_count, t.created_unix,
                m.file_name, m.source, c.name, c.type,
                (SELECT group_concat(url, char(10)) FROM (
                     SELECT tr.url FROM torrent_trackers tt JOIN trackers tr ON tr.id = tt.tracker_id
@@ -1759,8 +2549,8 @@ def load_report_rows(db: sqlite3.Connection, collections: Sequence[str] = ()) ->
         """, params)
     seen: set[str] = set()
     result: list[ReportRow] = []
-    for (infohash, name, size, file_count, created, file_name, source, collection, kind,
-         trackers) in rows:
+    for (torrent_id, infohash, name, size, file_count, created, file_name, source, collection,
+         kind, trackers) in rows:
         if infohash in seen:
             continue
         seen.add(infohash)
@@ -1772,8 +2562,108 @@ def load_report_rows(db: sqlite3.Connection, collections: Sequence[str] = ()) ->
             size_bytes=-1 if size is None else size,
             file_count=-1 if file_count is None else file_count,
             created_unix=-1 if created is None else created,
-            seeders=-1, leechers=-1, completed=-1, scraped_date=-1, dht_peers=-1, dht_scraped=-1))
+            **dataclasses.asdict(tracker_numbers.get(torrent_id, NO_TRACKER_NUMBERS)),
+            dht_peers=-1, dht_scraped=-1))
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerNumbers:
+    seeders: int
+    leechers: int
+    completed: int
+    scraped_date: int
+    tracker: str | None
+
+
+NO_TRACKER_NUMBERS: Final = TrackerNumbers(-1, -1, -1, -1, None)
+TRACKER_SAMPLE_FRESHNESS: Final = 3 * 86400  # seconds; older tracker samples no longer count
+
+
+def load_tracker_numbers(db: sqlite3.Connection, since: int) -> dict[int, TrackerNumbers]:
+    """Per torrent: the best tracker's latest sample since `since`, the tracker named.
+
+    Trackers see different subsets of one swarm, so they combine by maximum, never by sum (a peer
+    announcing to three trackers would count three times). Seeders decide which tracker is
+    best; completed is the largest any tracker reports.
+    """
+    rows = db.execute(
+        """
+        WITH latest AS (
+            SELECT torrent_id, tracker_id, max(measured) AS measured
+            FROM tracker_samples WHERE measured >= ? GROUP BY torrent_id, tracker_id),
+        ranked AS (
+            SELECT s.torrent_id, s.seeders, s.leechers, s.measured, s.tracker_id,
+                   max(s.completed) OVER (PARTITION BY s.torrent_id) AS completed,
+                   row_number() OVER (PARTITION BY s.torrent_id
+                                      ORDER BY s.seeders DESC, s.leechers DESC, s.measured DESC)
+                       AS rank
+            FROM tracker_samples s JOIN latest l ON l.torrent_id = s.torrent_id
+                 AND l.tracker_id = s.tracker_id AND l.measured = s.measured)
+        SELECT r.torrent_id, r.seeders, r.leechers, r.completed, r.measured, tr.url
+        FROM ranked r JOIN trackers tr ON tr.id = r.tracker_id WHERE r.rank = 1
+        """, (since,))
+    return {row[0]: TrackerNumbers(*row[1:]) for row in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerHealth:
+    url: str
+    torrents: int
+    successes: int
+    failures: int
+    consecutive_failures: int
+    last_success: int | None
+    last_attempt: int | None
+    last_error: str | None
+    rtt_ms: float | None
+    hashes_answered: int
+    next_attempt: int | None
+
+
+def load_tracker_health(db: sqlite3.Connection, failing_only: bool = False) -> list[TrackerHealth]:
+    rows = db.execute(
+        f"""
+        SELECT tr.url, (SELECT count(*) FROM torrent_trackers tt WHERE tt.tracker_id = tr.id),
+               tr.successes, tr.failures, tr.consecutive_failures, tr.last_success,
+               tr.last_attempt, tr.last_error, tr.rtt_ms, tr.hashes_answered, tr.next_attempt
+        FROM trackers tr {'WHERE tr.consecutive_failures > 0' if failing_only else ''}
+        ORDER BY tr.consecutive_failures, tr.hashes_answered DESC, tr.url
+        """)
+    return [TrackerHealth(*row) for row in rows]
+
+
+def _ago(timestamp: int | None, now: float) -> str:
+    if timestamp is None:
+        return "never"
+    seconds = max(0, int(now - timestamp))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def render_tracker_table(rows: Sequence[TrackerHealth], console: Console) -> None:
+    from rich.table import Table
+
+    now = time.time()
+    table = Table(title=f"{len(rows)} trackers", title_justify="left")
+    for column in ("tracker", "torrents", "ok", "failed", "last success", "rtt", "answered",
+                   "state"):
+        table.add_column(column, justify="left" if column in ("tracker", "state") else "right",
+                         overflow="fold")
+    for row in rows:
+        if row.consecutive_failures:
+            state = f"[red]failing ×{row.consecutive_failures}[/red]: {escape_markup(row.last_error or '')}"
+            if row.next_attempt and row.next_attempt > now:
+                state += f" (next try in {_ago(int(2 * now - row.next_attempt), now)[:-4]})"
+        else:
+            state = "[green]ok[/green]" if row.successes else "not asked yet"
+        table.add_row(escape_markup(row.url), f"{row.torrents:,}", str(row.successes),
+                      str(row.failures), _ago(row.last_success, now),
+                      f"{row.rtt_ms:.0f} ms" if row.rtt_ms is not None else "-",
+                      f"{row.hashes_answered:,}", state)
+    console.print(table)
 
 
 def render_json(rows: Sequence[ReportRow]) -> str:
@@ -1923,6 +2813,96 @@ def sync(
         raise typer.Exit(int(ExitCode.INTERRUPTED))
     if counts.failed:
         raise typer.Exit(int(ExitCode.PARTIAL))
+
+
+def _duration_option(value: str | None, option: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise _fail(f"{option}: {exc}", ExitCode.USAGE) from None
+
+
+def _infohash_options(values: Sequence[str]) -> list[str]:
+    try:
+        return [parse_infohash_untrusted(v) for v in values]
+    except ProtocolError as exc:
+        raise _fail(f"--infohash: {exc}", ExitCode.USAGE) from None
+
+
+@app.command()
+def scrape(
+    ctx: typer.Context,
+    collection: Annotated[Optional[list[str]], typer.Option(
+        "--collection", "-c", help="Only torrents of this collection (repeatable).")] = None,
+    infohash: Annotated[Optional[list[str]], typer.Option(
+        "--infohash", help="Only this torrent (40 hex or 32 base32; repeatable).")] = None,
+    tracker: Annotated[Optional[list[str]], typer.Option(
+        "--tracker", help="Ask only this tracker, for every selected torrent (repeatable); "
+                          "also asks a tracker that is backing off.")] = None,
+    stale_after: Annotated[Optional[str], typer.Option(
+        "--stale-after", help="Skip torrents with a tracker sample newer than this, e.g. 6h.")
+    ] = None,
+) -> None:
+    """Ask every tracker of every torrent for seeders, leechers and completed downloads.
+
+    Example: tsmd scrape --collection libgen-books --stale-after 12h
+    """
+    settings, reporter = _load(ctx)
+    stale = _duration_option(stale_after, "--stale-after")
+    hashes = _infohash_options(infohash or [])
+    bad = [t for t in tracker or [] if normalise_tracker_url(t) is None]
+    if bad:
+        raise _fail(f"--tracker: not a udp/http/https tracker URL: {bad[0]!r}", ExitCode.USAGE)
+    try:
+        chosen = select_collections(settings, collection or [])
+    except TsmdError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    db = _open_db(settings)
+    run_id = start_run(db, "scrape")
+    started = time.monotonic()
+    try:
+        counts, interrupted = run_interruptible(
+            run_scrape, db, settings, chosen, reporter, infohashes=hashes,
+            only_trackers=tracker or [], stale_after=stale, run_id=run_id)
+    except TsmdError as exc:
+        finish_run(db, run_id, "failed", {}, str(exc))
+        raise _fail(str(exc), exc.exit_code) from None
+    if counts is None:
+        counts = ScrapeRunCounts()
+    unanswered = counts.torrents - counts.torrents_answered
+    outcome = "interrupted" if interrupted else "partial" if unanswered else "ok"
+    finish_run(db, run_id, outcome, dataclasses.asdict(counts))
+    db.close()
+    reporter.info(f"scrape {outcome}: {counts.summary()} in {time.monotonic() - started:.1f} s")
+    if interrupted:
+        raise typer.Exit(int(ExitCode.INTERRUPTED))
+    if unanswered:
+        reporter.problem(f"{unanswered} torrents got no answer from any of their trackers")
+        raise typer.Exit(int(ExitCode.PARTIAL))
+
+
+@app.command()
+def trackers(
+    ctx: typer.Context,
+    format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    failing: Annotated[bool, typer.Option(help="Only trackers whose last run failed.")] = False,
+) -> None:
+    """List the trackers tsmd knows, with their health from past scrapes.
+
+    Example: tsmd trackers --failing
+    """
+    settings, _ = _load(ctx)
+    if format not in ("table", "json"):
+        raise _fail(f"unknown format '{format}' (known: table, json)", ExitCode.USAGE)
+    db = _open_db(settings)
+    rows = load_tracker_health(db, failing)
+    db.close()
+    if format == "json":
+        sys.stdout.write(json.dumps([dataclasses.asdict(row) for row in rows], indent=1) + "\n")
+        return
+    render_tracker_table(rows, Console(highlight=False))
 
 
 @app.command()
