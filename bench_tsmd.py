@@ -2,11 +2,16 @@
 """Benchmarks for tsmd. Prints figures; asserts nothing about speed.
 
     python3 bench_tsmd.py sync [--torrents 5000] [--files 100]
+    python3 bench_tsmd.py scrape [--hashes 20000] [--no-libtorrent]
 
 `sync`: generates a collection of .torrent files (libgen-like: many files per torrent, a few
 trackers), serves it from a separate process on 127.0.0.1 (an HTML index page, ETags, conditional
 requests), then runs `tsmd sync` as a subprocess twice: the first sync and the re-sync. For each it
 prints wall time, torrents/s, requests seen by the server, downloads and the peak RSS of tsmd.
+`scrape`: starts Debian's opentracker on 127.0.0.1, populates it by real BEP 15 announces from
+distinct 127.x addresses, scrapes every hash with `tsmd scrape` over UDP and HTTP and checks every
+count; then libtorrent scrapes the same hashes for comparison; then a run where half of the
+trackers are dead.
 Everything runs on loopback and stops by itself.
 """
 
@@ -161,15 +166,197 @@ def bench_sync(torrents: int, files: int) -> None:
                 server.kill()
 
 
+def udp_datagrams() -> int:
+    """Datagrams sent on this machine so far (/proc/net/snmp); on loopback every one sent is
+    also received, so a delta counts both directions of an exchange once each."""
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()
+             if line.startswith("Udp:")]
+    return int(dict(zip(lines[0], lines[1]))["OutDatagrams"])
+
+
+def make_scrape_db(path: Path, hashes: list[bytes], trackers_of) -> None:
+    import tsmd
+
+    db = tsmd.open_database(path)
+    with tsmd.Transaction(db):
+        collection_id = tsmd.upsert_collection(db, "bench", "http://bench.invalid/", "books", True)
+        for n, infohash in enumerate(hashes):
+            meta = tsmd.decode_magnet_untrusted(tsmd.magnet_uri(infohash.hex(), f"t{n}",
+                                                                trackers_of(n)))
+            torrent_id = tsmd.upsert_torrent(db, meta, 1)
+            db.execute("INSERT INTO memberships (collection_id, source, torrent_id, file_name, "
+                       "first_seen, last_seen) VALUES (?, ?, ?, ?, 1, 1)",
+                       (collection_id, infohash.hex(), torrent_id, f"r_{n}.torrent"))
+    db.close()
+
+
+def scrape_config(root: Path, database: Path, **scrape: object) -> Path:
+    config = root / "scrape.toml"
+    options = "".join(f"{key} = {value!r}\n".replace("'", '"') for key, value in scrape.items())
+    config.write_text(f'database = "{database}"\n[network]\nallow_private = true\n'
+                      f'[scrape]\nbind = "127.0.0.1:0"\n{options}'
+                      f'[[collections]]\nname = "bench"\nurl = "http://bench.invalid/"\n'
+                      f'type = "books"\n')
+    return config
+
+
+def last_run_counts(database: Path) -> dict:
+    import json
+    import sqlite3
+
+    db = sqlite3.connect(database)
+    counts = json.loads(db.execute("SELECT counts FROM runs ORDER BY id DESC LIMIT 1").fetchone()[0])
+    db.close()
+    return counts
+
+
+def libtorrent_scrape(hashes: list[bytes], tracker: str, timeout: float) -> tuple[dict, float]:
+    """libtorrent's own scrape of every hash (it asks one hash per request)."""
+    import libtorrent as lt
+
+    session = lt.session({"enable_dht": False, "enable_lsd": False, "enable_upnp": False,
+                          "enable_natpmp": False, "listen_interfaces": "127.0.0.1:0",
+                          "alert_mask": lt.alert.category_t.tracker_notification
+                          | lt.alert.category_t.error_notification,
+                          "active_downloads": -1, "active_seeds": -1, "active_limit": -1,
+                          "alert_queue_size": 100000})
+    handles = {}
+    for infohash in hashes:
+        params = lt.add_torrent_params()
+        params.info_hashes = lt.info_hash_t(lt.sha1_hash(infohash))
+        params.trackers = [tracker]
+        params.save_path = "/tmp"
+        params.flags = (lt.torrent_flags.paused | lt.torrent_flags.upload_mode) & ~lt.torrent_flags.auto_managed
+        handles[infohash] = session.add_torrent(params)
+    started = time.perf_counter()
+    for handle in handles.values():
+        handle.scrape_tracker()
+    results: dict[bytes, tuple[int, int, int]] = {}
+    deadline = time.monotonic() + timeout
+    while len(results) < len(hashes) and time.monotonic() < deadline:
+        session.wait_for_alert(200)
+        for alert in session.pop_alerts():
+            if isinstance(alert, lt.scrape_reply_alert):
+                infohash = bytes.fromhex(str(alert.handle.info_hashes().v1))
+                results[infohash] = (alert.complete, alert.incomplete, -1)
+    wall = time.perf_counter() - started
+    del session
+    return results, wall
+
+
+def bench_scrape(count: int, with_libtorrent: bool) -> None:
+    import hashlib
+
+    from test_tsmd import OpenTracker, populate_opentracker
+
+    hashes = [hashlib.sha1(f"bench {n}".encode()).digest() for n in range(count)]
+    swarms = {h: (n % 4, n % 3, n % 4 + (n % 5 == 0)) for n, h in enumerate(hashes) if n % 5}
+    with tempfile.TemporaryDirectory(prefix="tsmd-bench-") as tmp:
+        root = Path(tmp)
+        tracker = OpenTracker(root / "opentracker", hashes)
+        try:
+            started = time.perf_counter()
+            populate_opentracker(tracker, swarms)
+            print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python "
+                  f"{platform.python_version()}")
+            print(f"opentracker populated with {count} hashes by real BEP 15 announces in "
+                  f"{time.perf_counter() - started:.1f} s")
+            udp = f"udp://127.0.0.1:{tracker.udp_port}/announce"
+            http = f"http://127.0.0.1:{tracker.http_port}/announce"
+            database = root / "scrape.sqlite3"
+            make_scrape_db(database, hashes, lambda n: [udp])
+            expected = {h.hex(): swarms.get(h, (0, 0, 0)) for h in hashes}
+            for label, url in (("UDP", udp), ("HTTP", http)):
+                config = scrape_config(root, database)
+                before_packets, before_drops = udp_datagrams(), tracker.udp_drops()
+                wall, peak, said = run_tsmd(config, "scrape", "--tracker", url)
+                packets = udp_datagrams() - before_packets
+                counts = last_run_counts(database)
+                exact = scraped_exactly(database, url, expected, skip_unknown=label == "HTTP")
+                print(f"tsmd {label:4}: {counts['hashes_answered']} hashes, network phase "
+                      f"{counts['seconds']:.3f} s = {counts['hashes_answered'] / counts['seconds']:,.0f}"
+                      f" hashes/s; whole command {wall:.2f} s, peak RSS {peak / 1024:.0f} MiB; "
+                      f"{counts['requests']} requests, {counts['retries']} retries, "
+                      f"{packets} UDP datagrams; counts exact: {exact}; "
+                      f"drops at the tracker: {tracker.udp_drops() - before_drops}")
+            if with_libtorrent:
+                before_packets = udp_datagrams()
+                results, wall = libtorrent_scrape(hashes, udp, timeout=600)
+                packets = udp_datagrams() - before_packets
+                same = sum(1 for h in hashes if results.get(h, (None,))[:2]
+                           == swarms.get(h, (0, 0, 0))[:2])
+                tsmd_seconds = last_run_counts(database)["seconds"]
+                print(f"libtorrent: {len(results)} of {count} hashes answered in {wall:.2f} s, "
+                      f"{packets} UDP datagrams; same seeders and leechers as tsmd and the "
+                      f"tracker for {same}")
+                print(f"  -> libtorrent / tsmd: wall time x{wall / tsmd_seconds:,.0f}")
+        finally:
+            tracker.stop()
+        bench_dead_trackers(root, hashes[: min(count, 2000)], swarms)
+
+
+def scraped_exactly(database: Path, url: str, expected: dict, skip_unknown: bool) -> bool:
+    import sqlite3
+
+    db = sqlite3.connect(database)
+    got = {h: (s, l, c) for h, s, l, c in db.execute(
+        "SELECT t.infohash, s.seeders, s.leechers, s.completed FROM tracker_samples s "
+        "JOIN torrents t ON t.id = s.torrent_id JOIN trackers tr ON tr.id = s.tracker_id "
+        "WHERE tr.url = ? AND s.run_id = (SELECT max(id) FROM runs)", (url,))}
+    db.close()
+    if skip_unknown:  # opentracker leaves never-announced hashes out of HTTP scrapes
+        expected = {h: c for h, c in expected.items() if c != (0, 0, 0)}
+    return got == expected
+
+
+def bench_dead_trackers(root: Path, hashes: list[bytes], swarms: dict) -> None:
+    """Half the trackers silent (UDP sockets that never answer), one live opentracker."""
+    from test_tsmd import OpenTracker, populate_opentracker
+
+    tracker = OpenTracker(root / "opentracker-2", hashes)
+    silent = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
+    try:
+        populate_opentracker(tracker, {h: swarms[h] for h in hashes if h in swarms})
+        for sock in silent:
+            sock.bind(("127.0.0.1", 0))
+        dead = [f"udp://127.0.0.1:{s.getsockname()[1]}/announce" for s in silent]
+        live = [f"udp://127.0.0.1:{tracker.udp_port}/announce",
+                f"http://127.0.0.1:{tracker.http_port}/announce",
+                "udp://127.0.0.1:1/announce", "http://127.0.0.1:1/announce"]  # last two: refused
+        # Every torrent: the live opentracker (UDP or HTTP) plus two dead ones; 8 trackers in all,
+        # half of them dead.
+        database = root / "dead.sqlite3"
+        make_scrape_db(database, hashes, lambda n: [live[n % 2], dead[n % 4], dead[(n + 1) % 4],
+                                                    live[2 + n % 2]])
+        timeout, attempts = 1.0, 3
+        config = scrape_config(root, database, timeout=timeout, attempts=attempts)
+        wall, _, said = run_tsmd(config, "scrape")
+        counts = last_run_counts(database)
+        print(f"half the trackers dead: {counts['trackers_ok']} ok, {counts['trackers_failed']} "
+              f"failed; {counts['torrents_answered']} of {len(hashes)} torrents answered; whole "
+              f"command {wall:.2f} s, network phase {counts['seconds']:.2f} s "
+              f"(bound: attempts x timeout = {attempts * timeout:.1f} s per dead tracker, "
+              f"asked in parallel)")
+    finally:
+        for sock in silent:
+            sock.close()
+        tracker.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="bench", required=True)
     sync = sub.add_parser("sync", help="first sync and re-sync of a generated collection")
     sync.add_argument("--torrents", type=int, default=5000)
     sync.add_argument("--files", type=int, default=100, help="files per torrent")
+    scrape = sub.add_parser("scrape", help="scrape a local opentracker; libtorrent alongside")
+    scrape.add_argument("--hashes", type=int, default=20000)
+    scrape.add_argument("--no-libtorrent", action="store_true")
     args = parser.parse_args()
     if args.bench == "sync":
         bench_sync(args.torrents, args.files)
+    elif args.bench == "scrape":
+        bench_scrape(args.hashes, not args.no_libtorrent)
 
 
 if __name__ == "__main__":

@@ -1305,3 +1305,176 @@ def test_scrape_stale_after_and_infohash_selection(tmp_path):
 
     one, rest, nothing = run(scenario)
     assert (one.torrents, rest.torrents, nothing.torrents) == (1, 19, 0)
+
+
+# ---- Scrape: a real tracker (Debian's opentracker, installed by .ci/run) ----
+
+OPENTRACKER = "/usr/bin/opentracker"
+
+
+class OpenTracker:
+    """opentracker on 127.0.0.1 with kernel-chosen ports, a whitelist, stopped with SIGTERM.
+
+    The Debian build only accepts announces of whitelisted hashes; run as root it chroots into
+    its work folder (so the whitelist path is relative) and drops to `nobody`.
+    """
+
+    def __init__(self, workdir: Path, infohashes: list[bytes]) -> None:
+        if not os.access(OPENTRACKER, os.X_OK):
+            raise RuntimeError(f"{OPENTRACKER} is missing: apt-get install opentracker "
+                               "(the README's test command does)")
+        workdir.mkdir(parents=True)
+        workdir.chmod(0o755)
+        whitelist = workdir / "whitelist"
+        whitelist.write_text("".join(h.hex() + "\n" for h in infohashes))
+        whitelist.chmod(0o644)
+        lines = ["listen.udp 127.0.0.1:0", "listen.tcp 127.0.0.1:0", "access.whitelist whitelist",
+                 f"tracker.rootdir {workdir}"]
+        if os.geteuid() == 0:
+            lines.append("tracker.user nobody")
+        config = workdir / "opentracker.conf"
+        config.write_text("\n".join(lines) + "\n")
+        config.chmod(0o644)
+        self.log = workdir / "opentracker.log"
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen([OPENTRACKER, "-f", str(config)], cwd=workdir,
+                                            stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.udp_port = self.http_port = 0
+        deadline = time.monotonic() + 10
+        while not (self.udp_port and self.http_port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"opentracker did not start: {self.log.read_text()!r}")
+            time.sleep(0.02)
+            self.udp_port, self.http_port = self._listening_ports()
+
+    def _listening_ports(self) -> tuple[int, int]:
+        """Its ports, read from /proc: the socket inodes it holds, looked up in net/udp, tcp."""
+        pid = self.process.pid
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+        ports = {}
+        for proto in ("udp", "tcp"):
+            with open(f"/proc/{pid}/net/{proto}") as table:
+                next(table)
+                for line in table:
+                    cols = line.split()
+                    if int(cols[9]) in inodes and (proto == "udp" or cols[3] == "0A"):
+                        ports[proto] = int(cols[1].rsplit(":", 1)[1], 16)
+        return ports.get("udp", 0), ports.get("tcp", 0)
+
+    def udp_drops(self) -> int:
+        """The kernel's count of datagrams dropped at opentracker's socket (buffer overflow)."""
+        with open(f"/proc/{self.process.pid}/net/udp") as table:
+            next(table)
+            return sum(int(line.split()[-1]) for line in table
+                       if line.split()[1].endswith(f":{self.udp_port:04X}"))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # not SIGINT: inside its chroot that aborts
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def bep15_announce(sock: socket.socket, port: int, infohash: bytes, peer_port: int, left: int,
+                   event: int) -> None:
+    """One real BEP 15 announce (connect, then announce) from the socket's own address."""
+    def exchange(packet: bytes, tid: bytes) -> bytes:
+        for _ in range(5):
+            sock.sendto(packet, ("127.0.0.1", port))
+            sock.settimeout(1)
+            try:
+                while True:
+                    data, _ = sock.recvfrom(2048)
+                    if data[4:8] == tid:
+                        return data
+            except socket.timeout:
+                continue
+        raise TimeoutError("opentracker did not answer")
+
+    tid = os.urandom(4)
+    connection_id = exchange(struct.pack("!QI", 0x41727101980, 0) + tid, tid)[8:16]
+    tid = os.urandom(4)
+    peer_id = b"-TT0001-" + os.urandom(12)
+    reply = exchange(connection_id + struct.pack("!I", 1) + tid + infohash + peer_id
+                     + struct.pack("!QQQIIIiH", 0, left, 0, event, 0, 0, -1, peer_port), tid)
+    assert len(reply) >= 20, "announce refused (hash not whitelisted?)"
+
+
+def populate_opentracker(tracker: OpenTracker, swarms: dict[bytes, tuple[int, int, int]]) -> None:
+    """Announce from distinct addresses 127.0.x.y so that each hash has exactly the given
+    (seeders, leechers, completed). Completed counts a seeder's event=completed once per peer;
+    completions beyond the seeders come from peers that complete and then stop."""
+    sockets: dict[str, socket.socket] = {}
+
+    def peer(k: int) -> socket.socket:
+        address = f"127.0.{k // 250}.{k % 250 + 2}"
+        if address not in sockets:
+            sockets[address] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sockets[address].bind((address, 0))
+        return sockets[address]
+
+    started, completed, stopped = 2, 1, 3
+    try:
+        for infohash, (seeders, leechers, done) in swarms.items():
+            k = 0
+            for i in range(seeders):
+                bep15_announce(peer(k), tracker.udp_port, infohash, 6881, 0,
+                               completed if i < done else started)
+                k += 1
+            for _ in range(max(0, done - seeders)):
+                bep15_announce(peer(k), tracker.udp_port, infohash, 6881, 0, completed)
+                bep15_announce(peer(k), tracker.udp_port, infohash, 6881, 0, stopped)
+                k += 1
+            for _ in range(leechers):
+                bep15_announce(peer(k), tracker.udp_port, infohash, 6881, 1 << 20, started)
+                k += 1
+    finally:
+        for sock in sockets.values():
+            sock.close()
+
+
+@pytest.fixture
+def opentracker(tmp_path):
+    hashes = [hashlib.sha1(f"torrent {n}".encode()).digest() for n in range(120)]
+    tracker = OpenTracker(tmp_path / "opentracker", hashes)
+    try:
+        # Known swarms; a quarter of the hashes stay empty, so zeros are checked too.
+        swarms = {h: (n % 5, n % 4, n % 5 + (n % 3 if n % 7 == 0 else 0))
+                  for n, h in enumerate(hashes) if n % 4}
+        populate_opentracker(tracker, swarms)
+        yield tracker, hashes, swarms
+    finally:
+        tracker.stop()
+
+
+def test_scrape_real_opentracker_udp_and_http_exact(tmp_path, opentracker):
+    tracker, hashes, swarms = opentracker
+    udp = f"udp://127.0.0.1:{tracker.udp_port}/announce"
+    http = f"http://127.0.0.1:{tracker.http_port}/announce"
+    db, _ = torrent_db(tmp_path, len(hashes), [udp, http])
+    settings = scrape_settings(tmp_path, timeout=1)
+    expected = {h.hex(): swarms.get(h, (0, 0, 0)) for h in hashes}
+    for url in (udp, http):
+        counts = run(tsmd.run_scrape, db, settings, settings.collections, tsmd.Reporter(-1),
+                     only_trackers=[url])
+        assert counts.trackers_ok == 1 and counts.retries == 0
+        tracker_id = db.execute("SELECT id FROM trackers WHERE url = ?", (url,)).fetchone()[0]
+        got = {infohash: (s, l, c) for infohash, s, l, c in db.execute(
+            "SELECT t.infohash, s.seeders, s.leechers, s.completed FROM tracker_samples s "
+            "JOIN torrents t ON t.id = s.torrent_id WHERE s.tracker_id = ?", (tracker_id,))}
+        if url == http:  # opentracker leaves hashes it never saw out of an HTTP scrape
+            expected = {h: c for h, c in expected.items() if bytes.fromhex(h) in swarms}
+        assert got == expected, url
+    assert tracker.udp_drops() == 0

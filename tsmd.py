@@ -72,6 +72,7 @@ SHA1_HEX_LEN: Final = 40
 SHA256_HEX_LEN: Final = 64
 SYNC_WRITE_BATCH: Final = 200  # rows per transaction: one fsync per batch, not per torrent
 PROGRESS_REFRESH_PER_SECOND: Final = 4
+MAX_URL_IN_MESSAGE: Final = 160  # characters of a URL quoted in an error message
 
 
 class ExitCode(enum.IntEnum):
@@ -1078,6 +1079,10 @@ class HttpClient:
                 raise FetchError(f"connection failed: {exc.__cause__ or exc or 'closed'}") from None
             except h11.ProtocolError as exc:
                 await trio.aclose_forcefully(connection.stream)
+                # Servers that close idle connections without saying so (opentracker) show up
+                # as a response cut short on a reused connection: retry it once, fresh.
+                if connection.reused and attempt == 0:
+                    continue
                 raise FetchError(f"broken HTTP response: {exc}") from None
             except BaseException:
                 await trio.aclose_forcefully(connection.stream)
@@ -1116,6 +1121,17 @@ class Fetcher:
     async def fetch(self, url: str, *, max_bytes: int, etag: str | None = None,
                     last_modified: str | None = None) -> FetchResult:
         """GET `url`; with `etag`/`last_modified` a 304 comes back as status 304 and no body."""
+        try:
+            return await self._fetch(url, max_bytes, etag, last_modified)
+        except FetchError as exc:
+            # Messages name the URL; a scrape URL with 50 hashes is too long to read.
+            text = str(exc)
+            if text.startswith(url) and len(url) > MAX_URL_IN_MESSAGE:
+                text = url[:MAX_URL_IN_MESSAGE] + "…" + text[len(url):]
+            raise FetchError(text) from None
+
+    async def _fetch(self, url: str, max_bytes: int, etag: str | None,
+                     last_modified: str | None) -> FetchResult:
         for _ in range(self.max_redirects + 1):
             scheme = urllib.parse.urlsplit(url).scheme.lower()
             if scheme == "file":
@@ -1411,12 +1427,15 @@ class HttpTrackerClient:
             except ProtocolError as exc:
                 raise TrackerDead(str(exc)) from None
             answered = [(h, files[h]) for h in batch if h in files]
-            # A tracker that caps its answer (opentracker: 64) returns fewer than asked; those
-            # left out are asked again once, in smaller requests. Twice missing = unknown to it.
-            missing = [h for h in batch if h not in files and h not in queue.requeued]
-            if missing and answered:
+            # Hashes a tracker does not know are simply left out, and so is everything past its
+            # cap (opentracker: 64). Those left out before the last answered hash are unknown to
+            # it; those after it may have been cut off, so they are asked again once, in
+            # requests no larger than what it just answered. Twice cut off = unknown.
+            last = max((i for i, h in enumerate(batch) if h in files), default=-1)
+            tail = [h for h in batch[last + 1:] if h not in queue.requeued]
+            if answered and tail:
                 self.tally.truncations += 1
-                queue.give_back(missing, len(answered))
+                queue.give_back(tail, last + 1)
             self.tally.hashes_answered += len(answered)
             if answered:
                 await deliver(answered)
@@ -2303,14 +2322,16 @@ class ScrapeRunCounts:
     packets_sent: int = 0
     packets_received: int = 0
     dropped: int = 0
+    seconds: float = 0.0  # the network phase: first request to last answer
 
     def summary(self) -> str:
+        rate = f", {self.hashes_answered / self.seconds:,.0f} hashes/s" if self.seconds else ""
         return (f"{self.torrents} torrents ({self.torrents_answered} answered), {self.trackers} "
                 f"trackers: {self.trackers_ok} ok, {self.trackers_failed} failed, "
                 f"{self.trackers_skipped} backing off; {self.hashes_answered} hashes answered, "
                 f"{self.requests} requests, {self.retries} retries, {self.truncations} truncated "
                 f"replies; UDP {self.packets_sent} sent, {self.packets_received} received, "
-                f"{self.dropped} dropped")
+                f"{self.dropped} dropped; network phase {self.seconds:.2f} s{rate}")
 
 
 @dataclass(slots=True)
@@ -2453,6 +2474,7 @@ async def run_scrape(db: sqlite3.Connection, settings: Settings,
             if tally.error:
                 reporter.debug(f"tracker {url!r}: {tally.error}")
 
+        phase_started = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(endpoint.receive_forever)
@@ -2463,6 +2485,7 @@ async def run_scrape(db: sqlite3.Connection, settings: Settings,
         finally:
             # Also on Ctrl-C or SIGTERM: every sample measured so far, and the health of every
             # tracker that finished, is committed.
+            counts.seconds = trio.current_time() - phase_started
             endpoint.close()
             with trio.CancelScope(shield=True):
                 await fetcher.aclose()
