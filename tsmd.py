@@ -574,6 +574,196 @@ def _safe_magnet(uri: str) -> bool:
     return True
 
 
+# ---- KRPC: DHT messages (BEP 5, BEP 32, BEP 33, BEP 43) ----
+
+COMPACT_NODE_V4: Final = struct.Struct("!20s4sH")  # BEP 5: node id, IPv4, port (26 bytes)
+COMPACT_NODE_V6: Final = struct.Struct("!20s16sH")  # BEP 32: node id, IPv6, port (38 bytes)
+COMPACT_PEER_V4: Final = struct.Struct("!4sH")
+COMPACT_PEER_V6: Final = struct.Struct("!16sH")
+BLOOM_BYTES: Final = 256  # BEP 33: m = 2048 bits
+BLOOM_BITS: Final = BLOOM_BYTES * 8
+BLOOM_HASHES: Final = 2  # BEP 33: k = 2
+
+
+class KrpcError(enum.IntEnum):
+    GENERIC = 201  # also what nodes send when they throttle ("too many requests")
+    SERVER = 202
+    PROTOCOL = 203
+    METHOD_UNKNOWN = 204
+
+
+@dataclass(frozen=True, slots=True)
+class DhtNode:
+    node_id: bytes
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class KrpcMessage:
+    """A decoded KRPC packet: `kind` is b"q", b"r" or b"e"."""
+
+    transaction_id: bytes
+    kind: bytes
+    body: dict  # the `a`, `r` dictionary, or {b"code": int, b"message": bytes} for errors
+
+
+@dataclass(frozen=True, slots=True)
+class GetPeersReply:
+    node_id: bytes
+    token: bytes | None
+    peers: tuple[tuple[str, int], ...]  # from `values`
+    nodes: tuple[DhtNode, ...]  # from `nodes` and `nodes6`
+    seeds_bloom: bytes | None  # BEP 33 BFsd
+    peers_bloom: bytes | None  # BEP 33 BFpe
+    bad_fields: int = 0  # fields dropped as malformed (the rest of the reply still counts)
+
+
+def encode_get_peers(transaction_id: bytes, node_id: bytes, infohash: bytes, *,
+                     scrape: bool = False, want_ipv6: bool = False) -> bytes:
+    """A BEP 5 get_peers query, read-only (BEP 43), optionally with BEP 33 `scrape`."""
+    arguments: dict[bytes, Any] = {b"id": node_id, b"info_hash": infohash}
+    if scrape:
+        arguments[b"scrape"] = 1
+    if want_ipv6:
+        arguments[b"want"] = [b"n4", b"n6"]  # BEP 32
+    return bencode({b"t": transaction_id, b"y": b"q", b"q": b"get_peers", b"a": arguments,
+                    b"ro": 1})
+
+
+def decode_krpc_untrusted(data: bytes) -> KrpcMessage:
+    """Any KRPC packet, checked only as far as routing needs. Raises only ProtocolError."""
+    message = bdecode_untrusted(data)
+    if not isinstance(message, dict):
+        raise ProtocolError("KRPC packet is not a dictionary")
+    transaction_id, kind = message.get(b"t"), message.get(b"y")
+    if not isinstance(transaction_id, bytes) or not 1 <= len(transaction_id) <= 32:
+        raise ProtocolError("KRPC packet without a usable transaction id 't'")
+    if kind == b"r":
+        body = message.get(b"r")
+        if not isinstance(body, dict):
+            raise ProtocolError("KRPC reply without an 'r' dictionary")
+        return KrpcMessage(transaction_id, kind, body)
+    if kind == b"e":
+        error = message.get(b"e")
+        if not isinstance(error, list) or not error or not isinstance(error[0], int):
+            raise ProtocolError("KRPC error without [code, message]")
+        text = error[1] if len(error) > 1 and isinstance(error[1], bytes) else b""
+        return KrpcMessage(transaction_id, kind, {b"code": error[0], b"message": text[:200]})
+    if kind == b"q":
+        body = message.get(b"a")
+        return KrpcMessage(transaction_id, kind, body if isinstance(body, dict) else {})
+    raise ProtocolError(f"KRPC packet of unknown kind {kind!r:.20}")
+
+
+def krpc_transaction_untrusted(data: bytes) -> tuple[bytes, KrpcMessage]:
+    """Routing key and message for the UDP endpoint."""
+    message = decode_krpc_untrusted(data)
+    return message.transaction_id, message
+
+
+def _ip_text(raw: bytes) -> str:
+    return str(ipaddress.ip_address(raw))
+
+
+def decode_compact_nodes_untrusted(data: bytes, ipv6: bool = False) -> tuple[DhtNode, ...]:
+    layout = COMPACT_NODE_V6 if ipv6 else COMPACT_NODE_V4
+    if len(data) % layout.size:
+        raise ProtocolError(f"compact nodes of {len(data)} bytes, not a multiple of {layout.size}")
+    return tuple(DhtNode(node_id, _ip_text(ip), port)
+                 for node_id, ip, port in layout.iter_unpack(data))
+
+
+def decode_compact_peer_untrusted(data: bytes) -> tuple[str, int]:
+    if len(data) == COMPACT_PEER_V4.size:
+        ip, port = COMPACT_PEER_V4.unpack(data)
+    elif len(data) == COMPACT_PEER_V6.size:
+        ip, port = COMPACT_PEER_V6.unpack(data)
+    else:
+        raise ProtocolError(f"compact peer of {len(data)} bytes, expected 6 or 18")
+    return _ip_text(ip), port
+
+
+def encode_compact_peer(host: str, port: int) -> bytes:
+    return ipaddress.ip_address(host).packed + port.to_bytes(2, "big")
+
+
+def encode_compact_node(node: DhtNode) -> bytes:
+    return node.node_id + encode_compact_peer(node.host, node.port)
+
+
+def decode_get_peers_reply_untrusted(message: KrpcMessage) -> GetPeersReply:
+    """The `r` of a get_peers reply. A malformed optional field (values, nodes, nodes6, token,
+    filters) is dropped and counted; only a missing or bad node id rejects the whole reply."""
+    body = message.body
+    node_id = body.get(b"id")
+    if message.kind != b"r" or not isinstance(node_id, bytes) or len(node_id) != 20:
+        raise ProtocolError("get_peers reply without a 20-byte node id")
+    bad = 0
+    peers: list[tuple[str, int]] = []
+    values = body.get(b"values")
+    if values is not None:
+        if isinstance(values, list):
+            for value in values:
+                try:
+                    peers.append(decode_compact_peer_untrusted(value if isinstance(value, bytes)
+                                                               else b""))
+                except ProtocolError:
+                    bad += 1
+        else:
+            bad += 1
+    nodes: list[DhtNode] = []
+    for key, ipv6 in ((b"nodes", False), (b"nodes6", True)):
+        raw = body.get(key)
+        if raw is None:
+            continue
+        try:
+            if not isinstance(raw, bytes):
+                raise ProtocolError(f"'{key.decode()}' is not a string")
+            nodes.extend(decode_compact_nodes_untrusted(raw, ipv6))
+        except ProtocolError:
+            bad += 1
+    blooms = []
+    for key in (b"BFsd", b"BFpe"):
+        raw = body.get(key)
+        if raw is not None and (not isinstance(raw, bytes) or len(raw) != BLOOM_BYTES):
+            bad += 1
+            raw = None
+        blooms.append(raw)
+    token = body.get(b"token")
+    if token is not None and not isinstance(token, bytes):
+        bad += 1
+        token = None
+    return GetPeersReply(node_id, token, tuple(peers), tuple(nodes), blooms[0], blooms[1], bad)
+
+
+# ---- BEP 33 bloom filters ----
+
+
+def bloom_insert(bloom: bytearray, ip: str) -> None:
+    """Set the two bits of an IP (raw 4 or 16 bytes, no port) in a 2048-bit filter (BEP 33)."""
+    digest = hashlib.sha1(ipaddress.ip_address(ip).packed).digest()
+    for index in ((digest[0] | digest[1] << 8) % BLOOM_BITS,
+                  (digest[2] | digest[3] << 8) % BLOOM_BITS):
+        bloom[index // 8] |= 1 << (index % 8)
+
+
+def bloom_union(target: bytearray, other: bytes) -> None:
+    for position, byte in enumerate(other):
+        target[position] |= byte
+
+
+def bloom_estimate(bloom: bytes) -> float:
+    """BEP 33's estimate of the distinct IPs in a filter: n = ln(c/m) / (k ln(1 - 1/m)), c the
+    zero bits clamped to [1, m-1]. An empty filter counts 0; a full one saturates near 7,806,
+    a lower bound."""
+    set_bits = int.from_bytes(bloom, "big").bit_count()
+    if set_bits == 0:
+        return 0.0
+    zeros = min(max(BLOOM_BITS - set_bits, 1), BLOOM_BITS - 1)
+    return math.log(zeros / BLOOM_BITS) / (BLOOM_HASHES * math.log(1 - 1 / BLOOM_BITS))
+
+
 # ---- Tracker scrape codecs (BEP 15 UDP, BEP 48 HTTP) ----
 
 UDP_TRACKER_PROTOCOL_ID: Final = 0x41727101980  # BEP 15 magic constant of the connect request
@@ -629,6 +819,11 @@ def udp_transaction_id_untrusted(data: bytes) -> int:
     if len(data) < _UDP_REPLY_HEADER.size:
         raise ProtocolError(f"tracker reply of {len(data)} bytes is shorter than its header")
     return _UDP_REPLY_HEADER.unpack_from(data)[1]
+
+
+def udp_tracker_packet_untrusted(data: bytes) -> tuple[int, bytes]:
+    """Routing key and packet for the UDP endpoint; the packet is decoded by its requester."""
+    return udp_transaction_id_untrusted(data), data
 
 
 def decode_udp_tracker_reply_untrusted(data: bytes) -> UdpTrackerReply:
@@ -730,7 +925,7 @@ def _plain_address(host: str) -> str:
 @dataclass(slots=True)
 class _PendingReply:
     event: trio.Event = field(default_factory=trio.Event)
-    data: bytes | None = None
+    data: Any = None  # what the endpoint's parser made of the reply
 
 
 @dataclass(slots=True)
@@ -794,15 +989,16 @@ class UdpEndpoint:
     network) are counted and survived: the request simply gets no reply.
     """
 
-    def __init__(self, sock: trio.socket.SocketType, transaction_key_untrusted: Any) -> None:
+    def __init__(self, sock: trio.socket.SocketType, parse_untrusted: Any) -> None:
+        """`parse_untrusted(data) -> (transaction key, parsed reply)` may raise ProtocolError."""
         self.sock = sock
         self.dual_stack = sock.family == trio.socket.AF_INET6
-        self._transaction_key = transaction_key_untrusted
+        self._parse = parse_untrusted
         self._pending: dict[tuple[Any, str, int], _PendingReply] = {}
         self.counters = UdpCounters()
 
     @classmethod
-    async def open(cls, bind: str, transaction_key_untrusted: Any) -> UdpEndpoint:
+    async def open(cls, bind: str, parse_untrusted: Any) -> UdpEndpoint:
         host, port = split_host_port(bind, default_port=0)
         try:
             sock = open_udp_socket(host)
@@ -813,7 +1009,7 @@ class UdpEndpoint:
                 await sock.bind(("0.0.0.0", port))
             else:
                 raise TsmdError(f"cannot bind UDP {bind}: {exc.strerror or exc}") from None
-        return cls(sock, transaction_key_untrusted)
+        return cls(sock, parse_untrusted)
 
     @property
     def local_address(self) -> tuple[str, int]:
@@ -837,7 +1033,7 @@ class UdpEndpoint:
         return True
 
     async def request(self, data: bytes, host: str, port: int, key: Any,
-                      timeout: float) -> bytes | None:
+                      timeout: float) -> Any:
         """Send `data` and wait up to `timeout` s for the reply carrying `key` from host:port."""
         slot_key = (key, host, port)
         if slot_key in self._pending:
@@ -867,7 +1063,7 @@ class UdpEndpoint:
                 continue
             counters.received += 1
             try:
-                key = self._transaction_key(data)
+                key, parsed = self._parse(data)
             except ProtocolError:
                 counters.dropped_invalid += 1
                 continue
@@ -875,7 +1071,7 @@ class UdpEndpoint:
             if slot is None or slot.data is not None:
                 counters.dropped_unmatched += 1
                 continue
-            slot.data = data
+            slot.data = parsed
             slot.event.set()
 
 
@@ -1270,7 +1466,7 @@ class _HashQueue:
     def __init__(self, hashes: Sequence[bytes], batch: int) -> None:
         self.pending = list(reversed(hashes))
         self.batch = batch
-        self.requeued: set[bytes] = set()
+        self.requeued: dict[bytes, int] = {}  # hash -> size of the reply that left it out
 
     def take(self) -> list[bytes]:
         size = min(self.batch, len(self.pending))
@@ -1278,11 +1474,19 @@ class _HashQueue:
         del self.pending[len(self.pending) - size:]
         return taken
 
-    def give_back(self, hashes: Sequence[bytes], answered_per_request: int) -> None:
-        """Re-queue hashes a truncated reply left out, and ask fewer at once from now on."""
-        self.batch = max(1, min(self.batch, answered_per_request))
+    def give_back(self, hashes: Sequence[bytes], answered: int, *, shrink: bool) -> None:
+        """Re-queue hashes a reply left out; with `shrink`, ask at most `answered` at once."""
+        if shrink:
+            self.batch = max(1, min(self.batch, answered))
         self.pending.extend(reversed(hashes))
-        self.requeued.update(hashes)
+        self.requeued.update(dict.fromkeys(hashes, answered))
+
+    def confirm_cut(self, answered_hashes: Iterable[bytes]) -> None:
+        """Hashes left out once and answered now were cut off, not unknown: ask fewer at once."""
+        for infohash in answered_hashes:
+            size = self.requeued.get(infohash)
+            if size:
+                self.batch = max(1, min(self.batch, size))
 
 
 async def _resolve_tracker(host: str, port: int, endpoint: UdpEndpoint | None,
@@ -1315,6 +1519,7 @@ class UdpTrackerClient:
         self._connection_id: int | None = None
         self._connected_at = 0.0
         self._connect_lock = trio.Lock()
+        self._dead: str | None = None  # once a connect fails, every worker gives up at once
 
     async def _exchange(self, build: Any) -> UdpTrackerReply:
         """One request with retransmits; `build(tid)` makes the packet."""
@@ -1342,14 +1547,20 @@ class UdpTrackerClient:
 
     async def _connection(self) -> int:
         async with self._connect_lock:
+            if self._dead is not None:
+                raise TrackerDead(self._dead)
             # Renew a little before BEP 15's one minute so a reply never races the expiry.
             if self._connection_id is None or \
                     trio.current_time() - self._connected_at > UDP_CONNECTION_ID_LIFETIME - 5:
-                reply = await self._exchange(encode_udp_connect)
-                if reply.action == TrackerAction.ERROR:
-                    raise TrackerDead(f"tracker error on connect: {reply.error}")
-                if reply.action != TrackerAction.CONNECT or reply.connection_id is None:
-                    raise TrackerDead(f"unexpected reply to connect (action {reply.action})")
+                try:
+                    reply = await self._exchange(encode_udp_connect)
+                    if reply.action == TrackerAction.ERROR:
+                        raise TrackerDead(f"tracker error on connect: {reply.error}")
+                    if reply.action != TrackerAction.CONNECT or reply.connection_id is None:
+                        raise TrackerDead(f"unexpected reply to connect (action {reply.action})")
+                except TrackerDead as exc:
+                    self._dead = str(exc)
+                    raise
                 self._connection_id = reply.connection_id
                 self._connected_at = trio.current_time()
             return self._connection_id
@@ -1362,7 +1573,7 @@ class UdpTrackerClient:
             reply = await self._exchange(
                 lambda tid: encode_udp_scrape(connection_id, tid, batch))
             if reply.action == TrackerAction.ERROR:
-                queue.give_back(batch, queue.batch)
+                queue.give_back(batch, queue.batch, shrink=False)
                 # An expired or unknown connection id: connect again, a bounded number of times.
                 if connection_errors < self.options.attempts and "connect" in (reply.error or "").lower():
                     connection_errors += 1
@@ -1378,7 +1589,7 @@ class UdpTrackerClient:
                 self.tally.truncations += 1
                 if not entries:
                     raise TrackerDead(f"answered none of {len(batch)} hashes")
-                queue.give_back(batch[len(entries):], len(entries))
+                queue.give_back(batch[len(entries):], len(entries), shrink=True)
             self.tally.hashes_answered += len(entries)
             await deliver(list(zip(batch, entries)))
 
@@ -1427,15 +1638,20 @@ class HttpTrackerClient:
             except ProtocolError as exc:
                 raise TrackerDead(str(exc)) from None
             answered = [(h, files[h]) for h in batch if h in files]
-            # Hashes a tracker does not know are simply left out, and so is everything past its
-            # cap (opentracker: 64). Those left out before the last answered hash are unknown to
-            # it; those after it may have been cut off, so they are asked again once, in
-            # requests no larger than what it just answered. Twice cut off = unknown.
-            last = max((i for i, h in enumerate(batch) if h in files), default=-1)
-            tail = [h for h in batch[last + 1:] if h not in queue.requeued]
-            if answered and tail:
+            # A tracker leaves out the hashes it does not know, and everything past its cap
+            # (opentracker: 64) too. Those left out after the last answered hash may have been
+            # cut off: they are asked again once. Only when such a hash is then answered was
+            # the reply really cut, and requests get smaller; twice left out = unknown.
+            recovered = [h for h, _ in answered if h in queue.requeued]
+            if recovered:
                 self.tally.truncations += 1
-                queue.give_back(tail, last + 1)
+                queue.confirm_cut(recovered)
+            # A request larger than the cap now known cut its tail for sure: ask again.
+            oversized = len(batch) > queue.batch
+            last = max((i for i, h in enumerate(batch) if h in files), default=-1)
+            tail = [h for h in batch[last + 1:] if oversized or h not in queue.requeued]
+            if answered and tail:
+                queue.give_back(tail, last + 1, shrink=False)
             self.tally.hashes_answered += len(answered)
             if answered:
                 await deliver(answered)
@@ -1463,7 +1679,7 @@ async def scrape_tracker(url: str, hashes: Sequence[bytes], options: ScrapeOptio
                     await client.scrape(queue, deliver)
                 except TrackerDead as exc:
                     tally.error = tally.error or str(exc)
-                    queue.pending.clear()  # a dead tracker is not asked again in this run
+                    nursery.cancel_scope.cancel()  # a dead tracker is not asked again this run
             for _ in range(max(1, options.window)):
                 nursery.start_soon(worker)
     except TrackerDead as exc:
@@ -2444,7 +2660,7 @@ async def run_scrape(db: sqlite3.Connection, settings: Settings,
     answered: set[int] = set()
     tallies: list[TrackerTally] = []
     rows: list[tuple] = []
-    endpoint = await UdpEndpoint.open(settings.scrape.bind, udp_transaction_id_untrusted)
+    endpoint = await UdpEndpoint.open(settings.scrape.bind, udp_tracker_packet_untrusted)
     fetcher = make_fetcher(settings, resolve)
     limiter = trio.CapacityLimiter(settings.scrape.concurrency)
     total = sum(len(hashes) for hashes in plan.hashes_by_tracker.values())
