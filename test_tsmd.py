@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import ipaddress
 import json
 import os
 import socket
@@ -1478,3 +1479,345 @@ def test_scrape_real_opentracker_udp_and_http_exact(tmp_path, opentracker):
             expected = {h: c for h, c in expected.items() if bytes.fromhex(h) in swarms}
         assert got == expected, url
     assert tracker.udp_drops() == 0
+
+
+# ---- KRPC and BEP 33 codecs ----
+
+
+def test_bep5_examples_verbatim():
+    query = tsmd.encode_get_peers(b"aa", b"abcdefghij0123456789", b"mnopqrstuvwxyz123456")
+    # BEP 5's get_peers example, plus BEP 43's "ro": 1 at the top level.
+    assert query == (b"d1:ad2:id20:abcdefghij01234567899:info_hash20:mnopqrstuvwxyz123456e"
+                     b"1:q9:get_peers2:roi1e1:t2:aa1:y1:qe")
+    with_values = tsmd.decode_krpc_untrusted(
+        b"d1:rd2:id20:abcdefghij01234567895:token8:aoeusnth6:valuesl6:axje.u6:idhtnmee"
+        b"1:t2:aa1:y1:re")
+    reply = tsmd.decode_get_peers_reply_untrusted(with_values)
+    assert with_values.transaction_id == b"aa" and reply.token == b"aoeusnth"
+    assert reply.peers == (("97.120.106.101", 11893), ("105.100.104.116", 28269))
+    with_nodes = tsmd.decode_krpc_untrusted(
+        b"d1:rd2:id20:abcdefghij01234567895:nodes9:def456...5:token8:aoeusnthe1:t2:aa1:y1:re")
+    reply = tsmd.decode_get_peers_reply_untrusted(with_nodes)
+    assert reply.nodes == () and reply.bad_fields == 1  # 9 bytes: that field only is dropped
+    error = tsmd.decode_krpc_untrusted(b"d1:eli201e23:A Generic Error Ocurrede1:t2:aa1:y1:ee")
+    assert error.kind == b"e" and error.body == {b"code": 201, b"message": b"A Generic Error Ocurred"}
+
+
+def test_compact_nodes_and_peers_ipv4_ipv6_mixed():
+    v4 = tsmd.DhtNode(b"\x01" * 20, "1.2.3.4", 6881)
+    v6 = tsmd.DhtNode(b"\x02" * 20, "2001:db8::1", 51413)
+    body = {b"id": b"\x09" * 20, b"nodes": tsmd.encode_compact_node(v4) * 2,
+            b"nodes6": tsmd.encode_compact_node(v6),
+            b"values": [tsmd.encode_compact_peer("5.6.7.8", 80),
+                        tsmd.encode_compact_peer("2001:db8::2", 443), b"short"]}
+    reply = tsmd.decode_get_peers_reply_untrusted(tsmd.KrpcMessage(b"t", b"r", body))
+    assert reply.nodes == (v4, v4, v6)
+    assert reply.peers == (("5.6.7.8", 80), ("2001:db8::2", 443)) and reply.bad_fields == 1
+    with pytest.raises(tsmd.ProtocolError):
+        tsmd.decode_compact_nodes_untrusted(b"x" * 27)
+    with pytest.raises(tsmd.ProtocolError):
+        tsmd.decode_get_peers_reply_untrusted(tsmd.KrpcMessage(b"t", b"r", {b"id": b"short"}))
+
+
+def test_bep33_vector_and_estimates():
+    bloom = bytearray(tsmd.BLOOM_BYTES)
+    for n in range(256):
+        tsmd.bloom_insert(bloom, f"192.0.2.{n}")
+    for n in range(1000):
+        tsmd.bloom_insert(bloom, str(ipaddress.ip_address("2001:db8::") + n))
+    assert abs(tsmd.bloom_estimate(bytes(bloom)) - 1224.9308) < 1e-4  # BEP 33 truncates
+    assert tsmd.bloom_estimate(bytes(256)) == 0  # empty: 0, not BEP 33's raw 0.5
+    assert 7800 < tsmd.bloom_estimate(b"\xff" * 256) < 7810  # saturated: a lower bound
+    union = bytearray(256)
+    tsmd.bloom_union(union, bytes(bloom))
+    assert union == bloom
+
+
+def test_every_truncation_and_corruption_of_a_krpc_reply_raises_only_protocol_error():
+    body = {b"id": b"\x09" * 20, b"token": b"tok",
+            b"nodes": tsmd.encode_compact_node(tsmd.DhtNode(b"\x01" * 20, "1.2.3.4", 1)),
+            b"values": [tsmd.encode_compact_peer("5.6.7.8", 80)], b"BFsd": b"\x01" * 256}
+    packet = bencoder.bencode({b"t": b"ab", b"y": b"r", b"r": body})
+    for end in range(len(packet)):
+        with pytest.raises(tsmd.ProtocolError):
+            tsmd.decode_get_peers_reply_untrusted(tsmd.decode_krpc_untrusted(packet[:end]))
+    for position in range(0, len(packet), 3):
+        for byte in (b"x", b"e", b"0", b"l"):
+            try:
+                tsmd.decode_get_peers_reply_untrusted(tsmd.decode_krpc_untrusted(
+                    packet[:position] + byte + packet[position + 1:]))
+            except tsmd.ProtocolError:
+                pass
+
+
+@given(st.recursive(st.none() | st.integers() | st.binary(max_size=40),
+                    lambda children: st.lists(children, max_size=4)
+                    | st.dictionaries(st.sampled_from([b"t", b"y", b"r", b"e", b"id", b"nodes",
+                                                       b"values", b"token", b"BFsd", b"nodes6"]),
+                                      children, max_size=5), max_leaves=20))
+@hsettings(max_examples=400, deadline=None)
+def test_krpc_parsers_raise_only_protocol_error_on_hostile_structures(value):
+    try:
+        data = bencoder.bencode(value)
+    except Exception:
+        return
+    try:
+        tsmd.decode_get_peers_reply_untrusted(tsmd.decode_krpc_untrusted(data))
+    except tsmd.ProtocolError:
+        pass
+
+
+def test_node_cache_closest_matches_a_full_scan():
+    cache = tsmd.NodeCache()
+    nodes = [tsmd.DhtNode(hashlib.sha1(str(n).encode()).digest(), f"127.1.{n // 250}.{n % 250}",
+                          1000 + n) for n in range(3000)]
+    for node in nodes:
+        cache.add(node, 1.0)
+    for n in range(50):
+        target = hashlib.sha1(f"target {n}".encode()).digest()
+        exact = sorted(nodes, key=lambda node: int.from_bytes(node.node_id, "big")
+                       ^ int.from_bytes(target, "big"))[:8]
+        assert cache.closest(target, 8) == exact
+    cache.failed(nodes[0].host, nodes[0].port)
+    cache.failed(nodes[0].host, nodes[0].port)
+    assert len(cache) == 2999 and (nodes[0].host, nodes[0].port) in cache.evicted
+    cache.add(tsmd.DhtNode(b"\x00" * 20, nodes[1].host, nodes[1].port), 2.0)  # new id, same address
+    assert len(cache) == 2999 and cache.closest(b"\x00" * 20, 1)[0].port == nodes[1].port
+
+
+# ---- DHT: an in-process network of fake nodes ----
+
+
+def xor(a: bytes, b: bytes) -> int:
+    return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
+
+
+class FakeDhtNetwork:
+    """Nodes on distinct 127.x addresses with Kademlia routing tables built from global
+    knowledge; each infohash's peers are stored on the 8 nodes closest to it. `style` is
+    "jech" (values, no filters) or "libtorrent" (with scrape: filters and no values)."""
+
+    def __init__(self, count: int, swarms: dict[bytes, set[tuple[str, int, bool]]], *,
+                 style: str = "jech", hostile: dict[int, str] | None = None,
+                 first_octet: int = 127, second_octet: int = 20) -> None:
+        self.ids = [hashlib.sha1(f"node {n}".encode()).digest() for n in range(count)]
+        self.addresses = [f"{first_octet}.{second_octet + n // 250}.{n % 250 + 1}.1"
+                          for n in range(count)]
+        self.ports = [0] * count
+        self.style = style
+        self.hostile = hostile or {}  # node index -> behaviour
+        self.queries = [0] * count
+        self.stored: list[dict[bytes, set[tuple[str, int, bool]]]] = [{} for _ in range(count)]
+        for infohash, peers in swarms.items():
+            for n in sorted(range(count), key=lambda n: xor(self.ids[n], infohash))[:8]:
+                self.stored[n][infohash] = peers
+        self.table = [self._routing_table(n) for n in range(count)]
+
+    def _routing_table(self, n: int) -> list[int]:
+        """Up to 8 nodes per bucket (per length of the shared id prefix), like a real node."""
+        buckets: dict[int, list[int]] = {}
+        me = int.from_bytes(self.ids[n], "big")
+        for other in range(len(self.ids)):
+            if other != n:
+                bucket = (me ^ int.from_bytes(self.ids[other], "big")).bit_length()
+                if len(buckets.setdefault(bucket, [])) < 8:
+                    buckets[bucket].append(other)
+        return [other for members in buckets.values() for other in members]
+
+    @property
+    def bootstrap(self) -> list[str]:
+        return [f"{self.addresses[n]}:{self.ports[n]}" for n in range(3)]
+
+    def node(self, n: int) -> tsmd.DhtNode:
+        return tsmd.DhtNode(self.ids[n], self.addresses[n], self.ports[n])
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for n in range(len(self.ids)):
+                await nursery.start(self._serve_node, n)
+            task_status.started()
+
+    async def _serve_node(self, n: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock, \
+                trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as other:
+            await sock.bind((self.addresses[n], 0))
+            await other.bind((self.addresses[n], 0))
+            self.ports[n] = sock.getsockname()[1]
+            task_status.started()
+            while True:
+                data, address = await sock.recvfrom(4096)
+                self.queries[n] += 1
+                behaviour = self.hostile.get(n)
+                if behaviour == "silent":
+                    continue
+                try:
+                    query = bencoder.bdecode(data)
+                    assert query[b"ro"] == 1 and query[b"q"] == b"get_peers"
+                except Exception:
+                    continue
+                for reply, via in self.answer(n, query, behaviour, sock, other):
+                    await via.sendto(reply, address)
+
+    def answer(self, n: int, query: dict, behaviour: str | None, sock, other):
+        arguments = query[b"a"]
+        infohash = arguments[b"info_hash"]
+        closest = sorted(self.table[n], key=lambda m: xor(self.ids[m], infohash))[:8]
+        body: dict = {b"id": self.ids[n], b"token": b"tok" + bytes([n % 256]),
+                      b"nodes": b"".join(tsmd.encode_compact_node(self.node(m)) for m in closest)}
+        peers = self.stored[n].get(infohash)
+        if peers is not None:
+            values = [tsmd.encode_compact_peer(host, port) for host, port, _ in sorted(peers)]
+            if arguments.get(b"scrape") == 1 and self.style == "libtorrent":
+                seeds, downloaders = bytearray(256), bytearray(256)
+                for host, _, seed in peers:
+                    tsmd.bloom_insert(seeds if seed else downloaders, host)
+                body[b"BFsd"], body[b"BFpe"] = bytes(seeds), bytes(downloaders)
+            else:
+                body[b"values"] = values[:100]
+        reply = {b"t": query[b"t"], b"y": b"r", b"r": body}
+        if behaviour == "garbage":
+            return [(os.urandom(40), sock)]
+        if behaviour == "nested":
+            return [(b"d1:rd2:id20:" + self.ids[n] + b"5:nodes" + b"l" * 3000 + b"e" * 3000
+                     + b"ee1:t" + bencoder.bencode(query[b"t"])[0:] + b"1:y1:re", sock)]
+        if behaviour == "oversized":
+            body[b"values"] = [b"x" * 7] * 6000  # ~60 KB of peers of a wrong length
+            return [(bencoder.bencode(reply), sock)]
+        if behaviour == "bogons":
+            bogus = [("0.0.0.0", 6881), ("224.0.0.1", 6881), ("255.255.255.255", 6881),
+                     (self.addresses[0], 0), ("127.20.0.1", 0)]
+            body[b"nodes"] = b"".join(tsmd.encode_compact_node(tsmd.DhtNode(os.urandom(20), h, p))
+                                      for h, p in bogus) + body[b"nodes"]
+            body[b"values"] = [tsmd.encode_compact_peer("0.0.0.0", 0)]
+            return [(bencoder.bencode(reply), sock)]
+        if behaviour == "wrong-tid":
+            reply[b"t"] = b"zz" + query[b"t"]
+            return [(bencoder.bencode(reply), sock)]
+        if behaviour == "wrong-address":
+            return [(bencoder.bencode(reply), other)]
+        if behaviour == "flood":
+            junk = {b"t": os.urandom(4), b"y": b"r", b"r": body}
+            return [(bencoder.bencode(junk), sock)] * 20 + [(bencoder.bencode(reply), sock)] * 3
+        if behaviour == "error":
+            return [(bencoder.bencode({b"t": query[b"t"], b"y": b"e",
+                                       b"e": [201, b"too many requests"]}), sock)]
+        return [(bencoder.bencode(reply), sock)]
+
+
+def dht_swarms(count: int, peers_each: int = 3, salt: str = "") -> dict[bytes, set]:
+    swarms = {}
+    for n in range(count):
+        infohash = hashlib.sha1(f"swarm {salt}{n}".encode()).digest()
+        swarms[infohash] = {(f"127.200.{(n * 7 + p) % 250}.{p + 1}", 6881 + p, p % 2 == 0)
+                            for p in range(1 + (n + 1) % peers_each)}
+    return swarms
+
+
+def dht_test_options(**overrides) -> tsmd.DhtOptions:
+    options = dict(concurrency=50, rate=0, per_ip_rate=1, per_ip_burst=4, stall_timeout=0.3,
+                   query_timeout=1.0, max_queries=64, bep33=True, allow_private=True)
+    options.update(overrides)
+    return tsmd.DhtOptions(**options)
+
+
+async def survey_all(network: FakeDhtNetwork, infohashes, options, cache=None):
+    endpoint = await tsmd.UdpEndpoint.open("127.0.0.1:0", tsmd.krpc_transaction_untrusted)
+    bootstrap = [tsmd.DhtNode(b"", *tsmd.split_host_port(b)) for b in network.bootstrap]
+    survey = tsmd.DhtSurvey(endpoint, cache or tsmd.NodeCache(), bootstrap, options, False)
+    results = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(endpoint.receive_forever)
+        limiter = trio.CapacityLimiter(options.concurrency)
+
+        async def one(infohash):
+            async with limiter:
+                results[infohash] = await survey.lookup(infohash)
+        async with trio.open_nursery() as lookups:
+            for infohash in infohashes:
+                lookups.start_soon(one, infohash)
+        nursery.cancel_scope.cancel()
+    endpoint.close()
+    return results, survey, endpoint.counters
+
+
+def test_dht_lookups_find_every_peer_and_survive_hostile_nodes():
+    swarms = dht_swarms(60)
+    hostile = {5: "garbage", 9: "nested", 13: "oversized", 17: "bogons", 21: "wrong-tid",
+               25: "wrong-address", 29: "flood", 33: "error", 37: "silent", 41: "silent"}
+    network = FakeDhtNetwork(120, swarms, hostile=hostile)
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(network.serve)
+            results = await survey_all(network, list(swarms), dht_test_options())
+            nursery.cancel_scope.cancel()
+        return results
+
+    results, survey, udp = run(scenario, timeout=120)
+    # A hostile node among an infohash's storers hides its copy, but 8 nodes store each swarm.
+    for infohash, peers in swarms.items():
+        assert results[infohash].peers == {(h, p) for h, p, _ in peers}, infohash.hex()
+    counters = survey.counters
+    assert counters.timeouts > 0 and counters.bogons_skipped > 0 and counters.krpc_errors > 0
+    assert udp.dropped_unmatched > 0 and udp.dropped_invalid > 0 and udp.send_errors == 0
+    assert all(count <= 3 * len(swarms) for count in network.queries)  # no node hammered
+
+
+def test_dht_bep33_filters_and_values_follow_up_like_libtorrent():
+    swarms = dht_swarms(30, peers_each=5, salt="bf")
+    network = FakeDhtNetwork(60, swarms, style="libtorrent")
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(network.serve)
+            results = await survey_all(network, list(swarms), dht_test_options())
+            nursery.cancel_scope.cancel()
+        return results
+
+    results, survey, _ = run(scenario, timeout=60)
+    for infohash, peers in swarms.items():
+        result = results[infohash]
+        assert result.peers == {(h, p) for h, p, _ in peers}
+        seeds, everyone = result.bep33_estimates()
+        real_seeds = {h for h, _, seed in peers if seed}
+        assert seeds == pytest.approx(len(real_seeds), abs=0.6)
+        assert everyone == pytest.approx(len({h for h, _, _ in peers}), abs=0.6)
+
+
+def test_dht_warm_cache_cuts_packets_and_persists(tmp_path):
+    swarms = dht_swarms(100, salt="warm")
+    network = FakeDhtNetwork(400, swarms)
+    db, _ = torrent_db(tmp_path, 0, [])
+    with tsmd.Transaction(db):
+        collection_id = db.execute("SELECT id FROM collections").fetchone()[0]
+        for n, infohash in enumerate(swarms):
+            torrent_id = tsmd.upsert_torrent(db, tsmd.decode_magnet_untrusted(
+                tsmd.magnet_uri(infohash.hex())), 1)
+            db.execute("INSERT INTO memberships (collection_id, source, torrent_id, first_seen, "
+                       "last_seen) VALUES (?, ?, ?, 1, 1)", (collection_id, infohash.hex(),
+                                                               torrent_id))
+    settings = make_settings(tmp_path, [{"name": "c", "url": "http://x/", "type": "books"}],
+                             dht={"bind": "127.0.0.1:0", "rate": 0, "stall_timeout": 0.3,
+                                  "query_timeout": 1})
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(network.serve)
+            cold = await tsmd.run_dht(db, settings, settings.collections, tsmd.Reporter(-1),
+                                      bootstrap=network.bootstrap)
+            warm = await tsmd.run_dht(db, settings, settings.collections, tsmd.Reporter(-1),
+                                      bootstrap=network.bootstrap)
+            nursery.cancel_scope.cancel()
+        return cold, warm
+
+    cold, warm = run(scenario, timeout=120)
+    assert cold.lookups == warm.lookups == 100
+    assert cold.peers == warm.peers == sum(len(p) for p in swarms.values())
+    # The warm cache starts each lookup at the K closest nodes: 8 queries, no hops.
+    assert warm.packets_sent < cold.packets_sent and warm.packets_sent <= 100 * (tsmd.DHT_K + 1)
+    assert db.execute("SELECT count(*) FROM dht_nodes").fetchone()[0] > 100
+    samples = db.execute("SELECT count(*), sum(peers) FROM dht_samples").fetchone()
+    assert samples == (200, 2 * cold.peers)
+    rows = {row.infohash: row for row in tsmd.load_report_rows(db)}
+    for infohash, peers in swarms.items():
+        assert rows[infohash.hex()].dht_peers == len(peers) and rows[infohash.hex()].dht_scraped > 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import dataclasses
 import enum
 import hashlib
@@ -1420,6 +1421,388 @@ def local_index_entries(directory: Path) -> list[IndexEntry]:
     return [IndexEntry(EntryKind.URL, p.resolve().as_uri(), p.name) for p in files]
 
 
+# ---- DHT survey ----
+
+DHT_K: Final = 8  # BEP 5: bucket size; a lookup ends when the K closest nodes have answered
+DHT_ALPHA: Final = 3  # queries in flight per lookup (Kademlia's alpha)
+DHT_EVICT_AFTER_FAILURES: Final = 2  # consecutive timeouts before a node leaves the warm cache
+DHT_NODE_MAX_AGE: Final = 3 * 86400  # seconds; older cached nodes are not loaded any more
+DHT_ERROR_BACKOFF: Final = 10.0  # seconds of silence towards a node that said 201/202
+DHT_WRITE_BATCH: Final = 500  # samples per transaction
+UNKNOWN_DISTANCE: Final = 1 << 160  # a bootstrap router's id is unknown until it answers
+
+
+def _id_int(node_id: bytes) -> int:
+    return int.from_bytes(node_id, "big")
+
+
+class NodeCache:
+    """Every responsive node met in a run (and loaded from earlier runs), kept sorted by id.
+
+    Ids that share the longest prefix with a target sit next to it in id order, so the nodes
+    closest to a target (by XOR) are found by bisection plus a small window: O(log n + k),
+    not a scan of the cache.
+    """
+
+    WINDOW: Final = 4  # look at WINDOW x count ids on each side of the target
+
+    def __init__(self) -> None:
+        self._ids: list[int] = []
+        self._nodes: dict[int, DhtNode] = {}
+        self._id_at: dict[tuple[str, int], int] = {}
+        self.last_seen: dict[int, float] = {}
+        self.failures: dict[int, int] = {}
+        self.evicted: set[tuple[str, int]] = set()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def nodes(self) -> list[DhtNode]:
+        return list(self._nodes.values())
+
+    def add(self, node: DhtNode, seen: float, failures: int = 0) -> None:
+        key = _id_int(node.node_id)
+        address = (node.host, node.port)
+        old_key = self._id_at.get(address)
+        if old_key is not None and old_key != key:
+            self._remove_key(old_key)  # the node at this address has a new id
+        if key in self._nodes and self._nodes[key] != node:
+            self._remove_key(key)  # another address now claims this id: the latest wins
+        if key not in self._nodes:
+            bisect.insort(self._ids, key)
+        self._nodes[key] = node
+        self._id_at[address] = key
+        self.last_seen[key] = seen
+        self.failures[key] = failures
+        self.evicted.discard(address)
+
+    def _remove_key(self, key: int) -> None:
+        node = self._nodes.pop(key, None)
+        if node is None:
+            return
+        del self._ids[bisect.bisect_left(self._ids, key)]
+        self._id_at.pop((node.host, node.port), None)
+        self.last_seen.pop(key, None)
+        self.failures.pop(key, None)
+
+    def failed(self, host: str, port: int) -> None:
+        """A query timed out; a node that keeps failing is evicted."""
+        key = self._id_at.get((host, port))
+        if key is None:
+            return
+        self.failures[key] += 1
+        if self.failures[key] >= DHT_EVICT_AFTER_FAILURES:
+            self._remove_key(key)
+            self.evicted.add((host, port))
+
+    def closest(self, target: bytes, count: int) -> list[DhtNode]:
+        if not self._ids:
+            return []
+        wanted = _id_int(target)
+        position = bisect.bisect_left(self._ids, wanted)
+        span = self.WINDOW * count
+        window = self._ids[max(0, position - span):position + span]
+        window.sort(key=lambda key: key ^ wanted)
+        return [self._nodes[key] for key in window[:count]]
+
+
+class PerAddressLimiter:
+    """A token bucket per destination IP, so no node sees more than ~rate packets/s from us."""
+
+    MAX_BUCKETS: Final = 200_000
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def _bucket(self, host: str) -> TokenBucket:
+        bucket = self._buckets.get(host)
+        if bucket is None:
+            if len(self._buckets) >= self.MAX_BUCKETS:
+                self._buckets.clear()  # a full bucket carries no state worth keeping
+            bucket = self._buckets[host] = TokenBucket(self.rate, self.burst)
+        return bucket
+
+    async def take(self, host: str) -> None:
+        if self.rate:
+            await self._bucket(host).take()
+
+    def penalise(self, host: str, seconds: float) -> None:
+        """Say nothing to `host` for about `seconds` (it asked us to slow down)."""
+        if self.rate:
+            bucket = self._bucket(host)
+            bucket.try_take()
+            bucket.tokens = min(bucket.tokens, 0.0) - seconds * self.rate
+
+
+@dataclass(slots=True)
+class DhtCounters:
+    lookups: int = 0
+    lookups_with_peers: int = 0
+    peers: int = 0
+    queries: int = 0
+    replies: int = 0
+    timeouts: int = 0
+    krpc_errors: int = 0
+    bad_replies: int = 0
+    bad_fields: int = 0
+    bogons_skipped: int = 0
+    packets_sent: int = 0
+    packets_received: int = 0
+    send_errors: int = 0
+    dropped_replies: int = 0
+    nodes_cached: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        per_lookup = self.packets_sent / self.lookups if self.lookups else 0.0
+        rate = self.packets_sent / self.seconds if self.seconds else 0.0
+        return (f"{self.lookups} lookups ({self.lookups_with_peers} with peers), {self.peers} "
+                f"peers; {self.packets_sent} packets sent ({per_lookup:.1f} per lookup, "
+                f"{rate:,.0f}/s), {self.packets_received} received, {self.timeouts} timeouts, "
+                f"{self.send_errors} send errors, {self.dropped_replies} dropped replies, "
+                f"{self.krpc_errors} KRPC errors, {self.bad_replies} bad replies; "
+                f"{self.nodes_cached} nodes cached")
+
+
+@dataclass(frozen=True, slots=True)
+class DhtOptions:
+    concurrency: int
+    rate: float
+    per_ip_rate: float
+    per_ip_burst: int
+    stall_timeout: float
+    query_timeout: float
+    max_queries: int
+    bep33: bool
+    allow_private: bool
+
+
+@dataclass(slots=True)
+class LookupResult:
+    infohash: bytes
+    peers: set[tuple[str, int]] = field(default_factory=set)
+    seeds_bloom: bytearray | None = None
+    peers_bloom: bytearray | None = None
+    nodes_answered: int = 0
+    queries: int = 0
+
+    def bep33_estimates(self) -> tuple[float | None, float | None]:
+        """(seeds, peers): filters of all answering nodes OR-ed; `values` IPs count as peers."""
+        peers_bloom = bytearray(self.peers_bloom or BLOOM_BYTES)
+        for host, _ in self.peers:
+            bloom_insert(peers_bloom, host)
+        seeds = bloom_estimate(self.seeds_bloom) if self.seeds_bloom is not None else None
+        if self.peers_bloom is None and not self.peers:
+            return seeds, None
+        return seeds, bloom_estimate(peers_bloom)
+
+
+@dataclass(slots=True)
+class _Candidate:
+    node: DhtNode
+    distance: int
+    state: str = "new"  # new, asked, answered, failed
+    asked_at: float = 0.0
+
+
+def _bogus_destination(host: str, port: int, allow_private: bool) -> bool:
+    """Addresses a reply may carry that must never be sent to: port 0, unspecified, multicast,
+    broadcast, reserved, and unless allowed, anything not globally routable."""
+    if not 0 < port < 65536:
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    if ip.is_unspecified or ip.is_multicast or ip.is_reserved or host == "255.255.255.255":
+        return True
+    return not allow_private and not is_global_address(host)
+
+
+class DhtSurvey:
+    """Iterative get_peers lookups (BEP 5) over one UDP endpoint, sharing a warm node cache."""
+
+    def __init__(self, endpoint: UdpEndpoint, cache: NodeCache, bootstrap: Sequence[DhtNode],
+                 options: DhtOptions, want_ipv6: bool) -> None:
+        self.endpoint = endpoint
+        self.cache = cache
+        self.bootstrap = list(bootstrap)
+        self.options = options
+        self.want_ipv6 = want_ipv6
+        self.node_id = os.urandom(20)
+        self.counters = DhtCounters()
+        self.global_bucket = TokenBucket(options.rate, max(1.0, options.rate / 50))
+        self.per_ip = PerAddressLimiter(options.per_ip_rate if options.rate else 0,
+                                        options.per_ip_burst)
+        self._next_transaction = 0
+
+    def _transaction_id(self) -> bytes:
+        self._next_transaction = (self._next_transaction + 1) % 2**32
+        return self._next_transaction.to_bytes(4, "big")
+
+    def usable(self, host: str, port: int) -> bool:
+        if _bogus_destination(host, port, self.options.allow_private):
+            return False
+        return self.endpoint.can_reach(host) and (self.want_ipv6 or ":" not in host)
+
+    async def get_peers(self, node: DhtNode, infohash: bytes, scrape: bool) -> GetPeersReply | None:
+        """One query; None when it timed out, failed or was refused. Every outcome is counted."""
+        counters = self.counters
+        await self.per_ip.take(node.host)
+        await self.global_bucket.take()
+        counters.queries += 1
+        transaction_id = self._transaction_id()
+        packet = encode_get_peers(transaction_id, self.node_id, infohash, scrape=scrape,
+                                  want_ipv6=self.want_ipv6)
+        message = await self.endpoint.request(packet, node.host, node.port, transaction_id,
+                                              self.options.query_timeout)
+        if message is None:
+            counters.timeouts += 1
+            self.cache.failed(node.host, node.port)
+            return None
+        if message.kind == b"e":
+            counters.krpc_errors += 1
+            if message.body.get(b"code") in (KrpcError.GENERIC, KrpcError.SERVER):
+                self.per_ip.penalise(node.host, DHT_ERROR_BACKOFF)
+            return None
+        try:
+            reply = decode_get_peers_reply_untrusted(message)
+        except ProtocolError:
+            counters.bad_replies += 1
+            return None
+        counters.replies += 1
+        counters.bad_fields += reply.bad_fields
+        self.cache.add(DhtNode(reply.node_id, node.host, node.port), time.time())
+        return reply
+
+    async def lookup(self, infohash: bytes) -> LookupResult:
+        options = self.options
+        result = LookupResult(infohash)
+        target = _id_int(infohash)
+        candidates: dict[tuple[str, int], _Candidate] = {}
+
+        def consider(node: DhtNode, known_id: bool = True) -> None:
+            address = (node.host, node.port)
+            if address in candidates:
+                return
+            if not self.usable(node.host, node.port):
+                self.counters.bogons_skipped += 1
+                return
+            distance = _id_int(node.node_id) ^ target if known_id else UNKNOWN_DISTANCE
+            candidates[address] = _Candidate(node, distance)
+
+        for node in self.cache.closest(infohash, 2 * DHT_K):
+            consider(node)
+        if len(candidates) < DHT_K:
+            for node in self.bootstrap:
+                consider(node, known_id=False)
+
+        done_send, done_receive = trio.open_memory_channel[None](math.inf)
+
+        async def ask(candidate: _Candidate) -> None:
+            try:
+                reply = await self.get_peers(candidate.node, infohash, options.bep33)
+                if reply is None:
+                    candidate.state = "failed"
+                    return
+                candidate.state = "answered"
+                result.nodes_answered += 1
+                self._take_reply(result, reply, consider)
+                # libtorrent answers a scrape with filters and no `values`: ask it once more,
+                # without scrape, for the peers themselves.
+                if options.bep33 and not reply.peers and (reply.seeds_bloom or reply.peers_bloom):
+                    again = await self.get_peers(candidate.node, infohash, False)
+                    result.queries += 1
+                    if again is not None:
+                        self._take_reply(result, again, consider)
+            finally:
+                done_send.send_nowait(None)
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                now = trio.current_time()
+                alive = sorted((c for c in candidates.values() if c.state != "failed"),
+                               key=lambda c: c.distance)
+                closest = alive[:DHT_K]
+                if all(c.state == "answered" for c in closest):
+                    break
+                # Queries newer than the stall timeout hold a slot; older ones still count if
+                # they answer, but let the next candidate go.
+                active = sum(1 for c in alive if c.state == "asked"
+                             and now - c.asked_at < options.stall_timeout)
+                stalled = sum(1 for c in closest if c.state == "asked"
+                              and now - c.asked_at >= options.stall_timeout)
+                for candidate in alive[:DHT_K + stalled]:
+                    if active >= DHT_ALPHA or result.queries >= options.max_queries:
+                        break
+                    if candidate.state == "new":
+                        candidate.state, candidate.asked_at = "asked", now
+                        result.queries += 1
+                        active += 1
+                        nursery.start_soon(ask, candidate)
+                in_flight = [c for c in alive if c.state == "asked"]
+                if not in_flight:
+                    break  # nothing more to ask: out of candidates or out of query budget
+                stalls = [c.asked_at + options.stall_timeout for c in in_flight
+                          if c.asked_at + options.stall_timeout > now]
+                with trio.move_on_after(max(0.0, min(stalls) - now) if stalls else math.inf):
+                    await done_receive.receive()
+                while True:  # take every completion that is already in
+                    try:
+                        done_receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+            nursery.cancel_scope.cancel()  # queries beyond the K closest are not waited for
+        return result
+
+    def _take_reply(self, result: LookupResult, reply: GetPeersReply, consider: Any) -> None:
+        for host, port in reply.peers:
+            if _bogus_destination(host, port, self.options.allow_private):
+                self.counters.bogons_skipped += 1
+            else:
+                result.peers.add((host, port))
+        for node in reply.nodes:
+            consider(node)
+        if reply.seeds_bloom is not None:
+            if result.seeds_bloom is None:
+                result.seeds_bloom = bytearray(BLOOM_BYTES)
+            bloom_union(result.seeds_bloom, reply.seeds_bloom)
+        if reply.peers_bloom is not None:
+            if result.peers_bloom is None:
+                result.peers_bloom = bytearray(BLOOM_BYTES)
+            bloom_union(result.peers_bloom, reply.peers_bloom)
+
+
+async def resolve_bootstrap(entries: Sequence[str], reporter: Reporter) -> list[DhtNode]:
+    """Bootstrap routers as nodes of unknown id; one that does not resolve is skipped."""
+    nodes = []
+    for entry in entries:
+        try:
+            host, port = split_host_port(entry)
+            infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
+        except (ValueError, OSError) as exc:
+            reporter.info(f"dht: bootstrap {entry!r} skipped: {exc}")
+            continue
+        for address in dict.fromkeys(_plain_address(info[4][0]) for info in infos):
+            nodes.append(DhtNode(b"", address, port))
+    return nodes
+
+
+def host_has_ipv6_route() -> bool:
+    """Whether IPv6 can reach the internet here: connect() on UDP only consults the routing
+    table, it sends nothing."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.connect(("2001:4860:4860::8888", 53))
+            return not ipaddress.ip_address(probe.getsockname()[0]).is_link_local
+    except OSError:
+        return False
+
+
 # ---- Tracker scrape ----
 
 
@@ -2012,6 +2395,24 @@ class ScrapeSettings:
     max_backoff: float = 7 * 86400.0
 
 
+PUBLIC_DHT_ROUTERS: Final = ("router.bittorrent.com:6881", "router.utorrent.com:6881",
+                              "dht.transmissionbt.com:6881", "dht.libtorrent.org:25401")
+
+
+@dataclass(frozen=True, slots=True)
+class DhtSettings:
+    bootstrap: tuple[str, ...] = PUBLIC_DHT_ROUTERS  # used while the warm node cache is small
+    bind: str = "[::]:0"  # the one UDP socket (dual-stack; IPv6 is used where routed)
+    concurrency: int = 200  # lookups in flight
+    rate: float = 250.0  # packets per second in all; 0 lifts this and the per-IP limit
+    per_ip_rate: float = 1.0  # packets per second to one node (libtorrent bans at 5/s)
+    per_ip_burst: int = 4
+    stall_timeout: float = 1.0  # seconds before a silent node lets the next candidate go
+    query_timeout: float = 4.0  # seconds before a query counts as failed
+    max_queries: int = 64  # per lookup
+    bep33: bool = True  # ask for BEP 33 seed/peer filters
+
+
 @dataclass(frozen=True, slots=True)
 class CollectionSettings:
     name: str
@@ -2029,12 +2430,13 @@ class Settings:
     network: NetworkSettings = NetworkSettings()
     sync: SyncSettings = SyncSettings()
     scrape: ScrapeSettings = ScrapeSettings()
+    dht: DhtSettings = DhtSettings()
     collections: tuple[CollectionSettings, ...] = ()
     config_path: Optional[Path] = None
 
 
 _DURATION_FIELDS: Final = {"timeout", "connect_timeout", "revalidate_after", "backoff",
-                            "max_backoff"}
+                            "max_backoff", "stall_timeout", "query_timeout"}
 _SIZE_FIELDS: Final = {"max_index_bytes", "max_torrent_bytes"}
 
 
@@ -2115,7 +2517,7 @@ def load_settings(config_path: Path | None, db_override: Path | None = None) -> 
 def settings_from_document(document: dict, config_path: Path) -> Settings:
     where = str(config_path)
     base = config_path.resolve().parent
-    sections = {"database", "network", "sync", "scrape", "collections"}
+    sections = {"database", "network", "sync", "scrape", "dht", "collections"}
     for key in document:
         if key not in sections:
             raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(sections))})")
@@ -2123,7 +2525,7 @@ def settings_from_document(document: dict, config_path: Path) -> Settings:
     if not isinstance(database, str) or not database:
         raise ConfigError(f"{where}: database: expected a file name string, got {database!r}")
     tables = {}
-    for section in ("network", "sync", "scrape"):
+    for section in ("network", "sync", "scrape", "dht"):
         table = document.get(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{section}] must be a table")
@@ -2146,6 +2548,8 @@ def settings_from_document(document: dict, config_path: Path) -> Settings:
         split_host_port(scrape.bind)
     except ValueError as exc:
         raise ConfigError(f"{where}: [scrape].bind: {exc}") from None
+    dht = _settings_from_table(DhtSettings, tables["dht"], f"{where}: [dht]")
+    check_dht_settings(dht, f"{where}: [dht]")
     raw_collections = document.get("collections", [])
     if not isinstance(raw_collections, list) or not all(isinstance(c, dict) for c in raw_collections):
         raise ConfigError(f"{where}: collections must be written as [[collections]] tables")
@@ -2167,7 +2571,21 @@ def settings_from_document(document: dict, config_path: Path) -> Settings:
         collections.append(dataclasses.replace(collection, url=url))
     return Settings(
         database=(base / Path(database).expanduser()).resolve(), network=network, sync=sync,
-        scrape=scrape, collections=tuple(collections), config_path=config_path)
+        scrape=scrape, dht=dht, collections=tuple(collections), config_path=config_path)
+
+
+def check_dht_settings(dht: DhtSettings, where: str) -> None:
+    for name in ("concurrency", "max_queries", "per_ip_burst"):
+        if getattr(dht, name) < 1:
+            raise ConfigError(f"{where}.{name}: expected at least 1")
+    for name in ("rate", "per_ip_rate"):
+        if getattr(dht, name) < 0:
+            raise ConfigError(f"{where}.{name}: expected 0 (unlimited) or more")
+    for value, name in [(b, "bootstrap") for b in dht.bootstrap] + [(dht.bind, "bind")]:
+        try:
+            split_host_port(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.{name}: {exc}") from None
 
 
 def _check_trackers(urls: Sequence[str], where: str) -> None:
@@ -2518,6 +2936,160 @@ async def run_sync(db: sqlite3.Connection, settings: Settings,
     return counts
 
 
+# ---- DHT stage ----
+
+
+def load_node_cache(db: sqlite3.Connection, now: float) -> NodeCache:
+    cache = NodeCache()
+    for node_id, host, port, last_seen, failures in db.execute(
+            "SELECT node_id, host, port, last_seen, failures FROM dht_nodes "
+            "WHERE last_seen >= ? AND failures < ?",
+            (now - DHT_NODE_MAX_AGE, DHT_EVICT_AFTER_FAILURES)):
+        if isinstance(node_id, bytes) and len(node_id) == 20:
+            cache.add(DhtNode(node_id, host, port), last_seen, failures)
+    return cache
+
+
+def save_node_cache(db: sqlite3.Connection, cache: NodeCache, now: float) -> None:
+    """Persist the warm cache: responsive nodes upserted, evicted and stale ones deleted."""
+    rows = [(node.node_id, node.host, node.port, int(cache.last_seen[_id_int(node.node_id)]),
+             cache.failures[_id_int(node.node_id)]) for node in cache.nodes()]
+    with Transaction(db):
+        db.executemany("DELETE FROM dht_nodes WHERE host = ? AND port = ?", sorted(cache.evicted))
+        db.executemany(
+            "INSERT INTO dht_nodes (node_id, host, port, last_seen, failures) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(host, port) DO UPDATE SET "
+            "node_id = excluded.node_id, last_seen = excluded.last_seen, "
+            "failures = excluded.failures", rows)
+        db.execute("DELETE FROM dht_nodes WHERE last_seen < ?", (now - DHT_NODE_MAX_AGE,))
+
+
+def load_dht_plan(db: sqlite3.Connection, collections: Sequence[CollectionSettings],
+                  infohashes: Sequence[str], stale_after: float | None,
+                  now: int) -> list[tuple[int, bytes]]:
+    """Torrents to look up: never measured first, then the longest ago."""
+    names = [c.name for c in collections]
+    query = (f"SELECT t.id, t.infohash, (SELECT max(measured) FROM dht_samples d "
+             f"WHERE d.torrent_id = t.id) AS last FROM torrents t WHERE EXISTS ("
+             f"SELECT 1 FROM memberships m JOIN collections c ON c.id = m.collection_id "
+             f"WHERE m.torrent_id = t.id AND m.removed IS NULL "
+             f"AND c.name IN ({', '.join('?' * len(names))}))")
+    params: list[Any] = list(names)
+    if infohashes:
+        query += f" AND t.infohash IN ({', '.join('?' * len(infohashes))})"
+        params.extend(infohashes)
+    rows = db.execute(query, params).fetchall()
+    if infohashes:
+        missing = set(infohashes) - {row[1] for row in rows}
+        if missing:
+            raise ConfigError(f"infohash {sorted(missing)[0]} is not listed by the selected "
+                              "collections (sync it first)")
+    if stale_after is not None:
+        rows = [row for row in rows if row[2] is None or row[2] <= now - stale_after]
+    rows.sort(key=lambda row: (row[2] is not None, row[2] or 0, row[0]))
+    return [(torrent_id, bytes.fromhex(infohash)) for torrent_id, infohash, _ in rows]
+
+
+def _write_dht_samples(db: sqlite3.Connection, rows: list[tuple]) -> None:
+    with Transaction(db):
+        db.executemany("INSERT INTO dht_samples (torrent_id, run_id, measured, peers, "
+                       "bep33_seeds, bep33_peers, nodes_answered) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       rows)
+
+
+async def _dht_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChannel) -> None:
+    """The one task that writes DHT samples: a transaction per batch or per second."""
+    rows: list[tuple] = []
+    last_commit = trio.current_time()
+    try:
+        async for row in receive:
+            rows.append(row)
+            if len(rows) >= DHT_WRITE_BATCH or trio.current_time() - last_commit > 1:
+                _write_dht_samples(db, rows)
+                rows.clear()
+                last_commit = trio.current_time()
+    finally:
+        # On Ctrl-C or SIGTERM too: every lookup that finished is kept, queued or not.
+        while True:
+            try:
+                rows.append(receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        receive.close()
+        if rows:
+            _write_dht_samples(db, rows)
+
+
+def dht_options(settings: Settings, concurrency: int | None = None,
+                rate: float | None = None) -> DhtOptions:
+    dht = settings.dht
+    return DhtOptions(concurrency=concurrency or dht.concurrency,
+                      rate=dht.rate if rate is None else rate, per_ip_rate=dht.per_ip_rate,
+                      per_ip_burst=dht.per_ip_burst, stall_timeout=dht.stall_timeout,
+                      query_timeout=dht.query_timeout, max_queries=dht.max_queries,
+                      bep33=dht.bep33, allow_private=settings.network.allow_private)
+
+
+async def run_dht(db: sqlite3.Connection, settings: Settings,
+                  collections: Sequence[CollectionSettings], reporter: Reporter, *,
+                  infohashes: Sequence[str] = (), stale_after: float | None = None,
+                  options: DhtOptions | None = None, bootstrap: Sequence[str] | None = None,
+                  bind: str | None = None, run_id: int | None = None) -> DhtCounters:
+    """Look every selected torrent up in the DHT and store one sample per torrent."""
+    options = options or dht_options(settings)
+    now = time.time()
+    plan = load_dht_plan(db, collections, infohashes, stale_after, int(now))
+    cache = load_node_cache(db, now)
+    routers = await resolve_bootstrap(settings.dht.bootstrap if bootstrap is None else bootstrap,
+                                      reporter)
+    if not routers and len(cache) < DHT_K and plan:
+        raise TsmdError("dht: no bootstrap node resolved and the node cache is empty; "
+                        "check [dht].bootstrap or the network")
+    endpoint = await UdpEndpoint.open(bind or settings.dht.bind, krpc_transaction_untrusted)
+    survey = DhtSurvey(endpoint, cache, routers, options,
+                       want_ipv6=endpoint.dual_stack and host_has_ipv6_route())
+    counters = survey.counters
+    limiter = trio.CapacityLimiter(options.concurrency)
+    send, receive = trio.open_memory_channel[tuple](2 * options.concurrency)
+    started = trio.current_time()
+    with reporter.progress() as progress:
+        task = progress.add_task("dht", total=len(plan))
+
+        async def one_lookup(torrent_id: int, infohash: bytes, send: trio.MemorySendChannel) -> None:
+            async with send, limiter:
+                result = await survey.lookup(infohash)
+                seeds, peers = result.bep33_estimates()
+                counters.lookups += 1
+                counters.peers += len(result.peers)
+                counters.lookups_with_peers += bool(result.peers)
+                await send.send((torrent_id, run_id, int(time.time()), len(result.peers), seeds,
+                                 peers, result.nodes_answered))
+                elapsed = max(trio.current_time() - started, 1e-9)
+                progress.update(task, advance=1, description=(
+                    f"dht {counters.peers:,} peers, {endpoint.counters.sent / elapsed:,.0f} pkt/s"))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(endpoint.receive_forever)
+                async with trio.open_nursery() as writing:
+                    writing.start_soon(_dht_writer, db, receive)
+                    # The writer ends when the last clone of `send` closes with its lookup.
+                    async with send, trio.open_nursery() as lookups:
+                        for torrent_id, infohash in plan:
+                            lookups.start_soon(one_lookup, torrent_id, infohash, send.clone())
+                nursery.cancel_scope.cancel()  # stop receiving
+        finally:
+            counters.seconds = trio.current_time() - started
+            endpoint.close()
+            save_node_cache(db, cache, time.time())
+            counters.nodes_cached = len(cache)
+            udp = endpoint.counters
+            counters.packets_sent, counters.packets_received = udp.sent, udp.received
+            counters.send_errors = udp.send_errors
+            counters.dropped_replies = udp.dropped_unmatched + udp.dropped_invalid
+    return counters
+
+
 # ---- Scrape stage ----
 
 SCRAPE_WRITE_BATCH: Final = 5000  # samples per transaction
@@ -2754,6 +3326,8 @@ class ReportRow:
     tracker: str | None  # the tracker that gave seeders, leechers and scraped_date
     dht_peers: int
     dht_scraped: int
+    dht_seeds_estimate: int
+    dht_peers_estimate: int
 
 
 def _report_name(file_name: str | None, torrent_name: str | None, infohash: str) -> str:
@@ -2773,6 +3347,7 @@ def load_report_rows(db: sqlite3.Connection, collections: Sequence[str] = ()) ->
         where = f"AND c.name IN ({', '.join('?' * len(collections))})"
         params.extend(collections)
     tracker_numbers = load_tracker_numbers(db, int(time.time()) - TRACKER_SAMPLE_FRESHNESS)
+    dht_numbers = load_dht_numbers(db)
     rows = db.execute(
         f"""
         SELECT t.id, t.infohash, t.name, t.size_bytes, t.file_count, t.created_unix,
@@ -2802,8 +3377,33 @@ def load_report_rows(db: sqlite3.Connection, collections: Sequence[str] = ()) ->
             file_count=-1 if file_count is None else file_count,
             created_unix=-1 if created is None else created,
             **dataclasses.asdict(tracker_numbers.get(torrent_id, NO_TRACKER_NUMBERS)),
-            dht_peers=-1, dht_scraped=-1))
+            **dataclasses.asdict(dht_numbers.get(torrent_id, NO_DHT_NUMBERS))))
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class DhtNumbers:
+    dht_peers: int  # unique peers the last lookup found
+    dht_scraped: int
+    dht_seeds_estimate: int  # BEP 33, -1 when no node sent a filter
+    dht_peers_estimate: int
+
+
+NO_DHT_NUMBERS: Final = DhtNumbers(-1, -1, -1, -1)
+
+
+def load_dht_numbers(db: sqlite3.Connection) -> dict[int, DhtNumbers]:
+    """Per torrent, its latest DHT sample."""
+    rows = db.execute(
+        """
+        SELECT torrent_id, peers, measured, bep33_seeds, bep33_peers FROM (
+            SELECT *, row_number() OVER (PARTITION BY torrent_id ORDER BY measured DESC) AS rank
+            FROM dht_samples) WHERE rank = 1
+        """)
+    return {torrent_id: DhtNumbers(peers, measured,
+                                   -1 if seeds is None else round(seeds),
+                                   -1 if estimate is None else round(estimate))
+            for torrent_id, peers, measured, seeds, estimate in rows}
 
 
 @dataclass(frozen=True, slots=True)
@@ -3068,6 +3668,62 @@ def _infohash_options(values: Sequence[str]) -> list[str]:
         return [parse_infohash_untrusted(v) for v in values]
     except ProtocolError as exc:
         raise _fail(f"--infohash: {exc}", ExitCode.USAGE) from None
+
+
+@app.command()
+def dht(
+    ctx: typer.Context,
+    collection: Annotated[Optional[list[str]], typer.Option(
+        "--collection", "-c", help="Only torrents of this collection (repeatable).")] = None,
+    infohash: Annotated[Optional[list[str]], typer.Option(
+        "--infohash", help="Only this torrent (40 hex or 32 base32; repeatable).")] = None,
+    concurrency: Annotated[Optional[int], typer.Option(
+        min=1, help="Lookups in flight (default: [dht].concurrency).")] = None,
+    rate: Annotated[Optional[float], typer.Option(
+        min=0, help="Packets per second; 0 lifts the global and per-IP limits "
+                    "(closed test networks only).")] = None,
+    bootstrap: Annotated[Optional[list[str]], typer.Option(
+        "--bootstrap", help="HOST:PORT of a bootstrap node (repeatable; replaces [dht].bootstrap)."
+    )] = None,
+    bind: Annotated[Optional[str], typer.Option(
+        help="Local ADDR:PORT of the UDP socket (default: [dht].bind).")] = None,
+    stale_after: Annotated[Optional[str], typer.Option(
+        "--stale-after", help="Skip torrents with a DHT sample newer than this, e.g. 12h.")] = None,
+) -> None:
+    """Count each torrent's peers in the BitTorrent DHT (BEP 5), with BEP 33 estimates.
+
+    Example: tsmd dht --collection libgen-books --stale-after 20h
+    """
+    settings, reporter = _load(ctx)
+    stale = _duration_option(stale_after, "--stale-after")
+    hashes = _infohash_options(infohash or [])
+    try:
+        for value in [*(bootstrap or []), *([bind] if bind else [])]:
+            split_host_port(value)
+        chosen = select_collections(settings, collection or [])
+    except ValueError as exc:
+        raise _fail(f"dht: {exc}", ExitCode.USAGE) from None
+    except TsmdError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    db = _open_db(settings)
+    run_id = start_run(db, "dht")
+    started = time.monotonic()
+    try:
+        counts, interrupted = run_interruptible(
+            run_dht, db, settings, chosen, reporter, infohashes=hashes, stale_after=stale,
+            options=dht_options(settings, concurrency, rate), bootstrap=bootstrap, bind=bind,
+            run_id=run_id)
+    except TsmdError as exc:
+        finish_run(db, run_id, "failed", {}, str(exc))
+        raise _fail(str(exc), exc.exit_code) from None
+    if counts is None:
+        counts = DhtCounters()
+    outcome = "interrupted" if interrupted else "ok"
+    finish_run(db, run_id, outcome, dataclasses.asdict(counts))
+    db.close()
+    reporter.info(f"dht {outcome}: {counts.summary()} in {time.monotonic() - started:.1f} s")
+    if interrupted:
+        raise typer.Exit(int(ExitCode.INTERRUPTED))
 
 
 @app.command()
