@@ -1821,3 +1821,135 @@ def test_dht_warm_cache_cuts_packets_and_persists(tmp_path):
     rows = {row.infohash: row for row in tsmd.load_report_rows(db)}
     for infohash, peers in swarms.items():
         assert rows[infohash.hex()].dht_peers == len(peers) and rows[infohash.hex()].dht_scraped > 0
+
+
+# ---- DHT: a network of real libtorrent nodes ----
+
+
+class LibtorrentDht:
+    """libtorrent sessions as DHT nodes, each on its own 127.x address, meshed with each
+    other and with no public bootstrap. Their DoS blocker and DHT upload limit are relaxed so
+    one client IP may query them in bulk, and their storage is raised for benchmarks."""
+
+    def __init__(self, count: int, second_octet: int = 60) -> None:
+        alerts = lt.alert.category_t
+        self.sessions = []
+        self.nodes: list[tuple[str, int]] = []
+        loopback_only = lt.ip_filter()
+        loopback_only.add_rule("0.0.0.0", "255.255.255.255", 1)
+        loopback_only.add_rule("127.0.0.0", "127.255.255.255", 0)
+        try:
+            for n in range(count):
+                address = f"127.{second_octet + n // 250}.{n % 250 + 1}.1"
+                session = lt.session({
+                    "listen_interfaces": f"{address}:0", "listen_system_port_fallback": False,
+                    "max_retry_port_bind": 0, "enable_dht": True, "dht_bootstrap_nodes": "",
+                    "enable_upnp": False, "enable_natpmp": False, "enable_lsd": False,
+                    "enable_ip_notifier": False, "alert_queue_size": 100000,
+                    "alert_mask": int(alerts.dht_notification | alerts.dht_operation_notification),
+                    "dht_block_ratelimit": 1_000_000, "dht_block_timeout": 1,
+                    "dht_upload_rate_limit": 100_000_000, "dht_max_torrents": 200_000,
+                    "dht_max_peers": 5000, "recv_socket_buffer_size": 1 << 21,
+                    "send_socket_buffer_size": 1 << 21})
+                session.set_ip_filter(loopback_only)
+                self.sessions.append(session)
+                self.nodes.append((address, session.listen_port()))
+            for session in self.sessions:
+                for node in self.nodes:
+                    session.add_dht_node(node)
+            time.sleep(1.0)  # routing tables fill in ~0.3 s; announcing earlier reaches nobody
+            self.stored: dict[bytes, set[tuple[str, int]]] = {}
+            self.found: dict[bytes, set[tuple[str, int]]] = {}
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def bootstrap(self) -> list[str]:
+        return [f"{host}:{port}" for host, port in self.nodes[:3]]
+
+    def pump(self) -> None:
+        for session in self.sessions:
+            for alert in session.pop_alerts():
+                if isinstance(alert, lt.dht_announce_alert):
+                    self.stored.setdefault(alert.info_hash.to_bytes(), set()).add(
+                        (str(alert.ip), int(alert.port)))
+                elif isinstance(alert, lt.dht_get_peers_reply_alert):
+                    self.found.setdefault(alert.info_hash.to_bytes(), set()).update(
+                        (str(host), int(port)) for host, port in alert.peers())
+
+    def announce(self, swarms: dict[bytes, list[tuple[int, int, bool]]], timeout: float = 30):
+        """Node n announces (its own address, port) for each infohash, as a seed or not; waits
+        until every announced peer is stored on at least one node."""
+        expected = {}
+        for infohash, announcers in swarms.items():
+            for n, port, seed in announcers:
+                self.sessions[n].dht_announce(lt.sha1_hash(infohash), port,
+                                              int(lt.announce_flags_t.seed) if seed else 0)
+            expected[infohash] = {(self.nodes[n][0], port) for n, port, _ in announcers}
+        deadline = time.monotonic() + timeout
+        while any(not expected[h] <= self.stored.get(h, set()) for h in expected):
+            if time.monotonic() > deadline:
+                missing = {h.hex()[:8]: sorted(expected[h] - self.stored.get(h, set()))
+                           for h in expected if not expected[h] <= self.stored.get(h, set())}
+                raise TimeoutError(f"libtorrent nodes did not store every announce: {missing}")
+            time.sleep(0.05)
+            self.pump()
+        time.sleep(0.5)  # let the remaining copies (8 nodes per infohash) land too
+        self.pump()
+        return expected
+
+    def lt_get_peers(self, infohashes, expected, via: int = 0, timeout: float = 60) -> float:
+        """libtorrent's own dht_get_peers from node `via`; seconds until all expected peers came
+        (or the timeout). Results accumulate in self.found."""
+        started = time.monotonic()
+        for infohash in infohashes:
+            self.found.pop(infohash, None)
+            self.sessions[via].dht_get_peers(lt.sha1_hash(infohash))
+        while time.monotonic() - started < timeout:
+            self.pump()
+            if all(expected[h] <= self.found.get(h, set()) for h in infohashes):
+                break
+            time.sleep(0.005)
+        return time.monotonic() - started
+
+    def stop(self) -> None:
+        for session in self.sessions:
+            session.pause()
+            session.apply_settings({"enable_dht": False})
+        self.sessions.clear()
+
+
+def test_dht_against_real_libtorrent_nodes(tmp_path):
+    network = LibtorrentDht(16)
+    try:
+        swarms = {}
+        for n in range(24):
+            infohash = hashlib.sha1(f"libtorrent swarm {n}".encode()).digest()
+            swarms[infohash] = [((n + a * 5) % 16, 7000 + a, a % 2 == 0) for a in range(1 + n % 4)]
+        expected = network.announce(swarms)
+        db, _ = torrent_db(tmp_path, 0, [])
+        with tsmd.Transaction(db):
+            for infohash in swarms:
+                torrent_id = tsmd.upsert_torrent(db, tsmd.decode_magnet_untrusted(
+                    tsmd.magnet_uri(infohash.hex())), 1)
+                db.execute("INSERT INTO memberships (collection_id, source, torrent_id, "
+                           "first_seen, last_seen) VALUES (1, ?, ?, 1, 1)",
+                           (infohash.hex(), torrent_id))
+        settings = make_settings(tmp_path, [{"name": "c", "url": "http://x/", "type": "books"}],
+                                 dht={"bind": "127.0.0.1:0", "rate": 0, "query_timeout": 2})
+        counters = run(tsmd.run_dht, db, settings, settings.collections, tsmd.Reporter(-1),
+                       bootstrap=network.bootstrap, timeout=60)
+        results, _, _ = run(survey_all, network, list(swarms), dht_test_options(), timeout=60)
+    finally:
+        network.stop()
+    assert counters.lookups == 24 and counters.timeouts == 0
+    rows = {row.infohash: row for row in tsmd.load_report_rows(db)}
+    for infohash, announcers in swarms.items():
+        assert results[infohash].peers == expected[infohash]  # exactly, nothing else
+        row = rows[infohash.hex()]
+        assert row.dht_peers == len(expected[infohash])
+        # libtorrent's BEP 33 filters: seeds in BFsd; every peer IP counted in the peer estimate.
+        seed_ips = {network.nodes[n][0] for n, _, seed in announcers if seed}
+        assert row.dht_seeds_estimate == len(seed_ips)
+        assert row.dht_peers_estimate == len({network.nodes[n][0] for n, _, _ in announcers})
