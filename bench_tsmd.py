@@ -364,6 +364,163 @@ def bench_dead_trackers(root: Path, hashes: list[bytes], swarms: dict) -> None:
         tracker.stop()
 
 
+def bench_swarms(count: int) -> dict:
+    import random
+
+    chooser = random.Random(5)
+    swarms = {}
+    for n in range(count):
+        infohash = hashlib.sha1(f"bench swarm {n}".encode()).digest()
+        swarms[infohash] = {(f"127.{200 + p}.{(n // 250) % 250}.{n % 250 + 1}", 6881 + p, p == 0)
+                            for p in range(chooser.randint(1, 4))}
+    return swarms
+
+
+def serve_fake_dht(nodes: int, swarms_count: int, silent_fraction: float,
+                   ports: multiprocessing.Queue, stop, report: multiprocessing.Queue) -> None:
+    """The simulated DHT in its own process (the other core), until `stop` is set."""
+    import random
+
+    import trio
+
+    from test_tsmd import FakeDhtNetwork
+
+    chooser = random.Random(7)
+    silent = {n for n in range(3, nodes) if chooser.random() < silent_fraction}
+    network = FakeDhtNetwork(nodes, bench_swarms(swarms_count),
+                             hostile={n: "silent" for n in silent})
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(network.serve)
+            ports.put((network.bootstrap, len(silent)))
+            while not stop.is_set():
+                await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    report.put(dict(network.per_second))
+
+
+def bench_dht(nodes: int, count: int, silent_fraction: float, in_flight: int) -> None:
+    import trio
+
+    import tsmd
+    from test_tsmd import survey_all, dht_test_options
+
+    swarms = bench_swarms(count)
+    announced = sum(len(peers) for peers in swarms.values())
+    ports: multiprocessing.Queue = multiprocessing.Queue()
+    report: multiprocessing.Queue = multiprocessing.Queue()
+    stop = multiprocessing.Event()
+    server = multiprocessing.Process(target=serve_fake_dht, daemon=True,
+                                     args=(nodes, count, silent_fraction, ports, stop, report))
+    started = time.perf_counter()
+    server.start()
+    try:
+        bootstrap, silent = ports.get(timeout=300)
+        print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python "
+              f"{platform.python_version()}")
+        print(f"simulated DHT: {nodes} nodes on 127.x ({silent} of them silent, as dead routing "
+              f"entries), {count} infohashes, {announced} announced peers; built in "
+              f"{time.perf_counter() - started:.1f} s")
+
+        # 1. Correctness at scale, in process: every lookup at once, up to `in_flight` at a time.
+        class Bootstrap:
+            pass
+        network = Bootstrap()
+        network.bootstrap = bootstrap
+        options = dht_test_options(concurrency=in_flight, stall_timeout=1.0, query_timeout=4.0)
+        started = time.perf_counter()
+        results, survey, udp = trio.run(survey_all, network, list(swarms), options)
+        wall = time.perf_counter() - started
+        expected = {h: {(host, port) for host, port, _ in peers} for h, peers in swarms.items()}
+        found = sum(len(results[h].peers & expected[h]) for h in swarms)
+        wrong = sum(len(results[h].peers - expected[h]) for h in swarms)
+        empty = sum(1 for h in swarms if not results[h].peers)
+        print(f"survey, {in_flight} lookups in flight: {found}/{announced} announced peers found "
+              f"({100 * found / announced:.2f} %), {wrong} wrong peers, {empty} empty lookups, "
+              f"{udp.sent / count:.1f} packets per lookup, {udp.send_errors} send errors, "
+              f"{survey.counters.timeouts} timeouts (silent nodes); {wall:.1f} s, "
+              f"{count / wall:,.0f} lookups/s")
+
+        # 2. Cold and warm runs of the command, on a fresh database.
+        with tempfile.TemporaryDirectory(prefix="tsmd-bench-") as tmp:
+            root = Path(tmp)
+            database = root / "dht.sqlite3"
+            make_scrape_db(database, list(swarms), lambda n: [])
+            config = scrape_config(root, database)
+            arguments = ["dht", "--rate", "0", "--concurrency", str(in_flight),
+                         "--bind", "127.0.0.1:0"]
+            for entry in bootstrap:
+                arguments += ["--bootstrap", entry]
+            per_lookup = {}
+            for label in ("cold", "warm"):
+                wall, peak, _ = run_tsmd(config, *arguments)
+                counts = last_run_counts(database)
+                per_lookup[label] = counts["packets_sent"] / counts["lookups"]
+                print(f"tsmd dht, {label} cache: {counts['lookups']} lookups, {counts['peers']} "
+                      f"peers, {per_lookup[label]:.1f} packets per lookup, "
+                      f"{counts['timeouts']} timeouts, {counts['nodes_cached']} nodes cached; "
+                      f"{wall:.1f} s, peak RSS {peak / 1024:.0f} MiB")
+            print(f"  -> warm / cold packets per lookup: 1 / {per_lookup['cold'] / per_lookup['warm']:.1f}")
+
+            # 3. The rate limit, measured by the network: packets received per second.
+            rate = 1000
+            subset = 2000
+            rate_args = [a if a != "0" else str(rate) for a in arguments]
+            database2 = root / "rate.sqlite3"
+            make_scrape_db(database2, list(swarms)[:subset], lambda n: [])
+            wall, _, _ = run_tsmd(scrape_config(root, database2), *rate_args)
+            counts = last_run_counts(database2)
+            print(f"tsmd dht --rate {rate}: {counts['lookups']} lookups, "
+                  f"{counts['packets_sent']} packets in {wall:.1f} s "
+                  f"(= {counts['packets_sent'] / counts['seconds']:,.0f}/s)")
+            rate_window = (time.time() - wall, time.time())
+    finally:
+        stop.set()
+        per_second = report.get(timeout=60)
+        server.join(timeout=10)
+        if server.is_alive():
+            server.kill()
+    seconds = [per_second.get(s, 0) for s in range(int(rate_window[0]) + 1, int(rate_window[1]))]
+    if seconds:
+        print(f"  packets the nodes received per whole second during that run: max "
+              f"{max(seconds)}, median {sorted(seconds)[len(seconds) // 2]} (limit {rate})")
+
+
+def bench_dht_libtorrent(nodes: int, count: int) -> None:
+    import trio
+
+    from test_tsmd import LibtorrentDht, survey_all, dht_test_options
+
+    network = LibtorrentDht(nodes)
+    try:
+        swarms = {}
+        for n in range(count):
+            infohash = hashlib.sha1(f"lt bench {n}".encode()).digest()
+            swarms[infohash] = [((n * 7 + a * 3) % nodes, 7000 + a, a == 0) for a in range(1 + n % 4)]
+        expected = network.announce(swarms, timeout=120)
+        announced = sum(len(p) for p in expected.values())
+        lt_wall = network.lt_get_peers(list(swarms), expected, via=nodes - 1, timeout=120)
+        lt_found = sum(len(network.found.get(h, set()) & expected[h]) for h in swarms)
+        lt_wrong = sum(len(network.found.get(h, set()) - expected[h]) for h in swarms)
+        started = time.perf_counter()
+        results, survey, udp = trio.run(survey_all, network, list(swarms),
+                                        dht_test_options(concurrency=int(os.environ.get("C", count)), query_timeout=4.0))
+        wall = time.perf_counter() - started
+        found = sum(len(results[h].peers & expected[h]) for h in swarms)
+        wrong = sum(len(results[h].peers - expected[h]) for h in swarms)
+        print(f"real libtorrent network, {nodes} nodes, {count} infohashes, {announced} announced "
+              f"peers:")
+        print(f"  libtorrent dht_get_peers: {lt_found} found, {lt_wrong} wrong, {lt_wall:.2f} s")
+        print(f"  tsmd:                     {found} found, {wrong} wrong, {wall:.2f} s "
+              f"({udp.sent / count:.1f} packets per lookup, {survey.counters.timeouts} timeouts, "
+              f"{survey.counters.krpc_errors} KRPC errors, {udp.dropped_unmatched} late replies)")
+    finally:
+        network.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -375,9 +532,20 @@ def main() -> None:
     scrape.add_argument("--no-libtorrent", action="store_true")
     scrape.add_argument("--libtorrent-hashes", type=int, default=5000,
                         help="how many of the hashes libtorrent scrapes alongside")
+    dht = sub.add_parser("dht", help="a simulated DHT, cold and warm runs, rate limit; "
+                                     "then libtorrent nodes side by side")
+    dht.add_argument("--nodes", type=int, default=1200)
+    dht.add_argument("--infohashes", type=int, default=5000)
+    dht.add_argument("--silent", type=float, default=0.3, help="fraction of dead nodes")
+    dht.add_argument("--in-flight", type=int, default=1000)
+    dht.add_argument("--lt-nodes", type=int, default=40)
+    dht.add_argument("--lt-infohashes", type=int, default=400)
     args = parser.parse_args()
     if args.bench == "sync":
         bench_sync(args.torrents, args.files)
+    elif args.bench == "dht":
+        bench_dht(args.nodes, args.infohashes, args.silent, args.in_flight)
+        bench_dht_libtorrent(args.lt_nodes, args.lt_infohashes)
     elif args.bench == "scrape":
         bench_scrape(args.hashes, not args.no_libtorrent, args.libtorrent_hashes)
 

@@ -4,7 +4,9 @@ reports, command line. Network tests use loopback only and run under trio.fail_a
 from __future__ import annotations
 
 import hashlib
+import heapq
 import http.server
+import signal
 import ipaddress
 import json
 import os
@@ -250,7 +252,7 @@ def test_html_index_resolves_filters_and_keeps_same_origin():
         BASE + "r_0.torrent", BASE + "r_1000.torrent", BASE + "sub/r_2000.TORRENT?x=1",
         f"magnet:?xt=urn:btih:{'b' * 40}&dn=m_1"]
     assert entries[0].file_name == "r_0.torrent" and entries[3].kind is tsmd.EntryKind.MAGNET
-    assert len(problems) == 1 and "bad magnet" in problems[0]
+    assert len(problems) == 1 and "magnet link without a usable" in problems[0]
     entries, _ = tsmd.parse_index_untrusted(page, BASE, same_origin=False,
                                             required_substring="r_")
     assert "http://other.example/r_3000.torrent" in [e.source for e in entries]
@@ -381,6 +383,8 @@ def test_http_scrape_url_and_body():
     ("240.0.0.1", False), ("fe80::1", False), ("fc00::1", False), ("ff02::1", False),
     ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("::", False), ("192.0.0.8", False),
     ("198.18.0.1", False), ("2001:db8::1", False), ("not-an-ip", False),
+    ("64:ff9b::808:808", True), ("64:ff9b::a00:1", False), ("2002:a00:1::", False),
+    ("2002:808:808::", True), ("fec0::1", False), ("2001:0:4136:e378:8000:63bf:f5ff:fffe", False),
 ])
 def test_is_global_address(address, allowed):
     assert tsmd.is_global_address(address) is allowed
@@ -394,7 +398,7 @@ class CollectionServer:
 
     def __init__(self) -> None:
         self.files: dict[str, tuple[bytes, str]] = {}
-        self.requests: list[tuple[str, str]] = []  # (path, status)
+        self.requests: list[list[str]] = []  # [path, status]
         self.lock = threading.Lock()
         server = self
 
@@ -411,10 +415,18 @@ class CollectionServer:
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def do_GET(self):
-                path = urllib.parse.urlsplit(self.path).path
-                status = server.respond(self, path)
+                # Counted before anything is sent: a client may act on the answer (and the test
+                # count requests) before this thread runs again.
+                self.entry = [urllib.parse.unquote(urllib.parse.urlsplit(self.path).path), "?"]
                 with server.lock:
-                    server.requests.append((path, status))
+                    server.requests.append(self.entry)
+                self.entry[1] = "?"
+                server.respond(self, self.entry[0])
+
+            def send_response(self, code, message=None):
+                self.entry[1] = str(code) + ("-truncated" if self.entry[0].startswith(
+                    "/truncated/") else "")
+                super().send_response(code, message)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -431,7 +443,7 @@ class CollectionServer:
     def respond(self, handler, path: str) -> str:
         if path.startswith("/redirect/"):
             handler.send_response(302)
-            handler.send_header("Location", urllib.parse.unquote(path[len("/redirect/"):]))
+            handler.send_header("Location", path[len("/redirect/"):])
             handler.send_header("Content-Length", "0")
             handler.end_headers()
             return "302"
@@ -760,7 +772,7 @@ def test_first_sync_then_incremental_resync_costs_one_request(server, tmp_path):
     counts, db = do_sync(settings)
     assert (counts.new, counts.unchanged, counts.downloads) == (0, 30, 0)
     assert server.count() - before == 1  # only the index page, answered 304
-    assert server.requests[-1] == ("/books/", "304")
+    assert server.requests[-1] == ["/books/", "304"]
 
     # --revalidate: one conditional request per torrent, all 304, still zero downloads.
     before = server.count()
@@ -1599,17 +1611,19 @@ class FakeDhtNetwork:
 
     def __init__(self, count: int, swarms: dict[bytes, set[tuple[str, int, bool]]], *,
                  style: str = "jech", hostile: dict[int, str] | None = None,
-                 first_octet: int = 127, second_octet: int = 20) -> None:
+                 second_octet: int = 20) -> None:
         self.ids = [hashlib.sha1(f"node {n}".encode()).digest() for n in range(count)]
-        self.addresses = [f"{first_octet}.{second_octet + n // 250}.{n % 250 + 1}.1"
-                          for n in range(count)]
+        self.addresses = [f"127.{second_octet + n // 250}.{n % 250 + 1}.1" for n in range(count)]
         self.ports = [0] * count
         self.style = style
         self.hostile = hostile or {}  # node index -> behaviour
         self.queries = [0] * count
+        self.per_second: dict[int, int] = {}  # packets received per wall-clock second
         self.stored: list[dict[bytes, set[tuple[str, int, bool]]]] = [{} for _ in range(count)]
+        # Peers live on the 8 closest nodes that answer at all (dead entries store nothing).
+        storers = [n for n in range(count) if self.hostile.get(n) != "silent"]
         for infohash, peers in swarms.items():
-            for n in sorted(range(count), key=lambda n: xor(self.ids[n], infohash))[:8]:
+            for n in heapq.nsmallest(8, storers, key=lambda n: xor(self.ids[n], infohash)):
                 self.stored[n][infohash] = peers
         self.table = [self._routing_table(n) for n in range(count)]
 
@@ -1647,6 +1661,8 @@ class FakeDhtNetwork:
             while True:
                 data, address = await sock.recvfrom(4096)
                 self.queries[n] += 1
+                second = int(time.time())
+                self.per_second[second] = self.per_second.get(second, 0) + 1
                 behaviour = self.hostile.get(n)
                 if behaviour == "silent":
                     continue
@@ -1953,3 +1969,158 @@ def test_dht_against_real_libtorrent_nodes(tmp_path):
         seed_ips = {network.nodes[n][0] for n, _, seed in announcers if seed}
         assert row.dht_seeds_estimate == len(seed_ips)
         assert row.dht_peers_estimate == len({network.nodes[n][0] for n, _, _ in announcers})
+
+
+
+# ---- Hostile input and edge cases found in review ----
+
+
+@given(st.text(max_size=300))
+@hsettings(max_examples=300, deadline=None)
+def test_index_and_magnet_parsers_raise_only_protocol_error(text):
+    for body in (text, f"<html><a href='{text}'>x</a> <a href=\"magnet:?{text}\">m</a>",
+                 f"magnet:?xt=urn:btih:{'a' * 40}&{text}\n{text}"):
+        try:
+            tsmd.parse_index_untrusted(body.encode("utf-8", "surrogatepass"), BASE)
+        except tsmd.ProtocolError:
+            pass
+    try:
+        tsmd.decode_magnet_untrusted(f"magnet:?xt=urn:btih:{'a' * 40}&xl={text}&dn={text}")
+    except tsmd.ProtocolError:
+        pass
+
+
+def test_hostile_index_pages_fail_per_item_and_stay_linear():
+    page = (b"<html><a href='http://[::1/x.torrent'>a</a><a href='http://h:99999/y.torrent'>b</a>"
+            b"<![foo bar]><a href='ok.torrent'>c</a>"
+            b"<a href='magnet:?xt=urn:btih:" + b"a" * 40 + b"&amp;xl=%C2%B2'>m</a>")
+    entries, problems = tsmd.parse_index_untrusted(page, BASE)
+    assert [e.source for e in entries] == [BASE + "ok.torrent", "magnet:?xt=urn:btih:" + "a" * 40
+                                           + "&xl=%C2%B2"]
+    assert len(problems) == 2
+    started = time.perf_counter()
+    tsmd.parse_index_untrusted(b"<a " * 300_000, BASE)  # unclosed tags: quadratic in html.parser
+    assert time.perf_counter() - started < 5  # generous: linear takes ~0.02 s
+
+
+def test_redirects_to_local_files_and_fifos_are_refused(server, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text(f"{'1' * 40}\n")
+    fifo = tmp_path / "fifo.torrent"
+    os.mkfifo(fifo)
+    server.files["/list.txt"] = (f"/redirect/{urllib.parse.quote(secret.as_uri(), safe='')}\n"
+                                 .encode(), "text/plain")
+    settings = make_settings(tmp_path, [
+        {"name": "redirected", "url": server.url("/redirect/" + urllib.parse.quote(
+            secret.as_uri(), safe="")), "type": "books"},
+        {"name": "fifo", "url": str(fifo), "type": "books"}])
+    reporter = tsmd.Reporter(-1)
+    messages = []
+    reporter.problem = messages.append
+    db = tsmd.open_database(settings.database)
+    counts = run(tsmd.run_sync, db, settings, settings.collections, reporter, timeout=20)
+    assert counts.failed == 2 and counts.new == 0
+    assert any("a local file must be configured" in m for m in messages)
+    assert any("not a regular file" in m for m in messages)
+
+
+def test_non_ascii_links_and_hosts_are_encoded_not_fatal(server, tmp_path):
+    data = v1_torrent("книга.bin", 10)
+    server.files["/книга 1.torrent"] = (data, "")
+    server.files["/idx"] = ("<a href='книга 1.torrent'>x</a><a href='http://a_ü.example/x.torrent'>"
+                            "</a>".encode(), "text/html")
+    settings = make_settings(tmp_path, [{"name": "u", "url": server.url("/idx"), "type": "books"}],
+                             sync={"max_redirects": 1})
+    counts = run(tsmd.run_sync, tsmd.open_database(settings.database), settings,
+                 settings.collections, tsmd.Reporter(-1))
+    assert counts.new == 1  # the other-origin link is skipped, the Cyrillic one fetched
+    assert server.count("/книга") == 1
+
+
+def test_hybrid_torrent_and_v2_magnet_of_it_coexist(tmp_path):
+    db = tsmd.open_database(tmp_path / "t.sqlite3")
+    v2 = "b" * 64
+    hybrid = tsmd.Metainfo("a" * 40, v2, "h", 1, 1, 1, None, None, None, (), True)
+    magnet = tsmd.decode_magnet_untrusted(f"magnet:?xt=urn:btmh:1220{v2}")
+    with tsmd.Transaction(db):
+        tsmd.upsert_torrent(db, hybrid, 1)
+        tsmd.upsert_torrent(db, magnet, 1)
+    assert db.execute("SELECT count(*) FROM torrents WHERE infohash_v2 = ?", (v2,)).fetchone()[0] == 2
+
+
+def test_proxy_does_not_let_private_ip_literals_through(tmp_path):
+    settings = make_settings(tmp_path, [], network={"allow_private": False,
+                                                   "proxy": "http://127.0.0.1:9/"})
+
+    async def scenario():
+        fetcher = tsmd.make_fetcher(settings)
+        for host in ("127.0.0.1", "2130706433", "127.1", "0x7f.0.0.1", "10.1", "[::1]"):
+            with pytest.raises(tsmd.FetchError, match="not a public address"):
+                await fetcher.fetch(f"http://{host}/x", max_bytes=10)
+        await fetcher.aclose()
+
+    run(scenario)
+
+
+def test_tracker_backoff_does_not_overflow(tmp_path):
+    db, _ = torrent_db(tmp_path, 1, ["udp://t.example:1/announce"])
+    settings = scrape_settings(tmp_path)
+    tracker_id = db.execute("SELECT id FROM trackers").fetchone()[0]
+    db.execute("UPDATE trackers SET consecutive_failures = 5000")
+    tally = tsmd.TrackerTally("udp://t.example:1/announce", error="dead")
+    with tsmd.Transaction(db):
+        tsmd.record_tracker_health(db, settings, tracker_id, tally, 1000)
+    assert db.execute("SELECT next_attempt FROM trackers").fetchone()[0] == 1000 + 7 * 86400
+
+
+def test_cli_sigint_and_sigterm_exit_130_and_record_the_run(server, tmp_path):
+    publish_collection(server, "/sig/", 3)
+    index_page(server, "/sig/", ["r_0.torrent", "/slow/a.torrent", "/slow/b.torrent"])
+    config = write_config(tmp_path, f"""
+[network]
+allow_private = true
+[sync]
+concurrency = 3
+[[collections]]
+name = "sig"
+url = "{server.url('/sig/')}"
+type = "books"
+""")
+    for number, sig in enumerate((signal.SIGINT, signal.SIGTERM)):
+        database = tmp_path / f"sig{number}.sqlite3"
+        process = subprocess.Popen([sys.executable, str(HERE / "tsmd.py"), "--config", str(config),
+                                    "--db", str(database), "sync"], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        # trio starts tasks in no fixed order: wait until r_0 is in and a slow one is pending.
+        while (server.count("/sig/r_0") < 1 + number or server.count("/slow/") < 1 + 2 * number) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=30)
+        assert process.returncode == tsmd.ExitCode.INTERRUPTED, stderr
+        assert "Traceback" not in stderr
+        db = sqlite3.connect(database)
+        assert db.execute("SELECT outcome FROM runs").fetchall() == [("interrupted",)]
+        assert db.execute("SELECT count(*) FROM memberships WHERE torrent_id IS NOT NULL"
+                          ).fetchone()[0] == 1
+
+
+def test_cli_scrape_errors_are_one_line(tmp_path):
+    db, _ = torrent_db(tmp_path, 1, [])
+    db.close()
+    config = write_config(tmp_path, """
+database = "tsmd.sqlite3"
+[[collections]]
+name = "c"
+url = "http://x/"
+type = "books"
+""")
+    done = cli("--config", str(config), "scrape", "--infohash", "0" * 40)
+    assert done.returncode == tsmd.ExitCode.USAGE and "Traceback" not in done.stderr
+    assert "is not listed by the selected collections" in done.stderr
+    done = cli("--config", str(config), "scrape")  # a torrent with no tracker: nothing to ask
+    assert done.returncode == 0, done.stderr
+    done = cli("--config", str(config), "trackers", "--format", "json")
+    assert done.returncode == 0 and json.loads(done.stdout) == []

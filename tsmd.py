@@ -30,7 +30,7 @@ import bisect
 import dataclasses
 import enum
 import hashlib
-import html.parser
+import html
 import ipaddress
 import json
 import math
@@ -40,6 +40,7 @@ import sqlite3
 import struct
 import sys
 import time
+from stat import S_ISREG
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
+    from exceptiongroup import BaseExceptionGroup  # trio's own dependency before 3.11
 
 import bencoder
 import h11
@@ -269,7 +271,7 @@ def normalise_tracker_url(url: str) -> str | None:
     scheme = parts.scheme.lower()
     if scheme not in TRACKER_SCHEMES or not parts.hostname:
         return None
-    if scheme == "udp" and not port:
+    if scheme == "udp" and not port or port == 0:
         return None
     host = parts.hostname.lower()
     if ":" in host:
@@ -412,7 +414,8 @@ def decode_magnet_untrusted(uri: str) -> Metainfo:
     names = params.get("dn")
     return Metainfo(
         infohash=infohash, infohash_v2=infohash_v2, name=names[0] if names else None,
-        size_bytes=_non_negative_int(int(params["xl"][0])) if params.get("xl", [""])[0].isdigit() else None,
+        size_bytes=int(params["xl"][0]) if re.fullmatch(r"[0-9]{1,18}", params.get("xl", [""])[0])
+        else None,
         file_count=None, piece_length=None, created_unix=None, created_by=None, comment=None,
         trackers=tuple(trackers), has_metainfo=False,
     )
@@ -429,16 +432,17 @@ def magnet_uri(infohash: str, name: str | None = None, trackers: Sequence[str] =
 # ---- Collection index pages ----
 
 
-class _LinkCollector(html.parser.HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.hrefs: list[str] = []
+# An <a> tag with an href, in one pass: the tag is bounded in length, so a hostile page of
+# unclosed tags costs linear time (html.parser is quadratic on those, and can assert).
+_ANCHOR_HREF = re.compile(
+    r"""<a\s[^<>]{0,2000}?\bhref\s*=\s*(?:"([^"<>]{0,8000})"|'([^'<>]{0,8000})'|([^\s"'<>]{1,8000}))""",
+    re.IGNORECASE)
+_LOOKS_LIKE_HTML = re.compile(r"(?is)\s*(<!doctype|<html|<head|<body|<a\s)")
 
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "a":
-            for key, value in attrs:
-                if key == "href" and value:
-                    self.hrefs.append(value.strip())
+
+def html_hrefs(text: str) -> list[str]:
+    return [html.unescape(next(group for group in match.groups() if group is not None)).strip()
+            for match in _ANCHOR_HREF.finditer(text)]
 
 
 def _url_file_name(url: str) -> str | None:
@@ -456,6 +460,21 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme, (parts.hostname or ""), parts.port
 
 
+def resolve_link_untrusted(base_url: str, link: str) -> str:
+    """`link` made absolute against `base_url`, checked to be a well-formed http(s)/file URL."""
+    try:
+        url = urllib.parse.urljoin(base_url, link)
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises ValueError for a port out of range
+    except ValueError as exc:
+        raise ProtocolError(f"bad link {link[:80]!r}: {exc}") from None
+    if parts.scheme.lower() not in HTTP_SCHEMES | {"file"}:
+        raise ProtocolError(f"unsupported link {link[:80]!r}")
+    if parts.scheme.lower() != "file" and not parts.hostname:
+        raise ProtocolError(f"link without a host {link[:80]!r}")
+    return url
+
+
 def _entry_from_text(text: str, base_url: str) -> IndexEntry:
     """One line of a list, or one string of a JSON list: URL, magnet link or bare infohash."""
     text = text.strip()
@@ -464,10 +483,7 @@ def _entry_from_text(text: str, base_url: str) -> IndexEntry:
         return IndexEntry(EntryKind.MAGNET, text, meta.name)
     if _HEX40.fullmatch(text) or _BASE32_32.fullmatch(text):
         return IndexEntry(EntryKind.INFOHASH, parse_infohash_untrusted(text), None)
-    url = urllib.parse.urljoin(base_url, text)
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme not in HTTP_SCHEMES | {"file"}:
-        raise ProtocolError(f"unsupported entry {text[:80]!r}")
+    url = resolve_link_untrusted(base_url, text)
     return IndexEntry(EntryKind.URL, url, _url_file_name(url))
 
 
@@ -521,18 +537,18 @@ def parse_index_untrusted(
         except (ValueError, RecursionError) as exc:
             raise ProtocolError(f"invalid JSON index: {exc}") from None
         candidates.extend(_entries_from_json(document, base_url))
-    elif "html" in content_type or re.match(r"(?is)\s*(<!doctype|<html|<head|<body|<a\s)", stripped[:4096]) \
-            or re.search(r"(?i)<a\s[^>]*href", stripped[:65536]):
-        collector = _LinkCollector()
-        collector.feed(text)
-        collector.close()
+    elif "html" in content_type or _LOOKS_LIKE_HTML.match(stripped[:4096]) \
+            or _ANCHOR_HREF.search(stripped[:65536]):
         page_origin = _origin(base_url)
-        for href in collector.hrefs:
-            if href.lower().startswith("magnet:?"):
-                candidates.append(_entry_from_text(href, base_url) if _safe_magnet(href) else
-                                  ProtocolError(f"bad magnet link {href[:80]!r}"))
+        for href in html_hrefs(text):
+            try:
+                if href.lower().startswith("magnet:?"):
+                    candidates.append(_entry_from_text(href, base_url))
+                    continue
+                url = resolve_link_untrusted(base_url, href)
+            except ProtocolError as exc:
+                candidates.append(exc)
                 continue
-            url = urllib.parse.urljoin(base_url, href)
             if not _is_torrent_url(url):
                 continue
             if same_origin and _origin(url) != page_origin:
@@ -565,14 +581,6 @@ def parse_index_untrusted(
             seen.add(candidate.source)
             entries.append(candidate)
     return entries, problems
-
-
-def _safe_magnet(uri: str) -> bool:
-    try:
-        decode_magnet_untrusted(uri)
-    except ProtocolError:
-        return False
-    return True
 
 
 # ---- KRPC: DHT messages (BEP 5, BEP 32, BEP 33, BEP 43) ----
@@ -895,6 +903,7 @@ _EXTRA_NON_GLOBAL: Final = (
     ipaddress.ip_network("192.0.0.0/24"),  # IETF protocol assignments
     ipaddress.ip_network("64:ff9b:1::/48"),  # local-use NAT64, RFC 8215
 )
+_NAT64: Final = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix
 
 
 def is_global_address(address: str) -> bool:
@@ -903,8 +912,16 @@ def is_global_address(address: str) -> bool:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        # IPv4 carried inside IPv6 is judged as that IPv4 address: mapped, 6to4, Teredo's
+        # client, and NAT64 (a NAT64 host reaches the whole IPv4 internet that way).
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return is_global_address(str(embedded))
+        if ip.is_site_local:
+            return False
     if not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified:
         return False
     return not any(ip in net for net in _EXTRA_NON_GLOBAL if net.version == ip.version)
@@ -1001,14 +1018,20 @@ class UdpEndpoint:
     @classmethod
     async def open(cls, bind: str, parse_untrusted: Any) -> UdpEndpoint:
         host, port = split_host_port(bind, default_port=0)
+        sock = None
         try:
             sock = open_udp_socket(host)
             await sock.bind((host, port))
         except OSError as exc:
-            if host == "::":  # no IPv6 on this host: IPv4 only
-                sock = open_udp_socket("0.0.0.0")
+            if sock is not None:
+                sock.close()
+            if host != "::":
+                raise TsmdError(f"cannot bind UDP {bind}: {exc.strerror or exc}") from None
+            sock = open_udp_socket("0.0.0.0")  # no IPv6 on this host: IPv4 only
+            try:
                 await sock.bind(("0.0.0.0", port))
-            else:
+            except OSError as exc:
+                sock.close()
                 raise TsmdError(f"cannot bind UDP {bind}: {exc.strerror or exc}") from None
         return cls(sock, parse_untrusted)
 
@@ -1111,8 +1134,9 @@ class FetchResult:
 async def _resolve_host(host: str, port: int) -> list[str]:
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
-    except OSError as exc:
-        raise FetchError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+    except (OSError, UnicodeError, ValueError) as exc:
+        raise FetchError(f"cannot resolve {host[:80]}: {getattr(exc, 'strerror', None) or exc}"
+                         ) from None
     return list(dict.fromkeys(info[4][0] for info in infos))
 
 
@@ -1121,6 +1145,39 @@ class _HttpConnection:
     stream: trio.abc.Stream
     protocol: h11.Connection
     reused: bool = False
+    idle_since: float = 0.0
+
+
+HTTP_KEEPALIVE_SECONDS: Final = 5.0  # idle connections older than this are closed, not reused
+HTTP_IDLE_PER_ORIGIN: Final = 8
+
+
+_URL_KEEP: Final = "/%:@!$&'()*+,;=?~-._"  # characters a request target may carry as they are
+
+
+def ascii_request_parts(url: str) -> tuple[str, str, int, str, str]:
+    """(scheme, host, port, authority, target) of an http(s) URL as they go on the wire: the
+    host IDNA-encoded, path and query percent-encoded (links on real pages are often neither)."""
+    parts = urllib.parse.urlsplit(url)
+    scheme, host = parts.scheme.lower(), parts.hostname or ""
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise FetchError(f"bad URL: {exc}") from None
+    if scheme not in HTTP_SCHEMES or not host or port == 0:
+        raise FetchError("bad URL: expected http(s)://host[:port]/...")
+    if not _is_ip_literal(host):
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise FetchError(f"bad host name {host[:80]!r}") from None
+    default = 443 if scheme == "https" else 80
+    port = port or default
+    bracketed = f"[{host}]" if ":" in host else host
+    authority = bracketed if port == default else f"{bracketed}:{port}"
+    path = urllib.parse.quote(parts.path or "/", safe=_URL_KEEP)
+    query = urllib.parse.quote(parts.query, safe=_URL_KEEP)
+    return scheme, host, port, authority, path + (f"?{query}" if query else "")
 
 
 class HttpClient:
@@ -1135,6 +1192,12 @@ class HttpClient:
                  read_timeout: float, resolve: Any = None, address_allowed: Any = None) -> None:
         self.allow_private = allow_private
         self.proxy = urllib.parse.urlsplit(proxy) if proxy else None
+        self.proxy_headers: list[tuple[str, str]] = []
+        if self.proxy is not None and self.proxy.username is not None:
+            credentials = f"{urllib.parse.unquote(self.proxy.username)}:" \
+                          f"{urllib.parse.unquote(self.proxy.password or '')}"
+            self.proxy_headers.append(("Proxy-Authorization", "Basic " + base64.b64encode(
+                credentials.encode()).decode()))
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._resolve = resolve or _resolve_host
@@ -1148,6 +1211,22 @@ class HttpClient:
                 await trio.aclose_forcefully(connection.stream)
         self._idle.clear()
 
+    async def close_origin(self, url: str) -> None:
+        """Close the idle connections to `url`'s origin (a tracker that is done)."""
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        for connection in self._idle.pop((parts.scheme, parts.hostname or "", port), []):
+            await trio.aclose_forcefully(connection.stream)
+
+    async def _idle_connection(self, key: tuple[str, str, int]) -> _HttpConnection | None:
+        idle = self._idle.get(key)
+        while idle:
+            connection = idle.pop()
+            if trio.current_time() - connection.idle_since < HTTP_KEEPALIVE_SECONDS:
+                return connection
+            await trio.aclose_forcefully(connection.stream)
+        return None
+
     async def _open_tcp(self, host: str, port: int, check: bool) -> trio.SocketStream:
         addresses = await self._resolve(host, port)
         if not addresses:
@@ -1159,6 +1238,8 @@ class HttpClient:
                     f"refused to connect to {host} ({', '.join(addresses[:3])}): not a public "
                     "address (set allow_private = true in [network] for a LAN)")
             addresses = allowed
+        # IPv4 first: on a host with broken IPv6 a v6 attempt would eat the connect timeout.
+        addresses.sort(key=lambda address: ":" in address)
         last_error: OSError | None = None
         for address in addresses:
             try:
@@ -1206,7 +1287,7 @@ class HttpClient:
         if scheme == "https":
             connection = _HttpConnection(stream, h11.Connection(h11.CLIENT))
             authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            await self._send(connection, "CONNECT", authority, authority, [])
+            await self._send(connection, "CONNECT", authority, authority, self.proxy_headers)
             status, _, _ = await self._receive(connection, 65536, head_only=True)
             if status != 200:
                 raise FetchError(f"proxy refused CONNECT to {authority}: HTTP {status}")
@@ -1254,19 +1335,18 @@ class HttpClient:
 
     async def get(self, url: str, headers: list[tuple[str, str]], max_bytes: int
                   ) -> tuple[int, dict[str, str], bytes]:
-        parts = urllib.parse.urlsplit(url)
-        scheme, host = parts.scheme.lower(), parts.hostname or ""
-        port = parts.port or (443 if scheme == "https" else 80)
-        authority = parts.netloc.rsplit("@", 1)[-1]
+        scheme, host, port, authority, target = ascii_request_parts(url)
         plain_proxy = self.proxy is not None and scheme == "http"
-        target = url.split("#", 1)[0] if plain_proxy else (parts.path or "/") + (
-            f"?{parts.query}" if parts.query else "")
+        if plain_proxy:
+            target = f"{scheme}://{authority}{target}"
         key = (scheme, host, port)
-        idle = self._idle.setdefault(key, [])
         for attempt in range(2):
-            connection = idle.pop() if idle else await self._connect(scheme, host, port)
+            # A retry always gets a fresh connection: the next idle one may be just as stale.
+            connection = (await self._idle_connection(key) if attempt == 0 else None) \
+                or await self._connect(scheme, host, port)
             try:
-                await self._send(connection, "GET", target, authority, headers)
+                await self._send(connection, "GET", target, authority,
+                                 headers + self.proxy_headers if plain_proxy else headers)
                 result = await self._receive(connection, max_bytes)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 await trio.aclose_forcefully(connection.stream)
@@ -1285,9 +1365,12 @@ class HttpClient:
                 await trio.aclose_forcefully(connection.stream)
                 raise
             protocol = connection.protocol
-            if protocol.our_state is h11.DONE and protocol.their_state is h11.DONE:
+            idle = self._idle.setdefault(key, [])
+            if protocol.our_state is h11.DONE and protocol.their_state is h11.DONE \
+                    and len(idle) < HTTP_IDLE_PER_ORIGIN:
                 protocol.start_next_cycle()
                 connection.reused = True
+                connection.idle_since = trio.current_time()
                 idle.append(connection)
             else:
                 await trio.aclose_forcefully(connection.stream)
@@ -1316,10 +1399,16 @@ class Fetcher:
         await self._client.aclose()
 
     async def fetch(self, url: str, *, max_bytes: int, etag: str | None = None,
-                    last_modified: str | None = None) -> FetchResult:
-        """GET `url`; with `etag`/`last_modified` a 304 comes back as status 304 and no body."""
+                    last_modified: str | None = None, allow_local: bool = False) -> FetchResult:
+        """GET `url`; with `etag`/`last_modified` a 304 comes back as status 304 and no body.
+
+        Only FetchError comes out of here. A `file:` URL is read only with `allow_local` (the
+        configured collection, or entries of a local index), and never after a redirect.
+        """
         try:
-            return await self._fetch(url, max_bytes, etag, last_modified)
+            return await self._fetch(url, max_bytes, etag, last_modified, allow_local)
+        except (ValueError, UnicodeError, h11.LocalProtocolError) as exc:
+            raise FetchError(f"{url[:MAX_URL_IN_MESSAGE]}: bad URL: {exc}") from None
         except FetchError as exc:
             # Messages name the URL; a scrape URL with 50 hashes is too long to read.
             text = str(exc)
@@ -1328,22 +1417,20 @@ class Fetcher:
             raise FetchError(text) from None
 
     async def _fetch(self, url: str, max_bytes: int, etag: str | None,
-                     last_modified: str | None) -> FetchResult:
-        for _ in range(self.max_redirects + 1):
+                     last_modified: str | None, allow_local: bool) -> FetchResult:
+        for hop in range(self.max_redirects + 1):
             scheme = urllib.parse.urlsplit(url).scheme.lower()
             if scheme == "file":
-                return _read_local(url, max_bytes, etag)
+                if not allow_local or hop:
+                    raise FetchError(f"{url}: refused, a local file must be configured, "
+                                     "not linked or redirected to")
+                return await trio.to_thread.run_sync(_read_local, url, max_bytes, etag)
             if scheme not in HTTP_SCHEMES:
                 raise FetchError(f"{url}: only http, https and file URLs are fetched")
-            try:
-                host = urllib.parse.urlsplit(url).hostname or ""
-                urllib.parse.urlsplit(url).port
-            except ValueError as exc:
-                raise FetchError(f"{url}: bad URL: {exc}") from None
-            if not host:
-                raise FetchError(f"{url}: bad URL: no host")
-            if self.proxy and not self.allow_private and _is_ip_literal(host) \
-                    and not is_global_address(host):
+            host = ascii_request_parts(url)[1]
+            literal = ip_literal_address(host)
+            if self.proxy and not self.allow_private and literal is not None \
+                    and not is_global_address(literal):
                 raise FetchError(f"{url}: refused, {host} is not a public address")
             status, headers, body = await self._get(url, max_bytes, etag, last_modified)
             if status in (301, 302, 303, 307, 308):
@@ -1388,6 +1475,19 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
+def ip_literal_address(host: str) -> str | None:
+    """The address a host name stands for without DNS: `10.0.0.1`, `::1`, and the forms the
+    C resolver also takes for IPv4 (`2130706433`, `127.1`, `0x7f.0.0.1`)."""
+    if _is_ip_literal(host):
+        return host
+    import socket
+
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except (OSError, UnicodeError, ValueError):
+        return None
+
+
 def file_url_to_path(url: str) -> Path:
     parts = urllib.parse.urlsplit(url)
     if parts.netloc not in ("", "localhost"):
@@ -1400,6 +1500,8 @@ def _read_local(url: str, max_bytes: int, etag: str | None) -> FetchResult:
     path = file_url_to_path(url)
     try:
         stat = path.stat()
+        if not S_ISREG(stat.st_mode):
+            raise FetchError(f"{path}: not a regular file")  # a FIFO or device would block
         local_etag = f'"{stat.st_size}-{stat.st_mtime_ns}"'
         if etag == local_etag:
             return FetchResult(url, 304, b"", etag, None, "")
@@ -1430,6 +1532,8 @@ DHT_NODE_MAX_AGE: Final = 3 * 86400  # seconds; older cached nodes are not loade
 DHT_ERROR_BACKOFF: Final = 10.0  # seconds of silence towards a node that said 201/202
 DHT_WRITE_BATCH: Final = 500  # samples per transaction
 UNKNOWN_DISTANCE: Final = 1 << 160  # a bootstrap router's id is unknown until it answers
+DHT_WARM_CACHE_NODES: Final = 4 * DHT_K  # below this, lookups start a few at a time
+DHT_WARMUP_LOOKUPS: Final = 4
 
 
 def _id_int(node_id: bytes) -> int:
@@ -1637,6 +1741,8 @@ class DhtSurvey:
         self.per_ip = PerAddressLimiter(options.per_ip_rate if options.rate else 0,
                                         options.per_ip_burst)
         self._next_transaction = 0
+        self._warming_up = trio.CapacityLimiter(DHT_WARMUP_LOOKUPS)
+        self._lookups_done = 0
 
     def _transaction_id(self) -> bytes:
         self._next_transaction = (self._next_transaction + 1) % 2**32
@@ -1678,8 +1784,30 @@ class DhtSurvey:
         return reply
 
     async def lookup(self, infohash: bytes) -> LookupResult:
-        options = self.options
+        """Find the peers of `infohash` from the K closest nodes that answer."""
+        # With a cold cache every lookup would start at the few bootstrap routers at once, and
+        # a burst of hundreds of queries is lost at theirs (or counted as abuse). Until the
+        # cache knows enough nodes, lookups go a few at a time.
+        if self._cold():
+            async with self._warming_up:
+                if self._cold():
+                    return await self._lookup(infohash)
+        return await self._lookup(infohash)
+
+    def _cold(self) -> bool:
+        # A small network never fills the cache: a few finished lookups end the warm-up too.
+        return len(self.cache) < DHT_WARM_CACHE_NODES and self._lookups_done < 2 * DHT_WARMUP_LOOKUPS
+
+    async def _lookup(self, infohash: bytes) -> LookupResult:
         result = LookupResult(infohash)
+        await self._lookup_round(infohash, result)
+        if result.nodes_answered == 0 and result.queries < self.options.max_queries:
+            await self._lookup_round(infohash, result)  # one retry when nobody answered
+        self._lookups_done += 1
+        return result
+
+    async def _lookup_round(self, infohash: bytes, result: LookupResult) -> None:
+        options = self.options
         target = _id_int(infohash)
         candidates: dict[tuple[str, int], _Candidate] = {}
 
@@ -1755,7 +1883,6 @@ class DhtSurvey:
                     except trio.WouldBlock:
                         break
             nursery.cancel_scope.cancel()  # queries beyond the K closest are not waited for
-        return result
 
     def _take_reply(self, result: LookupResult, reply: GetPeersReply, consider: Any) -> None:
         for host, port in reply.peers:
@@ -1876,8 +2003,9 @@ async def _resolve_tracker(host: str, port: int, endpoint: UdpEndpoint | None,
                            allow_private: bool) -> str:
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
-    except OSError as exc:
-        raise TrackerDead(f"cannot resolve {host}: {exc.strerror or exc}") from None
+    except (OSError, UnicodeError, ValueError) as exc:
+        raise TrackerDead(f"cannot resolve {host[:80]}: {getattr(exc, 'strerror', None) or exc}"
+                          ) from None
     addresses = [_plain_address(info[4][0]) for info in infos]
     usable = [a for a in addresses if (allow_private or is_global_address(a))
               and (endpoint is None or endpoint.can_reach(a))]
@@ -2001,13 +2129,13 @@ class HttpTrackerClient:
                 self.tally.requests += 1
                 started = trio.current_time()
                 try:
-                    with trio.fail_after(self.options.timeout * 2):
+                    with trio.fail_after(self.fetcher.connect_timeout + 2 * self.options.timeout):
                         result = await self.fetcher.fetch(
                             encode_http_scrape_url(self.scrape_url, batch),
                             max_bytes=self.MAX_REPLY_BYTES)
                     break
                 except trio.TooSlowError:
-                    error = f"timed out after {self.options.timeout * 2:g} s"
+                    error = "timed out"
                 except FetchError as exc:
                     error = str(exc).replace(f"{self.scrape_url}", "scrape URL", 1)[:300]
                     if "HTTP 4" in error or "not a public address" in error:
@@ -2091,7 +2219,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE TABLE torrents (
         id              INTEGER PRIMARY KEY,
         infohash        TEXT NOT NULL UNIQUE,   -- 40 hex, the swarm key (v1, or truncated v2)
-        infohash_v2     TEXT UNIQUE,            -- 64 hex for v2 and hybrid torrents
+        infohash_v2     TEXT,                   -- 64 hex for v2 and hybrid torrents
         name            TEXT,
         size_bytes      INTEGER,
         file_count      INTEGER,
@@ -2118,6 +2246,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         PRIMARY KEY (collection_id, source)
     ) WITHOUT ROWID;
     CREATE INDEX memberships_torrent ON memberships(torrent_id);
+    CREATE INDEX torrents_infohash_v2 ON torrents(infohash_v2);
     CREATE TABLE trackers (
         id              INTEGER PRIMARY KEY,
         url             TEXT NOT NULL UNIQUE,   -- normalised announce URL
@@ -2297,6 +2426,8 @@ def upsert_torrent(db: sqlite3.Connection, meta: Metainfo, now: int) -> int:
          meta.piece_length, meta.created_unix, meta.created_by, meta.comment,
          int(meta.has_metainfo), now, now)).fetchone()
     torrent_id = int(row[0])
+    if meta.has_metainfo:  # a (changed) .torrent file's tracker list replaces the old one
+        db.execute("DELETE FROM torrent_trackers WHERE torrent_id = ?", (torrent_id,))
     if meta.trackers:
         db.executemany("INSERT INTO trackers (url) VALUES (?) ON CONFLICT(url) DO NOTHING",
                        [(t.url,) for t in meta.trackers])
@@ -2693,9 +2824,28 @@ class SyncOutcome:
     error: str | None = None
 
 
-def _write_sync_outcomes(db: sqlite3.Connection, outcomes: list[SyncOutcome], now: int) -> None:
+@dataclass(frozen=True, slots=True)
+class CollectionSynced:
+    """Sent to the writer after a collection's last outcome: what to record for the collection
+    itself. Written in the same transaction as the last outcomes, so the index validators are
+    never stored ahead of the entries they vouch for."""
+
+    collection_id: int
+    now: int
+    confirmed: list[str]  # listed and still fresh: last_seen only
+    vanished: list[str]  # no longer listed: marked removed
+    index_etag: str | None
+    index_last_modified: str | None
+    fingerprint: str
+
+
+def _write_sync_outcomes(db: sqlite3.Connection, outcomes: list[SyncOutcome | CollectionSynced],
+                         now: int) -> None:
     with Transaction(db):
         for outcome in outcomes:
+            if isinstance(outcome, CollectionSynced):
+                _finish_collection(db, outcome)
+                continue
             entry = outcome.entry
             if outcome.meta is None:
                 db.execute(
@@ -2719,13 +2869,27 @@ def _write_sync_outcomes(db: sqlite3.Connection, outcomes: list[SyncOutcome], no
                  outcome.etag, outcome.last_modified, validated))
 
 
+def _finish_collection(db: sqlite3.Connection, done: CollectionSynced) -> None:
+    db.executemany("UPDATE memberships SET last_seen = ? WHERE collection_id = ? AND source = ?",
+                   [(done.now, done.collection_id, source) for source in done.confirmed])
+    db.executemany("UPDATE memberships SET removed = ? WHERE collection_id = ? AND source = ?",
+                   [(done.now, done.collection_id, source) for source in done.vanished])
+    db.execute("UPDATE collections SET index_etag = ?, index_last_modified = ?, "
+               "index_fingerprint = ?, last_synced = ?, last_error = NULL WHERE id = ?",
+               (done.index_etag, done.index_last_modified, done.fingerprint, done.now,
+                done.collection_id))
+
+
 async def _sync_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChannel,
                        counts: SyncCounts, reporter: Reporter, on_written: Any) -> None:
     """The one task that writes sync results: batches, one transaction each."""
-    batch: list[SyncOutcome] = []
+    batch: list[SyncOutcome | CollectionSynced] = []
 
-    def take(outcome: SyncOutcome) -> None:
+    def take(outcome: SyncOutcome | CollectionSynced) -> None:
         batch.append(outcome)
+        if isinstance(outcome, CollectionSynced):
+            counts.removed += len(outcome.vanished)
+            return
         setattr(counts, outcome.status, getattr(counts, outcome.status) + 1)
         if outcome.error:
             reporter.problem(outcome.error)
@@ -2734,7 +2898,7 @@ async def _sync_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChanne
     try:
         async for outcome in receive:
             take(outcome)
-            if len(batch) >= SYNC_WRITE_BATCH:
+            if len(batch) >= SYNC_WRITE_BATCH or isinstance(outcome, CollectionSynced):
                 _write_sync_outcomes(db, batch, int(time.time()))
                 batch.clear()
     finally:
@@ -2773,6 +2937,7 @@ async def _download_entry(fetcher: Fetcher, settings: Settings, collection_id: i
             async with limiter:
                 result = await fetcher.fetch(
                     entry.source, max_bytes=settings.sync.max_torrent_bytes,
+                    allow_local=entry.source.startswith("file:"),
                     etag=previous.etag if known else None,  # type: ignore[union-attr]
                     last_modified=previous.last_modified if known else None)  # type: ignore[union-attr]
         if result.status == 304:
@@ -2824,7 +2989,8 @@ async def _sync_collection(db: sqlite3.Connection, fetcher: Fetcher, settings: S
             result = await fetcher.fetch(url, max_bytes=max(settings.sync.max_index_bytes,
                                                             settings.sync.max_torrent_bytes),
                                          etag=stored[0] if conditional else None,
-                                         last_modified=stored[1] if conditional else None)
+                                         last_modified=stored[1] if conditional else None,
+                                         allow_local=True)  # the configured URL itself
             index_etag, index_last_modified = result.etag, result.last_modified
             if result.status == 304:
                 entries = [_entry_from_stored_source(m.source, m) for m in memberships.values()
@@ -2881,15 +3047,8 @@ async def _sync_collection(db: sqlite3.Connection, fetcher: Fetcher, settings: S
     listed = {entry.source for entry in entries}
     vanished = [source for source, m in memberships.items()
                 if source not in listed and m.removed is None]
-    with Transaction(db):
-        db.executemany("UPDATE memberships SET last_seen = ? WHERE collection_id = ? AND source = ?",
-                       [(now, collection_id, source) for source in confirmed])
-        db.executemany("UPDATE memberships SET removed = ? WHERE collection_id = ? AND source = ?",
-                       [(now, collection_id, source) for source in vanished])
-        db.execute("UPDATE collections SET index_etag = ?, index_last_modified = ?, "
-                   "index_fingerprint = ?, last_synced = ?, last_error = NULL WHERE id = ?",
-                   (index_etag, index_last_modified, fingerprint, now, collection_id))
-    counts.removed += len(vanished)
+    await send.send(CollectionSynced(collection_id, now, confirmed, vanished, index_etag,
+                                     index_last_modified, fingerprint))
 
 
 def _entry_from_stored_source(source: str, membership: Membership) -> IndexEntry:
@@ -3204,7 +3363,8 @@ def record_tracker_health(db: sqlite3.Connection, settings: Settings, tracker_id
     failed = tally.failed and tally.hashes_answered == 0
     consecutive = db.execute("SELECT consecutive_failures FROM trackers WHERE id = ?",
                              (tracker_id,)).fetchone()[0] + 1 if failed else 0
-    pause = min(settings.scrape.backoff * 2 ** max(0, consecutive - 1), settings.scrape.max_backoff)
+    pause = min(settings.scrape.backoff * 2 ** min(max(0, consecutive - 1), 40),
+                settings.scrape.max_backoff)
     db.execute(
         "UPDATE trackers SET successes = successes + ?, failures = failures + ?, "
         "consecutive_failures = ?, last_attempt = ?, "
@@ -3590,8 +3750,19 @@ def _open_db(settings: Settings) -> sqlite3.Connection:
         raise _fail(str(exc), exc.exit_code) from None
 
 
+def _leaf_exceptions(error: BaseException) -> list[BaseException]:
+    """The exceptions inside (possibly nested) exception groups, which trio raises."""
+    nested = getattr(error, "exceptions", None)
+    if nested is None or not isinstance(error, BaseExceptionGroup):
+        return [error]
+    return [leaf for inner in nested for leaf in _leaf_exceptions(inner)]
+
+
 def run_interruptible(async_fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, bool]:
-    """trio.run a stage; SIGTERM or Ctrl-C cancel it cleanly. Returns (result, interrupted)."""
+    """trio.run a stage; SIGTERM or Ctrl-C cancel it cleanly. Returns (result, interrupted).
+
+    A TsmdError from the stage is raised as itself, out of trio's exception groups.
+    """
     import signal
 
     outcome: dict[str, Any] = {"interrupted": False}
@@ -3611,8 +3782,15 @@ def run_interruptible(async_fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, bo
 
     try:
         trio.run(supervised)
-    except KeyboardInterrupt:
-        outcome["interrupted"] = True
+    except BaseException as error:  # noqa: B902 - sorted out right here
+        leaves = _leaf_exceptions(error)
+        if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            outcome["interrupted"] = True
+        else:
+            own = [leaf for leaf in leaves if isinstance(leaf, TsmdError)]
+            if own and len(own) == len(leaves):
+                raise own[0] from None
+            raise
     return outcome.get("result"), outcome["interrupted"]
 
 
@@ -3637,37 +3815,40 @@ def sync(
         raise _fail("no enabled collections to sync: add [[collections]] to the configuration "
                     f"({settings.config_path or 'no config file given; see --config'})",
                     ExitCode.USAGE)
+    def judge(counts: SyncCounts) -> tuple[str, ExitCode]:
+        return ("partial", ExitCode.PARTIAL) if counts.failed else ("ok", ExitCode.OK)
+
+    run_stage_command(settings, reporter, "sync", run_sync, SyncCounts(len(chosen)), judge,
+                      collections=chosen, revalidate=revalidate)
+
+
+def run_stage_command(settings: Settings, reporter: Reporter, stage: str, run: Any,
+                      no_counts: Any, judge: Any, *, with_run_id: bool = False,
+                      **arguments: Any) -> None:
+    """The part every stage command shares: record the run, run the stage (Ctrl-C and SIGTERM
+    commit what was done), record the outcome whatever happens, summarise, exit."""
     db = _open_db(settings)
-    run_id = start_run(db, "sync")
+    run_id = start_run(db, stage)
     started = time.monotonic()
-    counts, interrupted = run_interruptible(run_sync, db, settings, chosen, reporter,
-                                            revalidate=revalidate)
-    if counts is None:  # interrupted before the stage returned its counters
-        counts = SyncCounts(collections=len(chosen))
-    outcome = "interrupted" if interrupted else "partial" if counts.failed else "ok"
-    finish_run(db, run_id, outcome, dataclasses.asdict(counts))
-    db.close()
-    reporter.info(f"sync {outcome}: {counts.summary()} in {time.monotonic() - started:.1f} s")
-    if interrupted:
-        raise typer.Exit(int(ExitCode.INTERRUPTED))
-    if counts.failed:
-        raise typer.Exit(int(ExitCode.PARTIAL))
-
-
-def _duration_option(value: str | None, option: str) -> float | None:
-    if value is None:
-        return None
+    counts, outcome, error = no_counts, "failed", None
     try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise _fail(f"{option}: {exc}", ExitCode.USAGE) from None
-
-
-def _infohash_options(values: Sequence[str]) -> list[str]:
-    try:
-        return [parse_infohash_untrusted(v) for v in values]
-    except ProtocolError as exc:
-        raise _fail(f"--infohash: {exc}", ExitCode.USAGE) from None
+        if with_run_id:
+            arguments["run_id"] = run_id
+        result, interrupted = run_interruptible(run, db, settings, reporter=reporter, **arguments)
+        counts = result if result is not None else no_counts
+        outcome, code = ("interrupted", ExitCode.INTERRUPTED) if interrupted else judge(counts)
+    except TsmdError as exc:
+        error = str(exc)
+        raise _fail(error, exc.exit_code) from None
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        finish_run(db, run_id, outcome, dataclasses.asdict(counts), error)
+        db.close()
+    reporter.info(f"{stage} {outcome}: {counts.summary()} in {time.monotonic() - started:.1f} s")
+    if code:
+        raise typer.Exit(int(code))
 
 
 @app.command()
@@ -3705,25 +3886,11 @@ def dht(
         raise _fail(f"dht: {exc}", ExitCode.USAGE) from None
     except TsmdError as exc:
         raise _fail(str(exc), exc.exit_code) from None
-    db = _open_db(settings)
-    run_id = start_run(db, "dht")
-    started = time.monotonic()
-    try:
-        counts, interrupted = run_interruptible(
-            run_dht, db, settings, chosen, reporter, infohashes=hashes, stale_after=stale,
-            options=dht_options(settings, concurrency, rate), bootstrap=bootstrap, bind=bind,
-            run_id=run_id)
-    except TsmdError as exc:
-        finish_run(db, run_id, "failed", {}, str(exc))
-        raise _fail(str(exc), exc.exit_code) from None
-    if counts is None:
-        counts = DhtCounters()
-    outcome = "interrupted" if interrupted else "ok"
-    finish_run(db, run_id, outcome, dataclasses.asdict(counts))
-    db.close()
-    reporter.info(f"dht {outcome}: {counts.summary()} in {time.monotonic() - started:.1f} s")
-    if interrupted:
-        raise typer.Exit(int(ExitCode.INTERRUPTED))
+    run_stage_command(settings, reporter, "dht", run_dht, DhtCounters(),
+                      lambda counts: ("ok", ExitCode.OK), with_run_id=True, collections=chosen,
+                      infohashes=hashes, stale_after=stale,
+                      options=dht_options(settings, concurrency, rate), bootstrap=bootstrap,
+                      bind=bind)
 
 
 @app.command()
@@ -3754,28 +3921,16 @@ def scrape(
         chosen = select_collections(settings, collection or [])
     except TsmdError as exc:
         raise _fail(str(exc), exc.exit_code) from None
-    db = _open_db(settings)
-    run_id = start_run(db, "scrape")
-    started = time.monotonic()
-    try:
-        counts, interrupted = run_interruptible(
-            run_scrape, db, settings, chosen, reporter, infohashes=hashes,
-            only_trackers=tracker or [], stale_after=stale, run_id=run_id)
-    except TsmdError as exc:
-        finish_run(db, run_id, "failed", {}, str(exc))
-        raise _fail(str(exc), exc.exit_code) from None
-    if counts is None:
-        counts = ScrapeRunCounts()
-    unanswered = counts.torrents - counts.torrents_answered
-    outcome = "interrupted" if interrupted else "partial" if unanswered else "ok"
-    finish_run(db, run_id, outcome, dataclasses.asdict(counts))
-    db.close()
-    reporter.info(f"scrape {outcome}: {counts.summary()} in {time.monotonic() - started:.1f} s")
-    if interrupted:
-        raise typer.Exit(int(ExitCode.INTERRUPTED))
-    if unanswered:
-        reporter.problem(f"{unanswered} torrents got no answer from any of their trackers")
-        raise typer.Exit(int(ExitCode.PARTIAL))
+    def judge(counts: ScrapeRunCounts) -> tuple[str, ExitCode]:
+        # Dead trackers are everyday life; a run in which no tracker answered at all is not.
+        if counts.trackers and not counts.hashes_answered:
+            reporter.problem("no tracker answered: is the network down?")
+            return "failed", ExitCode.PARTIAL
+        return ("partial" if counts.trackers_failed else "ok"), ExitCode.OK
+
+    run_stage_command(settings, reporter, "scrape", run_scrape, ScrapeRunCounts(), judge,
+                      with_run_id=True, collections=chosen, infohashes=hashes,
+                      only_trackers=tracker or [], stale_after=stale)
 
 
 @app.command()
