@@ -405,7 +405,6 @@ def serve_fake_dht(nodes: int, swarms_count: int, silent_fraction: float,
 def bench_dht(nodes: int, count: int, silent_fraction: float, in_flight: int) -> None:
     import trio
 
-    import tsmd
     from test_tsmd import survey_all, dht_test_options
 
     swarms = bench_swarms(count)

@@ -25,7 +25,6 @@ storage), configuration, the stages, rendering and last the command line.
 from __future__ import annotations
 
 import base64
-import binascii
 import bisect
 import dataclasses
 import enum
@@ -3820,6 +3819,22 @@ def sync(
 
     run_stage_command(settings, reporter, "sync", run_sync, SyncCounts(len(chosen)), judge,
                       collections=chosen, revalidate=revalidate)
+
+
+def _duration_option(value: str | None, option: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise _fail(f"{option}: {exc}", ExitCode.USAGE) from None
+
+
+def _infohash_options(values: Sequence[str]) -> list[str]:
+    try:
+        return [parse_infohash_untrusted(v) for v in values]
+    except ProtocolError as exc:
+        raise _fail(f"--infohash: {exc}", ExitCode.USAGE) from None
 
 
 def run_stage_command(settings: Settings, reporter: Reporter, stage: str, run: Any,
