@@ -1020,8 +1020,11 @@ def test_config_example_mirrors_every_setting_and_default():
     example = tsmd.load_settings(HERE / "config.example.toml")
     assert example.network == tsmd.NetworkSettings()
     assert example.sync == tsmd.SyncSettings()
+    assert example.scrape == tsmd.ScrapeSettings()
+    assert example.dht == tsmd.DhtSettings()
     text = (HERE / "config.example.toml").read_text()
-    for cls in (tsmd.NetworkSettings, tsmd.SyncSettings, tsmd.CollectionSettings):
+    for cls in (tsmd.NetworkSettings, tsmd.SyncSettings, tsmd.ScrapeSettings, tsmd.DhtSettings,
+                tsmd.CollectionSettings):
         for f in tsmd.dataclasses.fields(cls):
             assert f"\n{f.name} =" in text or f"\n# {f.name} =" in text, f.name
     assert "database =" in text

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import socket
 import sqlite3
 import struct
 import sys
@@ -671,7 +672,8 @@ def krpc_transaction_untrusted(data: bytes) -> tuple[bytes, KrpcMessage]:
 
 
 def _ip_text(raw: bytes) -> str:
-    return str(ipaddress.ip_address(raw))
+    # inet_ntop is C; ipaddress would cost more than the rest of a reply's decoding.
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
 
 
 def decode_compact_nodes_untrusted(data: bytes, ipv6: bool = False) -> tuple[DhtNode, ...]:
@@ -757,8 +759,8 @@ def bloom_insert(bloom: bytearray, ip: str) -> None:
 
 
 def bloom_union(target: bytearray, other: bytes) -> None:
-    for position, byte in enumerate(other):
-        target[position] |= byte
+    target[:] = (int.from_bytes(target, "big") | int.from_bytes(other, "big")).to_bytes(
+        BLOOM_BYTES, "big")
 
 
 def bloom_estimate(bloom: bytes) -> float:
@@ -1479,8 +1481,6 @@ def ip_literal_address(host: str) -> str | None:
     C resolver also takes for IPv4 (`2130706433`, `127.1`, `0x7f.0.0.1`)."""
     if _is_ip_literal(host):
         return host
-    import socket
-
     try:
         return socket.inet_ntoa(socket.inet_aton(host))
     except (OSError, UnicodeError, ValueError):
@@ -1555,7 +1555,8 @@ class NodeCache:
         self._id_at: dict[tuple[str, int], int] = {}
         self.last_seen: dict[int, float] = {}
         self.failures: dict[int, int] = {}
-        self.evicted: set[tuple[str, int]] = set()
+        self.evicted: set[tuple[str, int]] = set()  # dead: not asked again this run
+        self._strangers_failed: dict[tuple[str, int], int] = {}  # never answered, timed out
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -1578,6 +1579,7 @@ class NodeCache:
         self.last_seen[key] = seen
         self.failures[key] = failures
         self.evicted.discard(address)
+        self._strangers_failed.pop(address, None)
 
     def _remove_key(self, key: int) -> None:
         node = self._nodes.pop(key, None)
@@ -1589,14 +1591,23 @@ class NodeCache:
         self.failures.pop(key, None)
 
     def failed(self, host: str, port: int) -> None:
-        """A query timed out; a node that keeps failing is evicted."""
-        key = self._id_at.get((host, port))
+        """A query timed out. A node that keeps failing is evicted, and so is an address other
+        nodes keep handing out that never answered: no lookup asks either again this run."""
+        address = (host, port)
+        key = self._id_at.get(address)
         if key is None:
+            failures = self._strangers_failed.get(address, 0) + 1
+            self._strangers_failed[address] = failures
+            if failures >= DHT_EVICT_AFTER_FAILURES:
+                self.evicted.add(address)
             return
         self.failures[key] += 1
         if self.failures[key] >= DHT_EVICT_AFTER_FAILURES:
             self._remove_key(key)
-            self.evicted.add((host, port))
+            self.evicted.add(address)
+
+    def is_dead(self, host: str, port: int) -> bool:
+        return (host, port) in self.evicted
 
     def closest(self, target: bytes, count: int) -> list[DhtNode]:
         if not self._ids:
@@ -1817,6 +1828,8 @@ class DhtSurvey:
             if not self.usable(node.host, node.port):
                 self.counters.bogons_skipped += 1
                 return
+            if self.cache.is_dead(node.host, node.port):
+                return
             distance = _id_int(node.node_id) ^ target if known_id else UNKNOWN_DISTANCE
             candidates[address] = _Candidate(node, distance)
 
@@ -1919,8 +1932,6 @@ async def resolve_bootstrap(entries: Sequence[str], reporter: Reporter) -> list[
 def host_has_ipv6_route() -> bool:
     """Whether IPv6 can reach the internet here: connect() on UDP only consults the routing
     table, it sends nothing."""
-    import socket
-
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
             probe.connect(("2001:4860:4860::8888", 53))
