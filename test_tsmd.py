@@ -1759,20 +1759,24 @@ async def survey_all(network: FakeDhtNetwork, infohashes, options, cache=None):
     return results, survey, endpoint.counters
 
 
+def survey_fake_network(network: FakeDhtNetwork, infohashes, timeout: float = 60):
+    """Serve the fake network and survey `infohashes` through it; stop everything after."""
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(network.serve)
+            outcome = await survey_all(network, list(infohashes), dht_test_options())
+            nursery.cancel_scope.cancel()
+        return outcome
+
+    return run(scenario, timeout=timeout)
+
+
 def test_dht_lookups_find_every_peer_and_survive_hostile_nodes():
     swarms = dht_swarms(60)
     hostile = {5: "garbage", 9: "nested", 13: "oversized", 17: "bogons", 21: "wrong-tid",
                25: "wrong-address", 29: "flood", 33: "error", 37: "silent", 41: "silent"}
     network = FakeDhtNetwork(120, swarms, hostile=hostile)
-
-    async def scenario():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(network.serve)
-            results = await survey_all(network, list(swarms), dht_test_options())
-            nursery.cancel_scope.cancel()
-        return results
-
-    results, survey, udp = run(scenario, timeout=120)
+    results, survey, udp = survey_fake_network(network, swarms, timeout=120)
     # A hostile node among an infohash's storers hides its copy, but 8 nodes store each swarm.
     for infohash, peers in swarms.items():
         assert results[infohash].peers == {(h, p) for h, p, _ in peers}, infohash.hex()
@@ -1785,15 +1789,7 @@ def test_dht_lookups_find_every_peer_and_survive_hostile_nodes():
 def test_dht_bep33_filters_and_values_follow_up_like_libtorrent():
     swarms = dht_swarms(30, peers_each=5, salt="bf")
     network = FakeDhtNetwork(60, swarms, style="libtorrent")
-
-    async def scenario():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(network.serve)
-            results = await survey_all(network, list(swarms), dht_test_options())
-            nursery.cancel_scope.cancel()
-        return results
-
-    results, survey, _ = run(scenario, timeout=60)
+    results, survey, _ = survey_fake_network(network, swarms)
     for infohash, peers in swarms.items():
         result = results[infohash]
         assert result.peers == {(h, p) for h, p, _ in peers}

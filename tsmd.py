@@ -965,6 +965,9 @@ class TokenBucket:
         self.burst = max(1.0, burst)
         self.tokens = self.burst
         self.updated = trio.current_time() if rate else 0.0
+        # Waiters queue on a fair lock and only the first one sleeps: thousands of lookups
+        # waiting for tokens must not all wake up for each token.
+        self._queue = trio.Lock()
 
     def try_take(self) -> float:
         """Take a token and return 0, or return the seconds until one is due (taking nothing)."""
@@ -979,8 +982,11 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
     async def take(self) -> None:
-        while (wait := self.try_take()) > 0:
-            await trio.sleep(wait)
+        if not self.rate or (not self._queue.locked() and self.try_take() == 0):
+            return
+        async with self._queue:
+            while (wait := self.try_take()) > 0:
+                await trio.sleep(wait)
 
 
 def open_udp_socket(bind_host: str, bind_port: int = 0) -> trio.socket.SocketType:
@@ -1527,12 +1533,13 @@ def local_index_entries(directory: Path) -> list[IndexEntry]:
 DHT_K: Final = 8  # BEP 5: bucket size; a lookup ends when the K closest nodes have answered
 DHT_ALPHA: Final = 3  # queries in flight per lookup (Kademlia's alpha)
 DHT_EVICT_AFTER_FAILURES: Final = 2  # consecutive timeouts before a node leaves the warm cache
+DHT_DEAD_AFTER_FAILURES: Final = 3  # timeouts of a never-heard address before it is skipped
 DHT_NODE_MAX_AGE: Final = 3 * 86400  # seconds; older cached nodes are not loaded any more
 DHT_ERROR_BACKOFF: Final = 10.0  # seconds of silence towards a node that said 201/202
 DHT_WRITE_BATCH: Final = 500  # samples per transaction
 UNKNOWN_DISTANCE: Final = 1 << 160  # a bootstrap router's id is unknown until it answers
-DHT_WARM_CACHE_NODES: Final = 4 * DHT_K  # below this, lookups start a few at a time
-DHT_WARMUP_LOOKUPS: Final = 4
+DHT_WARMUP_LOOKUPS: Final = 4  # lookups in flight while no node is cached yet
+DHT_LOOKUPS_PER_NODE: Final = 2  # then at most this many per cached node
 
 
 def _id_int(node_id: bytes) -> int:
@@ -1555,7 +1562,8 @@ class NodeCache:
         self._id_at: dict[tuple[str, int], int] = {}
         self.last_seen: dict[int, float] = {}
         self.failures: dict[int, int] = {}
-        self.evicted: set[tuple[str, int]] = set()  # dead: not asked again this run
+        self.evicted: set[tuple[str, int]] = set()  # to be deleted from the database
+        self.dead: set[tuple[str, int]] = set()  # never answered: not asked again this run
         self._strangers_failed: dict[tuple[str, int], int] = {}  # never answered, timed out
 
     def __len__(self) -> int:
@@ -1579,6 +1587,7 @@ class NodeCache:
         self.last_seen[key] = seen
         self.failures[key] = failures
         self.evicted.discard(address)
+        self.dead.discard(address)
         self._strangers_failed.pop(address, None)
 
     def _remove_key(self, key: int) -> None:
@@ -1591,15 +1600,17 @@ class NodeCache:
         self.failures.pop(key, None)
 
     def failed(self, host: str, port: int) -> None:
-        """A query timed out. A node that keeps failing is evicted, and so is an address other
-        nodes keep handing out that never answered: no lookup asks either again this run."""
+        """A query timed out. A cached node that keeps failing leaves the cache (it may be back
+        if another node hands it out and it answers). An address that never answered at all and
+        keeps failing is dead for the rest of the run: the DHT is full of stale entries, and
+        every lookup would otherwise wait for them again."""
         address = (host, port)
         key = self._id_at.get(address)
         if key is None:
             failures = self._strangers_failed.get(address, 0) + 1
             self._strangers_failed[address] = failures
-            if failures >= DHT_EVICT_AFTER_FAILURES:
-                self.evicted.add(address)
+            if failures >= DHT_DEAD_AFTER_FAILURES:
+                self.dead.add(address)
             return
         self.failures[key] += 1
         if self.failures[key] >= DHT_EVICT_AFTER_FAILURES:
@@ -1607,7 +1618,7 @@ class NodeCache:
             self.evicted.add(address)
 
     def is_dead(self, host: str, port: int) -> bool:
-        return (host, port) in self.evicted
+        return (host, port) in self.dead
 
     def closest(self, target: bytes, count: int) -> list[DhtNode]:
         if not self._ids:
@@ -1747,12 +1758,15 @@ class DhtSurvey:
         self.want_ipv6 = want_ipv6
         self.node_id = os.urandom(20)
         self.counters = DhtCounters()
-        self.global_bucket = TokenBucket(options.rate, max(1.0, options.rate / 50))
+        # At most `rate` packets in any one-second window: a bucket of one token refilled at
+        # rate - 1 per second can send rate - 1 + 1 in a window, never rate + burst.
+        self.global_bucket = TokenBucket(options.rate - 1 if options.rate > 2 else options.rate,
+                                         1.0)
         self.per_ip = PerAddressLimiter(options.per_ip_rate if options.rate else 0,
                                         options.per_ip_burst)
         self._next_transaction = 0
-        self._warming_up = trio.CapacityLimiter(DHT_WARMUP_LOOKUPS)
-        self._lookups_done = 0
+        self._lookup_slots = trio.CapacityLimiter(min(options.concurrency, max(
+            DHT_WARMUP_LOOKUPS, DHT_LOOKUPS_PER_NODE * len(cache))))
 
     def _transaction_id(self) -> bytes:
         self._next_transaction = (self._next_transaction + 1) % 2**32
@@ -1763,11 +1777,15 @@ class DhtSurvey:
             return False
         return self.endpoint.can_reach(host) and (self.want_ipv6 or ":" not in host)
 
-    async def get_peers(self, node: DhtNode, infohash: bytes, scrape: bool) -> GetPeersReply | None:
-        """One query; None when it timed out, failed or was refused. Every outcome is counted."""
+    async def get_peers(self, node: DhtNode, infohash: bytes, scrape: bool,
+                        on_sent: Any = None) -> GetPeersReply | None:
+        """One query; None when it timed out, failed or was refused. Every outcome is counted.
+        `on_sent` is called when the packet leaves, after the rate limits let it."""
         counters = self.counters
         await self.per_ip.take(node.host)
         await self.global_bucket.take()
+        if on_sent is not None:
+            on_sent()
         counters.queries += 1
         transaction_id = self._transaction_id()
         packet = encode_get_peers(transaction_id, self.node_id, infohash, scrape=scrape,
@@ -1795,25 +1813,22 @@ class DhtSurvey:
 
     async def lookup(self, infohash: bytes) -> LookupResult:
         """Find the peers of `infohash` from the K closest nodes that answer."""
-        # With a cold cache every lookup would start at the few bootstrap routers at once, and
-        # a burst of hundreds of queries is lost at theirs (or counted as abuse). Until the
-        # cache knows enough nodes, lookups go a few at a time.
-        if self._cold():
-            async with self._warming_up:
-                if self._cold():
-                    return await self._lookup(infohash)
-        return await self._lookup(infohash)
-
-    def _cold(self) -> bool:
-        # A small network never fills the cache: a few finished lookups end the warm-up too.
-        return len(self.cache) < DHT_WARM_CACHE_NODES and self._lookups_done < 2 * DHT_WARMUP_LOOKUPS
+        # Lookups in flight grow with the nodes known, up to `concurrency`: a cold start would
+        # otherwise send hundreds of queries at once to the few bootstrap routers or first
+        # cached nodes, and lose them in their receive buffers (or be taken for an attack).
+        async with self._lookup_slots:
+            try:
+                return await self._lookup(infohash)
+            finally:
+                self._lookup_slots.total_tokens = min(
+                    self.options.concurrency,
+                    max(DHT_WARMUP_LOOKUPS, DHT_LOOKUPS_PER_NODE * len(self.cache)))
 
     async def _lookup(self, infohash: bytes) -> LookupResult:
         result = LookupResult(infohash)
         await self._lookup_round(infohash, result)
         if result.nodes_answered == 0 and result.queries < self.options.max_queries:
             await self._lookup_round(infohash, result)  # one retry when nobody answered
-        self._lookups_done += 1
         return result
 
     async def _lookup_round(self, infohash: bytes, result: LookupResult) -> None:
@@ -1828,8 +1843,8 @@ class DhtSurvey:
             if not self.usable(node.host, node.port):
                 self.counters.bogons_skipped += 1
                 return
-            if self.cache.is_dead(node.host, node.port):
-                return
+            if known_id and self.cache.is_dead(node.host, node.port):
+                return  # (bootstrap routers are always worth another try)
             distance = _id_int(node.node_id) ^ target if known_id else UNKNOWN_DISTANCE
             candidates[address] = _Candidate(node, distance)
 
@@ -1841,9 +1856,16 @@ class DhtSurvey:
 
         done_send, done_receive = trio.open_memory_channel[None](math.inf)
 
+        def sent(candidate: _Candidate) -> None:
+            # The stall clock starts when the packet leaves, not while it waits for the rate
+            # limits; the loop is woken to take the new deadline into account.
+            candidate.asked_at = trio.current_time()
+            done_send.send_nowait(None)
+
         async def ask(candidate: _Candidate) -> None:
             try:
-                reply = await self.get_peers(candidate.node, infohash, options.bep33)
+                reply = await self.get_peers(candidate.node, infohash, options.bep33,
+                                             lambda: sent(candidate))
                 if reply is None:
                     candidate.state = "failed"
                     return
@@ -1878,7 +1900,7 @@ class DhtSurvey:
                     if active >= DHT_ALPHA or result.queries >= options.max_queries:
                         break
                     if candidate.state == "new":
-                        candidate.state, candidate.asked_at = "asked", now
+                        candidate.state, candidate.asked_at = "asked", math.inf
                         result.queries += 1
                         active += 1
                         nursery.start_soon(ask, candidate)
@@ -3218,14 +3240,13 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
     survey = DhtSurvey(endpoint, cache, routers, options,
                        want_ipv6=endpoint.dual_stack and host_has_ipv6_route())
     counters = survey.counters
-    limiter = trio.CapacityLimiter(options.concurrency)
     send, receive = trio.open_memory_channel[tuple](2 * options.concurrency)
     started = trio.current_time()
     with reporter.progress() as progress:
         task = progress.add_task("dht", total=len(plan))
 
         async def one_lookup(torrent_id: int, infohash: bytes, send: trio.MemorySendChannel) -> None:
-            async with send, limiter:
+            async with send:
                 result = await survey.lookup(infohash)
                 seeds, peers = result.bep33_estimates()
                 counters.lookups += 1
