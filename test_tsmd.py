@@ -725,6 +725,11 @@ required_substring = "sm_"
     ("[network]\ntimeout = 'soon'", r"\[network\]\.timeout: 'soon' is not a duration"),
     ("[network]\nproxy = 'socks5://x'", "proxy"),
     ("[sync]\nconcurrency = -1", "non-negative"),
+    ("[network]\ntimeout = 0", "longer than 0 s"),
+    ("[network]\ntimeout = nan", "not a duration"),
+    ("[dht]\nrate = inf", "finite"),
+    ("[dht]\nbootstrap = ['no-port']", "no port"),
+    ("[scrape]\nbatch_size = 300", "at most 255"),
     ("[sync]\nconcurrency = 0", "at least 1"),
     ("[sync]\nbogus = 1", r"\[sync\]: unknown key 'bogus'"),
     ("[[collections]]\nname = 'a'\nurl = 'http://x/'", "#1: missing required key 'type'"),
@@ -1223,7 +1228,9 @@ def test_scrape_udp_truncation_drops_wrong_replies_and_failover(tmp_path):
     assert counts.hashes_answered == 900
     assert counts.truncations == 1  # the first batch of 70; then 50 at a time
     assert counts.retries > 0 and counts.dropped > 0
-    assert truncating.hashes_asked >= 300 and max(truncating.hashes_asked, 0) < 600
+    # 70 asked, 50 answered, 20 asked again: the truncation costs 20 hashes, not a second pass
+    # (the rest is retransmits of the packets this tracker drops).
+    assert 300 + 20 <= truncating.hashes_asked < 450
     expected = {}
     for h in hashes:
         candidates = [t.counts[h] for t in (truncating, tricky, expiring)]
@@ -1281,6 +1288,9 @@ def test_http_scrape_truncated_replies_are_asked_again(tmp_path):
         db, counts = run(scenario, tracker.url, timeout=60)
     assert counts.hashes_answered == 120 and counts.truncations >= 1
     assert counts.torrents_answered == 120
+    # 100 asked, 30 answered; then batches of 30: the cap costs a handful of requests, not one
+    # per hash, and the ten unknown hashes are asked at most twice.
+    assert tracker.requests <= 8
     got = numbers(db)
     assert all(got[h.hex()] == c for h, c in counts_by_hash.items())
     assert all(got[h.hex()] == (-1, -1, -1) for h in hashes[120:])

@@ -74,6 +74,7 @@ TRACKER_SCHEMES: Final = frozenset({"http", "https", "udp"})
 SHA1_HEX_LEN: Final = 40
 SHA256_HEX_LEN: Final = 64
 SYNC_WRITE_BATCH: Final = 200  # rows per transaction: one fsync per batch, not per torrent
+DECODE_IN_THREAD_BYTES: Final = 1 << 20  # larger .torrent files are decoded off the event loop
 PROGRESS_REFRESH_PER_SECOND: Final = 4
 MAX_URL_IN_MESSAGE: Final = 160  # characters of a URL quoted in an error message
 
@@ -2501,8 +2502,8 @@ _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgtp]?i?b?)\s*", re.IGNORECAS
 def parse_duration(value: str | int | float) -> float:
     """Seconds from `90`, `"45s"`, `"30m"`, `"12h"`, `"7d"` or `"2w"`."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{value!r} is not a duration (a non-negative number of seconds)")
         return float(value)
     match = _DURATION.fullmatch(str(value))
     if not match:
@@ -2600,6 +2601,8 @@ class Settings:
 
 _DURATION_FIELDS: Final = {"timeout", "connect_timeout", "revalidate_after", "backoff",
                             "max_backoff", "stall_timeout", "query_timeout"}
+_POSITIVE_DURATION_FIELDS: Final = {"timeout", "connect_timeout", "stall_timeout",
+                                     "query_timeout"}
 _SIZE_FIELDS: Final = {"max_index_bytes", "max_torrent_bytes"}
 
 
@@ -2612,6 +2615,11 @@ def _expected(annotation: str) -> str:
 def _convert_field(where: str, name: str, annotation: str, value: Any) -> Any:
     """Check one TOML value against a settings field; the message names file, key and type."""
     try:
+        if name in _POSITIVE_DURATION_FIELDS:
+            seconds = parse_duration(value)
+            if seconds <= 0:
+                raise ValueError("must be longer than 0 s")
+            return seconds
         if name in _DURATION_FIELDS:
             return parse_duration(value)
         if name in _SIZE_FIELDS:
@@ -2632,6 +2640,8 @@ def _convert_field(where: str, name: str, annotation: str, value: Any) -> Any:
     if annotation == "tuple[str, ...]":
         return tuple(value)
     if annotation == "float":
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}.{name}: expected a finite number, got {value!r}")
         return float(value)
     if annotation == "int" and value < 0:
         raise ConfigError(f"{where}.{name}: expected a non-negative integer, got {value}")
@@ -2979,7 +2989,12 @@ async def _download_entry(fetcher: Fetcher, settings: Settings, collection_id: i
                 result.etag, result.last_modified))
             return
         counts.downloads += 1
-        meta = decode_metainfo_untrusted(result.body)
+        if len(result.body) > DECODE_IN_THREAD_BYTES:
+            # A hostile multi-megabyte file can take seconds to vet; meanwhile timeouts and
+            # Ctrl-C must still work.
+            meta = await trio.to_thread.run_sync(decode_metainfo_untrusted, result.body)
+        else:
+            meta = decode_metainfo_untrusted(result.body)
     except ProtocolError as exc:
         await send.send(SyncOutcome(collection_id, entry, None, "failed",
                                     error=f"{entry.source}: not a valid .torrent: {exc}"))
