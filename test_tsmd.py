@@ -2133,3 +2133,113 @@ type = "books"
     assert done.returncode == 0, done.stderr
     done = cli("--config", str(config), "trackers", "--format", "json")
     assert done.returncode == 0 and json.loads(done.stdout) == []
+
+
+# ---- Health model and report formats ----
+
+
+def history_db(tmp_path: Path) -> tuple[sqlite3.Connection, list[bytes]]:
+    """Four torrents with a hand-built history of daily scrape runs over nine days."""
+    sizes = [1_000, 4_000, 2_000, 1_000]
+    db, hashes = torrent_db(tmp_path, 4, ["udp://a.example:1/announce", "udp://b.example:1/announce"])
+    with tsmd.Transaction(db):
+        for n, size in enumerate(sizes):
+            db.execute("UPDATE torrents SET size_bytes = ? WHERE infohash = ?", (size, hashes[n].hex()))
+    now = int(time.time())
+    # seeders per day (index 0 = 8 days ago ... 8 = now) as seen by tracker a; b sees fewer.
+    series = {0: [30, 28, 25, 20, 15, 12, 11, 10, 9],  # falling: yellow now, -6 in a week
+              1: [2, 2, 2, 2, 2, 2, 2, 1, 0],  # dying: red, -1 in a day
+              2: [0, 0, 0, 0, 0, 0, 0, 5, 15]}  # rescued: green
+    a, b = (db.execute("SELECT id FROM trackers WHERE url = ?", (url,)).fetchone()[0]
+            for url in ("udp://a.example:1/announce", "udp://b.example:1/announce"))
+    with tsmd.Transaction(db):
+        for day in range(9):
+            run_id = db.execute("INSERT INTO runs (stage, started, outcome) VALUES ('scrape', ?, "
+                                "'ok')", (now - (8 - day) * 86400,)).lastrowid
+            measured = now - (8 - day) * 86400 + 60
+            for n, values in series.items():
+                torrent_id = db.execute("SELECT id FROM torrents WHERE infohash = ?",
+                                        (hashes[n].hex(),)).fetchone()[0]
+                db.execute("INSERT INTO tracker_samples VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (torrent_id, a, run_id, measured, values[day], 3, 100 + day))
+                db.execute("INSERT INTO tracker_samples VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (torrent_id, b, run_id, measured, values[day] // 2, 9, 50))
+    return db, hashes
+
+
+def test_health_bands_need_and_changes_from_history(tmp_path):
+    db, hashes = history_db(tmp_path)
+    rows = {row.infohash: row for row in tsmd.load_report_rows(db)}
+    falling, dying, rescued, unknown = (rows[h.hex()] for h in hashes)
+    assert (falling.seeders, falling.leechers, falling.band) == (9, 3, "yellow")  # tracker a's
+    assert (falling.seeders_change_previous, falling.seeders_change_1d,
+            falling.seeders_change_7d) == (-1, -1, -19)
+    assert (dying.seeders, dying.band, dying.seeders_change_1d) == (0, "red", -1)
+    assert (rescued.band, rescued.seeders_change_1d, rescued.seeders_change_7d) == ("green", 10, 15)
+    assert unknown.band == "grey" and unknown.need is None and unknown.seeders_change_1d is None
+    assert falling.completed == 108  # the largest any tracker reports
+    mean = (1000 + 4000 + 2000 + 1000) / 4
+    assert dying.need == pytest.approx((0 + 0.9) * mean / 4000)  # b: same 0 seeders, 9 leechers
+    assert falling.need == pytest.approx((9 + 0.3) * mean / 1000)
+    ordered = tsmd.select_report_rows(list(rows.values()), "need", None, None)
+    # dying 0.45, rescued (15 + 0.3) x 1 = 15.3, falling (9 + 0.3) x 2 = 18.6, unknown last
+    assert [row.infohash for row in ordered] == [h.hex() for h in (hashes[1], hashes[2], hashes[0],
+                                                                    hashes[3])]
+    assert [row.seeders for row in tsmd.select_report_rows(list(rows.values()), "seeders", 2, 10)
+            ] == [0, 9]
+    assert tsmd.is_dead(dying) and not tsmd.is_dead(unknown)
+
+
+def test_report_formats_csv_ndjson_prometheus(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    db, hashes = history_db(tmp_path)
+    with tsmd.Transaction(db):
+        db.execute("UPDATE memberships SET file_name = ? WHERE source = ?",
+                   ('=HYPERLINK("http://evil")\n"quoted" \\ 1', hashes[0].hex()))
+        db.execute("UPDATE collections SET name = ?", ('books "best"\\',))
+    rows = tsmd.load_report_rows(db)
+    import csv
+    import io
+
+    parsed = list(csv.DictReader(io.StringIO(tsmd.render_csv(rows))))
+    assert len(parsed) == 4 and parsed[0]["name"].startswith("'=HYPERLINK")
+    assert {row["band"] for row in parsed} == {"yellow", "red", "green", "grey"}
+    lines = tsmd.render_ndjson(rows).splitlines()
+    assert [json.loads(line)["infohash"] for line in lines] == [row.infohash for row in rows]
+    families = {family.name: family for family in
+                text_string_to_metric_families(tsmd.render_prometheus(rows, per_torrent=True))}
+    torrents = families["tsmd_torrents"].samples
+    assert torrents[0].labels == {"collection": 'books "best"\\'} and torrents[0].value == 4
+    by_band = {s.labels["band"]: s.value for s in families["tsmd_bytes_by_band"].samples}
+    assert by_band == {"red": 4000, "yellow": 1000, "green": 2000, "grey": 1000}
+    assert families["tsmd_dead_torrents"].samples[0].value == 1
+    per_torrent = {s.labels["infohash"]: s.value for s in families["tsmd_torrent_seeders"].samples}
+    assert per_torrent == {hashes[0].hex(): 9, hashes[1].hex(): 0, hashes[2].hex(): 15}
+    feed = json.loads(tsmd.render_json(rows))
+    assert_seedtools_valid(feed)
+
+
+def test_cli_report_formats_sorting_and_atomic_files(tmp_path):
+    db, hashes = history_db(tmp_path)
+    db.close()
+    config = write_config(tmp_path, """
+database = "tsmd.sqlite3"
+[[collections]]
+name = "c"
+url = "http://x/"
+type = "books"
+""")
+    done = cli("--config", str(config), "report", "--format", "csv", "--sort", "seeders",
+               "--limit", "2")
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 3
+    done = cli("--config", str(config), "report", "--max-seeders", "3")  # not a TTY: JSON
+    assert [item["infohash"] for item in json.loads(done.stdout)] == [hashes[1].hex()]
+    metrics = tmp_path / "tsmd.prom"
+    done = cli("--config", str(config), "report", "-f", "prometheus", "-o", str(metrics))
+    assert done.returncode == 0 and "tsmd_torrents{" in metrics.read_text()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tsmd.prom")] == []
+    done = cli("--config", str(config), "report", "--format", "table", env={"COLUMNS": "160"})
+    assert done.returncode == 0 and "4 torrents" in done.stdout and "t_1.torrent" in done.stdout
+    done = cli("--config", str(config), "report", "--sort", "weight")
+    assert done.returncode == tsmd.ExitCode.USAGE and "unknown sort" in done.stderr

@@ -3534,6 +3534,90 @@ class ReportRow:
     dht_scraped: int
     dht_seeds_estimate: int
     dht_peers_estimate: int
+    band: str = "grey"  # red < 4 seeders, yellow 4-10, green > 10, grey unknown
+    need: float | None = None  # lower needs seeders more; None when not measured
+    seeders_change_previous: int | None = None  # against the previous scrape run
+    seeders_change_1d: int | None = None  # against the last run at least ~a day earlier
+    seeders_change_7d: int | None = None
+
+
+class Band(enum.Enum):
+    """Public health pages' bands (shared/FORMATS.md): fewer than 4 seeders red."""
+
+    RED = "red"
+    YELLOW = "yellow"
+    GREEN = "green"
+    GREY = "grey"  # not measured
+
+
+def seeder_band(seeders: int) -> Band:
+    if seeders < 0:
+        return Band.GREY
+    return Band.RED if seeders < 4 else Band.YELLOW if seeders <= 10 else Band.GREEN
+
+
+def need_score(seeders: int, leechers: int, size: int, mean_size: float) -> float | None:
+    """(seeders + 0.1 x leechers) x (mean size / size): few seeders and a big torrent need help
+    most. None for a torrent no tracker has answered for."""
+    if seeders < 0:
+        return None
+    return (seeders + 0.1 * max(leechers, 0)) * (mean_size / size if size > 0 else 1.0)
+
+
+DAY: Final = 86400
+# "About a day ago" is the last run at least 20 h before the latest one: daily cron runs drift.
+CHANGE_WINDOWS: Final = (("seeders_change_1d", 20 * 3600), ("seeders_change_7d", 6 * DAY + 12 * 3600))
+
+
+def load_seeder_history(db: sqlite3.Connection, since: int) -> dict[int, list[tuple[int, int]]]:
+    """Per torrent, (time, seeders) of each scrape run since `since`: the maximum over trackers."""
+    history: dict[int, list[tuple[int, int]]] = {}
+    for torrent_id, measured, seeders in db.execute(
+            "SELECT torrent_id, max(measured), max(seeders) FROM tracker_samples "
+            "WHERE measured >= ? GROUP BY torrent_id, run_id ORDER BY torrent_id, 2", (since,)):
+        history.setdefault(torrent_id, []).append((measured, seeders))
+    return history
+
+
+def seeder_changes(history: Sequence[tuple[int, int]]) -> dict[str, int | None]:
+    changes: dict[str, int | None] = {"seeders_change_previous": None,
+                                      "seeders_change_1d": None, "seeders_change_7d": None}
+    if not history:
+        return changes
+    latest_time, latest = history[-1]
+    if len(history) > 1:
+        changes["seeders_change_previous"] = latest - history[-2][1]
+    for key, age in CHANGE_WINDOWS:
+        earlier = [seeders for measured, seeders in history if measured <= latest_time - age]
+        if earlier:
+            changes[key] = latest - earlier[-1]
+    return changes
+
+
+def add_health(rows: list[ReportRow], history: dict[str, list[tuple[int, int]]]) -> list[ReportRow]:
+    """Band, need score and seeder changes for every row (`history` is keyed by infohash)."""
+    sizes = [row.size_bytes for row in rows if row.size_bytes > 0]
+    mean_size = sum(sizes) / len(sizes) if sizes else 1.0
+    return [dataclasses.replace(
+        row, band=seeder_band(row.seeders).value,
+        need=need_score(row.seeders, row.leechers, row.size_bytes, mean_size),
+        **seeder_changes(history.get(row.infohash, ()))) for row in rows]
+
+
+REPORT_SORTS: Final = {
+    "need": lambda row: (row.need is None, row.need or 0.0, row.name),
+    "seeders": lambda row: (row.seeders < 0, row.seeders, row.name),
+    "size": lambda row: (-row.size_bytes, row.name),
+    "name": lambda row: row.name,
+    "age": lambda row: (row.created_unix < 0, row.created_unix, row.name),
+}
+
+
+def select_report_rows(rows: Sequence[ReportRow], sort: str, limit: int | None,
+                       max_seeders: int | None) -> list[ReportRow]:
+    chosen = [row for row in rows if max_seeders is None or 0 <= row.seeders <= max_seeders]
+    chosen.sort(key=REPORT_SORTS[sort])
+    return chosen[:limit] if limit is not None else chosen
 
 
 def _report_name(file_name: str | None, torrent_name: str | None, infohash: str) -> str:
@@ -3569,6 +3653,7 @@ def load_report_rows(db: sqlite3.Connection, collections: Sequence[str] = ()) ->
         """, params)
     seen: set[str] = set()
     result: list[ReportRow] = []
+    ids: dict[str, int] = {}
     for (torrent_id, infohash, name, size, file_count, created, file_name, source, collection,
          kind, trackers) in rows:
         if infohash in seen:
@@ -3584,7 +3669,10 @@ def load_report_rows(db: sqlite3.Connection, collections: Sequence[str] = ()) ->
             created_unix=-1 if created is None else created,
             **dataclasses.asdict(tracker_numbers.get(torrent_id, NO_TRACKER_NUMBERS)),
             **dataclasses.asdict(dht_numbers.get(torrent_id, NO_DHT_NUMBERS))))
-    return result
+        ids[infohash] = torrent_id
+    history = load_seeder_history(db, int(time.time()) - 8 * DAY)
+    return add_health(result, {infohash: history.get(torrent_id, [])
+                               for infohash, torrent_id in ids.items()})
 
 
 @dataclass(frozen=True, slots=True)
@@ -3716,7 +3804,103 @@ def render_json(rows: Sequence[ReportRow]) -> str:
     return json.dumps([dataclasses.asdict(row) for row in rows], ensure_ascii=False, indent=1) + "\n"
 
 
-REPORT_RENDERERS: Final = {"json": render_json}
+def render_ndjson(rows: Sequence[ReportRow]) -> str:
+    return "".join(json.dumps(dataclasses.asdict(row), ensure_ascii=False) + "\n" for row in rows)
+
+
+def render_csv(rows: Sequence[ReportRow]) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([f.name for f in dataclasses.fields(ReportRow)])
+    for row in rows:
+        # Spreadsheets run cells that start with = + - @ as formulas; names are hostile input.
+        writer.writerow(["'" + value if isinstance(value, str) and value[:1] in "=+-@" else
+                         "" if value is None else value for value in dataclasses.astuple(row)])
+    return buffer.getvalue()
+
+
+def _prometheus_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render_prometheus(rows: Sequence[ReportRow], per_torrent: bool = False) -> str:
+    """The text exposition format, for node_exporter's textfile collector."""
+    by_collection: dict[str, list[ReportRow]] = {}
+    for row in rows:
+        by_collection.setdefault(row.collection, []).append(row)
+    lines: list[str] = []
+
+    def metric(name: str, help_text: str, samples: Iterable[tuple[dict[str, str], float]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} gauge")
+        for labels, value in samples:
+            text = ",".join(f'{key}="{_prometheus_label(v)}"' for key, v in labels.items())
+            lines.append(f"{name}{{{text}}} {value:g}" if text else f"{name} {value:g}")
+
+    bands = [band.value for band in Band]
+    metric("tsmd_torrents", "Torrents listed by the collection.",
+           (({"collection": c}, len(r)) for c, r in by_collection.items()))
+    metric("tsmd_bytes", "Total size of the collection's torrents in bytes.",
+           (({"collection": c}, sum(max(x.size_bytes, 0) for x in r))
+            for c, r in by_collection.items()))
+    metric("tsmd_torrents_by_band", "Torrents per seeder band (red < 4, yellow 4-10, green > 10).",
+           (({"collection": c, "band": b}, sum(1 for x in r if x.band == b))
+            for c, r in by_collection.items() for b in bands))
+    metric("tsmd_bytes_by_band", "Bytes per seeder band.",
+           (({"collection": c, "band": b}, sum(max(x.size_bytes, 0) for x in r if x.band == b))
+            for c, r in by_collection.items() for b in bands))
+    metric("tsmd_dead_torrents", "Torrents with no seeder on any tracker nor in the DHT.",
+           (({"collection": c}, sum(1 for x in r if is_dead(x))) for c, r in by_collection.items()))
+    if per_torrent:
+        metric("tsmd_torrent_seeders", "Seeders of one torrent (maximum over its trackers).",
+               (({"collection": x.collection, "infohash": x.infohash, "name": x.name}, x.seeders)
+                for x in rows if x.seeders >= 0))
+    return "\n".join(lines) + "\n"
+
+
+def is_dead(row: ReportRow) -> bool:
+    """Measured, and no seeder anywhere: no tracker counts one, nor a DHT filter."""
+    return row.seeders == 0 and row.dht_seeds_estimate <= 0
+
+
+def _human_size(size: int) -> str:
+    if size < 0:
+        return "?"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000  # type: ignore[assignment]
+    return ""
+
+
+def render_table(rows: Sequence[ReportRow], console: Console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} torrents", title_justify="left", expand=False)
+    for column, justify in (("name", "left"), ("collection", "left"), ("size", "right"),
+                            ("seeders", "right"), ("leechers", "right"), ("done", "right"),
+                            ("DHT peers", "right"), ("Δ day", "right"), ("need", "right")):
+        table.add_column(column, justify=justify, overflow="fold" if column == "name" else "ellipsis")
+    styles = {"red": "bold red", "yellow": "yellow", "green": "green", "grey": "dim"}
+    for row in rows:
+        unknown = "-"
+        table.add_row(
+            escape_markup(row.name), escape_markup(row.collection), _human_size(row.size_bytes),
+            f"[{styles[row.band]}]{row.seeders if row.seeders >= 0 else unknown}[/]",
+            str(row.leechers) if row.leechers >= 0 else unknown,
+            str(row.completed) if row.completed >= 0 else unknown,
+            str(row.dht_peers) if row.dht_peers >= 0 else unknown,
+            f"{row.seeders_change_1d:+d}" if row.seeders_change_1d is not None else unknown,
+            f"{row.need:.2f}" if row.need is not None else unknown)
+    console.print(table)
+
+
+REPORT_RENDERERS: Final = {"json": render_json, "ndjson": render_ndjson, "csv": render_csv,
+                           "prometheus": render_prometheus}
+REPORT_FORMATS: Final = ("table", *REPORT_RENDERERS)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -4020,26 +4204,46 @@ def trackers(
 @app.command()
 def report(
     ctx: typer.Context,
-    format: Annotated[str, typer.Option("--format", "-f", help="Output format: json.")] = "json",
+    format: Annotated[Optional[str], typer.Option(
+        "--format", "-f", help="table (the default on a terminal), json (the default otherwise, "
+                               "the libgen-seedtools feed), ndjson, csv or prometheus.")] = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Write to this file atomically instead of stdout.",
         dir_okay=False)] = None,
     collection: Annotated[Optional[list[str]], typer.Option(
         "--collection", "-c", help="Only torrents of this collection (repeatable).")] = None,
+    sort: Annotated[str, typer.Option(
+        help="need (neediest first), seeders, size (largest first), name or age (oldest first)."
+    )] = "need",
+    limit: Annotated[Optional[int], typer.Option(min=0, help="At most this many torrents.")] = None,
+    max_seeders: Annotated[Optional[int], typer.Option(
+        min=0, help="Only torrents measured with at most this many seeders.")] = None,
+    per_torrent: Annotated[bool, typer.Option(
+        help="prometheus: also one series per torrent (many series for a big collection).")
+    ] = False,
 ) -> None:
-    """Publish what the database knows, in the libgen-seedtools JSON shape.
+    """Publish what the database knows: which torrents need seeders, neediest first.
 
     Example: tsmd report --format json --output /var/www/torrents.json
     """
     settings, reporter = _load(ctx)
-    renderer = REPORT_RENDERERS.get(format)
-    if renderer is None:
-        raise _fail(f"unknown report format '{format}' (known: {', '.join(REPORT_RENDERERS)})",
+    chosen_format = format or ("table" if sys.stdout.isatty() and output is None else "json")
+    if chosen_format not in REPORT_FORMATS:
+        raise _fail(f"unknown report format '{chosen_format}' (known: {', '.join(REPORT_FORMATS)})",
                     ExitCode.USAGE)
+    if sort not in REPORT_SORTS:
+        raise _fail(f"unknown sort '{sort}' (known: {', '.join(REPORT_SORTS)})", ExitCode.USAGE)
     db = _open_db(settings)
-    rows = load_report_rows(db, collection or [])
+    rows = select_report_rows(load_report_rows(db, collection or []), sort, limit, max_seeders)
     db.close()
-    text = renderer(rows)
+    if chosen_format == "table":
+        if output is not None:
+            raise _fail("--format table is for the terminal; use csv or json for a file",
+                        ExitCode.USAGE)
+        render_table(rows, Console(highlight=False))
+        return
+    text = (render_prometheus(rows, per_torrent) if chosen_format == "prometheus"
+            else REPORT_RENDERERS[chosen_format](rows))
     if output is None:
         sys.stdout.write(text)
         sys.stdout.flush()
