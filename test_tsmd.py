@@ -393,11 +393,10 @@ def test_is_global_address(address, allowed):
 # ---- A loopback HTTP server serving generated collections ----
 
 
-class CollectionServer:
-    """Serves files from a dict on 127.0.0.1, counts requests, answers conditional requests."""
+class LoopbackHttpServer:
+    """An HTTP/1.1 server on 127.0.0.1:0 in a thread; subclasses answer in `respond`."""
 
     def __init__(self) -> None:
-        self.files: dict[str, tuple[bytes, str]] = {}
         self.requests: list[list[str]] = []  # [path, status]
         self.lock = threading.Lock()
         server = self
@@ -420,7 +419,6 @@ class CollectionServer:
                 self.entry = [urllib.parse.unquote(urllib.parse.urlsplit(self.path).path), "?"]
                 with server.lock:
                     server.requests.append(self.entry)
-                self.entry[1] = "?"
                 server.respond(self, self.entry[0])
 
             def send_response(self, code, message=None):
@@ -432,6 +430,27 @@ class CollectionServer:
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def respond(self, handler, path: str) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)
+
+
+class CollectionServer(LoopbackHttpServer):
+    """Serves files from a dict, counts requests, answers conditional requests, and misbehaves
+    on special paths (/redirect/URL, /loop, /slow/, /truncated/, /chunked-huge/)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: dict[str, tuple[bytes, str]] = {}
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -496,14 +515,6 @@ class CollectionServer:
         handler.wfile.write(body)
         return "200"
 
-    def __enter__(self) -> CollectionServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture
@@ -1121,51 +1132,35 @@ class FakeUdpTracker:
         return struct.pack("!II", 2, tid) + entries
 
 
-class FakeHttpTracker:
+class FakeHttpTracker(LoopbackHttpServer):
     """A BEP 48 scrape endpoint that answers at most `cap` hashes per request, like opentracker."""
 
     def __init__(self, counts: dict[bytes, tuple[int, int, int]], cap: int = 64) -> None:
+        super().__init__()
         self.counts = counts
         self.cap = cap
-        self.requests = 0
-        tracker = self
+        self.url = f"http://127.0.0.1:{self.port}/announce"
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    @property
+    def scrapes(self) -> int:
+        return len(self.requests)
 
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                tracker.requests += 1
-                parts = urllib.parse.urlsplit(self.path)
-                asked = [urllib.parse.unquote_to_bytes(value) for key, value in
-                         (pair.split("=", 1) for pair in parts.query.split("&") if "=" in pair)
-                         if key == "info_hash"]
-                if parts.path != "/scrape":
-                    body = bencoder.bencode({b"failure reason": b"no such path"})
-                else:
-                    files = {h: {b"complete": tracker.counts[h][0], b"incomplete":
-                                 tracker.counts[h][1], b"downloaded": tracker.counts[h][2]}
-                             for h in asked[:tracker.cap] if h in tracker.counts}
-                    body = bencoder.bencode({b"files": files})
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/announce"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def respond(self, handler, path: str) -> None:
+        query = urllib.parse.urlsplit(handler.path).query
+        asked = [urllib.parse.unquote_to_bytes(value) for key, value in
+                 (pair.split("=", 1) for pair in query.split("&") if "=" in pair)
+                 if key == "info_hash"]
+        if path != "/scrape":
+            body = bencoder.bencode({b"failure reason": b"no such path"})
+        else:
+            files = {h: {b"complete": self.counts[h][0], b"incomplete": self.counts[h][1],
+                         b"downloaded": self.counts[h][2]}
+                     for h in asked[:self.cap] if h in self.counts}
+            body = bencoder.bencode({b"files": files})
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
 
 
 def torrent_db(tmp_path: Path, count: int, trackers: list[str],
@@ -1265,7 +1260,7 @@ def test_scrape_backs_off_failing_trackers_and_http_scrape(tmp_path):
     with FakeHttpTracker(known_counts(hashes, 5), cap=64) as http_tracker:
         db, first, second, explicit = run(scenario, http_tracker.url, timeout=60)
         # 150 hashes, 50 per request, 64 answered at most: 3 requests, no truncation needed.
-        assert first.hashes_answered == 150 and http_tracker.requests == 3 * 2
+        assert first.hashes_answered == 150 and http_tracker.scrapes == 3 * 2
     assert (first.trackers_ok, first.trackers_failed) == (1, 2)
     assert second.trackers_skipped == 2 and second.trackers == 1
     assert explicit.trackers == 1 and explicit.trackers_failed == 1  # --tracker overrides back-off
@@ -1290,7 +1285,7 @@ def test_http_scrape_truncated_replies_are_asked_again(tmp_path):
     assert counts.torrents_answered == 120
     # 100 asked, 30 answered; then batches of 30: the cap costs a handful of requests, not one
     # per hash, and the ten unknown hashes are asked at most twice.
-    assert tracker.requests <= 8
+    assert tracker.scrapes <= 8
     got = numbers(db)
     assert all(got[h.hex()] == c for h, c in counts_by_hash.items())
     assert all(got[h.hex()] == (-1, -1, -1) for h in hashes[120:])
@@ -1822,8 +1817,8 @@ def test_dht_warm_cache_cuts_packets_and_persists(tmp_path):
                        "last_seen) VALUES (?, ?, ?, 1, 1)", (collection_id, infohash.hex(),
                                                                torrent_id))
     settings = make_settings(tmp_path, [{"name": "c", "url": "http://x/", "type": "books"}],
-                             dht={"bind": "127.0.0.1:0", "rate": 0, "stall_timeout": 0.3,
-                                  "query_timeout": 1})
+                             dht={"bind": "127.0.0.1:0", "rate": 0, "stall_timeout": 1,
+                                  "query_timeout": 2})
 
     async def scenario():
         async with trio.open_nursery() as nursery:
