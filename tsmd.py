@@ -3898,9 +3898,177 @@ def render_table(rows: Sequence[ReportRow], console: Console) -> None:
     console.print(table)
 
 
+# The page is one file: styles, script and data inline, nothing fetched. Torrent and tracker
+# strings only ever reach the page as JSON inside a <script type="application/json"> (with <, >
+# and & escaped) and are put into the document with textContent, never parsed as HTML.
+HTML_PAGE: Final = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:">
+<title>tsmd: which torrents need seeders</title>
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.4em}table{border-collapse:collapse}
+td,th{padding:.2em .5em;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}
+td.t,th.t{text-align:left;white-space:normal;max-width:40em;overflow-wrap:anywhere}
+th{cursor:pointer;background:#f4f4f4;position:sticky;top:0}
+.red{background:#fbd5d5}.yellow{background:#fdf1c7}.green{background:#d7f3d7}.grey{background:#eee}
+.bar{display:inline-block;height:.8em}.bar.red{background:#d33}.bar.yellow{background:#db0}
+.bar.green{background:#3a3}.bar.grey{background:#aaa}
+#controls{margin:1em 0}#controls input{width:20em}
+</style></head><body>
+<h1>Which torrents need seeders</h1>
+<p>Generated __GENERATED__ by tsmd __VERSION__. Seeders are the maximum over each torrent's trackers;
+bands: red &lt; 4 seeders, yellow 4&ndash;10, green &gt; 10, grey not measured. Neediest first.</p>
+<h2>Collections</h2>
+__SUMMARY__
+<h2>Torrents</h2>
+<div id="controls"><input id="q" type="search" placeholder="filter by name or collection">
+<select id="band"><option value="">every band</option><option>red</option><option>yellow</option>
+<option>green</option><option>grey</option></select> <span id="count"></span></div>
+<table><thead><tr>
+<th class="t" data-key="name">name</th><th class="t" data-key="collection">collection</th>
+<th data-key="size">size</th><th data-key="seeders">seeders</th><th data-key="leechers">leechers</th>
+<th data-key="completed">done</th><th data-key="dht">DHT peers</th><th data-key="change">&Delta; day</th>
+<th data-key="need">need</th><th>trend</th><th>get</th></tr></thead><tbody id="rows"></tbody></table>
+<p><button id="more" type="button">show more</button></p>
+<script type="application/json" id="data">__DATA__</script>
+<script>
+"use strict";
+const FIELDS = ["name","collection","size","seeders","leechers","completed","dht","band","need",
+                "change","link","magnet","trend"];
+const rows = JSON.parse(document.getElementById("data").textContent).map(
+  r => Object.fromEntries(FIELDS.map((f, i) => [f, r[i]])));
+const PAGE = 500;
+let shown = PAGE, order = {key: "need", dir: 1}, view = rows;
+function unknownLast(v) { return v === null || v === -1 ? Infinity : v; }
+function compare(a, b) {
+  const k = order.key, x = a[k], y = b[k];
+  if (typeof x === "string") return order.dir * x.localeCompare(y);
+  return order.dir * (unknownLast(x) - unknownLast(y)) || a.name.localeCompare(b.name);
+}
+function size(n) {
+  if (n < 0) return "?";
+  const units = ["B","kB","MB","GB","TB"]; let i = 0;
+  while (n >= 1000 && i < units.length - 1) { n /= 1000; i++; }
+  return (i ? n.toFixed(1) : n) + " " + units[i];
+}
+function cell(tr, text, cls) {
+  const td = document.createElement("td"); td.textContent = text;
+  if (cls) td.className = cls; tr.appendChild(td); return td;
+}
+function trend(values) {
+  const td = document.createElement("td");
+  if (values.length < 2) return td;
+  const top = Math.max(1, ...values), w = 4, h = 16;
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("width", w * values.length); svg.setAttribute("height", h);
+  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+  line.setAttribute("points", values.map((v, i) => (i * w + 2) + "," + (h - 1 - v / top * (h - 2))).join(" "));
+  line.setAttribute("fill", "none"); line.setAttribute("stroke", "#555");
+  svg.appendChild(line); td.appendChild(svg); return td;
+}
+function link(td, href, text) {
+  if (!/^(https?:|magnet:)/i.test(href)) return;
+  const a = document.createElement("a"); a.href = href; a.textContent = text;
+  a.rel = "nofollow noreferrer"; td.appendChild(a); td.appendChild(document.createTextNode(" "));
+}
+function render() {
+  const q = document.getElementById("q").value.toLowerCase(), band = document.getElementById("band").value;
+  view = rows.filter(r => (!band || r.band === band) &&
+    (!q || r.name.toLowerCase().includes(q) || r.collection.toLowerCase().includes(q)));
+  view.sort(compare);
+  const body = document.getElementById("rows"), frag = document.createDocumentFragment();
+  for (const r of view.slice(0, shown)) {
+    const tr = document.createElement("tr"); tr.dataset.name = r.name;
+    cell(tr, r.name, "t"); cell(tr, r.collection, "t"); cell(tr, size(r.size));
+    cell(tr, r.seeders < 0 ? "-" : r.seeders, r.band); cell(tr, r.leechers < 0 ? "-" : r.leechers);
+    cell(tr, r.completed < 0 ? "-" : r.completed); cell(tr, r.dht < 0 ? "-" : r.dht);
+    cell(tr, r.change === null ? "-" : (r.change > 0 ? "+" : "") + r.change);
+    cell(tr, r.need === null ? "-" : r.need.toFixed(2)); tr.appendChild(trend(r.trend));
+    const get = cell(tr, ""); link(get, r.link, "torrent"); link(get, r.magnet, "magnet");
+    frag.appendChild(tr);
+  }
+  body.replaceChildren(frag);
+  document.getElementById("count").textContent =
+    Math.min(shown, view.length) + " of " + view.length + " shown";
+  document.getElementById("more").hidden = shown >= view.length;
+  const state = new URLSearchParams({sort: order.key, dir: order.dir > 0 ? "asc" : "desc", q, band});
+  history.replaceState(null, "", "#" + state.toString());
+}
+function fromHash() {
+  const p = new URLSearchParams(location.hash.slice(1));
+  if (p.get("sort") && FIELDS.includes(p.get("sort"))) order.key = p.get("sort");
+  if (p.get("dir")) order.dir = p.get("dir") === "desc" ? -1 : 1;
+  document.getElementById("q").value = p.get("q") || "";
+  document.getElementById("band").value = p.get("band") || "";
+  return (p.get("click") || "").split(",").filter(Boolean);
+}
+document.querySelectorAll("th[data-key]").forEach(th => th.addEventListener("click", () => {
+  const key = th.dataset.key;
+  order = {key, dir: order.key === key ? -order.dir : (key === "size" || key === "completed" ? -1 : 1)};
+  shown = PAGE; render();
+}));
+document.getElementById("q").addEventListener("input", () => { shown = PAGE; render(); });
+document.getElementById("band").addEventListener("change", () => { shown = PAGE; render(); });
+document.getElementById("more").addEventListener("click", () => { shown += PAGE; render(); });
+// #click=seeders,seeders clicks those headers once the page is up (for tests and bookmarks).
+const clicks = fromHash(); render();
+for (const key of clicks) document.querySelector(`th[data-key="${CSS.escape(key)}"]`)?.click();
+</script></body></html>
+"""
+
+
+def _json_for_script(value: Any) -> str:
+    """JSON that cannot end its <script> element early, whatever the strings hold."""
+    return (json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def render_html(rows: Sequence[ReportRow], trends: dict[str, list[int]] | None = None,
+                generated: float | None = None) -> str:
+    """One self-contained page for volunteers: per-collection summary, bands, and a table of
+    every torrent that sorts and filters in the page (500 rows drawn at a time)."""
+    trends = trends or {}
+    by_collection: dict[str, list[ReportRow]] = {}
+    for row in rows:
+        by_collection.setdefault(row.collection, []).append(row)
+    summary = ["<table><tr><th class=\"t\">collection</th><th>torrents</th><th>size</th>"
+               + "".join(f"<th class=\"{band.value}\">{band.value}</th>" for band in Band)
+               + "<th>dead</th></tr>"]
+    for collection, members in by_collection.items():
+        total = sum(max(r.size_bytes, 0) for r in members) or 1
+        cells = []
+        for band in Band:
+            part = sum(max(r.size_bytes, 0) for r in members if r.band == band.value)
+            cells.append(f"<td>{_human_size(part)} <span class=\"bar {band.value}\" "
+                         f"style=\"width:{100 * part / total:.0f}px\"></span></td>")
+        summary.append(f"<tr><td class=\"t\">{html.escape(collection)}</td><td>{len(members):,}</td>"
+                       f"<td>{_human_size(sum(max(r.size_bytes, 0) for r in members))}</td>"
+                       + "".join(cells) + f"<td>{sum(1 for r in members if is_dead(r)):,}</td></tr>")
+    summary.append("</table>")
+    data = [[row.name, row.collection, row.size_bytes, row.seeders, row.leechers, row.completed,
+             row.dht_peers, row.band, None if row.need is None else round(row.need, 4),
+             row.seeders_change_1d, row.link, row.magnet, trends.get(row.infohash, [])]
+            for row in rows]
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(generated or time.time()))
+    return (HTML_PAGE.replace("__SUMMARY__", "\n".join(summary))
+            .replace("__GENERATED__", stamp).replace("__VERSION__", __version__)
+            .replace("__DATA__", _json_for_script(data)))
+
+
+def load_trends(db: sqlite3.Connection, days: int = 30) -> dict[str, list[int]]:
+    """Per infohash, seeders of each scrape run of the last `days` (maximum over trackers)."""
+    history = load_seeder_history(db, int(time.time()) - days * DAY)
+    ids = dict(db.execute("SELECT id, infohash FROM torrents"))
+    return {ids[torrent_id]: [seeders for _, seeders in runs] for torrent_id, runs in history.items()
+            if torrent_id in ids}
+
+
 REPORT_RENDERERS: Final = {"json": render_json, "ndjson": render_ndjson, "csv": render_csv,
                            "prometheus": render_prometheus}
-REPORT_FORMATS: Final = ("table", *REPORT_RENDERERS)
+REPORT_FORMATS: Final = ("table", "html", *REPORT_RENDERERS)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -4206,7 +4374,8 @@ def report(
     ctx: typer.Context,
     format: Annotated[Optional[str], typer.Option(
         "--format", "-f", help="table (the default on a terminal), json (the default otherwise, "
-                               "the libgen-seedtools feed), ndjson, csv or prometheus.")] = None,
+                               "the libgen-seedtools feed), html, ndjson, csv or prometheus.")
+    ] = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Write to this file atomically instead of stdout.",
         dir_okay=False)] = None,
@@ -4242,8 +4411,14 @@ def report(
                         ExitCode.USAGE)
         render_table(rows, Console(highlight=False))
         return
-    text = (render_prometheus(rows, per_torrent) if chosen_format == "prometheus"
-            else REPORT_RENDERERS[chosen_format](rows))
+    if chosen_format == "html":
+        db = _open_db(settings)
+        text = render_html(rows, load_trends(db))
+        db.close()
+    elif chosen_format == "prometheus":
+        text = render_prometheus(rows, per_torrent)
+    else:
+        text = REPORT_RENDERERS[chosen_format](rows)
     if output is None:
         sys.stdout.write(text)
         sys.stdout.flush()
