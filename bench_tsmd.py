@@ -3,6 +3,8 @@
 
     python3 bench_tsmd.py sync [--torrents 5000] [--files 100]
     python3 bench_tsmd.py scrape [--hashes 20000] [--no-libtorrent]
+    python3 bench_tsmd.py dht
+    python3 bench_tsmd.py report [--torrents 100000] [--days 30]
 
 `sync`: generates a collection of .torrent files (libgen-like: many files per torrent, a few
 trackers), serves it from a separate process on 127.0.0.1 (an HTML index page, ETags, conditional
@@ -564,6 +566,80 @@ def bench_dht_libtorrent(nodes: int, count: int) -> None:
         network.stop()
 
 
+def make_history_db(path: Path, torrents: int, days: int) -> None:
+    """A database as a year of cron would leave it: `torrents` torrents in two collections, a
+    scrape run and a DHT run per day for `days` days, one tracker sample per torrent and run."""
+    import random
+    import sqlite3
+
+    import tsmd
+
+    tsmd.open_database(path).close()
+    chooser = random.Random(11)
+    db = sqlite3.connect(path)
+    now = int(time.time())
+    db.execute("INSERT INTO collections (name, url, type) VALUES ('books', 'http://b.invalid/', "
+               "'books'), ('scimag', 'http://s.invalid/', 'scimag')")
+    db.execute("INSERT INTO trackers (url) VALUES ('udp://tracker.example.org:1337/announce')")
+    db.executemany(
+        "INSERT INTO torrents (id, infohash, name, size_bytes, file_count, created_unix, "
+        "has_metainfo, first_seen, updated) VALUES (?, ?, ?, ?, 1000, ?, 1, 1, 1)",
+        ((n, hashlib.sha1(f"big {n}".encode()).hexdigest(), f"book collection part {n}",
+          chooser.randint(10**8, 10**11), 1_200_000_000 + n) for n in range(1, torrents + 1)))
+    db.executemany(
+        "INSERT INTO memberships (collection_id, source, torrent_id, file_name, first_seen, "
+        "last_seen) VALUES (?, ?, ?, ?, 1, 1)",
+        ((1 + n % 2, f"http://b.invalid/r_{n}.torrent", n, f"r_{n}.torrent")
+         for n in range(1, torrents + 1)))
+    base = {n: chooser.randint(0, 40) for n in range(1, torrents + 1)}
+    for day in range(days):
+        started = now - (days - 1 - day) * 86400
+        scrape_run = db.execute("INSERT INTO runs (stage, started, finished, outcome) VALUES "
+                                "('scrape', ?, ?, 'ok')", (started, started + 60)).lastrowid
+        dht_run = db.execute("INSERT INTO runs (stage, started, finished, outcome) VALUES "
+                             "('dht', ?, ?, 'ok')", (started, started + 600)).lastrowid
+        db.executemany("INSERT INTO tracker_samples VALUES (?, 1, ?, ?, ?, ?, ?)",
+                       ((n, scrape_run, started + 30, max(0, seeders + chooser.randint(-3, 3)),
+                         chooser.randint(0, 9), 1000 + day) for n, seeders in base.items()))
+        db.executemany("INSERT INTO dht_samples VALUES (?, ?, ?, ?, NULL, NULL, 8)",
+                       ((n, dht_run, started + 300, seeders // 2) for n, seeders in base.items()))
+    db.commit()
+    db.close()
+
+
+def bench_report(torrents: int, days: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="tsmd-bench-") as tmp:
+        root = Path(tmp)
+        database = root / "report.sqlite3"
+        started = time.perf_counter()
+        make_history_db(database, torrents, days)
+        print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python "
+              f"{platform.python_version()}")
+        print(f"database: {torrents} torrents, {days} days of history ({torrents * days} tracker "
+              f"and {torrents * days} DHT samples), {database.stat().st_size / 2**20:.0f} MiB, "
+              f"made in {time.perf_counter() - started:.0f} s")
+        config = scrape_config(root, database)
+        for fmt in ("json", "html", "csv", "prometheus"):
+            output = root / f"report.{fmt}"
+            wall, peak, _ = run_tsmd(config, "report", "--format", fmt, "--output", str(output))
+            print(f"report --format {fmt:10}: {wall:5.2f} s, peak RSS {peak / 1024:4.0f} MiB, "
+                  f"{output.stat().st_size / 2**20:5.1f} MiB written")
+        page = root / "report.html"
+        for label, fragment in (("open", ""), ("open and sort by seeders", "click=seeders"),
+                                ("open and filter", "q=r_1234")):
+            with tempfile.TemporaryDirectory() as profile:
+                started = time.perf_counter()
+                done = subprocess.run(
+                    ["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                     "--disable-background-networking", "--disable-component-update",
+                     "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+                     "--dump-dom", f"{page.as_uri()}#{fragment}"],
+                    capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+                wall = time.perf_counter() - started
+            rows = done.stdout.count("<tr data-name=")
+            print(f"headless Chromium, {label:25}: {wall:5.2f} s (whole browser run, start to "
+                  f"DOM dump), {rows} rows drawn")
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -583,12 +659,17 @@ def main() -> None:
     dht.add_argument("--in-flight", type=int, default=1000)
     dht.add_argument("--lt-nodes", type=int, default=40)
     dht.add_argument("--lt-infohashes", type=int, default=400)
+    report = sub.add_parser("report", help="reports of a big database with a month of history")
+    report.add_argument("--torrents", type=int, default=100_000)
+    report.add_argument("--days", type=int, default=30)
     args = parser.parse_args()
     if args.bench == "sync":
         bench_sync(args.torrents, args.files)
     elif args.bench == "dht":
         bench_dht(args.nodes, args.infohashes, args.silent, args.in_flight)
         bench_dht_libtorrent(args.lt_nodes, args.lt_infohashes)
+    elif args.bench == "report":
+        bench_report(args.torrents, args.days)
     elif args.bench == "scrape":
         bench_scrape(args.hashes, not args.no_libtorrent, args.libtorrent_hashes)
 
