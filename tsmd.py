@@ -3260,18 +3260,24 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
     with reporter.progress() as progress:
         task = progress.add_task("dht", total=len(plan))
 
-        async def one_lookup(torrent_id: int, infohash: bytes, send: trio.MemorySendChannel) -> None:
+        work = iter(plan)
+
+        async def lookup_worker(send: trio.MemorySendChannel) -> None:
+            # `concurrency` workers share one iterator: a task per lookup would cost memory
+            # for every torrent of a big collection up front.
             async with send:
-                result = await survey.lookup(infohash)
-                seeds, peers = result.bep33_estimates()
-                counters.lookups += 1
-                counters.peers += len(result.peers)
-                counters.lookups_with_peers += bool(result.peers)
-                await send.send((torrent_id, run_id, int(time.time()), len(result.peers), seeds,
-                                 peers, result.nodes_answered))
-                elapsed = max(trio.current_time() - started, 1e-9)
-                progress.update(task, advance=1, description=(
-                    f"dht {counters.peers:,} peers, {endpoint.counters.sent / elapsed:,.0f} pkt/s"))
+                for torrent_id, infohash in work:
+                    result = await survey.lookup(infohash)
+                    seeds, peers = result.bep33_estimates()
+                    counters.lookups += 1
+                    counters.peers += len(result.peers)
+                    counters.lookups_with_peers += bool(result.peers)
+                    await send.send((torrent_id, run_id, int(time.time()), len(result.peers),
+                                     seeds, peers, result.nodes_answered))
+                    elapsed = max(trio.current_time() - started, 1e-9)
+                    progress.update(task, advance=1, description=(
+                        f"dht {counters.peers:,} peers, "
+                        f"{endpoint.counters.sent / elapsed:,.0f} pkt/s"))
 
         try:
             async with trio.open_nursery() as nursery:
@@ -3280,8 +3286,8 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
                     writing.start_soon(_dht_writer, db, receive)
                     # The writer ends when the last clone of `send` closes with its lookup.
                     async with send, trio.open_nursery() as lookups:
-                        for torrent_id, infohash in plan:
-                            lookups.start_soon(one_lookup, torrent_id, infohash, send.clone())
+                        for _ in range(min(options.concurrency, len(plan))):
+                            lookups.start_soon(lookup_worker, send.clone())
                 nursery.cancel_scope.cancel()  # stop receiving
         finally:
             counters.seconds = trio.current_time() - started
