@@ -16,10 +16,15 @@ thousands of torrents), measures every torrent's swarm and publishes the result 
 Each subcommand performs one stage of the pipeline so that cron can run them one by one:
 
     tsmd sync      fetch the collections' index pages and .torrent files into the database
-    tsmd report    publish what the database knows (JSON for libgen-seedtools, ...)
+    tsmd dht       count every torrent's peers in the BitTorrent DHT (BEP 5, BEP 33 estimates)
+    tsmd scrape    ask every tracker of every torrent for seeders, leechers, completed
+    tsmd trackers  list the trackers with their health
+    tsmd report    publish which torrents need seeders (JSON for libgen-seedtools, HTML,
+                   a terminal table, CSV, NDJSON, Prometheus)
 
-The file reads top to bottom: constants, errors, data model, pure codecs, then I/O (HTTP fetch,
-storage), configuration, the stages, rendering and last the command line.
+The file reads top to bottom: constants, errors, data model, pure codecs (bencode and metainfo,
+index pages, KRPC, BEP 33 filters, BEP 15/48), then I/O (UDP endpoint, HTTP fetch, DHT survey,
+tracker scrape, storage), configuration, the stages, reports and last the command line.
 """
 
 from __future__ import annotations
