@@ -4229,7 +4229,7 @@ def run_interruptible(async_fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, bo
 def sync(
     ctx: typer.Context,
     collection: Annotated[Optional[list[str]], typer.Option(
-        "--collection", "-c", help="Only this collection (repeatable).")] = None,
+        "--collection", "-c", metavar="NAME", help="Only this collection (repeatable).")] = None,
     revalidate: Annotated[bool, typer.Option(
         help="Re-check every known .torrent with a conditional request, however recent.")] = False,
 ) -> None:
@@ -4302,21 +4302,21 @@ def run_stage_command(settings: Settings, reporter: Reporter, stage: str, run: A
 def dht(
     ctx: typer.Context,
     collection: Annotated[Optional[list[str]], typer.Option(
-        "--collection", "-c", help="Only torrents of this collection (repeatable).")] = None,
+        "--collection", "-c", metavar="NAME", help="Only torrents of this collection (repeatable).")] = None,
     infohash: Annotated[Optional[list[str]], typer.Option(
-        "--infohash", help="Only this torrent (40 hex or 32 base32; repeatable).")] = None,
+        "--infohash", metavar="HEX", help="Only this torrent (40 hex or 32 base32; repeatable).")] = None,
     concurrency: Annotated[Optional[int], typer.Option(
-        min=1, help="Lookups in flight (default: [dht].concurrency).")] = None,
+        min=1, metavar="N", help="Lookups in flight (default: [dht].concurrency).")] = None,
     rate: Annotated[Optional[float], typer.Option(
-        min=0, help="Packets per second; 0 lifts the global and per-IP limits "
+        min=0, metavar="PPS", help="Packets per second; 0 lifts the global and per-IP limits "
                     "(closed test networks only).")] = None,
     bootstrap: Annotated[Optional[list[str]], typer.Option(
-        "--bootstrap", help="HOST:PORT of a bootstrap node (repeatable; replaces [dht].bootstrap)."
+        "--bootstrap", metavar="HOST:PORT", help="HOST:PORT of a bootstrap node (repeatable; replaces [dht].bootstrap)."
     )] = None,
     bind: Annotated[Optional[str], typer.Option(
-        help="Local ADDR:PORT of the UDP socket (default: [dht].bind).")] = None,
+        metavar="ADDR:PORT", help="Local ADDR:PORT of the UDP socket (default: [dht].bind).")] = None,
     stale_after: Annotated[Optional[str], typer.Option(
-        "--stale-after", help="Skip torrents with a DHT sample newer than this, e.g. 12h.")] = None,
+        "--stale-after", metavar="DURATION", help="Skip torrents with a DHT sample newer than this, e.g. 12h.")] = None,
 ) -> None:
     """Count each torrent's peers in the BitTorrent DHT (BEP 5), with BEP 33 estimates.
 
@@ -4344,14 +4344,14 @@ def dht(
 def scrape(
     ctx: typer.Context,
     collection: Annotated[Optional[list[str]], typer.Option(
-        "--collection", "-c", help="Only torrents of this collection (repeatable).")] = None,
+        "--collection", "-c", metavar="NAME", help="Only torrents of this collection (repeatable).")] = None,
     infohash: Annotated[Optional[list[str]], typer.Option(
-        "--infohash", help="Only this torrent (40 hex or 32 base32; repeatable).")] = None,
+        "--infohash", metavar="HEX", help="Only this torrent (40 hex or 32 base32; repeatable).")] = None,
     tracker: Annotated[Optional[list[str]], typer.Option(
-        "--tracker", help="Ask only this tracker, for every selected torrent (repeatable); "
+        "--tracker", metavar="URL", help="Ask only this tracker, for every selected torrent (repeatable); "
                           "also asks a tracker that is backing off.")] = None,
     stale_after: Annotated[Optional[str], typer.Option(
-        "--stale-after", help="Skip torrents with a tracker sample newer than this, e.g. 6h.")
+        "--stale-after", metavar="DURATION", help="Skip torrents with a tracker sample newer than this, e.g. 6h.")
     ] = None,
 ) -> None:
     """Ask every tracker of every torrent for seeders, leechers and completed downloads.
@@ -4383,7 +4383,8 @@ def scrape(
 @app.command()
 def trackers(
     ctx: typer.Context,
-    format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    format: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT",
+                                        help="table or json.")] = "table",
     failing: Annotated[bool, typer.Option(help="Only trackers whose last run failed.")] = False,
 ) -> None:
     """List the trackers tsmd knows, with their health from past scrapes.
@@ -4406,20 +4407,20 @@ def trackers(
 def report(
     ctx: typer.Context,
     format: Annotated[Optional[str], typer.Option(
-        "--format", "-f", help="table (the default on a terminal), json (the default otherwise, "
+        "--format", "-f", metavar="FORMAT", help="table (the default on a terminal), json (the default otherwise, "
                                "the libgen-seedtools feed), html, ndjson, csv or prometheus.")
     ] = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Write to this file atomically instead of stdout.",
         dir_okay=False)] = None,
     collection: Annotated[Optional[list[str]], typer.Option(
-        "--collection", "-c", help="Only torrents of this collection (repeatable).")] = None,
+        "--collection", "-c", metavar="NAME", help="Only torrents of this collection (repeatable).")] = None,
     sort: Annotated[str, typer.Option(
-        help="need (neediest first), seeders, size (largest first), name or age (oldest first)."
+        metavar="KEY", help="need (neediest first), seeders, size (largest first), name or age (oldest first)."
     )] = "need",
-    limit: Annotated[Optional[int], typer.Option(min=0, help="At most this many torrents.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=0, metavar="N", help="At most this many torrents.")] = None,
     max_seeders: Annotated[Optional[int], typer.Option(
-        min=0, help="Only torrents measured with at most this many seeders.")] = None,
+        min=0, metavar="N", help="Only torrents measured with at most this many seeders.")] = None,
     per_torrent: Annotated[bool, typer.Option(
         help="prometheus: also one series per torrent (many series for a big collection).")
     ] = False,
