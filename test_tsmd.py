@@ -1622,11 +1622,12 @@ class FakeDhtNetwork:
 
     def __init__(self, count: int, swarms: dict[bytes, set[tuple[str, int, bool]]], *,
                  style: str = "jech", hostile: dict[int, str] | None = None,
-                 second_octet: int = 20) -> None:
+                 second_octet: int = 20, values_delay: float = 0.0) -> None:
         self.ids = [hashlib.sha1(f"node {n}".encode()).digest() for n in range(count)]
         self.addresses = [f"127.{second_octet + n // 250}.{n % 250 + 1}.1" for n in range(count)]
         self.ports = [0] * count
         self.style = style
+        self.values_delay = values_delay  # plain (non-scrape) replies come this much later
         self.hostile = hostile or {}  # node index -> behaviour
         self.queries = [0] * count
         self.per_second: dict[int, int] = {}  # packets received per wall-clock second
@@ -1669,6 +1670,15 @@ class FakeDhtNetwork:
             await other.bind((self.addresses[n], 0))
             self.ports[n] = sock.getsockname()[1]
             task_status.started()
+            async with trio.open_nursery() as later:
+                await self._answer_queries(n, sock, other, later)
+
+    async def _answer_queries(self, n: int, sock, other, later) -> None:
+        async def send_later(reply, via, address):
+            await trio.sleep(self.values_delay)
+            await via.sendto(reply, address)
+
+        if True:
             while True:
                 data, address = await sock.recvfrom(4096)
                 self.queries[n] += 1
@@ -1683,7 +1693,10 @@ class FakeDhtNetwork:
                 except Exception:
                     continue
                 for reply, via in self.answer(n, query, behaviour, sock, other):
-                    await via.sendto(reply, address)
+                    if self.values_delay and query[b"a"].get(b"scrape") != 1:
+                        later.start_soon(send_later, reply, via, address)
+                    else:
+                        await via.sendto(reply, address)
 
     def answer(self, n: int, query: dict, behaviour: str | None, sock, other):
         arguments = query[b"a"]
@@ -1796,7 +1809,8 @@ def test_dht_lookups_find_every_peer_and_survive_hostile_nodes():
 
 def test_dht_bep33_filters_and_values_follow_up_like_libtorrent():
     swarms = dht_swarms(30, peers_each=5, salt="bf")
-    network = FakeDhtNetwork(60, swarms, style="libtorrent")
+    # The follow-up for values answers late: the lookup must wait for it, not end without it.
+    network = FakeDhtNetwork(60, swarms, style="libtorrent", values_delay=0.05)
     results, survey, _ = survey_fake_network(network, swarms)
     for infohash, peers in swarms.items():
         result = results[infohash]
@@ -2209,6 +2223,10 @@ def test_report_formats_csv_ndjson_prometheus(tmp_path):
                 text_string_to_metric_families(tsmd.render_prometheus(rows, per_torrent=True))}
     torrents = families["tsmd_torrents"].samples
     assert torrents[0].labels == {"collection": 'books "best"\\'} and torrents[0].value == 4
+    assert "tsmd_bytes{" in tsmd.render_prometheus(rows) and "e+" not in tsmd.render_prometheus(
+        [tsmd.dataclasses.replace(rows[0], size_bytes=1_234_567_890_123)])
+    big = tsmd.render_prometheus([tsmd.dataclasses.replace(rows[0], size_bytes=1_234_567_890_123)])
+    assert 'tsmd_bytes{collection="books \\"best\\"\\\\"} 1234567890123' in big
     by_band = {s.labels["band"]: s.value for s in families["tsmd_bytes_by_band"].samples}
     assert by_band == {"red": 4000, "yellow": 1000, "green": 2000, "grey": 1000}
     assert families["tsmd_dead_torrents"].samples[0].value == 1

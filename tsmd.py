@@ -1671,6 +1671,7 @@ class PerAddressLimiter:
 class DhtCounters:
     lookups: int = 0
     lookups_with_peers: int = 0
+    lookups_unanswered: int = 0  # no node answered: no sample stored
     peers: int = 0
     queries: int = 0
     replies: int = 0
@@ -1689,7 +1690,8 @@ class DhtCounters:
     def summary(self) -> str:
         per_lookup = self.packets_sent / self.lookups if self.lookups else 0.0
         rate = self.packets_sent / self.seconds if self.seconds else 0.0
-        return (f"{self.lookups} lookups ({self.lookups_with_peers} with peers), {self.peers} "
+        return (f"{self.lookups} lookups ({self.lookups_with_peers} with peers, "
+                f"{self.lookups_unanswered} unanswered), {self.peers} "
                 f"peers; {self.packets_sent} packets sent ({per_lookup:.1f} per lookup, "
                 f"{rate:,.0f}/s), {self.packets_received} received, {self.timeouts} timeouts, "
                 f"{self.send_errors} send errors, {self.dropped_replies} dropped replies, "
@@ -1875,16 +1877,18 @@ class DhtSurvey:
                 if reply is None:
                     candidate.state = "failed"
                     return
-                candidate.state = "answered"
                 result.nodes_answered += 1
                 self._take_reply(result, reply, consider)
                 # libtorrent answers a scrape with filters and no `values`: ask it once more,
-                # without scrape, for the peers themselves.
+                # without scrape, for the peers themselves. The node stays "asked" until then,
+                # or the lookup could end and cancel the very query that brings its peers.
                 if options.bep33 and not reply.peers and (reply.seeds_bloom or reply.peers_bloom):
-                    again = await self.get_peers(candidate.node, infohash, False)
                     result.queries += 1
+                    again = await self.get_peers(candidate.node, infohash, False,
+                                                 lambda: sent(candidate))
                     if again is not None:
                         self._take_reply(result, again, consider)
+                candidate.state = "answered"
             finally:
                 done_send.send_nowait(None)
 
@@ -3277,8 +3281,11 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
                     counters.lookups += 1
                     counters.peers += len(result.peers)
                     counters.lookups_with_peers += bool(result.peers)
-                    await send.send((torrent_id, run_id, int(time.time()), len(result.peers),
-                                     seeds, peers, result.nodes_answered))
+                    if result.nodes_answered:  # nobody answered: nothing was measured
+                        await send.send((torrent_id, run_id, int(time.time()), len(result.peers),
+                                         seeds, peers, result.nodes_answered))
+                    else:
+                        counters.lookups_unanswered += 1
                     elapsed = max(trio.current_time() - started, 1e-9)
                     progress.update(task, advance=1, description=(
                         f"dht {counters.peers:,} peers, "
@@ -3846,7 +3853,7 @@ def render_csv(rows: Sequence[ReportRow]) -> str:
     writer.writerow([f.name for f in dataclasses.fields(ReportRow)])
     for row in rows:
         # Spreadsheets run cells that start with = + - @ as formulas; names are hostile input.
-        writer.writerow(["'" + value if isinstance(value, str) and value[:1] in "=+-@" else
+        writer.writerow(["'" + value if isinstance(value, str) and value[:1] in "=+-@\t\r" else
                          "" if value is None else value
                          for value in (getattr(row, name) for name in REPORT_FIELDS)])
     return buffer.getvalue()
@@ -3868,7 +3875,8 @@ def render_prometheus(rows: Sequence[ReportRow], per_torrent: bool = False) -> s
         lines.append(f"# TYPE {name} gauge")
         for labels, value in samples:
             text = ",".join(f'{key}="{_prometheus_label(v)}"' for key, v in labels.items())
-            lines.append(f"{name}{{{text}}} {value:g}" if text else f"{name} {value:g}")
+            number = str(value) if isinstance(value, int) else repr(float(value))
+            lines.append(f"{name}{{{text}}} {number}" if text else f"{name} {number}")
 
     bands = [band.value for band in Band]
     metric("tsmd_torrents", "Torrents listed by the collection.",
