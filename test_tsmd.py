@@ -600,7 +600,7 @@ def test_fetch_limits_and_errors(server):
 
 def test_fetch_times_out(server):
     server.files["/slow/page"] = (b"late", "text/plain")
-    settings = make_settings(Path("/tmp"), [], )
+    settings = make_settings(Path("/tmp"), [])
     settings = tsmd.dataclasses.replace(
         settings, network=tsmd.dataclasses.replace(settings.network, timeout=0.5))
 
@@ -803,10 +803,7 @@ def test_first_sync_then_incremental_resync_costs_one_request(server, tmp_path):
 
 def test_sync_detects_new_changed_and_removed_and_keeps_history(server, tmp_path):
     hashes = publish_collection(server, "/c/", 5)
-    settings = make_settings(tmp_path, [{"name": "c", "url": server.url("/c/"), "type": "fiction",
-                                         "revalidate_after": 0}
-                                        ] if False else [{"name": "c", "url": server.url("/c/"),
-                                                          "type": "fiction"}],
+    settings = make_settings(tmp_path, [{"name": "c", "url": server.url("/c/"), "type": "fiction"}],
                              sync={"revalidate_after": 0})
     counts, db = do_sync(settings)
     assert counts.new == 5
@@ -1678,25 +1675,24 @@ class FakeDhtNetwork:
             await trio.sleep(self.values_delay)
             await via.sendto(reply, address)
 
-        if True:
-            while True:
-                data, address = await sock.recvfrom(4096)
-                self.queries[n] += 1
-                second = int(time.time())
-                self.per_second[second] = self.per_second.get(second, 0) + 1
-                behaviour = self.hostile.get(n)
-                if behaviour == "silent":
-                    continue
-                try:
-                    query = bencoder.bdecode(data)
-                    assert query[b"ro"] == 1 and query[b"q"] == b"get_peers"
-                except Exception:
-                    continue
-                for reply, via in self.answer(n, query, behaviour, sock, other):
-                    if self.values_delay and query[b"a"].get(b"scrape") != 1:
-                        later.start_soon(send_later, reply, via, address)
-                    else:
-                        await via.sendto(reply, address)
+        while True:
+            data, address = await sock.recvfrom(4096)
+            self.queries[n] += 1
+            second = int(time.time())
+            self.per_second[second] = self.per_second.get(second, 0) + 1
+            behaviour = self.hostile.get(n)
+            if behaviour == "silent":
+                continue
+            try:
+                query = bencoder.bdecode(data)
+                assert query[b"ro"] == 1 and query[b"q"] == b"get_peers"
+            except Exception:
+                continue
+            for reply, via in self.answer(n, query, behaviour, sock, other):
+                if self.values_delay and query[b"a"].get(b"scrape") != 1:
+                    later.start_soon(send_later, reply, via, address)
+                else:
+                    await via.sendto(reply, address)
 
     def answer(self, n: int, query: dict, behaviour: str | None, sock, other):
         arguments = query[b"a"]
