@@ -33,6 +33,7 @@ import base64
 import bisect
 import dataclasses
 import enum
+import functools
 import hashlib
 import html
 import ipaddress
@@ -427,12 +428,17 @@ def decode_magnet_untrusted(uri: str) -> Metainfo:
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _magnet_quote(value: str) -> str:
+    # Reports build a magnet for every torrent, and trackers repeat across thousands of them.
+    return urllib.parse.quote(value, safe=":/")
+
+
 def magnet_uri(infohash: str, name: str | None = None, trackers: Sequence[str] = ()) -> str:
-    parts = [("xt", f"urn:btih:{infohash}")]
+    text = f"magnet:?xt=urn:btih:{infohash}"
     if name:
-        parts.append(("dn", name))
-    parts.extend(("tr", url) for url in trackers)
-    return "magnet:?" + urllib.parse.urlencode(parts, safe=":/")
+        text += "&dn=" + urllib.parse.quote(name, safe="")
+    return text + "".join("&tr=" + _magnet_quote(url) for url in trackers)
 
 
 # ---- Collection index pages ----
