@@ -2127,13 +2127,7 @@ type = "books"
 def test_cli_scrape_errors_are_one_line(tmp_path):
     db, _ = torrent_db(tmp_path, 1, [])
     db.close()
-    config = write_config(tmp_path, """
-database = "tsmd.sqlite3"
-[[collections]]
-name = "c"
-url = "http://x/"
-type = "books"
-""")
+    config = write_config(tmp_path, ONE_COLLECTION_CONFIG)
     done = cli("--config", str(config), "scrape", "--infohash", "0" * 40)
     assert done.returncode == tsmd.ExitCode.USAGE and "Traceback" not in done.stderr
     assert "is not listed by the selected collections" in done.stderr
@@ -2232,16 +2226,24 @@ def test_report_formats_csv_ndjson_prometheus(tmp_path):
     assert_seedtools_valid(feed)
 
 
-def test_cli_report_formats_sorting_and_atomic_files(tmp_path):
+def history_config(tmp_path: Path) -> tuple[Path, list[bytes]]:
+    """history_db's database behind a config file naming its collection, for CLI tests."""
     db, hashes = history_db(tmp_path)
     db.close()
-    config = write_config(tmp_path, """
+    return write_config(tmp_path, ONE_COLLECTION_CONFIG), hashes
+
+
+ONE_COLLECTION_CONFIG = """
 database = "tsmd.sqlite3"
 [[collections]]
 name = "c"
 url = "http://x/"
 type = "books"
-""")
+"""
+
+
+def test_cli_report_formats_sorting_and_atomic_files(tmp_path):
+    config, hashes = history_config(tmp_path)
     done = cli("--config", str(config), "report", "--format", "csv", "--sort", "seeders",
                "--limit", "2")
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 3
@@ -2337,15 +2339,7 @@ def test_html_report_sorts_and_filters_in_headless_chromium(tmp_path):
 
 
 def test_cli_report_html(tmp_path):
-    db, hashes = history_db(tmp_path)
-    db.close()
-    config = write_config(tmp_path, """
-database = "tsmd.sqlite3"
-[[collections]]
-name = "c"
-url = "http://x/"
-type = "books"
-""")
+    config, hashes = history_config(tmp_path)
     page = tmp_path / "index.html"
     done = cli("--config", str(config), "report", "--format", "html", "--output", str(page))
     assert done.returncode == 0, done.stderr
