@@ -78,7 +78,6 @@ DEFAULT_USER_AGENT: Final = f"tsmd/{__version__} (+https://github.com/tsmd/tsmd)
 HTTP_SCHEMES: Final = frozenset({"http", "https"})
 TRACKER_SCHEMES: Final = frozenset({"http", "https", "udp"})
 SHA1_HEX_LEN: Final = 40
-SHA256_HEX_LEN: Final = 64
 SYNC_WRITE_BATCH: Final = 200  # rows per transaction: one fsync per batch, not per torrent
 DECODE_IN_THREAD_BYTES: Final = 1 << 20  # larger .torrent files are decoded off the event loop
 PROGRESS_REFRESH_PER_SECOND: Final = 4
@@ -1054,11 +1053,6 @@ class UdpEndpoint:
                 raise TsmdError(f"cannot bind UDP {bind}: {exc.strerror or exc}") from None
         return cls(sock, parse_untrusted)
 
-    @property
-    def local_address(self) -> tuple[str, int]:
-        host, port = self.sock.getsockname()[:2]
-        return host, port
-
     def close(self) -> None:
         self.sock.close()
 
@@ -1416,6 +1410,9 @@ class Fetcher:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    async def close_origin(self, url: str) -> None:
+        await self._client.close_origin(url)
 
     async def fetch(self, url: str, *, max_bytes: int, etag: str | None = None,
                     last_modified: str | None = None, allow_local: bool = False) -> FetchResult:
@@ -2243,6 +2240,12 @@ async def scrape_tracker(url: str, hashes: Sequence[bytes], options: ScrapeOptio
                 nursery.start_soon(worker)
     except TrackerDead as exc:
         tally.error = str(exc)
+    finally:
+        if scheme != "udp":
+            # A finished tracker's kept-alive connections would otherwise stay open until the
+            # end of the run: with hundreds of HTTP trackers, that is file descriptors.
+            with trio.CancelScope(shield=True):
+                await fetcher.close_origin(http_scrape_url(url) or url)
     return tally
 
 
@@ -2823,10 +2826,6 @@ class Reporter:
     def info(self, message: str) -> None:
         if self.verbosity >= 0:
             self.console.print(message, markup=False)
-
-    def debug(self, message: str) -> None:
-        if self.verbosity >= 1:
-            self.console.print(message, markup=False, style="dim")
 
     def problem(self, message: str) -> None:
         """One failed item. Shown even with -q; past a screenful only counted unless -v."""
@@ -3491,8 +3490,6 @@ async def run_scrape(db: sqlite3.Connection, settings: Settings,
                                              await deliver_for(plan.tracker_ids[url]))
             tallies.append(tally)
             progress.update(task, advance=tally.hashes_asked - tally.hashes_answered)
-            if tally.error:
-                reporter.debug(f"tracker {url!r}: {tally.error}")
 
         phase_started = trio.current_time()
         try:
@@ -3621,15 +3618,28 @@ def seeder_changes(history: Sequence[tuple[int, int]]) -> tuple[int | None, int 
     return previous, earlier[0], earlier[1]
 
 
+HEALTH_FIELDS: Final = ("band", "need", "seeders_change_previous", "seeders_change_1d",
+                        "seeders_change_7d")
+
+
+def mean_size(sizes: Iterable[int | None]) -> float:
+    known = [size for size in sizes if size is not None and size > 0]
+    return sum(known) / len(known) if known else 1.0
+
+
+def health_fields(seeders: int, leechers: int, size: int, mean: float,
+                  history: Sequence[tuple[int, int]]) -> tuple[Any, ...]:
+    """The values of HEALTH_FIELDS for one torrent."""
+    return (seeder_band(seeders).value, need_score(seeders, leechers, size, mean),
+            *seeder_changes(history))
+
+
 def add_health(rows: list[ReportRow], history: dict[str, list[tuple[int, int]]]) -> list[ReportRow]:
-    """Band, need score and seeder changes for rows built by hand (`history` by infohash)."""
-    sizes = [row.size_bytes for row in rows if row.size_bytes > 0]
-    mean_size = sum(sizes) / len(sizes) if sizes else 1.0
-    return [dataclasses.replace(
-        row, band=seeder_band(row.seeders).value,
-        need=need_score(row.seeders, row.leechers, row.size_bytes, mean_size),
-        **dict(zip(("seeders_change_previous", "seeders_change_1d", "seeders_change_7d"),
-                   seeder_changes(history.get(row.infohash, ()))))) for row in rows]
+    """Health for rows built by hand (`history` by infohash); load_report_rows does it inline."""
+    mean = mean_size(row.size_bytes for row in rows)
+    return [dataclasses.replace(row, **dict(zip(HEALTH_FIELDS, health_fields(
+        row.seeders, row.leechers, row.size_bytes, mean, history.get(row.infohash, ())))))
+        for row in rows]
 
 
 REPORT_SORTS: Final = {
@@ -3686,8 +3696,7 @@ def load_report_rows(db: sqlite3.Connection, collections: Sequence[str] = ()) ->
             seen.add(row[1])
             listed.append(row)
     history = load_seeder_history(db, int(time.time()) - 8 * DAY)
-    sizes = [row[3] for row in listed if row[3]]
-    mean_size = sum(sizes) / len(sizes) if sizes else 1.0
+    mean = mean_size(row[3] for row in listed)
     result: list[ReportRow] = []
     for (torrent_id, infohash, name, size, file_count, created, file_name, source, collection,
          kind, trackers) in listed:
@@ -3702,9 +3711,8 @@ def load_report_rows(db: sqlite3.Connection, collections: Sequence[str] = ()) ->
             tracked.seeders, tracked.leechers, tracked.completed, tracked.scraped_date,
             tracked.tracker, seen_in_dht.dht_peers, seen_in_dht.dht_scraped,
             seen_in_dht.dht_seeds_estimate, seen_in_dht.dht_peers_estimate,
-            seeder_band(tracked.seeders).value,
-            need_score(tracked.seeders, tracked.leechers, size, mean_size),
-            *seeder_changes(history.get(torrent_id, ()))))
+            *health_fields(tracked.seeders, tracked.leechers, size, mean,
+                           history.get(torrent_id, ()))))
     return result
 
 
@@ -4459,6 +4467,7 @@ def report(
         raise _fail(f"unknown sort '{sort}' (known: {', '.join(REPORT_SORTS)})", ExitCode.USAGE)
     db = _open_db(settings)
     rows = select_report_rows(load_report_rows(db, collection or []), sort, limit, max_seeders)
+    trends = load_trends(db) if chosen_format == "html" else {}
     db.close()
     if chosen_format == "table":
         if output is not None:
@@ -4467,9 +4476,7 @@ def report(
         render_table(rows, Console(highlight=False))
         return
     if chosen_format == "html":
-        db = _open_db(settings)
-        text = render_html(rows, load_trends(db))
-        db.close()
+        text = render_html(rows, trends)
     elif chosen_format == "prometheus":
         text = render_prometheus(rows, per_torrent)
     else:
