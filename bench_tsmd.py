@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import http.server
 import multiprocessing
 import os
 import platform
@@ -52,54 +51,24 @@ def make_torrent(number: int, files: int) -> bytes:
         b"creation date": 1_500_000_000 + number, b"created by": b"bench_tsmd", b"info": info})
 
 
-def serve(files_dir: str, port_queue: multiprocessing.Queue, count_file: str) -> None:
-    """Serves files_dir with ETags; writes the number of requests to count_file on each one."""
-    root = Path(files_dir)
-    cache = {f"/{p.name}": p.read_bytes() for p in root.iterdir()}
-    cache["/"] = cache.pop("/index.html")
-    counter = [0]
+def serve(files_dir: str, port_queue: multiprocessing.Queue, requests, stop) -> None:
+    """Serves files_dir (index.html as /) with ETags, counting requests in `requests`, until
+    `stop` is set: the tests' collection server, in a process of its own."""
+    from test_tsmd import CollectionServer
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    class CountingServer(CollectionServer):
+        def respond(self, handler, path):
+            with requests.get_lock():
+                requests.value += 1
+            return super().respond(handler, path)
 
-        def log_message(self, *args):
-            pass
-
-        def setup(self):
-            super().setup()
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-        def do_GET(self):
-            counter[0] += 1
-            Path(count_file).write_text(str(counter[0]))
-            body = cache.get(self.path)
-            if body is None:
-                self.send_response(404)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            etag = '"%s"' % hashlib.sha1(body).hexdigest()[:16]
-            if self.headers.get("If-None-Match") == etag:
-                self.send_response(304)
-                self.send_header("ETag", etag)
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("ETag", etag)
-            self.send_header("Content-Type", "text/html" if self.path == "/" else
-                             "application/x-bittorrent")
-            self.end_headers()
-            self.wfile.write(body)
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    port_queue.put(httpd.server_address[1])
-    httpd.timeout = 1
-    deadline = time.monotonic() + 3600  # never outlive a forgotten benchmark
-    while time.monotonic() < deadline and not Path(count_file + ".stop").exists():
-        httpd.handle_request()
-    httpd.server_close()
+    with CountingServer() as server:
+        for file in Path(files_dir).iterdir():
+            path = "/" if file.name == "index.html" else f"/{file.name}"
+            server.files[path] = (file.read_bytes(), "text/html" if path == "/" else
+                                  "application/x-bittorrent")
+        port_queue.put(server.port)
+        stop.wait(3600)  # never outlive a forgotten benchmark
 
 
 # Runs tsmd.py as __main__ and reports the child's own peak RSS on stderr when it exits.
@@ -140,10 +109,11 @@ def bench_sync(torrents: int, files: int) -> None:
         links = "".join(f'<a href="r_{n:05d}.torrent">r_{n:05d}.torrent</a>\n'
                         for n in range(torrents))
         (served / "index.html").write_text(f"<html><body>\n{links}</body></html>\n")
-        count_file = str(root / "requests")
+        served_requests = multiprocessing.Value("q", 0)
+        stop = multiprocessing.Event()
         ports: multiprocessing.Queue = multiprocessing.Queue()
-        server = multiprocessing.Process(target=serve, args=(str(served), ports, count_file),
-                                         daemon=True)
+        server = multiprocessing.Process(target=serve, daemon=True,
+                                         args=(str(served), ports, served_requests, stop))
         server.start()
         try:
             port = ports.get(timeout=60)
@@ -156,14 +126,14 @@ def bench_sync(torrents: int, files: int) -> None:
             print(f"collection: {torrents} torrents x {files} files, "
                   f"{total_bytes / torrents / 1024:.1f} KiB per .torrent on average")
             for label in ("first sync", "re-sync"):
-                requests_before = int(Path(count_file).read_text()) if Path(count_file).exists() else 0
+                requests_before = served_requests.value
                 wall, peak_kib, summary = run_tsmd(config, "sync")
-                requests = int(Path(count_file).read_text()) - requests_before
+                requests = served_requests.value - requests_before
                 print(f"{label:>10}: {wall:6.2f} s, {torrents / wall:7.0f} torrents/s, "
                       f"{requests} requests, peak RSS {peak_kib / 1024:.0f} MiB")
                 print(f"{'':>12}tsmd said: {summary}")
         finally:
-            Path(count_file + ".stop").touch()
+            stop.set()
             server.join(timeout=5)
             if server.is_alive():
                 server.kill()
