@@ -1144,13 +1144,15 @@ class FetchResult:
     content_type: str
 
 
-async def _resolve_host(host: str, port: int) -> list[str]:
+async def resolve_addresses(host: str, port: int) -> list[str]:
+    """The distinct addresses of `host`, as text. A name that does not resolve, or cannot even
+    be encoded for DNS, is a FetchError naming it."""
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
     except (OSError, UnicodeError, ValueError) as exc:
         raise FetchError(f"cannot resolve {host[:80]}: {getattr(exc, 'strerror', None) or exc}"
                          ) from None
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    return list(dict.fromkeys(_plain_address(info[4][0]) for info in infos))
 
 
 @dataclass(slots=True)
@@ -1213,7 +1215,7 @@ class HttpClient:
                 credentials.encode()).decode()))
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._resolve = resolve or _resolve_host
+        self._resolve = resolve or resolve_addresses
         self._address_allowed = address_allowed or is_global_address
         self._idle: dict[tuple[str, str, int], list[_HttpConnection]] = {}
         self._ssl_context: Any = None
@@ -1955,12 +1957,11 @@ async def resolve_bootstrap(entries: Sequence[str], reporter: Reporter) -> list[
     for entry in entries:
         try:
             host, port = split_host_port(entry)
-            infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
-        except (ValueError, OSError) as exc:
+            addresses = await resolve_addresses(host, port)
+        except (ValueError, FetchError) as exc:
             reporter.info(f"dht: bootstrap {entry!r} skipped: {exc}")
             continue
-        for address in dict.fromkeys(_plain_address(info[4][0]) for info in infos):
-            nodes.append(DhtNode(b"", address, port))
+        nodes.extend(DhtNode(b"", address, port) for address in addresses)
     return nodes
 
 
@@ -2047,11 +2048,9 @@ class _HashQueue:
 async def _resolve_tracker(host: str, port: int, endpoint: UdpEndpoint | None,
                            allow_private: bool) -> str:
     try:
-        infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
-    except (OSError, UnicodeError, ValueError) as exc:
-        raise TrackerDead(f"cannot resolve {host[:80]}: {getattr(exc, 'strerror', None) or exc}"
-                          ) from None
-    addresses = [_plain_address(info[4][0]) for info in infos]
+        addresses = await resolve_addresses(host, port)
+    except FetchError as exc:
+        raise TrackerDead(str(exc)) from None
     usable = [a for a in addresses if (allow_private or is_global_address(a))
               and (endpoint is None or endpoint.can_reach(a))]
     if not usable:
