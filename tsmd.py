@@ -144,6 +144,11 @@ class Metainfo:
     trackers: tuple[Tracker, ...]
     has_metainfo: bool  # False for a magnet link or a bare infohash
 
+    @classmethod
+    def bare(cls, infohash: str) -> Metainfo:
+        """All that a bare infohash (or an unchanged, not re-read .torrent) tells."""
+        return cls(infohash, None, None, None, None, None, None, None, None, (), False)
+
 
 class EntryKind(enum.Enum):
     URL = "url"  # a .torrent file to download
@@ -2973,7 +2978,7 @@ async def _sync_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChanne
 def _entry_metainfo(entry: IndexEntry) -> Metainfo:
     if entry.kind is EntryKind.MAGNET:
         return decode_magnet_untrusted(entry.source)
-    return Metainfo(entry.source, None, None, None, None, None, None, None, None, (), False)
+    return Metainfo.bare(entry.source)
 
 
 def _classify(previous: Membership | None, infohash: str) -> str:
@@ -2998,10 +3003,10 @@ async def _download_entry(fetcher: Fetcher, settings: Settings, collection_id: i
                     etag=previous.etag if known else None,  # type: ignore[union-attr]
                     last_modified=previous.last_modified if known else None)  # type: ignore[union-attr]
         if result.status == 304:
-            await send.send(SyncOutcome(collection_id, entry, Metainfo(
-                previous.infohash, None, None, None, None, None, None, None, None, (), False),  # type: ignore[union-attr, arg-type]
-                "new" if previous.removed is not None else "unchanged",  # type: ignore[union-attr]
-                result.etag, result.last_modified))
+            assert previous is not None and previous.infohash is not None  # 304 needs a validator
+            await send.send(SyncOutcome(collection_id, entry, Metainfo.bare(previous.infohash),
+                                        _classify(previous, previous.infohash),
+                                        result.etag, result.last_modified))
             return
         counts.downloads += 1
         if len(result.body) > DECODE_IN_THREAD_BYTES:
