@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import platform
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -71,20 +72,23 @@ def serve(files_dir: str, port_queue: multiprocessing.Queue, requests, stop) -> 
         stop.wait(3600)  # never outlive a forgotten benchmark
 
 
-# Runs tsmd.py as __main__ and reports the child's own peak RSS on stderr when it exits.
+# Runs tsmd as its installed command does and reports the child's own peak RSS on stderr
+# when it exits.
 PEAK_RSS_WRAPPER = """
-import atexit, resource, runpy, sys
+import atexit, resource, sys
 atexit.register(lambda: sys.stderr.write(
     "\\npeak-rss-kib %d\\n" % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+sys.path.insert(0, sys.argv[1])
+sys.argv = ["tsmd", *sys.argv[2:]]
+from tsmd import app  # as the installed `tsmd` command does: the module's bytecode is cached
+sys.exit(app())
 """
 
 
 def run_tsmd(config: Path, *args: str, ok_codes: tuple[int, ...] = (0,)) -> tuple[float, int, str]:
     """(wall seconds, peak RSS in KiB, last line tsmd said) of one tsmd invocation."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, str(HERE / "tsmd.py"),
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, str(HERE),
                            "--config", str(config), *args],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800)
     wall = time.perf_counter() - started
@@ -537,10 +541,10 @@ def bench_dht_libtorrent(nodes: int, count: int) -> None:
 
 
 def make_history_db(path: Path, torrents: int, days: int) -> None:
-    """A database as a year of cron would leave it: `torrents` torrents in two collections, a
-    scrape run and a DHT run per day for `days` days, one tracker sample per torrent and run."""
+    """A database as a month of daily cron leaves it: `torrents` torrents in two collections with
+    three trackers each, a scrape run and a DHT run per day for `days` days, one or two tracker
+    samples per torrent and run, written by the same SQL triggers and fold the stages use."""
     import random
-    import sqlite3
 
     import tsmd
 
@@ -550,7 +554,8 @@ def make_history_db(path: Path, torrents: int, days: int) -> None:
     now = int(time.time())
     db.execute("INSERT INTO collections (name, url, type) VALUES ('books', 'http://b.invalid/', "
                "'books'), ('scimag', 'http://s.invalid/', 'scimag')")
-    db.execute("INSERT INTO trackers (url) VALUES ('udp://tracker.example.org:1337/announce')")
+    db.execute("INSERT INTO trackers (url) VALUES ('udp://tracker.example.org:1337/announce'), "
+               "('http://tracker.example.net/announce'), ('udp://tracker.example.com:80')")
     db.executemany(
         "INSERT INTO torrents (id, infohash, name, size_bytes, file_count, created_unix, "
         "has_metainfo, first_seen, updated) VALUES (?, ?, ?, ?, 1000, ?, 1, 1, 1)",
@@ -561,6 +566,8 @@ def make_history_db(path: Path, torrents: int, days: int) -> None:
         "last_seen) VALUES (?, ?, ?, ?, 1, 1)",
         ((1 + n % 2, f"http://b.invalid/r_{n}.torrent", n, f"r_{n}.torrent")
          for n in range(1, torrents + 1)))
+    db.executemany("INSERT INTO torrent_trackers VALUES (?, ?, 0, ?)",
+                   ((n, tracker, tracker - 1) for n in range(1, torrents + 1) for tracker in (1, 2, 3)))
     base = {n: chooser.randint(0, 40) for n in range(1, torrents + 1)}
     for day in range(days):
         started = now - (days - 1 - day) * 86400
@@ -571,9 +578,16 @@ def make_history_db(path: Path, torrents: int, days: int) -> None:
         db.executemany("INSERT INTO tracker_samples VALUES (?, 1, ?, ?, ?, ?, ?)",
                        ((n, scrape_run, started + 30, max(0, seeders + chooser.randint(-3, 3)),
                          chooser.randint(0, 9), 1000 + day) for n, seeders in base.items()))
+        # A second tracker knows every other torrent, and fewer of its seeders.
+        db.executemany("INSERT INTO tracker_samples VALUES (?, 2, ?, ?, ?, ?, ?)",
+                       ((n, scrape_run, started + 40, seeders // 2, chooser.randint(0, 9), 900 + day)
+                        for n, seeders in base.items() if n % 2))
         db.executemany("INSERT INTO dht_samples VALUES (?, ?, ?, ?, NULL, NULL, 8)",
                        ((n, dht_run, started + 300, seeders // 2) for n, seeders in base.items()))
     db.commit()
+    db.close()
+    db = tsmd.open_database(path)
+    tsmd.summarize_scrape_runs(db)  # as each scrape run does when it ends
     db.close()
 
 
@@ -585,8 +599,12 @@ def bench_report(torrents: int, days: int) -> None:
         make_history_db(database, torrents, days)
         print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python "
               f"{platform.python_version()}")
-        print(f"database: {torrents} torrents, {days} days of history ({torrents * days} tracker "
-              f"and {torrents * days} DHT samples), {database.stat().st_size / 2**20:.0f} MiB, "
+        db = sqlite3.connect(database)
+        samples = [db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                   for table in ("tracker_samples", "dht_samples")]
+        db.close()
+        print(f"database: {torrents} torrents, {days} days of history ({samples[0]} tracker "
+              f"and {samples[1]} DHT samples), {database.stat().st_size / 2**20:.0f} MiB, "
               f"made in {time.perf_counter() - started:.0f} s")
         config = scrape_config(root, database)
         for fmt in ("json", "html", "csv", "prometheus"):

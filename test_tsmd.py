@@ -228,6 +228,13 @@ def test_magnet_links():
     assert tsmd.decode_magnet_untrusted(tsmd.magnet_uri(infohash, "n 1", ["udp://a:1"])).name == "n 1"
 
 
+@given(st.text(max_size=60))
+def test_magnet_names_round_trip_through_the_fast_quoting(name):
+    assert tsmd._quote_component(name) == urllib.parse.quote(name, safe="")
+    magnet = tsmd.magnet_uri("ab" * 20, name or None)
+    assert tsmd.decode_magnet_untrusted(magnet).name == (name or None)
+
+
 def test_tracker_url_normalisation():
     norm = tsmd.normalise_tracker_url
     assert norm(" HTTP://Tracker.Example:80/announce ") == "http://tracker.example/announce"
@@ -675,6 +682,45 @@ def test_migrations_create_the_model_and_newer_databases_are_refused(tmp_path):
     tsmd.open_database(tmp_path / "again.sqlite3").close()
     reopened = tsmd.open_database(tmp_path / "again.sqlite3")  # idempotent
     assert reopened.execute("PRAGMA user_version").fetchone()[0] == tsmd.SCHEMA_VERSION
+
+
+def test_version_1_database_is_upgraded_with_its_history_summarised(tmp_path):
+    """A database from before v2 keeps every sample, and reports read the same numbers from the
+    summary tables v2 fills in."""
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(tsmd.MIGRATIONS[0])
+    old.execute("PRAGMA user_version = 1")
+    now = int(time.time())
+    old.executescript(f"""
+        INSERT INTO collections (id, name, url, type) VALUES (1, 'c', 'http://x/', 'books');
+        INSERT INTO torrents (id, infohash, name, size_bytes, first_seen, updated)
+            VALUES (1, '{"ab" * 20}', 'old 1', 100, 1, 1);
+        INSERT INTO memberships (collection_id, source, torrent_id, first_seen, last_seen)
+            VALUES (1, '{"ab" * 20}', 1, 1, 1);
+        INSERT INTO trackers (id, url) VALUES (1, 'udp://a.example:1/announce'),
+                                              (2, 'udp://b.example:1/announce');
+        INSERT INTO runs (id, stage, started, outcome) VALUES (1, 'scrape', {now - 2 * 86400}, 'ok'),
+            (2, 'scrape', {now - 60}, 'ok'), (3, 'dht', {now - 30}, 'ok');
+        INSERT INTO tracker_samples VALUES (1, 1, 1, {now - 2 * 86400}, 7, 1, 50),
+            (1, 2, 1, {now - 2 * 86400}, 2, 1, 60), (1, 1, 2, {now - 60}, 4, 2, 55),
+            (1, 2, 2, {now - 60}, 5, 0, 61);
+        INSERT INTO dht_samples VALUES (1, 3, {now - 3000}, 3, NULL, NULL, 8),
+            (1, 3, {now - 30}, 9, 4.4, 12.6, 8);
+        """)
+    old.commit()
+    old.close()
+    db = tsmd.open_database(path)
+    assert db.execute("SELECT count(*) FROM tracker_samples").fetchone()[0] == 4
+    assert sorted(db.execute("SELECT tracker_id, seeders FROM tracker_latest")) == [(1, 4), (2, 5)]
+    (row,) = tsmd.load_report_rows(db)
+    assert (row.seeders, row.leechers, row.completed, row.tracker) == (
+        5, 0, 61, "udp://b.example:1/announce")
+    assert (row.dht_peers, row.dht_seeds_estimate, row.dht_peers_estimate) == (9, 4, 13)
+    # Per run, the best tracker: 7 seeders two days ago, 5 now.
+    assert (row.seeders_change_previous, row.seeders_change_1d) == (-2, -2)
+    assert tsmd.load_trends(db) == {"ab" * 20: "7,5"}
+    assert tsmd.summarize_scrape_runs(db) == 0  # folded once
 
 
 def test_magnet_does_not_overwrite_metainfo(tmp_path):
@@ -2140,6 +2186,53 @@ def test_cli_scrape_errors_are_one_line(tmp_path):
 # ---- Health model and report formats ----
 
 
+def thinned_reference(points: list[tuple[int, int]]) -> tuple[list, list]:
+    """What SeederHistory must hold after `points` (time order), computed from all of them."""
+    newest = points[-1][0]
+    kept = [(when, seeders) for index, (when, seeders) in enumerate(points)
+            if when >= newest - tsmd.FULL_HISTORY or (
+                when > newest - tsmd.KEPT_HISTORY and
+                (index + 1 == len(points) or points[index + 1][0] // 86400 != when // 86400))]
+    daily: dict[int, int] = {}
+    for when, seeders in points:
+        if when // 86400 > newest // 86400 - tsmd.TREND_DAYS:
+            daily[when // 86400] = seeders
+    return kept, list(daily.values())
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60 * 86400), st.integers(0, 5000)), min_size=1,
+                max_size=120), st.booleans())
+def test_seeder_history_thins_with_age_and_keeps_what_changes_need(raw, shuffled):
+    points = sorted(dict(raw).items())
+    history = tsmd.SeederHistory()
+    for point in (raw if shuffled else points):  # out-of-order points take the rebuild path
+        history.add(*point)
+    if shuffled:  # later duplicates of a time replace earlier ones
+        points = sorted({when: seeders for when, seeders in raw}.items())
+    kept, daily = thinned_reference(points)
+    if not shuffled:
+        assert history.points() == kept
+        assert list(history.daily) == daily
+        recent = [p for p in points if p[0] > points[-1][0] - tsmd.KEPT_HISTORY]
+        assert history.changes() == tsmd.seeder_changes(recent)
+    else:  # a rebuild starts from the thinned points: it can only have fewer
+        assert set(history.points()) <= set(points) and history.points()[-1] == points[-1]
+    again = tsmd.SeederHistory.from_stored(*history.stored())
+    assert again.points() == history.points() and list(again.daily) == list(history.daily)
+
+
+def test_seeder_history_of_an_hourly_cron_stays_small():
+    history = tsmd.SeederHistory()
+    start = 1_700_000_000
+    for hour in range(24 * 90):
+        history.add(start + hour * 3600, hour % 50)
+    # 8 days of hourly points, then one a day until the 31st day; 30 daily trend values.
+    assert 8 * 24 < len(history.times) <= 8 * 24 + 1 + 23 and len(history.daily) == 30
+    # Hour 2159 has 9 seeders; hour 2158 had 8, hour 2139 (20 h before) 39, hour 2003 3.
+    assert history.changes() == (1, 9 - 39, 9 - 3)
+
+
 def history_db(tmp_path: Path) -> tuple[sqlite3.Connection, list[bytes]]:
     """Four torrents with a hand-built history of daily scrape runs over nine days."""
     sizes = [1_000, 4_000, 2_000, 1_000]
@@ -2226,6 +2319,27 @@ def test_report_formats_csv_ndjson_prometheus(tmp_path):
     assert_seedtools_valid(feed)
 
 
+def report_row_strategy():
+    text, count = st.text(max_size=40), st.integers(-1, 2**53)
+    maybe_count = st.none() | st.integers(-(2**40), 2**40)
+    fields = {}
+    for field in tsmd.dataclasses.fields(tsmd.ReportRow):
+        kind = field.type.replace(" ", "")
+        fields[field.name] = {"str": text, "str|None": st.none() | text, "int": count,
+                              "int|None": maybe_count,
+                              "float|None": st.none() | st.floats(0, 1e12)}[kind]
+    return st.builds(tsmd.ReportRow, **fields)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(report_row_strategy())
+def test_json_objects_are_exactly_what_json_dumps_writes(row):
+    expected = {name: getattr(row, name) for name in tsmd.REPORT_FIELDS}
+    line = tsmd.report_json_object(row)
+    assert line == json.dumps(expected, ensure_ascii=False)
+    assert json.loads(tsmd.render_json([row, row])) == [expected, expected]
+
+
 def history_config(tmp_path: Path) -> tuple[Path, list[bytes]]:
     """history_db's database behind a config file naming its collection, for CLI tests."""
     db, hashes = history_db(tmp_path)
@@ -2282,7 +2396,7 @@ def html_rows(count: int) -> list:
 
 
 def test_html_report_escapes_hostile_strings_and_is_self_contained():
-    page = tsmd.render_html(html_rows(30), {f"{3:040x}": [1, 5, 2]})
+    page = tsmd.render_html(html_rows(30), {f"{3:040x}": "1,5,2"})
     # The markup in those names exists only as escaped JSON inside the data script.
     for raw in ("<script>alert(1)", "<img src=x", "</style><b>", "\u2028"):
         assert raw not in page
@@ -2312,14 +2426,14 @@ def rendered_names(dom: str) -> list[str]:
 
 
 def test_html_report_sorts_and_filters_in_headless_chromium(tmp_path):
-    rows = html_rows(1200)
+    rows = tsmd.select_report_rows(html_rows(1200), "need", None, None)
     page = tmp_path / "report.html"
     page.write_text(tsmd.render_html(rows))
     by_need = rendered_names(chromium_dom(page, ""))
-    assert len(by_need) == 500  # drawn 500 at a time
-    expected = [row.name for row in sorted(rows, key=lambda r: (r.need is None, r.need or 0,
-                                                                r.name))][:500]
-    assert by_need == expected
+    assert len(by_need) == 500  # drawn 500 at a time, in the order tsmd sorted them
+    assert by_need == [row.name for row in rows][:500]
+    # Sorting by need in the page gives that order too: equal needs keep tsmd's order.
+    assert rendered_names(chromium_dom(page, "sort=need&dir=asc")) == by_need
     # Clicking "seeders" sorts ascending, a second click descending; unknown seeders stay last.
     dom = chromium_dom(page, "click=seeders,seeders&q=r_1")
     names = rendered_names(dom)
@@ -2348,4 +2462,4 @@ def test_cli_report_html(tmp_path):
     trend = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>',
                                  text, re.S).group(1))
     assert [row[-1] for row in trend if row[0] == "t_0.torrent"] == [
-        [30, 28, 25, 20, 15, 12, 11, 10, 9]]  # seeders per daily run, for the sparkline
+        "30,28,25,20,15,12,11,10,9"]  # seeders at the end of each day, for the sparkline
