@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import socket
 import sqlite3
 import struct
@@ -1084,11 +1085,16 @@ def test_config_example_mirrors_every_setting_and_default():
     assert example.sync == tsmd.SyncSettings()
     assert example.scrape == tsmd.ScrapeSettings()
     assert example.dht == tsmd.DhtSettings()
+    assert example.retention == tsmd.RetentionSettings()
+    assert [(o.format, Path(o.path).relative_to(HERE).as_posix()) for o in example.report.outputs
+            ] == [("json", "public/torrents.json"), ("html", "public/index.html"),
+                  ("prometheus", "metrics/tsmd.prom")]
     text = (HERE / "config.example.toml").read_text()
     for cls in (tsmd.NetworkSettings, tsmd.SyncSettings, tsmd.ScrapeSettings, tsmd.DhtSettings,
+                tsmd.ReportSettings, tsmd.ReportOutput, tsmd.RetentionSettings,
                 tsmd.CollectionSettings):
         for f in tsmd.dataclasses.fields(cls):
-            assert f"\n{f.name} =" in text or f"\n# {f.name} =" in text, f.name
+            assert re.search(rf"(?m)(^(# )?|[{{,] ){f.name} =", text), f.name
     assert "database =" in text
 
 
@@ -2463,3 +2469,243 @@ def test_cli_report_html(tmp_path):
                                  text, re.S).group(1))
     assert [row[-1] for row in trend if row[0] == "t_0.torrent"] == [
         "30,28,25,20,15,12,11,10,9"]  # seeders at the end of each day, for the sparkline
+
+
+# ---- Unattended and ad hoc use: run, pick, check, prune, status ----
+
+
+class LoopbackWorld:
+    """A collection as a volunteer meets it, on loopback only: `count` .torrent files on an HTTP
+    index whose announce URL is a real opentracker that knows their swarms, and real libtorrent
+    DHT nodes on which every other torrent is announced."""
+
+    def __init__(self, tmp_path: Path, server: CollectionServer, count: int = 12,
+                 slow_entry: bool = False) -> None:
+        self.tmp_path = tmp_path
+        self.server = server
+        names = [f"book{n}.zip" for n in range(count)]
+        bare = [v1_torrent(name, 10_000 * (n + 1), seed=n) for n, name in enumerate(names)]
+        self.hashes = [bytes.fromhex(lt_hashes(data)[0]) for data in bare]
+        self.tracker = OpenTracker(tmp_path / "opentracker", self.hashes)
+        self.dht = None
+        try:
+            # (seeders, leechers, completed): a dead one, dying ones, healthy ones.
+            self.swarms = {h: (n % 6, n % 3, n % 6) for n, h in enumerate(self.hashes)}
+            populate_opentracker(self.tracker, self.swarms)
+            self.announce = f"udp://127.0.0.1:{self.tracker.udp_port}/announce"
+            self.torrents = {}
+            for n, name in enumerate(names):
+                data = v1_torrent(name, 10_000 * (n + 1), seed=n, trackers=[[self.announce]])
+                self.torrents[f"r_{n}.torrent"] = data
+                server.files[f"/world/r_{n}.torrent"] = (data, "application/x-bittorrent")
+            links = list(self.torrents)
+            if slow_entry:  # the server sleeps 3 s on it: a sync that takes a while
+                server.files["/slow/late.torrent"] = (v1_torrent("late", seed=99),
+                                                      "application/x-bittorrent")
+                links.append("/slow/late.torrent")
+            index_page(server, "/world/", links)
+            self.dht = LibtorrentDht(12, second_octet=90)
+            self.dht_swarms = {h: [((n + a) % 12, 7000 + a, a == 0) for a in range(1 + n % 3)]
+                               for n, h in enumerate(self.hashes) if n % 2 == 0}
+            self.dht_expected = self.dht.announce(self.dht_swarms)
+        except BaseException:
+            self.stop()
+            raise
+
+    def config(self, extra: str = "", dht: str = "") -> Path:
+        bootstrap = ", ".join(f'"{b}"' for b in self.dht.bootstrap)
+        return write_config(self.tmp_path, f"""
+database = "tsmd.sqlite3"
+[network]
+allow_private = true
+timeout = 10
+connect_timeout = 3
+[scrape]
+bind = "127.0.0.1:0"
+timeout = 1
+attempts = 2
+[dht]
+bootstrap = [{bootstrap}]
+bind = "127.0.0.1:0"
+rate = 0
+query_timeout = 2
+{dht}
+[report]
+outputs = [{{ format = "json", path = "www/torrents.json" }},
+           {{ format = "html", path = "www/index.html" }},
+           {{ format = "prometheus", path = "metrics/tsmd.prom" }}]
+{extra}
+[[collections]]
+name = "world"
+url = "{self.server.url('/world/')}"
+type = "books"
+""")
+
+    def stop(self) -> None:
+        if self.dht is not None:
+            self.dht.stop()
+        self.tracker.stop()
+
+
+@pytest.fixture
+def world(tmp_path, server):
+    running = LoopbackWorld(tmp_path, server)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def cron_tsmd(*args: str) -> subprocess.CompletedProcess:
+    """tsmd as cron starts it: stdin closed (not even /dev/null), no terminal, a bare env."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/")}
+    command = " ".join(shlex.quote(a) for a in (sys.executable, str(HERE / "tsmd.py"), *args))
+    return subprocess.run(["/bin/sh", "-c", f"exec {command} <&-"], capture_output=True,
+                          text=True, timeout=180, env=env, start_new_session=True)
+
+
+def test_run_end_to_end_as_cron_runs_it(world):
+    config = world.config()
+    done = cron_tsmd("--config", str(config), "-q", "run")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""  # -q: nothing to say when all went well
+    feed = json.loads((world.tmp_path / "www" / "torrents.json").read_text())
+    assert_seedtools_valid(feed)
+    by_hash = {item["infohash"]: item for item in feed}
+    assert len(by_hash) == len(world.hashes)
+    for infohash, (seeders, leechers, completed) in world.swarms.items():
+        item = by_hash[infohash.hex()]
+        assert (item["seeders"], item["leechers"], item["completed"]) == (
+            seeders, leechers, completed)
+        expected_peers = len(world.dht_expected.get(infohash, ()))
+        assert item["dht_peers"] == expected_peers
+    page = (world.tmp_path / "www" / "index.html").read_text()
+    assert "Content-Security-Policy" in page and "book3.zip" in page
+    metrics = (world.tmp_path / "metrics" / "tsmd.prom").read_text()
+    assert f'tsmd_torrents{{collection="world"}} {len(world.hashes)}' in metrics
+    leftovers = [p.name for p in (world.tmp_path / "www").iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # written atomically: no temporary file left behind
+    status = json.loads(cli("--config", str(config), "status", "--format", "json").stdout)
+    assert {stage: run["outcome"] for stage, run in status["runs"].items()} == {
+        stage: "ok" for stage in tsmd.STATUS_STAGES}
+    assert status["torrents"] == len(world.hashes) and status["busy"] is None
+    assert status["collections"][0]["torrents"] == len(world.hashes)
+    assert status["runs"]["report"]["counts"]["written"] == 3
+    table = cli("--config", str(config), "status", env={"COLUMNS": "150"})
+    assert table.returncode == 0 and "world" in table.stdout and "scrape" in table.stdout
+
+
+def wait_for_stage(database: Path, stage: str, timeout: float = 60) -> None:
+    """Until a run of `stage` is in progress in `database` (read by a second connection)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if database.exists():
+            try:
+                db = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=5)
+                try:
+                    if db.execute("SELECT 1 FROM runs WHERE stage = ? AND outcome = 'running'",
+                                  (stage,)).fetchone():
+                        return
+                finally:
+                    db.close()
+            except sqlite3.Error:
+                pass  # not created yet
+        time.sleep(0.005)
+    raise TimeoutError(f"no {stage} run started within {timeout} s")
+
+
+def start_tsmd(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(HERE / "tsmd.py"), *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_overlapping_runs_never_collide(tmp_path, server):
+    world = LoopbackWorld(tmp_path, server, count=4, slow_entry=True)
+    try:
+        config = world.config()
+        database = tmp_path / "tsmd.sqlite3"
+        first = start_tsmd("--config", str(config), "run")
+        try:
+            wait_for_stage(database, "sync")
+            second = cli("--config", str(config), "run")
+            assert second.returncode == tsmd.ExitCode.BUSY == 75
+            assert "is busy: tsmd run (pid" in second.stderr and "--wait" in second.stderr
+            scrape = cli("--config", str(config), "scrape")  # any writer waits its turn
+            assert scrape.returncode == tsmd.ExitCode.BUSY
+            waiting = start_tsmd("--config", str(config), "run", "--wait")
+            assert first.wait(120) == tsmd.ExitCode.OK, first.stderr.read()
+            assert waiting.wait(120) == tsmd.ExitCode.OK, waiting.stderr.read()
+        finally:
+            first.kill()
+            first.wait()
+        db = sqlite3.connect(database)
+        runs = db.execute("SELECT started, finished, outcome FROM runs WHERE stage = 'run' "
+                          "ORDER BY id").fetchall()
+        assert [outcome for _, _, outcome in runs] == ["ok", "ok"]
+        assert runs[1][0] >= runs[0][1]  # the waiting run started when the first had ended
+        # The busy commands never opened the database: no run of theirs was recorded.
+        assert db.execute("SELECT count(*) FROM runs WHERE stage = 'scrape'").fetchone()[0] == 2
+    finally:
+        world.stop()
+
+
+@pytest.mark.parametrize("stage", ["sync", "dht", "scrape"])
+def test_sigkill_in_any_stage_loses_nothing_and_the_next_run_continues(tmp_path, server, stage):
+    world = LoopbackWorld(tmp_path, server, count=12, slow_entry=stage == "sync")
+    try:
+        # Slow enough to be caught in the middle: a sync waits 3 s for one file, the DHT
+        # stage sends 10 packets a second, the scrape waits 2 s for a silent tracker.
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        silent.bind(("127.0.0.1", 0))
+        config = world.config(dht="concurrency = 2")
+        text = config.read_text()
+        if stage == "dht":
+            text = text.replace("rate = 0\n", "rate = 10\n")
+        config.write_text(text)
+        database = tmp_path / "tsmd.sqlite3"
+        tables = ("torrents", "tracker_samples", "dht_samples")
+        before = dict.fromkeys(tables, 0)
+        if stage != "sync":  # earlier measurements that must survive
+            assert cli("--config", str(config), "run").returncode == 0
+            db = sqlite3.connect(database)
+            before = {table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                      for table in tables}
+            db.close()
+        if stage == "scrape":  # new to this run, so not backing off from an earlier failure
+            config.write_text(text.replace("[scrape]\n", "[scrape]\ntrackers = "
+                                           f'["udp://127.0.0.1:{silent.getsockname()[1]}"]\n'))
+        process = start_tsmd("--config", str(config), "run")
+        wait_for_stage(database, stage)
+        time.sleep(0.2)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        db = sqlite3.connect(database)
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        killed = {table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                  for table in before}
+        assert all(killed[table] >= before[table] for table in before)
+        db.close()
+        config.write_text(text)  # without the silent tracker: an all-ok run
+        silent.close()
+        done = cli("--config", str(config), "run")
+        assert done.returncode == 0, done.stderr
+        db = sqlite3.connect(database)
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        after = {table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                 for table in before}
+        assert all(after[table] > killed[table] or table == "torrents" for table in before)
+        assert after["torrents"] == len(world.hashes) + (stage == "sync")
+        outcomes = dict(db.execute("SELECT stage, outcome FROM runs WHERE id IN "
+                                   "(SELECT max(id) FROM runs GROUP BY stage)"))
+        assert outcomes == {s: "ok" for s in tsmd.STATUS_STAGES}
+        # The killed run and its stage were closed as interrupted by the next run.
+        killed_runs = db.execute("SELECT stage FROM runs WHERE outcome = 'interrupted' "
+                                 "ORDER BY id").fetchall()
+        assert killed_runs == [("run",), (stage,)]
+        assert db.execute("SELECT count(*) FROM runs WHERE stage = 'scrape' AND "
+                          "summarized IS NULL").fetchone()[0] == 0  # every scrape run folded
+        feed = json.loads((tmp_path / "www" / "torrents.json").read_text())
+        assert len(feed) == len(world.hashes) + (stage == "sync")
+    finally:
+        world.stop()

@@ -21,6 +21,11 @@ Each subcommand performs one stage of the pipeline so that cron can run them one
     tsmd trackers  list the trackers with their health
     tsmd report    publish which torrents need seeders (JSON for libgen-seedtools, HTML,
                    a terminal table, CSV, NDJSON, Prometheus)
+    tsmd run       all of the above in order, for cron: one run per database at a time
+    tsmd pick      a list of the neediest torrents that fills a volunteer's disk
+    tsmd check     measure one torrent now (magnet, infohash, .torrent file or URL)
+    tsmd prune     drop samples and DHT nodes older than a given age
+    tsmd status    collections, torrents, the last run of each stage, database size
 
 The file reads top to bottom: constants, errors, data model, pure codecs (bencode and metainfo,
 index pages, KRPC, BEP 33 filters, BEP 15/48), then I/O (UDP endpoint, HTTP fetch, DHT survey,
@@ -30,6 +35,7 @@ tracker scrape, storage), configuration, the stages, reports and last the comman
 from __future__ import annotations
 
 import base64
+import contextlib
 import bisect
 from array import array
 import dataclasses
@@ -42,6 +48,7 @@ import json
 import math
 import operator
 import os
+import random
 import re
 import socket
 import sqlite3
@@ -93,6 +100,7 @@ class ExitCode(enum.IntEnum):
     PARTIAL = 1  # the run finished, but some items (pages, torrents) failed
     USAGE = 2  # bad command line or configuration
     DATABASE = 3  # the database could not be opened or is newer than this program
+    BUSY = 75  # another tsmd is writing to this database (sysexits' EX_TEMPFAIL: try later)
     INTERRUPTED = 130  # Ctrl-C or SIGTERM; what was measured so far is committed
 
 
@@ -119,6 +127,10 @@ class ConfigError(TsmdError):
 
 class DatabaseError(TsmdError):
     exit_code = ExitCode.DATABASE
+
+
+class BusyError(TsmdError):
+    exit_code = ExitCode.BUSY
 
 
 # ---- Data model ----
@@ -2665,6 +2677,145 @@ def finish_run(db: sqlite3.Connection, run_id: int, outcome: str, counts: dict[s
                    (time.time(), outcome, json.dumps(counts, sort_keys=True), error, run_id))
 
 
+def close_orphaned_runs(db: sqlite3.Connection) -> int:
+    """Runs still 'running' while we hold the database lock belong to a tsmd that died (SIGKILL,
+    power loss): everything they committed stays; they are marked so, and their scrape samples
+    get folded like any other run's."""
+    with Transaction(db):
+        cursor = db.execute(
+            "UPDATE runs SET outcome = 'interrupted', finished = coalesce(finished, started), "
+            "error = 'the process ended without finishing (killed?); what it committed is kept' "
+            "WHERE outcome = 'running'")
+    return cursor.rowcount
+
+
+class DatabaseLock:
+    """One tsmd writing to a database at a time: an exclusive lock on `<database>.lock`.
+
+    The kernel releases it when the process ends, however it ends (SIGKILL included), so a
+    crashed run never leaves a stale lock behind. The file says who holds it, for the message
+    the next tsmd prints.
+    """
+
+    def __init__(self, database: Path) -> None:
+        self.path = database.with_name(database.name + ".lock")
+        self._handle: Any = None
+
+    def acquire(self, wait: bool, holder: str) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = self.path.open("a+", encoding="utf-8")
+        except OSError as exc:
+            raise DatabaseError(f"lock {self.path}: {exc.strerror or exc}") from None
+        try:
+            if not _lock_file(handle, wait):
+                handle.seek(0)
+                other = handle.read(200).strip() or "another tsmd"
+                raise BusyError(f"database {self.path.with_suffix('')} is busy: {other} is "
+                                "writing to it; try again later, or use --wait")
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{holder} (pid {os.getpid()}, since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')})\n")
+            handle.flush()
+        except BaseException:
+            handle.close()
+            raise
+        self._handle = handle
+
+    def held_by(self) -> str | None:
+        """Who holds the lock now (as its file says), or None when nobody does."""
+        try:
+            with self.path.open("r+", encoding="utf-8") as handle:
+                if _lock_file(handle, wait=False):
+                    return None  # closing the handle lets go at once
+                return handle.read(200).strip() or "another tsmd"
+        except OSError:
+            return None  # no lock file: nobody ever held it
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the descriptor drops the lock
+            self._handle = None
+
+    def __enter__(self) -> DatabaseLock:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+
+def _lock_file(handle: Any, wait: bool) -> bool:
+    """Lock an open file exclusively; False when another process holds it and not `wait`."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        import msvcrt
+
+        while True:
+            try:
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+                return True
+            except OSError:
+                if not wait:
+                    return False
+                time.sleep(1)
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+@dataclass(slots=True)
+class PruneCounts:
+    tracker_samples: int = 0
+    dht_samples: int = 0
+    dht_nodes: int = 0
+    runs: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.tracker_samples:,} tracker samples, {self.dht_samples:,} DHT samples, "
+                f"{self.dht_nodes:,} DHT nodes and {self.runs:,} runs deleted")
+
+
+PRUNE_BATCH: Final = 50_000  # rows per transaction: a reader never waits long
+
+
+def prune_database(db: sqlite3.Connection, samples_before: float | None,
+                   nodes_before: float | None) -> PruneCounts:
+    """Delete samples (and runs) older than `samples_before` and DHT nodes last seen before
+    `nodes_before` (unix times; None keeps them). What reports read is kept consistent: the
+    newest sample of a tracker or of the DHT is dropped with the samples."""
+    counts = PruneCounts()
+    if samples_before is not None:
+        cutoff = int(samples_before)
+        for table, attribute in (("tracker_samples", "tracker_samples"),
+                                 ("dht_samples", "dht_samples")):
+            while True:
+                with Transaction(db):
+                    deleted = db.execute(
+                        f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
+                        f"WHERE measured < ? LIMIT {PRUNE_BATCH})", (cutoff,)).rowcount
+                setattr(counts, attribute, getattr(counts, attribute) + deleted)
+                if deleted < PRUNE_BATCH:
+                    break
+        with Transaction(db):
+            db.execute("DELETE FROM tracker_latest WHERE measured < ?", (cutoff,))
+            db.execute("DELETE FROM dht_latest WHERE measured < ?", (cutoff,))
+            # Runs that ended before the cutoff (their samples are gone with it); a scrape run
+            # not folded into seeder_history yet stays until it is.
+            counts.runs = db.execute(
+                "DELETE FROM runs WHERE finished < ? AND outcome != 'running' AND "
+                "(stage != 'scrape' OR summarized IS NOT NULL)", (cutoff,)).rowcount
+    if nodes_before is not None:
+        with Transaction(db):
+            counts.dht_nodes = db.execute("DELETE FROM dht_nodes WHERE last_seen < ?",
+                                          (int(nodes_before),)).rowcount
+    return counts
+
+
 def upsert_collection(db: sqlite3.Connection, name: str, url: str, kind: str, enabled: bool) -> int:
     row = db.execute(
         "INSERT INTO collections (name, url, type, enabled) VALUES (?, ?, ?, ?) "
@@ -2818,6 +2969,25 @@ class DhtSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ReportOutput:
+    format: str  # any report format but table
+    path: str  # written atomically; relative to the config file's folder
+
+
+@dataclass(frozen=True, slots=True)
+class ReportSettings:
+    outputs: tuple[ReportOutput, ...] = ()  # what `tsmd run` publishes after measuring
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionSettings:
+    # Applied by `tsmd run`; 0 keeps forever. A year of daily samples of 100,000 torrents is
+    # some 5 GB; the week's change and the month's trend need far less.
+    samples: float = 400 * 86400.0
+    nodes: float = 30 * 86400.0  # DHT nodes not seen for this long
+
+
+@dataclass(frozen=True, slots=True)
 class CollectionSettings:
     name: str
     url: str
@@ -2835,12 +3005,14 @@ class Settings:
     sync: SyncSettings = SyncSettings()
     scrape: ScrapeSettings = ScrapeSettings()
     dht: DhtSettings = DhtSettings()
+    report: ReportSettings = ReportSettings()
+    retention: RetentionSettings = RetentionSettings()
     collections: tuple[CollectionSettings, ...] = ()
     config_path: Optional[Path] = None
 
 
 _DURATION_FIELDS: Final = {"timeout", "connect_timeout", "revalidate_after", "backoff",
-                            "max_backoff", "stall_timeout", "query_timeout"}
+                            "max_backoff", "stall_timeout", "query_timeout", "samples", "nodes"}
 _POSITIVE_DURATION_FIELDS: Final = {"timeout", "connect_timeout", "stall_timeout",
                                      "query_timeout"}
 _SIZE_FIELDS: Final = {"max_index_bytes", "max_torrent_bytes"}
@@ -2930,7 +3102,8 @@ def load_settings(config_path: Path | None, db_override: Path | None = None) -> 
 def settings_from_document(document: dict, config_path: Path) -> Settings:
     where = str(config_path)
     base = config_path.resolve().parent
-    sections = {"database", "network", "sync", "scrape", "dht", "collections"}
+    sections = {"database", "network", "sync", "scrape", "dht", "report", "retention",
+                "collections"}
     for key in document:
         if key not in sections:
             raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(sections))})")
@@ -2938,7 +3111,7 @@ def settings_from_document(document: dict, config_path: Path) -> Settings:
     if not isinstance(database, str) or not database:
         raise ConfigError(f"{where}: database: expected a file name string, got {database!r}")
     tables = {}
-    for section in ("network", "sync", "scrape", "dht"):
+    for section in ("network", "sync", "scrape", "dht", "report", "retention"):
         table = document.get(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{section}] must be a table")
@@ -2963,6 +3136,12 @@ def settings_from_document(document: dict, config_path: Path) -> Settings:
         raise ConfigError(f"{where}: [scrape].bind: {exc}") from None
     dht = _settings_from_table(DhtSettings, tables["dht"], f"{where}: [dht]")
     check_dht_settings(dht, f"{where}: [dht]")
+    report = _report_settings(tables["report"], base, f"{where}: [report]")
+    retention = _settings_from_table(RetentionSettings, tables["retention"],
+                                     f"{where}: [retention]")
+    if 0 < retention.samples < FULL_HISTORY:
+        raise ConfigError(f"{where}: [retention].samples: keep at least {FULL_HISTORY // DAY} "
+                          "days (the week's change reads them), or 0 to keep everything")
     raw_collections = document.get("collections", [])
     if not isinstance(raw_collections, list) or not all(isinstance(c, dict) for c in raw_collections):
         raise ConfigError(f"{where}: collections must be written as [[collections]] tables")
@@ -2984,7 +3163,29 @@ def settings_from_document(document: dict, config_path: Path) -> Settings:
         collections.append(dataclasses.replace(collection, url=url))
     return Settings(
         database=(base / Path(database).expanduser()).resolve(), network=network, sync=sync,
-        scrape=scrape, dht=dht, collections=tuple(collections), config_path=config_path)
+        scrape=scrape, dht=dht, report=report, retention=retention,
+        collections=tuple(collections), config_path=config_path)
+
+
+def _report_settings(table: dict, base: Path, where: str) -> ReportSettings:
+    unknown = [key for key in table if key != "outputs"]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known: outputs)")
+    raw = table.get("outputs", [])
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        raise ConfigError(f"{where}.outputs: expected a list of tables like "
+                          '{format = "json", path = "torrents.json"}')
+    outputs = []
+    for number, item in enumerate(raw, start=1):
+        output = _settings_from_table(ReportOutput, item, f"{where}.outputs #{number}")
+        if output.format not in REPORT_FILE_FORMATS:
+            raise ConfigError(f"{where}.outputs #{number}.format: expected one of "
+                              f"{', '.join(REPORT_FILE_FORMATS)}, got {output.format!r}")
+        if not output.path.strip():
+            raise ConfigError(f"{where}.outputs #{number}.path: expected a file name")
+        path = (base / Path(output.path).expanduser()).resolve()
+        outputs.append(dataclasses.replace(output, path=str(path)))
+    return ReportSettings(tuple(outputs))
 
 
 def check_dht_settings(dht: DhtSettings, where: str) -> None:
@@ -3751,6 +3952,142 @@ async def run_scrape(db: sqlite3.Connection, settings: Settings,
     return counts
 
 
+# ---- One torrent now: check ----
+
+
+async def load_check_target(target: str, settings: Settings) -> Metainfo:
+    """A magnet link, an infohash (40 hex or 32 base32), an http(s) URL of a .torrent file or
+    a local .torrent path, as metainfo. Untrusted in every case."""
+    text = target.strip()
+    if text.lower().startswith("magnet:"):
+        return decode_magnet_untrusted(text)
+    if _HEX40.fullmatch(text) or _BASE32_32.fullmatch(text):
+        return Metainfo.bare(parse_infohash_untrusted(text))
+    scheme = urllib.parse.urlsplit(text).scheme.lower()
+    if scheme in HTTP_SCHEMES:
+        url, allow_local = text, False
+    elif scheme and scheme != "file" and len(scheme) > 1:  # "C:" is a Windows drive
+        raise ProtocolError(f"{text[:MAX_URL_IN_MESSAGE]}: not a magnet link, infohash, "
+                            ".torrent URL or file")
+    else:
+        path = file_url_to_path(text) if scheme == "file" else Path(text).expanduser()
+        if not path.exists():
+            raise ProtocolError(f"{text[:MAX_URL_IN_MESSAGE]}: no such file, and not a magnet "
+                                "link, infohash or .torrent URL")
+        url, allow_local = path.resolve().as_uri(), True
+    fetcher = make_fetcher(settings)
+    try:
+        result = await fetcher.fetch(url, max_bytes=settings.sync.max_torrent_bytes,
+                                     allow_local=allow_local)
+    finally:
+        await fetcher.aclose()
+    return decode_metainfo_untrusted(result.body)
+
+
+@dataclass(slots=True)
+class TrackerCheck:
+    url: str
+    seeders: int = -1
+    leechers: int = -1
+    completed: int = -1
+    error: str | None = None  # or "did not know the torrent"
+    rtt_ms: float | None = None
+
+
+@dataclass(slots=True)
+class CheckResult:
+    infohash: str
+    name: str | None
+    size_bytes: int
+    trackers: list[TrackerCheck]
+    dht_peers: int = -1  # -1: not asked, or no node answered
+    dht_nodes_answered: int = 0
+    dht_seeds_estimate: float | None = None
+    dht_peers_estimate: float | None = None
+    dht_error: str | None = None
+
+    @property
+    def seeders(self) -> int:
+        """The maximum over trackers (never the sum: trackers see overlapping swarms)."""
+        return max((t.seeders for t in self.trackers), default=-1)
+
+    @property
+    def leechers(self) -> int:
+        best = max(self.trackers, key=lambda t: (t.seeders, t.leechers), default=None)
+        return best.leechers if best else -1
+
+    def as_dict(self) -> dict[str, Any]:
+        band = seeder_band(self.seeders).value
+        return {"infohash": self.infohash, "name": self.name, "size_bytes": self.size_bytes,
+                "seeders": self.seeders, "leechers": self.leechers, "band": band,
+                "dht_peers": self.dht_peers, "dht_nodes_answered": self.dht_nodes_answered,
+                "dht_seeds_estimate": self.dht_seeds_estimate,
+                "dht_peers_estimate": self.dht_peers_estimate, "dht_error": self.dht_error,
+                "trackers": [dataclasses.asdict(t) for t in self.trackers]}
+
+
+async def check_torrent(meta: Metainfo, settings: Settings, reporter: Reporter, *,
+                        trackers: Sequence[str], bootstrap: Sequence[str] | None,
+                        cache: NodeCache, use_dht: bool) -> CheckResult:
+    """Measure one torrent now: every tracker in `trackers` and a DHT lookup, side by side."""
+    result = CheckResult(meta.infohash, meta.name, -1 if meta.size_bytes is None else
+                         meta.size_bytes, [TrackerCheck(url) for url in trackers])
+    infohash = bytes.fromhex(meta.infohash)
+    options = ScrapeOptions(
+        udp_batch=1, http_batch=1, timeout=settings.scrape.timeout,
+        attempts=settings.scrape.attempts, window=1, allow_private=settings.network.allow_private)
+
+    async def ask_tracker(check: TrackerCheck, endpoint: UdpEndpoint, fetcher: Fetcher) -> None:
+        async def deliver(pairs: list[tuple[bytes, ScrapeCounts]]) -> None:
+            for _, numbers in pairs:
+                check.seeders, check.leechers = numbers.seeders, numbers.leechers
+                check.completed = numbers.completed
+
+        tally = await scrape_tracker(check.url, [infohash], options, endpoint, fetcher, deliver)
+        check.error = tally.error or (None if tally.hashes_answered else
+                                      "did not know the torrent")
+        check.rtt_ms = tally.rtt_ms
+
+    async def ask_dht() -> None:
+        routers = await resolve_bootstrap(
+            settings.dht.bootstrap if bootstrap is None else bootstrap, reporter)
+        if not routers and len(cache) < DHT_K:
+            result.dht_error = "no bootstrap node resolved and no cached nodes"
+            return
+        endpoint = await UdpEndpoint.open(settings.dht.bind, krpc_transaction_untrusted)
+        survey = DhtSurvey(endpoint, cache, routers, dht_options(settings),
+                           want_ipv6=endpoint.dual_stack and host_has_ipv6_route())
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(endpoint.receive_forever)
+                found = await survey.lookup(infohash)
+                nursery.cancel_scope.cancel()
+        finally:
+            endpoint.close()
+        if found.nodes_answered:
+            result.dht_peers, result.dht_nodes_answered = len(found.peers), found.nodes_answered
+            result.dht_seeds_estimate, result.dht_peers_estimate = found.bep33_estimates()
+        else:
+            result.dht_error = "no DHT node answered"
+
+    tracker_endpoint = await UdpEndpoint.open(settings.scrape.bind, udp_tracker_packet_untrusted)
+    fetcher = make_fetcher(settings)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tracker_endpoint.receive_forever)
+            async with trio.open_nursery() as asking:
+                if use_dht:
+                    asking.start_soon(ask_dht)
+                for check in result.trackers:
+                    asking.start_soon(ask_tracker, check, tracker_endpoint, fetcher)
+            nursery.cancel_scope.cancel()
+    finally:
+        tracker_endpoint.close()
+        with trio.CancelScope(shield=True):
+            await fetcher.aclose()
+    return result
+
+
 # ---- Reports ----
 
 
@@ -3848,6 +4185,22 @@ def select_report_rows(rows: Sequence[ReportRow], sort: str, limit: int | None,
 
 
 _DIGIT = re.compile(r"[0-9]")
+
+
+def pick_torrents(rows: Sequence[ReportRow], budget: int, spread: float,
+                  chooser: random.Random) -> list[ReportRow]:
+    """What a volunteer with `budget` bytes should seed: neediest first, greedily, every torrent
+    that still fits. Each need is scaled by a random factor within ±`spread` first, so that
+    volunteers running this at once do not all pick the same torrents. Torrents not measured
+    yet, or of unknown size, cannot be weighed and are left out."""
+    weighed = [(row.need * chooser.uniform(1 - spread, 1 + spread), index)
+               for index, row in enumerate(rows) if row.need is not None and row.size_bytes > 0]
+    chosen, left = [], budget
+    for _, index in sorted(weighed):
+        if rows[index].size_bytes <= left:
+            chosen.append(rows[index])
+            left -= rows[index].size_bytes
+    return chosen
 
 
 def _report_name(file_name: str | None, torrent_name: str | None, infohash: str) -> str:
@@ -4308,7 +4661,18 @@ def load_trends(db: sqlite3.Connection) -> dict[str, str]:
 
 REPORT_RENDERERS: Final = {"json": render_json, "ndjson": render_ndjson, "csv": render_csv,
                            "prometheus": render_prometheus}
+
+
+def render_report(db: sqlite3.Connection, rows: Sequence[ReportRow], report_format: str,
+                  per_torrent: bool = False) -> str:
+    """`rows` in any format but the terminal table."""
+    if report_format == "html":
+        return render_html(rows, load_trends(db))
+    if report_format == "prometheus":
+        return render_prometheus(rows, per_torrent)
+    return REPORT_RENDERERS[report_format](rows)
 REPORT_FORMATS: Final = ("table", "html", *REPORT_RENDERERS)
+REPORT_FILE_FORMATS: Final = REPORT_FORMATS[1:]
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -4323,6 +4687,131 @@ def write_atomically(path: Path, text: str) -> None:
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         raise TsmdError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+# ---- Whole runs: publishing, retention, status ----
+
+
+@dataclass(slots=True)
+class PublishCounts:
+    outputs: int = 0
+    written: int = 0
+    failed: int = 0
+    torrents: int = 0
+
+    def summary(self) -> str:
+        if not self.outputs:
+            return "no [report] outputs configured"
+        failed = f", {self.failed} failed" if self.failed else ""
+        return f"{self.written} of {self.outputs} reports written{failed}, {self.torrents:,} torrents"
+
+
+async def publish_reports(db: sqlite3.Connection, settings: Settings, *,
+                          reporter: Reporter) -> PublishCounts:
+    """Write every report of [report].outputs, each atomically; one that fails is counted."""
+    counts = PublishCounts(outputs=len(settings.report.outputs))
+    if not settings.report.outputs:
+        return counts
+    rows = select_report_rows(load_report_rows(db), "need", None, None)
+    counts.torrents = len(rows)
+    for output in settings.report.outputs:
+        await trio.lowlevel.checkpoint()  # Ctrl-C and SIGTERM are heard between files
+        path = Path(output.path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, render_report(db, rows, output.format))
+            counts.written += 1
+        except OSError as exc:
+            counts.failed += 1
+            reporter.problem(f"report {path}: {exc.strerror or exc}")
+        except TsmdError as exc:
+            counts.failed += 1
+            reporter.problem(str(exc))
+    return counts
+
+
+def judge_publish(counts: PublishCounts) -> tuple[str, ExitCode]:
+    return ("partial", ExitCode.PARTIAL) if counts.failed else ("ok", ExitCode.OK)
+
+
+async def apply_retention(db: sqlite3.Connection, settings: Settings, *, reporter: Reporter,
+                          samples: float | None = None, nodes: float | None = None) -> PruneCounts:
+    """prune_database with ages in seconds (default: [retention]; 0 keeps everything). A stage
+    like the others, so that its run is recorded."""
+    now = time.time()
+    samples = settings.retention.samples if samples is None else samples
+    nodes = settings.retention.nodes if nodes is None else nodes
+    return prune_database(db, now - samples if samples else None, now - nodes if nodes else None)
+
+
+STATUS_STAGES: Final = ("run", "sync", "dht", "scrape", "report", "prune")
+
+
+def load_status(db: sqlite3.Connection, database: Path) -> dict[str, Any]:
+    """What `tsmd status` shows: collections, torrents, the last run of each stage, sizes."""
+    now = int(time.time())
+    collections = [
+        {"name": name, "enabled": bool(enabled), "torrents": torrents, "bytes": size or 0,
+         "last_synced": last_synced, "last_error": last_error}
+        for name, enabled, torrents, size, last_synced, last_error in db.execute(
+            "SELECT c.name, c.enabled, count(t.id), sum(t.size_bytes), c.last_synced, "
+            "       c.last_error FROM collections c "
+            "LEFT JOIN memberships m ON m.collection_id = c.id AND m.removed IS NULL "
+            "LEFT JOIN torrents t ON t.id = m.torrent_id GROUP BY c.id ORDER BY c.name")]
+    listed = db.execute("SELECT count(DISTINCT torrent_id) FROM memberships "
+                        "WHERE removed IS NULL").fetchone()[0]
+    scraped = db.execute("SELECT count(DISTINCT torrent_id) FROM tracker_latest "
+                         "WHERE measured >= ?", (now - TRACKER_SAMPLE_FRESHNESS,)).fetchone()[0]
+    in_dht = db.execute("SELECT count(*) FROM dht_latest").fetchone()[0]
+    runs = {}
+    for stage in STATUS_STAGES:
+        row = db.execute("SELECT started, finished, outcome, counts, error FROM runs "
+                         "WHERE stage = ? ORDER BY id DESC LIMIT 1", (stage,)).fetchone()
+        if row:
+            started, finished, outcome, counts, error = row
+            runs[stage] = {"started": int(started), "seconds": None if finished is None else
+                           round(finished - started, 1), "outcome": outcome,
+                           "counts": json.loads(counts), "error": error}
+    files = [database, database.with_name(database.name + "-wal")]
+    return {"database": str(database),
+            "bytes": sum(f.stat().st_size for f in files if f.exists()),
+            "busy": DatabaseLock(database).held_by(),
+            "torrents": listed, "torrents_scraped": scraped, "torrents_in_dht": in_dht,
+            "dht_nodes": db.execute("SELECT count(*) FROM dht_nodes").fetchone()[0],
+            "collections": collections, "runs": runs}
+
+
+def render_status(status: dict[str, Any], console: Console) -> None:
+    from rich.table import Table
+
+    now = time.time()
+    console.print(f"database {status['database']}: {_human_size(status['bytes'])}, "
+                  f"{status['torrents']:,} torrents listed ({status['torrents_scraped']:,} with "
+                  f"fresh tracker numbers, {status['torrents_in_dht']:,} looked up in the DHT), "
+                  f"{status['dht_nodes']:,} DHT nodes cached", markup=False)
+    if status["busy"]:
+        console.print(f"busy: {status['busy']}", markup=False)
+    table = Table(title="collections", title_justify="left")
+    for column in ("name", "torrents", "size", "last synced", "last error"):
+        table.add_column(column, justify="right" if column in ("torrents", "size") else "left")
+    for c in status["collections"]:
+        table.add_row(escape_markup(c["name"]) + ("" if c["enabled"] else " (disabled)"),
+                      f"{c['torrents']:,}", _human_size(c["bytes"]), _ago(c["last_synced"], now),
+                      escape_markup(c["last_error"] or ""))
+    console.print(table)
+    table = Table(title="last runs", title_justify="left")
+    for column in ("stage", "started", "took", "outcome", "error"):
+        table.add_column(column)
+    for stage in STATUS_STAGES:
+        run = status["runs"].get(stage)
+        if run is None:
+            table.add_row(stage, "never", "", "", "")
+            continue
+        took = "" if run["seconds"] is None else f"{run['seconds']:.1f} s"
+        style = {"ok": "green", "partial": "yellow"}.get(run["outcome"], "red")
+        table.add_row(stage, _ago(run["started"], now), took,
+                      f"[{style}]{run['outcome']}[/{style}]", escape_markup(run["error"] or ""))
+    console.print(table)
 
 
 # ---- Command line ----
@@ -4439,6 +4928,7 @@ def sync(
         "--collection", "-c", metavar="NAME", help="Only this collection (repeatable).")] = None,
     revalidate: Annotated[bool, typer.Option(
         help="Re-check every known .torrent with a conditional request, however recent.")] = False,
+    wait: Annotated[bool, typer.Option(help=WAIT_OPTION_HELP)] = False,
 ) -> None:
     """Fetch every enabled collection's torrents into the database.
 
@@ -4453,11 +4943,8 @@ def sync(
         raise _fail("no enabled collections to sync: add [[collections]] to the configuration "
                     f"({settings.config_path or 'no config file given; see --config'})",
                     ExitCode.USAGE)
-    def judge(counts: SyncCounts) -> tuple[str, ExitCode]:
-        return ("partial", ExitCode.PARTIAL) if counts.failed else ("ok", ExitCode.OK)
-
-    run_stage_command(settings, reporter, "sync", run_sync, SyncCounts(len(chosen)), judge,
-                      collections=chosen, revalidate=revalidate)
+    run_stage_command(settings, reporter, "sync", run_sync, SyncCounts(len(chosen)), judge_sync,
+                      wait=wait, collections=chosen, revalidate=revalidate)
 
 
 def _duration_option(value: str | None, option: str) -> float | None:
@@ -4476,15 +4963,15 @@ def _infohash_options(values: Sequence[str]) -> list[str]:
         raise _fail(f"--infohash: {exc}", ExitCode.USAGE) from None
 
 
-def run_stage_command(settings: Settings, reporter: Reporter, stage: str, run: Any,
-                      no_counts: Any, judge: Any, *, with_run_id: bool = False,
-                      **arguments: Any) -> None:
-    """The part every stage command shares: record the run, run the stage (Ctrl-C and SIGTERM
-    commit what was done), record the outcome whatever happens, summarise, exit."""
-    db = _open_db(settings)
+def execute_stage(db: sqlite3.Connection, settings: Settings, reporter: Reporter, stage: str,
+                  run: Any, no_counts: Any, judge: Any, *, with_run_id: bool = False,
+                  **arguments: Any) -> ExitCode:
+    """What every stage shares: record the run, run the stage (Ctrl-C and SIGTERM commit what
+    was done), record the outcome whatever happens, summarise. A TsmdError is re-raised once
+    its run is recorded as failed."""
     run_id = start_run(db, stage)
     started = time.monotonic()
-    counts, outcome, error = no_counts, "failed", None
+    counts, outcome, error, code = no_counts, "failed", None, ExitCode.PARTIAL
     try:
         if with_run_id:
             arguments["run_id"] = run_id
@@ -4493,7 +4980,7 @@ def run_stage_command(settings: Settings, reporter: Reporter, stage: str, run: A
         outcome, code = ("interrupted", ExitCode.INTERRUPTED) if interrupted else judge(counts)
     except TsmdError as exc:
         error = str(exc)
-        raise _fail(error, exc.exit_code) from None
+        raise
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
         raise
@@ -4501,10 +4988,62 @@ def run_stage_command(settings: Settings, reporter: Reporter, stage: str, run: A
         finish_run(db, run_id, outcome, dataclasses.asdict(counts), error)
         if stage == "scrape":
             summarize_scrape_runs(db)  # now, so that the next report need not
-        db.close()
+        reporter.flush_problems()
     reporter.info(f"{stage} {outcome}: {counts.summary()} in {time.monotonic() - started:.1f} s")
+    return code
+
+
+@contextlib.contextmanager
+def writing_database(settings: Settings, wait: bool, holder: str) -> Iterator[sqlite3.Connection]:
+    """The database lock, then the database, with the runs of a tsmd that died closed."""
+    lock = DatabaseLock(settings.database)
+    try:
+        lock.acquire(wait, holder)
+    except TsmdError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    with lock:
+        db = _open_db(settings)
+        try:
+            close_orphaned_runs(db)
+            yield db
+        finally:
+            db.close()
+
+
+def run_stage_command(settings: Settings, reporter: Reporter, stage: str, run: Any,
+                      no_counts: Any, judge: Any, *, wait: bool, with_run_id: bool = False,
+                      **arguments: Any) -> None:
+    """One stage as its own command: under the database lock, exiting with the stage's code."""
+    with writing_database(settings, wait, f"tsmd {stage}") as db:
+        try:
+            code = execute_stage(db, settings, reporter, stage, run, no_counts, judge,
+                                 with_run_id=with_run_id, **arguments)
+        except TsmdError as exc:
+            raise _fail(str(exc), exc.exit_code) from None
     if code:
         raise typer.Exit(int(code))
+
+
+def judge_sync(counts: SyncCounts) -> tuple[str, ExitCode]:
+    return ("partial", ExitCode.PARTIAL) if counts.failed else ("ok", ExitCode.OK)
+
+
+def judge_dht(counts: DhtCounters) -> tuple[str, ExitCode]:
+    return "ok", ExitCode.OK
+
+
+def scrape_judge(reporter: Reporter) -> Any:
+    def judge(counts: ScrapeRunCounts) -> tuple[str, ExitCode]:
+        # Dead trackers are everyday life; a run in which no tracker answered at all is not.
+        if counts.trackers and not counts.hashes_answered:
+            reporter.problem("no tracker answered: is the network down?")
+            return "failed", ExitCode.PARTIAL
+        return ("partial" if counts.trackers_failed else "ok"), ExitCode.OK
+    return judge
+
+
+WAIT_OPTION_HELP: Final = ("If another tsmd is writing to the database, wait for it instead of "
+                           f"exiting with code {int(ExitCode.BUSY)}.")
 
 
 @app.command()
@@ -4526,6 +5065,7 @@ def dht(
         metavar="ADDR:PORT", help="Local ADDR:PORT of the UDP socket (default: [dht].bind).")] = None,
     stale_after: Annotated[Optional[str], typer.Option(
         "--stale-after", metavar="DURATION", help="Skip torrents with a DHT sample newer than this, e.g. 12h.")] = None,
+    wait: Annotated[bool, typer.Option(help=WAIT_OPTION_HELP)] = False,
 ) -> None:
     """Count each torrent's peers in the BitTorrent DHT (BEP 5), with BEP 33 estimates.
 
@@ -4542,8 +5082,8 @@ def dht(
         raise _fail(f"dht: {exc}", ExitCode.USAGE) from None
     except TsmdError as exc:
         raise _fail(str(exc), exc.exit_code) from None
-    run_stage_command(settings, reporter, "dht", run_dht, DhtCounters(),
-                      lambda counts: ("ok", ExitCode.OK), with_run_id=True, collections=chosen,
+    run_stage_command(settings, reporter, "dht", run_dht, DhtCounters(), judge_dht, wait=wait,
+                      with_run_id=True, collections=chosen,
                       infohashes=hashes, stale_after=stale,
                       options=dht_options(settings, concurrency, rate), bootstrap=bootstrap,
                       bind=bind)
@@ -4562,6 +5102,7 @@ def scrape(
     stale_after: Annotated[Optional[str], typer.Option(
         "--stale-after", metavar="DURATION", help="Skip torrents with a tracker sample newer than this, e.g. 6h.")
     ] = None,
+    wait: Annotated[bool, typer.Option(help=WAIT_OPTION_HELP)] = False,
 ) -> None:
     """Ask every tracker of every torrent for seeders, leechers and completed downloads.
 
@@ -4577,16 +5118,9 @@ def scrape(
         chosen = select_collections(settings, collection or [])
     except TsmdError as exc:
         raise _fail(str(exc), exc.exit_code) from None
-    def judge(counts: ScrapeRunCounts) -> tuple[str, ExitCode]:
-        # Dead trackers are everyday life; a run in which no tracker answered at all is not.
-        if counts.trackers and not counts.hashes_answered:
-            reporter.problem("no tracker answered: is the network down?")
-            return "failed", ExitCode.PARTIAL
-        return ("partial" if counts.trackers_failed else "ok"), ExitCode.OK
-
-    run_stage_command(settings, reporter, "scrape", run_scrape, ScrapeRunCounts(), judge,
-                      with_run_id=True, collections=chosen, infohashes=hashes,
-                      only_trackers=tracker or [], stale_after=stale)
+    run_stage_command(settings, reporter, "scrape", run_scrape, ScrapeRunCounts(),
+                      scrape_judge(reporter), wait=wait, with_run_id=True, collections=chosen,
+                      infohashes=hashes, only_trackers=tracker or [], stale_after=stale)
 
 
 @app.command()
@@ -4645,22 +5179,19 @@ def report(
                     ExitCode.USAGE)
     if sort not in REPORT_SORTS:
         raise _fail(f"unknown sort '{sort}' (known: {', '.join(REPORT_SORTS)})", ExitCode.USAGE)
+    if chosen_format == "table" and output is not None:
+        raise _fail("--format table is for the terminal; use csv or json for a file",
+                    ExitCode.USAGE)
     db = _open_db(settings)
-    rows = select_report_rows(load_report_rows(db, collection or []), sort, limit, max_seeders)
-    trends = load_trends(db) if chosen_format == "html" else {}
-    db.close()
-    if chosen_format == "table":
-        if output is not None:
-            raise _fail("--format table is for the terminal; use csv or json for a file",
-                        ExitCode.USAGE)
-        render_table(rows, Console(highlight=False))
-        return
-    if chosen_format == "html":
-        text = render_html(rows, trends)
-    elif chosen_format == "prometheus":
-        text = render_prometheus(rows, per_torrent)
-    else:
-        text = REPORT_RENDERERS[chosen_format](rows)
+    try:
+        rows = select_report_rows(load_report_rows(db, collection or []), sort, limit,
+                                  max_seeders)
+        if chosen_format == "table":
+            render_table(rows, Console(highlight=False))
+            return
+        text = render_report(db, rows, chosen_format, per_torrent)
+    finally:
+        db.close()
     if output is None:
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -4670,6 +5201,305 @@ def report(
         except TsmdError as exc:
             raise _fail(str(exc), exc.exit_code) from None
         reporter.info(f"report: {len(rows)} torrents written to {output}")
+
+
+@app.command("run")
+def run_command(
+    ctx: typer.Context,
+    collection: Annotated[Optional[list[str]], typer.Option(
+        "--collection", "-c", metavar="NAME", help="Only this collection (repeatable).")] = None,
+    wait: Annotated[bool, typer.Option(help=WAIT_OPTION_HELP)] = False,
+) -> None:
+    """The whole pipeline, for cron: sync, dht, scrape, then the reports of [report].outputs
+    and the [retention] clean-up. A stage that fails does not stop the next ones.
+
+    Exit codes: 0 all went well; 1 some items or a stage failed (the rest was done); 2 usage
+    or configuration; 3 database; 75 another tsmd is writing to the database (try later, or
+    --wait); 130 interrupted (what was measured is kept).
+
+    Example (crontab): 17 3 * * * tsmd --config /etc/tsmd.toml -q run
+    """
+    settings, reporter = _load(ctx)
+    try:
+        chosen = select_collections(settings, collection or [])
+    except TsmdError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    if not chosen:
+        raise _fail("no enabled collections to run: add [[collections]] to the configuration "
+                    f"({settings.config_path or 'no config file given; see --config'})",
+                    ExitCode.USAGE)
+    stages = [
+        ("sync", run_sync, SyncCounts(len(chosen)), judge_sync, {
+            "collections": chosen}),
+        ("dht", run_dht, DhtCounters(), judge_dht, {
+            "collections": chosen, "with_run_id": True}),
+        ("scrape", run_scrape, ScrapeRunCounts(), scrape_judge(reporter), {
+            "collections": chosen, "with_run_id": True}),
+        ("report", publish_reports, PublishCounts(), judge_publish, {}),
+        ("prune", apply_retention, PruneCounts(), lambda counts: ("ok", ExitCode.OK), {}),
+    ]
+    started = time.monotonic()
+    worst = ExitCode.OK
+    with writing_database(settings, wait, "tsmd run") as db:
+        run_id = start_run(db, "run")
+        outcome, error = "failed", None
+        try:
+            for stage, function, no_counts, judge, arguments in stages:
+                try:
+                    code = execute_stage(db, settings, reporter, stage, function, no_counts,
+                                         judge, **arguments)
+                except DatabaseError:
+                    raise
+                except TsmdError as exc:  # recorded as that stage's failure; go on
+                    reporter.problem(f"{stage}: {exc}")
+                    code = ExitCode.PARTIAL
+                worst = max(worst, code)
+                if code == ExitCode.INTERRUPTED:
+                    break
+            outcome = {ExitCode.OK: "ok", ExitCode.INTERRUPTED: "interrupted"}.get(
+                worst, "partial")
+        except TsmdError as exc:
+            error = str(exc)
+            raise _fail(error, exc.exit_code) from None
+        finally:
+            finish_run(db, run_id, outcome, {"exit_code": int(worst)}, error)
+    reporter.info(f"run {outcome} in {time.monotonic() - started:.1f} s")
+    if worst:
+        raise typer.Exit(int(worst))
+
+
+PICK_FORMATS: Final = ("magnets", "urls", "json")
+
+
+@app.command()
+def pick(
+    ctx: typer.Context,
+    budget: Annotated[str, typer.Option(
+        "--budget", "-b", metavar="SIZE", help="Disk space to fill, e.g. 500GB, 2TB or 1.5TiB.")],
+    collection: Annotated[Optional[list[str]], typer.Option(
+        "--collection", "-c", metavar="NAME", help="Only torrents of this collection (repeatable).")] = None,
+    format: Annotated[str, typer.Option(
+        "--format", "-f", metavar="FORMAT", help="magnets (one per line), urls (the .torrent "
+        "URL, or the magnet when there is none) or json.")] = "magnets",
+    spread: Annotated[float, typer.Option(
+        min=0.0, max=0.9, help="Random spread of the need score (0.2: ±20 %), so that "
+                               "volunteers do not all pick the same torrents.")] = 0.2,
+    seed: Annotated[Optional[int], typer.Option(
+        help="Seed of the spread, for a list that can be made again.")] = None,
+    max_seeders: Annotated[Optional[int], typer.Option(
+        min=0, metavar="N", help="Only torrents measured with at most this many seeders.")] = None,
+) -> None:
+    """What to seed with the disk space you have: the neediest torrents first, up to --budget.
+
+    Example: tsmd pick --budget 2TB --format urls > to-seed.txt
+    """
+    settings, reporter = _load(ctx)
+    if format not in PICK_FORMATS:
+        raise _fail(f"unknown format '{format}' (known: {', '.join(PICK_FORMATS)})",
+                    ExitCode.USAGE)
+    try:
+        space = parse_size(budget)
+    except ValueError as exc:
+        raise _fail(f"--budget: {exc}", ExitCode.USAGE) from None
+    db = _open_db(settings)
+    try:
+        rows = select_report_rows(load_report_rows(db, collection or []), "need", None,
+                                  max_seeders)
+    finally:
+        db.close()
+    chosen = pick_torrents(rows, space, spread, random.Random(seed))
+    if format == "json":
+        fields = ("infohash", "name", "collection", "size_bytes", "seeders", "leechers", "need",
+                  "band", "link", "magnet")
+        sys.stdout.write(json.dumps([{name: getattr(row, name) for name in fields}
+                                     for row in chosen], indent=1, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write("".join((row.magnet if format == "magnets" else row.link) + "\n"
+                                 for row in chosen))
+    sys.stdout.flush()
+    unweighed = sum(1 for row in rows if row.need is None or row.size_bytes <= 0)
+    total = sum(row.size_bytes for row in chosen)
+    reporter.info(f"picked {len(chosen)} torrents, {_human_size(total)} of "
+                  f"{_human_size(space)}" + (f"; {unweighed} torrents not measured yet (or of "
+                                             "unknown size) were left out" if unweighed else ""))
+    if not chosen:
+        raise _fail("nothing picked: no measured torrent fits the budget (run tsmd scrape?)",
+                    ExitCode.PARTIAL)
+
+
+def _read_node_cache(database: Path) -> NodeCache:
+    """The warm node cache of an existing database, read only: `check` writes nothing."""
+    if not database.is_file():
+        return NodeCache()
+    try:
+        db = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True,
+                             timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+        try:
+            return load_node_cache(db, time.time())
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return NodeCache()  # an old or damaged database: bootstrap from the routers
+
+
+def render_check(result: CheckResult, console: Console) -> None:
+    from rich.table import Table
+
+    unknown = "[dim]-[/dim]"
+    band = seeder_band(result.seeders).value
+    style = {"red": "red", "yellow": "yellow", "green": "green"}.get(band, "dim")
+    console.print(f"{escape_markup(result.name or '(no name)')}  {result.infohash}  "
+                  f"{_human_size(result.size_bytes)}: [{style}]{band}[/{style}], "
+                  f"{result.seeders if result.seeders >= 0 else 'unknown'} seeders")
+    table = Table(title_justify="left")
+    for column in ("source", "seeders", "leechers", "completed", "note"):
+        table.add_column(column, justify="left" if column in ("source", "note") else "right")
+
+    def number(value: float | int | None) -> str:
+        return unknown if value is None or value < 0 else f"{value:,.0f}"
+
+    for check in result.trackers:
+        note = escape_markup(check.error) if check.error else (
+            f"{check.rtt_ms:.0f} ms" if check.rtt_ms is not None else "")
+        table.add_row(escape_markup(check.url), number(check.seeders), number(check.leechers),
+                      number(check.completed), note)
+    if result.dht_peers >= 0 or result.dht_error:
+        note = escape_markup(result.dht_error) if result.dht_error else (
+            f"{result.dht_peers} peers from {result.dht_nodes_answered} nodes; BEP 33 estimates")
+        table.add_row("DHT", number(result.dht_seeds_estimate),
+                      number(result.dht_peers_estimate), unknown, note)
+    console.print(table)
+
+
+@app.command()
+def check(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Argument(
+        metavar="TARGET", help="A magnet link, an infohash, a .torrent file or its URL.")],
+    format: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT",
+                                        help="table or json.")] = "table",
+    tracker: Annotated[Optional[list[str]], typer.Option(
+        "--tracker", metavar="URL", help="Ask only this tracker (repeatable); by default the "
+        "torrent's own trackers and [scrape].trackers.")] = None,
+    bootstrap: Annotated[Optional[list[str]], typer.Option(
+        "--bootstrap", metavar="HOST:PORT", help="HOST:PORT of a bootstrap node (repeatable; replaces [dht].bootstrap)."
+    )] = None,
+    dht: Annotated[bool, typer.Option(help="Look the torrent up in the DHT.")] = True,
+) -> None:
+    """Measure one torrent now, from its trackers and the DHT; no collection needed.
+
+    Example: tsmd check 'magnet:?xt=urn:btih:...'
+    """
+    settings, reporter = _load(ctx)
+    if format not in ("table", "json"):
+        raise _fail(f"unknown format '{format}' (known: table, json)", ExitCode.USAGE)
+    bad = [t for t in tracker or [] if normalise_tracker_url(t) is None]
+    if bad:
+        raise _fail(f"--tracker: not a udp/http/https tracker URL: {bad[0]!r}", ExitCode.USAGE)
+    try:
+        for value in bootstrap or []:
+            split_host_port(value)
+    except ValueError as exc:
+        raise _fail(f"--bootstrap: {exc}", ExitCode.USAGE) from None
+    try:
+        meta = trio.run(load_check_target, target, settings)
+    except TsmdError as exc:
+        raise _fail(f"check: {exc}", ExitCode.USAGE if isinstance(exc, ProtocolError)
+                    else exc.exit_code) from None
+    if tracker:
+        urls = [normalise_tracker_url(t) for t in tracker]
+    else:
+        urls = [t.url for t in meta.trackers] + [
+            normalise_tracker_url(t) for t in settings.scrape.trackers]
+    urls = list(dict.fromkeys(url for url in urls if url))
+    if not urls and not dht:
+        raise _fail("nothing to ask: the torrent names no tracker and --no-dht was given",
+                    ExitCode.USAGE)
+    cache = _read_node_cache(settings.database) if dht else NodeCache()
+    result, interrupted = run_interruptible(
+        check_torrent, meta, settings, reporter, trackers=urls, bootstrap=bootstrap,
+        cache=cache, use_dht=dht)
+    if interrupted:
+        raise typer.Exit(int(ExitCode.INTERRUPTED))
+    if format == "json":
+        sys.stdout.write(json.dumps(result.as_dict(), indent=1, ensure_ascii=False) + "\n")
+    else:
+        render_check(result, Console(highlight=False))
+    answered = result.dht_nodes_answered or any(t.error is None for t in result.trackers)
+    if not answered:
+        raise _fail("no tracker and no DHT node answered", ExitCode.PARTIAL)
+
+
+@app.command()
+def prune(
+    ctx: typer.Context,
+    older_than: Annotated[Optional[str], typer.Option(
+        "--older-than", metavar="DURATION", help="Delete tracker and DHT samples older than "
+        "this, e.g. 180d (default: [retention].samples).")] = None,
+    nodes_older_than: Annotated[Optional[str], typer.Option(
+        "--nodes-older-than", metavar="DURATION", help="Delete DHT nodes not seen for this long "
+        "(default: [retention].nodes).")] = None,
+    vacuum: Annotated[bool, typer.Option(
+        help="Then give the freed space back to the file system (rewrites the database).")
+    ] = False,
+    wait: Annotated[bool, typer.Option(help=WAIT_OPTION_HELP)] = False,
+) -> None:
+    """Delete old samples and DHT nodes; `tsmd run` does the same with [retention].
+
+    Example: tsmd prune --older-than 180d --vacuum
+    """
+    settings, reporter = _load(ctx)
+    samples = _duration_option(older_than, "--older-than")
+    nodes = _duration_option(nodes_older_than, "--nodes-older-than")
+    if samples is not None and samples < FULL_HISTORY:
+        raise _fail(f"--older-than: keep at least {FULL_HISTORY // DAY} days of samples (the "
+                    "week's change reads them)", ExitCode.USAGE)
+    if samples is None and nodes is None and not (settings.retention.samples or
+                                                  settings.retention.nodes):
+        raise _fail("nothing to prune: [retention] keeps everything and no --older-than given",
+                    ExitCode.USAGE)
+    with writing_database(settings, wait, "tsmd prune") as db:
+        try:
+            code = execute_stage(db, settings, reporter, "prune", apply_retention, PruneCounts(),
+                                 lambda counts: ("ok", ExitCode.OK), samples=samples, nodes=nodes)
+            if vacuum and not code:
+                before = settings.database.stat().st_size
+                db.execute("VACUUM")
+                reporter.info(f"vacuum: {_human_size(before)} -> "
+                              f"{_human_size(settings.database.stat().st_size)}")
+        except TsmdError as exc:
+            raise _fail(str(exc), exc.exit_code) from None
+        except sqlite3.Error as exc:
+            raise _fail(f"prune: {exc}", ExitCode.DATABASE) from None
+    if code:
+        raise typer.Exit(int(code))
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    format: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT",
+                                        help="table or json.")] = "table",
+) -> None:
+    """Collections, torrents, the last run of each stage with its outcome, database size.
+
+    Example: tsmd status --format json
+    """
+    settings, _ = _load(ctx)
+    if format not in ("table", "json"):
+        raise _fail(f"unknown format '{format}' (known: table, json)", ExitCode.USAGE)
+    if not settings.database.is_file():
+        raise _fail(f"no database at {settings.database} yet: run tsmd sync (or tsmd run)",
+                    ExitCode.DATABASE)
+    db = _open_db(settings)
+    try:
+        result = load_status(db, settings.database)
+    finally:
+        db.close()
+    if format == "json":
+        sys.stdout.write(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    else:
+        render_status(result, Console(highlight=False))
 
 
 if __name__ == "__main__":
