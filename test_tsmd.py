@@ -11,6 +11,7 @@ import signal
 import ipaddress
 import json
 import os
+import random
 import re
 import shlex
 import socket
@@ -2709,3 +2710,157 @@ def test_sigkill_in_any_stage_loses_nothing_and_the_next_run_continues(tmp_path,
         assert len(feed) == len(world.hashes) + (stage == "sync")
     finally:
         world.stop()
+
+
+def pick_rows(count: int, seeders: Any = lambda n: -1 if n % 13 == 0 else n % 25) -> list:
+    rows = []
+    for n in range(count):
+        infohash = f"{n:040x}"
+        rows.append(tsmd.ReportRow(
+            infohash=infohash, name=f"r_{n}", torrent_name=None, link=f"http://x/r_{n}.torrent",
+            magnet=tsmd.magnet_uri(infohash), collection="c", type="books",
+            size_bytes=-1 if n % 17 == 0 else 1_000 * (1 + n % 7), file_count=1,
+            created_unix=1, seeders=seeders(n), leechers=n % 3,
+            completed=0, scraped_date=1, tracker=None, dht_peers=-1, dht_scraped=-1,
+            dht_seeds_estimate=-1, dht_peers_estimate=-1))
+    return tsmd.add_health(rows, {})
+
+
+def test_pick_fills_the_budget_neediest_first_with_a_bounded_spread():
+    rows = pick_rows(400)
+    weighable = [r for r in rows if r.need is not None and r.size_bytes > 0]
+    exact = tsmd.pick_torrents(rows, 50_000, 0.0, random.Random(1))
+    assert sum(r.size_bytes for r in exact) <= 50_000
+    # No spread: greedy in need order (equal needs in random order), and nothing needier left
+    # out that would still have fitted.
+    assert [r.need for r in exact] == sorted(r.need for r in exact)
+    left = 50_000 - sum(r.size_bytes for r in exact)
+    assert not [r for r in weighable if r not in exact and r.need < exact[-1].need
+                and r.size_bytes <= left]
+    assert all(r.need is not None and r.size_bytes > 0 for r in exact)
+    # Many torrents of similar need (5 to 7 seeders): the spread reorders them.
+    rows = pick_rows(400, seeders=lambda n: 5 + n % 3)
+    weighable = [r for r in rows if r.need is not None and r.size_bytes > 0]
+    picks = [tsmd.pick_torrents(rows, 50_000, 0.2, random.Random(seed)) for seed in range(8)]
+    for chosen in picks:
+        assert sum(r.size_bytes for r in chosen) <= 50_000
+        # ±20 %: a torrent never jumps ahead of one needing it more than 1.5 times as much.
+        worst_picked = max(r.need for r in chosen)
+        assert all(r in chosen or r.size_bytes > 50_000 - sum(c.size_bytes for c in chosen)
+                   for r in weighable if r.need < worst_picked / 1.5 * 0.999)
+    # Volunteers spread out: the lists differ, and each is nearly as needy as the exact one.
+    sets = [{r.infohash for r in chosen} for chosen in picks]
+    assert len({frozenset(s) for s in sets}) == len(sets)
+    best = tsmd.pick_torrents(rows, 50_000, 0.0, random.Random(1))
+    for chosen in picks:
+        assert max(r.need for r in chosen) <= 1.5 * max(r.need for r in best)
+    assert tsmd.pick_torrents(rows, 0, 0.2, random.Random(1)) == []
+
+
+def test_cli_pick_formats(tmp_path):
+    config, hashes = history_config(tmp_path)
+    done = cli("--config", str(config), "pick", "--budget", "5kB", "--format", "json",
+               "--seed", "3", "--spread", "0")
+    assert done.returncode == 0, done.stderr
+    picked = json.loads(done.stdout)
+    # history_db: dying (4 kB, need 0.45) then rescued (2 kB) would overflow; falling (1 kB)
+    # fits; the never-measured torrent is left out.
+    assert [item["infohash"] for item in picked] == [hashes[1].hex(), hashes[0].hex()]
+    assert "picked 2 torrents, 5.0 kB of 5.0 kB" in done.stderr
+    assert "1 torrents not measured yet" in done.stderr
+    done = cli("--config", str(config), "pick", "-b", "1TB")
+    assert done.returncode == 0 and all(line.startswith("magnet:?xt=urn:btih:")
+                                        for line in done.stdout.splitlines())
+    assert len(done.stdout.splitlines()) == 3
+    done = cli("--config", str(config), "pick", "-b", "1TB", "-f", "urls")
+    assert sorted(done.stdout.splitlines())[0].startswith(("http", "magnet:"))
+    done = cli("--config", str(config), "pick", "--budget", "lots")
+    assert done.returncode == tsmd.ExitCode.USAGE and "--budget" in done.stderr
+    done = cli("--config", str(config), "pick", "--budget", "10B")
+    assert done.returncode == tsmd.ExitCode.PARTIAL and "nothing picked" in done.stderr
+
+
+def test_check_measures_one_torrent_given_in_any_form(world, tmp_path):
+    config = world.config()
+    n = 4  # announced in the DHT by two nodes, and on the tracker: 4 seeders, 1 leecher
+    infohash = world.hashes[n]
+    path = tmp_path / "one.torrent"
+    path.write_bytes(world.torrents[f"r_{n}.torrent"])
+    targets = [tsmd.magnet_uri(infohash.hex(), "book4", [world.announce]), str(path),
+               world.server.url(f"/world/r_{n}.torrent"), path.as_uri()]
+    for target in targets:
+        done = cli("--config", str(config), "check", target, "--format", "json")
+        assert done.returncode == 0, (target, done.stderr)
+        result = json.loads(done.stdout)
+        assert result["infohash"] == infohash.hex()
+        assert (result["seeders"], result["leechers"]) == world.swarms[infohash][:2]
+        assert result["trackers"][0]["url"] == world.announce
+        assert result["trackers"][0]["completed"] == world.swarms[infohash][2]
+        assert result["dht_peers"] == len(world.dht_expected[infohash])
+        assert result["band"] == "yellow"
+    # A bare infohash names no tracker: the DHT alone, or the trackers asked for.
+    done = cli("--config", str(config), "check", infohash.hex(), "-f", "json")
+    result = json.loads(done.stdout)
+    assert done.returncode == 0 and result["trackers"] == [] and result["dht_peers"] == 2
+    done = cli("--config", str(config), "check", infohash.hex(), "--tracker", world.announce,
+               "--no-dht", env={"COLUMNS": "160"})
+    assert done.returncode == 0 and world.announce in done.stdout and "yellow" in done.stdout
+    # A torrent the tracker never saw: it answers zeros, which is a measurement.
+    unknown = hashlib.sha1(b"nobody has this").hexdigest()
+    done = cli("--config", str(config), "check", unknown, "--no-dht", "--tracker",
+               world.announce, "-f", "json")
+    assert done.returncode == 0 and json.loads(done.stdout)["seeders"] == 0
+    # Not measurable at all: nothing answers, said so, exit 1; nonsense is a usage error.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        quiet_tracker = f"udp://127.0.0.1:{silent.getsockname()[1]}/announce"
+        done = cli("--config", str(config), "check", unknown, "--no-dht", "--tracker",
+                   quiet_tracker, "-f", "json")
+    assert done.returncode == tsmd.ExitCode.PARTIAL and "no tracker" in done.stderr
+    assert json.loads(done.stdout)["trackers"][0]["error"]
+    for bad in ("not-a-target", "magnet:?xt=urn:btih:zz", str(tmp_path / "missing.torrent")):
+        done = cli("--config", str(config), "check", bad)
+        assert done.returncode == tsmd.ExitCode.USAGE and "check:" in done.stderr
+    (tmp_path / "junk.torrent").write_bytes(b"d4:infoi3e" * 10)
+    done = cli("--config", str(config), "check", str(tmp_path / "junk.torrent"))
+    assert done.returncode == tsmd.ExitCode.USAGE and "Traceback" not in done.stderr
+
+
+def test_prune_keeps_what_it_should(tmp_path):
+    db, hashes = history_db(tmp_path)
+    now = int(time.time())
+    with tsmd.Transaction(db):
+        old_run = db.execute("INSERT INTO runs (stage, started, finished, outcome) VALUES "
+                             "('scrape', ?, ?, 'ok')", (now - 100 * 86400, now - 100 * 86400 + 60)
+                             ).lastrowid
+        db.execute("INSERT INTO tracker_samples VALUES (1, 1, ?, ?, 50, 1, 1)",
+                   (old_run, now - 100 * 86400 + 30))
+        db.execute("INSERT INTO dht_samples VALUES (1, NULL, ?, 5, NULL, NULL, 8)",
+                   (now - 100 * 86400,))
+        db.execute("INSERT INTO dht_samples VALUES (2, NULL, ?, 7, NULL, NULL, 8)",
+                   (now - 100 * 86400,))
+        db.executemany("INSERT INTO dht_nodes VALUES (?, ?, 6881, ?, 0)",
+                       [(b"a" * 20, "127.0.0.9", now - 40 * 86400), (b"b" * 20, "127.0.0.8", now)])
+    before_rows = {row.infohash: row for row in tsmd.load_report_rows(db)}
+    samples_before = db.execute("SELECT count(*) FROM tracker_samples").fetchone()[0]
+    db.close()
+    config = write_config(tmp_path, ONE_COLLECTION_CONFIG)
+    done = cli("--config", str(config), "prune", "--older-than", "2d")
+    assert done.returncode == tsmd.ExitCode.USAGE and "at least 8 days" in done.stderr
+    done = cli("--config", str(config), "prune", "--older-than", "30d", "--vacuum")
+    assert done.returncode == 0, done.stderr
+    assert "1 tracker samples, 2 DHT samples, 1 DHT nodes and 1 runs deleted" in done.stderr
+    db = tsmd.open_database(tmp_path / "tsmd.sqlite3")
+    assert db.execute("SELECT count(*) FROM tracker_samples").fetchone()[0] == samples_before - 1
+    assert db.execute("SELECT count(*) FROM tracker_samples WHERE measured < ?",
+                      (now - 30 * 86400,)).fetchone()[0] == 0
+    assert [row[0] for row in db.execute("SELECT host FROM dht_nodes")] == ["127.0.0.8"]
+    assert db.execute("SELECT count(*) FROM dht_latest").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM runs WHERE id = ?", (old_run,)).fetchone()[0] == 0
+    # The last month is untouched: the same report, changes and trends included.
+    after_rows = {row.infohash: row for row in tsmd.load_report_rows(db)}
+    assert {h: tsmd.dataclasses.replace(r, dht_peers=-1, dht_scraped=-1)
+            for h, r in before_rows.items()} == after_rows
+    status = json.loads(cli("--config", str(config), "status", "--format", "json").stdout)
+    assert status["runs"]["prune"]["outcome"] == "ok"
+    assert status["runs"]["prune"]["counts"]["tracker_samples"] == 1

@@ -4192,11 +4192,12 @@ def pick_torrents(rows: Sequence[ReportRow], budget: int, spread: float,
     """What a volunteer with `budget` bytes should seed: neediest first, greedily, every torrent
     that still fits. Each need is scaled by a random factor within ±`spread` first, so that
     volunteers running this at once do not all pick the same torrents. Torrents not measured
-    yet, or of unknown size, cannot be weighed and are left out."""
-    weighed = [(row.need * chooser.uniform(1 - spread, 1 + spread), index)
+    yet, or of unknown size, cannot be weighed and are left out. Equal weights (the dead
+    torrents, all at need 0) come in random order, for the same reason."""
+    weighed = [(row.need * chooser.uniform(1 - spread, 1 + spread), chooser.random(), index)
                for index, row in enumerate(rows) if row.need is not None and row.size_bytes > 0]
     chosen, left = [], budget
-    for _, index in sorted(weighed):
+    for _, _, index in sorted(weighed):
         if rows[index].size_bytes <= left:
             chosen.append(rows[index])
             left -= rows[index].size_bytes
