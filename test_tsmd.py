@@ -2466,10 +2466,20 @@ def test_cli_report_html(tmp_path):
     assert done.returncode == 0, done.stderr
     text = page.read_text()
     assert "t_0.torrent" in text and '"t_1.torrent"' in text
-    trend = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>',
-                                 text, re.S).group(1))
-    assert [row[-1] for row in trend if row[0] == "t_0.torrent"] == [
+    tracker_lists, data = json.loads(re.search(
+        r'<script type="application/json" id="data">(.*?)</script>', text, re.S).group(1))
+    assert [row[-1] for row in data if row[0] == "t_0.torrent"] == [
         "30,28,25,20,15,12,11,10,9"]  # seeders at the end of each day, for the sparkline
+    assert len(tracker_lists) == 2  # none, and the one list all four torrents share
+    # The page puts each magnet back together exactly, trackers included.
+    db = sqlite3.connect(tmp_path / "tsmd.sqlite3")
+    expected = {tsmd.magnet_uri(infohash, name, ["udp://a.example:1/announce",
+                                                 "udp://b.example:1/announce"])
+                for infohash, name in db.execute("SELECT infohash, name FROM torrents")}
+    dom = chromium_dom(page, "")
+    hrefs = {html.unescape(href) for href in re.findall(r'href="(magnet:[^"]*)"', dom)}
+    assert hrefs == expected and len(hrefs) == 4
+    assert 'id="data"' not in dom  # the data's text is dropped once parsed
 
 
 # ---- Unattended and ad hoc use: run, pick, check, prune, status ----
