@@ -39,18 +39,23 @@ import bencoder
 HERE = Path(__file__).resolve().parent
 
 
-def make_torrent(number: int, files: int) -> bytes:
+def make_info(number: int, files: int) -> dict:
     piece_length = 4 * 1024 * 1024
     sizes = [1_000_000 + 37 * ((number * 7919 + i) % 100_000) for i in range(files)]
     pieces = hashlib.sha1(str(number).encode()).digest() * max(1, -(-sum(sizes) // piece_length))
-    info = {b"name": f"{number:05d}".encode(), b"piece length": piece_length, b"pieces": pieces,
+    return {b"name": f"{number:05d}".encode(), b"piece length": piece_length, b"pieces": pieces,
             b"files": [{b"length": size, b"path": [f"{number * 1000 + i}".encode()]}
                        for i, size in enumerate(sizes)]}
+
+
+def make_torrent(number: int, files: int,
+                 trackers: tuple[str, ...] = ("udp://tracker.example.org:1337/announce",
+                                              "http://tracker.example.net/announce")) -> bytes:
     return bencoder.bencode({
-        b"announce": b"udp://tracker.example.org:1337/announce",
-        b"announce-list": [[b"udp://tracker.example.org:1337/announce"],
-                           [b"http://tracker.example.net/announce"]],
-        b"creation date": 1_500_000_000 + number, b"created by": b"bench_tsmd", b"info": info})
+        b"announce": trackers[0].encode(),
+        b"announce-list": [[url.encode()] for url in trackers],
+        b"creation date": 1_500_000_000 + number, b"created by": b"bench_tsmd",
+        b"info": make_info(number, files)})
 
 
 def serve(files_dir: str, port_queue: multiprocessing.Queue, requests, stop) -> None:
@@ -644,6 +649,117 @@ def bench_report(torrents: int, days: int) -> None:
                   f"{rows} rows drawn" + (f"; since navigation: {inside}" if inside else ""))
 
 
+def serve_run_dht(hashes: list[bytes], nodes: int, ports: multiprocessing.Queue, stop) -> None:
+    """A simulated DHT in its own process, where every other torrent of the run bench has a
+    swarm of one to three peers, until `stop` is set."""
+    import trio
+
+    from test_tsmd import FakeDhtNetwork
+
+    swarms = {infohash: {(f"127.{200 + p}.{(n // 250) % 250}.{n % 250 + 1}", 6881 + p, p == 0)
+                         for p in range(1 + n % 3)}
+              for n, infohash in enumerate(hashes) if n % 2 == 0}
+    network = FakeDhtNetwork(nodes, swarms)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(network.serve)
+            ports.put(network.bootstrap)
+            while not stop.is_set():
+                await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def bench_run(torrents: int, dht_nodes: int) -> None:
+    """`tsmd -q run` as cron runs it, over a whole collection on loopback peers: a served index of
+    .torrent files, a real opentracker that knows every swarm, a simulated DHT."""
+    import sqlite3
+
+    from test_tsmd import OpenTracker, populate_opentracker
+
+    hashes = [hashlib.sha1(bencoder.bencode(make_info(n, 10))).digest() for n in range(torrents)]
+    swarms = {h: (n % 4, n % 3, n % 4) for n, h in enumerate(hashes) if n % 5}
+    with tempfile.TemporaryDirectory(prefix="tsmd-bench-") as tmp:
+        root = Path(tmp)
+        tracker = OpenTracker(root / "opentracker", hashes)
+        stop = multiprocessing.Event()
+        workers = []
+        try:
+            started = time.perf_counter()
+            populate_opentracker(tracker, swarms)
+            announce = f"udp://127.0.0.1:{tracker.udp_port}/announce"
+            served = root / "served"
+            served.mkdir()
+            for n in range(torrents):
+                (served / f"r_{n:05d}.torrent").write_bytes(make_torrent(n, 10, (announce,)))
+            (served / "index.html").write_text("<html><body>\n" + "".join(
+                f'<a href="r_{n:05d}.torrent">r_{n:05d}.torrent</a>\n' for n in range(torrents))
+                + "</body></html>\n")
+            ports: multiprocessing.Queue = multiprocessing.Queue()
+            dht_ports: multiprocessing.Queue = multiprocessing.Queue()
+            workers = [
+                multiprocessing.Process(target=serve, daemon=True, args=(
+                    str(served), ports, multiprocessing.Value("q", 0), stop)),
+                multiprocessing.Process(target=serve_run_dht, daemon=True, args=(
+                    hashes, dht_nodes, dht_ports, stop))]
+            for worker in workers:
+                worker.start()
+            port, bootstrap = ports.get(timeout=120), dht_ports.get(timeout=600)
+            print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python "
+                  f"{platform.python_version()}")
+            print(f"world: {torrents} .torrent files served on loopback, opentracker with "
+                  f"{len(swarms)} swarms, a simulated DHT of {dht_nodes} nodes with "
+                  f"{(torrents + 1) // 2} swarms; made in {time.perf_counter() - started:.0f} s")
+            database = root / "run.sqlite3"
+            config = root / "tsmd.toml"
+            bootstrap_list = ", ".join(f'"{b}"' for b in bootstrap)
+            config.write_text(f"""database = "{database}"
+[network]
+allow_private = true
+[scrape]
+bind = "127.0.0.1:0"
+[dht]
+bootstrap = [{bootstrap_list}]
+bind = "127.0.0.1:0"
+# The simulated DHT is one Python process: it answers {SIMULATION_RATE} packets/s without loss.
+rate = {SIMULATION_RATE}
+per_ip_rate = 50
+per_ip_burst = 10
+concurrency = 500
+[report]
+outputs = [{{ format = "json", path = "{root / 'www' / 'torrents.json'}" }},
+           {{ format = "html", path = "{root / 'www' / 'index.html'}" }},
+           {{ format = "prometheus", path = "{root / 'metrics' / 'tsmd.prom'}" }}]
+[[collections]]
+name = "bench"
+url = "http://127.0.0.1:{port}/"
+type = "books"
+""")
+            for label in ("first run", "next run"):
+                wall, peak, _ = run_tsmd(config, "-q", "run")
+                db = sqlite3.connect(database)
+                last = db.execute("SELECT max(id) FROM runs WHERE stage = 'run'").fetchone()[0]
+                stages = ", ".join(f"{stage} {finished - begun:.1f} s" for stage, begun, finished
+                                   in db.execute("SELECT stage, started, finished FROM runs "
+                                                 "WHERE id > ? ORDER BY id", (last,)))
+                measured = db.execute(
+                    "SELECT (SELECT count(*) FROM tracker_latest), (SELECT count(*) FROM "
+                    "dht_latest WHERE peers > 0)").fetchone()
+                db.close()
+                print(f"tsmd -q run, {label}: {wall:.1f} s, peak RSS {peak / 1024:.0f} MiB "
+                      f"({stages}); {measured[0]} torrents with tracker numbers, "
+                      f"{measured[1]} with DHT peers")
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join(timeout=5)
+                if worker.is_alive():
+                    worker.kill()
+            tracker.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -663,6 +779,9 @@ def main() -> None:
     dht.add_argument("--in-flight", type=int, default=1000)
     dht.add_argument("--lt-nodes", type=int, default=40)
     dht.add_argument("--lt-infohashes", type=int, default=400)
+    whole = sub.add_parser("run", help="tsmd -q run over a whole collection on loopback peers")
+    whole.add_argument("--torrents", type=int, default=20_000)
+    whole.add_argument("--dht-nodes", type=int, default=600)
     report = sub.add_parser("report", help="reports of a big database with a month of history")
     report.add_argument("--torrents", type=int, default=100_000)
     report.add_argument("--days", type=int, default=30)
@@ -674,6 +793,8 @@ def main() -> None:
         bench_dht_libtorrent(args.lt_nodes, args.lt_infohashes)
     elif args.bench == "report":
         bench_report(args.torrents, args.days)
+    elif args.bench == "run":
+        bench_run(args.torrents, args.dht_nodes)
     elif args.bench == "scrape":
         bench_scrape(args.hashes, not args.no_libtorrent, args.libtorrent_hashes)
 

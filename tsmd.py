@@ -2557,6 +2557,8 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     -- Folding a run reads its samples in one range, without touching the table.
     DROP INDEX tracker_samples_run;
     CREATE INDEX tracker_samples_run ON tracker_samples(run_id, torrent_id, measured, seeders);
+    -- Retention deletes by age after every `tsmd run`.
+    CREATE INDEX dht_samples_measured ON dht_samples(measured);
     """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -4978,16 +4980,24 @@ def sync(
     Example: tsmd --config tsmd.toml sync --collection libgen-books
     """
     settings, reporter = _load(ctx)
+    chosen = _collections_to(settings, collection or [], "sync")
+    run_stage_command(settings, reporter, "sync", run_sync, SyncCounts(len(chosen)), judge_sync,
+                      wait=wait, collections=chosen, revalidate=revalidate)
+
+
+def _collections_to(settings: Settings, names: Sequence[str],
+                    verb: str) -> list[CollectionSettings]:
+    """The collections a command works on; at least one, or a usage error."""
     try:
-        chosen = select_collections(settings, collection or [])
+        chosen = select_collections(settings, names)
     except TsmdError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     if not chosen:
-        raise _fail("no enabled collections to sync: add [[collections]] to the configuration "
+        raise _fail(f"no enabled collections to {verb}: add [[collections]] to the "
+                    "configuration "
                     f"({settings.config_path or 'no config file given; see --config'})",
                     ExitCode.USAGE)
-    run_stage_command(settings, reporter, "sync", run_sync, SyncCounts(len(chosen)), judge_sync,
-                      wait=wait, collections=chosen, revalidate=revalidate)
+    return chosen
 
 
 def _duration_option(value: str | None, option: str) -> float | None:
@@ -5263,14 +5273,7 @@ def run_command(
     Example (crontab): 17 3 * * * tsmd --config /etc/tsmd.toml -q run
     """
     settings, reporter = _load(ctx)
-    try:
-        chosen = select_collections(settings, collection or [])
-    except TsmdError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
-    if not chosen:
-        raise _fail("no enabled collections to run: add [[collections]] to the configuration "
-                    f"({settings.config_path or 'no config file given; see --config'})",
-                    ExitCode.USAGE)
+    chosen = _collections_to(settings, collection or [], "run")
     stages = [
         ("sync", run_sync, SyncCounts(len(chosen)), judge_sync, {
             "collections": chosen}),
