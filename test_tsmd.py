@@ -2347,6 +2347,21 @@ def test_json_objects_are_exactly_what_json_dumps_writes(row):
     assert json.loads(tsmd.render_json([row, row])) == [expected, expected]
 
 
+def test_big_formats_come_in_pieces_that_add_up(tmp_path):
+    import csv
+    import io
+
+    rows = html_rows(25)
+    pieces = list(tsmd.csv_chunks(rows, rows_per_chunk=4))
+    assert len(pieces) == 7 and "".join(pieces) == tsmd.render_csv(rows)
+    assert len(list(csv.DictReader(io.StringIO("".join(pieces))))) == 25
+    assert json.loads("".join(tsmd.json_chunks(rows))) == json.loads(tsmd.render_json(rows))
+    assert len(json.loads(tsmd.render_json(rows))) == 25 and tsmd.render_json([]) == "[]\n"
+    target = tmp_path / "feed.json"
+    tsmd.write_atomically(target, tsmd.json_chunks(rows))
+    assert target.read_text() == tsmd.render_json(rows)
+
+
 def history_config(tmp_path: Path) -> tuple[Path, list[bytes]]:
     """history_db's database behind a config file naming its collection, for CLI tests."""
     db, hashes = history_db(tmp_path)

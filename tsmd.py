@@ -4416,31 +4416,51 @@ def report_json_object(row: ReportRow, quote: Any = json.encoder.encode_basestri
         "null" if row.seeders_change_7d is None else row.seeders_change_7d)
 
 
-def render_json(rows: Sequence[ReportRow]) -> str:
+def json_chunks(rows: Sequence[ReportRow]) -> Iterator[str]:
     """The libgen-seedtools feed: a list of objects, integers everywhere, -1 when unknown; one
-    object per line."""
+    object per line, produced a line at a time so that a big report is never all in memory."""
     if not rows:
-        return "[]\n"
-    return "[\n" + ",\n".join(map(report_json_object, rows)) + "\n]\n"
+        yield "[]\n"
+        return
+    yield "[\n"
+    last = len(rows) - 1
+    for index, row in enumerate(rows):
+        yield report_json_object(row) + (",\n" if index < last else "\n]\n")
 
 
-def render_ndjson(rows: Sequence[ReportRow]) -> str:
-    return "".join(line + "\n" for line in map(report_json_object, rows))
+def ndjson_chunks(rows: Sequence[ReportRow]) -> Iterator[str]:
+    return (report_json_object(row) + "\n" for row in rows)
 
 
-def render_csv(rows: Sequence[ReportRow]) -> str:
+def csv_chunks(rows: Sequence[ReportRow], rows_per_chunk: int = 1000) -> Iterator[str]:
     import csv
     import io
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([f.name for f in dataclasses.fields(ReportRow)])
-    for row in rows:
+    writer.writerow(REPORT_FIELDS)
+    for index, row in enumerate(rows, start=1):
         # Spreadsheets run cells that start with = + - @ as formulas; names are hostile input.
         writer.writerow(["'" + value if isinstance(value, str) and value[:1] in "=+-@\t\r" else
                          "" if value is None else value
                          for value in _report_values(row)])
-    return buffer.getvalue()
+        if index % rows_per_chunk == 0:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+def render_json(rows: Sequence[ReportRow]) -> str:
+    return "".join(json_chunks(rows))
+
+
+def render_ndjson(rows: Sequence[ReportRow]) -> str:
+    return "".join(ndjson_chunks(rows))
+
+
+def render_csv(rows: Sequence[ReportRow]) -> str:
+    return "".join(csv_chunks(rows))
 
 
 def _prometheus_label(value: str) -> str:
@@ -4704,28 +4724,28 @@ def load_trends(db: sqlite3.Connection) -> dict[str, str]:
         "WHERE s.latest >= ?", (int(time.time()) - TREND_DAYS * DAY,)))
 
 
-REPORT_RENDERERS: Final = {"json": render_json, "ndjson": render_ndjson, "csv": render_csv,
-                           "prometheus": render_prometheus}
-
-
-def render_report(db: sqlite3.Connection, rows: Sequence[ReportRow], report_format: str,
-                  per_torrent: bool = False) -> str:
-    """`rows` in any format but the terminal table."""
-    if report_format == "html":
-        return render_html(rows, load_trends(db))
-    if report_format == "prometheus":
-        return render_prometheus(rows, per_torrent)
-    return REPORT_RENDERERS[report_format](rows)
-REPORT_FORMATS: Final = ("table", "html", *REPORT_RENDERERS)
+REPORT_CHUNKS: Final = {"json": json_chunks, "ndjson": ndjson_chunks, "csv": csv_chunks}
+REPORT_FORMATS: Final = ("table", "html", "prometheus", *REPORT_CHUNKS)
 REPORT_FILE_FORMATS: Final = REPORT_FORMATS[1:]
 
 
-def write_atomically(path: Path, text: str) -> None:
+def render_report(db: sqlite3.Connection, rows: Sequence[ReportRow], report_format: str,
+                  per_torrent: bool = False) -> Iterable[str]:
+    """`rows` in any format but the terminal table, as pieces of text to write in order: the
+    big formats are never all in memory at once."""
+    if report_format == "html":
+        return (render_html(rows, load_trends(db)),)
+    if report_format == "prometheus":
+        return (render_prometheus(rows, per_torrent),)
+    return REPORT_CHUNKS[report_format](rows)
+
+
+def write_atomically(path: Path, text: str | Iterable[str]) -> None:
     """Write via a temporary file and rename, so a reader never sees half a report."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with temporary.open("w", encoding="utf-8") as handle:
-            handle.write(text)
+            handle.writelines([text] if isinstance(text, str) else text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -5242,18 +5262,18 @@ def report(
         if chosen_format == "table":
             render_table(rows, Console(highlight=False))
             return
-        text = render_report(db, rows, chosen_format, per_torrent)
-    finally:
-        db.close()
-    if output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
+        chunks = render_report(db, rows, chosen_format, per_torrent)
+        if output is None:
+            sys.stdout.writelines(chunks)
+            sys.stdout.flush()
+            return
         try:
-            write_atomically(output, text)
+            write_atomically(output, chunks)
         except TsmdError as exc:
             raise _fail(str(exc), exc.exit_code) from None
-        reporter.info(f"report: {len(rows)} torrents written to {output}")
+    finally:
+        db.close()
+    reporter.info(f"report: {len(rows)} torrents written to {output}")
 
 
 @app.command("run")
