@@ -2889,3 +2889,14 @@ def test_prune_keeps_what_it_should(tmp_path):
     status = json.loads(cli("--config", str(config), "status", "--format", "json").stdout)
     assert status["runs"]["prune"]["outcome"] == "ok"
     assert status["runs"]["prune"]["counts"]["tracker_samples"] == 1
+
+
+def test_run_refuses_a_damaged_database_with_a_message(tmp_path):
+    config = write_config(tmp_path, ONE_COLLECTION_CONFIG)
+    (tmp_path / "tsmd.sqlite3").write_bytes(b"this is not SQLite " * 300)
+    done = cron_tsmd("--config", str(config), "-q", "run")
+    assert done.returncode == tsmd.ExitCode.DATABASE, done.stderr
+    assert "tsmd.sqlite3" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "tsmd.sqlite3").read_bytes() == b"this is not SQLite " * 300
+    done = cli("--config", str(config), "status")
+    assert done.returncode == tsmd.ExitCode.DATABASE and "Traceback" not in done.stderr

@@ -5093,6 +5093,8 @@ def run_stage_command(settings: Settings, reporter: Reporter, stage: str, run: A
                                  with_run_id=with_run_id, **arguments)
         except TsmdError as exc:
             raise _fail(str(exc), exc.exit_code) from None
+        except sqlite3.Error as exc:  # a full disk, a damaged file: said, not a traceback
+            raise _fail(f"database {settings.database}: {exc}", ExitCode.DATABASE) from None
     if code:
         raise typer.Exit(int(code))
 
@@ -5327,8 +5329,12 @@ def run_command(
         except TsmdError as exc:
             error = str(exc)
             raise _fail(error, exc.exit_code) from None
+        except sqlite3.Error as exc:  # a full disk, a damaged file: said, not a traceback
+            error = f"database {settings.database}: {exc}"
+            raise _fail(error, ExitCode.DATABASE) from None
         finally:
-            finish_run(db, run_id, outcome, {"exit_code": int(worst)}, error)
+            with contextlib.suppress(sqlite3.Error):  # the same disk may refuse this too
+                finish_run(db, run_id, outcome, {"exit_code": int(worst)}, error)
     reporter.info(f"run {outcome} in {time.monotonic() - started:.1f} s")
     if worst:
         raise typer.Exit(int(worst))
@@ -5414,8 +5420,9 @@ def render_check(result: CheckResult, console: Console) -> None:
     unknown = "[dim]-[/dim]"
     band = seeder_band(result.seeders).value
     style = {"red": "red", "yellow": "yellow", "green": "green"}.get(band, "dim")
+    size = _human_size(result.size_bytes) if result.size_bytes >= 0 else "size unknown"
     console.print(f"{escape_markup(result.name or '(no name)')}  {result.infohash}  "
-                  f"{_human_size(result.size_bytes)}: [{style}]{band}[/{style}], "
+                  f"{size}: [{style}]{band}[/{style}], "
                   f"{result.seeders if result.seeders >= 0 else 'unknown'} seeders")
     table = Table(title_justify="left")
     for column in ("source", "seeders", "leechers", "completed", "note"):
@@ -5468,10 +5475,12 @@ def check(
     except ValueError as exc:
         raise _fail(f"--bootstrap: {exc}", ExitCode.USAGE) from None
     try:
-        meta = trio.run(load_check_target, target, settings)
+        meta, interrupted = run_interruptible(load_check_target, target, settings)
     except TsmdError as exc:
         raise _fail(f"check: {exc}", ExitCode.USAGE if isinstance(exc, ProtocolError)
                     else exc.exit_code) from None
+    if interrupted:
+        raise typer.Exit(int(ExitCode.INTERRUPTED))
     if tracker:
         urls = [normalise_tracker_url(t) for t in tracker]
     else:
