@@ -463,6 +463,7 @@ class CollectionServer(LoopbackHttpServer):
     def __init__(self) -> None:
         super().__init__()
         self.files: dict[str, tuple[bytes, str]] = {}
+        self.slow_seconds = 3.0  # how long /slow/ paths take
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -485,7 +486,7 @@ class CollectionServer(LoopbackHttpServer):
             handler.end_headers()
             return "301"
         if path.startswith("/slow/"):
-            time.sleep(3)
+            time.sleep(self.slow_seconds)
         if path.startswith("/truncated/"):
             handler.send_response(200)
             handler.send_header("Content-Length", "100000")
@@ -702,8 +703,9 @@ def test_version_1_database_is_upgraded_with_its_history_summarised(tmp_path):
             VALUES (1, '{"ab" * 20}', 1, 1, 1);
         INSERT INTO trackers (id, url) VALUES (1, 'udp://a.example:1/announce'),
                                               (2, 'udp://b.example:1/announce');
-        INSERT INTO runs (id, stage, started, outcome) VALUES (1, 'scrape', {now - 2 * 86400}, 'ok'),
-            (2, 'scrape', {now - 60}, 'ok'), (3, 'dht', {now - 30}, 'ok');
+        INSERT INTO runs (id, stage, started, finished, outcome) VALUES
+            (1, 'scrape', {now - 2 * 86400}, {now - 2 * 86400 + 9}, 'ok'),
+            (2, 'scrape', {now - 60}, {now - 50}, 'ok'), (3, 'dht', {now - 3000}, {now - 20}, 'ok');
         INSERT INTO tracker_samples VALUES (1, 1, 1, {now - 2 * 86400}, 7, 1, 50),
             (1, 2, 1, {now - 2 * 86400}, 2, 1, 60), (1, 1, 2, {now - 60}, 4, 2, 55),
             (1, 2, 2, {now - 60}, 5, 0, 61);
@@ -715,13 +717,19 @@ def test_version_1_database_is_upgraded_with_its_history_summarised(tmp_path):
     db = tsmd.open_database(path)
     assert db.execute("SELECT count(*) FROM tracker_samples").fetchone()[0] == 4
     assert sorted(db.execute("SELECT tracker_id, seeders FROM tracker_latest")) == [(1, 4), (2, 5)]
+    # The first thing after the upgrade prunes the samples of two days ago: folded first, their
+    # seeders stay in the history.
+    pruned = tsmd.prune_database(db, now - 86400, None)
+    assert (pruned.tracker_samples, pruned.runs) == (2, 1)
     (row,) = tsmd.load_report_rows(db)
     assert (row.seeders, row.leechers, row.completed, row.tracker) == (
         5, 0, 61, "udp://b.example:1/announce")
     assert (row.dht_peers, row.dht_seeds_estimate, row.dht_peers_estimate) == (9, 4, 13)
     # Per run, the best tracker: 7 seeders two days ago, 5 now.
     assert (row.seeders_change_previous, row.seeders_change_1d) == (-2, -2)
-    assert tsmd.load_trends(db) == {"ab" * 20: "7,5"}
+    days = [(now - 2 * 86400) // 86400, (now - 60) // 86400]  # an empty day between, or none
+    assert tsmd.load_trends(db) == {"ab" * 20: f"{days[0]};7," + "," * (days[1] - days[0] - 1)
+                                    + "5"}
     assert tsmd.summarize_scrape_runs(db) == 0  # folded once
 
 
@@ -2223,8 +2231,8 @@ def test_seeder_history_thins_with_age_and_keeps_what_changes_need(raw, shuffled
         assert list(history.daily) == daily
         recent = [p for p in points if p[0] > points[-1][0] - tsmd.KEPT_HISTORY]
         assert history.changes() == tsmd.seeder_changes(recent)
-    else:  # a rebuild starts from the thinned points: it can only have fewer
-        assert set(history.points()) <= set(points) and history.points()[-1] == points[-1]
+    else:  # out of order: thinning drops only what the final history would drop anyway
+        assert history.points() == kept and list(history.daily) == daily
     again = tsmd.SeederHistory.from_stored(*history.stored())
     assert again.points() == history.points() and list(again.daily) == list(history.daily)
 
@@ -2290,6 +2298,23 @@ def test_health_bands_need_and_changes_from_history(tmp_path):
     assert [row.seeders for row in tsmd.select_report_rows(list(rows.values()), "seeders", 2, 10)
             ] == [0, 9]
     assert tsmd.is_dead(dying) and not tsmd.is_dead(unknown)
+
+
+def test_changes_are_shown_only_beside_the_seeders_they_belong_to(tmp_path):
+    db, hashes = history_db(tmp_path)
+    falling = hashes[0].hex()
+    assert {r.infohash: r for r in tsmd.load_report_rows(db)}[falling].seeders_change_1d == -1
+    # A scrape is running: its first samples are in, the run is not folded until it ends.
+    run_id = tsmd.start_run(db, "scrape")
+    with tsmd.Transaction(db):
+        db.execute("INSERT INTO tracker_samples VALUES (1, 1, ?, ?, 20, 0, 200)",
+                   (run_id, int(time.time()) + 120))
+    row = {r.infohash: r for r in tsmd.load_report_rows(db)}[falling]
+    assert row.seeders == 20 and (row.seeders_change_previous, row.seeders_change_1d,
+                                  row.seeders_change_7d) == (None, None, None)
+    tsmd.finish_run(db, run_id, "ok", {})
+    row = {r.infohash: r for r in tsmd.load_report_rows(db)}[falling]
+    assert (row.seeders, row.seeders_change_previous) == (20, 20 - 9)
 
 
 def test_report_formats_csv_ndjson_prometheus(tmp_path):
@@ -2418,7 +2443,7 @@ def html_rows(count: int) -> list:
 
 
 def test_html_report_escapes_hostile_strings_and_is_self_contained():
-    page = tsmd.render_html(html_rows(30), {f"{3:040x}": "1,5,2"})
+    page = tsmd.render_html(html_rows(30), {f"{3:040x}": "20000;1,5,,2"})
     # The markup in those names exists only as escaped JSON inside the data script.
     for raw in ("<script>alert(1)", "<img src=x", "</style><b>", "\u2028"):
         assert raw not in page
@@ -2481,10 +2506,13 @@ def test_cli_report_html(tmp_path):
     assert done.returncode == 0, done.stderr
     text = page.read_text()
     assert "t_0.torrent" in text and '"t_1.torrent"' in text
-    tracker_lists, data = json.loads(re.search(
+    today, tracker_lists, data = json.loads(re.search(
         r'<script type="application/json" id="data">(.*?)</script>', text, re.S).group(1))
+    assert today == int(time.time()) // 86400
+    first = sqlite3.connect(tmp_path / "tsmd.sqlite3").execute(
+        "SELECT min(measured) / 86400 FROM tracker_samples").fetchone()[0]  # nine daily runs
     assert [row[-1] for row in data if row[0] == "t_0.torrent"] == [
-        "30,28,25,20,15,12,11,10,9"]  # seeders at the end of each day, for the sparkline
+        f"{first};30,28,25,20,15,12,11,10,9"]  # seeders at the end of each day, for the sparkline
     assert len(tracker_lists) == 2  # none, and the one list all four torrents share
     # The page puts each magnet back together exactly, trackers included.
     db = sqlite3.connect(tmp_path / "tsmd.sqlite3")
@@ -2494,6 +2522,7 @@ def test_cli_report_html(tmp_path):
     dom = chromium_dom(page, "")
     hrefs = {html.unescape(href) for href in re.findall(r'href="(magnet:[^"]*)"', dom)}
     assert hrefs == expected and len(hrefs) == 4
+    assert dom.count("<polyline") == 3  # a sparkline for each torrent with a history
     assert 'id="data"' not in dom  # the data's text is dropped once parsed
 
 
@@ -2647,6 +2676,7 @@ def start_tsmd(*args: str) -> subprocess.Popen:
 
 
 def test_overlapping_runs_never_collide(tmp_path, server):
+    server.slow_seconds = 8  # the first run holds the lock that long at least
     world = LoopbackWorld(tmp_path, server, count=4, slow_entry=True)
     try:
         config = world.config()

@@ -1063,6 +1063,16 @@ class SeederHistory:
         first = bisect.bisect_right(self.days, day - TREND_DAYS)
         del self.days[:first], self.daily[:first]
 
+    def trend_text(self) -> str:
+        """The daily trend as "FIRST_DAY;v,v,,v": seeders at the last run of consecutive UTC days
+        (numbered from 1970-01-01) from FIRST_DAY on, empty for a day without a run."""
+        if not self.days:
+            return ""
+        by_day = dict(zip(self.days, self.daily))
+        first = self.days[0]
+        return f"{first};" + ",".join(str(by_day[day]) if day in by_day else ""
+                                      for day in range(first, self.days[-1] + 1))
+
     def changes(self) -> tuple[int | None, int | None, int | None]:
         """As seeder_changes, by bisection."""
         times, seeders = self.times, self.seeders
@@ -2557,8 +2567,10 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     -- Folding a run reads its samples in one range, without touching the table.
     DROP INDEX tracker_samples_run;
     CREATE INDEX tracker_samples_run ON tracker_samples(run_id, torrent_id, measured, seeders);
-    -- Retention deletes by age after every `tsmd run`.
+    -- Retention deletes by age after every `tsmd run`, and deleting a run clears its samples'
+    -- run_id (ON DELETE SET NULL): both find their rows through an index.
     CREATE INDEX dht_samples_measured ON dht_samples(measured);
+    CREATE INDEX dht_samples_run ON dht_samples(run_id);
     """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -2631,42 +2643,50 @@ class Transaction:
         self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
 
 
+FOLD_BATCH: Final = 500  # torrents whose history is read, updated and written at a time
+
+
 def summarize_scrape_runs(db: sqlite3.Connection) -> int:
     """Fold every finished scrape run not folded yet into seeder_history and seeder_trends;
     returns the number of runs folded.
 
-    The scrape stage calls this when it ends and the report before it reads, so a run that was
-    killed, or a database from before seeder_trends existed, is folded by whatever comes next.
+    The scrape stage calls this when it ends, and prune and the report before they read, so a
+    run that was killed, or a database from before seeder_trends existed, is folded by whatever
+    comes next. One run per transaction, a few hundred torrents at a time: a writer waiting for
+    the database never waits long, and memory stays small however long the backlog.
     """
-    with Transaction(db):
-        pending = [run_id for (run_id,) in db.execute(
-            "SELECT id FROM runs WHERE stage = 'scrape' AND summarized IS NULL "
-            "AND outcome != 'running' ORDER BY id")]
-        if not pending:
-            return 0
-        new_points: dict[int, list[tuple[int, int]]] = {}
-        for run_id in pending:
-            for torrent_id, measured, seeders in db.execute(
-                    "SELECT torrent_id, max(measured), max(seeders) FROM tracker_samples "
-                    "WHERE run_id = ? GROUP BY torrent_id", (run_id,)):
-                new_points.setdefault(torrent_id, []).append((measured, seeders))
-        stored = {torrent_id: blobs for torrent_id, *blobs in db.execute(
-            "SELECT torrent_id, times, seeders, days, daily FROM seeder_history")}
-        histories, trends = [], []
-        for torrent_id, points in new_points.items():
-            blobs = stored.get(torrent_id)
-            history = SeederHistory.from_stored(*blobs) if blobs else SeederHistory()
-            for point in points:
-                history.add(*point)
-            histories.append((torrent_id, *history.stored()))
-            trends.append((torrent_id, history.times[-1], *history.changes(),
-                           ",".join(map(str, history.daily))))
-        db.executemany("INSERT OR REPLACE INTO seeder_history VALUES (?, ?, ?, ?, ?)", histories)
-        db.executemany("INSERT OR REPLACE INTO seeder_trends VALUES (?, ?, ?, ?, ?, ?)", trends)
-        now = int(time.time())
-        db.executemany("UPDATE runs SET summarized = ? WHERE id = ?",
-                       [(now, run_id) for run_id in pending])
-    return len(pending)
+    folded = 0
+    while True:
+        with Transaction(db):
+            pending = db.execute(
+                "SELECT id FROM runs WHERE stage = 'scrape' AND summarized IS NULL "
+                "AND outcome != 'running' ORDER BY id LIMIT 1").fetchone()
+            if pending is None:
+                return folded
+            points = {torrent_id: (measured, seeders) for torrent_id, measured, seeders in
+                      db.execute("SELECT torrent_id, max(measured), max(seeders) "
+                                 "FROM tracker_samples WHERE run_id = ? GROUP BY torrent_id",
+                                 pending)}
+            touched = list(points)
+            for start in range(0, len(touched), FOLD_BATCH):
+                batch = touched[start:start + FOLD_BATCH]
+                stored = {torrent_id: blobs for torrent_id, *blobs in db.execute(
+                    "SELECT torrent_id, times, seeders, days, daily FROM seeder_history "
+                    f"WHERE torrent_id IN ({', '.join('?' * len(batch))})", batch)}
+                histories, trends = [], []
+                for torrent_id in batch:
+                    blobs = stored.get(torrent_id)
+                    history = SeederHistory.from_stored(*blobs) if blobs else SeederHistory()
+                    history.add(*points[torrent_id])
+                    histories.append((torrent_id, *history.stored()))
+                    trends.append((torrent_id, history.times[-1], *history.changes(),
+                                   history.trend_text()))
+                db.executemany("INSERT OR REPLACE INTO seeder_history VALUES (?, ?, ?, ?, ?)",
+                               histories)
+                db.executemany("INSERT OR REPLACE INTO seeder_trends VALUES (?, ?, ?, ?, ?, ?)",
+                               trends)
+            db.execute("UPDATE runs SET summarized = ? WHERE id = ?", (int(time.time()), *pending))
+        folded += 1
 
 
 def start_run(db: sqlite3.Connection, stage: str) -> int:
@@ -2695,6 +2715,9 @@ def close_orphaned_runs(db: sqlite3.Connection) -> int:
     return cursor.rowcount
 
 
+LOCK_PATIENCE: Final = 2.0  # seconds a writer retries a held lock before it says "busy"
+
+
 class DatabaseLock:
     """One tsmd writing to a database at a time: an exclusive lock on `<database>.lock`.
 
@@ -2704,6 +2727,7 @@ class DatabaseLock:
     """
 
     def __init__(self, database: Path) -> None:
+        database = database.resolve()  # one lock file, whatever path or symlink led here
         self.path = database.with_name(database.name + ".lock")
         self._handle: Any = None
 
@@ -2714,7 +2738,14 @@ class DatabaseLock:
         except OSError as exc:
             raise DatabaseError(f"lock {self.path}: {exc.strerror or exc}") from None
         try:
-            if not _lock_file(handle, wait):
+            # `tsmd status` holds the lock for an instant to see whether it is free: a writer
+            # starting right then tries again for a moment before it calls the database busy.
+            deadline = time.monotonic() + LOCK_PATIENCE
+            locked = _lock_file(handle, wait)
+            while not locked and time.monotonic() < deadline:
+                time.sleep(0.05)
+                locked = _lock_file(handle, wait=False)
+            if not locked:
                 handle.seek(0)
                 other = handle.read(200).strip() or "another tsmd"
                 raise BusyError(f"database {self.path.with_suffix('')} is busy: {other} is "
@@ -2796,6 +2827,8 @@ def prune_database(db: sqlite3.Connection, samples_before: float | None,
     newest sample of a tracker or of the DHT is dropped with the samples."""
     counts = PruneCounts()
     if samples_before is not None:
+        # Samples not folded into the seeder history yet would take their history with them.
+        summarize_scrape_runs(db)
         cutoff = int(samples_before)
         for table, attribute in (("tracker_samples", "tracker_samples"),
                                  ("dht_samples", "dht_samples")):
@@ -4234,7 +4267,10 @@ def load_report_rows(db: sqlite3.Connection, collections: Sequence[str] = ()) ->
     Reads one row per torrent from the tables the stages keep up to date (tracker_latest,
     dht_latest, seeder_trends), never the samples themselves: 100,000 torrents take a second.
     """
-    summarize_scrape_runs(db)
+    try:
+        summarize_scrape_runs(db)
+    except sqlite3.OperationalError:
+        pass  # a read-only database, or a writer holding it too long: the next writer folds
     with collector_paused():
         return _load_report_rows(db, collections)
 
@@ -4275,14 +4311,14 @@ def _load_report_rows(db: sqlite3.Connection, collections: Sequence[str]) -> lis
     torrents = [row for row in db.execute(
         "SELECT t.id, t.infohash, t.name, t.size_bytes, t.file_count, t.created_unix, "
         "       d.peers, d.measured, d.bep33_seeds, d.bep33_peers, "
-        "       s.change_previous, s.change_1d, s.change_7d "
+        "       s.latest, s.change_previous, s.change_1d, s.change_7d "
         "FROM torrents t LEFT JOIN dht_latest d ON d.torrent_id = t.id "
         "LEFT JOIN seeder_trends s ON s.torrent_id = t.id") if row[0] in listed]
     mean = mean_size(row[3] for row in torrents)
     no_changes = (None, None, None)
     result: list[ReportRow] = []
     for (torrent_id, infohash, name, size, file_count, created, dht_peers, dht_measured,
-         bep33_seeds, bep33_peers, *changes) in torrents:
+         bep33_seeds, bep33_peers, folded, *changes) in torrents:
         file_name, source, collection, kind = listed[torrent_id]
         magnet = magnet_uri(infohash, name) + magnet_trackers(trackers.get(torrent_id, ""))
         seeders, leechers, completed, scraped, tracker = tracker_numbers.get(
@@ -4296,9 +4332,10 @@ def _load_report_rows(db: sqlite3.Connection, collections: Sequence[str]) -> lis
             -1 if dht_peers is None else dht_peers, -1 if dht_measured is None else dht_measured,
             -1 if bep33_seeds is None else round(bep33_seeds),
             -1 if bep33_peers is None else round(bep33_peers),
-            # Changes only beside seeders that are fresh enough to report.
-            *health_fields(seeders, leechers, size, mean,
-                           changes if seeders >= 0 else no_changes)))
+            # Changes only beside the seeders they were computed from: not beside stale ones,
+            # nor beside samples of a scrape still running (folded when it ends).
+            *health_fields(seeders, leechers, size, mean, changes if 0 <= seeders and
+                           folded is not None and scraped <= folded else no_changes)))
     return result
 
 
@@ -4581,7 +4618,7 @@ const KEYS = ["name","collection","size","seeders","leechers","completed","dht",
 // Rows arrive in the order tsmd sorted them (neediest first); the page re-sorts only on request.
 // Magnets come as "infohash&dn=name" plus the index of their list of trackers, sent once.
 const dataElement = document.getElementById("data");
-const [trackerLists, data] = JSON.parse(dataElement.textContent);
+const [TODAY, trackerLists, data] = JSON.parse(dataElement.textContent);
 dataElement.remove();  // the parsed rows are all the page needs: free the text
 const rows = data.map((r, i) => {
   const magnet = "magnet:?xt=urn:btih:" + r[11] + (r[12] ? "&tr=" + trackerLists[r[12]] : "");
@@ -4609,13 +4646,19 @@ function cell(tr, text, cls) {
   if (cls) td.className = cls; tr.appendChild(td); return td;
 }
 function trend(text) {
-  const td = document.createElement("td"), values = text ? text.split(",").map(Number) : [];
-  if (values.length < 2) return td;
-  const top = Math.max(1, ...values), w = 4, h = 16;
+  // "FIRST_DAY;v,v,,v": seeders on consecutive UTC days; drawn on the 30 days up to TODAY.
+  const td = document.createElement("td"), w = 4, h = 16, start = TODAY - 29, points = [];
+  const [first, values] = (text || ";").split(";");
+  values.split(",").forEach((v, i) => {
+    const x = Number(first) + i - start;
+    if (v !== "" && x >= 0 && x < 30) points.push([x, Number(v)]);
+  });
+  if (points.length < 2) return td;
+  const top = Math.max(1, ...points.map(p => p[1]));
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("width", w * values.length); svg.setAttribute("height", h);
+  svg.setAttribute("width", w * 30); svg.setAttribute("height", h);
   const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
-  line.setAttribute("points", values.map((v, i) => (i * w + 2) + "," + (h - 1 - v / top * (h - 2))).join(" "));
+  line.setAttribute("points", points.map(([x, v]) => (x * w + 2) + "," + (h - 1 - v / top * (h - 2))).join(" "));
   line.setAttribute("fill", "none"); line.setAttribute("stroke", "#555");
   svg.appendChild(line); td.appendChild(svg); return td;
 }
@@ -4714,11 +4757,12 @@ def render_html(rows: Sequence[ReportRow], trends: dict[str, str] | None = None,
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(generated or time.time()))
     return (HTML_PAGE.replace("__SUMMARY__", "\n".join(summary))
             .replace("__GENERATED__", stamp).replace("__VERSION__", __version__)
-            .replace("__DATA__", _json_for_script([list(tracker_lists), data])))
+            .replace("__DATA__", _json_for_script([int((generated or time.time()) // DAY),
+                                                   list(tracker_lists), data])))
 
 
 def load_trends(db: sqlite3.Connection) -> dict[str, str]:
-    """Per infohash, "seeders,seeders,...": the last run of each of the last TREND_DAYS days."""
+    """Per infohash, SeederHistory.trend_text of the torrents scraped in the last TREND_DAYS."""
     return dict(db.execute(
         "SELECT t.infohash, s.trend FROM seeder_trends s JOIN torrents t ON t.id = s.torrent_id "
         "WHERE s.latest >= ?", (int(time.time()) - TREND_DAYS * DAY,)))
@@ -4752,6 +4796,9 @@ def write_atomically(path: Path, text: str | Iterable[str]) -> None:
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         raise TsmdError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:  # Ctrl-C half way: no temporary file left in a web root
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 # ---- Whole runs: publishing, retention, status ----
@@ -4940,6 +4987,14 @@ def _open_db(settings: Settings) -> sqlite3.Connection:
         return open_database(settings.database)
     except TsmdError as exc:
         raise _fail(str(exc), exc.exit_code) from None
+
+
+def _report_rows(db: sqlite3.Connection, settings: Settings,
+                 collections: Sequence[str]) -> list[ReportRow]:
+    try:
+        return load_report_rows(db, collections)
+    except sqlite3.Error as exc:  # a damaged file: said, not a traceback
+        raise _fail(f"database {settings.database}: {exc}", ExitCode.DATABASE) from None
 
 
 def _leaf_exceptions(error: BaseException) -> list[BaseException]:
@@ -5259,7 +5314,7 @@ def report(
                     ExitCode.USAGE)
     db = _open_db(settings)
     try:
-        rows = select_report_rows(load_report_rows(db, collection or []), sort, limit,
+        rows = select_report_rows(_report_rows(db, settings, collection or []), sort, limit,
                                   max_seeders)
         if chosen_format == "table":
             render_table(rows, Console(highlight=False))
@@ -5375,7 +5430,7 @@ def pick(
         raise _fail(f"--budget: {exc}", ExitCode.USAGE) from None
     db = _open_db(settings)
     try:
-        rows = select_report_rows(load_report_rows(db, collection or []), "need", None,
+        rows = select_report_rows(_report_rows(db, settings, collection or []), "need", None,
                                   max_seeders)
     finally:
         db.close()
