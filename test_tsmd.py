@@ -1759,7 +1759,9 @@ def dht_test_options(**overrides) -> tsmd.DhtOptions:
 async def survey_all(network: FakeDhtNetwork, infohashes, options, cache=None):
     endpoint = await tsmd.UdpEndpoint.open("127.0.0.1:0", tsmd.krpc_transaction_untrusted)
     bootstrap = [tsmd.DhtNode(b"", *tsmd.split_host_port(b)) for b in network.bootstrap]
-    survey = tsmd.DhtSurvey(endpoint, cache or tsmd.NodeCache(), bootstrap, options, False)
+    # An empty cache is falsy (len 0): test for None, or a cache to be warmed is dropped.
+    survey = tsmd.DhtSurvey(endpoint, tsmd.NodeCache() if cache is None else cache, bootstrap,
+                            options, False)
     results = {}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(endpoint.receive_forever)
