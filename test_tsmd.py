@@ -1589,6 +1589,19 @@ def test_krpc_parsers_raise_only_protocol_error_on_hostile_structures(value):
         pass
 
 
+def test_dht_destination_check_is_memoised_per_address_not_per_policy():
+    cases = {("8.8.8.8", 6881): (False, False), ("127.0.0.1", 6881): (True, False),
+             ("10.1.2.3", 1): (True, False), ("0.0.0.0", 6881): (True, True),
+             ("224.0.0.1", 6881): (True, True), ("255.255.255.255", 6881): (True, True),
+             ("240.0.0.1", 6881): (True, True), ("8.8.8.8", 0): (True, True),
+             ("::ffff:10.0.0.1", 6881): (True, True), ("2001:4860::1", 6881): (False, False),
+             ("not an address", 6881): (True, True)}
+    for _ in range(2):  # the second round is answered from the memo
+        for (host, port), (strict, lenient) in cases.items():
+            assert tsmd._bogus_destination(host, port, False) is strict, host
+            assert tsmd._bogus_destination(host, port, True) is lenient, host
+
+
 def test_node_cache_closest_matches_a_full_scan():
     cache = tsmd.NodeCache()
     nodes = [tsmd.DhtNode(hashlib.sha1(str(n).encode()).digest(), f"127.1.{n // 250}.{n % 250}",
