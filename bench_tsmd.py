@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import multiprocessing
 import os
 import platform
@@ -367,6 +368,7 @@ def bench_swarms(count: int) -> dict:
 
 
 def serve_fake_dht(nodes: int, swarms_count: int, silent_fraction: float,
+                   rtt: tuple[float, float] | None, routers: int,
                    ports: multiprocessing.Queue, stop, report: multiprocessing.Queue) -> None:
     """The simulated DHT in its own process (the other core), until `stop` is set."""
     import random
@@ -376,9 +378,9 @@ def serve_fake_dht(nodes: int, swarms_count: int, silent_fraction: float,
     from test_tsmd import FakeDhtNetwork
 
     chooser = random.Random(7)
-    silent = {n for n in range(3, nodes) if chooser.random() < silent_fraction}
+    silent = {n for n in range(max(3, routers), nodes) if chooser.random() < silent_fraction}
     network = FakeDhtNetwork(nodes, bench_swarms(swarms_count),
-                             hostile={n: "silent" for n in silent})
+                             hostile={n: "silent" for n in silent}, rtt=rtt, routers=routers)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -392,7 +394,8 @@ def serve_fake_dht(nodes: int, swarms_count: int, silent_fraction: float,
     report.put(dict(network.per_second))
 
 
-def bench_dht(nodes: int, count: int, silent_fraction: float, in_flight: int) -> None:
+def bench_dht(nodes: int, count: int, silent_fraction: float, in_flight: int,
+              rtt: tuple[float, float] | None, routers: int) -> None:
     import trio
 
     import tsmd
@@ -404,16 +407,21 @@ def bench_dht(nodes: int, count: int, silent_fraction: float, in_flight: int) ->
     report: multiprocessing.Queue = multiprocessing.Queue()
     stop = multiprocessing.Event()
     server = multiprocessing.Process(target=serve_fake_dht, daemon=True,
-                                     args=(nodes, count, silent_fraction, ports, stop, report))
+                                     args=(nodes, count, silent_fraction, rtt, routers, ports,
+                                           stop, report))
     started = time.perf_counter()
     server.start()
     try:
         bootstrap, silent = ports.get(timeout=300)
         print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python "
               f"{platform.python_version()}")
+        latency = (f"round trips {rtt[0] * 1000:.0f}-{rtt[1] * 1000:.0f} ms per node"
+                   if rtt else "no added latency")
+        routing = (f"{routers} bootstrap routers answering with random nodes" if routers
+                   else "3 ordinary nodes as bootstrap")
         print(f"simulated DHT: {nodes} nodes on 127.x ({silent} of them silent, as dead routing "
-              f"entries), {count} infohashes, {announced} announced peers; built in "
-              f"{time.perf_counter() - started:.1f} s")
+              f"entries), {routing}, {latency}; {count} infohashes, {announced} announced "
+              f"peers; built in {time.perf_counter() - started:.1f} s")
 
         # 1. Correctness at scale, in process: every lookup at once, up to `in_flight` at a time.
         class Bootstrap:
@@ -440,6 +448,11 @@ def bench_dht(nodes: int, count: int, silent_fraction: float, in_flight: int) ->
         # 2. What a lookup costs with nothing cached: each one from the bootstrap routers, as
         # a lookup of a tool without a node cache would go.
         class NothingCached(tsmd.NodeCache):
+            def __len__(self):
+                # The lookups in flight ramp up with the nodes cached; a tool without a cache
+                # has no such ramp (left at 4, 500 slow lookups took 20 minutes).
+                return 1 << 20
+
             def add(self, node, seen, failures=0):
                 pass
 
@@ -447,12 +460,17 @@ def bench_dht(nodes: int, count: int, silent_fraction: float, in_flight: int) ->
                 pass
 
         sample = list(swarms)[:500]
+        started = time.perf_counter()
         _, cold_survey, cold_udp = trio.run(survey_all, network, sample,
-                                            dht_test_options(concurrency=50), NothingCached())
+                                            dht_test_options(concurrency=50, stall_timeout=1.0,
+                                                             query_timeout=4.0,
+                                                             rate=SIMULATION_RATE,
+                                                             per_ip_rate=50, per_ip_burst=10),
+                                            NothingCached())
         cold_per_lookup = cold_udp.sent / len(sample)
         print(f"lookups with no cache (each from the bootstrap routers): "
               f"{cold_per_lookup:.1f} packets per lookup, {cold_survey.counters.timeouts} "
-              f"timeouts in {len(sample)} lookups")
+              f"timeouts in {len(sample)} lookups, {time.perf_counter() - started:.1f} s")
 
         # 3. Cold and warm runs of the command, on a fresh database.
         with tempfile.TemporaryDirectory(prefix="tsmd-bench-") as tmp:
@@ -465,18 +483,19 @@ def bench_dht(nodes: int, count: int, silent_fraction: float, in_flight: int) ->
             for entry in bootstrap:
                 arguments += ["--bootstrap", entry]
             per_lookup = {}
-            for label in ("cold", "warm"):
+            for label in ("cold (empty cache)", "warm (cache of the cold run)"):
                 wall, peak, _ = run_tsmd(config, *arguments)
                 counts = last_run_counts(database)
-                per_lookup[label] = counts["packets_sent"] / counts["lookups"]
-                print(f"tsmd dht, {label} cache: {counts['lookups']} lookups, {counts['peers']} "
-                      f"peers, {per_lookup[label]:.1f} packets per lookup, "
+                per_lookup[label.split()[0]] = counts["packets_sent"] / counts["lookups"]
+                print(f"tsmd dht, {label}: {counts['lookups']} lookups, {counts['peers']} "
+                      f"peers, {per_lookup[label.split()[0]]:.1f} packets per lookup, "
                       f"{counts['timeouts']} timeouts, {counts['nodes_cached']} nodes cached; "
                       f"{wall:.1f} s, peak RSS {peak / 1024:.0f} MiB")
-            print(f"  -> packets per lookup, warm cache vs no cache: 1 / "
-                  f"{cold_per_lookup / per_lookup['warm']:.1f}; vs the cold run (whose cache "
-                  f"warms within its first lookups): 1 / "
-                  f"{per_lookup['cold'] / per_lookup['warm']:.1f}")
+            print(f"  -> packets per lookup: cold run {per_lookup['cold']:.1f}, warm run "
+                  f"{per_lookup['warm']:.1f}, no cache {cold_per_lookup:.1f}; cold / warm = "
+                  f"x{per_lookup['cold'] / per_lookup['warm']:.2f} (the cold run's cache warms "
+                  f"within its first lookups), no cache / warm = "
+                  f"x{cold_per_lookup / per_lookup['warm']:.2f}")
 
             # 4. The rate limit, measured by the network: packets received per second.
             rate = 250  # the default for the public DHT
@@ -505,12 +524,169 @@ def bench_dht(nodes: int, count: int, silent_fraction: float, in_flight: int) ->
               f"{max(seconds)}, median {sorted(seconds)[len(seconds) // 2]} (limit {rate})")
 
 
-def bench_dht_libtorrent(nodes: int, count: int) -> None:
+def serve_delay_relay(nodes: list[tuple[str, int]], relay_hosts: list[str], rtts: list[float],
+                      ready: multiprocessing.Queue, stop) -> None:
+    """A UDP relay in front of each libtorrent node, in its own process, until `stop` is set.
+
+    Relay i listens on relay_hosts[i]; a packet from a client goes out to node i half of
+    rtts[i] later, from a socket of relay i kept for that client, and what node i sends back
+    to that socket reaches the client half of rtts[i] later, from relay i. Replies name other
+    nodes by their real addresses in compact node info (BEP 5 `nodes`); those are rewritten to
+    the relays' addresses, so a client that starts from the relays only ever talks to relays,
+    and every packet of every lookup pays the node's round trip, for tsmd and libtorrent
+    alike."""
+    import heapq
+    import itertools
+
     import trio
 
+    def compact(host: str, port: int) -> bytes:
+        return socket.inet_aton(host) + port.to_bytes(2, "big")
+
+    def rewrite(data: bytes, table: dict[bytes, bytes]) -> bytes:
+        try:
+            message = bencoder.bdecode(data)
+            body = message[b"r"]
+            found = body[b"nodes"]
+        except Exception:
+            return data
+        if not isinstance(found, bytes) or len(found) % 26:
+            return data
+        body[b"nodes"] = b"".join(found[k:k + 20] + table.get(found[k + 20:k + 26],
+                                                              found[k + 20:k + 26])
+                                  for k in range(0, len(found), 26))
+        return bencoder.bencode(message)
+
+    async def main() -> None:
+        fronts = []
+        for host in relay_hosts:
+            sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 1 << 21)
+            await sock.bind((host, 0))
+            fronts.append(sock)
+        table = {compact(*node): compact(*front.getsockname()) for node, front in
+                 zip(nodes, fronts)}
+        # One delay line for every packet: (due, sequence, socket, data, address).
+        line: list = []
+        order = itertools.count()
+        wake = trio.Event()
+        backs: dict[tuple[int, tuple], trio.socket.SocketType] = {}
+
+        def later(delay: float, sock, data: bytes, address) -> None:
+            nonlocal wake
+            heapq.heappush(line, (trio.current_time() + delay, next(order), sock, data, address))
+            wake.set()
+
+        async def deliver() -> None:
+            nonlocal wake
+            while True:
+                now = trio.current_time()
+                while line and line[0][0] <= now:
+                    _, _, sock, data, address = heapq.heappop(line)
+                    try:
+                        await sock.sendto(data, address)
+                    except OSError:
+                        pass
+                wake = trio.Event()
+                with trio.move_on_after(line[0][0] - now if line else math.inf):
+                    await wake.wait()
+
+        async def back(n: int, client: tuple, sock) -> None:
+            while True:
+                data, _ = await sock.recvfrom(65536)
+                later(rtts[n] / 2, fronts[n], rewrite(data, table), client)
+
+        async def front(n: int, nursery) -> None:
+            while True:
+                data, client = await fronts[n].recvfrom(65536)
+                sock = backs.get((n, client))
+                if sock is None:
+                    sock = backs[n, client] = trio.socket.socket(trio.socket.AF_INET,
+                                                                 trio.socket.SOCK_DGRAM)
+                    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 1 << 21)
+                    await sock.bind((relay_hosts[n], 0))
+                    nursery.start_soon(back, n, client, sock)
+                later(rtts[n] / 2, sock, data, nodes[n])
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(deliver)
+                for n in range(len(nodes)):
+                    nursery.start_soon(front, n, nursery)
+                ready.put([front.getsockname() for front in fronts])
+                while not stop.is_set():
+                    await trio.sleep(0.2)
+                nursery.cancel_scope.cancel()
+        finally:
+            for sock in [*fronts, *backs.values()]:
+                sock.close()
+
+    trio.run(main)
+
+
+LT_CLIENT_ADDRESS: Final = "127.79.1.1"  # libtorrent's querying session behind the relays
+LT_RELAY_OCTET: Final = 70  # relays on 127.70.n.1, one /24 each like the nodes (libtorrent
+# keeps one node per /24 in its routing table and in a search)
+
+
+def libtorrent_client(bootstrap: list[tuple[str, int]]):
+    """A libtorrent session that is no DHT node of the network, only a read-only client of it
+    (BEP 43, like tsmd), bootstrapped from `bootstrap` alone; settings as the nodes'."""
+    import libtorrent as lt
+
+    alerts = lt.alert.category_t
+    session = lt.session({
+        "listen_interfaces": f"{LT_CLIENT_ADDRESS}:0", "listen_system_port_fallback": False,
+        "max_retry_port_bind": 0, "enable_dht": True, "dht_bootstrap_nodes": "",
+        "dht_read_only": True, "enable_upnp": False, "enable_natpmp": False,
+        "enable_lsd": False, "enable_ip_notifier": False, "alert_queue_size": 100000,
+        "alert_mask": int(alerts.dht_notification | alerts.dht_operation_notification),
+        "dht_block_ratelimit": 1_000_000, "dht_block_timeout": 1,
+        "dht_upload_rate_limit": 100_000_000, "recv_socket_buffer_size": 1 << 21,
+        "send_socket_buffer_size": 1 << 21})
+    loopback_only = lt.ip_filter()
+    loopback_only.add_rule("0.0.0.0", "255.255.255.255", 1)
+    loopback_only.add_rule("127.0.0.0", "127.255.255.255", 0)
+    session.set_ip_filter(loopback_only)
+    for node in bootstrap:
+        session.add_dht_node(node)
+    return session
+
+
+def libtorrent_get_peers(session, infohashes: list[bytes], expected: dict,
+                         timeout: float) -> tuple[float, dict]:
+    """dht_get_peers for every hash at once; seconds until every expected peer had arrived
+    (libtorrent signals no end of a get_peers lookup), and what arrived."""
+    import libtorrent as lt
+
+    session.pop_alerts()
+    found: dict[bytes, set] = {}
+    started = time.monotonic()
+    for infohash in infohashes:
+        session.dht_get_peers(lt.sha1_hash(infohash))
+    while time.monotonic() - started < timeout:
+        session.wait_for_alert(5)
+        for alert in session.pop_alerts():
+            if isinstance(alert, lt.dht_get_peers_reply_alert):
+                found.setdefault(alert.info_hash.to_bytes(), set()).update(
+                    (str(host), int(port)) for host, port in alert.peers())
+        if all(expected[h] <= found.get(h, set()) for h in infohashes):
+            break
+    return time.monotonic() - started, found
+
+
+def bench_dht_libtorrent(nodes: int, count: int, rtt: tuple[float, float] | None,
+                         repeat: int) -> None:
+    import random
+
+    import trio
+
+    import tsmd
     from test_tsmd import LibtorrentDht, survey_all, dht_test_options
 
     network = LibtorrentDht(nodes)
+    relay = client = None
+    stop = multiprocessing.Event()
     try:
         swarms = {}
         for n in range(count):
@@ -518,31 +694,81 @@ def bench_dht_libtorrent(nodes: int, count: int) -> None:
             swarms[infohash] = [((n * 7 + a * 3) % nodes, 7000 + a, a == 0) for a in range(1 + n % 4)]
         expected = network.announce(swarms, timeout=120)
         announced = sum(len(p) for p in expected.values())
-        lt_wall = network.lt_get_peers(list(swarms), expected, via=nodes - 1, timeout=120)
-        lt_found = sum(len(network.found.get(h, set()) & expected[h]) for h in swarms)
-        lt_wrong = sum(len(network.found.get(h, set()) - expected[h]) for h in swarms)
-        # tsmd as it runs from cron: its node cache warm from an earlier run (libtorrent's own
-        # routing table is warm too: every node knows every other).
-        import tsmd
+        warm_up = [hashlib.sha1(f"lt warm-up {n}".encode()).digest() for n in range(20)]
+        if rtt:
+            chooser = random.Random(3)
+            rtts = [chooser.uniform(*rtt) for _ in range(nodes)]
+            ready: multiprocessing.Queue = multiprocessing.Queue()
+            relay = multiprocessing.Process(target=serve_delay_relay, daemon=True, args=(
+                network.nodes, [f"127.{LT_RELAY_OCTET}.{n + 1}.1" for n in range(nodes)], rtts,
+                ready, stop))
+            relay.start()
+            relays = [tuple(address) for address in ready.get(timeout=60)]
+            client = libtorrent_client(relays)
+            where = (f"through a UDP relay per node that delays both directions (round trips "
+                     f"{rtt[0] * 1000:.0f}-{rtt[1] * 1000:.0f} ms, mean "
+                     f"{sum(rtts) / nodes * 1000:.0f} ms); tsmd and a separate read-only "
+                     f"libtorrent client both know only the relays")
+        else:
+            relays = network.nodes
+            client = libtorrent_client(relays)
+            where = "no added latency; a separate read-only libtorrent client beside tsmd"
 
+        class Relayed:  # what survey_all needs of a network: its bootstrap nodes
+            bootstrap = [f"{host}:{port}" for host, port in relays[:3]]
+
+        # Both clients warm from an earlier run: libtorrent's routing table (bootstrapped from
+        # every node, then 20 lookups), tsmd's node cache (20 lookups from 3 nodes).
+        time.sleep(1.0 + (rtt[1] if rtt else 0))
+        libtorrent_get_peers(client, warm_up, {h: set() for h in warm_up}, timeout=5)
         cache = tsmd.NodeCache()
-        trio.run(survey_all, network, list(swarms)[:20], dht_test_options(), cache)
+        trio.run(survey_all, Relayed, warm_up, dht_test_options(), cache)
         print(f"real libtorrent network, {nodes} nodes, {count} infohashes, {announced} announced "
-              f"peers:")
-        print(f"  libtorrent dht_get_peers: {lt_found} found, {lt_wrong} wrong, {lt_wall:.2f} s "
-              f"until every announced peer had arrived")
-        for label, bep33 in (("tsmd", False), ("tsmd with BEP 33", True)):
-            started = time.perf_counter()
-            options = dht_test_options(concurrency=int(os.environ.get("C", 100)), bep33=bep33,
-                                       query_timeout=4.0)
-            results, survey, udp = trio.run(survey_all, network, list(swarms), options, cache)
-            wall = time.perf_counter() - started
-            found = sum(len(results[h].peers & expected[h]) for h in swarms)
-            wrong = sum(len(results[h].peers - expected[h]) for h in swarms)
-            print(f"  {label + ':':25} {found} found, {wrong} wrong, {wall:.2f} s until every "
-                  f"lookup had ended ({udp.sent / count:.1f} packets per lookup, "
-                  f"{survey.counters.timeouts} timeouts)")
+              f"peers; {where}:")
+        for attempt in range(repeat):
+            lt_wall, lt_found = libtorrent_get_peers(client, list(swarms), expected, timeout=120)
+            found = sum(len(lt_found.get(h, set()) & expected[h]) for h in swarms)
+            wrong = sum(len(lt_found.get(h, set()) - expected[h]) for h in swarms)
+            print(f"  [{attempt + 1}] libtorrent dht_get_peers: {found} found, {wrong} wrong, "
+                  f"{lt_wall:.2f} s until every announced peer had arrived")
+            for label, bep33 in (("tsmd", False), ("tsmd with BEP 33", True)):
+                complete_at: dict[bytes, float] = {}
+                take_reply = tsmd.DhtSurvey._take_reply
+
+                def timed_take_reply(survey, result, reply, consider):
+                    take_reply(survey, result, reply, consider)
+                    if result.infohash not in complete_at and \
+                            expected[result.infohash] <= result.peers:
+                        complete_at[result.infohash] = time.perf_counter()
+
+                tsmd.DhtSurvey._take_reply = timed_take_reply
+                try:
+                    started = time.perf_counter()
+                    options = dht_test_options(concurrency=count, bep33=bep33,
+                                               stall_timeout=1.0, query_timeout=4.0)
+                    results, survey, udp = trio.run(survey_all, Relayed, list(swarms), options,
+                                                    cache)
+                    wall = time.perf_counter() - started
+                finally:
+                    tsmd.DhtSurvey._take_reply = take_reply
+                found = sum(len(results[h].peers & expected[h]) for h in swarms)
+                wrong = sum(len(results[h].peers - expected[h]) for h in swarms)
+                all_peers = (f"{max(complete_at.values()) - started:.2f} s until every announced "
+                             f"peer had arrived" if len(complete_at) == count else
+                             "not every announced peer arrived")
+                print(f"  [{attempt + 1}] {label + ':':21} {found} found, {wrong} wrong, "
+                      f"{all_peers}, {wall:.2f} s until every lookup had ended "
+                      f"({udp.sent / count:.1f} packets per lookup, {survey.counters.timeouts} "
+                      f"timeouts)")
     finally:
+        stop.set()
+        if relay is not None:
+            relay.join(timeout=10)
+            if relay.is_alive():
+                relay.kill()
+        if client is not None:
+            client.pause()
+            client.apply_settings({"enable_dht": False})
         network.stop()
 
 
@@ -762,6 +988,22 @@ type = "books"
             tracker.stop()
 
 
+def round_trips(text: str) -> tuple[float, float] | None:
+    """Milliseconds as "LOW-HIGH" or "MS" -> seconds (low, high); "0" -> None."""
+    low, _, high = text.partition("-")
+    if float(low) == 0 and not high:
+        return None
+    return float(low) / 1000, float(high or low) / 1000
+
+
+def round_trips(text: str) -> tuple[float, float] | None:
+    """Milliseconds as "LOW-HIGH" or "MS" -> seconds (low, high); "0" -> None."""
+    low, _, high = text.partition("-")
+    if float(low) == 0 and not high:
+        return None
+    return float(low) / 1000, float(high or low) / 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -775,7 +1017,16 @@ def main() -> None:
                         help="how many of the hashes libtorrent scrapes alongside")
     dht = sub.add_parser("dht", help="a simulated DHT, cold and warm runs, rate limit; "
                                      "then libtorrent nodes side by side")
-    dht.add_argument("--nodes", type=int, default=1200)
+    dht.add_argument("--nodes", type=int, default=10000)
+    dht.add_argument("--routers", type=int, default=3,
+                     help="bootstrap routers answering with random nodes (0: 3 ordinary nodes)")
+    dht.add_argument("--rtt", type=round_trips, default=None, metavar="LOW-HIGH",
+                     help="round-trip time of each simulated node, ms, e.g. 50-300")
+    dht.add_argument("--lt-rtt", type=round_trips, action="append", metavar="LOW-HIGH",
+                     help="round trips through a relay in front of each libtorrent node, ms; "
+                          "0 for none; repeatable (default: 0 and 50-300)")
+    dht.add_argument("--repeat", type=int, default=2, help="rounds of the side-by-side")
+    dht.add_argument("--only", choices=("simulated", "libtorrent"))
     dht.add_argument("--infohashes", type=int, default=5000)
     dht.add_argument("--silent", type=float, default=0.3, help="fraction of dead nodes")
     dht.add_argument("--in-flight", type=int, default=1000)
@@ -793,8 +1044,12 @@ def main() -> None:
     if args.bench == "sync":
         bench_sync(args.torrents, args.files)
     elif args.bench == "dht":
-        bench_dht(args.nodes, args.infohashes, args.silent, args.in_flight)
-        bench_dht_libtorrent(args.lt_nodes, args.lt_infohashes)
+        if args.only != "libtorrent":
+            bench_dht(args.nodes, args.infohashes, args.silent, args.in_flight, args.rtt,
+                      args.routers)
+        if args.only != "simulated":
+            for rtt in args.lt_rtt or (None, (0.05, 0.3)):
+                bench_dht_libtorrent(args.lt_nodes, args.lt_infohashes, rtt, args.repeat)
     elif args.bench == "report":
         bench_report(args.torrents, args.days, args.keep)
     elif args.bench == "run":

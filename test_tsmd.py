@@ -3,6 +3,7 @@ reports, command line. Network tests use loopback only and run under trio.fail_a
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import html
 import heapq
@@ -1648,6 +1649,19 @@ def test_krpc_parsers_raise_only_protocol_error_on_hostile_structures(value):
         pass
 
 
+def test_dht_destination_check_is_memoised_per_address_not_per_policy():
+    cases = {("8.8.8.8", 6881): (False, False), ("127.0.0.1", 6881): (True, False),
+             ("10.1.2.3", 1): (True, False), ("0.0.0.0", 6881): (True, True),
+             ("224.0.0.1", 6881): (True, True), ("255.255.255.255", 6881): (True, True),
+             ("240.0.0.1", 6881): (True, True), ("8.8.8.8", 0): (True, True),
+             ("::ffff:10.0.0.1", 6881): (True, True), ("2001:4860::1", 6881): (False, False),
+             ("not an address", 6881): (True, True)}
+    for _ in range(2):  # the second round is answered from the memo
+        for (host, port), (strict, lenient) in cases.items():
+            assert tsmd._bogus_destination(host, port, False) is strict, host
+            assert tsmd._bogus_destination(host, port, True) is lenient, host
+
+
 def test_node_cache_closest_matches_a_full_scan():
     cache = tsmd.NodeCache()
     nodes = [tsmd.DhtNode(hashlib.sha1(str(n).encode()).digest(), f"127.1.{n // 250}.{n % 250}",
@@ -1676,41 +1690,63 @@ def xor(a: bytes, b: bytes) -> int:
 class FakeDhtNetwork:
     """Nodes on distinct 127.x addresses with Kademlia routing tables built from global
     knowledge; each infohash's peers are stored on the 8 nodes closest to it. `style` is
-    "jech" (values, no filters) or "libtorrent" (with scrape: filters and no values)."""
+    "jech" (values, no filters) or "libtorrent" (with scrape: filters and no values).
+
+    `rtt` = (low, high) gives each node a round-trip time drawn from that range: its replies
+    leave that much after the query came. `routers` > 0 makes the first `routers` nodes
+    bootstrap routers like the public ones: they store nothing, sit in no routing table and
+    answer every query with 8 random nodes, not the closest ones they know."""
 
     def __init__(self, count: int, swarms: dict[bytes, set[tuple[str, int, bool]]], *,
                  style: str = "jech", hostile: dict[int, str] | None = None,
-                 second_octet: int = 20, values_delay: float = 0.0) -> None:
+                 second_octet: int = 20, values_delay: float = 0.0,
+                 rtt: tuple[float, float] | None = None, routers: int = 0) -> None:
         self.ids = [hashlib.sha1(f"node {n}".encode()).digest() for n in range(count)]
         self.addresses = [f"127.{second_octet + n // 250}.{n % 250 + 1}.1" for n in range(count)]
         self.ports = [0] * count
         self.style = style
         self.values_delay = values_delay  # plain (non-scrape) replies come this much later
-        self.hostile = hostile or {}  # node index -> behaviour
+        chooser = random.Random(f"rtt {count}")
+        self.delay = [chooser.uniform(*rtt) if rtt else 0.0 for _ in range(count)]
+        self.hostile = dict(hostile or {})  # node index -> behaviour
+        self.hostile.update({n: "router" for n in range(routers)})
+        self.routers = routers
+        self.random = random.Random(f"routers {count}")
         self.queries = [0] * count
         self.per_second: dict[int, int] = {}  # packets received per wall-clock second
         self.stored: list[dict[bytes, set[tuple[str, int, bool]]]] = [{} for _ in range(count)]
         # Peers live on the 8 closest nodes that answer at all (dead entries store nothing).
-        storers = [n for n in range(count) if self.hostile.get(n) != "silent"]
+        storers = [n for n in range(count) if self.hostile.get(n) not in ("silent", "router")]
         for infohash, peers in swarms.items():
             for n in heapq.nsmallest(8, storers, key=lambda n: xor(self.ids[n], infohash)):
                 self.stored[n][infohash] = peers
-        self.table = [self._routing_table(n) for n in range(count)]
+        self.table = self._routing_tables(routers)
 
-    def _routing_table(self, n: int) -> list[int]:
-        """Up to 8 nodes per bucket (per length of the shared id prefix), like a real node."""
-        buckets: dict[int, list[int]] = {}
-        me = int.from_bytes(self.ids[n], "big")
-        for other in range(len(self.ids)):
-            if other != n:
-                bucket = (me ^ int.from_bytes(self.ids[other], "big")).bit_length()
-                if len(buckets.setdefault(bucket, [])) < 8:
-                    buckets[bucket].append(other)
-        return [other for members in buckets.values() for other in members]
+    def _routing_tables(self, routers: int) -> list[list[int]]:
+        """Up to 8 nodes per bucket (per length of the shared id prefix), like a real node.
+        The nodes whose XOR distance to `me` has bit length b are those whose id shares the
+        first 160 - b bits with `me` and differs in the next: one range of the sorted ids, so
+        each bucket is found by bisection instead of by a scan of every other node."""
+        members = sorted((int.from_bytes(self.ids[n], "big"), n)
+                         for n in range(routers, len(self.ids)))
+        keys = [key for key, _ in members]
+        tables: list[list[int]] = [[] for _ in self.ids]
+        for me, n in members:
+            chooser = random.Random(n)
+            table = tables[n]
+            for bits in range(1, 161):
+                prefix = (me >> (bits - 1)) ^ 1
+                low = bisect.bisect_left(keys, prefix << (bits - 1))
+                high = bisect.bisect_left(keys, (prefix + 1) << (bits - 1))
+                if high - low <= 8:
+                    table.extend(members[i][1] for i in range(low, high))
+                else:
+                    table.extend(members[i][1] for i in chooser.sample(range(low, high), 8))
+        return tables
 
     @property
     def bootstrap(self) -> list[str]:
-        return [f"{self.addresses[n]}:{self.ports[n]}" for n in range(3)]
+        return [f"{self.addresses[n]}:{self.ports[n]}" for n in range(self.routers or 3)]
 
     def node(self, n: int) -> tsmd.DhtNode:
         return tsmd.DhtNode(self.ids[n], self.addresses[n], self.ports[n])
@@ -1722,18 +1758,26 @@ class FakeDhtNetwork:
             task_status.started()
 
     async def _serve_node(self, n: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock, \
-                trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as other:
+        # The second socket only for the node that answers from the wrong address: a network
+        # of 10,000 nodes must fit in the file descriptor limit.
+        with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock:
             await sock.bind((self.addresses[n], 0))
-            await other.bind((self.addresses[n], 0))
             self.ports[n] = sock.getsockname()[1]
+            other = sock
+            if self.hostile.get(n) == "wrong-address":
+                other = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+                await other.bind((self.addresses[n], 0))
             task_status.started()
-            async with trio.open_nursery() as later:
-                await self._answer_queries(n, sock, other, later)
+            try:
+                async with trio.open_nursery() as later:
+                    await self._answer_queries(n, sock, other, later)
+            finally:
+                if other is not sock:
+                    other.close()
 
     async def _answer_queries(self, n: int, sock, other, later) -> None:
-        async def send_later(reply, via, address):
-            await trio.sleep(self.values_delay)
+        async def send_later(delay, reply, via, address):
+            await trio.sleep(delay)
             await via.sendto(reply, address)
 
         while True:
@@ -1750,14 +1794,22 @@ class FakeDhtNetwork:
             except Exception:
                 continue
             for reply, via in self.answer(n, query, behaviour, sock, other):
-                if self.values_delay and query[b"a"].get(b"scrape") != 1:
-                    later.start_soon(send_later, reply, via, address)
+                delay = self.delay[n]
+                if query[b"a"].get(b"scrape") != 1:
+                    delay += self.values_delay
+                if delay:
+                    later.start_soon(send_later, delay, reply, via, address)
                 else:
                     await via.sendto(reply, address)
 
     def answer(self, n: int, query: dict, behaviour: str | None, sock, other):
         arguments = query[b"a"]
         infohash = arguments[b"info_hash"]
+        if behaviour == "router":
+            far = self.random.sample(range(self.routers, len(self.ids)), 8)
+            return [(bencoder.bencode({b"t": query[b"t"], b"y": b"r", b"r": {
+                b"id": self.ids[n], b"nodes": b"".join(tsmd.encode_compact_node(self.node(m))
+                                                       for m in far)}}), sock)]
         closest = sorted(self.table[n], key=lambda m: xor(self.ids[m], infohash))[:8]
         body: dict = {b"id": self.ids[n], b"token": b"tok" + bytes([n % 256]),
                       b"nodes": b"".join(tsmd.encode_compact_node(self.node(m)) for m in closest)}
@@ -1801,6 +1853,26 @@ class FakeDhtNetwork:
         return [(bencoder.bencode(reply), sock)]
 
 
+def test_fake_dht_routing_tables_are_kademlia_buckets():
+    network = FakeDhtNetwork(300, {}, routers=2)
+    ids = [int.from_bytes(node_id, "big") for node_id in network.ids]
+    for n in range(2, 300):
+        sizes: dict[int, int] = {}  # bucket (bit length of the distance) -> nodes in it
+        for other in range(2, 300):
+            if other != n:
+                bucket = (ids[n] ^ ids[other]).bit_length()
+                sizes[bucket] = sizes.get(bucket, 0) + 1
+        table = network.table[n]
+        assert len(set(table)) == len(table) and n not in table and not {0, 1} & set(table)
+        got: dict[int, int] = {}
+        for other in table:
+            bucket = (ids[n] ^ ids[other]).bit_length()
+            got[bucket] = got.get(bucket, 0) + 1
+        assert got == {bucket: min(8, size) for bucket, size in sizes.items()}
+    assert network.table[0] == network.table[1] == [] and network.bootstrap[0].startswith(
+        network.addresses[0]) and len(network.bootstrap) == 2
+
+
 def dht_swarms(count: int, peers_each: int = 3, salt: str = "") -> dict[bytes, set]:
     swarms = {}
     for n in range(count):
@@ -1820,7 +1892,9 @@ def dht_test_options(**overrides) -> tsmd.DhtOptions:
 async def survey_all(network: FakeDhtNetwork, infohashes, options, cache=None):
     endpoint = await tsmd.UdpEndpoint.open("127.0.0.1:0", tsmd.krpc_transaction_untrusted)
     bootstrap = [tsmd.DhtNode(b"", *tsmd.split_host_port(b)) for b in network.bootstrap]
-    survey = tsmd.DhtSurvey(endpoint, cache or tsmd.NodeCache(), bootstrap, options, False)
+    # An empty cache is falsy (len 0): test for None, or a cache to be warmed is dropped.
+    survey = tsmd.DhtSurvey(endpoint, tsmd.NodeCache() if cache is None else cache, bootstrap,
+                            options, False)
     results = {}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(endpoint.receive_forever)

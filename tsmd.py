@@ -1890,18 +1890,30 @@ class _Candidate:
     asked_at: float = 0.0
 
 
+def _candidate_distance(candidate: _Candidate) -> int:
+    return candidate.distance
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _destination_class(host: str) -> tuple[bool, bool]:
+    """(never a destination, globally routable) of a textual IP. Memoised: every reply names
+    8 nodes, mostly ones seen before, and ipaddress parsing was a fifth of a survey's CPU."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return True, False
+    if ip.is_unspecified or ip.is_multicast or ip.is_reserved or host == "255.255.255.255":
+        return True, False
+    return False, is_global_address(host)
+
+
 def _bogus_destination(host: str, port: int, allow_private: bool) -> bool:
     """Addresses a reply may carry that must never be sent to: port 0, unspecified, multicast,
     broadcast, reserved, and unless allowed, anything not globally routable."""
     if not 0 < port < 65536:
         return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return True
-    if ip.is_unspecified or ip.is_multicast or ip.is_reserved or host == "255.255.255.255":
-        return True
-    return not allow_private and not is_global_address(host)
+    never, routable = _destination_class(host)
+    return never or (not allow_private and not routable)
 
 
 class DhtSurvey:
@@ -1993,6 +2005,7 @@ class DhtSurvey:
         options = self.options
         target = _id_int(infohash)
         candidates: dict[tuple[str, int], _Candidate] = {}
+        by_distance: list[_Candidate] = []  # kept sorted as candidates arrive, never re-sorted
 
         def consider(node: DhtNode, known_id: bool = True) -> None:
             address = (node.host, node.port)
@@ -2004,7 +2017,8 @@ class DhtSurvey:
             if known_id and self.cache.is_dead(node.host, node.port):
                 return  # (bootstrap routers are always worth another try)
             distance = _id_int(node.node_id) ^ target if known_id else UNKNOWN_DISTANCE
-            candidates[address] = _Candidate(node, distance)
+            candidate = candidates[address] = _Candidate(node, distance)
+            bisect.insort(by_distance, candidate, key=_candidate_distance)
 
         for node in self.cache.closest(infohash, 2 * DHT_K):
             consider(node)
@@ -2013,12 +2027,17 @@ class DhtSurvey:
                 consider(node, known_id=False)
 
         done_send, done_receive = trio.open_memory_channel[None](math.inf)
+        # Whether the loop sleeps with no stall deadline at all. Only then must a packet that
+        # leaves wake it: any deadline it already sleeps towards is earlier than the new one,
+        # and it recomputes them all when it wakes.
+        sleeps_without_deadline = False
 
         def sent(candidate: _Candidate) -> None:
             # The stall clock starts when the packet leaves, not while it waits for the rate
-            # limits; the loop is woken to take the new deadline into account.
+            # limits.
             candidate.asked_at = trio.current_time()
-            done_send.send_nowait(None)
+            if sleeps_without_deadline:
+                done_send.send_nowait(None)
 
         async def ask(candidate: _Candidate) -> None:
             try:
@@ -2045,8 +2064,7 @@ class DhtSurvey:
         async with trio.open_nursery() as nursery:
             while True:
                 now = trio.current_time()
-                alive = sorted((c for c in candidates.values() if c.state != "failed"),
-                               key=lambda c: c.distance)
+                alive = [c for c in by_distance if c.state != "failed"]
                 closest = alive[:DHT_K]
                 if all(c.state == "answered" for c in closest):
                     break
@@ -2067,10 +2085,13 @@ class DhtSurvey:
                 in_flight = [c for c in alive if c.state == "asked"]
                 if not in_flight:
                     break  # nothing more to ask: out of candidates or out of query budget
-                stalls = [c.asked_at + options.stall_timeout for c in in_flight
-                          if c.asked_at + options.stall_timeout > now]
-                with trio.move_on_after(max(0.0, min(stalls) - now) if stalls else math.inf):
+                # (A query still held by the rate limits has asked_at = inf: no deadline yet.)
+                deadline = min((c.asked_at + options.stall_timeout for c in in_flight
+                                if c.asked_at + options.stall_timeout > now), default=math.inf)
+                sleeps_without_deadline = deadline == math.inf
+                with trio.move_on_after(max(0.0, deadline - now)):
                     await done_receive.receive()
+                sleeps_without_deadline = False
                 while True:  # take every completion that is already in
                     try:
                         done_receive.receive_nowait()
