@@ -2736,7 +2736,7 @@ def close_orphaned_runs(db: sqlite3.Connection) -> int:
     return cursor.rowcount
 
 
-LOCK_PATIENCE: Final = 2.0  # seconds a writer retries a held lock before it says "busy"
+LOCK_PATIENCE: Final = 0.5  # seconds a writer retries a held lock before it says "busy"
 
 
 class DatabaseLock:
