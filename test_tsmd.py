@@ -3004,3 +3004,38 @@ def test_run_refuses_a_damaged_database_with_a_message(tmp_path):
     assert (tmp_path / "tsmd.sqlite3").read_bytes() == b"this is not SQLite " * 300
     done = cli("--config", str(config), "status")
     assert done.returncode == tsmd.ExitCode.DATABASE and "Traceback" not in done.stderr
+
+
+def test_database_lock_is_one_per_database_and_patient_for_a_moment(tmp_path):
+    database = tmp_path / "tsmd.sqlite3"
+    (tmp_path / "link.sqlite3").symlink_to(database)
+    first = tsmd.DatabaseLock(database)
+    assert tsmd.DatabaseLock(tmp_path / "link.sqlite3").path == first.path  # one lock file
+    first.acquire(wait=False, holder="tsmd run")
+    try:
+        assert "tsmd run (pid" in tsmd.DatabaseLock(database).held_by()
+        with pytest.raises(tsmd.BusyError, match="is busy: tsmd run"):
+            tsmd.DatabaseLock(tmp_path / "link.sqlite3").acquire(wait=False, holder="tsmd dht")
+        # Held for an instant only (as `tsmd status` does): the next writer still gets it.
+        threading.Timer(0.2, first.release).start()
+        second = tsmd.DatabaseLock(database)
+        second.acquire(wait=False, holder="tsmd scrape")
+        assert "tsmd scrape" in first.path.read_text()
+        second.release()
+    finally:
+        first.release()
+    assert tsmd.DatabaseLock(database).held_by() is None
+
+
+def test_an_interrupted_report_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "feed.json"
+    target.write_text("the previous feed")
+
+    def chunks():
+        yield "[\n"
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tsmd.write_atomically(target, chunks())
+    assert [p.name for p in tmp_path.iterdir()] == ["feed.json"]
+    assert target.read_text() == "the previous feed"
