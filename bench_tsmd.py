@@ -373,25 +373,29 @@ def serve_fake_dht(nodes: int, swarms_count: int, silent_fraction: float,
     """The simulated DHT in its own process (the other core), until `stop` is set."""
     import random
 
-    import trio
-
     from test_tsmd import FakeDhtNetwork
 
     chooser = random.Random(7)
     silent = {n for n in range(max(3, routers), nodes) if chooser.random() < silent_fraction}
     network = FakeDhtNetwork(nodes, bench_swarms(swarms_count),
                              hostile={n: "silent" for n in silent}, rtt=rtt, routers=routers)
+    serve_network_until(network, stop, lambda: ports.put((network.bootstrap, len(silent))))
+    report.put(dict(network.per_second))
+
+
+def serve_network_until(network, stop, ready) -> None:
+    """Serve a FakeDhtNetwork in this process until `stop` is set; `ready()` once it listens."""
+    import trio
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(network.serve)
-            ports.put((network.bootstrap, len(silent)))
+            ready()
             while not stop.is_set():
                 await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
-    report.put(dict(network.per_second))
 
 
 def bench_dht(nodes: int, count: int, silent_fraction: float, in_flight: int,
@@ -573,7 +577,6 @@ def serve_delay_relay(nodes: list[tuple[str, int]], relay_hosts: list[str], rtts
         backs: dict[tuple[int, tuple], trio.socket.SocketType] = {}
 
         def later(delay: float, sock, data: bytes, address) -> None:
-            nonlocal wake
             heapq.heappush(line, (trio.current_time() + delay, next(order), sock, data, address))
             wake.set()
 
@@ -880,24 +883,13 @@ def bench_report(torrents: int, days: int, keep: Path | None) -> None:
 def serve_run_dht(hashes: list[bytes], nodes: int, ports: multiprocessing.Queue, stop) -> None:
     """A simulated DHT in its own process, where every other torrent of the run bench has a
     swarm of one to three peers, until `stop` is set."""
-    import trio
-
     from test_tsmd import FakeDhtNetwork
 
     swarms = {infohash: {(f"127.{200 + p}.{(n // 250) % 250}.{n % 250 + 1}", 6881 + p, p == 0)
                          for p in range(1 + n % 3)}
               for n, infohash in enumerate(hashes) if n % 2 == 0}
     network = FakeDhtNetwork(nodes, swarms)
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(network.serve)
-            ports.put(network.bootstrap)
-            while not stop.is_set():
-                await trio.sleep(0.2)
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
+    serve_network_until(network, stop, lambda: ports.put(network.bootstrap))
 
 
 def bench_run(torrents: int, dht_nodes: int) -> None:
@@ -986,14 +978,6 @@ type = "books"
                 if worker.is_alive():
                     worker.kill()
             tracker.stop()
-
-
-def round_trips(text: str) -> tuple[float, float] | None:
-    """Milliseconds as "LOW-HIGH" or "MS" -> seconds (low, high); "0" -> None."""
-    low, _, high = text.partition("-")
-    if float(low) == 0 and not high:
-        return None
-    return float(low) / 1000, float(high or low) / 1000
 
 
 def round_trips(text: str) -> tuple[float, float] | None:

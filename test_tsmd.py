@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import bencoder
@@ -2841,7 +2842,7 @@ def test_sigkill_in_any_stage_loses_nothing_and_the_next_run_continues(tmp_path,
         world.stop()
 
 
-def pick_rows(count: int, seeders: Any = lambda n: -1 if n % 13 == 0 else n % 25) -> list:
+def pick_rows(count: int, seeders: Callable[[int], int] = lambda n: -1 if n % 13 == 0 else n % 25) -> list:
     rows = []
     for n in range(count):
         infohash = f"{n:040x}"

@@ -5112,6 +5112,28 @@ def _infohash_options(values: Sequence[str]) -> list[str]:
         raise _fail(f"--infohash: {exc}", ExitCode.USAGE) from None
 
 
+def _tracker_options(values: Sequence[str]) -> list[str]:
+    """--tracker URLs, normalised; one that is no tracker URL is a usage error."""
+    urls = [normalise_tracker_url(value) for value in values]
+    if None in urls:
+        bad = values[urls.index(None)]
+        raise _fail(f"--tracker: not a udp/http/https tracker URL: {bad!r}", ExitCode.USAGE)
+    return urls  # type: ignore[return-value]
+
+
+def _host_port_options(values: Sequence[str], label: str) -> None:
+    try:
+        for value in values:
+            split_host_port(value)
+    except ValueError as exc:
+        raise _fail(f"{label}: {exc}", ExitCode.USAGE) from None
+
+
+def _format_option(value: str, known: Sequence[str]) -> None:
+    if value not in known:
+        raise _fail(f"unknown format '{value}' (known: {', '.join(known)})", ExitCode.USAGE)
+
+
 def execute_stage(db: sqlite3.Connection, settings: Settings, reporter: Reporter, stage: str,
                   run: Any, no_counts: Any, judge: Any, *, with_run_id: bool = False,
                   **arguments: Any) -> ExitCode:
@@ -5225,12 +5247,9 @@ def dht(
     settings, reporter = _load(ctx)
     stale = _duration_option(stale_after, "--stale-after")
     hashes = _infohash_options(infohash or [])
+    _host_port_options([*(bootstrap or []), *([bind] if bind else [])], "dht")
     try:
-        for value in [*(bootstrap or []), *([bind] if bind else [])]:
-            split_host_port(value)
         chosen = select_collections(settings, collection or [])
-    except ValueError as exc:
-        raise _fail(f"dht: {exc}", ExitCode.USAGE) from None
     except TsmdError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     run_stage_command(settings, reporter, "dht", run_dht, DhtCounters(), judge_dht, wait=wait,
@@ -5262,16 +5281,14 @@ def scrape(
     settings, reporter = _load(ctx)
     stale = _duration_option(stale_after, "--stale-after")
     hashes = _infohash_options(infohash or [])
-    bad = [t for t in tracker or [] if normalise_tracker_url(t) is None]
-    if bad:
-        raise _fail(f"--tracker: not a udp/http/https tracker URL: {bad[0]!r}", ExitCode.USAGE)
+    only_trackers = _tracker_options(tracker or [])
     try:
         chosen = select_collections(settings, collection or [])
     except TsmdError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     run_stage_command(settings, reporter, "scrape", run_scrape, ScrapeRunCounts(),
                       scrape_judge(reporter), wait=wait, with_run_id=True, collections=chosen,
-                      infohashes=hashes, only_trackers=tracker or [], stale_after=stale)
+                      infohashes=hashes, only_trackers=only_trackers, stale_after=stale)
 
 
 @app.command()
@@ -5286,8 +5303,7 @@ def trackers(
     Example: tsmd trackers --failing
     """
     settings, _ = _load(ctx)
-    if format not in ("table", "json"):
-        raise _fail(f"unknown format '{format}' (known: table, json)", ExitCode.USAGE)
+    _format_option(format, ("table", "json"))
     db = _open_db(settings)
     rows = load_tracker_health(db, failing)
     db.close()
@@ -5442,9 +5458,7 @@ def pick(
     Example: tsmd pick --budget 2TB --format urls > to-seed.txt
     """
     settings, reporter = _load(ctx)
-    if format not in PICK_FORMATS:
-        raise _fail(f"unknown format '{format}' (known: {', '.join(PICK_FORMATS)})",
-                    ExitCode.USAGE)
+    _format_option(format, PICK_FORMATS)
     try:
         space = parse_size(budget)
     except ValueError as exc:
@@ -5540,16 +5554,9 @@ def check(
     Example: tsmd check 'magnet:?xt=urn:btih:...'
     """
     settings, reporter = _load(ctx)
-    if format not in ("table", "json"):
-        raise _fail(f"unknown format '{format}' (known: table, json)", ExitCode.USAGE)
-    bad = [t for t in tracker or [] if normalise_tracker_url(t) is None]
-    if bad:
-        raise _fail(f"--tracker: not a udp/http/https tracker URL: {bad[0]!r}", ExitCode.USAGE)
-    try:
-        for value in bootstrap or []:
-            split_host_port(value)
-    except ValueError as exc:
-        raise _fail(f"--bootstrap: {exc}", ExitCode.USAGE) from None
+    _format_option(format, ("table", "json"))
+    asked = _tracker_options(tracker or [])
+    _host_port_options(bootstrap or [], "--bootstrap")
     try:
         meta, interrupted = run_interruptible(load_check_target, target, settings)
     except TsmdError as exc:
@@ -5557,8 +5564,8 @@ def check(
                     else exc.exit_code) from None
     if interrupted:
         raise typer.Exit(int(ExitCode.INTERRUPTED))
-    if tracker:
-        urls = [normalise_tracker_url(t) for t in tracker]
+    if asked:
+        urls = asked
     else:
         urls = [t.url for t in meta.trackers] + [
             normalise_tracker_url(t) for t in settings.scrape.trackers]
@@ -5637,8 +5644,7 @@ def status(
     Example: tsmd status --format json
     """
     settings, _ = _load(ctx)
-    if format not in ("table", "json"):
-        raise _fail(f"unknown format '{format}' (known: table, json)", ExitCode.USAGE)
+    _format_option(format, ("table", "json"))
     if not settings.database.is_file():
         raise _fail(f"no database at {settings.database} yet: run tsmd sync (or tsmd run)",
                     ExitCode.DATABASE)
