@@ -1992,6 +1992,81 @@ def test_dht_warm_cache_cuts_packets_and_persists(tmp_path):
         assert rows[infohash.hex()].dht_peers == len(peers) and rows[infohash.hex()].dht_scraped > 0
 
 
+def test_dht_silent_addresses_are_left_alone_by_the_next_runs_then_retried(tmp_path):
+    swarms = dht_swarms(60, salt="silent")
+    silent = set(range(5, 300, 3))
+    network = FakeDhtNetwork(300, swarms, hostile={n: "silent" for n in silent})
+    db, _ = torrent_db(tmp_path, 0, [])
+    with tsmd.Transaction(db):
+        collection_id = db.execute("SELECT id FROM collections").fetchone()[0]
+        for infohash in swarms:
+            torrent_id = tsmd.upsert_torrent(db, tsmd.decode_magnet_untrusted(
+                tsmd.magnet_uri(infohash.hex())), 1)
+            db.execute("INSERT INTO memberships (collection_id, source, torrent_id, first_seen, "
+                       "last_seen) VALUES (?, ?, ?, 1, 1)", (collection_id, infohash.hex(),
+                                                               torrent_id))
+    settings = make_settings(tmp_path, [{"name": "c", "url": "http://x/", "type": "books"}],
+                             dht={"bind": "127.0.0.1:0", "rate": 0, "stall_timeout": 0.3,
+                                  "query_timeout": 1})
+    answering = network.addresses[0]  # a bootstrap node: never silent, always asked
+
+    def silent_rows():
+        return {(host, runs) for host, _, runs, _ in db.execute(
+            "SELECT host, port, runs, last_failed FROM dht_silent_nodes")}
+
+    async def survey():
+        return await tsmd.run_dht(db, settings, settings.collections, tsmd.Reporter(-1),
+                                  bootstrap=network.bootstrap)
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(network.serve)
+            cold = await survey()
+            remembered = silent_rows()
+            warm = await survey()
+            # Three days on, the back-off (2 days after one silent run) has passed: the silent
+            # ones are asked once more and now count two runs. One of them that answers is
+            # forgiven.
+            with tsmd.Transaction(db):
+                db.execute("UPDATE dht_silent_nodes SET last_failed = last_failed - 3 * 86400")
+                db.execute("INSERT INTO dht_silent_nodes VALUES (?, ?, 1, ?)",
+                           (answering, network.ports[0], int(time.time()) - 3 * 86400))
+            later = await survey()
+            nursery.cancel_scope.cancel()
+        return cold, remembered, warm, later
+
+    cold, remembered, warm, later = run(scenario, timeout=120)
+    silent_hosts = {network.addresses[n] for n in silent}
+    assert cold.timeouts > 0 and remembered and {host for host, _ in remembered} <= silent_hosts
+    assert {runs for _, runs in remembered} == {1}
+    # (A warm lookup may still meet a silent address the cold run never asked.)
+    assert warm.timeouts <= cold.timeouts // 4
+    assert warm.peers == cold.peers == sum(len(p) for p in swarms.values())
+    assert warm.packets_sent <= cold.packets_sent - cold.timeouts
+    assert later.timeouts >= len(remembered) // 2 and later.peers == cold.peers
+    rows = silent_rows()
+    assert answering not in {host for host, _ in rows}
+    assert sum(1 for row in rows if row[1] == 2) >= len(remembered) // 2
+
+
+def test_silent_back_off_doubles_and_an_answer_forgives():
+    assert tsmd.silent_back_off(1) == 2 * 86400 and tsmd.silent_back_off(2) == 4 * 86400
+    assert tsmd.silent_back_off(4) == tsmd.silent_back_off(40) == 16 * 86400
+    cache, now = tsmd.NodeCache(), 1_000_000.0
+    cache.remember_silent("192.0.2.1", 6881, 1, now - 86400, now)
+    cache.remember_silent("192.0.2.2", 6881, 1, now - 3 * 86400, now)
+    cache.remember_silent("192.0.2.3", 6881, 3, now - 7 * 86400, now)
+    assert cache.is_dead("192.0.2.1", 6881) and not cache.is_dead("192.0.2.2", 6881)
+    assert cache.is_dead("192.0.2.3", 6881)
+    cache.failed("192.0.2.2", 6881)
+    cache.failed("192.0.2.9", 6881)
+    cache.failed("192.0.2.9", 6881)
+    assert sorted(cache.silent_this_run()) == [("192.0.2.2", 6881, 2), ("192.0.2.9", 6881, 1)]
+    cache.add(tsmd.DhtNode(b"\x01" * 20, "192.0.2.2", 6881), now)
+    assert cache.silent_this_run() == [("192.0.2.9", 6881, 1)] and \
+        cache.revived == {("192.0.2.2", 6881)}
+
+
 # ---- DHT: a network of real libtorrent nodes ----
 
 

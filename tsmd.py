@@ -1690,6 +1690,11 @@ DHT_K: Final = 8  # BEP 5: bucket size; a lookup ends when the K closest nodes h
 DHT_ALPHA: Final = 3  # queries in flight per lookup (Kademlia's alpha)
 DHT_EVICT_AFTER_FAILURES: Final = 2  # consecutive timeouts before a node leaves the warm cache
 DHT_DEAD_AFTER_FAILURES: Final = 3  # timeouts of a never-heard address before it is skipped
+# An address that never answered in a run is skipped by the next runs for a while, doubling
+# from 2 days up to 16: about half of the public DHT's addresses never answer (NAT, churn), and
+# a warm lookup would otherwise ask the same silent ones near its target every run.
+DHT_SILENT_RETRY: Final = 2 * 86400  # seconds
+DHT_SILENT_RETRY_MAX: Final = 16 * 86400
 DHT_NODE_MAX_AGE: Final = 3 * 86400  # seconds; older cached nodes are not loaded any more
 DHT_ERROR_BACKOFF: Final = 10.0  # seconds of silence towards a node that said 201/202
 DHT_WRITE_BATCH: Final = 500  # samples per transaction
@@ -1721,6 +1726,9 @@ class NodeCache:
         self.evicted: set[tuple[str, int]] = set()  # to be deleted from the database
         self.dead: set[tuple[str, int]] = set()  # never answered: not asked again this run
         self._strangers_failed: dict[tuple[str, int], int] = {}  # never answered, timed out
+        # Addresses silent in earlier runs: runs they were silent in, and when they last were.
+        self.silent_before: dict[tuple[str, int], tuple[int, float]] = {}
+        self.revived: set[tuple[str, int]] = set()  # silent before, answered in this run
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -1745,6 +1753,8 @@ class NodeCache:
         self.evicted.discard(address)
         self.dead.discard(address)
         self._strangers_failed.pop(address, None)
+        if address in self.silent_before:
+            self.revived.add(address)
 
     def _remove_key(self, key: int) -> None:
         node = self._nodes.pop(key, None)
@@ -1776,6 +1786,24 @@ class NodeCache:
     def is_dead(self, host: str, port: int) -> bool:
         return (host, port) in self.dead
 
+    def remember_silent(self, host: str, port: int, runs: int, last_failed: float,
+                        now: float) -> None:
+        """An address that never answered in `runs` earlier runs, the last at `last_failed`:
+        skipped until its back-off (DHT_SILENT_RETRY, doubling per run) has passed."""
+        address = (host, port)
+        if address in self._id_at:
+            self.revived.add(address)  # it answered since: the cache knows better
+            return
+        self.silent_before[address] = (runs, last_failed)
+        if now < last_failed + silent_back_off(runs):
+            self.dead.add(address)
+
+    def silent_this_run(self) -> list[tuple[str, int, int]]:
+        """(host, port, runs silent so far) of every address that timed out in this run and
+        never answered: each counts one more run, however many of its queries timed out."""
+        return [(host, port, self.silent_before.get((host, port), (0, 0.0))[0] + 1)
+                for host, port in self._strangers_failed]
+
     def closest(self, target: bytes, count: int) -> list[DhtNode]:
         if not self._ids:
             return []
@@ -1785,6 +1813,11 @@ class NodeCache:
         window = self._ids[max(0, position - span):position + span]
         window.sort(key=lambda key: key ^ wanted)
         return [self._nodes[key] for key in window[:count]]
+
+
+def silent_back_off(runs: int) -> float:
+    """Seconds an address that was silent in `runs` runs in a row is left alone."""
+    return min(DHT_SILENT_RETRY * 2 ** min(max(runs, 1) - 1, 8), DHT_SILENT_RETRY_MAX)
 
 
 class PerAddressLimiter:
@@ -2593,6 +2626,17 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX dht_samples_measured ON dht_samples(measured);
     CREATE INDEX dht_samples_run ON dht_samples(run_id);
     """,
+    # v3: addresses that never answered, so that the next runs do not ask them again at once.
+    """
+    CREATE TABLE dht_silent_nodes (
+        host            TEXT NOT NULL,
+        port            INTEGER NOT NULL,
+        runs            INTEGER NOT NULL,       -- runs in a row it was asked and never answered
+        last_failed     INTEGER NOT NULL,
+        PRIMARY KEY (host, port)
+    ) WITHOUT ROWID;
+    CREATE INDEX dht_silent_nodes_failed ON dht_silent_nodes(last_failed);
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
@@ -2873,6 +2917,7 @@ def prune_database(db: sqlite3.Connection, samples_before: float | None,
         with Transaction(db):
             counts.dht_nodes = db.execute("DELETE FROM dht_nodes WHERE last_seen < ?",
                                           (int(nodes_before),)).rowcount
+            db.execute("DELETE FROM dht_silent_nodes WHERE last_failed < ?", (int(nodes_before),))
     return counts
 
 
@@ -3650,11 +3695,16 @@ def load_node_cache(db: sqlite3.Connection, now: float) -> NodeCache:
             (now - DHT_NODE_MAX_AGE, DHT_EVICT_AFTER_FAILURES)):
         if isinstance(node_id, bytes) and len(node_id) == 20:
             cache.add(DhtNode(node_id, host, port), last_seen, failures)
+    for host, port, runs, last_failed in db.execute(
+            "SELECT host, port, runs, last_failed FROM dht_silent_nodes WHERE last_failed >= ?",
+            (now - 2 * DHT_SILENT_RETRY_MAX,)):
+        cache.remember_silent(host, port, runs, last_failed, now)
     return cache
 
 
 def save_node_cache(db: sqlite3.Connection, cache: NodeCache, now: float) -> None:
-    """Persist the warm cache: responsive nodes upserted, evicted and stale ones deleted."""
+    """Persist the warm cache: responsive nodes upserted, evicted and stale ones deleted; the
+    addresses silent in this run remembered, those that answered forgiven."""
     rows = [(node.node_id, node.host, node.port, int(cache.last_seen[_id_int(node.node_id)]),
              cache.failures[_id_int(node.node_id)]) for node in cache.nodes()]
     with Transaction(db):
@@ -3665,6 +3715,15 @@ def save_node_cache(db: sqlite3.Connection, cache: NodeCache, now: float) -> Non
             "node_id = excluded.node_id, last_seen = excluded.last_seen, "
             "failures = excluded.failures", rows)
         db.execute("DELETE FROM dht_nodes WHERE last_seen < ?", (now - DHT_NODE_MAX_AGE,))
+        db.executemany("DELETE FROM dht_silent_nodes WHERE host = ? AND port = ?",
+                       sorted(cache.revived))
+        db.executemany(
+            "INSERT INTO dht_silent_nodes (host, port, runs, last_failed) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(host, port) DO UPDATE SET runs = excluded.runs, "
+            "last_failed = excluded.last_failed",
+            [(host, port, runs, int(now)) for host, port, runs in cache.silent_this_run()])
+        db.execute("DELETE FROM dht_silent_nodes WHERE last_failed < ?",
+                   (now - 2 * DHT_SILENT_RETRY_MAX,))
 
 
 def load_dht_plan(db: sqlite3.Connection, collections: Sequence[CollectionSettings],
