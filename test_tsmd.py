@@ -3046,6 +3046,8 @@ def test_prune_keeps_what_it_should(tmp_path):
                    (now - 100 * 86400,))
         db.executemany("INSERT INTO dht_nodes VALUES (?, ?, 6881, ?, 0)",
                        [(b"a" * 20, "127.0.0.9", now - 40 * 86400), (b"b" * 20, "127.0.0.8", now)])
+        db.executemany("INSERT INTO dht_silent_nodes VALUES (?, 6881, 1, ?)",
+                       [("127.0.0.7", now - 40 * 86400), ("127.0.0.6", now - 86400)])
     before_rows = {row.infohash: row for row in tsmd.load_report_rows(db)}
     samples_before = db.execute("SELECT count(*) FROM tracker_samples").fetchone()[0]
     db.close()
@@ -3060,6 +3062,7 @@ def test_prune_keeps_what_it_should(tmp_path):
     assert db.execute("SELECT count(*) FROM tracker_samples WHERE measured < ?",
                       (now - 30 * 86400,)).fetchone()[0] == 0
     assert [row[0] for row in db.execute("SELECT host FROM dht_nodes")] == ["127.0.0.8"]
+    assert [row[0] for row in db.execute("SELECT host FROM dht_silent_nodes")] == ["127.0.0.6"]
     assert db.execute("SELECT count(*) FROM dht_latest").fetchone()[0] == 0
     assert db.execute("SELECT count(*) FROM runs WHERE id = ?", (old_run,)).fetchone()[0] == 0
     # The last month is untouched: the same report, changes and trends included.
