@@ -1650,6 +1650,39 @@ def test_krpc_parsers_raise_only_protocol_error_on_hostile_structures(value):
         pass
 
 
+def test_per_address_limit_paces_each_address_and_forgets_idle_ones():
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    sent: list[tuple[float, str]] = []
+
+    async def scenario():
+        limiter = tsmd.PerAddressLimiter(rate=1.0, burst=4)
+
+        async def send(host):
+            await limiter.take(host)
+            sent.append((trio.current_time(), host))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(send, "192.0.2.1")
+            nursery.start_soon(send, "192.0.2.2")
+        # A burst of 4, then one a second; another address is not held up.
+        times = [t for t, host in sent if host == "192.0.2.1"]
+        assert times == [0, 0, 0, 0, 1, 2]
+        assert [t for t, host in sent if host == "192.0.2.2"] == [0]
+        limiter.penalise("192.0.2.3", 10)
+        for n in range(limiter.SWEEP_AT - len(limiter)):
+            await limiter.take(f"198.51.{n // 250}.{n % 250}")
+        assert len(limiter) == limiter.SWEEP_AT
+        clock.jump(5)  # every bucket refilled but the penalised one
+        await limiter.take("203.0.113.1")
+        assert len(limiter) == 2
+        started = trio.current_time()
+        await limiter.take("192.0.2.3")  # still silenced: 10 s of penalty, 4 of burst
+        assert trio.current_time() - started >= 5
+
+    trio.run(scenario, clock=clock)
+
+
 def test_dht_destination_check_is_memoised_per_address_not_per_policy():
     cases = {("8.8.8.8", 6881): (False, False), ("127.0.0.1", 6881): (True, False),
              ("10.1.2.3", 1): (True, False), ("0.0.0.0", 6881): (True, True),

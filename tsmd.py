@@ -1122,8 +1122,9 @@ class TokenBucket:
         self.tokens = self.burst
         self.updated = trio.current_time() if rate else 0.0
         # Waiters queue on a fair lock and only the first one sleeps: thousands of lookups
-        # waiting for tokens must not all wake up for each token.
-        self._queue = trio.Lock()
+        # waiting for tokens must not all wake up for each token. Made on the first wait: a
+        # survey keeps a bucket for each of 100,000 addresses, and most never wait.
+        self._queue: trio.Lock | None = None
 
     def try_take(self) -> float:
         """Take a token and return 0, or return the seconds until one is due (taking nothing)."""
@@ -1137,9 +1138,19 @@ class TokenBucket:
             return 0.0
         return (1 - self.tokens) / self.rate
 
+    def is_idle(self, now: float) -> bool:
+        """Refilled and waited on by nobody: the same as a new bucket."""
+        return (not self._waiting() and
+                self.tokens + (now - self.updated) * self.rate >= self.burst)
+
+    def _waiting(self) -> bool:
+        return self._queue is not None and self._queue.locked()
+
     async def take(self) -> None:
-        if not self.rate or (not self._queue.locked() and self.try_take() == 0):
+        if not self.rate or (not self._waiting() and self.try_take() == 0):
             return
+        if self._queue is None:
+            self._queue = trio.Lock()
         async with self._queue:
             while (wait := self.try_take()) > 0:
                 await trio.sleep(wait)
@@ -1823,20 +1834,32 @@ def silent_back_off(runs: int) -> float:
 class PerAddressLimiter:
     """A token bucket per destination IP, so no node sees more than ~rate packets/s from us."""
 
-    MAX_BUCKETS: Final = 200_000
+    SWEEP_AT: Final = 10_000  # buckets; then the idle ones are dropped
 
     def __init__(self, rate: float, burst: float) -> None:
         self.rate = rate
         self.burst = burst
         self._buckets: dict[str, TokenBucket] = {}
+        self._sweep_at = self.SWEEP_AT
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def _bucket(self, host: str) -> TokenBucket:
         bucket = self._buckets.get(host)
         if bucket is None:
-            if len(self._buckets) >= self.MAX_BUCKETS:
-                self._buckets.clear()  # a full bucket carries no state worth keeping
+            if len(self._buckets) >= self._sweep_at:
+                self._sweep()
             bucket = self._buckets[host] = TokenBucket(self.rate, self.burst)
         return bucket
+
+    def _sweep(self) -> None:
+        """Drop the buckets a new one would equal. A survey meets every address about once, so
+        at 250 packets/s only the last few seconds' addresses still hold state."""
+        now = trio.current_time()
+        self._buckets = {host: bucket for host, bucket in self._buckets.items()
+                         if not bucket.is_idle(now)}
+        self._sweep_at = max(self.SWEEP_AT, 2 * len(self._buckets))
 
     async def take(self, host: str) -> None:
         if self.rate:
