@@ -735,6 +735,140 @@ def test_version_1_database_is_upgraded_with_its_history_summarised(tmp_path):
     assert tsmd.summarize_scrape_runs(db) == 0  # folded once
 
 
+def magnets_from_scratch(db: sqlite3.Connection) -> dict[str, str]:
+    """Each torrent's magnet as reports built it before schema v3, from its name and trackers."""
+    urls: dict[str, list[str]] = {}
+    for infohash, url in db.execute(
+            "SELECT t.infohash, tr.url FROM torrents t JOIN torrent_trackers tt ON tt.torrent_id "
+            "= t.id JOIN trackers tr ON tr.id = tt.tracker_id ORDER BY t.id, tt.position"):
+        urls.setdefault(infohash, []).append(url)
+    return {infohash: tsmd.magnet_uri(infohash, name, urls.get(infohash, [])[:10])
+            for infohash, name in db.execute("SELECT infohash, name FROM torrents")}
+
+
+def version_2_database(path: Path) -> sqlite3.Connection:
+    old = sqlite3.connect(path)
+    old.executescript(tsmd.MIGRATIONS[0])
+    old.executescript(tsmd.MIGRATIONS[1])
+    old.execute("PRAGMA user_version = 2")
+    trackers = [f"udp://t{n}.example:{n + 1}/announce" for n in range(12)]
+    old.executemany("INSERT INTO trackers (id, url) VALUES (?, ?)", enumerate(trackers, 1))
+    old.executescript(f"""
+        INSERT INTO collections (id, name, url, type) VALUES (1, 'c', 'http://x/', 'books');
+        INSERT INTO torrents (id, infohash, name, size_bytes, first_seen, updated) VALUES
+            (1, '{"ab" * 20}', 'old 1', 100, 1, 1),
+            (2, '{"cd" * 20}', '</script><b>"x" \\ & é 2' || char(8232), 200, 1, 1),
+            (3, '{"ef" * 20}', NULL, NULL, 1, 1);
+        INSERT INTO memberships (collection_id, source, torrent_id, file_name, first_seen,
+                                 last_seen) VALUES
+            (1, 'http://x/r_1.torrent', 1, 'r_1.torrent', 1, 1),
+            (1, '{"cd" * 20}', 2, NULL, 1, 1), (1, '{"ef" * 20}', 3, NULL, 1, 1);
+        """)
+    # Torrent 1 lists all twelve trackers, in an order of its own; torrent 3 lists one.
+    old.executemany("INSERT INTO torrent_trackers VALUES (1, ?, 0, ?)",
+                    [(tracker_id, (tracker_id * 5) % 12) for tracker_id in range(1, 13)])
+    old.execute("INSERT INTO torrent_trackers VALUES (3, 12, 0, 0)")
+    old.commit()
+    return old
+
+
+def test_version_2_database_gets_each_torrents_magnet_stored(tmp_path):
+    path = tmp_path / "v2.sqlite3"
+    version_2_database(path).close()
+    db = tsmd.open_database(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == tsmd.SCHEMA_VERSION
+    stored = dict(db.execute("SELECT infohash, magnet FROM torrents"))
+    assert stored == magnets_from_scratch(db)
+    in_order = [f"udp://t{n}.example:{n + 1}/announce" for n in range(12)]
+    in_order = [in_order[tracker_id - 1] for tracker_id in
+                sorted(range(1, 13), key=lambda tracker_id: (tracker_id * 5) % 12)]
+    assert stored["ab" * 20] == (f"magnet:?xt=urn:btih:{'ab' * 20}&dn=old%201"
+                                 + "".join(f"&tr={url}" for url in in_order[:10]))
+    assert stored["cd" * 20] == (f"magnet:?xt=urn:btih:{'cd' * 20}&dn=%3C%2Fscript%3E%3Cb%3E"
+                                 "%22x%22%20%5C%20%26%20%C3%A9%202%E2%80%A8")
+    assert stored["ef" * 20] == f"magnet:?xt=urn:btih:{'ef' * 20}&tr=udp://t11.example:12/announce"
+    rows = {row.infohash: row for row in tsmd.load_report_rows(db)}
+    assert {infohash: row.magnet for infohash, row in rows.items()} == stored
+    assert rows["cd" * 20].link == stored["cd" * 20]  # listed by infohash: the magnet is the link
+    feed = json.loads(tsmd.render_json(list(rows.values())))
+    assert {item["infohash"]: item["magnet"] for item in feed} == stored
+    assert_seedtools_valid(feed)
+    assert tsmd.fill_magnets(db) == 0  # every one stored once
+
+
+def test_a_failed_migration_leaves_the_database_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "v2.sqlite3"
+    version_2_database(path).close()
+
+    def broken(db):
+        tsmd.fill_magnets(db)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setitem(tsmd.MIGRATION_FILLS, 2, broken)
+    with pytest.raises(tsmd.DatabaseError, match="disk I/O error"):
+        tsmd.open_database(path)
+    old = sqlite3.connect(path)
+    assert old.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert "magnet" not in {row[1] for row in old.execute("PRAGMA table_info(torrents)")}
+    old.close()
+    monkeypatch.undo()
+    db = tsmd.open_database(path)
+    assert dict(db.execute("SELECT infohash, magnet FROM torrents")) == magnets_from_scratch(db)
+
+
+def test_a_torrent_whose_name_or_trackers_change_gets_a_new_magnet(tmp_path):
+    db, hashes = torrent_db(tmp_path, 2, ["udp://a.example:1/announce"])
+    first = hashes[0].hex()
+
+    def published(stored: bool = True) -> dict[str, str]:
+        rows = {row.infohash: row.magnet for row in tsmd.load_report_rows(db)}
+        assert rows == magnets_from_scratch(db)
+        if stored:  # by upsert_torrent, which sync writes with
+            assert rows == dict(db.execute("SELECT infohash, magnet FROM torrents"))
+        return rows
+
+    assert published()[first] == f"magnet:?xt=urn:btih:{first}&dn=t0&tr=udp://a.example:1/announce"
+    # Its .torrent file arrives: its name and its tracker list replace the magnet's.
+    meta = tsmd.Metainfo(first, None, "book 0", 10, 1, 16384, 1, None, None,
+                         (tsmd.Tracker("udp://b.example:2/announce", 0),
+                          tsmd.Tracker("http://c.example/announce", 1)), True)
+    with tsmd.Transaction(db):
+        tsmd.upsert_torrent(db, meta, 2)
+    assert published()[first] == (f"magnet:?xt=urn:btih:{first}&dn=book%200"
+                                   "&tr=udp://b.example:2/announce&tr=http://c.example/announce")
+    # A magnet link for it adds a tracker, and leaves the name.
+    with tsmd.Transaction(db):
+        tsmd.upsert_torrent(db, tsmd.decode_magnet_untrusted(tsmd.magnet_uri(
+            first, "other", ["udp://b.example:2/announce", "udp://d.example:4"])), 3)
+    assert published()[first].startswith(f"magnet:?xt=urn:btih:{first}&dn=book%200&tr=")
+    assert "udp://d.example:4" in published()[first]
+    # Changes by other hands than sync's clear the stored magnet; reports compute it meanwhile,
+    # and fill_magnets stores it again.
+    for change, torrent in [
+            ("UPDATE torrent_trackers SET position = 9 WHERE position = 0 AND torrent_id = "
+             "(SELECT id FROM torrents WHERE infohash = ?)", first),
+            ("UPDATE trackers SET url = 'udp://e.example:5' "
+             "WHERE url = 'udp://b.example:2/announce' AND ? IS NOT NULL", first),
+            ("DELETE FROM trackers WHERE url = 'udp://a.example:1/announce' AND ? IS NOT NULL",
+             hashes[1].hex()),
+            ("UPDATE torrents SET name = 'renamed 1' WHERE infohash = ?", first)]:
+        before = published()
+        with tsmd.Transaction(db):
+            db.execute(change, (torrent,))
+        after = published(stored=False)
+        assert [infohash for infohash in after if after[infohash] != before[infohash]] == [torrent]
+        with tsmd.Transaction(db):
+            assert tsmd.fill_magnets(db) == 1
+    assert published()[first] == (f"magnet:?xt=urn:btih:{first}&dn=renamed%201&tr=http://c.example"
+                                  "/announce&tr=udp://d.example:4&tr=udp://e.example:5")
+    # Nothing else touches the magnets: unchanged upserts, sizes.
+    with tsmd.Transaction(db):
+        tsmd.upsert_torrent(db, tsmd.Metainfo.bare(first), 4)
+        db.execute("UPDATE torrents SET size_bytes = 5")
+        assert tsmd.fill_magnets(db) == 0
+    assert dict(db.execute("SELECT infohash, magnet FROM torrents")) == magnets_from_scratch(db)
+
+
 def test_magnet_does_not_overwrite_metainfo(tmp_path):
     db = tsmd.open_database(tmp_path / "t.sqlite3")
     full = tsmd.decode_metainfo_untrusted(v1_torrent("real.bin", 777))
@@ -885,6 +1019,24 @@ def test_sync_detects_new_changed_and_removed_and_keeps_history(server, tmp_path
                                "r_4.torrent", "r_5.torrent"])
     counts, db = do_sync(settings)
     assert counts.new == 1 and listed(db, "c")["r_4.torrent"] == removed_hash
+
+
+def test_resync_of_a_torrent_with_new_trackers_publishes_its_new_magnet(server, tmp_path):
+    publish_collection(server, "/c/", 2)
+    settings = make_settings(tmp_path, [{"name": "c", "url": server.url("/c/"), "type": "books"}],
+                             sync={"revalidate_after": 0})
+    _, db = do_sync(settings)
+    # Same info dictionary, so the same infohash; other trackers around it.
+    moved = v1_torrent("book0.zip", 1000, seed=0, trackers=[["udp://new.example:6969/announce"],
+                                                            ["http://other.example/announce"]])
+    server.files["/c/r_0.torrent"] = (moved, "application/x-bittorrent")
+    counts, db = do_sync(settings)
+    assert counts.failed == 0
+    row = next(row for row in tsmd.load_report_rows(db) if row.name == "r_0.torrent")
+    assert row.infohash == lt_hashes(moved)[0]
+    assert row.magnet == (f"magnet:?xt=urn:btih:{row.infohash}&dn=book0.zip"
+                          "&tr=udp://new.example:6969/announce&tr=http://other.example/announce")
+    assert dict(db.execute("SELECT infohash, magnet FROM torrents")) == magnets_from_scratch(db)
 
 
 def test_partial_failures_fail_only_their_item(server, tmp_path):
