@@ -2599,6 +2599,34 @@ def test_json_objects_are_exactly_what_json_dumps_writes(row):
     assert json.loads(tsmd.render_json([row, row])) == [expected, expected]
 
 
+# The orders as tuples of keys, the way they were first written.
+SORTS_AS_TUPLES = {
+    "need": lambda row: (row.need is None, row.need or 0.0, row.name),
+    "seeders": lambda row: (row.seeders < 0, row.seeders, row.name),
+    "size": lambda row: (-row.size_bytes, row.name),
+    "name": lambda row: row.name,
+    "age": lambda row: (row.created_unix < 0, row.created_unix, row.name),
+}
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a 1", "b 2", "B 2", "é 3", "a 10"]),
+                          st.integers(-1, 12), st.integers(-1, 3), st.integers(-1, 5)),
+                max_size=30),
+       st.sampled_from(sorted(SORTS_AS_TUPLES)), st.none() | st.integers(0, 5))
+def test_report_orders_are_by_key_then_name(raw, sort, max_seeders):
+    rows = tsmd.add_health([tsmd.ReportRow(
+        infohash=f"{n:040x}", name=name, torrent_name=None, link="", magnet="", collection="c",
+        type="books", size_bytes=size, file_count=1, created_unix=created, seeders=seeders,
+        leechers=1, completed=-1, scraped_date=-1, tracker=None, dht_peers=-1, dht_scraped=-1,
+        dht_seeds_estimate=-1, dht_peers_estimate=-1)
+        for n, (name, seeders, size, created) in enumerate(raw)], {})
+    expected = sorted((row for row in rows if max_seeders is None or
+                       0 <= row.seeders <= max_seeders), key=SORTS_AS_TUPLES[sort])
+    assert tsmd.select_report_rows(rows, sort, None, max_seeders) == expected
+    assert tsmd.select_report_rows(rows, sort, 3, max_seeders) == expected[:3]
+
+
 def test_big_formats_come_in_pieces_that_add_up(tmp_path):
     import csv
     import io

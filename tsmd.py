@@ -4262,9 +4262,14 @@ class Band(enum.Enum):
 
 
 def seeder_band(seeders: int) -> Band:
+    return Band(seeder_band_value(seeders))
+
+
+def seeder_band_value(seeders: int) -> str:
+    """seeder_band(seeders).value, without the enum's lookups: a report needs 100,000."""
     if seeders < 0:
-        return Band.GREY
-    return Band.RED if seeders < 4 else Band.YELLOW if seeders <= 10 else Band.GREEN
+        return "grey"
+    return "red" if seeders < 4 else "yellow" if seeders <= 10 else "green"
 
 
 def need_score(seeders: int, leechers: int, size: int, mean_size: float) -> float | None:
@@ -4287,7 +4292,10 @@ def mean_size(sizes: Iterable[int | None]) -> float:
 def health_fields(seeders: int, leechers: int, size: int, mean: float,
                   changes: Sequence[int | None]) -> tuple[Any, ...]:
     """The values of HEALTH_FIELDS for one torrent; `changes` as seeder_changes gives them."""
-    return seeder_band(seeders).value, need_score(seeders, leechers, size, mean), *changes
+    return seeder_band_value(seeders), need_score(seeders, leechers, size, mean), *changes
+
+
+UNMEASURED_HEALTH: Final = ("grey", None, None, None, None)  # health_fields for seeders -1
 
 
 def add_health(rows: list[ReportRow], history: dict[str, list[tuple[int, int]]]) -> list[ReportRow]:
@@ -4299,19 +4307,28 @@ def add_health(rows: list[ReportRow], history: dict[str, list[tuple[int, int]]])
         for row in rows]
 
 
+# Each order is by its key, then by name; unknown values (-1, None) come last: needs and
+# counts are finite, so infinity stands for "not measured".
 REPORT_SORTS: Final = {
-    "need": lambda row: (row.need is None, row.need or 0.0, row.name),
-    "seeders": lambda row: (row.seeders < 0, row.seeders, row.name),
-    "size": lambda row: (-row.size_bytes, row.name),
-    "name": lambda row: row.name,
-    "age": lambda row: (row.created_unix < 0, row.created_unix, row.name),
+    "need": lambda row: math.inf if row.need is None else row.need,
+    "seeders": lambda row: math.inf if row.seeders < 0 else row.seeders,
+    "size": lambda row: -row.size_bytes,
+    "name": None,
+    "age": lambda row: math.inf if row.created_unix < 0 else row.created_unix,
 }
+
+
+_row_name = operator.attrgetter("name")
 
 
 def select_report_rows(rows: Sequence[ReportRow], sort: str, limit: int | None,
                        max_seeders: int | None) -> list[ReportRow]:
     chosen = [row for row in rows if max_seeders is None or 0 <= row.seeders <= max_seeders]
-    chosen.sort(key=REPORT_SORTS[sort])
+    # Two stable sorts, the tie-break first: keys of one type sort several times faster than
+    # tuples of them (100,000 rows: 0.04 s instead of 0.14 s).
+    chosen.sort(key=_row_name)
+    if REPORT_SORTS[sort] is not None:
+        chosen.sort(key=REPORT_SORTS[sort])
     return chosen[:limit] if limit is not None else chosen
 
 
@@ -4394,6 +4411,7 @@ def _load_report_rows(db: sqlite3.Connection, collections: Sequence[str]) -> lis
     # Sync stores every magnet; rows written by other hands may lack one (fill_magnets).
     missing = missing_magnets(db) if any(row[6] is None for row in torrents) else {}
     no_changes = (None, None, None)
+    has_digit = _DIGIT.search
     result: list[ReportRow] = []
     for (torrent_id, infohash, name, size, file_count, created, magnet, dht_peers, dht_measured,
          bep33_seeds, bep33_peers, folded, *changes) in torrents:
@@ -4402,10 +4420,14 @@ def _load_report_rows(db: sqlite3.Connection, collections: Sequence[str]) -> lis
             magnet = missing[torrent_id]
         seeders, leechers, completed, scraped, tracker = tracker_numbers.get(
             torrent_id, NO_TRACKER_NUMBERS)
-        size = -1 if size is None else size
+        if size is None:
+            size = -1
         result.append(ReportRow(
-            infohash, _report_name(file_name, name, infohash), name,
-            source if "://" in source else magnet, magnet, collection, kind, size,
+            infohash,
+            # _report_name, which nearly always returns the file name: asked only otherwise.
+            file_name if file_name and has_digit(file_name) else
+            _report_name(file_name, name, infohash),
+            name, source if "://" in source else magnet, magnet, collection, kind, size,
             -1 if file_count is None else file_count, -1 if created is None else created,
             seeders, leechers, completed, scraped, tracker,
             -1 if dht_peers is None else dht_peers, -1 if dht_measured is None else dht_measured,
@@ -4413,8 +4435,9 @@ def _load_report_rows(db: sqlite3.Connection, collections: Sequence[str]) -> lis
             -1 if bep33_peers is None else round(bep33_peers),
             # Changes only beside the seeders they were computed from: not beside stale ones,
             # nor beside samples of a scrape still running (folded when it ends).
-            *health_fields(seeders, leechers, size, mean, changes if 0 <= seeders and
-                           folded is not None and scraped <= folded else no_changes)))
+            *(UNMEASURED_HEALTH if seeders < 0 else health_fields(
+                seeders, leechers, size, mean,
+                changes if folded is not None and scraped <= folded else no_changes))))
     return result
 
 
