@@ -1182,6 +1182,17 @@ def cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subproc
                           cwd=cwd, stdin=subprocess.DEVNULL)
 
 
+def test_trio_and_h11_are_loaded_only_when_used():
+    """Reports never touch the network, and start faster without them."""
+    probe = ("import sys, tsmd\n"
+             "print(sorted(m for m in ('trio._core', 'h11._connection', 'rich.progress')"
+             " if m in sys.modules))\n"
+             "print(tsmd.trio.run(tsmd.trio.sleep, 0), tsmd.h11.CLIENT.__name__)\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=HERE, capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.stdout.splitlines() == ["[]", "None CLIENT"], done.stderr
+
+
 def test_cli_sync_report_and_exit_codes(server, tmp_path):
     publish_collection(server, "/cli/", 4)
     config = write_config(tmp_path, f"""
