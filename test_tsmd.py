@@ -2720,6 +2720,26 @@ def test_html_report_escapes_hostile_strings_and_is_self_contained():
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
 
 
+def test_collection_totals_are_the_sums_over_each_collections_rows():
+    rows = [tsmd.dataclasses.replace(row, collection="other" if n % 3 == 1 else row.collection,
+                                     size_bytes=-1 if n % 7 == 0 else row.size_bytes)
+            for n, row in enumerate(html_rows(40))]
+    totals = tsmd.collection_totals(rows)
+    assert list(totals) == ["books", "other", "<i>books</i>"]  # in the order rows name them
+    for collection, total in totals.items():
+        members = [row for row in rows if row.collection == collection]
+        assert total.torrents == len(members)
+        assert total.size_bytes == sum(max(row.size_bytes, 0) for row in members)
+        for band in tsmd.Band:
+            assert total.torrents_by_band[band.value] == sum(row.band == band.value
+                                                             for row in members)
+            assert total.bytes_by_band[band.value] == sum(max(row.size_bytes, 0)
+                                                          for row in members
+                                                          if row.band == band.value)
+        assert total.dead == sum(tsmd.is_dead(row) for row in members)
+    assert sum(total.dead for total in totals.values()) > 0
+
+
 def chromium_dom(page: Path, fragment: str) -> str:
     """The page's DOM after its scripts ran, from Debian's headless Chromium (installed by the
     README's test command), with no network and a throw-away profile."""

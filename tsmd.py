@@ -4630,11 +4630,46 @@ def _prometheus_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def is_dead(row: ReportRow) -> bool:
+    """Measured, and no seeder anywhere: no tracker counts one, nor a DHT filter."""
+    return row.seeders == 0 and row.dht_seeds_estimate <= 0
+
+
+@dataclass(slots=True)
+class CollectionTotals:
+    """One collection as the page's summary and the Prometheus metrics count it; unknown sizes
+    count as 0 bytes."""
+
+    torrents: int = 0
+    size_bytes: int = 0
+    torrents_by_band: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BANDS, 0))
+    bytes_by_band: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BANDS, 0))
+    dead: int = 0
+
+
+BANDS: Final = tuple(band.value for band in Band)
+
+
+def collection_totals(rows: Iterable[ReportRow]) -> dict[str, CollectionTotals]:
+    """Per collection, in the order the rows first name them: one pass over the rows."""
+    totals: dict[str, CollectionTotals] = {}
+    for row in rows:
+        total = totals.get(row.collection)
+        if total is None:
+            total = totals[row.collection] = CollectionTotals()
+        size = row.size_bytes if row.size_bytes > 0 else 0
+        total.torrents += 1
+        total.size_bytes += size
+        total.torrents_by_band[row.band] = total.torrents_by_band.get(row.band, 0) + 1
+        total.bytes_by_band[row.band] = total.bytes_by_band.get(row.band, 0) + size
+        if is_dead(row):
+            total.dead += 1
+    return totals
+
+
 def render_prometheus(rows: Sequence[ReportRow], per_torrent: bool = False) -> str:
     """The text exposition format, for node_exporter's textfile collector."""
-    by_collection: dict[str, list[ReportRow]] = {}
-    for row in rows:
-        by_collection.setdefault(row.collection, []).append(row)
+    totals = collection_totals(rows)
     lines: list[str] = []
 
     def metric(name: str, help_text: str, samples: Iterable[tuple[dict[str, str], float]]) -> None:
@@ -4647,28 +4682,22 @@ def render_prometheus(rows: Sequence[ReportRow], per_torrent: bool = False) -> s
 
     bands = [band.value for band in Band]
     metric("tsmd_torrents", "Torrents listed by the collection.",
-           (({"collection": c}, len(r)) for c, r in by_collection.items()))
+           (({"collection": c}, t.torrents) for c, t in totals.items()))
     metric("tsmd_bytes", "Total size of the collection's torrents in bytes.",
-           (({"collection": c}, sum(max(x.size_bytes, 0) for x in r))
-            for c, r in by_collection.items()))
+           (({"collection": c}, t.size_bytes) for c, t in totals.items()))
     metric("tsmd_torrents_by_band", "Torrents per seeder band (red < 4, yellow 4-10, green > 10).",
-           (({"collection": c, "band": b}, sum(1 for x in r if x.band == b))
-            for c, r in by_collection.items() for b in bands))
+           (({"collection": c, "band": b}, t.torrents_by_band[b])
+            for c, t in totals.items() for b in bands))
     metric("tsmd_bytes_by_band", "Bytes per seeder band.",
-           (({"collection": c, "band": b}, sum(max(x.size_bytes, 0) for x in r if x.band == b))
-            for c, r in by_collection.items() for b in bands))
+           (({"collection": c, "band": b}, t.bytes_by_band[b])
+            for c, t in totals.items() for b in bands))
     metric("tsmd_dead_torrents", "Torrents with no seeder on any tracker nor in the DHT.",
-           (({"collection": c}, sum(1 for x in r if is_dead(x))) for c, r in by_collection.items()))
+           (({"collection": c}, t.dead) for c, t in totals.items()))
     if per_torrent:
         metric("tsmd_torrent_seeders", "Seeders of one torrent (maximum over its trackers).",
                (({"collection": x.collection, "infohash": x.infohash, "name": x.name}, x.seeders)
                 for x in rows if x.seeders >= 0))
     return "\n".join(lines) + "\n"
-
-
-def is_dead(row: ReportRow) -> bool:
-    """Measured, and no seeder anywhere: no tracker counts one, nor a DHT filter."""
-    return row.seeders == 0 and row.dht_seeds_estimate <= 0
 
 
 def _human_size(size: int) -> str:
@@ -4852,22 +4881,18 @@ def render_html(rows: Sequence[ReportRow], trends: dict[str, str] | None = None,
     """One self-contained page for volunteers: per-collection summary, bands, and a table of
     every torrent that sorts and filters in the page (500 rows drawn at a time)."""
     trends = trends or {}
-    by_collection: dict[str, list[ReportRow]] = {}
-    for row in rows:
-        by_collection.setdefault(row.collection, []).append(row)
     summary = ["<table><tr><th class=\"t\">collection</th><th>torrents</th><th>size</th>"
                + "".join(f"<th class=\"{band.value}\">{band.value}</th>" for band in Band)
                + "<th>dead</th></tr>"]
-    for collection, members in by_collection.items():
-        total = sum(max(r.size_bytes, 0) for r in members) or 1
+    for collection, totals in collection_totals(rows).items():
         cells = []
         for band in Band:
-            part = sum(max(r.size_bytes, 0) for r in members if r.band == band.value)
+            part = totals.bytes_by_band[band.value]
             cells.append(f"<td>{_human_size(part)} <span class=\"bar {band.value}\" "
-                         f"style=\"width:{100 * part / total:.0f}px\"></span></td>")
-        summary.append(f"<tr><td class=\"t\">{html.escape(collection)}</td><td>{len(members):,}</td>"
-                       f"<td>{_human_size(sum(max(r.size_bytes, 0) for r in members))}</td>"
-                       + "".join(cells) + f"<td>{sum(1 for r in members if is_dead(r)):,}</td></tr>")
+                         f"style=\"width:{100 * part / (totals.size_bytes or 1):.0f}px\"></span></td>")
+        summary.append(f"<tr><td class=\"t\">{html.escape(collection)}</td><td>{totals.torrents:,}</td>"
+                       f"<td>{_human_size(totals.size_bytes)}</td>"
+                       + "".join(cells) + f"<td>{totals.dead:,}</td></tr>")
     summary.append("</table>")
     # A magnet's trackers repeat across thousands of torrents: the page gets each list once.
     tracker_lists: dict[str, int] = {"": 0}
