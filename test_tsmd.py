@@ -2647,6 +2647,14 @@ def test_big_formats_come_in_pieces_that_add_up(tmp_path):
     assert len(pieces) == 7 and "".join(pieces) == tsmd.render_csv(rows)
     assert len(list(csv.DictReader(io.StringIO("".join(pieces))))) == 25
     assert json.loads("".join(tsmd.json_chunks(rows))) == json.loads(tsmd.render_json(rows))
+    for size in (1, 4, 25, 26):
+        assert "".join(tsmd.json_chunks(rows, size)) == "".join(tsmd.json_chunks(rows))
+        assert "".join(tsmd.ndjson_chunks(rows, size)) == tsmd.render_ndjson(rows)
+    assert len(list(tsmd.json_chunks(rows, 4))) == 1 + 7
+    json_lines = tsmd.render_json(rows).split("\n")  # one object a line (names hold U+2028)
+    assert json_lines[0] == "[" and json_lines[-2:] == ["]", ""] and len(json_lines) == 28
+    ndjson_lines = tsmd.render_ndjson(rows).split("\n")
+    assert [line.rstrip(",") for line in json_lines[1:-2]] == ndjson_lines[:-1]
     assert len(json.loads(tsmd.render_json(rows))) == 25 and tsmd.render_json([]) == "[]\n"
     target = tmp_path / "feed.json"
     tsmd.write_atomically(target, tsmd.json_chunks(rows))

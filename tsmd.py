@@ -4579,20 +4579,29 @@ def report_json_object(row: ReportRow, quote: Any = json.encoder.encode_basestri
         "null" if row.seeders_change_7d is None else row.seeders_change_7d)
 
 
-def json_chunks(rows: Sequence[ReportRow]) -> Iterator[str]:
+JSON_ROWS_PER_CHUNK: Final = 1000  # a write per thousand objects, not per object
+
+
+def json_chunks(rows: Sequence[ReportRow],
+                rows_per_chunk: int = JSON_ROWS_PER_CHUNK) -> Iterator[str]:
     """The libgen-seedtools feed: a list of objects, integers everywhere, -1 when unknown; one
-    object per line, produced a line at a time so that a big report is never all in memory."""
+    object per line, produced a chunk of lines at a time so that a big report is never all in
+    memory."""
     if not rows:
         yield "[]\n"
         return
     yield "[\n"
-    last = len(rows) - 1
-    for index, row in enumerate(rows):
-        yield report_json_object(row) + (",\n" if index < last else "\n]\n")
+    for start in range(0, len(rows), rows_per_chunk):
+        end = start + rows_per_chunk
+        yield (",\n".join([report_json_object(row) for row in rows[start:end]])
+               + (",\n" if end < len(rows) else "\n]\n"))
 
 
-def ndjson_chunks(rows: Sequence[ReportRow]) -> Iterator[str]:
-    return (report_json_object(row) + "\n" for row in rows)
+def ndjson_chunks(rows: Sequence[ReportRow],
+                  rows_per_chunk: int = JSON_ROWS_PER_CHUNK) -> Iterator[str]:
+    for start in range(0, len(rows), rows_per_chunk):
+        yield "".join([report_json_object(row) + "\n"
+                       for row in rows[start:start + rows_per_chunk]])
 
 
 def csv_chunks(rows: Sequence[ReportRow], rows_per_chunk: int = 1000) -> Iterator[str]:
@@ -4888,8 +4897,9 @@ def render_html(rows: Sequence[ReportRow], trends: dict[str, str] | None = None,
         cells = []
         for band in Band:
             part = totals.bytes_by_band[band.value]
+            width = 100 * part / (totals.size_bytes or 1)
             cells.append(f"<td>{_human_size(part)} <span class=\"bar {band.value}\" "
-                         f"style=\"width:{100 * part / (totals.size_bytes or 1):.0f}px\"></span></td>")
+                         f"style=\"width:{width:.0f}px\"></span></td>")
         summary.append(f"<tr><td class=\"t\">{html.escape(collection)}</td><td>{totals.torrents:,}</td>"
                        f"<td>{_human_size(totals.size_bytes)}</td>"
                        + "".join(cells) + f"<td>{totals.dead:,}</td></tr>")
