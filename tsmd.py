@@ -4415,15 +4415,19 @@ def collector_paused() -> Iterator[None]:
 def _load_report_rows(db: sqlite3.Connection, collections: Sequence[str]) -> list[ReportRow]:
     where, params = "", []
     if collections:
-        where = f"AND c.name IN ({', '.join('?' * len(collections))})"
+        where = (f"AND m.collection_id IN (SELECT id FROM collections "
+                 f"WHERE name IN ({', '.join('?' * len(collections))}))")
         params = list(collections)
-    listed: dict[int, tuple] = {}
-    for torrent_id, *membership in db.execute(
-            f"SELECT m.torrent_id, m.file_name, m.source, c.name, c.type FROM memberships m "
-            f"JOIN collections c ON c.id = m.collection_id "
+    name_and_type = {collection_id: (name, kind) for collection_id, name, kind in
+                     db.execute("SELECT id, name, type FROM collections")}
+    # Per torrent: file name, source, collection name and type of its first listing.
+    listed: dict[int, tuple[str | None, str, str, str]] = {}
+    for torrent_id, file_name, source, collection_id in db.execute(
+            f"SELECT m.torrent_id, m.file_name, m.source, m.collection_id FROM memberships m "
             f"WHERE m.removed IS NULL AND m.torrent_id IS NOT NULL {where} "
             f"ORDER BY m.collection_id, m.first_seen, m.source", params):
-        listed.setdefault(torrent_id, membership)
+        if torrent_id not in listed:
+            listed[torrent_id] = (file_name, source, *name_and_type[collection_id])
     tracker_numbers = load_tracker_numbers(db, int(time.time()) - TRACKER_SAMPLE_FRESHNESS)
     torrents = [row for row in db.execute(
         "SELECT t.id, t.infohash, t.name, t.size_bytes, t.file_count, t.created_unix, t.magnet, "
