@@ -793,6 +793,10 @@ def test_version_2_database_gets_each_torrents_magnet_stored(tmp_path):
     feed = json.loads(tsmd.render_json(list(rows.values())))
     assert {item["infohash"]: item["magnet"] for item in feed} == stored
     assert_seedtools_valid(feed)
+    # The hostile name reaches the page as escaped JSON text only, in its magnet too.
+    page = tsmd.render_html(list(rows.values()))
+    assert "</script><b>" not in page and "\u2028" not in page
+    assert "\\u003c/script\\u003e\\u003cb\\u003e" in page and "%3C%2Fscript%3E%3Cb%3E" in page
     assert tsmd.fill_magnets(db) == 0  # every one stored once
 
 
