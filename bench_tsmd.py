@@ -1041,6 +1041,8 @@ def make_history_db(path: Path, torrents: int, days: int) -> None:
     db.commit()
     db.close()
     db = tsmd.open_database(path)
+    with tsmd.Transaction(db):
+        tsmd.fill_magnets(db)  # as sync stores them
     tsmd.summarize_scrape_runs(db)  # as each scrape run does when it ends
     db.close()
 

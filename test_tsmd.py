@@ -735,6 +735,146 @@ def test_version_1_database_is_upgraded_with_its_history_summarised(tmp_path):
     assert tsmd.summarize_scrape_runs(db) == 0  # folded once
 
 
+def magnets_from_scratch(db: sqlite3.Connection) -> dict[str, str]:
+    """Each torrent's magnet as reports built it before schema v3, from its name and trackers."""
+    urls: dict[str, list[str]] = {}
+    for infohash, url in db.execute(
+            "SELECT t.infohash, tr.url FROM torrents t JOIN torrent_trackers tt ON tt.torrent_id "
+            "= t.id JOIN trackers tr ON tr.id = tt.tracker_id ORDER BY t.id, tt.position"):
+        urls.setdefault(infohash, []).append(url)
+    return {infohash: tsmd.magnet_uri(infohash, name, urls.get(infohash, [])[:10])
+            for infohash, name in db.execute("SELECT infohash, name FROM torrents")}
+
+
+def version_2_database(path: Path) -> sqlite3.Connection:
+    old = sqlite3.connect(path)
+    old.executescript(tsmd.MIGRATIONS[0])
+    old.executescript(tsmd.MIGRATIONS[1])
+    old.execute("PRAGMA user_version = 2")
+    trackers = [f"udp://t{n}.example:{n + 1}/announce" for n in range(12)]
+    old.executemany("INSERT INTO trackers (id, url) VALUES (?, ?)", enumerate(trackers, 1))
+    old.executescript(f"""
+        INSERT INTO collections (id, name, url, type) VALUES (1, 'c', 'http://x/', 'books');
+        INSERT INTO torrents (id, infohash, name, size_bytes, first_seen, updated) VALUES
+            (1, '{"ab" * 20}', 'old 1', 100, 1, 1),
+            (2, '{"cd" * 20}', '</script><b>"x" \\ & é 2' || char(8232), 200, 1, 1),
+            (3, '{"ef" * 20}', NULL, NULL, 1, 1);
+        INSERT INTO memberships (collection_id, source, torrent_id, file_name, first_seen,
+                                 last_seen) VALUES
+            (1, 'http://x/r_1.torrent', 1, 'r_1.torrent', 1, 1),
+            (1, '{"cd" * 20}', 2, NULL, 1, 1), (1, '{"ef" * 20}', 3, NULL, 1, 1);
+        """)
+    # Torrent 1 lists all twelve trackers, in an order of its own; torrent 3 lists one.
+    old.executemany("INSERT INTO torrent_trackers VALUES (1, ?, 0, ?)",
+                    [(tracker_id, (tracker_id * 5) % 12) for tracker_id in range(1, 13)])
+    old.execute("INSERT INTO torrent_trackers VALUES (3, 12, 0, 0)")
+    old.commit()
+    return old
+
+
+def test_version_2_database_gets_each_torrents_magnet_stored(tmp_path):
+    path = tmp_path / "v2.sqlite3"
+    version_2_database(path).close()
+    db = tsmd.open_database(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == tsmd.SCHEMA_VERSION
+    stored = dict(db.execute("SELECT infohash, magnet FROM torrents"))
+    assert stored == magnets_from_scratch(db)
+    in_order = [f"udp://t{n}.example:{n + 1}/announce" for n in range(12)]
+    in_order = [in_order[tracker_id - 1] for tracker_id in
+                sorted(range(1, 13), key=lambda tracker_id: (tracker_id * 5) % 12)]
+    assert stored["ab" * 20] == (f"magnet:?xt=urn:btih:{'ab' * 20}&dn=old%201"
+                                 + "".join(f"&tr={url}" for url in in_order[:10]))
+    assert stored["cd" * 20] == (f"magnet:?xt=urn:btih:{'cd' * 20}&dn=%3C%2Fscript%3E%3Cb%3E"
+                                 "%22x%22%20%5C%20%26%20%C3%A9%202%E2%80%A8")
+    assert stored["ef" * 20] == f"magnet:?xt=urn:btih:{'ef' * 20}&tr=udp://t11.example:12/announce"
+    rows = {row.infohash: row for row in tsmd.load_report_rows(db)}
+    assert {infohash: row.magnet for infohash, row in rows.items()} == stored
+    assert rows["cd" * 20].link == stored["cd" * 20]  # listed by infohash: the magnet is the link
+    feed = json.loads(tsmd.render_json(list(rows.values())))
+    assert {item["infohash"]: item["magnet"] for item in feed} == stored
+    assert_seedtools_valid(feed)
+    # The hostile name reaches the page as escaped JSON text only, in its magnet too.
+    page = tsmd.render_html(list(rows.values()))
+    assert "</script><b>" not in page and "\u2028" not in page
+    assert "\\u003c/script\\u003e\\u003cb\\u003e" in page and "%3C%2Fscript%3E%3Cb%3E" in page
+    assert tsmd.fill_magnets(db) == 0  # every one stored once
+
+
+def test_a_failed_migration_leaves_the_database_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "v2.sqlite3"
+    version_2_database(path).close()
+
+    def broken(db):
+        tsmd.fill_magnets(db)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setitem(tsmd.MIGRATION_FILLS, 3, broken)
+    with pytest.raises(tsmd.DatabaseError, match="disk I/O error"):
+        tsmd.open_database(path)
+    old = sqlite3.connect(path)
+    # Version 3 (silent DHT addresses) committed on its own; version 4 left no trace.
+    assert old.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert "magnet" not in {row[1] for row in old.execute("PRAGMA table_info(torrents)")}
+    assert old.execute("SELECT count(*) FROM dht_silent_nodes").fetchone()[0] == 0
+    old.close()
+    monkeypatch.undo()
+    db = tsmd.open_database(path)
+    assert dict(db.execute("SELECT infohash, magnet FROM torrents")) == magnets_from_scratch(db)
+
+
+def test_a_torrent_whose_name_or_trackers_change_gets_a_new_magnet(tmp_path):
+    db, hashes = torrent_db(tmp_path, 2, ["udp://a.example:1/announce"])
+    first = hashes[0].hex()
+
+    def published(stored: bool = True) -> dict[str, str]:
+        rows = {row.infohash: row.magnet for row in tsmd.load_report_rows(db)}
+        assert rows == magnets_from_scratch(db)
+        if stored:  # by upsert_torrent, which sync writes with
+            assert rows == dict(db.execute("SELECT infohash, magnet FROM torrents"))
+        return rows
+
+    assert published()[first] == f"magnet:?xt=urn:btih:{first}&dn=t0&tr=udp://a.example:1/announce"
+    # Its .torrent file arrives: its name and its tracker list replace the magnet's.
+    meta = tsmd.Metainfo(first, None, "book 0", 10, 1, 16384, 1, None, None,
+                         (tsmd.Tracker("udp://b.example:2/announce", 0),
+                          tsmd.Tracker("http://c.example/announce", 1)), True)
+    with tsmd.Transaction(db):
+        tsmd.upsert_torrent(db, meta, 2)
+    assert published()[first] == (f"magnet:?xt=urn:btih:{first}&dn=book%200"
+                                   "&tr=udp://b.example:2/announce&tr=http://c.example/announce")
+    # A magnet link for it adds a tracker, and leaves the name.
+    with tsmd.Transaction(db):
+        tsmd.upsert_torrent(db, tsmd.decode_magnet_untrusted(tsmd.magnet_uri(
+            first, "other", ["udp://b.example:2/announce", "udp://d.example:4"])), 3)
+    assert published()[first].startswith(f"magnet:?xt=urn:btih:{first}&dn=book%200&tr=")
+    assert "udp://d.example:4" in published()[first]
+    # Changes by other hands than sync's clear the stored magnet; reports compute it meanwhile,
+    # and fill_magnets stores it again.
+    for change, torrent in [
+            ("UPDATE torrent_trackers SET position = 9 WHERE position = 0 AND torrent_id = "
+             "(SELECT id FROM torrents WHERE infohash = ?)", first),
+            ("UPDATE trackers SET url = 'udp://e.example:5' "
+             "WHERE url = 'udp://b.example:2/announce' AND ? IS NOT NULL", first),
+            ("DELETE FROM trackers WHERE url = 'udp://a.example:1/announce' AND ? IS NOT NULL",
+             hashes[1].hex()),
+            ("UPDATE torrents SET name = 'renamed 1' WHERE infohash = ?", first)]:
+        before = published()
+        with tsmd.Transaction(db):
+            db.execute(change, (torrent,))
+        after = published(stored=False)
+        assert [infohash for infohash in after if after[infohash] != before[infohash]] == [torrent]
+        with tsmd.Transaction(db):
+            assert tsmd.fill_magnets(db) == 1
+    assert published()[first] == (f"magnet:?xt=urn:btih:{first}&dn=renamed%201&tr=http://c.example"
+                                  "/announce&tr=udp://d.example:4&tr=udp://e.example:5")
+    # Nothing else touches the magnets: unchanged upserts, sizes.
+    with tsmd.Transaction(db):
+        tsmd.upsert_torrent(db, tsmd.Metainfo.bare(first), 4)
+        db.execute("UPDATE torrents SET size_bytes = 5")
+        assert tsmd.fill_magnets(db) == 0
+    assert dict(db.execute("SELECT infohash, magnet FROM torrents")) == magnets_from_scratch(db)
+
+
 def test_magnet_does_not_overwrite_metainfo(tmp_path):
     db = tsmd.open_database(tmp_path / "t.sqlite3")
     full = tsmd.decode_metainfo_untrusted(v1_torrent("real.bin", 777))
@@ -887,6 +1027,24 @@ def test_sync_detects_new_changed_and_removed_and_keeps_history(server, tmp_path
     assert counts.new == 1 and listed(db, "c")["r_4.torrent"] == removed_hash
 
 
+def test_resync_of_a_torrent_with_new_trackers_publishes_its_new_magnet(server, tmp_path):
+    publish_collection(server, "/c/", 2)
+    settings = make_settings(tmp_path, [{"name": "c", "url": server.url("/c/"), "type": "books"}],
+                             sync={"revalidate_after": 0})
+    _, db = do_sync(settings)
+    # Same info dictionary, so the same infohash; other trackers around it.
+    moved = v1_torrent("book0.zip", 1000, seed=0, trackers=[["udp://new.example:6969/announce"],
+                                                            ["http://other.example/announce"]])
+    server.files["/c/r_0.torrent"] = (moved, "application/x-bittorrent")
+    counts, db = do_sync(settings)
+    assert counts.failed == 0
+    row = next(row for row in tsmd.load_report_rows(db) if row.name == "r_0.torrent")
+    assert row.infohash == lt_hashes(moved)[0]
+    assert row.magnet == (f"magnet:?xt=urn:btih:{row.infohash}&dn=book0.zip"
+                          "&tr=udp://new.example:6969/announce&tr=http://other.example/announce")
+    assert dict(db.execute("SELECT infohash, magnet FROM torrents")) == magnets_from_scratch(db)
+
+
 def test_partial_failures_fail_only_their_item(server, tmp_path):
     publish_collection(server, "/mixed/", 3)
     server.files["/mixed/nested.torrent"] = (b"d4:info" + b"l" * 60_000 + b"e" * 60_000 + b"e", "")
@@ -1028,6 +1186,17 @@ def cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subproc
     return subprocess.run([sys.executable, str(HERE / "tsmd.py"), *args], capture_output=True,
                           text=True, timeout=120, env={**os.environ, **(env or {})},
                           cwd=cwd, stdin=subprocess.DEVNULL)
+
+
+def test_trio_and_h11_are_loaded_only_when_used():
+    """Reports never touch the network, and start faster without them."""
+    probe = ("import sys, tsmd\n"
+             "print(sorted(m for m in ('trio._core', 'h11._connection', 'rich.progress')"
+             " if m in sys.modules))\n"
+             "print(tsmd.trio.run(tsmd.trio.sleep, 0), tsmd.h11.CLIENT.__name__)\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=HERE, capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.stdout.splitlines() == ["[]", "None CLIENT"], done.stderr
 
 
 def test_cli_sync_report_and_exit_codes(server, tmp_path):
@@ -2555,6 +2724,34 @@ def test_json_objects_are_exactly_what_json_dumps_writes(row):
     assert json.loads(tsmd.render_json([row, row])) == [expected, expected]
 
 
+# The orders as tuples of keys, the way they were first written.
+SORTS_AS_TUPLES = {
+    "need": lambda row: (row.need is None, row.need or 0.0, row.name),
+    "seeders": lambda row: (row.seeders < 0, row.seeders, row.name),
+    "size": lambda row: (-row.size_bytes, row.name),
+    "name": lambda row: row.name,
+    "age": lambda row: (row.created_unix < 0, row.created_unix, row.name),
+}
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a 1", "b 2", "B 2", "é 3", "a 10"]),
+                          st.integers(-1, 12), st.integers(-1, 3), st.integers(-1, 5)),
+                max_size=30),
+       st.sampled_from(sorted(SORTS_AS_TUPLES)), st.none() | st.integers(0, 5))
+def test_report_orders_are_by_key_then_name(raw, sort, max_seeders):
+    rows = tsmd.add_health([tsmd.ReportRow(
+        infohash=f"{n:040x}", name=name, torrent_name=None, link="", magnet="", collection="c",
+        type="books", size_bytes=size, file_count=1, created_unix=created, seeders=seeders,
+        leechers=1, completed=-1, scraped_date=-1, tracker=None, dht_peers=-1, dht_scraped=-1,
+        dht_seeds_estimate=-1, dht_peers_estimate=-1)
+        for n, (name, seeders, size, created) in enumerate(raw)], {})
+    expected = sorted((row for row in rows if max_seeders is None or
+                       0 <= row.seeders <= max_seeders), key=SORTS_AS_TUPLES[sort])
+    assert tsmd.select_report_rows(rows, sort, None, max_seeders) == expected
+    assert tsmd.select_report_rows(rows, sort, 3, max_seeders) == expected[:3]
+
+
 def test_big_formats_come_in_pieces_that_add_up(tmp_path):
     import csv
     import io
@@ -2564,6 +2761,14 @@ def test_big_formats_come_in_pieces_that_add_up(tmp_path):
     assert len(pieces) == 7 and "".join(pieces) == tsmd.render_csv(rows)
     assert len(list(csv.DictReader(io.StringIO("".join(pieces))))) == 25
     assert json.loads("".join(tsmd.json_chunks(rows))) == json.loads(tsmd.render_json(rows))
+    for size in (1, 4, 25, 26):
+        assert "".join(tsmd.json_chunks(rows, size)) == "".join(tsmd.json_chunks(rows))
+        assert "".join(tsmd.ndjson_chunks(rows, size)) == tsmd.render_ndjson(rows)
+    assert len(list(tsmd.json_chunks(rows, 4))) == 1 + 7
+    json_lines = tsmd.render_json(rows).split("\n")  # one object a line (names hold U+2028)
+    assert json_lines[0] == "[" and json_lines[-2:] == ["]", ""] and len(json_lines) == 28
+    ndjson_lines = tsmd.render_ndjson(rows).split("\n")
+    assert [line.rstrip(",") for line in json_lines[1:-2]] == ndjson_lines[:-1]
     assert len(json.loads(tsmd.render_json(rows))) == 25 and tsmd.render_json([]) == "[]\n"
     target = tmp_path / "feed.json"
     tsmd.write_atomically(target, tsmd.json_chunks(rows))
@@ -2635,6 +2840,26 @@ def test_html_report_escapes_hostile_strings_and_is_self_contained():
     assert not re.search(r"""(?i)(<link|@import|url\(|<script[^>]+src|<img|<iframe)""", page)
     assert not re.search(r"""(?i)(src|href)\s*=\s*["']?https?:""", page)
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
+
+
+def test_collection_totals_are_the_sums_over_each_collections_rows():
+    rows = [tsmd.dataclasses.replace(row, collection="other" if n % 3 == 1 else row.collection,
+                                     size_bytes=-1 if n % 7 == 0 else row.size_bytes)
+            for n, row in enumerate(html_rows(40))]
+    totals = tsmd.collection_totals(rows)
+    assert list(totals) == ["books", "other", "<i>books</i>"]  # in the order rows name them
+    for collection, total in totals.items():
+        members = [row for row in rows if row.collection == collection]
+        assert total.torrents == len(members)
+        assert total.size_bytes == sum(max(row.size_bytes, 0) for row in members)
+        for band in tsmd.Band:
+            assert total.torrents_by_band[band.value] == sum(row.band == band.value
+                                                             for row in members)
+            assert total.bytes_by_band[band.value] == sum(max(row.size_bytes, 0)
+                                                          for row in members
+                                                          if row.band == band.value)
+        assert total.dead == sum(tsmd.is_dead(row) for row in members)
+    assert sum(total.dead for total in totals.values()) > 0
 
 
 def chromium_dom(page: Path, fragment: str) -> str:
