@@ -736,7 +736,7 @@ def test_version_1_database_is_upgraded_with_its_history_summarised(tmp_path):
 
 
 def magnets_from_scratch(db: sqlite3.Connection) -> dict[str, str]:
-    """Each torrent's magnet as reports built it before schema v3, from its name and trackers."""
+    """Each torrent's magnet as reports built it before schema v4, from its name and trackers."""
     urls: dict[str, list[str]] = {}
     for infohash, url in db.execute(
             "SELECT t.infohash, tr.url FROM torrents t JOIN torrent_trackers tt ON tt.torrent_id "
@@ -2683,6 +2683,9 @@ def test_report_formats_csv_ndjson_prometheus(tmp_path):
 
     parsed = list(csv.DictReader(io.StringIO(tsmd.render_csv(rows))))
     assert len(parsed) == 4 and parsed[0]["name"].startswith("'=HYPERLINK")
+    # An empty name stays an empty cell, not a lone quote.
+    nameless = tsmd.dataclasses.replace(rows[1], torrent_name="")
+    assert next(csv.DictReader(io.StringIO(tsmd.render_csv([nameless]))))["torrent_name"] == ""
     assert {row["band"] for row in parsed} == {"yellow", "red", "green", "grey"}
     lines = tsmd.render_ndjson(rows).splitlines()
     assert [json.loads(line)["infohash"] for line in lines] == [row.infohash for row in rows]

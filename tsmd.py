@@ -3062,7 +3062,7 @@ def upsert_torrent(db: sqlite3.Connection, meta: Metainfo, now: int) -> int:
 def fill_magnets(db: sqlite3.Connection, torrent_id: int | None = None) -> int:
     """Store the magnet link of every torrent that has none, or of `torrent_id` if it has none:
     a new torrent, one whose name or trackers changed, every torrent of a database from before
-    schema v3. Returns how many were stored."""
+    schema v4. Returns how many were stored."""
     magnets = missing_magnets(db, torrent_id)
     db.executemany("UPDATE torrents SET magnet = ? WHERE id = ?",
                    [(magnet, missing_id) for missing_id, magnet in magnets.items()])
@@ -4694,6 +4694,9 @@ def ndjson_chunks(rows: Sequence[ReportRow],
                        for row in rows[start:start + rows_per_chunk]])
 
 
+FORMULA_STARTS: Final = frozenset("=+-@\t\r")  # a set: "" is in every string, not in it
+
+
 def csv_chunks(rows: Sequence[ReportRow], rows_per_chunk: int = 1000) -> Iterator[str]:
     import csv
     import io
@@ -4703,8 +4706,8 @@ def csv_chunks(rows: Sequence[ReportRow], rows_per_chunk: int = 1000) -> Iterato
     writer.writerow(REPORT_FIELDS)
     for index, row in enumerate(rows, start=1):
         # Spreadsheets run cells that start with = + - @ as formulas; names are hostile input.
-        writer.writerow(["'" + value if isinstance(value, str) and value[:1] in "=+-@\t\r" else
-                         "" if value is None else value
+        writer.writerow(["'" + value if isinstance(value, str) and value[:1] in FORMULA_STARTS
+                         else "" if value is None else value
                          for value in _report_values(row)])
         if index % rows_per_chunk == 0:
             yield buffer.getvalue()
