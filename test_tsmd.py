@@ -1846,7 +1846,7 @@ def test_per_address_limit_paces_each_address_and_forgets_idle_ones():
         await limiter.take("203.0.113.1")
         assert len(limiter) == 2
         started = trio.current_time()
-        await limiter.take("192.0.2.3")  # still silenced: 10 s of penalty, 4 of burst
+        await limiter.take("192.0.2.3")  # still silenced: 10 s of penalty, 5 of them gone
         assert trio.current_time() - started >= 5
 
     trio.run(scenario, clock=clock)
@@ -2210,7 +2210,7 @@ def test_dht_silent_addresses_are_left_alone_by_the_next_runs_then_retried(tmp_p
     settings = make_settings(tmp_path, [{"name": "c", "url": "http://x/", "type": "books"}],
                              dht={"bind": "127.0.0.1:0", "rate": 0, "stall_timeout": 0.3,
                                   "query_timeout": 1})
-    answering = network.addresses[0]  # a bootstrap node: never silent, always asked
+    answering = network.addresses[0]  # a bootstrap node: it answers, and is cached
 
     def silent_rows():
         return {(host, runs) for host, _, runs, _ in db.execute(
@@ -2227,12 +2227,12 @@ def test_dht_silent_addresses_are_left_alone_by_the_next_runs_then_retried(tmp_p
             remembered = silent_rows()
             warm = await survey()
             # Three days on, the back-off (2 days after one silent run) has passed: the silent
-            # ones are asked once more and now count two runs. One of them that answers is
-            # forgiven.
+            # ones are asked once more and now count two runs. A node of the warm cache that
+            # stands as silent (say, it was away a while) is forgiven.
             with tsmd.Transaction(db):
                 db.execute("UPDATE dht_silent_nodes SET last_failed = last_failed - 3 * 86400")
                 db.execute("INSERT INTO dht_silent_nodes VALUES (?, ?, 1, ?)",
-                           (answering, network.ports[0], int(time.time()) - 3 * 86400))
+                           (answering, network.ports[0], int(time.time())))
             later = await survey()
             nursery.cancel_scope.cancel()
         return cold, remembered, warm, later
@@ -2251,22 +2251,52 @@ def test_dht_silent_addresses_are_left_alone_by_the_next_runs_then_retried(tmp_p
     assert sum(1 for row in rows if row[1] == 2) >= len(remembered) // 2
 
 
-def test_silent_back_off_doubles_and_an_answer_forgives():
+def test_silent_addresses_back_off_doubles_and_an_answer_forgives(tmp_path):
     assert tsmd.silent_back_off(1) == 2 * 86400 and tsmd.silent_back_off(2) == 4 * 86400
     assert tsmd.silent_back_off(4) == tsmd.silent_back_off(40) == 16 * 86400
-    cache, now = tsmd.NodeCache(), 1_000_000.0
-    cache.remember_silent("192.0.2.1", 6881, 1, now - 86400, now)
-    cache.remember_silent("192.0.2.2", 6881, 1, now - 3 * 86400, now)
-    cache.remember_silent("192.0.2.3", 6881, 3, now - 7 * 86400, now)
-    assert cache.is_dead("192.0.2.1", 6881) and not cache.is_dead("192.0.2.2", 6881)
-    assert cache.is_dead("192.0.2.3", 6881)
-    cache.failed("192.0.2.2", 6881)
-    cache.failed("192.0.2.9", 6881)
-    cache.failed("192.0.2.9", 6881)
-    assert sorted(cache.silent_this_run()) == [("192.0.2.2", 6881, 2), ("192.0.2.9", 6881, 1)]
-    cache.add(tsmd.DhtNode(b"\x01" * 20, "192.0.2.2", 6881), now)
-    assert cache.silent_this_run() == [("192.0.2.9", 6881, 1)] and \
-        cache.revived == {("192.0.2.2", 6881)}
+    db, now = tsmd.open_database(tmp_path / "silent.sqlite3"), time.time()
+    # The SQL that loads the addresses in back-off agrees with silent_back_off everywhere.
+    grid = [(f"192.0.2.{n}", runs, age) for n, (runs, age) in enumerate(
+        (runs, days * 86400 + 60) for runs in (1, 2, 3, 4, 9, 40) for days in range(18))]
+    with tsmd.Transaction(db):
+        db.executemany("INSERT INTO dht_silent_nodes VALUES (?, 6881, ?, ?)",
+                       [(host, runs, int(now - age)) for host, runs, age in grid])
+    cache = tsmd.load_node_cache(db, now)
+    assert {host for host, runs, age in grid if cache.is_dead(host, 6881)} == \
+        {host for host, runs, age in grid if age < tsmd.silent_back_off(runs)}
+    # One run: a silent address counts one more run, however often it timed out; one that
+    # answered, even if it timed out after, is forgiven, and so is a cached node.
+    back_off_over = next(host for host, runs, age in grid if runs == 1 and age > 3 * 86400)
+    cache.add(tsmd.DhtNode(b"\x01" * 20, "192.0.2.1", 6881), now)
+    for _ in range(3):
+        cache.failed(back_off_over, 6881)
+        cache.failed("198.51.100.9", 6881)
+        cache.failed("192.0.2.1", 6881)  # evicted after two, then a stranger
+    assert sorted(cache.silent_this_run()) == [(back_off_over, 6881), ("198.51.100.9", 6881)]
+    before = dict(db.execute("SELECT host, runs FROM dht_silent_nodes"))
+    tsmd.save_node_cache(db, cache, now, heard_anything=False)  # the network was down
+    assert dict(db.execute("SELECT host, runs FROM dht_silent_nodes")) == before
+    tsmd.save_node_cache(db, cache, now)
+    after = dict(db.execute("SELECT host, runs FROM dht_silent_nodes"))
+    assert after[back_off_over] == before[back_off_over] + 1 and after["198.51.100.9"] == 1
+    assert "192.0.2.1" not in after
+    assert {host for host in before if host not in after} == {"192.0.2.1"}
+
+
+def test_dht_send_error_is_no_mark_against_the_node():
+    async def scenario():
+        endpoint = await tsmd.UdpEndpoint.open("127.0.0.1:0", tsmd.krpc_transaction_untrusted)
+        cache = tsmd.NodeCache()
+        survey = tsmd.DhtSurvey(endpoint, cache, [], dht_test_options(), False)
+        # Loopback's broadcast address: the kernel refuses the datagram (EACCES).
+        reply = await survey.get_peers(tsmd.DhtNode(b"\x02" * 20, "127.255.255.255", 6881),
+                                       b"\x03" * 20, False)
+        endpoint.close()
+        return reply, survey.counters, endpoint.counters, cache
+
+    reply, counters, udp, cache = trio.run(scenario)
+    assert reply is None and udp.send_errors == 1 and counters.timeouts == 0
+    assert cache.silent_this_run() == []
 
 
 # ---- DHT: a network of real libtorrent nodes ----

@@ -1202,6 +1202,10 @@ def open_udp_socket(bind_host: str, bind_port: int = 0) -> trio.socket.SocketTyp
         raise
 
 
+class NotSent(Exception):
+    """The kernel refused a datagram (no route, a bogus address): says nothing of the peer."""
+
+
 class UdpEndpoint:
     """One UDP socket; one receive task routes each reply to the request waiting for it.
 
@@ -1256,7 +1260,8 @@ class UdpEndpoint:
 
     async def request(self, data: bytes, host: str, port: int, key: Any,
                       timeout: float) -> Any:
-        """Send `data` and wait up to `timeout` s for the reply carrying `key` from host:port."""
+        """Send `data` and wait up to `timeout` s for the reply carrying `key` from host:port:
+        None when none came. NotSent when the packet could not even leave (counted)."""
         slot_key = (key, host, port)
         if slot_key in self._pending:
             raise ValueError(f"transaction {key!r} to {host}:{port} already pending")
@@ -1264,7 +1269,7 @@ class UdpEndpoint:
         self._pending[slot_key] = slot
         try:
             if not await self.send(data, host, port):
-                return None
+                raise NotSent(f"{host}:{port}")
             with trio.move_on_after(timeout):
                 await slot.event.wait()
             return slot.data
@@ -1735,11 +1740,12 @@ DHT_DEAD_AFTER_FAILURES: Final = 3  # timeouts of a never-heard address before i
 # a warm lookup would otherwise ask the same silent ones near its target every run.
 DHT_SILENT_RETRY: Final = 2 * 86400  # seconds
 DHT_SILENT_RETRY_MAX: Final = 16 * 86400
+DHT_SILENT_FORGET: Final = 2 * DHT_SILENT_RETRY_MAX  # a silent address not met again is dropped
 DHT_NODE_MAX_AGE: Final = 3 * 86400  # seconds; older cached nodes are not loaded any more
 DHT_ERROR_BACKOFF: Final = 10.0  # seconds of silence towards a node that said 201/202
 DHT_WRITE_BATCH: Final = 500  # samples per transaction
 UNKNOWN_DISTANCE: Final = 1 << 160  # a bootstrap router's id is unknown until it answers
-DHT_WARMUP_LOOKUPS: Final = 4  # lookups in flight while no node is cached yet
+DHT_WARMUP_LOOKUPS: Final = 4  # lookups in flight while fewer than K nodes are cached
 DHT_LOOKUPS_PER_NODE: Final = 10  # then at most this many per cached node
 
 
@@ -1766,9 +1772,9 @@ class NodeCache:
         self.evicted: set[tuple[str, int]] = set()  # to be deleted from the database
         self.dead: set[tuple[str, int]] = set()  # never answered: not asked again this run
         self._strangers_failed: dict[tuple[str, int], int] = {}  # never answered, timed out
-        # Addresses silent in earlier runs: runs they were silent in, and when they last were.
-        self.silent_before: dict[tuple[str, int], tuple[int, float]] = {}
-        self.revived: set[tuple[str, int]] = set()  # silent before, answered in this run
+        # Addresses that answered, in this run or (loaded into the cache) in an earlier one:
+        # never remembered as silent, and forgiven if they were.
+        self.known_alive: set[tuple[str, int]] = set()
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -1793,8 +1799,7 @@ class NodeCache:
         self.evicted.discard(address)
         self.dead.discard(address)
         self._strangers_failed.pop(address, None)
-        if address in self.silent_before:
-            self.revived.add(address)
+        self.known_alive.add(address)
 
     def _remove_key(self, key: int) -> None:
         node = self._nodes.pop(key, None)
@@ -1826,23 +1831,16 @@ class NodeCache:
     def is_dead(self, host: str, port: int) -> bool:
         return (host, port) in self.dead
 
-    def remember_silent(self, host: str, port: int, runs: int, last_failed: float,
-                        now: float) -> None:
-        """An address that never answered in `runs` earlier runs, the last at `last_failed`:
-        skipped until its back-off (DHT_SILENT_RETRY, doubling per run) has passed."""
-        address = (host, port)
-        if address in self._id_at:
-            self.revived.add(address)  # it answered since: the cache knows better
-            return
-        self.silent_before[address] = (runs, last_failed)
-        if now < last_failed + silent_back_off(runs):
-            self.dead.add(address)
+    def remember_silent(self, host: str, port: int) -> None:
+        """An address silent in earlier runs and still in its back-off: not asked in this run."""
+        if (host, port) not in self.known_alive:
+            self.dead.add((host, port))
 
-    def silent_this_run(self) -> list[tuple[str, int, int]]:
-        """(host, port, runs silent so far) of every address that timed out in this run and
-        never answered: each counts one more run, however many of its queries timed out."""
-        return [(host, port, self.silent_before.get((host, port), (0, 0.0))[0] + 1)
-                for host, port in self._strangers_failed]
+    def silent_this_run(self) -> list[tuple[str, int]]:
+        """Every address that timed out in this run and never answered: each counts one more
+        silent run, however many of its queries timed out."""
+        return [address for address in self._strangers_failed
+                if address not in self.known_alive]
 
     def closest(self, target: bytes, count: int) -> list[DhtNode]:
         if not self._ids:
@@ -2020,8 +2018,7 @@ class DhtSurvey:
         self.per_ip = PerAddressLimiter(options.per_ip_rate if options.rate else 0,
                                         options.per_ip_burst)
         self._next_transaction = 0
-        self._lookup_slots = trio.CapacityLimiter(min(options.concurrency, max(
-            DHT_WARMUP_LOOKUPS, DHT_LOOKUPS_PER_NODE * len(cache))))
+        self._lookup_slots = trio.CapacityLimiter(self._lookups_allowed())
 
     def _transaction_id(self) -> bytes:
         self._next_transaction = (self._next_transaction + 1) % 2**32
@@ -2045,8 +2042,11 @@ class DhtSurvey:
         transaction_id = self._transaction_id()
         packet = encode_get_peers(transaction_id, self.node_id, infohash, scrape=scrape,
                                   want_ipv6=self.want_ipv6)
-        message = await self.endpoint.request(packet, node.host, node.port, transaction_id,
-                                              self.options.query_timeout)
+        try:
+            message = await self.endpoint.request(packet, node.host, node.port, transaction_id,
+                                                  self.options.query_timeout)
+        except NotSent:
+            return None  # our network's failure, not the node's: no mark against it
         if message is None:
             counters.timeouts += 1
             self.cache.failed(node.host, node.port)
@@ -2073,14 +2073,19 @@ class DhtSurvey:
         # cached nodes, and lose them in their receive buffers (or be taken for an attack).
         # Ten per node (about 30 queries in flight each, at most) still lets a small network
         # such as a closed test one serve every lookup at once; at 2 per node, 40 nodes with
-        # 50-300 ms round trips took 2.3 times as long for 400 lookups.
+        # 50-300 ms round trips took 2.3 times as long for 400 lookups. The routers see only
+        # the first few (_lookups_allowed).
         async with self._lookup_slots:
             try:
                 return await self._lookup(infohash)
             finally:
-                self._lookup_slots.total_tokens = min(
-                    self.options.concurrency,
-                    max(DHT_WARMUP_LOOKUPS, DHT_LOOKUPS_PER_NODE * len(self.cache)))
+                self._lookup_slots.total_tokens = self._lookups_allowed()
+
+    def _lookups_allowed(self) -> int:
+        # Until K nodes are cached, lookups also ask the bootstrap routers: a few at a time.
+        cached = len(self.cache)
+        return min(self.options.concurrency, DHT_WARMUP_LOOKUPS if cached < DHT_K else
+                   max(DHT_WARMUP_LOOKUPS, DHT_LOOKUPS_PER_NODE * cached))
 
     async def _lookup(self, infohash: bytes) -> LookupResult:
         result = LookupResult(infohash)
@@ -2340,8 +2345,11 @@ class UdpTrackerClient:
                 continue
             self.tally.requests += 1
             started = trio.current_time()
-            data = await self.endpoint.request(build(transaction_id), self.address, self.port,
-                                               transaction_id, self.options.timeout)
+            try:
+                data = await self.endpoint.request(build(transaction_id), self.address,
+                                                   self.port, transaction_id, self.options.timeout)
+            except NotSent:
+                continue
             if data is None:
                 continue
             try:
@@ -3006,7 +3014,9 @@ def prune_database(db: sqlite3.Connection, samples_before: float | None,
         with Transaction(db):
             counts.dht_nodes = db.execute("DELETE FROM dht_nodes WHERE last_seen < ?",
                                           (int(nodes_before),)).rowcount
-            db.execute("DELETE FROM dht_silent_nodes WHERE last_failed < ?", (int(nodes_before),))
+            # (Not before DHT_SILENT_FORGET: a short retention must not cut back-offs short.)
+            db.execute("DELETE FROM dht_silent_nodes WHERE last_failed < ?",
+                       (int(min(nodes_before, time.time() - DHT_SILENT_FORGET)),))
     return counts
 
 
@@ -3817,16 +3827,27 @@ def load_node_cache(db: sqlite3.Connection, now: float) -> NodeCache:
             (now - DHT_NODE_MAX_AGE, DHT_EVICT_AFTER_FAILURES)):
         if isinstance(node_id, bytes) and len(node_id) == 20:
             cache.add(DhtNode(node_id, host, port), last_seen, failures)
-    for host, port, runs, last_failed in db.execute(
-            "SELECT host, port, runs, last_failed FROM dht_silent_nodes WHERE last_failed >= ?",
-            (now - 2 * DHT_SILENT_RETRY_MAX,)):
-        cache.remember_silent(host, port, runs, last_failed, now)
+    # Only the addresses still in their back-off are loaded (silent_back_off, in SQL): the
+    # table holds every silent address of the last month.
+    try:
+        silent = db.execute(
+            "SELECT host, port FROM dht_silent_nodes WHERE last_failed > ? "
+            "AND last_failed + min(? << (min(max(runs, 1), 9) - 1), ?) > ?",
+            (now - DHT_SILENT_RETRY_MAX, DHT_SILENT_RETRY, DHT_SILENT_RETRY_MAX, now)).fetchall()
+    except sqlite3.OperationalError:
+        silent = []  # `check` reading a database from before version 3, read-only
+    for host, port in silent:
+        cache.remember_silent(host, port)
     return cache
 
 
-def save_node_cache(db: sqlite3.Connection, cache: NodeCache, now: float) -> None:
+def save_node_cache(db: sqlite3.Connection, cache: NodeCache, now: float,
+                    heard_anything: bool = True) -> None:
     """Persist the warm cache: responsive nodes upserted, evicted and stale ones deleted; the
-    addresses silent in this run remembered, those that answered forgiven."""
+    addresses silent in this run remembered, those that answered forgiven. A run that heard no
+    reply at all says nothing of the nodes, only of its own network: nothing is saved."""
+    if not heard_anything:
+        return
     rows = [(node.node_id, node.host, node.port, int(cache.last_seen[_id_int(node.node_id)]),
              cache.failures[_id_int(node.node_id)]) for node in cache.nodes()]
     with Transaction(db):
@@ -3838,14 +3859,13 @@ def save_node_cache(db: sqlite3.Connection, cache: NodeCache, now: float) -> Non
             "failures = excluded.failures", rows)
         db.execute("DELETE FROM dht_nodes WHERE last_seen < ?", (now - DHT_NODE_MAX_AGE,))
         db.executemany("DELETE FROM dht_silent_nodes WHERE host = ? AND port = ?",
-                       sorted(cache.revived))
+                       sorted(cache.known_alive))
         db.executemany(
-            "INSERT INTO dht_silent_nodes (host, port, runs, last_failed) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(host, port) DO UPDATE SET runs = excluded.runs, "
+            "INSERT INTO dht_silent_nodes (host, port, runs, last_failed) VALUES (?, ?, 1, ?) "
+            "ON CONFLICT(host, port) DO UPDATE SET runs = dht_silent_nodes.runs + 1, "
             "last_failed = excluded.last_failed",
-            [(host, port, runs, int(now)) for host, port, runs in cache.silent_this_run()])
-        db.execute("DELETE FROM dht_silent_nodes WHERE last_failed < ?",
-                   (now - 2 * DHT_SILENT_RETRY_MAX,))
+            [(host, port, int(now)) for host, port in cache.silent_this_run()])
+        db.execute("DELETE FROM dht_silent_nodes WHERE last_failed < ?", (now - DHT_SILENT_FORGET,))
 
 
 def load_dht_plan(db: sqlite3.Connection, collections: Sequence[CollectionSettings],
@@ -3973,7 +3993,7 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
         finally:
             counters.seconds = trio.current_time() - started
             endpoint.close()
-            save_node_cache(db, cache, time.time())
+            save_node_cache(db, cache, time.time(), heard_anything=counters.replies > 0)
             counters.nodes_cached = len(cache)
             udp = endpoint.counters
             counters.packets_sent, counters.packets_received = udp.sent, udp.received
