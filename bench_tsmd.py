@@ -428,22 +428,14 @@ class WideDht:
         return []
 
     def _table(self, n: int) -> list[int]:
-        import bisect
         import random
+
+        from test_tsmd import kademlia_buckets
 
         table = self.tables.get(n)
         if table is None:
-            me, keys, nodes = self.key[n], self.sorted_keys, self.sorted_nodes
-            chooser = random.Random(n)
-            table = self.tables[n] = []
-            for bits in range(1, 161):
-                prefix = (me >> (bits - 1)) ^ 1
-                low = bisect.bisect_left(keys, prefix << (bits - 1))
-                high = bisect.bisect_left(keys, (prefix + 1) << (bits - 1))
-                if high - low <= 8:
-                    table.extend(nodes[low:high])
-                else:
-                    table.extend(nodes[i] for i in chooser.sample(range(low, high), 8))
+            table = self.tables[n] = kademlia_buckets(self.key[n], self.sorted_keys,
+                                                      self.sorted_nodes, random.Random(n))
         return table
 
     def address(self, n: int) -> str:

@@ -1890,6 +1890,25 @@ def xor(a: bytes, b: bytes) -> int:
     return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
 
 
+def kademlia_buckets(me: int, keys: list[int], nodes: list[int],
+                     chooser: random.Random) -> list[int]:
+    """The routing table of the node with id `me`: up to 8 nodes per bucket (per length of the
+    id prefix shared with `me`), like a real node's, drawn from `nodes` (sorted by their ids,
+    `keys`). The nodes whose XOR distance to `me` has bit length b are those whose id shares
+    the first 160 - b bits with `me` and differs in the next: one range of the sorted ids, so
+    each bucket is found by bisection instead of by a scan of every other node."""
+    table: list[int] = []
+    for bits in range(1, 161):
+        prefix = (me >> (bits - 1)) ^ 1
+        low = bisect.bisect_left(keys, prefix << (bits - 1))
+        high = bisect.bisect_left(keys, (prefix + 1) << (bits - 1))
+        if high - low <= 8:
+            table.extend(nodes[low:high])
+        else:
+            table.extend(nodes[i] for i in chooser.sample(range(low, high), 8))
+    return table
+
+
 class FakeDhtNetwork:
     """Nodes on distinct 127.x addresses with Kademlia routing tables built from global
     knowledge; each infohash's peers are stored on the 8 nodes closest to it. `style` is
@@ -1926,25 +1945,12 @@ class FakeDhtNetwork:
         self.table = self._routing_tables(routers)
 
     def _routing_tables(self, routers: int) -> list[list[int]]:
-        """Up to 8 nodes per bucket (per length of the shared id prefix), like a real node.
-        The nodes whose XOR distance to `me` has bit length b are those whose id shares the
-        first 160 - b bits with `me` and differs in the next: one range of the sorted ids, so
-        each bucket is found by bisection instead of by a scan of every other node."""
         members = sorted((int.from_bytes(self.ids[n], "big"), n)
                          for n in range(routers, len(self.ids)))
-        keys = [key for key, _ in members]
+        keys, nodes = [key for key, _ in members], [n for _, n in members]
         tables: list[list[int]] = [[] for _ in self.ids]
         for me, n in members:
-            chooser = random.Random(n)
-            table = tables[n]
-            for bits in range(1, 161):
-                prefix = (me >> (bits - 1)) ^ 1
-                low = bisect.bisect_left(keys, prefix << (bits - 1))
-                high = bisect.bisect_left(keys, (prefix + 1) << (bits - 1))
-                if high - low <= 8:
-                    table.extend(members[i][1] for i in range(low, high))
-                else:
-                    table.extend(members[i][1] for i in chooser.sample(range(low, high), 8))
+            tables[n] = kademlia_buckets(me, keys, nodes, random.Random(n))
         return tables
 
     @property
