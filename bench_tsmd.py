@@ -367,6 +367,41 @@ def bench_swarms(count: int) -> dict:
     return swarms
 
 
+class DelayLine:
+    """Datagrams held back until they are due, in one heap served by one task, however many
+    wait: `later(delay, *arguments)`, and `deliver_forever(send)` calls `send(*arguments)`."""
+
+    def __init__(self) -> None:
+        import itertools
+
+        self._line: list = []  # (due, sequence, arguments)
+        self._order = itertools.count()
+        self._wake = None
+
+    def later(self, delay: float, *arguments) -> None:
+        import heapq
+
+        import trio
+
+        heapq.heappush(self._line, (trio.current_time() + delay, next(self._order), arguments))
+        if self._wake is not None:
+            self._wake.set()
+
+    async def deliver_forever(self, send) -> None:
+        import heapq
+
+        import trio
+
+        line = self._line
+        while True:
+            now = trio.current_time()
+            while line and line[0][0] <= now:
+                await send(*heapq.heappop(line)[2])
+            self._wake = trio.Event()
+            with trio.move_on_after(line[0][0] - now if line else math.inf):
+                await self._wake.wait()
+
+
 IP_PKTINFO: Final = 8  # Linux's value; Python's socket module does not name it
 WIDE_NODES_MAX: Final = 9_000_000  # 127.20.0.1 to 127.163.249.250, below the peers' 127.200+
 
@@ -476,8 +511,6 @@ class WideDht:
         return bencoder.bencode({b"t": query[b"t"], b"y": b"r", b"r": body})
 
     async def serve(self, task_status=None) -> None:
-        import heapq
-        import itertools
         import random
         import struct
 
@@ -489,9 +522,7 @@ class WideDht:
         await sock.bind(("0.0.0.0", 0))
         self.port = sock.getsockname()[1]
         delays = random.Random(f"rtt {self.count}")
-        line: list = []  # replies waiting for their node's round trip: (due, order, ...)
-        order = itertools.count()
-        wake = trio.Event()
+        replies = DelayLine()  # replies waiting for their node's round trip
 
         async def send(reply: bytes, source: bytes, client) -> None:
             try:
@@ -501,20 +532,9 @@ class WideDht:
             except OSError:
                 pass
 
-        async def deliver() -> None:
-            nonlocal wake
-            while True:
-                now = trio.current_time()
-                while line and line[0][0] <= now:
-                    _, _, reply, source, client = heapq.heappop(line)
-                    await send(reply, source, client)
-                wake = trio.Event()
-                with trio.move_on_after(line[0][0] - now if line else math.inf):
-                    await wake.wait()
-
         with sock:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(deliver)
+                nursery.start_soon(replies.deliver_forever, send)
                 if task_status is not None:
                     task_status.started()
                 while True:
@@ -535,9 +555,7 @@ class WideDht:
                     self.answered += 1
                     if self.rtt:
                         delays.seed(n)
-                        heapq.heappush(line, (trio.current_time() + delays.uniform(*self.rtt),
-                                              next(order), reply, destination, client))
-                        wake.set()
+                        replies.later(delays.uniform(*self.rtt), reply, destination, client)
                     else:
                         await send(reply, destination, client)
 
@@ -708,9 +726,6 @@ def serve_delay_relay(nodes: list[tuple[str, int]], relay_hosts: list[str], rtts
     the relays' addresses, so a client that starts from the relays only ever talks to relays,
     and every packet of every lookup pays the node's round trip, for tsmd and libtorrent
     alike."""
-    import heapq
-    import itertools
-
     import trio
 
     def compact(host: str, port: int) -> bytes:
@@ -739,34 +754,19 @@ def serve_delay_relay(nodes: list[tuple[str, int]], relay_hosts: list[str], rtts
             fronts.append(sock)
         table = {compact(*node): compact(*front.getsockname()) for node, front in
                  zip(nodes, fronts)}
-        # One delay line for every packet: (due, sequence, socket, data, address).
-        line: list = []
-        order = itertools.count()
-        wake = trio.Event()
+        packets = DelayLine()  # every packet, in both directions: (socket, data, address)
         backs: dict[tuple[int, tuple], trio.socket.SocketType] = {}
 
-        def later(delay: float, sock, data: bytes, address) -> None:
-            heapq.heappush(line, (trio.current_time() + delay, next(order), sock, data, address))
-            wake.set()
-
-        async def deliver() -> None:
-            nonlocal wake
-            while True:
-                now = trio.current_time()
-                while line and line[0][0] <= now:
-                    _, _, sock, data, address = heapq.heappop(line)
-                    try:
-                        await sock.sendto(data, address)
-                    except OSError:
-                        pass
-                wake = trio.Event()
-                with trio.move_on_after(line[0][0] - now if line else math.inf):
-                    await wake.wait()
+        async def send(sock, data: bytes, address) -> None:
+            try:
+                await sock.sendto(data, address)
+            except OSError:
+                pass
 
         async def back(n: int, client: tuple, sock) -> None:
             while True:
                 data, _ = await sock.recvfrom(65536)
-                later(rtts[n] / 2, fronts[n], rewrite(data, table), client)
+                packets.later(rtts[n] / 2, fronts[n], rewrite(data, table), client)
 
         async def front(n: int, nursery) -> None:
             while True:
@@ -778,11 +778,11 @@ def serve_delay_relay(nodes: list[tuple[str, int]], relay_hosts: list[str], rtts
                     sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 1 << 21)
                     await sock.bind((relay_hosts[n], 0))
                     nursery.start_soon(back, n, client, sock)
-                later(rtts[n] / 2, sock, data, nodes[n])
+                packets.later(rtts[n] / 2, sock, data, nodes[n])
 
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(deliver)
+                nursery.start_soon(packets.deliver_forever, send)
                 for n in range(len(nodes)):
                     nursery.start_soon(front, n, nursery)
                 ready.put([front.getsockname() for front in fronts])

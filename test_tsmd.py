@@ -2161,21 +2161,27 @@ def test_dht_bep33_filters_and_values_follow_up_like_libtorrent():
         assert everyone == pytest.approx(len({h for h, _, _ in peers}), abs=0.6)
 
 
-def test_dht_warm_cache_cuts_packets_and_persists(tmp_path):
-    swarms = dht_swarms(100, salt="warm")
-    network = FakeDhtNetwork(400, swarms)
+def dht_survey_db(tmp_path, swarms, **dht):
+    """A database whose one collection lists each infohash of `swarms` by itself, and settings
+    for run_dht on loopback without rate limits (`dht` adds [dht] settings)."""
     db, _ = torrent_db(tmp_path, 0, [])
     with tsmd.Transaction(db):
         collection_id = db.execute("SELECT id FROM collections").fetchone()[0]
-        for n, infohash in enumerate(swarms):
+        for infohash in swarms:
             torrent_id = tsmd.upsert_torrent(db, tsmd.decode_magnet_untrusted(
                 tsmd.magnet_uri(infohash.hex())), 1)
             db.execute("INSERT INTO memberships (collection_id, source, torrent_id, first_seen, "
                        "last_seen) VALUES (?, ?, ?, 1, 1)", (collection_id, infohash.hex(),
                                                                torrent_id))
     settings = make_settings(tmp_path, [{"name": "c", "url": "http://x/", "type": "books"}],
-                             dht={"bind": "127.0.0.1:0", "rate": 0, "stall_timeout": 1,
-                                  "query_timeout": 2})
+                             dht={"bind": "127.0.0.1:0", "rate": 0, **dht})
+    return db, settings
+
+
+def test_dht_warm_cache_cuts_packets_and_persists(tmp_path):
+    swarms = dht_swarms(100, salt="warm")
+    network = FakeDhtNetwork(400, swarms)
+    db, settings = dht_survey_db(tmp_path, swarms, stall_timeout=1, query_timeout=2)
 
     async def scenario():
         async with trio.open_nursery() as nursery:
@@ -2204,18 +2210,7 @@ def test_dht_silent_addresses_are_left_alone_by_the_next_runs_then_retried(tmp_p
     swarms = dht_swarms(60, salt="silent")
     silent = set(range(5, 300, 3))
     network = FakeDhtNetwork(300, swarms, hostile={n: "silent" for n in silent})
-    db, _ = torrent_db(tmp_path, 0, [])
-    with tsmd.Transaction(db):
-        collection_id = db.execute("SELECT id FROM collections").fetchone()[0]
-        for infohash in swarms:
-            torrent_id = tsmd.upsert_torrent(db, tsmd.decode_magnet_untrusted(
-                tsmd.magnet_uri(infohash.hex())), 1)
-            db.execute("INSERT INTO memberships (collection_id, source, torrent_id, first_seen, "
-                       "last_seen) VALUES (?, ?, ?, 1, 1)", (collection_id, infohash.hex(),
-                                                               torrent_id))
-    settings = make_settings(tmp_path, [{"name": "c", "url": "http://x/", "type": "books"}],
-                             dht={"bind": "127.0.0.1:0", "rate": 0, "stall_timeout": 0.3,
-                                  "query_timeout": 1})
+    db, settings = dht_survey_db(tmp_path, swarms, stall_timeout=0.3, query_timeout=1)
     answering = network.addresses[0]  # a bootstrap node: it answers, and is cached
 
     def silent_rows():
