@@ -4802,17 +4802,16 @@ def render_prometheus(rows: Sequence[ReportRow], per_torrent: bool = False) -> s
             number = str(value) if isinstance(value, int) else repr(float(value))
             lines.append(f"{name}{{{text}}} {number}" if text else f"{name} {number}")
 
-    bands = [band.value for band in Band]
     metric("tsmd_torrents", "Torrents listed by the collection.",
            (({"collection": c}, t.torrents) for c, t in totals.items()))
     metric("tsmd_bytes", "Total size of the collection's torrents in bytes.",
            (({"collection": c}, t.size_bytes) for c, t in totals.items()))
     metric("tsmd_torrents_by_band", "Torrents per seeder band (red < 4, yellow 4-10, green > 10).",
            (({"collection": c, "band": b}, t.torrents_by_band[b])
-            for c, t in totals.items() for b in bands))
+            for c, t in totals.items() for b in BANDS))
     metric("tsmd_bytes_by_band", "Bytes per seeder band.",
            (({"collection": c, "band": b}, t.bytes_by_band[b])
-            for c, t in totals.items() for b in bands))
+            for c, t in totals.items() for b in BANDS))
     metric("tsmd_dead_torrents", "Torrents with no seeder on any tracker nor in the DHT.",
            (({"collection": c}, t.dead) for c, t in totals.items()))
     if per_torrent:
