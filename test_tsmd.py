@@ -8,9 +8,11 @@ import hashlib
 import html
 import heapq
 import http.server
+import itertools
 import signal
 import ipaddress
 import json
+import math
 import os
 import random
 import re
@@ -941,6 +943,8 @@ required_substring = "sm_"
     ("[network]\ntimeout = nan", "not a duration"),
     ("[dht]\nrate = inf", "finite"),
     ("[dht]\nbootstrap = ['no-port']", "no port"),
+    ("[dht]\nbind = 'localhost:6881'", r"\[dht\]\.bind: 'localhost' is not an IP address"),
+    ("[scrape]\nbind = '[::1]:99999'", r"\[scrape\]\.bind: .* no valid port"),
     ("[scrape]\nbatch_size = 300", "at most 255"),
     ("[sync]\nconcurrency = 0", "at least 1"),
     ("[sync]\nbogus = 1", r"\[sync\]: unknown key 'bogus'"),
@@ -1820,36 +1824,122 @@ def test_krpc_parsers_raise_only_protocol_error_on_hostile_structures(value):
 
 
 def test_per_address_limit_paces_each_address_and_forgets_idle_ones():
-    clock = trio.testing.MockClock(autojump_threshold=0)
-    sent: list[tuple[float, str]] = []
+    clock = trio.testing.MockClock()
 
     async def scenario():
         limiter = tsmd.PerAddressLimiter(rate=1.0, burst=4)
 
-        async def send(host):
-            await limiter.take(host)
-            sent.append((trio.current_time(), host))
+        def send(host: str) -> float:
+            wait = limiter.due(host)
+            if wait == 0:
+                limiter.take(host)
+            return wait
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(6):
-                nursery.start_soon(send, "192.0.2.1")
-            nursery.start_soon(send, "192.0.2.2")
         # A burst of 4, then one a second; another address is not held up.
-        times = [t for t, host in sent if host == "192.0.2.1"]
-        assert times == [0, 0, 0, 0, 1, 2]
-        assert [t for t, host in sent if host == "192.0.2.2"] == [0]
+        assert [send("192.0.2.1") for _ in range(5)] == [0, 0, 0, 0, 1]
+        assert send("192.0.2.2") == 0
+        clock.jump(1)
+        assert [send("192.0.2.1") for _ in range(2)] == [0, 1]
         limiter.penalise("192.0.2.3", 10)
         for n in range(limiter.SWEEP_AT - len(limiter)):
-            await limiter.take(f"198.51.{n // 250}.{n % 250}")
+            limiter.due(f"198.51.{n // 250}.{n % 250}")
         assert len(limiter) == limiter.SWEEP_AT
         clock.jump(5)  # every bucket refilled but the penalised one
-        await limiter.take("203.0.113.1")
+        send("203.0.113.1")
         assert len(limiter) == 2
-        started = trio.current_time()
-        await limiter.take("192.0.2.3")  # still silenced: 10 s of penalty, 5 of them gone
-        assert trio.current_time() - started >= 5
+        # Still silenced: 10 s of penalty, 5 of them gone, and one token to refill.
+        assert limiter.due("192.0.2.3") == pytest.approx(6)
+        assert tsmd.PerAddressLimiter(rate=0, burst=4).due("192.0.2.1") == 0
 
     trio.run(scenario, clock=clock)
+
+
+class RecordingEndpoint:
+    """What DhtSurvey needs of a UdpEndpoint, on trio's clock alone: every packet is recorded
+    and each node answers it `delay` seconds later (an error 202 for the hosts in `refusing`)."""
+
+    dual_stack = False
+
+    def __init__(self, nodes: list[tsmd.DhtNode], delay: float, refusing=()) -> None:
+        self.ids = {(node.host, node.port): node.node_id for node in nodes}
+        self.delay, self.refusing = delay, set(refusing)
+        self.sent: list[tuple[float, str, dict]] = []
+        self.pending: dict = {}
+        self.counters = tsmd.UdpCounters()
+        self.answers = None
+
+    def can_reach(self, host):
+        return True
+
+    def send_nowait(self, data, host, port):
+        query = tsmd.bdecode_untrusted(data)
+        self.sent.append((trio.current_time(), host, query))
+        self.counters.sent += 1
+        self.answers.send_nowait((trio.current_time() + self.delay, query[b"t"], host, port))
+        return True
+
+    def expect(self, key, host, port, handler):
+        self.pending[(key, host, port)] = handler
+
+    def forget(self, key, host, port):
+        self.pending.pop((key, host, port), None)
+
+    async def receive_forever(self):
+        send, receive = trio.open_memory_channel(math.inf)
+        self.answers = send
+        async for due, key, host, port in receive:
+            await trio.sleep_until(due)
+            handler = self.pending.pop((key, host, port), None)
+            if handler is None:
+                continue
+            if host in self.refusing:
+                handler(tsmd.KrpcMessage(key, b"e", {b"code": 202, b"message": b""}))
+            else:
+                handler(tsmd.KrpcMessage(key, b"r", {b"id": self.ids[(host, port)]}))
+
+
+def test_dht_pacer_keeps_the_global_and_per_address_limits():
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    nodes = [tsmd.DhtNode(hashlib.sha1(b"paced %d" % n).digest(), f"192.0.2.{n + 1}", 6881)
+             for n in range(40)]
+    cache = tsmd.NodeCache()
+    for node in nodes:
+        cache.add(node, 0)
+    rate, lookups = 20, 100
+    endpoint = RecordingEndpoint(nodes, delay=0.2, refusing={"192.0.2.7"})
+    options = dht_test_options(concurrency=lookups, rate=rate, per_ip_rate=1, per_ip_burst=4,
+                               bep33=False, stall_timeout=1, query_timeout=2)
+
+    async def scenario():
+        survey = tsmd.DhtSurvey(endpoint, cache, [], options, False)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(survey.serve)
+            async with trio.open_nursery() as looking:
+                for n in range(lookups):
+                    looking.start_soon(survey.lookup, hashlib.sha1(b"target %d" % n).digest())
+            nursery.cancel_scope.cancel()
+        return survey
+
+    survey = trio.run(scenario, clock=clock)
+    times = [when for when, _, _ in endpoint.sent]
+    assert len(times) == survey.counters.queries >= lookups * tsmd.DHT_K
+    assert all(b"ro" in query and query[b"ro"] == 1 for _, _, query in endpoint.sent)
+    # Never more than `rate` packets in any one-second window.
+    assert max(bisect.bisect_left(times, t + 1) - i for i, t in enumerate(times)) <= rate
+    # Each address: a burst of 4, then one a second.
+    for node in nodes:
+        mine = [when for when, host, _ in endpoint.sent if host == node.host]
+        for i, j in itertools.combinations(range(len(mine)), 2):
+            assert j - i + 1 <= 4 + (mine[j] - mine[i]) + 1e-9, node.host
+    # The node that said 202 heard nothing for 10 s after each refusal reached us.
+    refused = [when for when, host, _ in endpoint.sent if host == "192.0.2.7"]
+    assert len(refused) >= 2
+    for asked in refused:
+        assert not [later for later in refused if asked + 0.2 < later < asked + 10.2 - 1e-9]
+    # The refusing node held up nobody else: the run lasted about as long as the global limit
+    # alone makes it (one packet every 1/(rate - 1) s).
+    assert times[-1] - times[0] <= len(times) / (rate - 1) + 2 * options.query_timeout
+    assert survey.counters.krpc_errors == len(refused)
 
 
 def test_dht_destination_check_is_memoised_per_address_not_per_policy():
@@ -2099,14 +2189,14 @@ def dht_test_options(**overrides) -> tsmd.DhtOptions:
 
 
 async def survey_all(network: FakeDhtNetwork, infohashes, options, cache=None):
-    endpoint = await tsmd.UdpEndpoint.open("127.0.0.1:0", tsmd.krpc_transaction_untrusted)
+    endpoint = tsmd.UdpEndpoint.open("127.0.0.1:0", tsmd.krpc_transaction_untrusted)
     bootstrap = [tsmd.DhtNode(b"", *tsmd.split_host_port(b)) for b in network.bootstrap]
     # An empty cache is falsy (len 0): test for None, or a cache to be warmed is dropped.
     survey = tsmd.DhtSurvey(endpoint, tsmd.NodeCache() if cache is None else cache, bootstrap,
                             options, False)
     results = {}
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(endpoint.receive_forever)
+        await nursery.start(survey.serve)
         limiter = trio.CapacityLimiter(options.concurrency)
 
         async def one(infohash):
@@ -2286,18 +2376,25 @@ def test_silent_addresses_back_off_doubles_and_an_answer_forgives(tmp_path):
 
 def test_dht_send_error_is_no_mark_against_the_node():
     async def scenario():
-        endpoint = await tsmd.UdpEndpoint.open("127.0.0.1:0", tsmd.krpc_transaction_untrusted)
+        endpoint = tsmd.UdpEndpoint.open("127.0.0.1:0", tsmd.krpc_transaction_untrusted)
         cache = tsmd.NodeCache()
-        survey = tsmd.DhtSurvey(endpoint, cache, [], dht_test_options(), False)
         # Loopback's broadcast address: the kernel refuses the datagram (EACCES).
-        reply = await survey.get_peers(tsmd.DhtNode(b"\x02" * 20, "127.255.255.255", 6881),
-                                       b"\x03" * 20, False)
+        refused = tsmd.DhtNode(b"", "127.255.255.255", 6881)
+        survey = tsmd.DhtSurvey(endpoint, cache, [refused], dht_test_options(), False)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(survey.serve)
+            result = await survey.lookup(b"\x03" * 20)
+            nursery.cancel_scope.cancel()
         endpoint.close()
-        return reply, survey.counters, endpoint.counters, cache
+        return result, survey.counters, endpoint.counters, cache
 
-    reply, counters, udp, cache = trio.run(scenario)
-    assert reply is None and udp.send_errors == 1 and counters.timeouts == 0
-    assert cache.silent_this_run() == []
+    # On a clock that only moves when every task waits: the lookup did not wait for a timeout.
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    result, counters, udp, cache = trio.run(scenario, clock=clock)
+    assert clock.current_time() == 0
+    assert result.nodes_answered == 0 and result.queries == 2  # the first round and its retry
+    assert udp.send_errors == 2 and udp.sent == 0 and counters.timeouts == 0
+    assert cache.silent_this_run() == [] and not cache.is_dead("127.255.255.255", 6881)
 
 
 # ---- DHT: a network of real libtorrent nodes ----
