@@ -841,25 +841,34 @@ def libtorrent_dht_sent(session) -> tuple[int, int]:
 
 
 def libtorrent_get_peers(session, infohashes: list[bytes], expected: dict,
-                         timeout: float) -> tuple[float, dict]:
-    """dht_get_peers for every hash at once; seconds until every expected peer had arrived
-    (libtorrent signals no end of a get_peers lookup), and what arrived."""
+                         timeout: float) -> tuple[float, float | None, dict]:
+    """dht_get_peers for every hash at once: seconds until every expected peer had arrived,
+    seconds until libtorrent had no get_peers lookup left (from its DHT statistics, asked for
+    again as soon as each answer arrives; None if that never happened within `timeout`), and
+    what arrived."""
     import libtorrent as lt
 
     session.pop_alerts()
     found: dict[bytes, set] = {}
+    all_peers_at = ended_at = None
     started = time.monotonic()
     for infohash in infohashes:
         session.dht_get_peers(lt.sha1_hash(infohash))
-    while time.monotonic() - started < timeout:
+    session.post_dht_stats()
+    while time.monotonic() - started < timeout and (all_peers_at is None or ended_at is None):
         session.wait_for_alert(5)
         for alert in session.pop_alerts():
             if isinstance(alert, lt.dht_get_peers_reply_alert):
                 found.setdefault(alert.info_hash.to_bytes(), set()).update(
                     (str(host), int(port)) for host, port in alert.peers())
-        if all(expected[h] <= found.get(h, set()) for h in infohashes):
-            break
-    return time.monotonic() - started, found
+            elif isinstance(alert, lt.dht_stats_alert) and ended_at is None:
+                if any(lookup["type"] == "get_peers" for lookup in alert.active_requests):
+                    session.post_dht_stats()
+                else:
+                    ended_at = time.monotonic() - started
+        if all_peers_at is None and all(expected[h] <= found.get(h, set()) for h in infohashes):
+            all_peers_at = time.monotonic() - started
+    return (time.monotonic() - started if all_peers_at is None else all_peers_at), ended_at, found
 
 
 DHT_BUDGET: Final = 250  # packets/s: tsmd's default on the public DHT
@@ -952,7 +961,7 @@ def bench_dht_libtorrent(nodes: int, count: int, rtt: tuple[float, float] | None
         # Both clients warm from an earlier run: libtorrent's routing table (bootstrapped from
         # every node, then 20 lookups), tsmd's node cache (20 lookups from 3 nodes).
         time.sleep(1.0 + (rtt[1] if rtt else 0))
-        libtorrent_get_peers(client, warm_up, {h: set() for h in warm_up}, timeout=5)
+        libtorrent_get_peers(client, warm_up, {h: set() for h in warm_up}, timeout=10)
         cache = tsmd.NodeCache()
         trio.run(survey_all, Relayed, warm_up, dht_test_options(), cache)
         print(f"real libtorrent network, {nodes} nodes, {count} infohashes, {announced} announced "
@@ -963,13 +972,16 @@ def bench_dht_libtorrent(nodes: int, count: int, rtt: tuple[float, float] | None
         # packets each spends per lookup.
         for attempt in range(repeat):
             lt_sent = libtorrent_dht_sent(client)
-            lt_wall, lt_found = libtorrent_get_peers(client, list(swarms), expected, timeout=120)
+            lt_wall, lt_ended, lt_found = libtorrent_get_peers(client, list(swarms), expected,
+                                                               timeout=120)
             lt_after = libtorrent_dht_sent(client)
             found = sum(len(lt_found.get(h, set()) & expected[h]) for h in swarms)
             wrong = sum(len(lt_found.get(h, set()) - expected[h]) for h in swarms)
+            ended = ("no end seen" if lt_ended is None else
+                     f"{lt_ended:.2f} s until every lookup had ended")
             print(f"  [{attempt + 1}] libtorrent dht_get_peers: {found} found, {wrong} wrong, "
-                  f"{lt_wall:.2f} s until every announced peer had arrived "
-                  f"({(lt_after[0] - lt_sent[0]) / count:.1f} packets per lookup by then)")
+                  f"{lt_wall:.2f} s until every announced peer had arrived, {ended} "
+                  f"({(lt_after[0] - lt_sent[0]) / count:.1f} packets per lookup)")
             for label, bep33, budget in (("tsmd", False, None), ("tsmd with BEP 33", True, None),
                                          (f"tsmd at {DHT_BUDGET} packets/s", False, DHT_BUDGET)):
                 tsmd_side_by_side(f"  [{attempt + 1}] {label}", Relayed, swarms, expected, cache,
