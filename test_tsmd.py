@@ -1856,13 +1856,17 @@ def test_per_address_limit_paces_each_address_and_forgets_idle_ones():
 
 class RecordingEndpoint:
     """What DhtSurvey needs of a UdpEndpoint, on trio's clock alone: every packet is recorded
-    and each node answers it `delay` seconds later (an error 202 for the hosts in `refusing`)."""
+    and its node answers `delay` seconds later with the 8 known nodes closest to the target,
+    or with error 202 as many times as `refusals` says for its host. The socket buffer is full
+    for the first `full` sends."""
 
     dual_stack = False
 
-    def __init__(self, nodes: list[tsmd.DhtNode], delay: float, refusing=()) -> None:
+    def __init__(self, nodes: list[tsmd.DhtNode], delay: float, refusals=None,
+                 full: int = 0) -> None:
+        self.nodes = nodes
         self.ids = {(node.host, node.port): node.node_id for node in nodes}
-        self.delay, self.refusing = delay, set(refusing)
+        self.delay, self.refusals, self.full = delay, dict(refusals or {}), full
         self.sent: list[tuple[float, str, dict]] = []
         self.pending: dict = {}
         self.counters = tsmd.UdpCounters()
@@ -1872,11 +1876,17 @@ class RecordingEndpoint:
         return True
 
     def send_nowait(self, data, host, port):
+        if self.full:
+            self.full -= 1
+            return None
         query = tsmd.bdecode_untrusted(data)
         self.sent.append((trio.current_time(), host, query))
         self.counters.sent += 1
-        self.answers.send_nowait((trio.current_time() + self.delay, query[b"t"], host, port))
+        self.answers.send_nowait((trio.current_time() + self.delay, query, host, port))
         return True
+
+    async def wait_writable(self):
+        await trio.sleep(0.01)
 
     def expect(self, key, host, port, handler):
         self.pending[(key, host, port)] = handler
@@ -1884,45 +1894,68 @@ class RecordingEndpoint:
     def forget(self, key, host, port):
         self.pending.pop((key, host, port), None)
 
+    def reply(self, query, host, port) -> tsmd.KrpcMessage:
+        key = query[b"t"]
+        if self.refusals.get(host, 0) > 0:
+            self.refusals[host] -= 1
+            return tsmd.KrpcMessage(key, b"e", {b"code": 202, b"message": b""})
+        target = int.from_bytes(query[b"a"][b"info_hash"], "big")
+        closest = sorted(self.nodes, key=lambda n: int.from_bytes(n.node_id, "big") ^ target)[:8]
+        return tsmd.KrpcMessage(key, b"r", {b"id": self.ids[(host, port)], b"nodes": b"".join(
+            tsmd.encode_compact_node(node) for node in closest)})
+
     async def receive_forever(self):
         send, receive = trio.open_memory_channel(math.inf)
         self.answers = send
-        async for due, key, host, port in receive:
+        async for due, query, host, port in receive:
             await trio.sleep_until(due)
-            handler = self.pending.pop((key, host, port), None)
-            if handler is None:
-                continue
-            if host in self.refusing:
-                handler(tsmd.KrpcMessage(key, b"e", {b"code": 202, b"message": b""}))
-            else:
-                handler(tsmd.KrpcMessage(key, b"r", {b"id": self.ids[(host, port)]}))
+            handler = self.pending.pop((query[b"t"], host, port), None)
+            if handler is not None:
+                handler(self.reply(query, host, port))
+
+
+def paced_survey(endpoint, cache, bootstrap, lookups: int, **options):
+    """Survey `lookups` targets through `endpoint` on a MockClock; the survey and results."""
+    options = dht_test_options(**{"concurrency": lookups, "bep33": False, **options})
+    results = []
+
+    async def scenario():
+        survey = tsmd.DhtSurvey(endpoint, cache, bootstrap, options, False)
+        with trio.fail_after(24 * 3600):  # on the mock clock: a lookup left hanging fails
+            async with trio.open_nursery() as nursery:
+                await nursery.start(survey.serve)
+                async with trio.open_nursery() as looking:
+                    async def one(n):
+                        results.append(await survey.lookup(
+                            hashlib.sha1(b"target %d" % n).digest()))
+                    for n in range(lookups):
+                        looking.start_soon(one, n)
+                nursery.cancel_scope.cancel()
+        return survey
+
+    survey = trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    return survey, results
+
+
+def paced_nodes(count: int) -> list[tsmd.DhtNode]:
+    return [tsmd.DhtNode(hashlib.sha1(b"paced %d" % n).digest(), f"192.0.2.{n + 1}", 6881)
+            for n in range(count)]
 
 
 def test_dht_pacer_keeps_the_global_and_per_address_limits():
-    clock = trio.testing.MockClock(autojump_threshold=0)
-    nodes = [tsmd.DhtNode(hashlib.sha1(b"paced %d" % n).digest(), f"192.0.2.{n + 1}", 6881)
-             for n in range(40)]
+    nodes = paced_nodes(40)
     cache = tsmd.NodeCache()
     for node in nodes:
         cache.add(node, 0)
     rate, lookups = 20, 100
-    endpoint = RecordingEndpoint(nodes, delay=0.2, refusing={"192.0.2.7"})
-    options = dht_test_options(concurrency=lookups, rate=rate, per_ip_rate=1, per_ip_burst=4,
-                               bep33=False, stall_timeout=1, query_timeout=2)
-
-    async def scenario():
-        survey = tsmd.DhtSurvey(endpoint, cache, [], options, False)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(survey.serve)
-            async with trio.open_nursery() as looking:
-                for n in range(lookups):
-                    looking.start_soon(survey.lookup, hashlib.sha1(b"target %d" % n).digest())
-            nursery.cancel_scope.cancel()
-        return survey
-
-    survey = trio.run(scenario, clock=clock)
+    # The socket buffer is full for a while at the start (held packets wait for it), and
+    # one node always says 202.
+    endpoint = RecordingEndpoint(nodes, delay=0.2, refusals={"192.0.2.7": 10**9}, full=3)
+    survey, results = paced_survey(endpoint, cache, [], lookups, rate=rate, per_ip_rate=1,
+                                   per_ip_burst=4, stall_timeout=1, query_timeout=2)
     times = [when for when, _, _ in endpoint.sent]
     assert len(times) == survey.counters.queries >= lookups * tsmd.DHT_K
+    assert len(results) == lookups and all(r.nodes_answered >= tsmd.DHT_K for r in results)
     assert all(b"ro" in query and query[b"ro"] == 1 for _, _, query in endpoint.sent)
     # Never more than `rate` packets in any one-second window.
     assert max(bisect.bisect_left(times, t + 1) - i for i, t in enumerate(times)) <= rate
@@ -1938,8 +1971,25 @@ def test_dht_pacer_keeps_the_global_and_per_address_limits():
         assert not [later for later in refused if asked + 0.2 < later < asked + 10.2 - 1e-9]
     # The refusing node held up nobody else: the run lasted about as long as the global limit
     # alone makes it (one packet every 1/(rate - 1) s).
-    assert times[-1] - times[0] <= len(times) / (rate - 1) + 2 * options.query_timeout
+    assert times[-1] - times[0] <= len(times) / (rate - 1) + 2 * 2
     assert survey.counters.krpc_errors == len(refused)
+
+
+def test_dht_lookups_wait_for_a_router_that_asked_them_to_back_off():
+    # A cold start: nothing cached, one router, and its first answer is 202. Every lookup
+    # must wait out its 10 s, not end unanswered at once.
+    nodes = paced_nodes(40)
+    router = tsmd.DhtNode(hashlib.sha1(b"router").digest(), "192.0.2.200", 6881)
+    endpoint = RecordingEndpoint(nodes, delay=0.1, refusals={router.host: 1})
+    endpoint.ids[(router.host, router.port)] = router.node_id  # a router, in no routing table
+    survey, results = paced_survey(endpoint, tsmd.NodeCache(), [router._replace(node_id=b"")],
+                                   20, rate=20, per_ip_rate=1, per_ip_burst=4,
+                                   stall_timeout=1, query_timeout=2)
+    assert len(results) == 20 and all(r.nodes_answered >= tsmd.DHT_K for r in results)
+    asked = [when for when, host, _ in endpoint.sent if host == router.host]
+    refused_at = asked[0] + 0.1  # the reply to the first query (the burst left before it)
+    assert survey.counters.krpc_errors == 1
+    assert min(when for when in asked if when > refused_at) >= refused_at + 10
 
 
 def test_dht_destination_check_is_memoised_per_address_not_per_policy():

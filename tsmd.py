@@ -1193,12 +1193,18 @@ class TokenBucket:
         if self.rate:
             self.tokens = max(0.0, self.tokens - 1)
 
-    def try_take(self) -> float:
-        """Take a token and return 0, or return the seconds until one is due (taking nothing)."""
-        wait = self.due()
-        if not wait:
-            self.take()
-        return wait
+    def penalise(self, seconds: float) -> None:
+        """No token for `seconds` more than it would take to earn the next one."""
+        if self.rate:
+            self._refill()
+            self.tokens = min(self.tokens, 0.0) - seconds * self.rate
+
+    def in_debt(self) -> bool:
+        """Below zero: only a penalty puts it there (`take` stops at 0)."""
+        if not self.rate:
+            return False
+        self._refill()
+        return self.tokens < 0
 
     def is_idle(self, now: float) -> bool:
         """Refilled: the same as a new bucket."""
@@ -1975,12 +1981,15 @@ class PerAddressLimiter:
         if self.rate:
             self._bucket(host).take()
 
+    def penalised(self, host: str) -> bool:
+        """Whether `host` is still in the silence `penalise` gave it."""
+        bucket = self._buckets.get(host)
+        return bucket is not None and bucket.in_debt()
+
     def penalise(self, host: str, seconds: float) -> None:
         """Say nothing to `host` for about `seconds` (it asked us to slow down)."""
         if self.rate:
-            bucket = self._bucket(host)
-            bucket.try_take()
-            bucket.tokens = min(bucket.tokens, 0.0) - seconds * self.rate
+            self._bucket(host).penalise(seconds)
 
 
 @dataclass(slots=True)
@@ -2177,6 +2186,10 @@ class _Lookup:
                 if self.active >= DHT_ALPHA or result.queries >= options.max_queries:
                     break
                 if candidate.state == "new":
+                    if self.survey._resting(candidate):
+                        candidate.state = "failed"  # asked nothing: no mark, no query counted
+                        refused = True
+                        continue
                     result.queries += 1
                     candidate.state = "asked"
                     self.active += 1
@@ -2190,7 +2203,8 @@ class _Lookup:
                 return
             if not refused:
                 return
-            # A packet the kernel refused frees its slot at once: look again.
+            # A node passed over, or a packet the kernel refused, frees its slot at once: look
+            # again.
 
     def _settle(self, candidate: _Candidate, state: str) -> None:
         candidate.state, candidate.query = state, None
@@ -2201,7 +2215,7 @@ class _Lookup:
 
     def stalled(self, query: _Query) -> None:
         candidate = query.candidate
-        if candidate.query is query and not candidate.stalled:
+        if not self.finished and candidate.query is query and not candidate.stalled:
             candidate.stalled = True
             self.active -= 1
             self.advance()
@@ -2358,26 +2372,35 @@ class DhtSurvey:
                    max(DHT_WARMUP_LOOKUPS, DHT_LOOKUPS_PER_NODE * cached))
 
     def _send(self, query: _Query) -> bool:
-        """Send `query` now, or hold it for the pacer. False: it will not be sent (the kernel
-        refused it, or its node asked us to back off for longer than the stall timeout)."""
+        """Send `query` now, or hold it for the pacer. False: the kernel refused it."""
         if self.limited:
             host = query.candidate.node.host
             wait = self.per_ip.due(host)
-            if wait > self.options.stall_timeout:
-                return False  # it told us to back off: the lookup goes on without it
             if wait > 0:
                 self._hold(query, trio.current_time() + wait)
                 return True
-            if not self._outbox and self.global_bucket.try_take() == 0:
-                self.per_ip.take(host)  # both tokens at the moment the packet leaves
-                return self._transmit(query) is not False
+            # Straight out only when nothing waits before it: a held query keeps its turn.
+            if not self._outbox and not self._held and self.global_bucket.due() == 0:
+                sent = self._transmit(query)
+                if sent is not None:
+                    return sent
         elif not self._outbox:
             sent = self._transmit(query)
             if sent is not None:
                 return sent
         self._outbox.append(query)
-        self._wake_pacer(0.0)
+        if len(self._outbox) == 1:
+            self._wake_pacer(0.0)
         return True
+
+    def _resting(self, candidate: _Candidate) -> bool:
+        """A node that answered 201/202 and has longer to wait than the stall timeout: lookups
+        go on without it. A bootstrap router is waited for: at a cold start it may be all
+        there is."""
+        host = candidate.node.host
+        return (self.limited and candidate.distance != UNKNOWN_DISTANCE
+                and self.per_ip.penalised(host)
+                and self.per_ip.due(host) > self.options.stall_timeout)
 
     def _hold(self, query: _Query, ready: float) -> None:
         """Until `ready`, when its address's limit lets it go (it is checked again then)."""
@@ -2398,6 +2421,9 @@ class DhtSurvey:
         if not sent:
             query.state = "ended"
             return False
+        if self.limited:  # both tokens at the moment the packet leaves
+            self.global_bucket.take()
+            self.per_ip.take(node.host)
         query.state, query.transaction_id = "in flight", transaction_id
         query.sent_at = trio.current_time()
         self.endpoint.expect(transaction_id, node.host, node.port, query.answered)
@@ -2481,20 +2507,19 @@ class DhtSurvey:
                     outbox.popleft()  # its lookup has ended
                     continue
                 if self.limited:
-                    # Another packet may have taken its address's token since it was queued:
-                    # back to the heap then, without holding up the packets behind it.
-                    host = query.candidate.node.host
-                    if (ip_wait := self.per_ip.due(host)) > self.options.stall_timeout:
+                    # Another packet may have taken its address's token since it was queued, or
+                    # its node may have asked us to back off: back to the heap then, or given
+                    # up, without holding up the packets behind it.
+                    if self._resting(query.candidate):
                         outbox.popleft()
                         query.state = "ended"
                         query.lookup.failed(query)
                         continue
-                    if ip_wait > 0:
+                    if (ip_wait := self.per_ip.due(query.candidate.node.host)) > 0:
                         self._hold(outbox.popleft(), now + ip_wait)
                         continue
-                    if (wait := self.global_bucket.try_take()) > 0:
+                    if (wait := self.global_bucket.due()) > 0:
                         break
-                    self.per_ip.take(host)
                 sent = self._transmit(query)
                 if sent is None:
                     await self.endpoint.wait_writable()
