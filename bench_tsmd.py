@@ -3,8 +3,9 @@
 
     python3 bench_tsmd.py sync [--torrents 5000] [--files 100]
     python3 bench_tsmd.py scrape [--hashes 20000] [--no-libtorrent]
-    python3 bench_tsmd.py dht
+    python3 bench_tsmd.py dht [--nodes 1000000] [--only simulated|libtorrent]
     python3 bench_tsmd.py report [--torrents 100000] [--days 30]
+    python3 bench_tsmd.py run [--torrents 20000]
 
 `sync`: generates a collection of .torrent files (libgen-like: many files per torrent, a few
 trackers), serves it from a separate process on 127.0.0.1 (an HTML index page, ETags, conditional
@@ -14,6 +15,10 @@ prints wall time, torrents/s, requests seen by the server, downloads and the pea
 distinct 127.x addresses, scrapes every hash with `tsmd scrape` over UDP and HTTP and checks every
 count; then libtorrent scrapes the same hashes for comparison; then a run where half of the
 trackers are dead.
+`dht`: a simulated DHT of up to 9 million nodes in a separate process (recall, wrong peers, packets
+per lookup cold and warm, the rate limit as the nodes saw it), then a network of real libtorrent
+nodes where tsmd and libtorrent's own `dht_get_peers` look up the same infohashes, both timed
+until every announced peer had arrived and until every lookup had ended.
 Everything runs on loopback and stops by itself.
 """
 
