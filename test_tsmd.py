@@ -1858,15 +1858,16 @@ class RecordingEndpoint:
     """What DhtSurvey needs of a UdpEndpoint, on trio's clock alone: every packet is recorded
     and its node answers `delay` seconds later with the 8 known nodes closest to the target,
     or with error 202 as many times as `refusals` says for its host. The socket buffer is full
-    for the first `full` sends."""
+    for the first `full` sends, and the kernel refuses every packet to `unsendable` hosts."""
 
     dual_stack = False
 
     def __init__(self, nodes: list[tsmd.DhtNode], delay: float, refusals=None,
-                 full: int = 0) -> None:
+                 full: int = 0, unsendable=()) -> None:
         self.nodes = nodes
         self.ids = {(node.host, node.port): node.node_id for node in nodes}
         self.delay, self.refusals, self.full = delay, dict(refusals or {}), full
+        self.unsendable = set(unsendable)
         self.sent: list[tuple[float, str, dict]] = []
         self.pending: dict = {}
         self.counters = tsmd.UdpCounters()
@@ -1879,6 +1880,9 @@ class RecordingEndpoint:
         if self.full:
             self.full -= 1
             return None
+        if host in self.unsendable:
+            self.counters.send_errors += 1
+            return False
         query = tsmd.bdecode_untrusted(data)
         self.sent.append((trio.current_time(), host, query))
         self.counters.sent += 1
@@ -1973,6 +1977,23 @@ def test_dht_pacer_keeps_the_global_and_per_address_limits():
     # alone makes it (one packet every 1/(rate - 1) s).
     assert times[-1] - times[0] <= len(times) / (rate - 1) + 2 * 2
     assert survey.counters.krpc_errors == len(refused)
+
+
+def test_dht_lookup_goes_past_closest_nodes_the_kernel_refuses():
+    nodes = paced_nodes(40)
+    cache = tsmd.NodeCache()
+    for node in nodes:
+        cache.add(node, 0)
+    target = int.from_bytes(hashlib.sha1(b"target 0").digest(), "big")
+    closest = sorted(nodes, key=lambda node: int.from_bytes(node.node_id, "big") ^ target)
+    refused = {node.host for node in closest[:tsmd.DHT_K]}
+    endpoint = RecordingEndpoint(nodes, delay=0.1, unsendable=refused)
+    survey, [result] = paced_survey(endpoint, cache, [], 1)
+    # Their packets never left: the lookup takes the next 8, and marks nobody.
+    assert result.nodes_answered == tsmd.DHT_K
+    assert {host for _, host, _ in endpoint.sent} == {n.host for n in closest[8:16]}
+    assert endpoint.counters.send_errors == tsmd.DHT_K and survey.counters.timeouts == 0
+    assert cache.silent_this_run() == [] and len(cache) == 40
 
 
 def test_dht_lookups_wait_for_a_router_that_asked_them_to_back_off():

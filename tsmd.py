@@ -2106,8 +2106,6 @@ def _bogus_destination(host: str, port: int, allow_private: bool) -> bool:
     return never or (not allow_private and not routable)
 
 
-
-
 class _Lookup:
     """One iterative get_peers lookup (BEP 5): a state machine that the survey's replies and
     timers drive. A query costs no task, cancel scope or event of its own: with those, a query
@@ -2198,13 +2196,11 @@ class _Lookup:
                     if not self.survey._send(query):
                         self._settle(candidate, "failed")
                         refused = True
+            if refused:
+                continue  # a node passed over or a packet refused frees its slot: look again
             if self.in_flight == 0:
                 self._end_round()
-                return
-            if not refused:
-                return
-            # A node passed over, or a packet the kernel refused, frees its slot at once: look
-            # again.
+            return
 
     def _settle(self, candidate: _Candidate, state: str) -> None:
         candidate.state, candidate.query = state, None
