@@ -2308,8 +2308,8 @@ class DhtSurvey:
         self._stalling: deque[_Query] = deque()
         self._expiring: deque[_Query] = deque()
         self._timer_wake: trio.Event | None = None
-        # Queries held back: by the per-address limit, until their booked time (a heap), then
-        # in order for the global limit or a full socket buffer (the outbox).
+        # Queries held back: by the per-address limit, until their address's next token is due
+        # (a heap), then in order for the global limit or a full socket buffer (the outbox).
         self._held: list[tuple[float, int, _Query]] = []
         self._held_count = 0
         self._outbox: deque[_Query] = deque()
