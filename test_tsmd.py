@@ -1857,21 +1857,25 @@ def test_per_address_limit_paces_each_address_and_forgets_idle_ones():
 class RecordingEndpoint:
     """What DhtSurvey needs of a UdpEndpoint, on trio's clock alone: every packet is recorded
     and its node answers `delay` seconds later with the 8 known nodes closest to the target,
-    or with error 202 as many times as `refusals` says for its host. The socket buffer is full
-    for the first `full` sends, and the kernel refuses every packet to `unsendable` hosts."""
+    or with error 202 as many times as `refusals` says for its host. Hosts in `filters_only`
+    answer a scrape as libtorrent does (BEP 33 filters, no values), and those in `refuse_values`
+    answer every query without scrape with 202. The socket buffer is full for the first `full`
+    sends, and the kernel refuses every packet to `unsendable` hosts."""
 
     dual_stack = False
 
     def __init__(self, nodes: list[tsmd.DhtNode], delay: float, refusals=None,
-                 full: int = 0, unsendable=()) -> None:
+                 full: int = 0, unsendable=(), filters_only=(), refuse_values=()) -> None:
         self.nodes = nodes
         self.ids = {(node.host, node.port): node.node_id for node in nodes}
         self.delay, self.refusals, self.full = delay, dict(refusals or {}), full
         self.unsendable = set(unsendable)
+        self.filters_only, self.refuse_values = set(filters_only), set(refuse_values)
         self.sent: list[tuple[float, str, dict]] = []
         self.pending: dict = {}
         self.counters = tsmd.UdpCounters()
-        self.answers = None
+        # Made here, not in receive_forever: a lookup may send before that task first runs.
+        self.answers, self._answered = trio.open_memory_channel(math.inf)
 
     def can_reach(self, host):
         return True
@@ -1899,19 +1903,23 @@ class RecordingEndpoint:
         self.pending.pop((key, host, port), None)
 
     def reply(self, query, host, port) -> tsmd.KrpcMessage:
-        key = query[b"t"]
-        if self.refusals.get(host, 0) > 0:
-            self.refusals[host] -= 1
+        key, scrape = query[b"t"], query[b"a"].get(b"scrape") == 1
+        if host in self.refuse_values and not scrape or self.refusals.get(host, 0) > 0:
+            self.refusals[host] = self.refusals.get(host, 0) - 1
             return tsmd.KrpcMessage(key, b"e", {b"code": 202, b"message": b""})
         target = int.from_bytes(query[b"a"][b"info_hash"], "big")
         closest = sorted(self.nodes, key=lambda n: int.from_bytes(n.node_id, "big") ^ target)[:8]
-        return tsmd.KrpcMessage(key, b"r", {b"id": self.ids[(host, port)], b"nodes": b"".join(
-            tsmd.encode_compact_node(node) for node in closest)})
+        body = {b"id": self.ids[(host, port)], b"nodes": b"".join(
+            tsmd.encode_compact_node(node) for node in closest)}
+        if host in self.filters_only:
+            if scrape:
+                body[b"BFsd"] = body[b"BFpe"] = b"\x01" + bytes(tsmd.BLOOM_BYTES - 1)
+            else:
+                body[b"values"] = [tsmd.encode_compact_peer("192.0.2.99", 6881)]
+        return tsmd.KrpcMessage(key, b"r", body)
 
     async def receive_forever(self):
-        send, receive = trio.open_memory_channel(math.inf)
-        self.answers = send
-        async for due, query, host, port in receive:
+        async for due, query, host, port in self._answered:
             await trio.sleep_until(due)
             handler = self.pending.pop((query[b"t"], host, port), None)
             if handler is not None:
@@ -1994,6 +2002,62 @@ def test_dht_lookup_goes_past_closest_nodes_the_kernel_refuses():
     assert {host for _, host, _ in endpoint.sent} == {n.host for n in closest[8:16]}
     assert endpoint.counters.send_errors == tsmd.DHT_K and survey.counters.timeouts == 0
     assert cache.silent_this_run() == [] and len(cache) == 40
+
+
+def filters_only_scenario(refuse_values: bool, **options):
+    """Two lookups of one target, the second 0.3 s after the first; its closest node answers a
+    scrape with filters only. (duration, result) of each, the node and the packets it got."""
+    nodes = paced_nodes(20)
+    target = hashlib.sha1(b"follow-up").digest()
+    closest = min(nodes, key=lambda node: int.from_bytes(node.node_id, "big")
+                  ^ int.from_bytes(target, "big"))
+    endpoint = RecordingEndpoint(nodes, delay=0.2, filters_only={closest.host},
+                                 refuse_values={closest.host} if refuse_values else ())
+    cache = tsmd.NodeCache()
+    for node in nodes:
+        cache.add(node, 0)
+    options = dht_test_options(**{"concurrency": 2, "bep33": True, "stall_timeout": 1,
+                                  "query_timeout": 2, **options})
+    lookups = {}
+
+    async def scenario():
+        survey = tsmd.DhtSurvey(endpoint, cache, [], options, False)
+        with trio.fail_after(3600):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(survey.serve)
+
+                async def look(name, after):
+                    await trio.sleep(after)
+                    started = trio.current_time()
+                    result = await survey.lookup(target)
+                    lookups[name] = (trio.current_time() - started, result)
+                async with trio.open_nursery() as looking:
+                    looking.start_soon(look, "first", 0)
+                    looking.start_soon(look, "second", 0.3)
+                nursery.cancel_scope.cancel()
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    to_closest = [(when, b"scrape" in query[b"a"]) for when, host, query in endpoint.sent
+                  if host == closest.host]
+    return lookups, to_closest
+
+
+def test_dht_values_follow_up_keeps_the_per_node_limit():
+    lookups, to_closest = filters_only_scenario(False, rate=100, per_ip_rate=1, per_ip_burst=1)
+    # Scrape, then its follow-up for values: one packet a second to the node, follow-up or not.
+    first = [when for when, _ in to_closest][:2]
+    assert [scrape for _, scrape in to_closest][:2] == [True, False] and first[1] - first[0] >= 1
+    assert ("192.0.2.99", 6881) in lookups["first"][1].peers
+
+
+def test_dht_values_follow_up_to_a_node_that_asked_to_back_off_is_not_waited_for():
+    # The first lookup's follow-up gets 202 at 0.4 s; the second lookup asked the node for its
+    # filters at 0.3 s, before that, and has their answer at 0.5 s. It must not then hold its
+    # follow-up for the node's 10 s of back-off, and end with the node counted as answered.
+    lookups, to_closest = filters_only_scenario(True, rate=100, per_ip_rate=10, per_ip_burst=4)
+    assert [scrape for _, scrape in to_closest] == [True, False, True]
+    for duration, result in lookups.values():
+        assert duration < 1 and result.nodes_answered == tsmd.DHT_K
 
 
 def test_dht_lookups_wait_for_a_router_that_asked_them_to_back_off():
@@ -2443,6 +2507,38 @@ def test_silent_addresses_back_off_doubles_and_an_answer_forgives(tmp_path):
     assert after[back_off_over] == before[back_off_over] + 1 and after["198.51.100.9"] == 1
     assert "192.0.2.1" not in after
     assert {host for host in before if host not in after} == {"192.0.2.1"}
+
+
+def test_udp_senders_take_turns_waiting_for_a_full_socket_buffer():
+    # trio lets one task at a time wait for a socket to be writable; a second one used to
+    # crash the scrape with BusyResourceError.
+    async def scenario():
+        endpoint = tsmd.UdpEndpoint.open("127.0.0.1:0", tsmd.udp_tracker_packet_untrusted)
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        receiver.bind(("127.0.0.1", 0))
+        full = [2]  # the kernel says "would block" to the first two sends
+        real_send = endpoint.send_nowait
+
+        def send_nowait(data, host, port):
+            if full[0]:
+                full[0] -= 1
+                return None
+            return real_send(data, host, port)
+        endpoint.send_nowait = send_nowait
+        sent = []
+
+        async def send(n):
+            sent.append(await endpoint.send(b"packet %d" % n, *receiver.getsockname()))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send, 1)
+            nursery.start_soon(send, 2)
+        endpoint.close()
+        received = sorted(receiver.recv(100) for _ in range(2))
+        receiver.close()
+        return sent, received
+
+    sent, received = trio.run(scenario)
+    assert sent == [True, True] and received == [b"packet 1", b"packet 2"]
 
 
 def test_dht_send_error_is_no_mark_against_the_node():

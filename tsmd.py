@@ -1253,6 +1253,8 @@ class UdpEndpoint:
         # A waiting request's _PendingReply, or the callable an expected reply is handed to.
         self._pending: dict[tuple[Any, str, int], Any] = {}
         self.counters = UdpCounters()
+        # trio lets one task at a time wait for a socket to be writable; others queue here.
+        self._write_turn: trio.Lock | None = None
 
     @classmethod
     def open(cls, bind: str, parse_untrusted: Any) -> UdpEndpoint:
@@ -1305,7 +1307,10 @@ class UdpEndpoint:
         return True
 
     async def wait_writable(self) -> None:
-        await trio.lowlevel.wait_writable(self.sock)
+        if self._write_turn is None:
+            self._write_turn = trio.Lock()
+        async with self._write_turn:
+            await trio.lowlevel.wait_writable(self.sock)
 
     async def send(self, data: bytes, host: str, port: int) -> bool:
         await trio.lowlevel.checkpoint()
@@ -2239,7 +2244,9 @@ class _Lookup:
         # libtorrent answers a scrape with filters and no `values`: ask it once more, without
         # scrape, for the peers themselves. The node stays asked until then, or the lookup could
         # end before the very reply that brings its peers.
-        if (query.scrape and not reply.peers and (reply.seeds_bloom or reply.peers_bloom)):
+        # (Not a node that has just told another lookup to back off: it counts as answered.)
+        if (query.scrape and not reply.peers and (reply.seeds_bloom or reply.peers_bloom)
+                and not survey._resting(candidate)):
             result.queries += 1
             if candidate.stalled:
                 candidate.stalled = False  # a fresh query: it holds a slot again
