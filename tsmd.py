@@ -2385,7 +2385,8 @@ class DhtSurvey:
             if wait > 0:
                 self._hold(query, trio.current_time() + wait)
                 return True
-            # Straight out only when nothing waits before it: a held query keeps its turn.
+            # Straight out only when the pacer holds nothing: a query it holds for this address
+            # would otherwise lose its token to this one every time.
             if not self._outbox and not self._held and self.global_bucket.due() == 0:
                 sent = self._transmit(query)
                 if sent is not None:
