@@ -810,10 +810,6 @@ def decode_get_peers_reply_untrusted(message: KrpcMessage) -> GetPeersReply:
     if values is not None:
         if isinstance(values, list):
             for value in values:
-                if type(value) is bytes and len(value) == 6:  # IPv4, by far the most common
-                    peers.append((socket.inet_ntop(socket.AF_INET, value[:4]),
-                                  int.from_bytes(value[4:], "big")))
-                    continue
                 try:
                     peers.append(decode_compact_peer_untrusted(value if isinstance(value, bytes)
                                                                else b""))
