@@ -1149,6 +1149,10 @@ class _PendingReply:
     event: trio.Event = field(default_factory=lambda: trio.Event())  # trio loaded when used
     data: Any = None  # what the endpoint's parser made of the reply
 
+    def deliver(self, parsed: Any) -> None:
+        self.data = parsed
+        self.event.set()
+
 
 @dataclass(slots=True)
 class UdpCounters:
@@ -1246,7 +1250,7 @@ class UdpEndpoint:
         self.sock = sock
         self.dual_stack = sock.family == socket.AF_INET6
         self._parse = parse_untrusted
-        # A waiting request's _PendingReply, or the callable an expected reply is handed to.
+        # (key, host, port) of each reply expected -> what it is handed to, once.
         self._pending: dict[tuple[Any, str, int], Any] = {}
         self.counters = UdpCounters()
         # trio lets one task at a time wait for a socket to be writable; others queue here.
@@ -1330,7 +1334,7 @@ class UdpEndpoint:
         if slot_key in self._pending:
             raise ValueError(f"transaction {key!r} to {host}:{port} already pending")
         slot = _PendingReply()
-        self._pending[slot_key] = slot
+        deliver = self._pending[slot_key] = slot.deliver
         try:
             if not await self.send(data, host, port):
                 raise NotSent(f"{host}:{port}")
@@ -1338,7 +1342,8 @@ class UdpEndpoint:
                 await slot.event.wait()
             return slot.data
         finally:
-            del self._pending[slot_key]
+            if self._pending.get(slot_key) is deliver:  # not handed its reply yet
+                del self._pending[slot_key]
 
     def is_pending(self, key: Any, host: str, port: int) -> bool:
         return (key, host, port) in self._pending
@@ -1363,19 +1368,12 @@ class UdpEndpoint:
                 except ProtocolError:
                     counters.dropped_invalid += 1
                     continue
-                slot_key = (key, _plain_address(address[0]), address[1])
-                slot = pending.get(slot_key)
-                if slot is None:
+                # Taken out as it is handed over: a duplicate finds nothing, like a stranger.
+                handler = pending.pop((key, _plain_address(address[0]), address[1]), None)
+                if handler is None:
                     counters.dropped_unmatched += 1
-                elif type(slot) is _PendingReply:
-                    if slot.data is not None:
-                        counters.dropped_unmatched += 1  # a duplicate
-                    else:
-                        slot.data = parsed
-                        slot.event.set()
                 else:
-                    del pending[slot_key]
-                    slot(parsed)
+                    handler(parsed)
 
 
 def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
