@@ -2373,19 +2373,16 @@ class DhtSurvey:
 
     def _send(self, query: _Query) -> bool:
         """Send `query` now, or hold it for the pacer. False: the kernel refused it."""
+        send_now = not self._outbox
         if self.limited:
-            host = query.candidate.node.host
-            wait = self.per_ip.due(host)
+            wait = self.per_ip.due(query.candidate.node.host)
             if wait > 0:
                 self._hold(query, trio.current_time() + wait)
                 return True
             # Straight out only when the pacer holds nothing: a query it holds for this address
             # would otherwise lose its token to this one every time.
-            if not self._outbox and not self._held and self.global_bucket.due() == 0:
-                sent = self._transmit(query)
-                if sent is not None:
-                    return sent
-        elif not self._outbox:
+            send_now = send_now and not self._held and self.global_bucket.due() == 0
+        if send_now:
             sent = self._transmit(query)
             if sent is not None:
                 return sent
