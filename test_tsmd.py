@@ -83,6 +83,17 @@ def v1_torrent(name: str = "file.bin", length: int = 1000, *, files: list[int] |
     return enc_dict(list(reversed(top)) + [(b"info", info_raw)])
 
 
+def write_torrent_of_many_files(path: Path, files: int) -> None:
+    """A .torrent of `files` files of 0, 1, 2... bytes, written a slice at a time: building it as
+    one dictionary would take gigabytes (and a child process inherits its parent's peak RSS)."""
+    with path.open("wb") as torrent:
+        torrent.write(b"d8:announce26:udp://t.example:1/announce4:infod5:filesl")
+        for first in range(0, files, 10_000):
+            torrent.write(b"".join(bencoder.bencode({b"length": n, b"path": [b"%x" % n]})
+                                   for n in range(first, min(first + 10_000, files))))
+        torrent.write(b"e4:name4:many12:piece lengthi16777216e6:pieces20:" + b"\0" * 20 + b"ee")
+
+
 def lt_torrent(tmp_path: Path, name: str, sizes: list[int], flags: int) -> bytes:
     """A v2 or hybrid .torrent made by libtorrent from real files (independent implementation)."""
     root = tmp_path / name
@@ -106,6 +117,11 @@ def lt_hashes(data: bytes) -> tuple[str, str | None]:
 
 # ---- Bencode and metainfo ----
 
+# The two inputs of issue 12: bencoder.pyx, unguarded, segfaults on the first (a negative length
+# as a dictionary key) and loops for ever on the second.
+SEGFAULT_PACKET = b"d1:rd-4:failure reason7:go awaye1:t2:aa1:y1:re"
+ENDLESS_LOOP_PACKET = b"d2:1:d-6:"
+
 
 def test_bdecode_refuses_deep_nesting_without_crashing():
     for depth in (tsmd.MAX_BENCODE_DEPTH + 1, 60_000, 1_000_000):
@@ -128,6 +144,80 @@ def test_deep_nesting_in_a_subprocess_does_not_kill_the_interpreter(tmp_path):
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert "refused: bencode nested deeper" in done.stdout
+
+
+@pytest.mark.parametrize("hostile,message", [
+    (SEGFAULT_PACKET, "string length with a sign or a space at byte 5"),
+    (ENDLESS_LOOP_PACKET, "string length with a sign or a space at byte 6"),
+    (b"d +4:abcdi1ee", "sign or a space"), (b"d+4:abcdi1ee", "sign or a space"),
+    (b"d4_0:abcdi1ee", "malformed string length"), (b"d04:abcdi1ee", "leading zero"),
+    (b"d9223372036854775807:ae", "more than 10 digits"), (b"4294967296:a", "runs past the end"),
+    (b"i" + b"7" * 5000 + b"e", "more than 19 digits"), (b"i9223372036854775808e", "64 bits"),
+    (b"i-9223372036854775809e", "64 bits"), (b"i-0e", "leading zero"), (b"i007e", "leading zero"),
+    (b"l1:ax", "unexpected byte b'x'"),
+])
+def test_scan_refuses_what_bencoder_pyx_would_misread(hostile, message):
+    for parse in (tsmd.scan_bencode_untrusted, tsmd.bdecode_untrusted,
+                  tsmd.decode_metainfo_untrusted, tsmd.decode_krpc_untrusted):
+        with pytest.raises(tsmd.ProtocolError, match=message):
+            parse(hostile)
+
+
+def test_scan_accepts_every_canonical_token_and_the_int64_range():
+    value = {b"": b"", b"a": [0, -1, (1 << 63) - 1, -(1 << 63), 12345678901234567],
+             b"s" * 99: [b"x" * n for n in (0, 1, 99, 100, 208, 256, 1000, 70_000)],
+             b"d": {b"e": [[[]], {}, [{b"l": []}]]}}
+    data = bencoder.bencode(value)
+    tsmd.scan_bencode_untrusted(data)
+    assert tsmd.bdecode_untrusted(data) == value
+    # Nesting at the limit passes, one level more does not, in the counting scan too.
+    for filler in (b"", b"4:dddd" * 300):
+        limit = tsmd.MAX_BENCODE_DEPTH
+        tsmd.scan_bencode_untrusted(b"l" * limit + filler + b"e" * limit)
+        with pytest.raises(tsmd.ProtocolError, match="nested deeper"):
+            tsmd.scan_bencode_untrusted(b"l" * (limit + 1) + filler + b"e" * (limit + 1))
+    # More `l` and `d` bytes than the limit in strings and shallow values: no false alarm.
+    shallow = bencoder.bencode([{b"path": [b"dl" * 40], b"length": n} for n in range(3000)])
+    assert len(tsmd.bdecode_untrusted(shallow)) == 3000
+
+
+def test_metainfo_sizes_are_bounded_and_never_pass_int64():
+    def torrent(info):
+        return bencoder.bencode({b"info": {b"name": b"x", b"pieces": b"", **info}})
+
+    big = tsmd.MAX_FILE_BYTES
+    assert tsmd.decode_metainfo_untrusted(torrent({b"length": big})).size_bytes == big
+    with pytest.raises(tsmd.ProtocolError, match="claims"):
+        tsmd.decode_metainfo_untrusted(torrent({b"length": big + 1}))
+    many = [{b"length": big, b"path": [b"%d" % n]} for n in range(8)]
+    assert tsmd.decode_metainfo_untrusted(torrent({b"files": many})).size_bytes == 8 * big
+    with pytest.raises(tsmd.ProtocolError, match="add up to over"):
+        tsmd.decode_metainfo_untrusted(torrent({b"files": many + many[:1]}))
+    meta = tsmd.decode_metainfo_untrusted(torrent({b"length": 1, b"piece length": 1 << 40}))
+    assert meta.piece_length is None
+    magnet = f"magnet:?xt=urn:btih:{'a' * 40}&xl="
+    assert tsmd.decode_magnet_untrusted(magnet + str(1 << 53)).size_bytes == 1 << 53
+    assert tsmd.decode_magnet_untrusted(magnet + str((1 << 53) + 1)).size_bytes is None
+    text = tsmd.decode_metainfo_untrusted(torrent({b"length": 1, b"name": b"n" * 100_000}))
+    assert len(text.name) == tsmd.MAX_METAINFO_TEXT
+
+
+def test_a_million_files_decode_a_file_at_a_time(tmp_path):
+    path = tmp_path / "many.torrent"
+    write_torrent_of_many_files(path, 200_000)
+    script = ("import resource, sys, tsmd\n"
+              "data = open(sys.argv[1], 'rb').read()\n"
+              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              "meta = tsmd.decode_metainfo_untrusted(data)\n"
+              "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+              "print(meta.file_count, meta.size_bytes, grown)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], cwd=HERE, timeout=120,
+                          capture_output=True, text=True)
+    files, size, grown_kib = map(int, done.stdout.split())
+    assert (files, size) == (200_000, 200_000 * 199_999 // 2)
+    # Decoding the whole list at once took 45 MB for 200,000 files, 500 MB for a million.
+    assert grown_kib < 20 * 1024, f"{grown_kib} KiB"
+
 
 
 @pytest.mark.parametrize("bad", [b"", b"l", b"i", b"ie", b"i01e", b"i-0e", b"5:ab", b"d1:a",
@@ -239,6 +329,13 @@ def test_magnet_names_round_trip_through_the_fast_quoting(name):
     assert tsmd._quote_component(name) == urllib.parse.quote(name, safe="")
     magnet = tsmd.magnet_uri("ab" * 20, name or None)
     assert tsmd.decode_magnet_untrusted(magnet).name == (name or None)
+
+def test_magnet_with_thousands_of_trackers_keeps_each_once_in_order():
+    trackers = [f"udp://t{n}.example:1/announce" for n in range(20_000)]
+    magnet = f"magnet:?xt=urn:btih:{'a' * 40}" + "".join(f"&tr={t}" for t in trackers * 2)
+    meta = tsmd.decode_magnet_untrusted(magnet)
+    assert [t.url for t in meta.trackers] == trackers
+    assert [t.tier for t in meta.trackers] == list(range(20_000))
 
 
 def test_tracker_url_normalisation():
@@ -1140,6 +1237,37 @@ def test_sync_interrupted_commits_what_it_has(server, tmp_path):
     run(interrupted)
     assert len(listed(db, "big")) == 40
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_names_that_are_not_utf8_and_lone_surrogates_store_one_item_each(server, tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    odd = folder / os.fsdecode(b"r_\xff\xfe.torrent")  # a Latin-1 name on a UTF-8 system
+    odd.write_bytes(v1_torrent("odd", seed=1))
+    (folder / "r_ok.torrent").write_bytes(v1_torrent("ok", seed=2))
+    infohash = "ab" * 20
+    server.files["/list.json"] = (
+        b'[{"name": "r_\\ud800.torrent", "link": "/t/r_\\udfff.torrent"}, '
+        b'"magnet:?xt=urn:btih:' + infohash.encode() + b'&dn=name\\ud800", "' + b"cd" * 20 + b'"]',
+        "application/json")
+    server.files["/t/r_\ufffd.torrent"] = (v1_torrent("json", seed=3), "application/x-bittorrent")
+    settings = make_settings(tmp_path, [
+        {"name": "folder", "url": folder.as_uri() + "/", "type": "books"},
+        {"name": "json", "url": server.url("/list.json"), "type": "books"}])
+    db = tsmd.open_database(settings.database)
+    counts = run(tsmd.run_sync, db, settings, settings.collections, tsmd.Reporter(-1))
+    assert (counts.new, counts.failed) == (5, 0)
+    stored = dict(db.execute("SELECT m.file_name, t.infohash FROM memberships m "
+                             "JOIN torrents t ON t.id = m.torrent_id"))
+    # The file that is not UTF-8 was read by its real name, and is listed by a readable one.
+    assert stored["r_\ufffd\ufffd.torrent"] == lt_hashes(v1_torrent("odd", seed=1))[0]
+    assert stored["r_\ufffd.torrent"] == lt_hashes(v1_torrent("json", seed=3))[0]
+    names = dict(db.execute("SELECT infohash, name FROM torrents"))
+    assert names[infohash] == "name\ufffd"
+    report = cli("--config", str(write_config(tmp_path, f'database = "{settings.database}"\n')),
+                 "report", "--format", "json")
+    assert report.returncode == 0, report.stderr
+    assert f"name\ufffd 0x{infohash}" in {row["name"] for row in json.loads(report.stdout)}
 
 
 # ---- Reports ----

@@ -205,37 +205,136 @@ class IndexEntry:
 
 
 # ---- Bencode and metainfo ----
+#
+# bencoder.pyx decodes in C, fast, but trusts what it reads. A negative string length moves it
+# backwards: an endless loop that not even SIGTERM stops, or a recursion that kills the process.
+# A length near 2**63 overflows its position, and lengths are read with int(), so "+5", " -5" and
+# "5_0" pass. So no untrusted byte reaches it before scan_bencode_untrusted has checked every
+# token: canonical lengths and integers, strings inside the input, nesting bounded.
 
-_BENCODE_TOKEN = re.compile(rb"i-?[0-9]+e|([0-9]+):")
+MAX_BENCODE_INTEGER_DIGITS: Final = 19  # and within int64, as libtorrent's bdecode
+MAX_BENCODE_BYTES: Final = (1 << 31) - 1  # bencoder.pyx keeps positions in a C int
+# The string lengths that the token regex knows, so that most inputs are checked inside one
+# regex: every length under 100, and the lengths of DHT replies' fields (node lists of 26 or 38
+# bytes a node, BEP 33 filters of 256 bytes). Any other string costs one step of a Python loop.
+_REGEX_STRING_LENGTHS: Final = frozenset(
+    [*range(100), *range(26, 26 * 17, 26), *range(38, 38 * 17, 38), 256])
+# Tokens matched per regex call: a longer unbounded run made the regex engine's stack grow with
+# the input and ran four times slower.
+_TOKENS_PER_MATCH: Final = 2000
+MAX_FILE_BYTES: Final = 1 << 50  # 1 PiB: a larger file in a .torrent is a forgery
+MAX_TORRENT_BYTES: Final = 1 << 53  # 8 PiB: sums stay far below SQLite's int64
+MAX_PIECE_LENGTH: Final = 1 << 34  # larger "piece lengths" are not kept
+MAX_METAINFO_TEXT: Final = 4096  # characters kept of a name, comment or `created by`
 
 
-def check_bencode_depth_untrusted(data: bytes, limit: int = MAX_BENCODE_DEPTH) -> None:
-    """Refuse nesting deeper than `limit` before bencoder.pyx recurses into it.
+def _string_lengths_pattern(lengths: Iterable[int]) -> bytes:
+    """A regex for `N:` followed by N bytes, for each N in `lengths`, as a trie on the digits:
+    the regex engine then tries about ten branches a digit, not one per length."""
+    trie: dict[str, Any] = {}
+    for length in lengths:
+        node = trie
+        for digit in str(length):
+            node = node.setdefault(digit, {})
+        node[":"] = length
 
-    Only lists and dicts nest. When the whole input holds fewer `l` and `d` bytes than the limit no
-    scan is needed; otherwise walk the tokens, skipping string bodies by their declared length.
+    def branches(node: dict[str, Any]) -> str:
+        return "|".join(":" + (f".{{{child}}}" if child else "") if key == ":"
+                        else f"{key}(?:{branches(child)})" for key, child in node.items())
+
+    return branches(trie).encode("ascii")
+
+
+@functools.cache
+def _bencode_run(kind: str) -> Any:
+    """`match` of a run of up to _TOKENS_PER_MATCH tokens of a kind: "tokens" (any), "scalars"
+    (integers and strings), "shallow" (those and whole lists or dictionaries nested at most two
+    deep, as a .torrent's `files` entries are). Compiled on first use, 1-5 ms each: reports never
+    decode bencode, and DHT replies need only "tokens"."""
+    # Integers of 19 digits may pass int64, and are left to the loop (they are rare).
+    integer = rb"i(?:0|-?[1-9][0-9]{0,%d})e" % (MAX_BENCODE_INTEGER_DIGITS - 2)
+    scalar = integer + b"|" + _string_lengths_pattern(sorted(_REGEX_STRING_LENGTHS))
+    pattern = {"tokens": b"[lde]|" + scalar, "scalars": scalar}.get(kind)
+    if pattern is None:
+        inner = integer + b"|" + _string_lengths_pattern(range(100))
+        pattern = scalar + rb"|[ld](?:%s|[ld](?:%s)*e)*e" % (inner, inner)
+    return re.compile(rb"(?:%s){0,%d}" % (pattern, _TOKENS_PER_MATCH), re.DOTALL).match
+
+
+_BENCODE_STRING_HEAD: Final = re.compile(rb"(0|[1-9][0-9]{0,9}):")
+_BENCODE_LONG_INTEGER: Final = re.compile(rb"i(-?[1-9][0-9]{%d})e" % (MAX_BENCODE_INTEGER_DIGITS - 1))
+
+
+def _bencode_defect(data: bytes, pos: int) -> str:
+    """What is wrong with the token at `pos`, for the error message."""
+    head = data[pos:pos + 24]
+    if re.match(rb"i-?0[0-9]|i-0e", head):
+        return f"integer with a leading zero at byte {pos}"
+    if re.match(rb"i-?[0-9]{%d}" % (MAX_BENCODE_INTEGER_DIGITS + 1), head):
+        return f"integer of more than {MAX_BENCODE_INTEGER_DIGITS} digits at byte {pos}"
+    if re.match(rb"[-+\s]+[0-9]", head):
+        return f"string length with a sign or a space at byte {pos}"
+    if re.match(rb"0[0-9]", head):
+        return f"string length with a leading zero at byte {pos}"
+    if re.match(rb"[0-9]{11}", head):
+        return f"string length of more than 10 digits at byte {pos}"
+    if head[:1].isdigit():
+        return f"malformed string length at byte {pos}"
+    return f"unexpected byte {head[:1]!r} at byte {pos}"
+
+
+def scan_bencode_untrusted(data: bytes, limit: int = MAX_BENCODE_DEPTH) -> None:
+    """Refuse `data` unless bencoder.pyx can read it safely: every token canonical (no sign,
+    space or leading zero in a length, integers within int64), every string inside the input,
+    and no nesting deeper than `limit`. Linear in the input.
+
+    Whether the tokens form one value (balanced, keys that are strings, nothing after the end)
+    is left to the decoder, which fails cleanly on that once the tokens are sound.
     """
-    if data.count(b"l") + data.count(b"d") <= limit:
-        return
-    depth, pos, end = 0, 0, len(data)
-    match = _BENCODE_TOKEN.match
+    end = len(data)
+    if not end:
+        raise ProtocolError("empty input, expected bencode")
+    if end > MAX_BENCODE_BYTES:
+        raise ProtocolError(f"bencode of {end:,} bytes, over {MAX_BENCODE_BYTES:,}")
+    # Only lists and dicts nest, each level in two bytes. While the runs of tokens so far (long
+    # strings left out) hold fewer `l` and `d` bytes than the limit, nesting needs no count and
+    # one regex call checks up to _TOKENS_PER_MATCH tokens. Past that, the scan starts again and
+    # counts the levels, those of small whole values inside the regex.
+    short = end <= 2 * limit
+    run, counting, bound, depth, pos = _bencode_run("tokens"), False, 0, 0, 0
     while pos < end:
+        if counting:
+            run = _bencode_run("shallow" if depth + 2 <= limit else "scalars")
+        after = run(data, pos).end()
+        if after > pos:
+            if not (counting or short):
+                bound += data.count(b"l", pos, after) + data.count(b"d", pos, after)
+                if bound > limit:
+                    counting, pos = True, 0
+                    continue
+            pos = after
+            continue
+        # The token at `pos` is one the run does not take: a nesting byte while counting, a
+        # string of a length the regex does not know, or a defect.
         byte = data[pos]
-        if byte == 0x6C or byte == 0x64:  # l, d
-            depth += 1
+        if counting and (byte == 0x6C or byte == 0x64 or byte == 0x65):  # l, d, e
+            depth += 1 if byte != 0x65 else -1
             if depth > limit:
                 raise ProtocolError(f"bencode nested deeper than {limit} levels")
             pos += 1
-        elif byte == 0x65:  # e
-            depth -= 1
-            pos += 1
-        else:
-            token = match(data, pos)
-            if token is None:
-                raise ProtocolError(f"invalid bencode at byte {pos}")
-            pos = token.end()
-            if token.group(1) is not None:
-                pos += int(token.group(1))
+            continue
+        if byte == 0x69 and (integer := _BENCODE_LONG_INTEGER.match(data, pos)):  # i
+            if not -1 << 63 <= int(integer.group(1)) < 1 << 63:
+                raise ProtocolError(f"invalid bencode: integer past 64 bits at byte {pos}")
+            pos = integer.end()
+            continue
+        head = _BENCODE_STRING_HEAD.match(data, pos)
+        if head is None:
+            raise ProtocolError(f"invalid bencode: {_bencode_defect(data, pos)}")
+        pos = head.end() + int(head.group(1))
+        if pos > end:
+            raise ProtocolError(f"invalid bencode: string at byte {head.start()} runs past the "
+                                f"end ({int(head.group(1)):,} bytes)")
 
 
 _BENCODE_ERRORS: Final = (bencoder.BTFailure, ValueError, TypeError, IndexError, KeyError,
@@ -244,68 +343,167 @@ _BENCODE_ERRORS: Final = (bencoder.BTFailure, ValueError, TypeError, IndexError,
 
 def bdecode_untrusted(data: bytes) -> Any:
     """Decode one complete bencoded value; any defect raises ProtocolError."""
-    if not data:
-        raise ProtocolError("empty input, expected bencode")
-    check_bencode_depth_untrusted(data)
+    scan_bencode_untrusted(data)
     try:
         return bencoder.bdecode(data)
     except _BENCODE_ERRORS as exc:
-        raise ProtocolError(f"invalid bencode: {exc}") from None
+        raise ProtocolError(f"invalid bencode: {exc or type(exc).__name__}") from None
 
 
 def bencode(value: Any) -> bytes:
     return bencoder.bencode(value)
 
 
-def _bdecode_top_dict_untrusted(data: bytes) -> tuple[dict, tuple[int, int] | None]:
-    """Decode a bencoded dict and the byte span of its `info` value, in one pass.
+# Metainfo is decoded a piece at a time from scanned bytes: the top-level dictionary and `info`
+# key by key, `files` an entry at a time and `file tree` a node at a time. A .torrent of a
+# million files then costs the memory of one entry, not of a million dictionaries, and the info
+# dictionary's exact byte span is known for its hash.
 
-    The infohash is the hash of those exact bytes: re-encoding would silently "fix" a
-    non-canonical file (unsorted keys) and give a hash nobody else uses. bencoder.pyx's element
-    decoders do not check bounds themselves; like its bdecode(), this relies on the walk ending
-    exactly at the last byte, which an overrun or truncation cannot.
-    """
-    if not data:
-        raise ProtocolError("empty input, expected bencode")
-    if data[:1] != b"d":
-        raise ProtocolError("not a bencoded dictionary")
-    check_bencode_depth_untrusted(data)
-    decoders = bencoder.decode_func
-    top: dict = {}
-    span = None
-    pos = 1
+
+def _decode_value_at(data: bytes, pos: int) -> tuple[Any, int]:
+    """The value at `pos` of data that scan_bencode_untrusted accepted, and where it ends."""
     try:
-        while data[pos] != 0x65:  # e
-            if not 0x30 <= data[pos] <= 0x39:
-                raise ProtocolError(f"dictionary key at byte {pos} is not a string")
-            key, pos = bencoder.decode_string(data, pos)
-            start = pos
-            top[key], pos = decoders[data[pos]](data, pos)
-            if key == b"info":
-                span = (start, pos)
+        return bencoder.decode_func[data[pos]](data, pos)
     except IndexError:
         raise ProtocolError("invalid bencode: truncated") from None
-    except KeyError as exc:
-        byte = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
-        raise ProtocolError("invalid bencode: unexpected byte"
-                            + (f" {bytes([byte])!r}" if byte is not None and byte < 256 else "")
-                            ) from None
+    except KeyError:
+        raise ProtocolError(f"invalid bencode: unexpected byte {data[pos:pos + 1]!r} at byte "
+                            f"{pos}") from None
     except _BENCODE_ERRORS as exc:
         raise ProtocolError(f"invalid bencode: {exc or type(exc).__name__}") from None
-    if pos + 1 != len(data):
-        raise ProtocolError("invalid bencode: truncated, or data after the end")
-    return top, span
+
+
+def _dict_key_at(data: bytes, pos: int) -> tuple[bytes | None, int]:
+    """Inside a dictionary of scanned data: the key at `pos` and where its value starts, or None
+    and the position after the dictionary's end."""
+    if pos >= len(data):
+        raise ProtocolError("invalid bencode: truncated")
+    if data[pos] == 0x65:  # e
+        return None, pos + 1
+    if not 0x30 <= data[pos] <= 0x39:
+        raise ProtocolError(f"dictionary key at byte {pos} is not a string")
+    key, pos = _decode_value_at(data, pos)
+    if pos >= len(data):
+        raise ProtocolError("invalid bencode: truncated")
+    return key, pos
+
+
+def _file_length(attributes: Any, where: str) -> int:
+    length = attributes.get(b"length") if isinstance(attributes, dict) else None
+    if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+        raise ProtocolError(f"{where} has no valid 'length'")
+    if length > MAX_FILE_BYTES:
+        raise ProtocolError(f"{where} claims {length:,} bytes, over {MAX_FILE_BYTES:,}")
+    return length
+
+
+@dataclass(slots=True)
+class _FileTotals:
+    size: int = 0
+    count: int = 0
+
+    def add(self, length: int) -> None:
+        self.size += length
+        self.count += 1
+        if self.size > MAX_TORRENT_BYTES:
+            raise ProtocolError(f"files add up to over {MAX_TORRENT_BYTES:,} bytes")
+
+
+def _v1_files_at(data: bytes, pos: int) -> tuple[_FileTotals, int]:
+    """Totals of the BEP 3 `files` list at `pos`, an entry at a time, and where it ends."""
+    if data[pos] != 0x6C:  # l
+        raise ProtocolError("'files' is not a non-empty list")
+    totals = _FileTotals()
+    pos += 1
+    while pos < len(data) and data[pos] != 0x65:  # e
+        entry, pos = _decode_value_at(data, pos)
+        totals.add(_file_length(entry, "a 'files' entry"))
+    if pos >= len(data):
+        raise ProtocolError("invalid bencode: truncated")
+    if not totals.count:
+        raise ProtocolError("'files' is not a non-empty list")
+    return totals, pos + 1
+
+
+def _v2_file_tree_at(data: bytes, pos: int) -> tuple[_FileTotals, int]:
+    """Totals of the BEP 52 `file tree` at `pos`, a node at a time, and where it ends. A file is
+    a key "" whose value holds its `length`; every other value is a directory."""
+    if data[pos] != 0x64:  # d
+        raise ProtocolError("'file tree' node is not a dictionary")
+    totals = _FileTotals()
+    depth, pos = 0, pos + 1
+    while True:
+        key, pos = _dict_key_at(data, pos)
+        if key is None:  # a directory ends
+            if not depth:
+                return totals, pos
+            depth -= 1
+        elif key == b"":
+            attributes, pos = _decode_value_at(data, pos)
+            totals.add(_file_length(attributes, "'file tree' file"))
+        elif data[pos] == 0x64:  # d: a directory begins
+            depth, pos = depth + 1, pos + 1
+        else:
+            raise ProtocolError("'file tree' node is not a dictionary")
+
+
+@dataclass(slots=True)
+class _InfoDict:
+    """The `info` dictionary with its file lists reduced to totals."""
+
+    fields: dict[bytes, Any]  # every key but `files` and `file tree`, decoded
+    v1_files: _FileTotals | None
+    v2_files: _FileTotals | None
+
+
+def _info_dict_at(data: bytes, pos: int) -> tuple[_InfoDict, int]:
+    info = _InfoDict({}, None, None)
+    pos += 1
+    while True:
+        key, pos = _dict_key_at(data, pos)
+        if key is None:
+            return info, pos
+        if key == b"files":
+            info.v1_files, pos = _v1_files_at(data, pos)
+        elif key == b"file tree":
+            info.v2_files, pos = _v2_file_tree_at(data, pos)
+        else:
+            info.fields[key], pos = _decode_value_at(data, pos)
+
+
+def _top_dict_untrusted(data: bytes) -> tuple[dict, _InfoDict | None, tuple[int, int] | None]:
+    """The top-level dictionary of a .torrent, its `info` dictionary and that dictionary's byte
+    span. The infohash is the hash of those exact bytes: re-encoding would silently "fix" a
+    non-canonical file (unsorted keys) and give a hash nobody else uses."""
+    scan_bencode_untrusted(data)
+    if data[:1] != b"d":
+        raise ProtocolError("not a bencoded dictionary")
+    top: dict = {}
+    info = span = None
+    pos = 1
+    while True:
+        key, start = _dict_key_at(data, pos)
+        if key is None:
+            break
+        if key == b"info" and data[start] == 0x64:  # d
+            info, pos = _info_dict_at(data, start)
+            span = (start, pos)
+        else:
+            top[key], pos = _decode_value_at(data, start)
+    if start != len(data):
+        raise ProtocolError("invalid bencode: data after the end")
+    return top, info, span
 
 
 def _text(value: Any) -> str | None:
     """A metainfo string as text; metainfo strings are bytes of unknown, usually UTF-8, encoding."""
     if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
+        return value[:4 * MAX_METAINFO_TEXT].decode("utf-8", errors="replace")[:MAX_METAINFO_TEXT]
     return None
 
 
-def _non_negative_int(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+def _non_negative_int(value: Any, maximum: int = (1 << 63) - 1) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= maximum:
         return value
     return None
 
@@ -356,74 +554,50 @@ def _collect_trackers(top: dict) -> tuple[Tracker, ...]:
     return tuple(trackers)
 
 
-def _v2_file_tree_totals(tree: Any) -> tuple[int, int]:
-    """(total bytes, file count) of a BEP 52 `file tree`, walked without recursion."""
-    total = count = 0
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, dict):
-            raise ProtocolError("'file tree' node is not a dictionary")
-        for key, child in node.items():
-            if key == b"" and isinstance(child, dict):
-                length = _non_negative_int(child.get(b"length"))
-                if length is None:
-                    raise ProtocolError("'file tree' file without a valid 'length'")
-                total += length
-                count += 1
-            else:
-                stack.append(child)
-    return total, count
-
-
 def decode_metainfo_untrusted(data: bytes) -> Metainfo:
     """Parse a .torrent file (BEP 3, BEP 12, BEP 52). Raises only ProtocolError."""
-    top, span = _bdecode_top_dict_untrusted(data)
-    info = top.get(b"info")
-    if not isinstance(info, dict) or span is None:
+    top, info, span = _top_dict_untrusted(data)
+    if info is None or span is None:
         raise ProtocolError("metainfo has no 'info' dictionary")
-    raw_info = data[span[0]:span[1]]
+    raw_info = memoryview(data)[span[0]:span[1]]  # not a copy: it can be most of the file
+    fields = info.fields
 
-    is_v2 = info.get(b"meta version") == 2 and b"file tree" in info
-    is_v1 = b"pieces" in info or b"length" in info or b"files" in info
+    is_v2 = fields.get(b"meta version") == 2 and info.v2_files is not None
+    is_v1 = b"pieces" in fields or b"length" in fields or info.v1_files is not None
     if not (is_v1 or is_v2):
         raise ProtocolError("'info' has neither v1 'pieces'/'files' nor a v2 'file tree'")
     sha256 = hashlib.sha256(raw_info).hexdigest() if is_v2 else None
     infohash = hashlib.sha1(raw_info).hexdigest() if is_v1 else sha256[:SHA1_HEX_LEN]  # type: ignore[index]
 
-    if is_v2:
-        size, file_count = _v2_file_tree_totals(info[b"file tree"])
-    elif b"files" in info:
-        files = info[b"files"]
-        if not isinstance(files, list) or not files:
-            raise ProtocolError("'files' is not a non-empty list")
-        size = 0
-        for entry in files:
-            length = _non_negative_int(entry.get(b"length")) if isinstance(entry, dict) else None
-            if length is None:
-                raise ProtocolError("a 'files' entry has no valid 'length'")
-            size += length
-        file_count = len(files)
-    else:
-        size = _non_negative_int(info.get(b"length"))
-        if size is None:
-            raise ProtocolError("'length' is missing or not a non-negative integer")
-        file_count = 1
+    files = info.v2_files if is_v2 else info.v1_files
+    if files is None:  # a single file (BEP 3)
+        files = _FileTotals()
+        files.add(_file_length(fields, "'info' of a single file"))
 
-    name = _text(info.get(b"name.utf-8")) or _text(info.get(b"name"))
+    name = _text(fields.get(b"name.utf-8")) or _text(fields.get(b"name"))
     return Metainfo(
         infohash=infohash,
         infohash_v2=sha256,
         name=name,
-        size_bytes=size,
-        file_count=file_count,
-        piece_length=_non_negative_int(info.get(b"piece length")),
+        size_bytes=files.size,
+        file_count=files.count,
+        piece_length=_non_negative_int(fields.get(b"piece length"), MAX_PIECE_LENGTH),
         created_unix=_non_negative_int(top.get(b"creation date")),
         created_by=_text(top.get(b"created by")),
         comment=_text(top.get(b"comment.utf-8")) or _text(top.get(b"comment")),
         trackers=_collect_trackers(top),
         has_metainfo=True,
     )
+
+
+_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def storable_text(text: str) -> str:
+    """`text` with every lone surrogate replaced by U+FFFD. They come from JSON's `\\ud800`
+    escapes and from file names and arguments that are not UTF-8 (as surrogate escapes), and
+    neither SQLite, JSON output nor a terminal can take them."""
+    return text if text.isascii() else _LONE_SURROGATE.sub("\ufffd", text)
 
 
 _HEX40 = re.compile(r"[0-9a-fA-F]{40}")
@@ -442,9 +616,9 @@ def parse_infohash_untrusted(text: str) -> str:
 
 def decode_magnet_untrusted(uri: str) -> Metainfo:
     """Parse a magnet link (BEP 9, BEP 52 `btmh`): infohash, display name and trackers."""
-    if not uri.lower().startswith("magnet:?"):
+    if not uri[:8].lower() == "magnet:?":
         raise ProtocolError(f"not a magnet link: {uri[:80]!r}")
-    params = urllib.parse.parse_qs(uri[len("magnet:?"):], keep_blank_values=False)
+    params = urllib.parse.parse_qs(storable_text(uri[len("magnet:?"):]), keep_blank_values=False)
     infohash = infohash_v2 = None
     for xt in params.get("xt", []):
         lowered = xt.lower()
@@ -456,18 +630,20 @@ def decode_magnet_untrusted(uri: str) -> Metainfo:
         infohash = infohash_v2[:SHA1_HEX_LEN]
     if infohash is None:
         raise ProtocolError(f"magnet link without a usable 'xt': {uri[:80]!r}")
-    trackers: list[Tracker] = []
+    trackers: dict[str, Tracker] = {}
     for raw in params.get("tr", []):
         url = normalise_tracker_url(raw)
-        if url and all(t.url != url for t in trackers):
-            trackers.append(Tracker(url, len(trackers)))
+        if url and url not in trackers:
+            trackers[url] = Tracker(url, len(trackers))
     names = params.get("dn")
+    size = params.get("xl", [""])[0]
     return Metainfo(
-        infohash=infohash, infohash_v2=infohash_v2, name=names[0] if names else None,
-        size_bytes=int(params["xl"][0]) if re.fullmatch(r"[0-9]{1,18}", params.get("xl", [""])[0])
-        else None,
+        infohash=infohash, infohash_v2=infohash_v2,
+        name=names[0][:MAX_METAINFO_TEXT] if names else None,
+        size_bytes=int(size) if re.fullmatch(r"[0-9]{1,16}", size)
+        and int(size) <= MAX_TORRENT_BYTES else None,
         file_count=None, piece_length=None, created_unix=None, created_by=None, comment=None,
-        trackers=tuple(trackers), has_metainfo=False,
+        trackers=tuple(trackers.values()), has_metainfo=False,
     )
 
 
@@ -542,6 +718,7 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 def resolve_link_untrusted(base_url: str, link: str) -> str:
     """`link` made absolute against `base_url`, checked to be a well-formed http(s)/file URL."""
+    link = storable_text(link)
     try:
         url = urllib.parse.urljoin(base_url, link)
         parts = urllib.parse.urlsplit(url)
@@ -557,7 +734,7 @@ def resolve_link_untrusted(base_url: str, link: str) -> str:
 
 def _entry_from_text(text: str, base_url: str) -> IndexEntry:
     """One line of a list, or one string of a JSON list: URL, magnet link or bare infohash."""
-    text = text.strip()
+    text = storable_text(text.strip())
     if text.lower().startswith("magnet:?"):
         meta = decode_magnet_untrusted(text)
         return IndexEntry(EntryKind.MAGNET, text, meta.name)
@@ -584,7 +761,7 @@ def _entries_from_json(document: Any, base_url: str) -> Iterator[IndexEntry | Pr
                     raise ProtocolError("JSON item has no 'link', 'url', 'magnet' or 'infohash'")
                 entry = _entry_from_text(value, base_url)
                 if entry.kind is EntryKind.URL and isinstance(item.get("name"), str):
-                    entry = dataclasses.replace(entry, file_name=item["name"])
+                    entry = dataclasses.replace(entry, file_name=storable_text(item["name"]))
                 yield entry
             else:
                 raise ProtocolError(f"JSON item is a {type(item).__name__}, not a string or object")
@@ -1781,7 +1958,8 @@ def file_url_to_path(url: str) -> Path:
     parts = urllib.parse.urlsplit(url)
     if parts.netloc not in ("", "localhost"):
         raise FetchError(f"{url}: file URLs on other hosts are not supported")
-    return Path(urllib.parse.unquote(parts.path))
+    # Percent-escapes are the file name's bytes, UTF-8 or not (Path.as_uri writes them so).
+    return Path(os.fsdecode(urllib.parse.unquote_to_bytes(parts.path)))
 
 
 def _read_local(url: str, max_bytes: int, etag: str | None) -> FetchResult:
@@ -1809,7 +1987,7 @@ def _read_local(url: str, max_bytes: int, etag: str | None) -> FetchResult:
 def local_index_entries(directory: Path) -> list[IndexEntry]:
     """A local directory as an index: every .torrent file directly inside it, by name."""
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() == ".torrent" and p.is_file())
-    return [IndexEntry(EntryKind.URL, p.resolve().as_uri(), p.name) for p in files]
+    return [IndexEntry(EntryKind.URL, p.resolve().as_uri(), storable_text(p.name)) for p in files]
 
 
 # ---- DHT survey ----
