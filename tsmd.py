@@ -797,7 +797,7 @@ def parse_index_untrusted(
     elif "html" in content_type or _LOOKS_LIKE_HTML.match(stripped[:4096]) \
             or _ANCHOR_HREF.search(stripped[:65536]):
         page_origin = _origin(base_url)
-        for href in html_hrefs(text):
+        for href in dict.fromkeys(html_hrefs(text)):  # a repeated link is read once
             try:
                 if href.lower().startswith("magnet:?"):
                     candidates.append(_entry_from_text(href, base_url))
@@ -812,8 +812,7 @@ def parse_index_untrusted(
                 continue
             candidates.append(IndexEntry(EntryKind.URL, url, _url_file_name(url)))
     else:
-        for line in stripped.splitlines():
-            line = line.strip()
+        for line in dict.fromkeys(line.strip() for line in stripped.splitlines()):
             if not line or line.startswith("#"):
                 continue
             try:
