@@ -2973,6 +2973,158 @@ def test_cli_scrape_errors_are_one_line(tmp_path):
     assert done.returncode == 0 and json.loads(done.stdout) == []
 
 
+class HostileUdpPeer:
+    """A UDP peer on 127.0.0.1:0 that answers every datagram with `answers`, from a thread."""
+
+    def __init__(self, answers: list[bytes], address: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((address, 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.address = f"{address}:{self.port}"
+        self.answers = answers
+        self.received = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                _, sender = self.sock.recvfrom(65536)
+            except OSError:
+                continue
+            self.received += 1
+            for answer in self.answers:
+                self.sock.sendto(answer, sender)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def test_hostile_bencode_fails_one_item_of_each_stage_never_the_process(server, tmp_path):
+    hostile = [SEGFAULT_PACKET, ENDLESS_LOOP_PACKET]
+    dht_node, udp_tracker = HostileUdpPeer(hostile), HostileUdpPeer(hostile)
+    try:
+        http_tracker = server.url("/tracker/announce")
+        server.files["/tracker/scrape"] = (SEGFAULT_PACKET, "text/plain")
+        good = v1_torrent("good.bin", 1000, trackers=[[f"udp://{udp_tracker.address}/announce"],
+                                                      [http_tracker]])
+        server.files["/h/r_0.torrent"] = (good, "application/x-bittorrent")
+        server.files["/h/r_1.torrent"] = (SEGFAULT_PACKET, "application/x-bittorrent")
+        server.files["/h/r_2.torrent"] = (ENDLESS_LOOP_PACKET, "application/x-bittorrent")
+        index_page(server, "/h/", ["r_0.torrent", "r_1.torrent", "r_2.torrent"])
+        config = write_config(tmp_path, f"""
+database = "tsmd.sqlite3"
+[network]
+allow_private = true
+[scrape]
+bind = "127.0.0.1:0"
+timeout = 0.5
+attempts = 2
+[dht]
+bootstrap = ["{dht_node.address}"]
+bind = "127.0.0.1:0"
+rate = 0
+query_timeout = 0.5
+[[collections]]
+name = "hostile"
+url = "{server.url('/h/')}"
+type = "books"
+""")
+        sync = cli("--config", str(config), "sync")
+        assert sync.returncode == tsmd.ExitCode.PARTIAL, sync.stderr
+        assert "1 new" in sync.stderr and "2 failed" in sync.stderr
+        assert sync.stderr.count("not a valid .torrent: invalid bencode") == 2
+        dht = cli("--config", str(config), "dht")
+        assert dht.returncode >= 0 and "Traceback" not in dht.stderr, dht.stderr
+        malformed = int(re.search(r"(\d+) malformed packets", dht.stderr).group(1))
+        assert malformed >= 2 and dht_node.received >= 1
+        scrape = cli("--config", str(config), "scrape")
+        assert scrape.returncode >= 0 and "Traceback" not in scrape.stderr, scrape.stderr
+        assert udp_tracker.received >= 1 and server.count("/tracker/scrape") >= 1
+        trackers = json.loads(cli("--config", str(config), "trackers", "--format", "json").stdout)
+        errors = {row["url"]: row["last_error"] for row in trackers}
+        assert "invalid bencode: string length with a sign" in errors[http_tracker]
+        print(sync.stderr, dht.stderr, scrape.stderr)
+    finally:
+        dht_node.stop()
+        udp_tracker.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a running process (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("stage", ["sync", "dht", "scrape"])
+def test_sigterm_ends_a_stage_fed_hostile_bytes_at_once(server, tmp_path, stage):
+    # Each stage is caught in its slowest work: a sync decoding a .torrent of a million files
+    # (seconds, in a thread), a rate-limited DHT stage among peers that answer garbage, a scrape
+    # waiting on trackers that answer garbage.
+    hostile = [SEGFAULT_PACKET, ENDLESS_LOOP_PACKET, os.urandom(300)]
+    peers = [HostileUdpPeer(hostile) for _ in range(2)]
+    try:
+        folder = tmp_path / "torrents"
+        folder.mkdir()
+        if stage == "sync":
+            write_torrent_of_many_files(folder / "many.torrent", 1_000_000)
+        trackers = ", ".join(f'"udp://{peer.address}/announce"' for peer in peers)
+        config = write_config(tmp_path, f"""
+database = "tsmd.sqlite3"
+[network]
+allow_private = true
+[sync]
+max_torrent_bytes = "64 MiB"
+[scrape]
+bind = "127.0.0.1:0"
+trackers = [{trackers}]
+timeout = 5
+[dht]
+bootstrap = ["{peers[0].address}", "{peers[1].address}"]
+bind = "127.0.0.1:0"
+rate = 2
+query_timeout = 5
+[[collections]]
+name = "c"
+url = "{folder.as_uri()}/"
+type = "books"
+""")
+        if stage != "sync":
+            for n in range(20):
+                (folder / f"r_{n}.torrent").write_bytes(v1_torrent(f"t{n}", seed=n))
+            assert cli("--config", str(config), "sync").returncode == 0
+        process = start_tsmd("--config", str(config), stage)
+        database = tmp_path / "tsmd.sqlite3"
+        wait_for_stage(database, stage)
+        if stage == "sync":  # 0.3 s of CPU into 2.5 s of decoding (reading takes 0.02 s)
+            started = cpu_seconds(process.pid)
+            deadline = time.monotonic() + 30
+            while process.poll() is None and time.monotonic() < deadline \
+                    and cpu_seconds(process.pid) < started + 0.3:
+                time.sleep(0.01)
+        else:
+            time.sleep(1)
+        assert process.poll() is None, process.stderr.read()
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+        elapsed = time.monotonic() - signalled
+        print(f"{stage}: ended {elapsed:.2f} s after SIGTERM")
+        assert process.returncode == tsmd.ExitCode.INTERRUPTED, stderr
+        assert "Traceback" not in stderr
+        assert elapsed < 2, f"{stage} took {elapsed:.1f} s to stop"
+        db = sqlite3.connect(database)
+        assert db.execute("SELECT outcome FROM runs WHERE stage = ?", (stage,)).fetchall()[-1] \
+            == ("interrupted",)
+    finally:
+        for peer in peers:
+            peer.stop()
+
+
 # ---- Health model and report formats ----
 
 

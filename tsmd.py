@@ -2187,7 +2187,8 @@ class DhtCounters:
     packets_sent: int = 0
     packets_received: int = 0
     send_errors: int = 0
-    dropped_replies: int = 0
+    dropped_replies: int = 0  # late, unexpected or from the wrong address
+    malformed_packets: int = 0  # not even KRPC: refused before anything read them
     nodes_cached: int = 0
     seconds: float = 0.0
 
@@ -2199,7 +2200,8 @@ class DhtCounters:
                 f"peers; {self.packets_sent} packets sent ({per_lookup:.1f} per lookup, "
                 f"{rate:,.0f}/s), {self.packets_received} received, {self.timeouts} timeouts, "
                 f"{self.send_errors} send errors, {self.dropped_replies} dropped replies, "
-                f"{self.krpc_errors} KRPC errors, {self.bad_replies} bad replies; "
+                f"{self.malformed_packets} malformed packets, {self.krpc_errors} KRPC errors, "
+                f"{self.bad_replies} bad replies; "
                 f"{self.nodes_cached} nodes cached")
 
 
@@ -4185,9 +4187,10 @@ async def _download_entry(fetcher: Fetcher, settings: Settings, collection_id: i
             return
         counts.downloads += 1
         if len(result.body) > DECODE_IN_THREAD_BYTES:
-            # A hostile multi-megabyte file can take seconds to vet; meanwhile timeouts and
-            # Ctrl-C must still work.
-            meta = await trio.to_thread.run_sync(decode_metainfo_untrusted, result.body)
+            # A .torrent of a million files takes seconds to decode; meanwhile timeouts work,
+            # and Ctrl-C or SIGTERM leave the thread to finish alone, its result unused.
+            meta = await trio.to_thread.run_sync(decode_metainfo_untrusted, result.body,
+                                                 abandon_on_cancel=True)
         else:
             meta = decode_metainfo_untrusted(result.body)
     except ProtocolError as exc:
@@ -4519,7 +4522,8 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
             udp = endpoint.counters
             counters.packets_sent, counters.packets_received = udp.sent, udp.received
             counters.send_errors = udp.send_errors
-            counters.dropped_replies = udp.dropped_unmatched + udp.dropped_invalid
+            counters.dropped_replies = udp.dropped_unmatched
+            counters.malformed_packets = udp.dropped_invalid
     return counters
 
 
@@ -4542,7 +4546,8 @@ class ScrapeRunCounts:
     truncations: int = 0
     packets_sent: int = 0
     packets_received: int = 0
-    dropped: int = 0
+    dropped: int = 0  # late, unexpected or from the wrong address
+    malformed: int = 0  # too short to be BEP 15: refused before anything read them
     seconds: float = 0.0  # the network phase: first request to last answer
 
     def summary(self) -> str:
@@ -4552,7 +4557,8 @@ class ScrapeRunCounts:
                 f"{self.trackers_skipped} backing off; {self.hashes_answered} hashes answered, "
                 f"{self.requests} requests, {self.retries} retries, {self.truncations} truncated "
                 f"replies; UDP {self.packets_sent} sent, {self.packets_received} received, "
-                f"{self.dropped} dropped; network phase {self.seconds:.2f} s{rate}")
+                f"{self.dropped} dropped, {self.malformed} malformed; network phase "
+                f"{self.seconds:.2f} s{rate}")
 
 
 @dataclass(slots=True)
@@ -4727,7 +4733,8 @@ async def run_scrape(db: sqlite3.Connection, settings: Settings,
             counts.torrents_answered = len(answered)
             counts.packets_sent = endpoint.counters.sent
             counts.packets_received = endpoint.counters.received
-            counts.dropped = endpoint.counters.dropped_unmatched + endpoint.counters.dropped_invalid
+            counts.dropped = endpoint.counters.dropped_unmatched
+            counts.malformed = endpoint.counters.dropped_invalid
     # Dead trackers are everyday life on the public internet: said, but not as errors.
     for tally in sorted((t for t in tallies if t.failed), key=lambda t: t.url):
         reporter.info(f"tracker {tally.url!r}: {tally.error}")
