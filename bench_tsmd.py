@@ -6,6 +6,8 @@
     python3 bench_tsmd.py dht [--nodes 1000000] [--only simulated|libtorrent]
     python3 bench_tsmd.py report [--torrents 100000] [--days 30]
     python3 bench_tsmd.py run [--torrents 20000]
+    python3 bench_tsmd.py fuzz [--inputs 1000000] [--seed 1]
+    python3 bench_tsmd.py decode [--files 1000000]
 
 `sync`: generates a collection of .torrent files (libgen-like: many files per torrent, a few
 trackers), serves it from a separate process on 127.0.0.1 (an HTML index page, ETags, conditional
@@ -19,6 +21,10 @@ trackers are dead.
 per lookup cold and warm, the rate limit as the nodes saw it), then a network of real libtorrent
 nodes where tsmd and libtorrent's own `dht_get_peers` look up the same infohashes, both timed
 until every announced peer had arrived and until every lookup had ended.
+`fuzz`: test_tsmd's seeded mutation fuzzer over every `_untrusted` parser, in worker processes
+that may crash or hang without stopping the count.
+`decode`: what the bencode scan costs beside bencoder.pyx's own decode (10,000 DHT replies, two
+5 MB .torrent files), then `tsmd sync` of one .torrent of a million files, with its peak RSS.
 Everything runs on loopback and stops by itself.
 """
 
@@ -30,6 +36,7 @@ import math
 import multiprocessing
 import os
 import platform
+import random
 import re
 import socket
 import sqlite3
@@ -85,11 +92,19 @@ def serve(files_dir: str, port_queue: multiprocessing.Queue, requests, stop) -> 
 
 
 # Runs tsmd as its installed command does and reports the child's own peak RSS on stderr
-# when it exits.
+# when it exits. Linux's VmHWM belongs to the process's own memory; getrusage's maxrss also
+# counts the peak of the parent it was forked from.
 PEAK_RSS_WRAPPER = """
 import atexit, resource, sys
-atexit.register(lambda: sys.stderr.write(
-    "\\npeak-rss-kib %d\\n" % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+
+def peak_kib():
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+atexit.register(lambda: sys.stderr.write("\\npeak-rss-kib %d\\n" % peak_kib()))
 sys.path.insert(0, sys.argv[1])
 sys.argv = ["tsmd", *sys.argv[2:]]
 from tsmd import app  # as the installed `tsmd` command does: the module's bytecode is cached
@@ -1210,6 +1225,96 @@ type = "books"
             tracker.stop()
 
 
+# ---- Hostile bytes: fuzzing, the bencode scan's cost, a million-file .torrent ----
+
+
+def bench_fuzz(inputs: int, seed: int, workers: int) -> None:
+    """test_tsmd's mutation fuzzer over every `_untrusted` parser, at length."""
+    from test_tsmd import run_fuzz
+    print(f"machine: {os.cpu_count()} cores, Python {platform.python_version()}; "
+          f"seed {seed}, {workers} worker processes")
+    summary = run_fuzz(inputs, seed=seed, workers=workers, chunk=20_000)
+    print(summary.describe(seed))
+
+
+def dht_replies(count: int) -> list[bytes]:
+    """KRPC packets as a survey receives them: mostly 8 nodes and a token, some with values,
+    some with BEP 33 filters, some errors."""
+    rng = random.Random(5)
+    packets = []
+    for number in range(count):
+        reply: dict = {b"id": rng.randbytes(20), b"token": rng.randbytes(8),
+                       b"nodes": rng.randbytes(26 * 8)}
+        if number % 10 == 1:
+            reply[b"values"] = [rng.randbytes(6) for _ in range(rng.randrange(1, 60))]
+        elif number % 10 == 2:
+            reply[b"BFsd"], reply[b"BFpe"] = rng.randbytes(256), rng.randbytes(256)
+        packet = {b"t": rng.randbytes(4), b"y": b"r", b"r": reply, b"ip": rng.randbytes(6)}
+        if number % 50 == 3:
+            packet = {b"t": rng.randbytes(4), b"y": b"e", b"e": [202, b"Server Error"]}
+        packets.append(bencoder.bencode(packet))
+    return packets
+
+
+def five_megabyte_torrents() -> dict[str, bytes]:
+    pieces = {b"name": b"big.iso", b"piece length": 16384, b"length": 16384 * 260_000,
+              b"pieces": hashlib.sha1(b"p").digest() * 260_000}
+    files = make_info(7, 40_000)
+    return {"pieces-heavy (1 file, 260,000 pieces)": bencoder.bencode(
+                {b"announce": b"udp://t.example:1/announce", b"info": pieces}),
+            "file-heavy (40,000 files)": bencoder.bencode(
+                {b"announce": b"udp://t.example:1/announce", b"info": files})}
+
+
+def best_of(rounds: int, work) -> float:
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def bench_decode(files: int) -> None:
+    import tsmd
+    from test_tsmd import write_torrent_of_many_files
+    print(f"machine: {os.cpu_count()} cores, Python {platform.python_version()}")
+    started = time.perf_counter()
+    tsmd.scan_bencode_untrusted(b"le")  # the token regexes compile on first use
+    print(f"first scan, regexes compiled: {(time.perf_counter() - started) * 1000:.1f} ms")
+    packets = dht_replies(10_000)
+    scan = best_of(5, lambda: [tsmd.scan_bencode_untrusted(p) for p in packets])
+    plain = best_of(5, lambda: [bencoder.bdecode(p) for p in packets])
+    krpc = best_of(5, lambda: [tsmd.decode_krpc_untrusted(p) for p in packets])
+    print(f"10,000 DHT replies ({sum(map(len, packets)) / len(packets):.0f} bytes on average): "
+          f"scan {scan * 1000:.1f} ms, bencoder.bdecode {plain * 1000:.1f} ms "
+          f"(scan = {scan / plain:.0%} of a decode), decode_krpc_untrusted with its scan "
+          f"{krpc * 1000:.1f} ms, {krpc / len(packets) * 1e6:.2f} µs a reply")
+    for label, data in five_megabyte_torrents().items():
+        scan = best_of(3, lambda: tsmd.scan_bencode_untrusted(data))
+        plain = best_of(3, lambda: bencoder.bdecode(data))
+        meta = best_of(3, lambda: tsmd.decode_metainfo_untrusted(data))
+        print(f"{len(data) / 1e6:.1f} MB .torrent, {label}: scan {scan * 1000:.1f} ms, "
+              f"bencoder.bdecode {plain * 1000:.1f} ms (scan = {scan / plain:.0%} of a decode), "
+              f"decode_metainfo_untrusted with its scan {meta * 1000:.1f} ms")
+    with tempfile.TemporaryDirectory(prefix="tsmd-bench-") as tmp:
+        root = Path(tmp)
+        folder = root / "torrents"
+        folder.mkdir()
+        write_torrent_of_many_files(folder / "r_0.torrent", files)
+        data = (folder / "r_0.torrent").read_bytes()
+        assert tsmd.decode_metainfo_untrusted(data).size_bytes == files * (files - 1) // 2
+        config = root / "tsmd.toml"
+        config.write_text(f'database = "bench.sqlite3"\n[sync]\nmax_torrent_bytes = '
+                          f'"{len(data) + 1}"\n[[collections]]\nname = "m"\n'
+                          f'url = "{folder.as_uri()}/"\ntype = "books"\n')
+        wall, peak_kib, said = run_tsmd(config, "sync")
+        print(f"tsmd sync of one .torrent of {files:,} files ({len(data) / 1e6:.1f} MB): "
+              f"{wall:.2f} s, peak RSS {peak_kib / 1024:.0f} MiB; tsmd said: {said}")
+        wall, peak_kib, said = run_tsmd(config, "--version")
+        print(f"tsmd --version for comparison: peak RSS {peak_kib / 1024:.0f} MiB")
+
+
 def round_trips(text: str) -> tuple[float, float] | None:
     """Milliseconds as "LOW-HIGH" or "MS" -> seconds (low, high); "0" -> None."""
     low, _, high = text.partition("-")
@@ -1257,8 +1362,19 @@ def main() -> None:
     report.add_argument("--days", type=int, default=30)
     report.add_argument("--keep", type=Path, metavar="FILE",
                         help="make the database there, or use the one already there")
+    fuzz = sub.add_parser("fuzz", help="mutation fuzzing of every untrusted parser")
+    fuzz.add_argument("--inputs", type=int, default=1_000_000)
+    fuzz.add_argument("--seed", type=int, default=1)
+    fuzz.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    decode = sub.add_parser("decode", help="cost of the bencode scan; sync of a huge .torrent")
+    decode.add_argument("--files", type=int, default=1_000_000,
+                        help="files in the huge .torrent")
     args = parser.parse_args()
-    if args.bench == "sync":
+    if args.bench == "fuzz":
+        bench_fuzz(args.inputs, args.seed, args.workers)
+    elif args.bench == "decode":
+        bench_decode(args.files)
+    elif args.bench == "sync":
         bench_sync(args.torrents, args.files)
     elif args.bench == "dht":
         if args.only != "libtorrent":

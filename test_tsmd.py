@@ -4,6 +4,8 @@ reports, command line. Network tests use loopback only and run under trio.fail_a
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import functools
 import hashlib
 import html
 import heapq
@@ -27,6 +29,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import bencoder
@@ -3123,6 +3126,356 @@ type = "books"
     finally:
         for peer in peers:
             peer.stop()
+
+
+# ---- Fuzzing every untrusted parser ----
+# A seeded mutation fuzzer: each input is made from its index alone, so a crash found in a
+# worker process is replayed by number. Workers are processes of their own: a segfault or a hang
+# in a parser kills one worker, which the driver counts and replaces, never the run.
+
+FUZZ_SLOW_SECONDS = 0.1  # reported, not asserted: speed belongs to bench_tsmd.py fuzz
+FUZZ_HANG_SECONDS = 10.0  # a worker stuck this long on one input is killed and counted
+FUZZ_SLOWEST_SHOWN = 5
+
+
+def _fuzz_seeds() -> dict[str, list]:
+    """Valid inputs of each parser, and the regression inputs that once crashed or hung tsmd."""
+    node_ids = [hashlib.sha1(bytes([n])).digest() for n in range(8)]
+    nodes = b"".join(i + bytes([10, 0, 0, n]) + struct.pack("!H", 6881) for n, i in enumerate(node_ids))
+    nodes6 = node_ids[0] + socket.inet_pton(socket.AF_INET6, "2001:db8::1") + b"\x1a\xe1"
+    krpc = [
+        bencoder.bencode({b"t": b"aa", b"y": b"r", b"r": {b"id": node_ids[0], b"token": b"tok",
+                                                          b"values": [b"\x0a\x00\x00\x01\x1a\xe1"] * 3,
+                                                          b"nodes": nodes}}),
+        bencoder.bencode({b"t": b"ab", b"y": b"r", b"ip": b"\x7f\x00\x00\x01\x1a\xe1",
+                          b"r": {b"id": node_ids[1], b"nodes6": nodes6, b"BFsd": b"\x01" * 256,
+                                 b"BFpe": b"\x80" * 256}}),
+        b"d1:eli201e23:A Generic Error Ocurrede1:t2:aa1:y1:ee",
+        tsmd.encode_get_peers(b"qq", node_ids[2], node_ids[3], scrape=True, want_ipv6=True),
+        b"d1:rd-4:failure reason7:go awaye1:t2:aa1:y1:re",  # issue 12: segfaulted
+        b"d2:1:d-6:",  # issue 12: looped for ever
+    ]
+    torrents = [
+        v1_torrent("single.iso", 123_456, announce="http://t.example/announce"),
+        v1_torrent("dir", files=[10, 20, 30], trackers=[["udp://a.example:80/announce"],
+                                                        ["http://b.example/announce"]]),
+        v1_torrent("noncanon.bin", 5000, canonical=False, announce="udp://x.example:6969"),
+        bencoder.bencode({b"info": {b"name": b"v2", b"meta version": 2, b"piece length": 16384,
+                                    b"file tree": {b"a": {b"": {b"length": 5, b"pieces root": b"r" * 32}},
+                                                   b"d": {b"b": {b"": {b"length": 7}}}}},
+                          b"announce": b"udp://t.example:1/a", b"creation date": 1}),
+        b"d2:1:d-6:", b"d4:infod6:lengthi" + b"9" * 30 + b"ee" + b"e",
+    ]
+    scrape_bodies = [
+        bencoder.bencode({b"files": {b"h" * 20: {b"complete": 4, b"incomplete": 1, b"downloaded": 30},
+                                     b"g" * 20: {b"complete": 0}}}),
+        bencoder.bencode({b"failure reason": b"go away"}),
+        b"d1:rd-4:failure reason7:go awaye1:t2:aa1:y1:re",
+    ]
+    udp_replies = [bytes.fromhex("00000000 01020304 aabbccddeeff0011"),
+                   struct.pack("!II", 2, 9) + struct.pack("!III", 5, 100, 3) * 3,
+                   struct.pack("!II", 3, 9) + b"message\x00"]
+    infohash = "63a04291a8b266d968aa7ab8a276543fa63a9e84"
+    magnets = [f"magnet:?xt=urn:btih:{infohash}&dn=r_000&tr=udp%3A%2F%2Ft.example%3A80&xl=68741",
+               f"magnet:?xt=urn:btmh:1220{'a' * 64}&dn=v2",
+               f"magnet:?xt=urn:btih:{infohash}&dn=\ud800",  # issue 12: could not be stored
+               f"magnet:?xt=urn:btih:{infohash}" + "&tr=udp://t.example:1/a" * 3]
+    pages = [
+        f"""<html><body><a href="r_0.torrent">r_0</a> <a href='/x/r_1000.torrent'>r</a>
+        <a href="magnet:?xt=urn:btih:{'b' * 40}&amp;dn=m">m</a></body></html>""".encode(),
+        f"# list\nr_1.torrent\nhttps://m.example/r_2.torrent\n{magnets[0]}\n{'D' * 40}\n".encode(),
+        json.dumps([{"name": "r_5.torrent", "link": "r_5.torrent", "infohash": "e" * 40,
+                     "size_bytes": 10}, "e" * 40, magnets[1]]).encode(),
+        json.dumps({"torrents": [{"url": "/t/a.torrent", "btih": "f" * 40}]}).encode(),
+        b'["magnet:?xt=urn:btih:' + b"a" * 40 + b'&dn=\\ud800"]',  # issue 12: a lone surrogate
+    ]
+    return {
+        "bdecode": torrents + krpc, "metainfo": torrents, "krpc": krpc,
+        "get_peers_reply": krpc[:2], "compact_nodes": [nodes, nodes6],
+        "compact_peer": [b"\x0a\x00\x00\x01\x1a\xe1", socket.inet_pton(socket.AF_INET6, "::1") + b"\0\1"],
+        "udp_tracker_reply": udp_replies, "http_scrape": scrape_bodies,
+        "magnet": [m.encode("utf-8", "surrogatepass") for m in magnets],
+        "infohash": [infohash.encode(), b"MOQEFENIWKZG3GFKPK4KE5SUH6TDVHUE", b" " + b"A" * 40],
+        "link": [b"r_0.torrent", b"../../x/y.torrent?a=1#f", b"http://h.example:99/x", b"//[::1]/a"],
+        "index": pages,
+    }
+
+
+def _fuzz_parsers() -> dict[str, Callable[[bytes], object]]:
+    """Every `_untrusted` parser, fed bytes; text parsers get them as Python reads untrusted
+    text: UTF-8 with surrogate escapes for bytes that are not UTF-8."""
+    def text(data: bytes) -> str:
+        return data.decode("utf-8", "surrogateescape")
+
+    def index(data: bytes) -> object:
+        content_type = ("text/html", "text/json", "text/plain", "")[data[-1] % 4 if data else 0]
+        return tsmd.parse_index_untrusted(data, BASE, content_type=content_type,
+                                          same_origin=bool(len(data) % 2))
+
+    return {
+        "scan": tsmd.scan_bencode_untrusted,
+        "bdecode": tsmd.bdecode_untrusted,
+        "metainfo": tsmd.decode_metainfo_untrusted,
+        "krpc": tsmd.krpc_transaction_untrusted,
+        "get_peers_reply": lambda data: tsmd.decode_get_peers_reply_untrusted(
+            tsmd.decode_krpc_untrusted(data)),
+        "compact_nodes": lambda data: (tsmd.decode_compact_nodes_untrusted(data),
+                                       tsmd.decode_compact_nodes_untrusted(data, ipv6=True)),
+        "compact_peer": tsmd.decode_compact_peer_untrusted,
+        "udp_tracker_reply": lambda data: (tsmd.udp_tracker_packet_untrusted(data),
+                                           tsmd.decode_udp_tracker_reply_untrusted(data)),
+        "http_scrape": tsmd.decode_http_scrape_untrusted,
+        "magnet": lambda data: tsmd.decode_magnet_untrusted(text(data)),
+        "infohash": lambda data: tsmd.parse_infohash_untrusted(text(data)),
+        "link": lambda data: tsmd.resolve_link_untrusted(BASE, text(data)),
+        "index": index,
+        # Not fuzzed as a target of tsmd: shows that the harness catches what the scan prevents.
+        "unguarded_bencoder": bencoder.bdecode,
+    }
+
+
+_FUZZ_LENGTHS = re.compile(rb"[0-9]+:")
+_FUZZ_INTEGERS = re.compile(rb"i-?[0-9]+e")
+
+
+def _fuzz_mutate(rng: random.Random, data: bytes, other: bytes) -> bytes:
+    """One mutation of the kinds an attacker tries: truncation, bit flips, corrupted lengths and
+    integers, deep nesting, lone surrogates, splices, and repetition into a large input."""
+    size = len(data)
+    at = rng.randrange(size + 1)
+    kind = rng.randrange(12)
+    if kind == 0:
+        return data[:at]
+    if kind == 1 and size:
+        at = min(at, size - 1)
+        return data[:at] + bytes([data[at] ^ (1 << rng.randrange(8))]) + data[at + 1:]
+    if kind == 2:
+        byte = rng.choice(b"-0:eldi9\x00\xff\"<&%\\ \n")
+        return data[:at] + bytes([byte]) + data[at + 1:]
+    if kind == 3:
+        return data[:at] + rng.randbytes(rng.randrange(1, 9)) + data[at:]
+    if kind == 4:
+        return data[:at] + data[at + rng.randrange(1, 64):]
+    if kind == 5 and (lengths := list(_FUZZ_LENGTHS.finditer(data))):
+        match = rng.choice(lengths)
+        number = int(match.group()[:-1])
+        new = rng.choice([b"-%d" % number, b"-%d" % rng.randrange(1, 99), b"0%d" % number,
+                          b"%d" % (number + rng.choice((-1, 1, 1000))), b" %d" % number,
+                          b"+%d" % number, b"%d_0" % number, b"9" * rng.randrange(10, 40),
+                          b"9223372036854775807", b"4294967295"])
+        return data[:match.start()] + new + data[match.end() - 1:]
+    if kind == 6 and (integers := list(_FUZZ_INTEGERS.finditer(data))):
+        match = rng.choice(integers)
+        new = rng.choice([b"i" + b"7" * 5000 + b"e", b"i-0e", b"i01e", b"i9223372036854775808e",
+                          b"i-9223372036854775809e", b"i" + b"9" * 19 + b"e", b"i1.5e", b"ie"])
+        return data[:match.start()] + new + data[match.end():]
+    if kind == 7:
+        depth = rng.choice([10, 499, 501, 2000, 100_000])
+        return data[:at] + b"l" * depth + data[at:] + b"e" * rng.choice([0, depth])
+    if kind == 8:
+        text = rng.choice(["\ud800", "\udcff", "\\ud800", "\\udfff\\ud800", "%ED%A0%80", "\x00"])
+        return data[:at] + text.encode("utf-8", "surrogatepass") + data[at:]
+    if kind == 9:
+        return data[:at] + other[rng.randrange(len(other) + 1):]
+    if kind == 10 and size:
+        start = rng.randrange(size)
+        chunk = data[start:start + rng.randrange(1, 40)]
+        return data[:at] + chunk * rng.choice([2, 100, 20_000 // len(chunk)]) + data[at:]
+    return data[:at] + rng.randbytes(rng.randrange(1, 4)) + data[at + rng.randrange(4):]
+
+
+def fuzz_input(seed: int, index: int, targets: tuple[str, ...]) -> tuple[str, bytes]:
+    """The parser and the bytes of fuzz input number `index`: one to three mutations of a valid
+    input, or (one input in fifty) a seed as it is, regression inputs included."""
+    seeds = _fuzz_seeds_cached()
+    rng = random.Random(seed * 1_000_003 + index)
+    target = rng.choice(targets)
+    pool = seeds.get(target) or seeds["bdecode"]
+    data = rng.choice(pool)
+    if rng.randrange(50):
+        for _ in range(rng.randrange(1, 4)):
+            data = _fuzz_mutate(rng, data, rng.choice(pool))
+    return target, data
+
+
+FUZZ_TARGETS = ("scan", "bdecode", "metainfo", "krpc", "get_peers_reply", "compact_nodes",
+                 "compact_peer", "udp_tracker_reply", "http_scrape", "magnet", "infohash", "link",
+                 "index")
+_fuzz_seeds_cached = functools.cache(_fuzz_seeds)
+
+
+def _fuzz_storable(value: object) -> str | None:
+    """Why a parser's result could not be stored or printed: a string that is not valid UTF-8
+    (a lone surrogate) or an integer past SQLite's int64. None when it can."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"unstorable text {item[:60]!r}"
+        elif isinstance(item, int) and not -(1 << 63) <= item < (1 << 63):
+            return f"integer past int64: {item}"
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif dataclasses.is_dataclass(item):  # a BEP 15 connection id is 64 bits, never stored
+            stack.extend(getattr(item, f.name) for f in dataclasses.fields(item)
+                         if f.name != "connection_id")
+    return None
+
+
+def fuzz_worker(seed: int, targets: tuple[str, ...], start: int, stop: int, progress,
+                results) -> None:
+    """Runs inputs start..stop-1, writing the current index to `progress` before each, so the
+    driver knows which input killed or stalled this process. Sends one summary dict."""
+    parsers = _fuzz_parsers()
+    for kind in ("tokens", "scalars", "shallow"):  # compiled before any input's clock starts
+        tsmd._bencode_run(kind)
+    failures, slowest, slow, per_target = [], [], 0, {}
+    for index in range(start, stop):
+        progress.value = index
+        target, data = fuzz_input(seed, index, targets)
+        per_target[target] = per_target.get(target, 0) + 1
+        began = time.perf_counter()
+        try:
+            result = parsers[target](data)
+        except tsmd.ProtocolError:
+            result = None
+        except BaseException as exc:  # the finding: anything but ProtocolError
+            failures.append((index, target, f"{type(exc).__name__}: {str(exc)[:200]}"))
+            continue
+        finally:
+            elapsed = time.perf_counter() - began
+            slow += elapsed > FUZZ_SLOW_SECONDS
+            if len(slowest) < FUZZ_SLOWEST_SHOWN:
+                heapq.heappush(slowest, (elapsed, index))
+            else:
+                heapq.heappushpop(slowest, (elapsed, index))
+        problem = _fuzz_storable(result)
+        if problem:
+            failures.append((index, target, problem))
+    progress.value = stop
+    results.put({"start": start, "failures": failures, "slowest": slowest, "slow": slow,
+                 "per_target": per_target})
+
+
+@dataclass
+class FuzzSummary:
+    inputs: int
+    seconds: float
+    per_target: dict[str, int]
+    crashes: list[tuple[int, str, str]]  # index, target, how the worker died
+    hangs: list[tuple[int, str]]
+    failures: list[tuple[int, str, str]]  # an exception other than ProtocolError, or bad output
+    slow: int  # inputs over FUZZ_SLOW_SECONDS
+    slowest: list[tuple[float, int]]  # (seconds, index) of the slowest inputs, slowest first
+
+    def describe(self, seed: int, targets: tuple[str, ...] = FUZZ_TARGETS) -> str:
+        def shown(index: int) -> str:
+            target, data = fuzz_input(seed, index, targets)
+            return f"#{index} {target} {data[:120]!r}{'…' if len(data) > 120 else ''}"
+
+        lines = [f"{self.inputs:,} inputs in {self.seconds:.1f} s "
+                 f"({self.inputs / max(self.seconds, 1e-9):,.0f}/s): {len(self.crashes)} crashes, "
+                 f"{len(self.hangs)} hangs, {len(self.failures)} exceptions other than "
+                 f"ProtocolError or unstorable results, {self.slow} over "
+                 f"{FUZZ_SLOW_SECONDS * 1000:.0f} ms",
+                 "per parser: " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.per_target.items()))]
+        lines += [f"slow: {seconds * 1000:.1f} ms {shown(index)}" for seconds, index in self.slowest]
+        lines += [f"crash ({how}): {shown(index)}" for index, _, how in self.crashes[:20]]
+        lines += [f"hang: {shown(index)}" for index, _ in self.hangs[:20]]
+        lines += [f"{what}: {shown(index)}" for index, _, what in self.failures[:20]]
+        return "\n".join(lines)
+
+
+def run_fuzz(inputs: int, seed: int = 1, workers: int = 2, chunk: int = 5000,
+             targets: tuple[str, ...] = FUZZ_TARGETS,
+             hang_seconds: float = FUZZ_HANG_SECONDS) -> FuzzSummary:
+    """Fuzz inputs 0..inputs-1 in `workers` processes. A worker that dies or stalls on an input
+    is counted against that input; the rest of its chunk is run again by a new worker."""
+    import multiprocessing
+    import queue
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    chunks = [(start, min(start + chunk, inputs)) for start in range(0, inputs, chunk)]
+    summary = FuzzSummary(inputs, 0.0, {}, [], [], [], 0, [])
+    running: list[list] = []  # [process, progress, start, stop, last index, when it moved]
+    began = time.monotonic()
+
+    def take(result: dict) -> None:
+        summary.failures += result["failures"]
+        summary.slow += result["slow"]
+        summary.slowest = heapq.nlargest(FUZZ_SLOWEST_SHOWN, summary.slowest
+                                         + [tuple(pair) for pair in result["slowest"]])
+        for target, count in result["per_target"].items():
+            summary.per_target[target] = summary.per_target.get(target, 0) + count
+
+    def done() -> int:
+        return sum(summary.per_target.values()) + len(summary.crashes) + len(summary.hangs)
+
+    def lost(entry: list, index: int) -> None:
+        """The worker of `entry` ended inside input `index`: its other inputs run again."""
+        running.remove(entry)
+        _, _, start, stop, *_ = entry
+        chunks[:0] = [(a, b) for a, b in ((start, index), (index + 1, stop)) if a < b]
+
+    try:
+        while chunks or running:
+            while chunks and len(running) < workers:
+                start, stop = chunks.pop(0)
+                progress = context.Value("q", start, lock=False)
+                process = context.Process(target=fuzz_worker, daemon=True, args=(
+                    seed, targets, start, stop, progress, results))
+                process.start()
+                running.append([process, progress, start, stop, start, time.monotonic()])
+            try:
+                take(results.get(timeout=0.05))
+            except queue.Empty:
+                pass
+            for entry in list(running):
+                process, progress, start, stop, last, moved = entry
+                index = progress.value
+                if index != last:
+                    entry[4:] = [index, time.monotonic()]
+                if process.exitcode == 0:
+                    running.remove(entry)
+                elif process.exitcode is not None:
+                    target = fuzz_input(seed, index, targets)[0]
+                    summary.crashes.append((index, target, f"exit {process.exitcode}"))
+                    lost(entry, index)
+                elif time.monotonic() - moved > hang_seconds:
+                    process.kill()
+                    process.join()
+                    summary.hangs.append((index, fuzz_input(seed, index, targets)[0]))
+                    lost(entry, index)
+        while done() < inputs:  # the last summaries, sent just before their workers ended
+            take(results.get(timeout=30))
+    finally:
+        for process, *_ in running:
+            process.kill()
+    summary.seconds = time.monotonic() - began
+    return summary
+
+
+def test_fuzz_every_untrusted_parser_in_worker_processes():
+    summary = run_fuzz(20_000, seed=12)
+    print(summary.describe(12))
+    assert not summary.crashes and not summary.hangs and not summary.failures, summary.describe(12)
+    assert sum(summary.per_target.values()) == 20_000
+    assert set(summary.per_target) == set(FUZZ_TARGETS)
+
+
+def test_fuzz_harness_catches_the_crashes_the_scan_prevents():
+    # bencoder.pyx unguarded, on the same inputs: the harness must see it die and go on.
+    targets = ("unguarded_bencoder",)
+    summary = run_fuzz(400, seed=3, chunk=100, targets=targets, hang_seconds=2)
+    print(summary.describe(3, targets))
+    assert summary.crashes or summary.hangs
+    assert sum(summary.per_target.values()) + len(summary.crashes) + len(summary.hangs) == 400
 
 
 # ---- Health model and report formats ----
