@@ -61,7 +61,7 @@ import time
 from stat import S_ISREG
 import urllib.parse
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, NamedTuple, Optional
@@ -214,18 +214,23 @@ class IndexEntry:
 
 MAX_BENCODE_INTEGER_DIGITS: Final = 19  # and within int64, as libtorrent's bdecode
 MAX_BENCODE_BYTES: Final = (1 << 31) - 1  # bencoder.pyx keeps positions in a C int
-# The string lengths that the token regex knows, so that most inputs are checked inside one
-# regex: every length under 100, and the lengths of DHT replies' fields (node lists of 26 or 38
-# bytes a node, BEP 33 filters of 256 bytes). Any other string costs one step of a Python loop.
+# The string lengths that the token regexes know, so that most inputs are checked inside them:
+# every length under 100, and the lengths of DHT replies' fields (node lists of 26 or 38 bytes a
+# node, BEP 33 filters of 256 bytes). Any other string costs one step of a Python loop.
 _REGEX_STRING_LENGTHS: Final = frozenset(
     [*range(100), *range(26, 26 * 17, 26), *range(38, 38 * 17, 38), 256])
-# Tokens matched per regex call: a longer unbounded run made the regex engine's stack grow with
-# the input and ran four times slower.
+# Python's regex engine keeps a record of every repetition until a match ends, so every repeat
+# is bounded: tokens per call, small values per call, and the items of a small value (a list or
+# dictionary of short strings and integers, nested at most two deep, matched in one piece, as a
+# .torrent's `files` entries are). Unbounded, a repeat cost up to 130 bytes per byte of input.
 _TOKENS_PER_MATCH: Final = 2000
+_SMALL_VALUES_PER_MATCH: Final = 64
+_SMALL_VALUE_ITEMS: Final = 16
 MAX_FILE_BYTES: Final = 1 << 50  # 1 PiB: a larger file in a .torrent is a forgery
 MAX_TORRENT_BYTES: Final = 1 << 53  # 8 PiB: sums stay far below SQLite's int64
 MAX_PIECE_LENGTH: Final = 1 << 34  # larger "piece lengths" are not kept
 MAX_METAINFO_TEXT: Final = 4096  # characters kept of a name, comment or `created by`
+MAX_ANNOUNCE_URLS: Final = 1000  # URLs read from `announce-list`; the rest are skipped
 
 
 def _string_lengths_pattern(lengths: Iterable[int]) -> bytes:
@@ -245,20 +250,38 @@ def _string_lengths_pattern(lengths: Iterable[int]) -> bytes:
     return branches(trie).encode("ascii")
 
 
+def _small_value_pattern(levels: int) -> bytes:
+    """One integer or string, or (levels 1 or 2) a small list or dictionary nested at most
+    `levels` deep."""
+    integer = rb"i(?:0|-?[1-9][0-9]{0,%d})e" % (MAX_BENCODE_INTEGER_DIGITS - 2)  # 19 digits:
+    short = integer + b"|" + _string_lengths_pattern(range(100))  # left to the scan's loop
+    pattern = integer + b"|" + _string_lengths_pattern(sorted(_REGEX_STRING_LENGTHS))
+    item = short
+    for _ in range(levels):
+        container = rb"[ld](?:%s){0,%d}e" % (item, _SMALL_VALUE_ITEMS)
+        item = short + b"|" + container
+    return pattern if not levels else pattern + b"|" + container
+
+
 @functools.cache
-def _bencode_run(kind: str) -> Any:
-    """`match` of a run of up to _TOKENS_PER_MATCH tokens of a kind: "tokens" (any), "scalars"
-    (integers and strings), "shallow" (those and whole lists or dictionaries nested at most two
-    deep, as a .torrent's `files` entries are). Compiled on first use, 1-5 ms each: reports never
-    decode bencode, and DHT replies need only "tokens"."""
-    # Integers of 19 digits may pass int64, and are left to the loop (they are rare).
-    integer = rb"i(?:0|-?[1-9][0-9]{0,%d})e" % (MAX_BENCODE_INTEGER_DIGITS - 2)
-    scalar = integer + b"|" + _string_lengths_pattern(sorted(_REGEX_STRING_LENGTHS))
-    pattern = {"tokens": b"[lde]|" + scalar, "scalars": scalar}.get(kind)
-    if pattern is None:
-        inner = integer + b"|" + _string_lengths_pattern(range(100))
-        pattern = scalar + rb"|[ld](?:%s|[ld](?:%s)*e)*e" % (inner, inner)
-    return re.compile(rb"(?:%s){0,%d}" % (pattern, _TOKENS_PER_MATCH), re.DOTALL).match
+def _token_run() -> Callable[[bytes, int], re.Match[bytes]]:
+    """`match` of up to _TOKENS_PER_MATCH tokens of any kind. Compiled on first use (1-2 ms):
+    reports never decode bencode."""
+    return re.compile(rb"(?:[lde]|%s){0,%d}" % (_small_value_pattern(0), _TOKENS_PER_MATCH),
+                      re.DOTALL).match
+
+
+@functools.cache
+def _small_values_run(levels: int) -> Callable[[bytes, int], re.Match[bytes]]:
+    """`match` of a run of whole small values nested at most `levels` deep."""
+    limit = _TOKENS_PER_MATCH if not levels else _SMALL_VALUES_PER_MATCH
+    return re.compile(rb"(?:%s){0,%d}" % (_small_value_pattern(levels), limit), re.DOTALL).match
+
+
+@functools.cache
+def _small_value() -> Callable[[bytes, int], re.Match[bytes] | None]:
+    """`match` of one whole small value: it decodes into little more than its own size."""
+    return re.compile(_small_value_pattern(2), re.DOTALL).match
 
 
 _BENCODE_STRING_HEAD: Final = re.compile(rb"(0|[1-9][0-9]{0,9}):")
@@ -283,10 +306,55 @@ def _bencode_defect(data: bytes, pos: int) -> str:
     return f"unexpected byte {head[:1]!r} at byte {pos}"
 
 
+def _scalar_end(data: bytes, pos: int) -> int:
+    """Where the integer or string at `pos` ends, for one that the regexes do not take: a string
+    of a length they do not know, or an integer of 19 digits."""
+    if data[pos] == 0x69 and (integer := _BENCODE_LONG_INTEGER.match(data, pos)):  # i
+        if not -1 << 63 <= int(integer.group(1)) < 1 << 63:
+            raise ProtocolError(f"invalid bencode: integer past 64 bits at byte {pos}")
+        return integer.end()
+    head = _BENCODE_STRING_HEAD.match(data, pos)
+    if head is None:
+        raise ProtocolError(f"invalid bencode: {_bencode_defect(data, pos)}")
+    end = head.end() + int(head.group(1))
+    if end > len(data):
+        raise ProtocolError(f"invalid bencode: string at byte {pos} runs past the end "
+                            f"({int(head.group(1)):,} bytes)")
+    return end
+
+
+def _nesting_walk(data: bytes, pos: int, limit: int, one_value: bool) -> int:
+    """Check the tokens from `pos` on, counting the levels of nesting, until the end of the data
+    or (`one_value`) of the value at `pos`; return where that is. Small whole values are taken
+    in one regex call, so that a .torrent's `files` list costs a call per 64 entries."""
+    end, depth = len(data), 0
+    while pos < end:
+        after = _small_values_run(min(2, limit - depth))(data, pos).end()
+        if after > pos:
+            pos = after
+        elif data[pos] == 0x6C or data[pos] == 0x64:  # l, d
+            depth += 1
+            if depth > limit:
+                raise ProtocolError(f"bencode nested deeper than {limit} levels")
+            pos += 1
+        elif data[pos] == 0x65:  # e
+            depth -= 1
+            pos += 1
+        else:
+            pos = _scalar_end(data, pos)
+        if one_value and depth <= 0:
+            if depth < 0:
+                raise ProtocolError(f"invalid bencode: unexpected byte b'e' at byte {pos - 1}")
+            return pos
+    if one_value:
+        raise ProtocolError("invalid bencode: truncated")
+    return pos
+
+
 def scan_bencode_untrusted(data: bytes, limit: int = MAX_BENCODE_DEPTH) -> None:
     """Refuse `data` unless bencoder.pyx can read it safely: every token canonical (no sign,
     space or leading zero in a length, integers within int64), every string inside the input,
-    and no nesting deeper than `limit`. Linear in the input.
+    and no nesting deeper than `limit`. Linear in the input, and in memory bounded.
 
     Whether the tokens form one value (balanced, keys that are strings, nothing after the end)
     is left to the decoder, which fails cleanly on that once the tokens are sound.
@@ -296,45 +364,22 @@ def scan_bencode_untrusted(data: bytes, limit: int = MAX_BENCODE_DEPTH) -> None:
         raise ProtocolError("empty input, expected bencode")
     if end > MAX_BENCODE_BYTES:
         raise ProtocolError(f"bencode of {end:,} bytes, over {MAX_BENCODE_BYTES:,}")
-    # Only lists and dicts nest, each level in two bytes. While the runs of tokens so far (long
+    # Only lists and dicts nest, each level at least one byte. While the tokens so far (long
     # strings left out) hold fewer `l` and `d` bytes than the limit, nesting needs no count and
-    # one regex call checks up to _TOKENS_PER_MATCH tokens. Past that, the scan starts again and
-    # counts the levels, those of small whole values inside the regex.
-    short = end <= 2 * limit
-    run, counting, bound, depth, pos = _bencode_run("tokens"), False, 0, 0, 0
+    # one regex call checks up to _TOKENS_PER_MATCH tokens: all of a DHT reply. Past that, the
+    # scan starts again and counts the levels.
+    run, bound, pos = _token_run(), 0, 0
     while pos < end:
-        if counting:
-            run = _bencode_run("shallow" if depth + 2 <= limit else "scalars")
         after = run(data, pos).end()
-        if after > pos:
-            if not (counting or short):
-                bound += data.count(b"l", pos, after) + data.count(b"d", pos, after)
-                if bound > limit:
-                    counting, pos = True, 0
-                    continue
-            pos = after
+        if after == pos:
+            pos = _scalar_end(data, pos)
             continue
-        # The token at `pos` is one the run does not take: a nesting byte while counting, a
-        # string of a length the regex does not know, or a defect.
-        byte = data[pos]
-        if counting and (byte == 0x6C or byte == 0x64 or byte == 0x65):  # l, d, e
-            depth += 1 if byte != 0x65 else -1
-            if depth > limit:
-                raise ProtocolError(f"bencode nested deeper than {limit} levels")
-            pos += 1
-            continue
-        if byte == 0x69 and (integer := _BENCODE_LONG_INTEGER.match(data, pos)):  # i
-            if not -1 << 63 <= int(integer.group(1)) < 1 << 63:
-                raise ProtocolError(f"invalid bencode: integer past 64 bits at byte {pos}")
-            pos = integer.end()
-            continue
-        head = _BENCODE_STRING_HEAD.match(data, pos)
-        if head is None:
-            raise ProtocolError(f"invalid bencode: {_bencode_defect(data, pos)}")
-        pos = head.end() + int(head.group(1))
-        if pos > end:
-            raise ProtocolError(f"invalid bencode: string at byte {head.start()} runs past the "
-                                f"end ({int(head.group(1)):,} bytes)")
+        if end > limit:
+            bound += data.count(b"l", pos, after) + data.count(b"d", pos, after)
+            if bound > limit:
+                _nesting_walk(data, 0, limit, one_value=False)
+                return
+        pos = after
 
 
 _BENCODE_ERRORS: Final = (bencoder.BTFailure, ValueError, TypeError, IndexError, KeyError,
@@ -354,23 +399,46 @@ def bencode(value: Any) -> bytes:
     return bencoder.bencode(value)
 
 
-# Metainfo is decoded a piece at a time from scanned bytes: the top-level dictionary and `info`
-# key by key, `files` an entry at a time and `file tree` a node at a time. A .torrent of a
-# million files then costs the memory of one entry, not of a million dictionaries, and the info
-# dictionary's exact byte span is known for its hash.
+# Metainfo is read a piece at a time from scanned bytes. Only the keys tsmd uses are decoded,
+# and only when they are small; `announce-list` is read a URL at a time, `files` an entry at a
+# time, `file tree` a node at a time, and everything else is stepped over without building it.
+# A .torrent of a million files then costs the memory of one entry, and a hostile one cannot turn
+# 32 MB of `l de de de ...` into gigabytes of empty dictionaries.
+
+
+def _skip_value_at(data: bytes, pos: int) -> int:
+    """Where the value at `pos` of scanned data ends; nothing is decoded."""
+    if pos >= len(data):
+        raise ProtocolError("invalid bencode: truncated")
+    small = _small_value()(data, pos)
+    if small is not None:
+        return small.end()
+    return _nesting_walk(data, pos, MAX_BENCODE_DEPTH, one_value=True)
 
 
 def _decode_value_at(data: bytes, pos: int) -> tuple[Any, int]:
-    """The value at `pos` of data that scan_bencode_untrusted accepted, and where it ends."""
+    """The value at `pos` of scanned data, and where it ends. For a value known to be small."""
     try:
         return bencoder.decode_func[data[pos]](data, pos)
     except IndexError:
         raise ProtocolError("invalid bencode: truncated") from None
-    except KeyError:
-        raise ProtocolError(f"invalid bencode: unexpected byte {data[pos:pos + 1]!r} at byte "
-                            f"{pos}") from None
+    except KeyError as exc:  # bencoder.pyx's dispatch on a byte that starts no value
+        byte = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        raise ProtocolError("invalid bencode: unexpected byte" + (
+            f" {bytes([byte])!r}" if byte is not None and 0 <= byte < 256 else "")
+            + f" in the value at byte {pos}") from None
     except _BENCODE_ERRORS as exc:
         raise ProtocolError(f"invalid bencode: {exc or type(exc).__name__}") from None
+
+
+def _decode_if_small_at(data: bytes, pos: int) -> tuple[Any, int]:
+    """The value at `pos` of scanned data if decoding it costs little more than its own bytes
+    (an integer, a string, a small list or dictionary), else None; and where it ends."""
+    if pos >= len(data):
+        raise ProtocolError("invalid bencode: truncated")
+    if data[pos] != 0x6C and data[pos] != 0x64 or _small_value()(data, pos) is not None:  # l, d
+        return _decode_value_at(data, pos)
+    return None, _skip_value_at(data, pos)
 
 
 def _dict_key_at(data: bytes, pos: int) -> tuple[bytes | None, int]:
@@ -388,13 +456,42 @@ def _dict_key_at(data: bytes, pos: int) -> tuple[bytes | None, int]:
     return key, pos
 
 
-def _file_length(attributes: Any, where: str) -> int:
-    length = attributes.get(b"length") if isinstance(attributes, dict) else None
+def _list_ends_at(data: bytes, pos: int) -> bool:
+    """Inside a list of scanned data: whether `pos` is its end."""
+    if pos >= len(data):
+        raise ProtocolError("invalid bencode: truncated")
+    return data[pos] == 0x65  # e
+
+
+def _dict_fields_at(data: bytes, pos: int, wanted: frozenset[bytes]
+                    ) -> tuple[dict[bytes, Any] | None, int]:
+    """Of the dictionary at `pos`: the `wanted` keys whose values are small, and where it ends.
+    None for a value that is not a dictionary."""
+    value, end = _decode_if_small_at(data, pos)
+    if value is not None or data[pos] != 0x64:  # d
+        return (value if isinstance(value, dict) else None), end
+    fields: dict[bytes, Any] = {}
+    pos += 1
+    while True:
+        key, pos = _dict_key_at(data, pos)
+        if key is None:
+            return fields, pos
+        if key in wanted:
+            fields[key], pos = _decode_if_small_at(data, pos)
+        else:
+            pos = _skip_value_at(data, pos)
+
+
+def _file_length(attributes: dict[bytes, Any] | None, where: str) -> int:
+    length = attributes.get(b"length") if attributes is not None else None
     if not isinstance(length, int) or isinstance(length, bool) or length < 0:
         raise ProtocolError(f"{where} has no valid 'length'")
     if length > MAX_FILE_BYTES:
         raise ProtocolError(f"{where} claims {length:,} bytes, over {MAX_FILE_BYTES:,}")
     return length
+
+
+_FILE_KEYS: Final = frozenset({b"length"})
 
 
 @dataclass(slots=True)
@@ -415,11 +512,9 @@ def _v1_files_at(data: bytes, pos: int) -> tuple[_FileTotals, int]:
         raise ProtocolError("'files' is not a non-empty list")
     totals = _FileTotals()
     pos += 1
-    while pos < len(data) and data[pos] != 0x65:  # e
-        entry, pos = _decode_value_at(data, pos)
+    while not _list_ends_at(data, pos):
+        entry, pos = _dict_fields_at(data, pos, _FILE_KEYS)
         totals.add(_file_length(entry, "a 'files' entry"))
-    if pos >= len(data):
-        raise ProtocolError("invalid bencode: truncated")
     if not totals.count:
         raise ProtocolError("'files' is not a non-empty list")
     return totals, pos + 1
@@ -427,72 +522,147 @@ def _v1_files_at(data: bytes, pos: int) -> tuple[_FileTotals, int]:
 
 def _v2_file_tree_at(data: bytes, pos: int) -> tuple[_FileTotals, int]:
     """Totals of the BEP 52 `file tree` at `pos`, a node at a time, and where it ends. A file is
-    a key "" whose value holds its `length`; every other value is a directory."""
+    a key "" whose value holds its `length`; every other value is a directory. Keys must be in
+    order (BEP 3), so a name cannot be counted twice."""
     if data[pos] != 0x64:  # d
         raise ProtocolError("'file tree' node is not a dictionary")
     totals = _FileTotals()
-    depth, pos = 0, pos + 1
+    previous: list[bytes | None] = [None]  # the last key of each directory being read
+    pos += 1
     while True:
         key, pos = _dict_key_at(data, pos)
         if key is None:  # a directory ends
-            if not depth:
+            previous.pop()
+            if not previous:
                 return totals, pos
-            depth -= 1
-        elif key == b"":
-            attributes, pos = _decode_value_at(data, pos)
+            continue
+        if previous[-1] is not None and key <= previous[-1]:
+            raise ProtocolError(f"'file tree' names out of order or repeated: {_text(key)!r}")
+        previous[-1] = key
+        if key == b"":
+            attributes, pos = _dict_fields_at(data, pos, _FILE_KEYS)
             totals.add(_file_length(attributes, "'file tree' file"))
         elif data[pos] == 0x64:  # d: a directory begins
-            depth, pos = depth + 1, pos + 1
+            previous.append(None)
+            pos += 1
         else:
             raise ProtocolError("'file tree' node is not a dictionary")
 
 
+def _deferred(read: Callable[[bytes, int], tuple[_FileTotals, int]], data: bytes, pos: int
+              ) -> tuple[_FileTotals | ProtocolError, int]:
+    """`read` at `pos`; a defect in what it reads is kept, to be raised only if the torrent
+    turns out to use it (a v2 torrent's `files`, a v1 torrent's `file tree`)."""
+    try:
+        return read(data, pos)
+    except ProtocolError as exc:
+        return exc, _skip_value_at(data, pos)  # a defect of the bencode itself is raised here
+
+
 @dataclass(slots=True)
 class _InfoDict:
-    """The `info` dictionary with its file lists reduced to totals."""
+    """The `info` dictionary: its small fields, which keys it has, its file lists as totals."""
 
-    fields: dict[bytes, Any]  # every key but `files` and `file tree`, decoded
-    v1_files: _FileTotals | None
-    v2_files: _FileTotals | None
+    fields: dict[bytes, Any] = field(default_factory=dict)
+    present: set[bytes] = field(default_factory=set)  # of _INFO_FORMAT_KEYS
+    v1_files: _FileTotals | ProtocolError | None = None
+    v2_files: _FileTotals | ProtocolError | None = None
+
+
+_INFO_KEYS: Final = frozenset({b"name", b"name.utf-8", b"piece length", b"length",
+                               b"meta version"})
+_INFO_FORMAT_KEYS: Final = frozenset({b"pieces", b"length", b"files", b"file tree"})
+_TOP_KEYS: Final = frozenset({b"announce", b"creation date", b"created by", b"comment",
+                              b"comment.utf-8"})
 
 
 def _info_dict_at(data: bytes, pos: int) -> tuple[_InfoDict, int]:
-    info = _InfoDict({}, None, None)
+    info = _InfoDict()
     pos += 1
     while True:
         key, pos = _dict_key_at(data, pos)
         if key is None:
             return info, pos
+        if key in _INFO_FORMAT_KEYS:
+            info.present.add(key)
         if key == b"files":
-            info.v1_files, pos = _v1_files_at(data, pos)
+            info.v1_files, pos = _deferred(_v1_files_at, data, pos)
         elif key == b"file tree":
-            info.v2_files, pos = _v2_file_tree_at(data, pos)
+            info.v2_files, pos = _deferred(_v2_file_tree_at, data, pos)
+        elif key in _INFO_KEYS:
+            info.fields[key], pos = _decode_if_small_at(data, pos)
         else:
-            info.fields[key], pos = _decode_value_at(data, pos)
+            pos = _skip_value_at(data, pos)
 
 
-def _top_dict_untrusted(data: bytes) -> tuple[dict, _InfoDict | None, tuple[int, int] | None]:
-    """The top-level dictionary of a .torrent, its `info` dictionary and that dictionary's byte
-    span. The infohash is the hash of those exact bytes: re-encoding would silently "fix" a
-    non-canonical file (unsorted keys) and give a hash nobody else uses."""
+@dataclass(slots=True)
+class _AnnounceList:
+    """BEP 12 tiers as (tier, URL) pairs, at most MAX_ANNOUNCE_URLS of them."""
+
+    urls: list[tuple[int, bytes]] = field(default_factory=list)
+    tiers: int = 0
+
+
+def _announce_list_at(data: bytes, pos: int) -> tuple[_AnnounceList | None, int]:
+    """`announce-list` a URL at a time; None for a value that is not a list. A tier that is a
+    string instead of a list of them is taken as a tier of one URL."""
+    if data[pos] != 0x6C:  # l
+        return None, _skip_value_at(data, pos)
+    found = _AnnounceList()
+
+    def take(pos: int) -> int:
+        if len(found.urls) >= MAX_ANNOUNCE_URLS:
+            return _skip_value_at(data, pos)
+        url, pos = _decode_if_small_at(data, pos)
+        if isinstance(url, bytes):
+            found.urls.append((found.tiers, url))
+        return pos
+
+    pos += 1
+    while not _list_ends_at(data, pos):
+        if data[pos] == 0x6C:  # l: a tier
+            pos += 1
+            while not _list_ends_at(data, pos):
+                pos = take(pos)
+            pos += 1
+        else:
+            pos = take(pos)
+        found.tiers += 1
+    return found, pos + 1
+
+
+def _top_dict_untrusted(data: bytes) -> tuple[dict[bytes, Any], _AnnounceList | None,
+                                              _InfoDict | None, tuple[int, int] | None]:
+    """Of a .torrent: its small top-level fields, `announce-list`, the `info` dictionary and that
+    dictionary's byte span. The infohash is the hash of those exact bytes: re-encoding would
+    silently "fix" a non-canonical file (unsorted keys) and give a hash nobody else uses."""
     scan_bencode_untrusted(data)
     if data[:1] != b"d":
         raise ProtocolError("not a bencoded dictionary")
-    top: dict = {}
-    info = span = None
+    fields: dict[bytes, Any] = {}
+    announce_list = info = span = None
     pos = 1
     while True:
-        key, start = _dict_key_at(data, pos)
+        key, pos = _dict_key_at(data, pos)
         if key is None:
             break
-        if key == b"info" and data[start] == 0x64:  # d
-            info, pos = _info_dict_at(data, start)
-            span = (start, pos)
+        if key == b"info":  # the last one counts, as a dictionary would keep it
+            info, span = None, None
+            if data[pos] == 0x64:  # d
+                start = pos
+                info, pos = _info_dict_at(data, pos)
+                span = (start, pos)
+            else:
+                pos = _skip_value_at(data, pos)
+        elif key == b"announce-list":
+            announce_list, pos = _announce_list_at(data, pos)
+        elif key in _TOP_KEYS:
+            fields[key], pos = _decode_if_small_at(data, pos)
         else:
-            top[key], pos = _decode_value_at(data, start)
-    if start != len(data):
+            pos = _skip_value_at(data, pos)
+    if pos != len(data):
         raise ProtocolError("invalid bencode: data after the end")
-    return top, info, span
+    return fields, announce_list, info, span
 
 
 def _text(value: Any) -> str | None:
@@ -532,38 +702,34 @@ def normalise_tracker_url(url: str) -> str | None:
     return urllib.parse.urlunsplit((scheme, netloc, path, parts.query, ""))
 
 
-def _collect_trackers(top: dict) -> tuple[Tracker, ...]:
-    """Trackers in tier order (BEP 12); `announce` leads when there is no `announce-list`."""
-    tiers: list[list[Any]] = []
-    announce_list = top.get(b"announce-list")
-    if isinstance(announce_list, list):
-        tiers = [tier if isinstance(tier, list) else [tier] for tier in announce_list]
-    announce = top.get(b"announce")
-    seen: set[str] = set()
-    trackers: list[Tracker] = []
-    for tier_index, tier in enumerate(tiers or [[announce]]):
-        for raw in tier:
-            url = normalise_tracker_url(_text(raw) or "")
-            if url and url not in seen:
-                seen.add(url)
-                trackers.append(Tracker(url, tier_index))
-    if tiers and announce is not None:
-        url = normalise_tracker_url(_text(announce) or "")
-        if url and url not in seen:
-            trackers.append(Tracker(url, len(tiers)))
-    return tuple(trackers)
+def _collect_trackers(announce_list: _AnnounceList | None, announce: Any) -> tuple[Tracker, ...]:
+    """Trackers in tier order (BEP 12); `announce` leads when there is no `announce-list`, and
+    comes last when it is not in it."""
+    if announce_list is None or not announce_list.tiers:
+        announce_list = _AnnounceList([(0, announce)] if isinstance(announce, bytes) else [], 0)
+    elif isinstance(announce, bytes):
+        announce_list.urls.append((announce_list.tiers, announce))
+    trackers: dict[str, Tracker] = {}
+    for tier, raw in announce_list.urls:
+        url = normalise_tracker_url(_text(raw) or "")
+        if url and url not in trackers:
+            trackers[url] = Tracker(url, tier)
+    return tuple(trackers.values())
 
 
 def decode_metainfo_untrusted(data: bytes) -> Metainfo:
-    """Parse a .torrent file (BEP 3, BEP 12, BEP 52). Raises only ProtocolError."""
-    top, info, span = _top_dict_untrusted(data)
+    """Parse a .torrent file (BEP 3, BEP 12, BEP 52). Raises only ProtocolError.
+
+    Values tsmd does not read are checked as bencode tokens (they cannot crash or exhaust
+    anything) but not decoded."""
+    top, announce_list, info, span = _top_dict_untrusted(data)
     if info is None or span is None:
         raise ProtocolError("metainfo has no 'info' dictionary")
     raw_info = memoryview(data)[span[0]:span[1]]  # not a copy: it can be most of the file
     fields = info.fields
 
-    is_v2 = fields.get(b"meta version") == 2 and info.v2_files is not None
-    is_v1 = b"pieces" in fields or b"length" in fields or info.v1_files is not None
+    is_v2 = fields.get(b"meta version") == 2 and b"file tree" in info.present
+    is_v1 = bool(info.present & {b"pieces", b"length", b"files"})
     if not (is_v1 or is_v2):
         raise ProtocolError("'info' has neither v1 'pieces'/'files' nor a v2 'file tree'")
     sha256 = hashlib.sha256(raw_info).hexdigest() if is_v2 else None
@@ -573,6 +739,8 @@ def decode_metainfo_untrusted(data: bytes) -> Metainfo:
     if files is None:  # a single file (BEP 3)
         files = _FileTotals()
         files.add(_file_length(fields, "'info' of a single file"))
+    if isinstance(files, ProtocolError):
+        raise files
 
     name = _text(fields.get(b"name.utf-8")) or _text(fields.get(b"name"))
     return Metainfo(
@@ -585,7 +753,7 @@ def decode_metainfo_untrusted(data: bytes) -> Metainfo:
         created_unix=_non_negative_int(top.get(b"creation date")),
         created_by=_text(top.get(b"created by")),
         comment=_text(top.get(b"comment.utf-8")) or _text(top.get(b"comment")),
-        trackers=_collect_trackers(top),
+        trackers=_collect_trackers(announce_list, top.get(b"announce")),
         has_metainfo=True,
     )
 
@@ -616,7 +784,7 @@ def parse_infohash_untrusted(text: str) -> str:
 
 def decode_magnet_untrusted(uri: str) -> Metainfo:
     """Parse a magnet link (BEP 9, BEP 52 `btmh`): infohash, display name and trackers."""
-    if not uri[:8].lower() == "magnet:?":
+    if uri[:8].lower() != "magnet:?":
         raise ProtocolError(f"not a magnet link: {uri[:80]!r}")
     params = urllib.parse.parse_qs(storable_text(uri[len("magnet:?"):]), keep_blank_values=False)
     infohash = infohash_v2 = None
@@ -636,12 +804,11 @@ def decode_magnet_untrusted(uri: str) -> Metainfo:
         if url and url not in trackers:
             trackers[url] = Tracker(url, len(trackers))
     names = params.get("dn")
-    size = params.get("xl", [""])[0]
+    size = int(xl) if re.fullmatch(r"[0-9]{1,16}", xl := params.get("xl", [""])[0]) else None
     return Metainfo(
         infohash=infohash, infohash_v2=infohash_v2,
         name=names[0][:MAX_METAINFO_TEXT] if names else None,
-        size_bytes=int(size) if re.fullmatch(r"[0-9]{1,16}", size)
-        and int(size) <= MAX_TORRENT_BYTES else None,
+        size_bytes=size if size is not None and size <= MAX_TORRENT_BYTES else None,
         file_count=None, piece_length=None, created_unix=None, created_by=None, comment=None,
         trackers=tuple(trackers.values()), has_metainfo=False,
     )
@@ -812,7 +979,7 @@ def parse_index_untrusted(
                 continue
             candidates.append(IndexEntry(EntryKind.URL, url, _url_file_name(url)))
     else:
-        for line in dict.fromkeys(line.strip() for line in stripped.splitlines()):
+        for line in dict.fromkeys(raw.strip() for raw in stripped.splitlines()):
             if not line or line.startswith("#"):
                 continue
             try:
