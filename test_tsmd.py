@@ -2982,7 +2982,9 @@ def test_proxy_does_not_let_private_ip_literals_through(tmp_path):
 
     async def scenario():
         fetcher = tsmd.make_fetcher(settings)
-        for host in ("127.0.0.1", "2130706433", "127.1", "0x7f.0.0.1", "10.1", "[::1]"):
+        for host in ("127.0.0.1", "2130706433", "127.1", "0x7f.0.0.1", "10.1", "[::1]",
+                     "127.0.0.1.", "0177.0.0.1", "0x7f000001", "2130706433.", "10.1.",
+                     "[::ffff:127.0.0.1]"):
             with pytest.raises(tsmd.FetchError, match="not a public address"):
                 await fetcher.fetch(f"http://{host}/x", max_bytes=10)
         await fetcher.aclose()

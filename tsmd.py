@@ -2111,7 +2111,9 @@ def _is_ip_literal(host: str) -> bool:
 
 def ip_literal_address(host: str) -> str | None:
     """The address a host name stands for without DNS: `10.0.0.1`, `::1`, and the forms the
-    C resolver also takes for IPv4 (`2130706433`, `127.1`, `0x7f.0.0.1`)."""
+    C resolver also takes for IPv4 (`2130706433`, `127.1`, `0x7f.0.0.1`, `0177.0.0.1`), with or
+    without the trailing dots of a fully qualified name (`127.0.0.1.`)."""
+    host = host.rstrip(".")
     if _is_ip_literal(host):
         return host
     try:
