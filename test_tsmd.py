@@ -634,7 +634,8 @@ class LoopbackHttpServer:
 
 class CollectionServer(LoopbackHttpServer):
     """Serves files from a dict, counts requests, answers conditional requests, and misbehaves
-    on special paths (/redirect/URL, /loop, /slow/, /truncated/, /chunked-huge/)."""
+    on special paths (/redirect/URL, /loop, /slow/, /slow-redirect/HOPS, /truncated/,
+    /chunked-huge/)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -663,6 +664,15 @@ class CollectionServer(LoopbackHttpServer):
             return "301"
         if path.startswith("/slow/"):
             time.sleep(self.slow_seconds)
+        if path.startswith("/slow-redirect/"):  # each hop as slow as /slow/, then the next
+            time.sleep(self.slow_seconds)
+            hops = int(path.split("/")[2])
+            handler.send_response(302 if hops else 200)
+            handler.send_header("Location", f"/slow-redirect/{hops - 1}")
+            handler.send_header("Content-Length", "4")
+            handler.end_headers()
+            handler.wfile.write(b"done")
+            return "302" if hops else "200"
         if path.startswith("/truncated/"):
             handler.send_response(200)
             handler.send_header("Content-Length", "100000")
@@ -799,6 +809,82 @@ def test_fetch_times_out(server):
         await fetcher.aclose()
 
     run(scenario)
+
+
+def test_fetch_deadline_covers_a_whole_redirect_chain(server):
+    server.slow_seconds = 0.3  # under the read timeout at each hop
+    settings = make_settings(Path("/tmp"), [], network={"timeout": 0.4, "connect_timeout": 0.4,
+                                                       "allow_private": True},
+                             sync={"max_redirects": 10})
+
+    async def scenario():
+        fetcher = tsmd.make_fetcher(settings)
+        try:
+            assert fetcher.deadline == pytest.approx(2.0)
+            done = await fetcher.fetch(server.url("/slow-redirect/3"), max_bytes=100)
+            assert done.body == b"done"  # 1.2 s in all
+            with pytest.raises(tsmd.FetchError, match="timed out after 2 s"):
+                await fetcher.fetch(server.url("/slow-redirect/9"), max_bytes=100)  # 3 s
+        finally:
+            await fetcher.aclose()
+
+    run(scenario)
+
+
+class ChunkTrickler:
+    """An HTTP server on 127.0.0.1:0 that answers one request with a body of `chunks` 1-byte
+    chunks, all sent at once."""
+
+    def __init__(self, chunks: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.body = b"1\r\nx\r\n" * chunks + b"0\r\n\r\n"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        connection, _ = self.listener.accept()
+        with connection:
+            connection.recv(65536)
+            try:  # (two sends: no copy of the body while the client's memory is measured)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                connection.sendall(self.body)
+            except OSError:
+                pass  # the client gave up: what it should do
+
+    def stop(self) -> None:
+        self.listener.close()
+        self.thread.join(timeout=10)
+
+
+def test_fetch_memory_stays_bounded_under_one_byte_chunks(tmp_path):
+    import tracemalloc
+    cap = 200_000
+    warm_up, trickler = ChunkTrickler(10), ChunkTrickler(2 * cap)
+    settings = make_settings(tmp_path, [], network={"allow_private": True})
+
+    async def fetch(server: ChunkTrickler) -> bytes:
+        fetcher = tsmd.make_fetcher(settings)
+        try:
+            return (await fetcher.fetch(f"http://127.0.0.1:{server.port}/x", max_bytes=cap)).body
+        finally:
+            await fetcher.aclose()
+
+    try:
+        assert run(fetch, warm_up) == b"x" * 10  # what is imported on first use is not counted
+        tracemalloc.start()
+        try:
+            with pytest.raises(tsmd.FetchError, match="6,154 bytes in 6,154 chunks, over the"):
+                run(fetch, trickler)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    finally:
+        warm_up.stop()
+        trickler.stop()
+    print(f"peak memory of the download: {peak:,} bytes")
+    # A list of one bytes object a chunk took 13 MB here, as it went on to 200,000 chunks.
+    assert peak < 2 * cap, peak
 
 
 def test_private_addresses_refused_by_default(server):

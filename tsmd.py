@@ -1781,6 +1781,9 @@ class _HttpConnection:
 
 HTTP_KEEPALIVE_SECONDS: Final = 5.0  # idle connections older than this are closed, not reused
 HTTP_IDLE_PER_ORIGIN: Final = 8
+# Each piece of a chunked body counts this many bytes more against twice the size cap: a server
+# sending 1-byte chunks must not keep a download busy (and its parser's objects alive) for long.
+HTTP_CHUNK_COST: Final = 64
 
 
 _URL_KEEP: Final = "/%:@!$&'()*+,;=?~-._"  # characters a request target may carry as they are
@@ -1935,7 +1938,7 @@ class HttpClient:
     async def _receive(self, connection: _HttpConnection, max_bytes: int, *,
                        head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
         protocol = connection.protocol
-        status, headers, chunks, received = 0, {}, [], 0
+        status, headers, body, pieces = 0, {}, bytearray(), 0
         while True:
             event = protocol.next_event()
             if event is h11.NEED_DATA:
@@ -1955,12 +1958,14 @@ class HttpClient:
                 if declared.isdigit() and int(declared) > max_bytes and status == 200:
                     raise FetchError(f"{int(declared):,} bytes, over the {max_bytes:,}-byte limit")
             elif isinstance(event, h11.Data):
-                received += len(event.data)
-                if received > max_bytes:
+                body += event.data
+                pieces += 1
+                if len(body) > max_bytes:
                     raise FetchError(f"more than {max_bytes:,} bytes, over the limit")
-                chunks.append(event.data)
+                if len(body) + pieces * HTTP_CHUNK_COST > 2 * max_bytes:
+                    raise FetchError(f"{len(body):,} bytes in {pieces:,} chunks, over the limit")
             elif isinstance(event, h11.EndOfMessage):
-                return status, headers, b"".join(chunks)
+                return status, headers, bytes(body)
             elif isinstance(event, h11.ConnectionClosed):
                 raise trio.BrokenResourceError("connection closed before the response")
 
@@ -2017,6 +2022,9 @@ class Fetcher:
                  resolve: Any = None, address_allowed: Any = None) -> None:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        # One deadline for a whole download, redirects included: a server trickling a byte per
+        # read timeout, at every hop of a redirect chain, cannot hold a download slot for long.
+        self.deadline = connect_timeout + 4 * timeout
         self.user_agent = user_agent
         self.max_redirects = max_redirects
         self.allow_private = allow_private
@@ -2040,15 +2048,18 @@ class Fetcher:
         configured collection, or entries of a local index), and never after a redirect.
         """
         try:
-            return await self._fetch(url, max_bytes, etag, last_modified, allow_local)
+            with trio.fail_after(self.deadline):
+                return await self._fetch(url, max_bytes, etag, last_modified, allow_local)
+        except trio.TooSlowError:
+            text = f"{url}: timed out after {self.deadline:g} s"
         except (ValueError, UnicodeError, h11.LocalProtocolError) as exc:
             raise FetchError(f"{url[:MAX_URL_IN_MESSAGE]}: bad URL: {exc}") from None
         except FetchError as exc:
-            # Messages name the URL; a scrape URL with 50 hashes is too long to read.
             text = str(exc)
-            if text.startswith(url) and len(url) > MAX_URL_IN_MESSAGE:
-                text = url[:MAX_URL_IN_MESSAGE] + "…" + text[len(url):]
-            raise FetchError(text) from None
+        # Messages name the URL; a scrape URL with 50 hashes is too long to read.
+        if text.startswith(url) and len(url) > MAX_URL_IN_MESSAGE:
+            text = url[:MAX_URL_IN_MESSAGE] + "…" + text[len(url):]
+        raise FetchError(text)
 
     async def _fetch(self, url: str, max_bytes: int, etag: str | None,
                      last_modified: str | None, allow_local: bool) -> FetchResult:
@@ -2091,12 +2102,7 @@ class Fetcher:
             headers.append(("If-Modified-Since", last_modified))
         self.requests += 1
         try:
-            # The whole exchange is bounded too, so a server trickling one byte per read
-            # timeout cannot hold a download slot forever.
-            with trio.fail_after(self.connect_timeout + 4 * self.timeout):
-                return await self._client.get(url, headers, max_bytes)
-        except trio.TooSlowError:
-            raise FetchError(f"{url}: timed out") from None
+            return await self._client.get(url, headers, max_bytes)
         except FetchError as exc:
             raise FetchError(f"{url}: {exc}") from None
 
