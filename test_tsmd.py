@@ -4461,6 +4461,106 @@ def test_run_refuses_a_damaged_database_with_a_message(tmp_path):
     assert done.returncode == tsmd.ExitCode.DATABASE and "Traceback" not in done.stderr
 
 
+def needs_root(what: str) -> None:
+    """Skip a test that needs root, saying why; under CI (CI=true) fail instead: CI runs the
+    README's test command, as root, and a skip there would hide what it cannot check."""
+    if os.geteuid() != 0:
+        message = f"{what} needs root (the README's test command runs as root)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def storage_fault_world(tmp_path: Path, database: Path, torrents: int) -> Path:
+    """A config whose one collection is a local folder of `torrents` torrents of 20 trackers."""
+    folder = tmp_path / "torrents"
+    folder.mkdir(exist_ok=True)
+    for n in range(torrents):
+        (folder / f"r_{n}.torrent").write_bytes(v1_torrent(
+            f"t{n}", seed=n, trackers=[[f"udp://t{n}-{k}.example:1/a"] for k in range(20)]))
+    config = tmp_path / "faults.toml"
+    config.write_text(f'database = "{database}"\n[[collections]]\nname = "c"\n'
+                      f'url = "{folder.as_uri()}/"\ntype = "books"\n')
+    config.chmod(0o644)
+    return config
+
+
+def integrity_and_counts(database: Path) -> tuple:
+    db = sqlite3.connect(database)
+    try:
+        return (db.execute("PRAGMA integrity_check").fetchone()[0],
+                db.execute("SELECT count(*) FROM torrents").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_a_full_disk_ends_a_stage_with_exit_3_and_the_next_run_completes(tmp_path):
+    needs_root("mounting a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], check=True)
+    try:
+        database = disk / "tsmd.sqlite3"
+        config = storage_fault_world(tmp_path, database, 400)
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * (2300 * 1024))  # leaves about 700 KiB
+        done = cli("--config", str(config), "sync")
+        assert done.returncode == tsmd.ExitCode.DATABASE, done.stderr
+        assert "database or disk is full" in done.stderr and "Traceback" not in done.stderr
+        assert integrity_and_counts(database)[0] == "ok"
+        filler.unlink()  # space is back
+        done = cli("--config", str(config), "sync")
+        assert done.returncode == 0, done.stderr
+        assert integrity_and_counts(database) == ("ok", 400)
+        db = sqlite3.connect(database)
+        assert db.execute("SELECT outcome FROM runs ORDER BY id").fetchall() == [
+            ("failed",), ("ok",)]
+        db.close()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_read_only_database_file_ends_a_stage_with_exit_3(tmp_path):
+    database = tmp_path / "tsmd.sqlite3"
+    config = storage_fault_world(tmp_path, database, 3)
+    assert cli("--config", str(config), "sync").returncode == 0
+    (tmp_path / "torrents" / "r_3.torrent").write_bytes(v1_torrent("new", seed=9))
+    database.chmod(0o444)
+    # Root may write any file: as root, tsmd runs without the capabilities that allow that.
+    unprivileged = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"] \
+        if os.geteuid() == 0 else []
+    try:
+        done = subprocess.run([*unprivileged, sys.executable, str(HERE / "tsmd.py"), "--config",
+                               str(config), "sync"], capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)
+    finally:
+        database.chmod(0o644)
+    assert done.returncode == tsmd.ExitCode.DATABASE, done.stderr
+    assert "readonly database" in done.stderr and "Traceback" not in done.stderr
+    assert integrity_and_counts(database) == ("ok", 3)
+
+
+@pytest.mark.parametrize("command", [["sync", "--revalidate"], ["status"], ["run"],
+                                     ["report", "--format", "csv"]])
+def test_a_damaged_page_ends_any_command_with_exit_3(tmp_path, command):
+    database = tmp_path / "tsmd.sqlite3"
+    config = storage_fault_world(tmp_path, database, 5)
+    assert cli("--config", str(config), "sync").returncode == 0
+    db = sqlite3.connect(database)
+    pages = [page for (page,) in db.execute(
+        "SELECT rootpage FROM sqlite_master WHERE name IN ('torrents', 'memberships')")]
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    with database.open("r+b") as file:
+        for page in pages:
+            file.seek((page - 1) * page_size)
+            file.write(b"\xff" * 200)
+    done = cli("--config", str(config), *command)
+    assert done.returncode == tsmd.ExitCode.DATABASE, done.stderr
+    assert "database disk image is malformed" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_database_lock_is_one_per_database_and_patient_for_a_moment(tmp_path):
     database = tmp_path / "tsmd.sqlite3"
     (tmp_path / "link.sqlite3").symlink_to(database)

@@ -5904,7 +5904,23 @@ def render_status(status: dict[str, Any], console: Console) -> None:
 
 # ---- Command line ----
 
-app = typer.Typer(
+class _TsmdTyper(typer.Typer):
+    """typer's application with one guard more: a database that fails in the middle of any
+    command (a full disk, a read-only or damaged file) is said in one line, with exit code 3,
+    not shown as a traceback. What was committed stays committed."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except sqlite3.Error as exc:
+            where = f" {_database_in_use}" if _database_in_use else ""
+            _fail(f"database{where}: {exc}", ExitCode.DATABASE)
+            sys.exit(int(ExitCode.DATABASE))
+
+
+_database_in_use: Path | None = None  # for the guard's message: the one _open_db opened
+
+app = _TsmdTyper(
     name="tsmd", add_completion=False, no_args_is_help=True, rich_markup_mode=None,
     help="Torrent Swarm Monitoring Daemon: which torrents of a collection need seeders?")
 
@@ -5959,6 +5975,8 @@ def _load(ctx: typer.Context) -> tuple[Settings, Reporter]:
 
 
 def _open_db(settings: Settings) -> sqlite3.Connection:
+    global _database_in_use
+    _database_in_use = settings.database
     try:
         return open_database(settings.database)
     except TsmdError as exc:
@@ -5984,7 +6002,8 @@ def _leaf_exceptions(error: BaseException) -> list[BaseException]:
 def run_interruptible(async_fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, bool]:
     """trio.run a stage; SIGTERM or Ctrl-C cancel it cleanly. Returns (result, interrupted).
 
-    A TsmdError from the stage is raised as itself, out of trio's exception groups.
+    A TsmdError or a database error (a full disk in the writer task) from the stage is raised
+    as itself, out of trio's exception groups.
     """
     import signal
 
@@ -6010,9 +6029,9 @@ def run_interruptible(async_fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, bo
         if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
             outcome["interrupted"] = True
         else:
-            own = [leaf for leaf in leaves if isinstance(leaf, TsmdError)]
-            if own and len(own) == len(leaves):
-                raise own[0] from None
+            said = [leaf for leaf in leaves if isinstance(leaf, (TsmdError, sqlite3.Error))]
+            if said and len(said) == len(leaves):
+                raise said[0] from None
             raise
     return outcome.get("result"), outcome["interrupted"]
 
