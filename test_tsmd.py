@@ -4561,6 +4561,29 @@ def test_a_damaged_page_ends_any_command_with_exit_3(tmp_path, command):
     assert "database disk image is malformed" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_status_tells_a_run_whose_tsmd_died_from_one_that_runs(tmp_path):
+    config = write_config(tmp_path, ONE_COLLECTION_CONFIG)
+    database = tmp_path / "tsmd.sqlite3"
+    db = tsmd.open_database(database)
+    tsmd.start_run(db, "sync")  # as a tsmd killed in its sync leaves it
+    db.close()
+
+    def outcome() -> str:
+        done = cli("--config", str(config), "status", "--format", "json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)["runs"]["sync"]["outcome"]
+
+    assert outcome() == "interrupted"  # the lock is free: its tsmd is gone
+    lock = tsmd.DatabaseLock(database)
+    lock.acquire(False, "tsmd sync (pid 1)")
+    try:
+        assert outcome() == "running"
+    finally:
+        lock.release()
+    db = sqlite3.connect(database)
+    assert db.execute("SELECT outcome FROM runs").fetchone() == ("running",)  # status only reads
+
+
 def test_database_lock_is_one_per_database_and_patient_for_a_moment(tmp_path):
     database = tmp_path / "tsmd.sqlite3"
     (tmp_path / "link.sqlite3").symlink_to(database)

@@ -5851,19 +5851,24 @@ def load_status(db: sqlite3.Connection, database: Path) -> dict[str, Any]:
     scraped = db.execute("SELECT count(DISTINCT torrent_id) FROM tracker_latest "
                          "WHERE measured >= ?", (now - TRACKER_SAMPLE_FRESHNESS,)).fetchone()[0]
     in_dht = db.execute("SELECT count(*) FROM dht_latest").fetchone()[0]
+    busy = DatabaseLock(database).held_by()
     runs = {}
     for stage in STATUS_STAGES:
         row = db.execute("SELECT started, finished, outcome, counts, error FROM runs "
                          "WHERE stage = ? ORDER BY id DESC LIMIT 1", (stage,)).fetchone()
         if row:
             started, finished, outcome, counts, error = row
+            if outcome == "running" and busy is None:
+                # Nobody holds the lock, so the tsmd of this run has died (as the next writer
+                # will record: close_orphaned_runs). `status` only reads.
+                outcome, error = "interrupted", "the process ended without finishing (killed?)"
             runs[stage] = {"started": int(started), "seconds": None if finished is None else
                            round(finished - started, 1), "outcome": outcome,
                            "counts": json.loads(counts), "error": error}
     files = [database, database.with_name(database.name + "-wal")]
     return {"database": str(database),
             "bytes": sum(f.stat().st_size for f in files if f.exists()),
-            "busy": DatabaseLock(database).held_by(),
+            "busy": busy,
             "torrents": listed, "torrents_scraped": scraped, "torrents_in_dht": in_dht,
             "dht_nodes": db.execute("SELECT count(*) FROM dht_nodes").fetchone()[0],
             "collections": collections, "runs": runs}
