@@ -406,11 +406,14 @@ def test_magnet_names_round_trip_through_the_fast_quoting(name):
 
 
 def test_magnet_with_thousands_of_trackers_keeps_each_once_in_order():
-    trackers = [f"udp://t{n}.example:1/announce" for n in range(20_000)]
+    trackers = [f"udp://t{n}.example:1/announce" for n in range(600)]
     magnet = f"magnet:?xt=urn:btih:{'a' * 40}" + "".join(f"&tr={t}" for t in trackers * 2)
     meta = tsmd.decode_magnet_untrusted(magnet)
     assert [t.url for t in meta.trackers] == trackers
-    assert [t.tier for t in meta.trackers] == list(range(20_000))
+    assert [t.tier for t in meta.trackers] == list(range(600))
+    assert meta.trackers_skipped == 1200 - tsmd.MAX_ANNOUNCE_URLS
+    huge = tsmd.decode_magnet_untrusted(magnet + "&tr=udp://x.example:1" * 50_000)
+    assert len(huge.trackers) == 600 and huge.trackers_skipped == 51_200 - 1000
 
 
 def test_tracker_url_normalisation():
@@ -1398,6 +1401,44 @@ def test_sync_interrupted_commits_what_it_has(server, tmp_path):
     run(interrupted)
     assert len(listed(db, "big")) == 40
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_sync_bounds_the_trackers_of_a_torrent_and_of_a_run(tmp_path):
+    def sync(name: str, torrents: dict[str, bytes], **limits) -> tuple[sqlite3.Connection, Any]:
+        folder = tmp_path / name
+        folder.mkdir()
+        for file_name, data in torrents.items():
+            (folder / file_name).write_bytes(data)
+        settings = make_settings(tmp_path / name, [{"name": "c", "url": folder.as_uri() + "/",
+                                                    "type": "books"}], sync=limits)
+        db = tsmd.open_database(settings.database)
+        counts = run(tsmd.run_sync, db, settings, settings.collections, tsmd.Reporter(-1))
+        assert (counts.new, counts.failed) == (len(torrents), 0)
+        return db, counts
+
+    many = [[f"udp://t{n}.example:1/announce"] for n in range(100_000)]  # 3.6 MB
+    db, counts = sync("one", {"r_0.torrent": v1_torrent("many", trackers=many)})
+    # The first 100 in tier order; 99,000 were never read, 900 read and left out.
+    assert [url for (url,) in db.execute(
+        "SELECT r.url FROM torrent_trackers l JOIN trackers r ON r.id = l.tracker_id "
+        "ORDER BY l.position")] == [f"udp://t{n}.example:1/announce" for n in range(100)]
+    assert counts.trackers_ignored == 99_900 and "trackers left out" in counts.summary()
+    # Three torrents of 60 trackers each, 140 new ones allowed in the run: 40 left out.
+    db, counts = sync("run", {f"r_{n}.torrent": v1_torrent(f"t{n}", seed=n, trackers=[
+        [f"udp://s{n}-{k}.example:1/announce"] for k in range(60)]) for n in range(3)},
+        max_new_trackers=140)
+    assert db.execute("SELECT count(*) FROM trackers").fetchone()[0] == 140
+    assert db.execute("SELECT count(*) FROM torrent_trackers").fetchone()[0] == 140
+    assert counts.trackers_ignored == 40
+    # A magnet's trackers add up over listings; the bound holds for the sum.
+    limits = tsmd.TrackerLimits(per_torrent=5, new_left=100)
+    with tsmd.Transaction(db):
+        for listing in range(3):
+            tsmd.upsert_torrent(db, tsmd.decode_magnet_untrusted(tsmd.magnet_uri("ab" * 20, "m", [
+                f"udp://m{listing}-{k}.example:1/a" for k in range(4)])), 1, limits)
+    assert db.execute("SELECT count(*) FROM torrent_trackers l JOIN torrents t ON "
+                      "t.id = l.torrent_id WHERE t.infohash = ?", ("ab" * 20,)).fetchone()[0] == 5
+    assert limits.ignored == 3 * 4 - 5
 
 
 def test_names_that_are_not_utf8_and_lone_surrogates_store_one_item_each(server, tmp_path):

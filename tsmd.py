@@ -182,6 +182,7 @@ class Metainfo:
     comment: str | None
     trackers: tuple[Tracker, ...]
     has_metainfo: bool  # False for a magnet link or a bare infohash
+    trackers_skipped: int = 0  # tracker URLs past MAX_ANNOUNCE_URLS, not even read
 
     @classmethod
     def bare(cls, infohash: str) -> Metainfo:
@@ -230,7 +231,7 @@ MAX_FILE_BYTES: Final = 1 << 50  # 1 PiB: a larger file in a .torrent is a forge
 MAX_TORRENT_BYTES: Final = 1 << 53  # 8 PiB: sums stay far below SQLite's int64
 MAX_PIECE_LENGTH: Final = 1 << 34  # larger "piece lengths" are not kept
 MAX_METAINFO_TEXT: Final = 4096  # characters kept of a name, comment or `created by`
-MAX_ANNOUNCE_URLS: Final = 1000  # URLs read from `announce-list`; the rest are skipped
+MAX_ANNOUNCE_URLS: Final = 1000  # tracker URLs read from a .torrent or magnet; more are skipped
 
 
 def _string_lengths_pattern(lengths: Iterable[int]) -> bytes:
@@ -601,6 +602,7 @@ class _AnnounceList:
 
     urls: list[tuple[int, bytes]] = field(default_factory=list)
     tiers: int = 0
+    skipped: int = 0  # items past MAX_ANNOUNCE_URLS
 
 
 def _announce_list_at(data: bytes, pos: int) -> tuple[_AnnounceList | None, int]:
@@ -612,6 +614,7 @@ def _announce_list_at(data: bytes, pos: int) -> tuple[_AnnounceList | None, int]
 
     def take(pos: int) -> int:
         if len(found.urls) >= MAX_ANNOUNCE_URLS:
+            found.skipped += 1
             return _skip_value_at(data, pos)
         url, pos = _decode_if_small_at(data, pos)
         if isinstance(url, bytes):
@@ -755,6 +758,7 @@ def decode_metainfo_untrusted(data: bytes) -> Metainfo:
         comment=_text(top.get(b"comment.utf-8")) or _text(top.get(b"comment")),
         trackers=_collect_trackers(announce_list, top.get(b"announce")),
         has_metainfo=True,
+        trackers_skipped=announce_list.skipped if announce_list is not None else 0,
     )
 
 
@@ -799,7 +803,8 @@ def decode_magnet_untrusted(uri: str) -> Metainfo:
     if infohash is None:
         raise ProtocolError(f"magnet link without a usable 'xt': {uri[:80]!r}")
     trackers: dict[str, Tracker] = {}
-    for raw in params.get("tr", []):
+    listed = params.get("tr", [])
+    for raw in listed[:MAX_ANNOUNCE_URLS]:
         url = normalise_tracker_url(raw)
         if url and url not in trackers:
             trackers[url] = Tracker(url, len(trackers))
@@ -811,6 +816,7 @@ def decode_magnet_untrusted(uri: str) -> Metainfo:
         size_bytes=size if size is not None and size <= MAX_TORRENT_BYTES else None,
         file_count=None, piece_length=None, created_unix=None, created_by=None, comment=None,
         trackers=tuple(trackers.values()), has_metainfo=False,
+        trackers_skipped=max(0, len(listed) - MAX_ANNOUNCE_URLS),
     )
 
 
@@ -3725,8 +3731,48 @@ def upsert_collection(db: sqlite3.Connection, name: str, url: str, kind: str, en
     return int(row[0])
 
 
-def upsert_torrent(db: sqlite3.Connection, meta: Metainfo, now: int) -> int:
-    """Insert or update a torrent; a magnet never overwrites what a .torrent file told us."""
+@dataclass(slots=True)
+class TrackerLimits:
+    """The bounds a sync puts on trackers ([sync] max_trackers_per_torrent, max_new_trackers),
+    and how many trackers they left out."""
+
+    per_torrent: int
+    new_left: int  # trackers this sync may still add to the database
+    ignored: int = 0
+
+
+def _bounded_trackers(db: sqlite3.Connection, torrent_id: int, trackers: Sequence[Tracker],
+                      limits: TrackerLimits) -> list[Tracker]:
+    """Of `trackers`, in order: the ones the torrent has already, then others while it has
+    fewer than the limit and the sync may add new ones to the database."""
+    linked = {url for (url,) in db.execute(
+        "SELECT r.url FROM torrent_trackers l JOIN trackers r ON r.id = l.tracker_id "
+        "WHERE l.torrent_id = ?", (torrent_id,))}
+    known = set()
+    for start in range(0, len(trackers), 500):  # SQLite's limit on host parameters
+        urls = [t.url for t in trackers[start:start + 500]]
+        known.update(url for (url,) in db.execute(
+            f"SELECT url FROM trackers WHERE url IN ({','.join('?' * len(urls))})", urls))
+    kept: list[Tracker] = []
+    room = limits.per_torrent - len(linked)
+    for tracker in trackers:
+        if tracker.url in linked:
+            kept.append(tracker)
+        elif room > 0 and (tracker.url in known or limits.new_left > 0):
+            kept.append(tracker)
+            room -= 1
+            if tracker.url not in known:
+                known.add(tracker.url)
+                limits.new_left -= 1
+        else:
+            limits.ignored += 1
+    return kept
+
+
+def upsert_torrent(db: sqlite3.Connection, meta: Metainfo, now: int,
+                   limits: TrackerLimits | None = None) -> int:
+    """Insert or update a torrent; a magnet never overwrites what a .torrent file told us. With
+    `limits`, its trackers are bounded by them."""
     row = db.execute(
         """
         INSERT INTO torrents (infohash, infohash_v2, name, size_bytes, file_count, piece_length,
@@ -3753,15 +3799,20 @@ def upsert_torrent(db: sqlite3.Connection, meta: Metainfo, now: int) -> int:
     torrent_id = int(row[0])
     if meta.has_metainfo:  # a (changed) .torrent file's tracker list replaces the old one
         db.execute("DELETE FROM torrent_trackers WHERE torrent_id = ?", (torrent_id,))
-    if meta.trackers:
+    trackers = meta.trackers
+    if limits is not None:
+        limits.ignored += meta.trackers_skipped
+        if trackers:
+            trackers = _bounded_trackers(db, torrent_id, trackers, limits)
+    if trackers:
         db.executemany("INSERT INTO trackers (url) VALUES (?) ON CONFLICT(url) DO NOTHING",
-                       [(t.url,) for t in meta.trackers])
+                       [(t.url,) for t in trackers])
         db.executemany(
             "INSERT INTO torrent_trackers (torrent_id, tracker_id, tier, position) "
             "SELECT ?, id, ?, ? FROM trackers WHERE url = ? "
             "ON CONFLICT(torrent_id, tracker_id) DO UPDATE SET tier = excluded.tier, "
             "position = excluded.position",
-            [(torrent_id, t.tier, position, t.url) for position, t in enumerate(meta.trackers)])
+            [(torrent_id, t.tier, position, t.url) for position, t in enumerate(trackers)])
     fill_magnets(db, torrent_id)  # when the name or the trackers changed
     return torrent_id
 
@@ -3864,6 +3915,10 @@ class SyncSettings:
     max_torrent_bytes: int = 32 * 1024 * 1024
     max_redirects: int = 5
     revalidate_after: float = 7 * 86400.0  # seconds before a known .torrent is re-checked
+    # The most trackers of one torrent (libgen's .torrent files list up to 49), and the most
+    # trackers one sync adds to the database; more are counted and left out.
+    max_trackers_per_torrent: int = 100
+    max_new_trackers: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -4218,11 +4273,15 @@ class SyncCounts:
     failed: int = 0
     downloads: int = 0
     requests: int = 0
+    trackers_ignored: int = 0  # past [sync] max_trackers_per_torrent or max_new_trackers
 
     def summary(self) -> str:
+        ignored = (f"; {self.trackers_ignored:,} trackers left out by max_trackers_per_torrent "
+                   "or max_new_trackers" if self.trackers_ignored else "")
         return (f"{self.collections} collections, {self.pages} index pages, {self.new} new, "
                 f"{self.changed} changed, {self.unchanged} unchanged, {self.removed} removed, "
-                f"{self.failed} failed ({self.downloads} downloads, {self.requests} requests)")
+                f"{self.failed} failed ({self.downloads} downloads, {self.requests} requests)"
+                f"{ignored}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -4254,7 +4313,7 @@ class CollectionSynced:
 
 
 def _write_sync_outcomes(db: sqlite3.Connection, outcomes: list[SyncOutcome | CollectionSynced],
-                         now: int) -> None:
+                         now: int, limits: TrackerLimits) -> None:
     with Transaction(db):
         for outcome in outcomes:
             if isinstance(outcome, CollectionSynced):
@@ -4269,7 +4328,7 @@ def _write_sync_outcomes(db: sqlite3.Connection, outcomes: list[SyncOutcome | Co
                     "last_error = excluded.last_error, removed = NULL",
                     (outcome.collection_id, entry.source, entry.file_name, now, now, outcome.error))
                 continue
-            torrent_id = upsert_torrent(db, outcome.meta, now)
+            torrent_id = upsert_torrent(db, outcome.meta, now, limits)
             validated = now if entry.kind is EntryKind.URL else None
             db.execute(
                 "INSERT INTO memberships (collection_id, source, torrent_id, file_name, first_seen, "
@@ -4295,9 +4354,11 @@ def _finish_collection(db: sqlite3.Connection, done: CollectionSynced) -> None:
 
 
 async def _sync_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChannel,
-                       counts: SyncCounts, reporter: Reporter, on_written: Any) -> None:
+                       counts: SyncCounts, reporter: Reporter, on_written: Any,
+                       settings: SyncSettings) -> None:
     """The one task that writes sync results: batches, one transaction each."""
     batch: list[SyncOutcome | CollectionSynced] = []
+    limits = TrackerLimits(settings.max_trackers_per_torrent, settings.max_new_trackers)
 
     def take(outcome: SyncOutcome | CollectionSynced) -> None:
         batch.append(outcome)
@@ -4313,7 +4374,7 @@ async def _sync_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChanne
         async for outcome in receive:
             take(outcome)
             if len(batch) >= SYNC_WRITE_BATCH or isinstance(outcome, CollectionSynced):
-                _write_sync_outcomes(db, batch, int(time.time()))
+                _write_sync_outcomes(db, batch, int(time.time()), limits)
                 batch.clear()
     finally:
         # Also on cancellation (Ctrl-C, SIGTERM): what was measured, queued or not, is kept.
@@ -4324,7 +4385,8 @@ async def _sync_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChanne
                 break
         receive.close()
         if batch:
-            _write_sync_outcomes(db, batch, int(time.time()))
+            _write_sync_outcomes(db, batch, int(time.time()), limits)
+        counts.trackers_ignored = limits.ignored
 
 
 def _entry_metainfo(entry: IndexEntry) -> Metainfo:
@@ -4499,7 +4561,8 @@ async def run_sync(db: sqlite3.Connection, settings: Settings,
 
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_sync_writer, db, receive, counts, reporter, on_written)
+                nursery.start_soon(_sync_writer, db, receive, counts, reporter, on_written,
+                                   settings.sync)
                 async with send:
                     for collection in collections:
                         progress.update(task, description=f"sync {collection.name}")
