@@ -2716,6 +2716,101 @@ def test_dht_bep33_filters_and_values_follow_up_like_libtorrent():
         assert everyone == pytest.approx(len({h for h, _, _ in peers}), abs=0.6)
 
 
+def test_dht_with_no_node_answering_stops_and_says_the_network_is_down(tmp_path):
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a bootstrap that never answers
+    silent.bind(("127.0.0.1", 0))
+    try:
+        db, _ = torrent_db(tmp_path, 500, [])
+        db.close()
+        config = write_config(tmp_path, f"""
+database = "tsmd.sqlite3"
+[network]
+allow_private = true
+outage_after = "3s"
+[dht]
+bootstrap = ["127.0.0.1:{silent.getsockname()[1]}"]
+bind = "127.0.0.1:0"
+rate = 0
+[[collections]]
+name = "c"
+url = "http://x/"
+type = "books"
+""")
+        started = time.monotonic()
+        done = cli("--config", str(config), "dht")
+        print(f"tsmd dht stopped after {time.monotonic() - started:.1f} s")
+        # Before, 500 lookups of 2 s each, four at a time with nothing cached: four minutes.
+        assert done.returncode == tsmd.ExitCode.UNREACHABLE == 69, done.stderr
+        assert "dht: no DHT node answered in 3 s: network down?" in done.stderr
+        assert "Traceback" not in done.stderr
+        db = sqlite3.connect(tmp_path / "tsmd.sqlite3")
+        assert db.execute("SELECT count(*) FROM dht_samples").fetchone()[0] == 0
+        assert db.execute("SELECT outcome FROM runs WHERE stage = 'dht'").fetchall() == [
+            ("unreachable",)]
+        db.close()
+        # `tsmd run` goes on with the stages that work; the page says the DHT numbers are old.
+        folder = tmp_path / "torrents"
+        folder.mkdir()
+        for n in range(20):
+            (folder / f"r_{n}.torrent").write_bytes(v1_torrent(f"t{n}", seed=n))
+        config.write_text(config.read_text().replace('"http://x/"', f'"{folder.as_uri()}/"')
+                          + '[report]\noutputs = [{ format = "html", path = "page.html" }]\n')
+        done = cli("--config", str(config), "run")
+        assert done.returncode == tsmd.ExitCode.UNREACHABLE, done.stderr
+        status = json.loads(cli("--config", str(config), "status", "--format", "json").stdout)
+        assert {stage: run["outcome"] for stage, run in status["runs"].items()} == {
+            "run": "partial", "sync": "ok", "dht": "unreachable", "scrape": "ok",
+            "report": "ok", "prune": "ok"}
+        page = (tmp_path / "page.html").read_text()
+        assert "heard nothing from the network: the DHT numbers here are from earlier" in page
+    finally:
+        silent.close()
+
+
+def test_scrape_with_every_tracker_silent_stops_and_says_the_network_is_down(tmp_path):
+    silent = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    for sock in silent:
+        sock.bind(("127.0.0.1", 0))
+    try:
+        trackers = [f"udp://127.0.0.1:{sock.getsockname()[1]}/announce" for sock in silent]
+        db, _ = torrent_db(tmp_path, 50, trackers)
+        settings = scrape_settings(tmp_path, timeout=5, attempts=100)  # would take minutes
+        settings = tsmd.dataclasses.replace(settings, network=tsmd.dataclasses.replace(
+            settings.network, outage_after=2.0))
+        started = time.monotonic()
+        counts = run(tsmd.run_scrape, db, settings, settings.collections, tsmd.Reporter(-1),
+                     timeout=60)
+        assert time.monotonic() - started < 30
+        assert counts.outage == "no tracker answered in 2 s: network down?"
+        assert tsmd.scrape_judge(tsmd.Reporter(-1))(counts) == ("unreachable", 69)
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+def test_a_slow_answer_alone_in_flight_is_not_an_outage():
+    asked, heard = [10], [0]
+
+    async def scenario():
+        scope = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tsmd.watch_for_outage, lambda: asked[0], lambda: heard[0], 5.0,
+                               scope)
+            await trio.sleep(30)  # one request waits long; nothing else is asked
+            assert not scope.cancel_called
+            asked[0] += 2  # two more unanswered: still under OUTAGE_MIN_REQUESTS
+            await trio.sleep(30)
+            assert not scope.cancel_called
+            heard[0] += 1
+            await trio.sleep(2)
+            asked[0] += 3  # three unanswered in the next 5 s: an outage
+            await trio.sleep(5)
+            assert scope.cancel_called
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 def dht_survey_db(tmp_path, swarms, **dht):
     """A database whose one collection lists each infohash of `swarms` by itself, and settings
     for run_dht on loopback without rate limits (`dht` adds [dht] settings)."""

@@ -124,7 +124,8 @@ class ExitCode(enum.IntEnum):
     OK = 0
     PARTIAL = 1  # the run finished, but some items (pages, torrents) failed
     USAGE = 2  # bad command line or configuration
-    DATABASE = 3  # the database could not be opened or is newer than this program
+    DATABASE = 3  # the database could not be opened or written, or is newer than this program
+    UNREACHABLE = 69  # the network answered nothing: down, or firewalled (EX_UNAVAILABLE)
     BUSY = 75  # another tsmd is writing to this database (sysexits' EX_TEMPFAIL: try later)
     INTERRUPTED = 130  # Ctrl-C or SIGTERM; what was measured so far is committed
 
@@ -136,6 +137,7 @@ class TsmdError(Exception):
     """Root of every error tsmd reports as one line on stderr."""
 
     exit_code: ExitCode = ExitCode.PARTIAL
+    outcome: str = "failed"  # what the run of a stage that raised it is recorded as
 
 
 class ProtocolError(TsmdError):
@@ -156,6 +158,13 @@ class DatabaseError(TsmdError):
 
 class BusyError(TsmdError):
     exit_code = ExitCode.BUSY
+
+
+class NetworkDownError(TsmdError):
+    """Nothing on the network could even be reached (no bootstrap node resolved)."""
+
+    exit_code = ExitCode.UNREACHABLE
+    outcome = "unreachable"
 
 
 # ---- Data model ----
@@ -2036,6 +2045,7 @@ class Fetcher:
         self.allow_private = allow_private
         self.proxy = proxy
         self.requests = 0
+        self.responses = 0  # of any status: the server was reached
         self._client = HttpClient(allow_private=allow_private, proxy=proxy,
                                   connect_timeout=connect_timeout, read_timeout=timeout,
                                   resolve=resolve, address_allowed=address_allowed)
@@ -2108,9 +2118,11 @@ class Fetcher:
             headers.append(("If-Modified-Since", last_modified))
         self.requests += 1
         try:
-            return await self._client.get(url, headers, max_bytes)
+            response = await self._client.get(url, headers, max_bytes)
         except FetchError as exc:
             raise FetchError(f"{url}: {exc}") from None
+        self.responses += 1
+        return response
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -2372,6 +2384,7 @@ class DhtCounters:
     malformed_packets: int = 0  # not even KRPC: refused before anything read them
     nodes_cached: int = 0
     seconds: float = 0.0
+    outage: str | None = None  # why the stage stopped early: no node answered
 
     def summary(self) -> str:
         per_lookup = self.packets_sent / self.lookups if self.lookups else 0.0
@@ -3906,6 +3919,8 @@ class NetworkSettings:
     timeout: float = 30.0  # seconds without data before a read fails
     connect_timeout: float = 10.0
     user_agent: str = DEFAULT_USER_AGENT
+    # A DHT or scrape stage that sends requests this long and hears not one answer stops.
+    outage_after: float = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -3998,9 +4013,10 @@ class Settings:
 
 
 _DURATION_FIELDS: Final = {"timeout", "connect_timeout", "revalidate_after", "backoff",
-                            "max_backoff", "stall_timeout", "query_timeout", "samples", "nodes"}
+                            "max_backoff", "stall_timeout", "query_timeout", "samples", "nodes",
+                            "outage_after"}
 _POSITIVE_DURATION_FIELDS: Final = {"timeout", "connect_timeout", "stall_timeout",
-                                     "query_timeout"}
+                                     "query_timeout", "outage_after"}
 _SIZE_FIELDS: Final = {"max_index_bytes", "max_torrent_bytes"}
 
 
@@ -4578,6 +4594,35 @@ async def run_sync(db: sqlite3.Connection, settings: Settings,
     return counts
 
 
+# ---- Outage watch ----
+# A host with its network down (or UDP firewalled) would otherwise grind through every torrent:
+# two seconds a lookup, 55 hours for 100,000 torrents, holding the database lock all along.
+
+OUTAGE_MIN_REQUESTS: Final = 3  # requests that must go unanswered before silence means outage
+
+
+async def watch_for_outage(asked: Any, heard: Any, after: float,
+                           scope: trio.CancelScope) -> None:
+    """Cancel `scope` once `asked()` grew by OUTAGE_MIN_REQUESTS or more during `after`
+    seconds in which `heard()` did not grow at all. A slow answer to a request in flight
+    while nothing else is asked is not an outage."""
+    since, asked_then, heard_then = trio.current_time(), asked(), heard()
+    while True:
+        await trio.sleep(min(1.0, after / 4))
+        now = trio.current_time()
+        if heard() != heard_then:
+            since, asked_then, heard_then = now, asked(), heard()
+        elif now - since >= after and asked() - asked_then >= OUTAGE_MIN_REQUESTS:
+            scope.cancel()
+            return
+
+
+def outage_message(what: str, heard: int, after: float) -> str:
+    if heard:
+        return f"no {what} answered for {after:g} s, after {heard:,} answers: network down?"
+    return f"no {what} answered in {after:g} s: network down?"
+
+
 # ---- DHT stage ----
 
 
@@ -4709,8 +4754,8 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
     routers = await resolve_bootstrap(settings.dht.bootstrap if bootstrap is None else bootstrap,
                                       reporter)
     if not routers and len(cache) < DHT_K and plan:
-        raise TsmdError("dht: no bootstrap node resolved and the node cache is empty; "
-                        "check [dht].bootstrap or the network")
+        raise NetworkDownError("dht: no bootstrap node resolved and the node cache is empty; "
+                               "check [dht].bootstrap or the network")
     endpoint = UdpEndpoint.open(bind or settings.dht.bind, krpc_transaction_untrusted)
     survey = DhtSurvey(endpoint, cache, routers, options,
                        want_ipv6=endpoint.dual_stack and host_has_ipv6_route())
@@ -4742,16 +4787,24 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
                         f"dht {counters.peers:,} peers, "
                         f"{endpoint.counters.sent / elapsed:,.0f} pkt/s"))
 
+        lookups_scope = trio.CancelScope()
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(survey.serve)
+                nursery.start_soon(watch_for_outage, lambda: endpoint.counters.sent,
+                                   lambda: counters.replies + counters.krpc_errors,
+                                   settings.network.outage_after, lookups_scope)
                 async with trio.open_nursery() as writing:
                     writing.start_soon(_dht_writer, db, receive)
                     # The writer ends when the last clone of `send` closes with its lookup.
-                    async with send, trio.open_nursery() as lookups:
-                        for _ in range(min(options.concurrency, len(plan))):
-                            lookups.start_soon(lookup_worker, send.clone())
+                    with lookups_scope:
+                        async with send, trio.open_nursery() as lookups:
+                            for _ in range(min(options.concurrency, len(plan))):
+                                lookups.start_soon(lookup_worker, send.clone())
                 nursery.cancel_scope.cancel()  # stop receiving
+            if lookups_scope.cancel_called:
+                counters.outage = outage_message("DHT node", counters.replies,
+                                                 settings.network.outage_after)
         finally:
             counters.seconds = trio.current_time() - started
             endpoint.close()
@@ -4787,6 +4840,7 @@ class ScrapeRunCounts:
     dropped: int = 0  # late, unexpected or from the wrong address
     malformed: int = 0  # too short to be BEP 15: refused before anything read them
     seconds: float = 0.0  # the network phase: first request to last answer
+    outage: str | None = None  # why the stage stopped early: no tracker answered
 
     def summary(self) -> str:
         rate = f", {self.hashes_answered / self.seconds:,.0f} hashes/s" if self.seconds else ""
@@ -4938,14 +4992,26 @@ async def run_scrape(db: sqlite3.Connection, settings: Settings,
             tallies.append(tally)
             progress.update(task, advance=tally.hashes_asked - tally.hashes_answered)
 
+        def heard() -> int:
+            udp = endpoint.counters
+            return udp.received - udp.dropped_unmatched - udp.dropped_invalid + fetcher.responses
+
         phase_started = trio.current_time()
+        trackers_scope = trio.CancelScope()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(endpoint.receive_forever)
-                async with trio.open_nursery() as trackers:
-                    for url, hashes in plan.hashes_by_tracker.items():
-                        trackers.start_soon(one_tracker, url, hashes)
+                nursery.start_soon(watch_for_outage,
+                                   lambda: endpoint.counters.sent + fetcher.requests, heard,
+                                   settings.network.outage_after, trackers_scope)
+                with trackers_scope:
+                    async with trio.open_nursery() as trackers:
+                        for url, hashes in plan.hashes_by_tracker.items():
+                            trackers.start_soon(one_tracker, url, hashes)
                 nursery.cancel_scope.cancel()
+            if trackers_scope.cancel_called:
+                counts.outage = outage_message("tracker", heard(),
+                                               settings.network.outage_after)
         finally:
             # Also on Ctrl-C or SIGTERM: every sample measured so far, and the health of every
             # tracker that finished, is committed.
@@ -5630,6 +5696,7 @@ HTML_PAGE: Final = """<!DOCTYPE html>
 <style>
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.4em}table{border-collapse:collapse}
+.note{background:#fdf1c7;padding:.4em .6em;border-left:4px solid #c90}
 td,th{padding:.2em .5em;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}
 td.t,th.t{text-align:left;white-space:normal;max-width:40em;overflow-wrap:anywhere}
 th{cursor:pointer;background:#f4f4f4;position:sticky;top:0}
@@ -5641,7 +5708,7 @@ th{cursor:pointer;background:#f4f4f4;position:sticky;top:0}
 <h1>Which torrents need seeders</h1>
 <p>Generated __GENERATED__ by tsmd __VERSION__. Seeders are the maximum over each torrent's trackers;
 bands: red &lt; 4 seeders, yellow 4&ndash;10, green &gt; 10, grey not measured. Neediest first.</p>
-<h2>Collections</h2>
+__NOTES__<h2>Collections</h2>
 __SUMMARY__
 <h2>Torrents</h2>
 <div id="controls"><input id="q" type="search" placeholder="filter by name or collection">
@@ -5764,9 +5831,10 @@ def _json_for_script(value: Any) -> str:
 
 
 def render_html(rows: Sequence[ReportRow], trends: dict[str, str] | None = None,
-                generated: float | None = None) -> str:
+                generated: float | None = None, notes: Sequence[str] = ()) -> str:
     """One self-contained page for volunteers: per-collection summary, bands, and a table of
-    every torrent that sorts and filters in the page (500 rows drawn at a time)."""
+    every torrent that sorts and filters in the page (500 rows drawn at a time). `notes` are
+    warnings shown above it all."""
     trends = trends or {}
     summary = ["<table><tr><th class=\"t\">collection</th><th>torrents</th><th>size</th>"
                + "".join(f"<th class=\"{band.value}\">{band.value}</th>" for band in Band)
@@ -5795,9 +5863,25 @@ def render_html(rows: Sequence[ReportRow], trends: dict[str, str] | None = None,
             trends.get(row.infohash, "")])
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(generated or time.time()))
     return (HTML_PAGE.replace("__SUMMARY__", "\n".join(summary))
+            .replace("__NOTES__", "".join(f'<p class="note">{html.escape(note)}</p>\n'
+                                          for note in notes))
             .replace("__GENERATED__", stamp).replace("__VERSION__", __version__)
             .replace("__DATA__", _json_for_script([int((generated or time.time()) // DAY),
                                                    list(tracker_lists), data])))
+
+
+def stale_measurements(db: sqlite3.Connection) -> list[str]:
+    """A sentence for each measuring stage whose last run found the network unreachable: its
+    numbers in the reports are those of earlier runs."""
+    notes = []
+    for stage, what in (("dht", "DHT"), ("scrape", "tracker")):
+        last = db.execute("SELECT started, outcome FROM runs WHERE stage = ? AND outcome NOT IN "
+                          "('running', 'interrupted') ORDER BY id DESC LIMIT 1", (stage,)).fetchone()
+        if last is not None and last[1] == "unreachable":
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(last[0]))
+            notes.append(f"The last {stage} run ({when}) heard nothing from the network: the "
+                         f"{what} numbers here are from earlier runs.")
+    return notes
 
 
 def load_trends(db: sqlite3.Connection) -> dict[str, str]:
@@ -5817,7 +5901,7 @@ def render_report(db: sqlite3.Connection, rows: Sequence[ReportRow], report_form
     """`rows` in any format but the terminal table, as pieces of text to write in order: the
     big formats are never all in memory at once."""
     if report_format == "html":
-        return (render_html(rows, load_trends(db)),)
+        return (render_html(rows, load_trends(db), notes=stale_measurements(db)),)
     if report_format == "prometheus":
         return (render_prometheus(rows, per_torrent),)
     return REPORT_CHUNKS[report_format](rows)
@@ -6192,7 +6276,7 @@ def execute_stage(db: sqlite3.Connection, settings: Settings, reporter: Reporter
         counts = result if result is not None else no_counts
         outcome, code = ("interrupted", ExitCode.INTERRUPTED) if interrupted else judge(counts)
     except TsmdError as exc:
-        error = str(exc)
+        error, outcome = str(exc), exc.outcome
         raise
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
@@ -6243,16 +6327,21 @@ def judge_sync(counts: SyncCounts) -> tuple[str, ExitCode]:
     return ("partial", ExitCode.PARTIAL) if counts.failed else ("ok", ExitCode.OK)
 
 
-def judge_dht(counts: DhtCounters) -> tuple[str, ExitCode]:
-    return "ok", ExitCode.OK
+def dht_judge(reporter: Reporter) -> Any:
+    def judge(counts: DhtCounters) -> tuple[str, ExitCode]:
+        if counts.outage:
+            reporter.problem(f"dht: {counts.outage}")
+            return "unreachable", ExitCode.UNREACHABLE
+        return "ok", ExitCode.OK
+    return judge
 
 
 def scrape_judge(reporter: Reporter) -> Any:
     def judge(counts: ScrapeRunCounts) -> tuple[str, ExitCode]:
         # Dead trackers are everyday life; a run in which no tracker answered at all is not.
-        if counts.trackers and not counts.hashes_answered:
-            reporter.problem("no tracker answered: is the network down?")
-            return "failed", ExitCode.PARTIAL
+        if counts.outage or counts.trackers and not counts.hashes_answered:
+            reporter.problem(f"scrape: {counts.outage or 'no tracker answered: network down?'}")
+            return "unreachable", ExitCode.UNREACHABLE
         return ("partial" if counts.trackers_failed else "ok"), ExitCode.OK
     return judge
 
@@ -6299,7 +6388,8 @@ def dht(
         chosen = select_collections(settings, collection or [])
     except TsmdError as exc:
         raise _fail(str(exc), exc.exit_code) from None
-    run_stage_command(settings, reporter, "dht", run_dht, DhtCounters(), judge_dht, wait=wait,
+    run_stage_command(settings, reporter, "dht", run_dht, DhtCounters(), dht_judge(reporter),
+                      wait=wait,
                       with_run_id=True, collections=chosen,
                       infohashes=hashes, stale_after=stale,
                       options=dht_options(settings, concurrency, rate), bootstrap=bootstrap,
@@ -6428,8 +6518,9 @@ def run_command(
     and the [retention] clean-up. A stage that fails does not stop the next ones.
 
     Exit codes: 0 all went well; 1 some items or a stage failed (the rest was done); 2 usage
-    or configuration; 3 database; 75 another tsmd is writing to the database (try later, or
-    --wait); 130 interrupted (what was measured is kept).
+    or configuration; 3 database; 69 the network answered nothing (the other stages were
+    done); 75 another tsmd is writing to the database (try later, or --wait); 130
+    interrupted (what was measured is kept).
 
     Example (crontab): 17 3 * * * tsmd --config /etc/tsmd.toml -q run
     """
@@ -6438,7 +6529,7 @@ def run_command(
     stages = [
         ("sync", run_sync, SyncCounts(len(chosen)), judge_sync, {
             "collections": chosen}),
-        ("dht", run_dht, DhtCounters(), judge_dht, {
+        ("dht", run_dht, DhtCounters(), dht_judge(reporter), {
             "collections": chosen, "with_run_id": True}),
         ("scrape", run_scrape, ScrapeRunCounts(), scrape_judge(reporter), {
             "collections": chosen, "with_run_id": True}),
@@ -6459,7 +6550,7 @@ def run_command(
                     raise
                 except TsmdError as exc:  # recorded as that stage's failure; go on
                     reporter.problem(f"{stage}: {exc}")
-                    code = ExitCode.PARTIAL
+                    code = exc.exit_code
                 worst = max(worst, code)
                 if code == ExitCode.INTERRUPTED:
                     break
