@@ -2210,6 +2210,9 @@ class RecordingEndpoint:
     def can_reach(self, host):
         return True
 
+    def is_own_address(self, host, port):
+        return False  # its nodes are all elsewhere
+
     def send_nowait(self, data, host, port):
         if self.full:
             self.full -= 1
@@ -2557,7 +2560,7 @@ class FakeDhtNetwork:
                 assert query[b"ro"] == 1 and query[b"q"] == b"get_peers"
             except Exception:
                 continue
-            for reply, via in self.answer(n, query, behaviour, sock, other):
+            for reply, via in self.answer(n, query, behaviour, sock, other, address):
                 delay = self.delay[n]
                 if query[b"a"].get(b"scrape") != 1:
                     delay += self.values_delay
@@ -2566,7 +2569,7 @@ class FakeDhtNetwork:
                 else:
                     await via.sendto(reply, address)
 
-    def answer(self, n: int, query: dict, behaviour: str | None, sock, other):
+    def answer(self, n: int, query: dict, behaviour: str | None, sock, other, querier=None):
         arguments = query[b"a"]
         infohash = arguments[b"info_hash"]
         if behaviour == "router":
@@ -2608,6 +2611,10 @@ class FakeDhtNetwork:
             return [(bencoder.bencode(reply), sock)]
         if behaviour == "wrong-address":
             return [(bencoder.bencode(reply), other)]
+        if behaviour == "self":  # names the querier itself among the closest nodes
+            body[b"nodes"] = tsmd.encode_compact_node(tsmd.DhtNode(
+                hashlib.sha1(b"me").digest(), *querier)) + body[b"nodes"]
+            return [(bencoder.bencode(reply), sock)]
         if behaviour == "flood":
             junk = {b"t": os.urandom(4), b"y": b"r", b"r": body}
             return [(bencoder.bencode(junk), sock)] * 20 + [(bencoder.bencode(reply), sock)] * 3
@@ -2700,6 +2707,33 @@ def test_dht_lookups_find_every_peer_and_survive_hostile_nodes():
     assert counters.timeouts > 0 and counters.bogons_skipped > 0 and counters.krpc_errors > 0
     assert udp.dropped_unmatched > 0 and udp.dropped_invalid > 0 and udp.send_errors == 0
     assert all(count <= 3 * len(swarms) for count in network.queries)  # no node hammered
+
+
+def test_dht_never_queries_its_own_address(monkeypatch):
+    swarms = dht_swarms(30, salt="self")
+    network = FakeDhtNetwork(80, swarms, hostile={n: "self" for n in range(0, 80, 3)})
+    sent_to: set[tuple[str, int]] = set()
+    own: set[tuple[str, int]] = set()
+    original = tsmd.UdpEndpoint.send_nowait
+
+    def recording(endpoint, data, host, port):
+        sent_to.add((host, port))
+        own.add(endpoint.sock.getsockname()[:2])
+        return original(endpoint, data, host, port)
+
+    monkeypatch.setattr(tsmd.UdpEndpoint, "send_nowait", recording)
+    results, survey, udp = survey_fake_network(network, swarms)
+    for infohash, peers in swarms.items():
+        assert results[infohash].peers == {(h, p) for h, p, _ in peers}
+    assert len(own) == 1 and not own & sent_to
+    assert survey.counters.bogons_skipped > 0
+    wildcard = tsmd.UdpEndpoint.open("0.0.0.0:0", tsmd.krpc_transaction_untrusted)
+    try:
+        assert wildcard.is_own_address("127.0.0.1", wildcard.port)
+        assert wildcard.is_own_address("127.9.9.9", wildcard.port)
+        assert not wildcard.is_own_address("127.0.0.1", wildcard.port + 1)
+    finally:
+        wildcard.close()
 
 
 def test_dht_bep33_filters_and_values_follow_up_like_libtorrent():

@@ -1607,6 +1607,12 @@ class UdpEndpoint:
         """`parse_untrusted(data) -> (transaction key, parsed reply)` may raise ProtocolError."""
         self.sock = sock
         self.dual_stack = sock.family == socket.AF_INET6
+        bound, self.port = sock.getsockname()[:2]
+        bound = _plain_address(bound)
+        # The addresses this socket answers on: where a reply naming them would send us our
+        # own packets (a wildcard socket answers on every address of the host, loopback too).
+        self.wildcard = bound in ("0.0.0.0", "::")
+        self.own_hosts = {bound} | (host_addresses() if self.wildcard else set())
         self._parse = parse_untrusted
         # (key, host, port) of each reply expected -> what it is handed to, once.
         self._pending: dict[tuple[Any, str, int], Any] = {}
@@ -1649,6 +1655,14 @@ class UdpEndpoint:
 
     def can_reach(self, host: str) -> bool:
         return self.dual_stack or ":" not in host
+
+    def is_own_address(self, host: str, port: int) -> bool:
+        """Whether host:port is this very socket."""
+        if port != self.port:
+            return False
+        host = _plain_address(host)
+        return host in self.own_hosts or self.wildcard and (host.startswith("127.")
+                                                           or host == "::1")
 
     def send_nowait(self, data: bytes, host: str, port: int) -> bool | None:
         """True: sent. False: refused (counted). None: the socket's buffer is full; retry after
@@ -1732,6 +1746,18 @@ class UdpEndpoint:
                     counters.dropped_unmatched += 1
                 else:
                     handler(parsed)
+
+
+def host_addresses() -> set[str]:
+    """This host's own addresses on its default IPv4 and IPv6 routes, learnt without sending
+    anything: a connect() on UDP only consults the routing table. (Resolving the host's name
+    would find more, but can hang for seconds where DNS is down.)"""
+    found = set()
+    for family, public in ((socket.AF_INET, "8.8.8.8"), (socket.AF_INET6, "2001:4860:4860::8888")):
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((public, 53))
+            found.add(_plain_address(probe.getsockname()[0]))
+    return found
 
 
 def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
@@ -2696,6 +2722,8 @@ class DhtSurvey:
 
     def usable(self, host: str, port: int) -> bool:
         if _bogus_destination(host, port, self.options.allow_private):
+            return False
+        if self.endpoint.is_own_address(host, port):  # a reply may name us
             return False
         return self.endpoint.can_reach(host) and (self.want_ipv6 or ":" not in host)
 
