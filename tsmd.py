@@ -148,6 +148,10 @@ class FetchError(TsmdError):
     """A URL could not be fetched: refused by policy, network failure, HTTP error, too large."""
 
 
+class NoSuchHost(FetchError):
+    """DNS answered that the name does not exist: the name is dead, not the network."""
+
+
 class ConfigError(TsmdError):
     exit_code = ExitCode.USAGE
 
@@ -158,6 +162,14 @@ class DatabaseError(TsmdError):
 
 class BusyError(TsmdError):
     exit_code = ExitCode.BUSY
+
+
+def _leaf_exceptions(error: BaseException) -> list[BaseException]:
+    """The exceptions inside (possibly nested) exception groups, which trio raises."""
+    nested = getattr(error, "exceptions", None)
+    if nested is None or not isinstance(error, BaseExceptionGroup):
+        return [error]
+    return [leaf for inner in nested for leaf in _leaf_exceptions(inner)]
 
 
 class NetworkDownError(TsmdError):
@@ -825,7 +837,7 @@ def decode_magnet_untrusted(uri: str) -> Metainfo:
         size_bytes=size if size is not None and size <= MAX_TORRENT_BYTES else None,
         file_count=None, piece_length=None, created_unix=None, created_by=None, comment=None,
         trackers=tuple(trackers.values()), has_metainfo=False,
-        trackers_skipped=max(0, len(listed) - MAX_ANNOUNCE_URLS),
+        trackers_skipped=len(set(listed[MAX_ANNOUNCE_URLS:]) - set(listed[:MAX_ANNOUNCE_URLS])),
     )
 
 
@@ -1520,6 +1532,7 @@ class UdpCounters:
     receive_errors: int = 0
     dropped_unmatched: int = 0  # late, unknown or spoofed (wrong source address) replies
     dropped_invalid: int = 0  # replies whose transaction id could not even be read
+    dns_answers: int = 0  # host names resolved, or found not to exist, for this endpoint
 
 
 class TokenBucket:
@@ -1608,11 +1621,8 @@ class UdpEndpoint:
         self.sock = sock
         self.dual_stack = sock.family == socket.AF_INET6
         bound, self.port = sock.getsockname()[:2]
-        bound = _plain_address(bound)
-        # The addresses this socket answers on: where a reply naming them would send us our
-        # own packets (a wildcard socket answers on every address of the host, loopback too).
-        self.wildcard = bound in ("0.0.0.0", "::")
-        self.own_hosts = {bound} | (host_addresses() if self.wildcard else set())
+        self._bound = _plain_address(bound)
+        self._own_hosts: set[str] | None = None  # see is_own_address
         self._parse = parse_untrusted
         # (key, host, port) of each reply expected -> what it is handed to, once.
         self._pending: dict[tuple[Any, str, int], Any] = {}
@@ -1657,12 +1667,17 @@ class UdpEndpoint:
         return self.dual_stack or ":" not in host
 
     def is_own_address(self, host: str, port: int) -> bool:
-        """Whether host:port is this very socket."""
+        """Whether host:port is this very socket: where a reply naming it would send us our own
+        packets. A wildcard socket answers on every address of the host, the loopback range
+        too. (Behind a NAT that keeps ports, our public address would be one as well; it is
+        not known here.)"""
         if port != self.port:
             return False
+        wildcard = self._bound in ("0.0.0.0", "::")
+        if self._own_hosts is None:  # learnt on first need: the scrape stage never needs it
+            self._own_hosts = {self._bound} | (host_addresses() if wildcard else set())
         host = _plain_address(host)
-        return host in self.own_hosts or self.wildcard and (host.startswith("127.")
-                                                           or host == "::1")
+        return host in self._own_hosts or wildcard and (host.startswith("127.") or host == "::1")
 
     def send_nowait(self, data: bytes, host: str, port: int) -> bool | None:
         """True: sent. False: refused (counted). None: the socket's buffer is full; retry after
@@ -1801,14 +1816,20 @@ class FetchResult:
     content_type: str
 
 
+# getaddrinfo's answers that the name does not exist (as opposed to no DNS server answering).
+_NO_SUCH_NAME: Final = frozenset(getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA")
+                                 if hasattr(socket, name))
+
+
 async def resolve_addresses(host: str, port: int) -> list[str]:
     """The distinct addresses of `host`, as text. A name that does not resolve, or cannot even
-    be encoded for DNS, is a FetchError naming it."""
+    be encoded for DNS, is a FetchError naming it; NoSuchHost when DNS said it does not exist."""
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
     except (OSError, UnicodeError, ValueError) as exc:
-        raise FetchError(f"cannot resolve {host[:80]}: {getattr(exc, 'strerror', None) or exc}"
-                         ) from None
+        error = NoSuchHost if getattr(exc, "errno", None) in _NO_SUCH_NAME else FetchError
+        raise error(f"cannot resolve {host[:80]}: {getattr(exc, 'strerror', None) or exc}"
+                    ) from None
     return list(dict.fromkeys(_plain_address(info[4][0]) for info in infos))
 
 
@@ -1822,9 +1843,10 @@ class _HttpConnection:
 
 HTTP_KEEPALIVE_SECONDS: Final = 5.0  # idle connections older than this are closed, not reused
 HTTP_IDLE_PER_ORIGIN: Final = 8
-# Each piece of a chunked body counts this many bytes more against twice the size cap: a server
-# sending 1-byte chunks must not keep a download busy (and its parser's objects alive) for long.
-HTTP_CHUNK_COST: Final = 64
+# Each piece of a body, as h11 hands it over (a chunk of a chunked body, or what one read
+# brought), counts this many bytes more against twice the size cap: a server sending one byte
+# at a time must not keep a download busy (and its parser's objects alive) for long.
+HTTP_PIECE_COST: Final = 64
 
 
 _URL_KEEP: Final = "/%:@!$&'()*+,;=?~-._"  # characters a request target may carry as they are
@@ -1877,6 +1899,9 @@ class HttpClient:
         self.read_timeout = read_timeout
         self._resolve = resolve or resolve_addresses
         self._address_allowed = address_allowed or is_global_address
+        # Answers from the network of any kind (a DNS answer, a TCP connection made or refused,
+        # an HTTP response): a stage in which nothing answered at all found the network down.
+        self.heard = 0
         self._idle: dict[tuple[str, str, int], list[_HttpConnection]] = {}
         self._ssl_context: Any = None
 
@@ -1903,7 +1928,12 @@ class HttpClient:
         return None
 
     async def _open_tcp(self, host: str, port: int, check: bool) -> trio.SocketStream:
-        addresses = await self._resolve(host, port)
+        try:
+            addresses = await self._resolve(host, port)
+        except NoSuchHost:
+            self.heard += 1
+            raise
+        self.heard += ip_literal_address(host) is None  # a DNS answer, not a literal's echo
         if not addresses:
             raise FetchError(f"{host} has no address")
         if check and not self.allow_private:
@@ -1925,7 +1955,10 @@ class HttpClient:
                 continue
             except OSError as exc:
                 last_error = exc
+                self.heard += any(isinstance(leaf, ConnectionRefusedError)
+                                  for leaf in _leaf_exceptions(exc.__cause__ or exc))
                 continue
+            self.heard += 1
             stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
             return stream
         raise FetchError(f"cannot connect to {host} port {port}: "
@@ -2003,8 +2036,8 @@ class HttpClient:
                 pieces += 1
                 if len(body) > max_bytes:
                     raise FetchError(f"more than {max_bytes:,} bytes, over the limit")
-                if len(body) + pieces * HTTP_CHUNK_COST > 2 * max_bytes:
-                    raise FetchError(f"{len(body):,} bytes in {pieces:,} chunks, over the limit")
+                if len(body) + pieces * HTTP_PIECE_COST > 2 * max_bytes:
+                    raise FetchError(f"{len(body):,} bytes in {pieces:,} pieces, over the limit")
             elif isinstance(event, h11.EndOfMessage):
                 return status, headers, bytes(body)
             elif isinstance(event, h11.ConnectionClosed):
@@ -2071,7 +2104,6 @@ class Fetcher:
         self.allow_private = allow_private
         self.proxy = proxy
         self.requests = 0
-        self.responses = 0  # of any status: the server was reached
         self._client = HttpClient(allow_private=allow_private, proxy=proxy,
                                   connect_timeout=connect_timeout, read_timeout=timeout,
                                   resolve=resolve, address_allowed=address_allowed)
@@ -2146,9 +2178,14 @@ class Fetcher:
         try:
             response = await self._client.get(url, headers, max_bytes)
         except FetchError as exc:
-            raise FetchError(f"{url}: {exc}") from None
-        self.responses += 1
+            raise type(exc)(f"{url}: {exc}") from None
+        self._client.heard += 1
         return response
+
+    @property
+    def heard(self) -> int:
+        """Answers of any kind from the network so far (HttpClient.heard)."""
+        return self._client.heard
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -3053,7 +3090,11 @@ async def _resolve_tracker(host: str, port: int, endpoint: UdpEndpoint | None,
     try:
         addresses = await resolve_addresses(host, port)
     except FetchError as exc:
+        if isinstance(exc, NoSuchHost) and endpoint is not None:
+            endpoint.counters.dns_answers += 1
         raise TrackerDead(str(exc)) from None
+    if endpoint is not None and ip_literal_address(host) is None:  # DNS answered, not a literal
+        endpoint.counters.dns_answers += 1
     usable = [a for a in addresses if (allow_private or is_global_address(a))
               and (endpoint is None or endpoint.can_reach(a))]
     if not usable:
@@ -3479,6 +3520,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 MIGRATION_FILLS: Final = {3: lambda db: fill_magnets(db)}
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
+SQLITE_MAX_PARAMETERS: Final = 999  # host parameters in one statement (SQLite before 3.32)
 
 
 def open_database(path: Path) -> sqlite3.Connection:
@@ -3673,8 +3715,10 @@ class DatabaseLock:
                 if _lock_file(handle, wait=False):
                     return None  # closing the handle lets go at once
                 return handle.read(200).strip() or "another tsmd"
-        except OSError:
+        except FileNotFoundError:
             return None  # no lock file: nobody ever held it
+        except OSError as exc:  # cannot tell: perhaps someone
+            return f"unknown (lock file {self.path}: {exc.strerror or exc})"
 
     def release(self) -> None:
         if self._handle is not None:
@@ -3775,38 +3819,37 @@ def upsert_collection(db: sqlite3.Connection, name: str, url: str, kind: str, en
 @dataclass(slots=True)
 class TrackerLimits:
     """The bounds a sync puts on trackers ([sync] max_trackers_per_torrent, max_new_trackers),
-    and how many trackers they left out."""
+    and what they left out."""
 
     per_torrent: int
     new_left: int  # trackers this sync may still add to the database
     ignored: int = 0
+    # Torrents that lost trackers to `new_left`: their .torrent is read again next sync.
+    short_of_budget: set[int] = field(default_factory=set)
 
 
-def _bounded_trackers(db: sqlite3.Connection, torrent_id: int, trackers: Sequence[Tracker],
-                      limits: TrackerLimits) -> list[Tracker]:
-    """Of `trackers`, in order: the ones the torrent has already, then others while it has
-    fewer than the limit and the sync may add new ones to the database."""
-    linked = {url for (url,) in db.execute(
-        "SELECT r.url FROM torrent_trackers l JOIN trackers r ON r.id = l.tracker_id "
-        "WHERE l.torrent_id = ?", (torrent_id,))}
-    known = set()
-    for start in range(0, len(trackers), 500):  # SQLite's limit on host parameters
-        urls = [t.url for t in trackers[start:start + 500]]
-        known.update(url for (url,) in db.execute(
-            f"SELECT url FROM trackers WHERE url IN ({','.join('?' * len(urls))})", urls))
-    kept: list[Tracker] = []
-    room = limits.per_torrent - len(linked)
-    for tracker in trackers:
-        if tracker.url in linked:
-            kept.append(tracker)
-        elif room > 0 and (tracker.url in known or limits.new_left > 0):
-            kept.append(tracker)
-            room -= 1
-            if tracker.url not in known:
-                known.add(tracker.url)
-                limits.new_left -= 1
-        else:
-            limits.ignored += 1
+def _within_limits(db: sqlite3.Connection, torrent_id: int, trackers: Sequence[Tracker],
+                   linked: int, limits: TrackerLimits) -> list[Tracker]:
+    """The first of `trackers` (none linked to the torrent yet) that fit beside the `linked`
+    ones and within what the sync may still add to the database; the rest are counted."""
+    room = max(0, limits.per_torrent - linked)
+    kept = list(trackers[:room])
+    limits.ignored += len(trackers) - len(kept)
+    if len(kept) > limits.new_left:  # only then does it matter which are new
+        known: set[str] = set()
+        for start in range(0, len(kept), SQLITE_MAX_PARAMETERS):
+            urls = [t.url for t in kept[start:start + SQLITE_MAX_PARAMETERS]]
+            known.update(url for (url,) in db.execute(
+                f"SELECT url FROM trackers WHERE url IN ({','.join('?' * len(urls))})", urls))
+        budget, fitting = limits.new_left, []
+        for tracker in kept:
+            if tracker.url in known or budget > 0:
+                budget -= tracker.url not in known
+                fitting.append(tracker)
+        if len(fitting) < len(kept):
+            limits.ignored += len(kept) - len(fitting)
+            limits.short_of_budget.add(torrent_id)
+        kept = fitting
     return kept
 
 
@@ -3838,22 +3881,30 @@ def upsert_torrent(db: sqlite3.Connection, meta: Metainfo, now: int,
          meta.piece_length, meta.created_unix, meta.created_by, meta.comment,
          int(meta.has_metainfo), now, now)).fetchone()
     torrent_id = int(row[0])
+    linked: dict[str, tuple[int, int]] = {}  # url -> (tier, position) of the torrent's trackers
     if meta.has_metainfo:  # a (changed) .torrent file's tracker list replaces the old one
         db.execute("DELETE FROM torrent_trackers WHERE torrent_id = ?", (torrent_id,))
-    trackers = meta.trackers
+    elif meta.trackers:  # a magnet's trackers come after those the torrent has
+        linked = {url: (tier, position) for url, tier, position in db.execute(
+            "SELECT r.url, l.tier, l.position FROM torrent_trackers l "
+            "JOIN trackers r ON r.id = l.tracker_id WHERE l.torrent_id = ?", (torrent_id,))}
+    trackers = [t for t in meta.trackers if t.url not in linked]
     if limits is not None:
         limits.ignored += meta.trackers_skipped
-        if trackers:
-            trackers = _bounded_trackers(db, torrent_id, trackers, limits)
+        trackers = _within_limits(db, torrent_id, trackers, len(linked), limits)
     if trackers:
+        before = db.total_changes
         db.executemany("INSERT INTO trackers (url) VALUES (?) ON CONFLICT(url) DO NOTHING",
                        [(t.url,) for t in trackers])
+        if limits is not None:
+            limits.new_left -= db.total_changes - before
+        first_tier = max((tier for tier, _ in linked.values()), default=-1) + 1
+        first_position = max((position for _, position in linked.values()), default=-1) + 1
         db.executemany(
             "INSERT INTO torrent_trackers (torrent_id, tracker_id, tier, position) "
-            "SELECT ?, id, ?, ? FROM trackers WHERE url = ? "
-            "ON CONFLICT(torrent_id, tracker_id) DO UPDATE SET tier = excluded.tier, "
-            "position = excluded.position",
-            [(torrent_id, t.tier, position, t.url) for position, t in enumerate(trackers)])
+            "SELECT ?, id, ?, ? FROM trackers WHERE url = ?",
+            [(torrent_id, first_tier + t.tier, first_position + position, t.url)
+             for position, t in enumerate(trackers)])
     fill_magnets(db, torrent_id)  # when the name or the trackers changed
     return torrent_id
 
@@ -4384,6 +4435,10 @@ def _write_sync_outcomes(db: sqlite3.Connection, outcomes: list[SyncOutcome | Co
                 "validated = excluded.validated, last_error = NULL, removed = NULL",
                 (outcome.collection_id, entry.source, torrent_id, entry.file_name, now, now,
                  outcome.etag, outcome.last_modified, validated))
+            if torrent_id in limits.short_of_budget:  # read it again next sync, in full
+                db.execute("UPDATE memberships SET etag = NULL, last_modified = NULL, "
+                           "validated = NULL WHERE collection_id = ? AND source = ?",
+                           (outcome.collection_id, entry.source))
 
 
 def _finish_collection(db: sqlite3.Connection, done: CollectionSynced) -> None:
@@ -4629,7 +4684,7 @@ async def run_sync(db: sqlite3.Connection, settings: Settings,
 OUTAGE_MIN_REQUESTS: Final = 3  # requests that must go unanswered before silence means outage
 
 
-async def watch_for_outage(asked: Any, heard: Any, after: float,
+async def watch_for_outage(asked: Callable[[], int], heard: Callable[[], int], after: float,
                            scope: trio.CancelScope) -> None:
     """Cancel `scope` once `asked()` grew by OUTAGE_MIN_REQUESTS or more during `after`
     seconds in which `heard()` did not grow at all. A slow answer to a request in flight
@@ -4816,11 +4871,15 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
                         f"{endpoint.counters.sent / elapsed:,.0f} pkt/s"))
 
         lookups_scope = trio.CancelScope()
+        udp = endpoint.counters
+
+        def heard() -> int:
+            return counters.replies + counters.krpc_errors
+
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(survey.serve)
-                nursery.start_soon(watch_for_outage, lambda: endpoint.counters.sent,
-                                   lambda: counters.replies + counters.krpc_errors,
+                nursery.start_soon(watch_for_outage, lambda: udp.sent + udp.send_errors, heard,
                                    settings.network.outage_after, lookups_scope)
                 async with trio.open_nursery() as writing:
                     writing.start_soon(_dht_writer, db, receive)
@@ -4830,15 +4889,18 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
                             for _ in range(min(options.concurrency, len(plan))):
                                 lookups.start_soon(lookup_worker, send.clone())
                 nursery.cancel_scope.cancel()  # stop receiving
-            if lookups_scope.cancel_called:
-                counters.outage = outage_message("DHT node", counters.replies,
+            if lookups_scope.cancelled_caught:
+                counters.outage = outage_message("DHT node", heard(),
                                                  settings.network.outage_after)
+            elif counters.lookups and not heard():  # (a network with no route fails sends)
+                counters.outage = "no DHT node answered: network down?"
         finally:
             counters.seconds = trio.current_time() - started
             endpoint.close()
-            save_node_cache(db, cache, time.time(), heard_anything=counters.replies > 0)
+            # Nodes that fell silent while the network was down are not to blame.
+            save_node_cache(db, cache, time.time(),
+                            heard_anything=counters.replies > 0 and counters.outage is None)
             counters.nodes_cached = len(cache)
-            udp = endpoint.counters
             counters.packets_sent, counters.packets_received = udp.sent, udp.received
             counters.send_errors = udp.send_errors
             counters.dropped_replies = udp.dropped_unmatched
@@ -5020,26 +5082,14 @@ async def run_scrape(db: sqlite3.Connection, settings: Settings,
             tallies.append(tally)
             progress.update(task, advance=tally.hashes_asked - tally.hashes_answered)
 
-        def heard() -> int:
-            udp = endpoint.counters
-            return udp.received - udp.dropped_unmatched - udp.dropped_invalid + fetcher.responses
-
         phase_started = trio.current_time()
-        trackers_scope = trio.CancelScope()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(endpoint.receive_forever)
-                nursery.start_soon(watch_for_outage,
-                                   lambda: endpoint.counters.sent + fetcher.requests, heard,
-                                   settings.network.outage_after, trackers_scope)
-                with trackers_scope:
-                    async with trio.open_nursery() as trackers:
-                        for url, hashes in plan.hashes_by_tracker.items():
-                            trackers.start_soon(one_tracker, url, hashes)
+                async with trio.open_nursery() as trackers:
+                    for url, hashes in plan.hashes_by_tracker.items():
+                        trackers.start_soon(one_tracker, url, hashes)
                 nursery.cancel_scope.cancel()
-            if trackers_scope.cancel_called:
-                counts.outage = outage_message("tracker", heard(),
-                                               settings.network.outage_after)
         finally:
             # Also on Ctrl-C or SIGTERM: every sample measured so far, and the health of every
             # tracker that finished, is committed.
@@ -5049,9 +5099,16 @@ async def run_scrape(db: sqlite3.Connection, settings: Settings,
                 await fetcher.aclose()
             if rows:
                 _write_tracker_samples(db, rows)
+            # Dead trackers are everyday life, and the stage is bounded by attempts x timeout
+            # anyway. But when not one datagram, DNS answer, connection or response came back
+            # from any of them, the network was down: no tracker is blamed for that.
+            udp = endpoint.counters
+            if tallies and not udp.received + udp.dns_answers + fetcher.heard:
+                counts.outage = "no tracker answered, nor anything else on the network: " \
+                                "network down?"
             finished = int(time.time())
             with Transaction(db):
-                for tally in tallies:
+                for tally in tallies if counts.outage is None else ():
                     record_tracker_health(db, settings, plan.tracker_ids[tally.url], tally,
                                           finished)
             for tally in tallies:
@@ -6094,7 +6151,7 @@ class _TsmdTyper(typer.Typer):
             return super().__call__(*args, **kwargs)
         except sqlite3.Error as exc:
             where = f" {_database_in_use}" if _database_in_use else ""
-            _fail(f"database{where}: {exc}", ExitCode.DATABASE)
+            _say_error(f"database{where}: {exc}")
             sys.exit(int(ExitCode.DATABASE))
 
 
@@ -6139,9 +6196,14 @@ def main(
     ctx.obj = CliState(config=config, db=db, verbosity=-1 if quiet else verbose)
 
 
-def _fail(message: str, code: ExitCode) -> typer.Exit:
+def _say_error(message: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(
         f"tsmd: {message}", markup=False, style="bold red")
+
+
+def _fail(message: str, code: ExitCode) -> typer.Exit:
+    """Say `message`; the Exit to raise with `code`."""
+    _say_error(message)
     return typer.Exit(int(code))
 
 
@@ -6169,14 +6231,6 @@ def _report_rows(db: sqlite3.Connection, settings: Settings,
         return load_report_rows(db, collections)
     except sqlite3.Error as exc:  # a damaged file: said, not a traceback
         raise _fail(f"database {settings.database}: {exc}", ExitCode.DATABASE) from None
-
-
-def _leaf_exceptions(error: BaseException) -> list[BaseException]:
-    """The exceptions inside (possibly nested) exception groups, which trio raises."""
-    nested = getattr(error, "exceptions", None)
-    if nested is None or not isinstance(error, BaseExceptionGroup):
-        return [error]
-    return [leaf for inner in nested for leaf in _leaf_exceptions(inner)]
 
 
 def run_interruptible(async_fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, bool]:
@@ -6366,9 +6420,8 @@ def dht_judge(reporter: Reporter) -> Any:
 
 def scrape_judge(reporter: Reporter) -> Any:
     def judge(counts: ScrapeRunCounts) -> tuple[str, ExitCode]:
-        # Dead trackers are everyday life; a run in which no tracker answered at all is not.
-        if counts.outage or counts.trackers and not counts.hashes_answered:
-            reporter.problem(f"scrape: {counts.outage or 'no tracker answered: network down?'}")
+        if counts.outage:
+            reporter.problem(f"scrape: {counts.outage}")
             return "unreachable", ExitCode.UNREACHABLE
         return ("partial" if counts.trackers_failed else "ok"), ExitCode.OK
     return judge
@@ -6545,10 +6598,10 @@ def run_command(
     """The whole pipeline, for cron: sync, dht, scrape, then the reports of [report].outputs
     and the [retention] clean-up. A stage that fails does not stop the next ones.
 
-    Exit codes: 0 all went well; 1 some items or a stage failed (the rest was done); 2 usage
-    or configuration; 3 database; 69 the network answered nothing (the other stages were
-    done); 75 another tsmd is writing to the database (try later, or --wait); 130
-    interrupted (what was measured is kept).
+    Exit codes, the worst of the stages': 0 all went well; 1 some items or a stage failed
+    (the rest was done); 2 usage or configuration; 3 database; 69 the network answered
+    nothing (the other stages were done); 75 another tsmd is writing to the database (try
+    later, or --wait); 130 interrupted (what was measured is kept).
 
     Example (crontab): 17 3 * * * tsmd --config /etc/tsmd.toml -q run
     """
@@ -6577,13 +6630,15 @@ def run_command(
                 except DatabaseError:
                     raise
                 except TsmdError as exc:  # recorded as that stage's failure; go on
-                    reporter.problem(f"{stage}: {exc}")
+                    message = str(exc)
+                    reporter.problem(message if message.startswith(f"{stage}:")
+                                     else f"{stage}: {message}")
                     code = exc.exit_code
                 worst = max(worst, code)
                 if code == ExitCode.INTERRUPTED:
                     break
-            outcome = {ExitCode.OK: "ok", ExitCode.INTERRUPTED: "interrupted"}.get(
-                worst, "partial")
+            outcome = {ExitCode.OK: "ok", ExitCode.INTERRUPTED: "interrupted",
+                       ExitCode.UNREACHABLE: "unreachable"}.get(worst, "partial")
         except TsmdError as exc:
             error = str(exc)
             raise _fail(error, exc.exit_code) from None
