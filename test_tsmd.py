@@ -4320,6 +4320,120 @@ def test_cli_report_html(tmp_path):
     assert 'id="data"' not in dom  # the data's text is dropped once parsed
 
 
+# ---- Cron traps ----
+
+
+def local_collection_config(tmp_path: Path, torrents: dict[str, bytes], extra: str = "") -> Path:
+    """A config whose one collection "c" is a folder of .torrent files (synced offline)."""
+    folder = tmp_path / "torrents"
+    folder.mkdir(exist_ok=True)
+    for name, data in torrents.items():
+        (folder / name).write_bytes(data)
+    return write_config(tmp_path, f'database = "tsmd.sqlite3"\n{extra}\n[[collections]]\n'
+                                  f'name = "c"\nurl = "{folder.as_uri()}/"\ntype = "books"\n')
+
+
+def test_read_commands_never_create_a_database_or_publish_from_nothing(tmp_path):
+    config = write_config(tmp_path, ONE_COLLECTION_CONFIG)
+    for command in (["report"], ["report", "-o", "feed.json"], ["pick", "--budget", "1TB"],
+                    ["status"], ["trackers"]):
+        done = cli("--config", str(config), *command, cwd=tmp_path)
+        assert done.returncode == tsmd.ExitCode.USAGE, (command, done.stderr)
+        assert "no database at" in done.stderr and "Traceback" not in done.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tsmd.toml"]
+    done = cli("--db", str(tmp_path / "missing" / "dir" / "x.sqlite3"), "sync", cwd=tmp_path)
+    assert done.returncode == tsmd.ExitCode.DATABASE and "does not exist" in done.stderr
+    assert not (tmp_path / "missing").exists()  # no folder made for a mistyped --db
+
+
+def test_report_refuses_an_unknown_collection_and_an_empty_feed_over_a_live_one(tmp_path):
+    config = local_collection_config(tmp_path, {"r_1.torrent": v1_torrent("one", seed=1)},
+                                     '[report]\noutputs = [{ format = "json", path = "feed.json" }]')
+    assert cli("--config", str(config), "run", "--skip", "dht", "--skip", "scrape").returncode == 0
+    feed = tmp_path / "feed.json"
+    live = feed.read_text()
+    assert len(json.loads(live)) == 1
+    done = cli("--config", str(config), "report", "--collection", "nope")
+    assert done.returncode == tsmd.ExitCode.USAGE and "no collection named 'nope'" in done.stderr
+    # The listing breaks: everything is removed. Neither run nor report publish that over it.
+    (tmp_path / "torrents" / "r_1.torrent").unlink()
+    done = cli("--config", str(config), "run", "--skip", "dht", "--skip", "scrape")
+    assert done.returncode == tsmd.ExitCode.PARTIAL and "not replaced" in done.stderr
+    done = cli("--config", str(config), "report", "--output", str(feed))
+    assert done.returncode == tsmd.ExitCode.PARTIAL and "--allow-empty" in done.stderr
+    assert feed.read_text() == live
+    done = cli("--config", str(config), "report", "--output", str(feed), "--allow-empty")
+    assert done.returncode == 0 and json.loads(feed.read_text()) == []
+
+
+def test_run_stages_can_be_chosen_and_skipped(tmp_path):
+    config = local_collection_config(tmp_path, {"r_1.torrent": v1_torrent("one", seed=1)},
+                                     '[run]\nstages = ["sync", "report"]')
+    assert cli("--config", str(config), "run").returncode == 0
+    done = cli("--config", str(config), "run", "--skip", "report")
+    assert done.returncode == 0, done.stderr
+    db = sqlite3.connect(tmp_path / "tsmd.sqlite3")
+    assert [stage for (stage,) in db.execute("SELECT stage FROM runs WHERE stage != 'run' "
+                                             "ORDER BY id")] == ["sync", "report", "sync"]
+    done = cli("--config", str(config), "run", "--skip", "dhtt")
+    assert done.returncode == tsmd.ExitCode.USAGE and "unknown stage 'dhtt'" in done.stderr
+    config.write_text(config.read_text().replace('"report"]', '"reports"]'))
+    done = cli("--config", str(config), "run")
+    assert done.returncode == tsmd.ExitCode.USAGE and "[run].stages" in done.stderr
+
+
+def test_wait_for_the_lock_as_long_as_told(tmp_path):
+    config = local_collection_config(tmp_path, {"r_1.torrent": v1_torrent("one", seed=1)})
+    assert cli("--config", str(config), "sync").returncode == 0
+    lock = tsmd.DatabaseLock(tmp_path / "tsmd.sqlite3")
+    lock.acquire(0, "tsmd run (pid 1)")
+    try:
+        started = time.monotonic()
+        done = cli("--config", str(config), "sync", "--wait", "2")
+        assert done.returncode == tsmd.ExitCode.BUSY, done.stderr
+        assert "busy after waiting 2 s" in done.stderr and time.monotonic() - started >= 2
+        waiting = start_tsmd("--config", str(config), "sync", "--wait")  # as long as it takes
+        time.sleep(1.5)
+        assert waiting.poll() is None
+    finally:
+        lock.release()
+    assert waiting.wait(60) == 0, waiting.stderr.read()
+    done = cli("--config", str(config), "sync", "--wait", "soon")
+    assert done.returncode == tsmd.ExitCode.USAGE and "--wait" in done.stderr
+
+
+def test_a_torrent_that_keeps_failing_is_said_once_a_day_then_broken(tmp_path):
+    config = local_collection_config(tmp_path, {"r_1.torrent": v1_torrent("one", seed=1),
+                                                "r_2.torrent": b"not a torrent"})
+    said = []
+    for run_number in range(4):
+        done = cli("--config", str(config), "sync")
+        said.append("r_2.torrent: not a valid .torrent" in done.stderr)
+        # The third failure in a row makes it broken: no longer in the exit code.
+        expected = tsmd.ExitCode.PARTIAL if run_number < tsmd.BROKEN_AFTER - 1 else 0
+        assert done.returncode == expected, (run_number, done.stderr)
+    assert said == [True, False, False, False]  # once a day
+    assert "1 broken (see tsmd status)" in done.stderr
+    status = json.loads(cli("--config", str(config), "status", "--format", "json").stdout)
+    assert [(b["source"].rsplit("/", 1)[-1], b["failures"]) for b in status["broken"]] == [
+        ("r_2.torrent", 4)]
+    table = cli("--config", str(config), "status", env={"COLUMNS": "200"})
+    assert "broken: 1 entries failed 3+ syncs in a row" in table.stdout
+    (tmp_path / "torrents" / "r_2.torrent").write_bytes(v1_torrent("two", seed=2))  # repaired
+    assert cli("--config", str(config), "sync", "--revalidate").returncode == 0
+    status = json.loads(cli("--config", str(config), "status", "--format", "json").stdout)
+    assert status["broken"] == []
+
+
+def test_prune_older_than_zero_keeps_everything_as_in_the_config(tmp_path):
+    config = local_collection_config(tmp_path, {"r_1.torrent": v1_torrent("one", seed=1)})
+    assert cli("--config", str(config), "sync").returncode == 0
+    done = cli("--config", str(config), "prune", "--older-than", "0")
+    assert done.returncode == 0, done.stderr
+    done = cli("--config", str(config), "prune", "--older-than", "3d")
+    assert done.returncode == tsmd.ExitCode.USAGE and "or 0 for all" in done.stderr
+
+
 # ---- Unattended and ad hoc use: run, pick, check, prune, status ----
 
 

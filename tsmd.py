@@ -113,6 +113,7 @@ HTTP_SCHEMES: Final = frozenset({"http", "https"})
 TRACKER_SCHEMES: Final = frozenset({"http", "https", "udp"})
 SHA1_HEX_LEN: Final = 40
 SYNC_WRITE_BATCH: Final = 200  # rows per transaction: one fsync per batch, not per torrent
+BROKEN_AFTER: Final = 3  # syncs in a row an entry fails before it counts as broken
 DECODE_IN_THREAD_BYTES: Final = 1 << 20  # larger .torrent files are decoded off the event loop
 PROGRESS_REFRESH_PER_SECOND: Final = 4
 MAX_URL_IN_MESSAGE: Final = 160  # characters of a URL quoted in an error message
@@ -3514,6 +3515,13 @@ MIGRATIONS: Final[tuple[str, ...]] = (
             AND id IN (SELECT torrent_id FROM torrent_trackers WHERE tracker_id = new.id);
     END;
     """,
+    # v5: an entry of a listing that keeps failing (a .torrent gone for good) is said once a
+    # day, not on every run, and after BROKEN_AFTER syncs in a row it is "broken": listed by
+    # `tsmd status`, no longer making every cron run exit 1.
+    """
+    ALTER TABLE memberships ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;  -- syncs in a row
+    ALTER TABLE memberships ADD COLUMN reported INTEGER;  -- when its failure was last said
+    """,
 )
 # What SQL cannot compute, done in Python inside the same transaction as the migration's SQL:
 # by the index in MIGRATIONS it completes.
@@ -3524,10 +3532,10 @@ SQLITE_MAX_PARAMETERS: Final = 999  # host parameters in one statement (SQLite b
 
 
 def open_database(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) and migrate the database; refuse one newer than this program."""
+    """Open (creating if needed) and migrate the database; refuse one newer than this program.
+    Its folder must exist: a mistyped --db creates no folders."""
+    _check_database_folder(path)
     try:
-        if path.parent and not path.parent.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, isolation_level=None, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
         db.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         db.execute("PRAGMA journal_mode = WAL")
@@ -3539,6 +3547,12 @@ def open_database(path: Path) -> sqlite3.Connection:
     except OSError as exc:
         raise DatabaseError(f"database {path}: {exc.strerror or exc}") from None
     return db
+
+
+def _check_database_folder(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise DatabaseError(f"database {path}: the folder {path.parent} does not exist (tsmd "
+                            "makes no folders: create it, or fix --db or `database`)")
 
 
 def migrate(db: sqlite3.Connection, path: Path) -> None:
@@ -3679,25 +3693,28 @@ class DatabaseLock:
         self.path = database.with_name(database.name + ".lock")
         self._handle: Any = None
 
-    def acquire(self, wait: bool, holder: str) -> None:
+    def acquire(self, wait: float, holder: str) -> None:
+        """Take the lock; while another tsmd holds it, wait up to `wait` seconds (math.inf:
+        for as long as it takes), then raise BusyError."""
+        _check_database_folder(self.path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             handle = self.path.open("a+", encoding="utf-8")
         except OSError as exc:
             raise DatabaseError(f"lock {self.path}: {exc.strerror or exc}") from None
         try:
             # `tsmd status` holds the lock for an instant to see whether it is free: a writer
             # starting right then tries again for a moment before it calls the database busy.
-            deadline = time.monotonic() + LOCK_PATIENCE
-            locked = _lock_file(handle, wait)
+            deadline = time.monotonic() + max(LOCK_PATIENCE, wait)
+            locked = _lock_file(handle, wait=wait == math.inf)
             while not locked and time.monotonic() < deadline:
-                time.sleep(0.05)
+                time.sleep(0.05 if wait <= LOCK_PATIENCE else 0.5)
                 locked = _lock_file(handle, wait=False)
             if not locked:
                 handle.seek(0)
                 other = handle.read(200).strip() or "another tsmd"
-                raise BusyError(f"database {self.path.with_suffix('')} is busy: {other} is "
-                                "writing to it; try again later, or use --wait")
+                waited = f" after waiting {wait:g} s" if wait > LOCK_PATIENCE else ""
+                raise BusyError(f"database {self.path.with_suffix('')} is busy{waited}: {other} "
+                                "is writing to it; try again later, or use --wait [SECONDS]")
             handle.seek(0)
             handle.truncate()
             handle.write(f"{holder} (pid {os.getpid()}, since "
@@ -4067,6 +4084,15 @@ class RetentionSettings:
     nodes: float = 30 * 86400.0  # DHT nodes not seen for this long
 
 
+RUN_STAGES: Final = ("sync", "dht", "scrape", "report", "prune")
+
+
+@dataclass(frozen=True, slots=True)
+class RunSettings:
+    # The stages `tsmd run` runs, in this order (a host without DHT access leaves "dht" out).
+    stages: tuple[str, ...] = RUN_STAGES
+
+
 @dataclass(frozen=True, slots=True)
 class CollectionSettings:
     name: str
@@ -4087,6 +4113,7 @@ class Settings:
     dht: DhtSettings = DhtSettings()
     report: ReportSettings = ReportSettings()
     retention: RetentionSettings = RetentionSettings()
+    run: RunSettings = RunSettings()
     collections: tuple[CollectionSettings, ...] = ()
     config_path: Optional[Path] = None
 
@@ -4183,7 +4210,7 @@ def load_settings(config_path: Path | None, db_override: Path | None = None) -> 
 def settings_from_document(document: dict, config_path: Path) -> Settings:
     where = str(config_path)
     base = config_path.resolve().parent
-    sections = {"database", "network", "sync", "scrape", "dht", "report", "retention",
+    sections = {"database", "network", "sync", "scrape", "dht", "report", "retention", "run",
                 "collections"}
     for key in document:
         if key not in sections:
@@ -4192,7 +4219,7 @@ def settings_from_document(document: dict, config_path: Path) -> Settings:
     if not isinstance(database, str) or not database:
         raise ConfigError(f"{where}: database: expected a file name string, got {database!r}")
     tables = {}
-    for section in ("network", "sync", "scrape", "dht", "report", "retention"):
+    for section in ("network", "sync", "scrape", "dht", "report", "retention", "run"):
         table = document.get(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{section}] must be a table")
@@ -4223,6 +4250,11 @@ def settings_from_document(document: dict, config_path: Path) -> Settings:
     if 0 < retention.samples < FULL_HISTORY:
         raise ConfigError(f"{where}: [retention].samples: keep at least {FULL_HISTORY // DAY} "
                           "days (the week's change reads them), or 0 to keep everything")
+    run = _settings_from_table(RunSettings, tables["run"], f"{where}: [run]")
+    unknown = [stage for stage in run.stages if stage not in RUN_STAGES]
+    if unknown:
+        raise ConfigError(f"{where}: [run].stages: unknown stage '{unknown[0]}' (known: "
+                          f"{', '.join(RUN_STAGES)})")
     raw_collections = document.get("collections", [])
     if not isinstance(raw_collections, list) or not all(isinstance(c, dict) for c in raw_collections):
         raise ConfigError(f"{where}: collections must be written as [[collections]] tables")
@@ -4244,7 +4276,7 @@ def settings_from_document(document: dict, config_path: Path) -> Settings:
         collections.append(dataclasses.replace(collection, url=url))
     return Settings(
         database=(base / Path(database).expanduser()).resolve(), network=network, sync=sync,
-        scrape=scrape, dht=dht, report=report, retention=retention,
+        scrape=scrape, dht=dht, report=report, retention=retention, run=run,
         collections=tuple(collections), config_path=config_path)
 
 
@@ -4369,14 +4401,16 @@ class SyncCounts:
     downloads: int = 0
     requests: int = 0
     trackers_ignored: int = 0  # past [sync] max_trackers_per_torrent or max_new_trackers
+    broken: int = 0  # entries that failed again, BROKEN_AFTER syncs in a row or more
 
     def summary(self) -> str:
         ignored = (f"; {self.trackers_ignored:,} trackers left out by max_trackers_per_torrent "
                    "or max_new_trackers" if self.trackers_ignored else "")
+        broken = f", {self.broken} broken (see tsmd status)" if self.broken else ""
         return (f"{self.collections} collections, {self.pages} index pages, {self.new} new, "
                 f"{self.changed} changed, {self.unchanged} unchanged, {self.removed} removed, "
-                f"{self.failed} failed ({self.downloads} downloads, {self.requests} requests)"
-                f"{ignored}")
+                f"{self.failed} failed{broken} ({self.downloads} downloads, {self.requests} "
+                f"requests){ignored}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -4407,8 +4441,18 @@ class CollectionSynced:
     fingerprint: str
 
 
+@dataclass(frozen=True, slots=True)
+class EntryFailure:
+    """A failed entry as written: how many syncs in a row it failed, whether to say so now."""
+
+    error: str
+    failures: int
+    say: bool
+
+
 def _write_sync_outcomes(db: sqlite3.Connection, outcomes: list[SyncOutcome | CollectionSynced],
-                         now: int, limits: TrackerLimits) -> None:
+                         now: int, limits: TrackerLimits) -> list[EntryFailure]:
+    failed = []
     with Transaction(db):
         for outcome in outcomes:
             if isinstance(outcome, CollectionSynced):
@@ -4416,12 +4460,20 @@ def _write_sync_outcomes(db: sqlite3.Connection, outcomes: list[SyncOutcome | Co
                 continue
             entry = outcome.entry
             if outcome.meta is None:
+                before = db.execute("SELECT failures, reported FROM memberships WHERE "
+                                    "collection_id = ? AND source = ?",
+                                    (outcome.collection_id, entry.source)).fetchone()
+                failures, reported = (before[0] + 1, before[1]) if before else (1, None)
+                say = reported is None or now - reported >= DAY  # once a day at most
                 db.execute(
                     "INSERT INTO memberships (collection_id, source, file_name, first_seen, "
-                    "last_seen, last_error) VALUES (?, ?, ?, ?, ?, ?) "
+                    "last_seen, last_error, failures, reported) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT(collection_id, source) DO UPDATE SET last_seen = excluded.last_seen, "
-                    "last_error = excluded.last_error, removed = NULL",
-                    (outcome.collection_id, entry.source, entry.file_name, now, now, outcome.error))
+                    "last_error = excluded.last_error, removed = NULL, "
+                    "failures = excluded.failures, reported = excluded.reported",
+                    (outcome.collection_id, entry.source, entry.file_name, now, now, outcome.error,
+                     failures, now if say else reported))
+                failed.append(EntryFailure(outcome.error or "failed", failures, say))
                 continue
             torrent_id = upsert_torrent(db, outcome.meta, now, limits)
             validated = now if entry.kind is EntryKind.URL else None
@@ -4432,13 +4484,15 @@ def _write_sync_outcomes(db: sqlite3.Connection, outcomes: list[SyncOutcome | Co
                 "file_name = coalesce(excluded.file_name, file_name), last_seen = excluded.last_seen, "
                 "etag = coalesce(excluded.etag, etag), "
                 "last_modified = coalesce(excluded.last_modified, last_modified), "
-                "validated = excluded.validated, last_error = NULL, removed = NULL",
+                "validated = excluded.validated, last_error = NULL, removed = NULL, "
+                "failures = 0, reported = NULL",
                 (outcome.collection_id, entry.source, torrent_id, entry.file_name, now, now,
                  outcome.etag, outcome.last_modified, validated))
             if torrent_id in limits.short_of_budget:  # read it again next sync, in full
                 db.execute("UPDATE memberships SET etag = NULL, last_modified = NULL, "
                            "validated = NULL WHERE collection_id = ? AND source = ?",
                            (outcome.collection_id, entry.source))
+    return failed
 
 
 def _finish_collection(db: sqlite3.Connection, done: CollectionSynced) -> None:
@@ -4464,17 +4518,27 @@ async def _sync_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChanne
         if isinstance(outcome, CollectionSynced):
             counts.removed += len(outcome.vanished)
             return
-        setattr(counts, outcome.status, getattr(counts, outcome.status) + 1)
-        if outcome.error:
-            reporter.problem(outcome.error)
+        if outcome.status != "failed":  # failures are counted as they are written
+            setattr(counts, outcome.status, getattr(counts, outcome.status) + 1)
         on_written()
+
+    def write() -> None:
+        for failure in _write_sync_outcomes(db, batch, int(time.time()), limits):
+            if failure.failures >= BROKEN_AFTER:
+                counts.broken += 1
+            else:
+                counts.failed += 1
+            if failure.say:
+                reporter.problem(failure.error + (f" (failed {failure.failures} syncs in a row; "
+                                                  "said again in a day)"
+                                                  if failure.failures > 1 else ""))
+        batch.clear()
 
     try:
         async for outcome in receive:
             take(outcome)
             if len(batch) >= SYNC_WRITE_BATCH or isinstance(outcome, CollectionSynced):
-                _write_sync_outcomes(db, batch, int(time.time()), limits)
-                batch.clear()
+                write()
     finally:
         # Also on cancellation (Ctrl-C, SIGTERM): what was measured, queued or not, is kept.
         while True:
@@ -4484,7 +4548,7 @@ async def _sync_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChanne
                 break
         receive.close()
         if batch:
-            _write_sync_outcomes(db, batch, int(time.time()), limits)
+            write()
         counts.trackers_ignored = limits.ignored
 
 
@@ -5992,6 +6056,13 @@ def render_report(db: sqlite3.Connection, rows: Sequence[ReportRow], report_form
     return REPORT_CHUNKS[report_format](rows)
 
 
+def _has_content(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
+
+
 def write_atomically(path: Path, text: str | Iterable[str]) -> None:
     """Write via a temporary file and rename, so a reader never sees half a report."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -6037,6 +6108,11 @@ async def publish_reports(db: sqlite3.Connection, settings: Settings, *,
     for output in settings.report.outputs:
         await trio.lowlevel.checkpoint()  # Ctrl-C and SIGTERM are heard between files
         path = Path(output.path)
+        if not rows and _has_content(path):
+            counts.failed += 1
+            reporter.problem(f"report {path} not replaced: it lists no torrent and the file is "
+                             "not empty (a failed sync?); `tsmd report --allow-empty` replaces it")
+            continue
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(path, render_report(db, rows, output.format))
@@ -6097,8 +6173,13 @@ def load_status(db: sqlite3.Connection, database: Path) -> dict[str, Any]:
             runs[stage] = {"started": int(started), "seconds": None if finished is None else
                            round(finished - started, 1), "outcome": outcome,
                            "counts": json.loads(counts), "error": error}
+    broken = [{"collection": name, "source": source, "failures": failures, "error": error}
+              for name, source, failures, error in db.execute(
+                  "SELECT c.name, m.source, m.failures, m.last_error FROM memberships m "
+                  "JOIN collections c ON c.id = m.collection_id WHERE m.failures >= ? "
+                  "AND m.removed IS NULL ORDER BY c.name, m.source", (BROKEN_AFTER,))]
     files = [database, database.with_name(database.name + "-wal")]
-    return {"database": str(database),
+    return {"database": str(database), "broken": broken,
             "bytes": sum(f.stat().st_size for f in files if f.exists()),
             "busy": busy,
             "torrents": listed, "torrents_scraped": scraped, "torrents_in_dht": in_dht,
@@ -6137,6 +6218,19 @@ def render_status(status: dict[str, Any], console: Console) -> None:
         table.add_row(stage, _ago(run["started"], now), took,
                       f"[{style}]{run['outcome']}[/{style}]", escape_markup(run["error"] or ""))
     console.print(table)
+    if status["broken"]:
+        table = Table(title=f"broken: {len(status['broken']):,} entries failed "
+                      f"{BROKEN_AFTER}+ syncs in a row (no longer in the exit code)",
+                      title_justify="left")
+        for column in ("collection", "entry", "syncs", "error"):
+            table.add_column(column)
+        for entry in status["broken"][:20]:
+            table.add_row(escape_markup(entry["collection"]), escape_markup(entry["source"]),
+                          str(entry["failures"]), escape_markup(entry["error"] or ""))
+        console.print(table)
+        if len(status["broken"]) > 20:
+            console.print(f"... and {len(status['broken']) - 20:,} more (tsmd status --format "
+                          "json lists them all)", markup=False)
 
 
 # ---- Command line ----
@@ -6147,6 +6241,8 @@ class _TsmdTyper(typer.Typer):
     not shown as a traceback. What was committed stays committed."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not args and "args" not in kwargs:
+            kwargs["args"] = _bare_wait_means_forever(sys.argv[1:])
         try:
             return super().__call__(*args, **kwargs)
         except sqlite3.Error as exc:
@@ -6225,9 +6321,27 @@ def _open_db(settings: Settings) -> sqlite3.Connection:
         raise _fail(str(exc), exc.exit_code) from None
 
 
+def _open_existing_db(settings: Settings) -> sqlite3.Connection:
+    """The database of a command that only reads. It must exist already: a typo in --db or
+    --config must not quietly create an empty database and publish an empty feed from it."""
+    if not settings.database.is_file():
+        raise _fail(f"no database at {settings.database}: run `tsmd sync` (or `tsmd run`) "
+                    "first, or check --db and --config", ExitCode.USAGE)
+    return _open_db(settings)
+
+
 def _report_rows(db: sqlite3.Connection, settings: Settings,
                  collections: Sequence[str]) -> list[ReportRow]:
+    """The report rows of the named collections (all when none is named); a name that is
+    neither in the database nor in the configuration is a usage error."""
     try:
+        if collections:
+            known = {name for (name,) in db.execute("SELECT name FROM collections")}
+            known.update(c.name for c in settings.collections)
+            unknown = [name for name in collections if name not in known]
+            if unknown:
+                raise _fail(f"no collection named '{unknown[0]}' (known: "
+                            f"{', '.join(sorted(known)) or 'none'})", ExitCode.USAGE)
         return load_report_rows(db, collections)
     except sqlite3.Error as exc:  # a damaged file: said, not a traceback
         raise _fail(f"database {settings.database}: {exc}", ExitCode.DATABASE) from None
@@ -6277,7 +6391,7 @@ def sync(
         "--collection", "-c", metavar="NAME", help="Only this collection (repeatable).")] = None,
     revalidate: Annotated[bool, typer.Option(
         help="Re-check every known .torrent with a conditional request, however recent.")] = False,
-    wait: Annotated[bool, typer.Option(help=WAIT_OPTION_HELP)] = False,
+    wait: WaitOption = None,
 ) -> None:
     """Fetch every enabled collection's torrents into the database.
 
@@ -6286,7 +6400,7 @@ def sync(
     settings, reporter = _load(ctx)
     chosen = _collections_to(settings, collection or [], "sync")
     run_stage_command(settings, reporter, "sync", run_sync, SyncCounts(len(chosen)), judge_sync,
-                      wait=wait, collections=chosen, revalidate=revalidate)
+                      wait=_wait_option(wait), collections=chosen, revalidate=revalidate)
 
 
 def _collections_to(settings: Settings, names: Sequence[str],
@@ -6373,7 +6487,7 @@ def execute_stage(db: sqlite3.Connection, settings: Settings, reporter: Reporter
 
 
 @contextlib.contextmanager
-def writing_database(settings: Settings, wait: bool, holder: str) -> Iterator[sqlite3.Connection]:
+def writing_database(settings: Settings, wait: float, holder: str) -> Iterator[sqlite3.Connection]:
     """The database lock, then the database, with the runs of a tsmd that died closed."""
     lock = DatabaseLock(settings.database)
     try:
@@ -6390,7 +6504,7 @@ def writing_database(settings: Settings, wait: bool, holder: str) -> Iterator[sq
 
 
 def run_stage_command(settings: Settings, reporter: Reporter, stage: str, run: Any,
-                      no_counts: Any, judge: Any, *, wait: bool, with_run_id: bool = False,
+                      no_counts: Any, judge: Any, *, wait: float, with_run_id: bool = False,
                       **arguments: Any) -> None:
     """One stage as its own command: under the database lock, exiting with the stage's code."""
     with writing_database(settings, wait, f"tsmd {stage}") as db:
@@ -6427,8 +6541,32 @@ def scrape_judge(reporter: Reporter) -> Any:
     return judge
 
 
-WAIT_OPTION_HELP: Final = ("If another tsmd is writing to the database, wait for it instead of "
-                           f"exiting with code {int(ExitCode.BUSY)}.")
+WAIT_OPTION_HELP: Final = ("If another tsmd is writing to the database, wait for it (at most "
+                           "SECONDS, e.g. 600 or 10m; for as long as it takes without) instead "
+                           f"of exiting with code {int(ExitCode.BUSY)}.")
+WaitOption = Annotated[Optional[str], typer.Option("--wait", metavar="[SECONDS]",
+                                                   help=WAIT_OPTION_HELP)]
+
+
+def _wait_option(value: str | None) -> float:
+    """Seconds to wait for the database lock: --wait alone (made --wait=forever before typer
+    parses it) waits as long as it takes."""
+    if value is None:
+        return 0.0
+    if value == "forever":
+        return math.inf
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise _fail(f"--wait: {exc}", ExitCode.USAGE) from None
+
+
+def _bare_wait_means_forever(argv: list[str]) -> list[str]:
+    """typer has no option with an optional value: `--wait` followed by an option or by
+    nothing becomes `--wait=forever`. (No command with --wait takes an argument.)"""
+    return [("--wait=forever" if token == "--wait" and not (
+        position + 1 < len(argv) and not argv[position + 1].startswith("-")) else token)
+        for position, token in enumerate(argv)]
 
 
 @app.command()
@@ -6450,7 +6588,7 @@ def dht(
         metavar="ADDR:PORT", help="Local ADDR:PORT of the UDP socket (default: [dht].bind).")] = None,
     stale_after: Annotated[Optional[str], typer.Option(
         "--stale-after", metavar="DURATION", help="Skip torrents with a DHT sample newer than this, e.g. 12h.")] = None,
-    wait: Annotated[bool, typer.Option(help=WAIT_OPTION_HELP)] = False,
+    wait: WaitOption = None,
 ) -> None:
     """Count each torrent's peers in the BitTorrent DHT (BEP 5), with BEP 33 estimates.
 
@@ -6470,7 +6608,7 @@ def dht(
     except TsmdError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     run_stage_command(settings, reporter, "dht", run_dht, DhtCounters(), dht_judge(reporter),
-                      wait=wait,
+                      wait=_wait_option(wait),
                       with_run_id=True, collections=chosen,
                       infohashes=hashes, stale_after=stale,
                       options=dht_options(settings, concurrency, rate), bootstrap=bootstrap,
@@ -6490,7 +6628,7 @@ def scrape(
     stale_after: Annotated[Optional[str], typer.Option(
         "--stale-after", metavar="DURATION", help="Skip torrents with a tracker sample newer than this, e.g. 6h.")
     ] = None,
-    wait: Annotated[bool, typer.Option(help=WAIT_OPTION_HELP)] = False,
+    wait: WaitOption = None,
 ) -> None:
     """Ask every tracker of every torrent for seeders, leechers and completed downloads.
 
@@ -6505,7 +6643,7 @@ def scrape(
     except TsmdError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     run_stage_command(settings, reporter, "scrape", run_scrape, ScrapeRunCounts(),
-                      scrape_judge(reporter), wait=wait, with_run_id=True, collections=chosen,
+                      scrape_judge(reporter), wait=_wait_option(wait), with_run_id=True, collections=chosen,
                       infohashes=hashes, only_trackers=only_trackers, stale_after=stale)
 
 
@@ -6522,7 +6660,7 @@ def trackers(
     """
     settings, _ = _load(ctx)
     _format_option(format, ("table", "json"))
-    db = _open_db(settings)
+    db = _open_existing_db(settings)
     rows = load_tracker_health(db, failing)
     db.close()
     if format == "json":
@@ -6552,6 +6690,8 @@ def report(
     per_torrent: Annotated[bool, typer.Option(
         help="prometheus: also one series per torrent (many series for a big collection).")
     ] = False,
+    allow_empty: Annotated[bool, typer.Option(
+        help="Let a report of no torrent replace a --output file that is not empty.")] = False,
 ) -> None:
     """Publish what the database knows: which torrents need seeders, neediest first.
 
@@ -6567,7 +6707,7 @@ def report(
     if chosen_format == "table" and output is not None:
         raise _fail("--format table is for the terminal; use csv or json for a file",
                     ExitCode.USAGE)
-    db = _open_db(settings)
+    db = _open_existing_db(settings)
     try:
         rows = select_report_rows(_report_rows(db, settings, collection or []), sort, limit,
                                   max_seeders)
@@ -6579,6 +6719,10 @@ def report(
             sys.stdout.writelines(chunks)
             sys.stdout.flush()
             return
+        if not rows and not allow_empty and _has_content(output):
+            raise _fail(f"{output} not replaced: the report lists no torrent and the file is "
+                        "not empty (a failed sync?); --allow-empty replaces it anyway",
+                        ExitCode.PARTIAL)
         try:
             write_atomically(output, chunks)
         except TsmdError as exc:
@@ -6593,7 +6737,10 @@ def run_command(
     ctx: typer.Context,
     collection: Annotated[Optional[list[str]], typer.Option(
         "--collection", "-c", metavar="NAME", help="Only this collection (repeatable).")] = None,
-    wait: Annotated[bool, typer.Option(help=WAIT_OPTION_HELP)] = False,
+    skip: Annotated[Optional[list[str]], typer.Option(
+        "--skip", metavar="STAGE", help="Leave this stage out (repeatable): sync, dht, scrape, "
+        "report or prune; [run].stages chooses them for every run.")] = None,
+    wait: WaitOption = None,
 ) -> None:
     """The whole pipeline, for cron: sync, dht, scrape, then the reports of [report].outputs
     and the [retention] clean-up. A stage that fails does not stop the next ones.
@@ -6607,6 +6754,11 @@ def run_command(
     """
     settings, reporter = _load(ctx)
     chosen = _collections_to(settings, collection or [], "run")
+    unknown = [stage for stage in skip or [] if stage not in RUN_STAGES]
+    if unknown:
+        raise _fail(f"--skip: unknown stage '{unknown[0]}' (known: {', '.join(RUN_STAGES)})",
+                    ExitCode.USAGE)
+    wanted = [stage for stage in settings.run.stages if stage not in (skip or [])]
     stages = [
         ("sync", run_sync, SyncCounts(len(chosen)), judge_sync, {
             "collections": chosen}),
@@ -6617,9 +6769,11 @@ def run_command(
         ("report", publish_reports, PublishCounts(), judge_publish, {}),
         ("prune", apply_retention, PruneCounts(), lambda counts: ("ok", ExitCode.OK), {}),
     ]
+    stages = sorted((stage for stage in stages if stage[0] in wanted),
+                    key=lambda stage: wanted.index(stage[0]))
     started = time.monotonic()
     worst = ExitCode.OK
-    with writing_database(settings, wait, "tsmd run") as db:
+    with writing_database(settings, _wait_option(wait), "tsmd run") as db:
         run_id = start_run(db, "run")
         outcome, error = "failed", None
         try:
@@ -6684,7 +6838,7 @@ def pick(
         space = parse_size(budget)
     except ValueError as exc:
         raise _fail(f"--budget: {exc}", ExitCode.USAGE) from None
-    db = _open_db(settings)
+    db = _open_existing_db(settings)
     try:
         rows = select_report_rows(_report_rows(db, settings, collection or []), "need", None,
                                   max_seeders)
@@ -6814,14 +6968,14 @@ def prune(
     ctx: typer.Context,
     older_than: Annotated[Optional[str], typer.Option(
         "--older-than", metavar="DURATION", help="Delete tracker and DHT samples older than "
-        "this, e.g. 180d (default: [retention].samples).")] = None,
+        "this, e.g. 180d; 0 keeps them all (default: [retention].samples).")] = None,
     nodes_older_than: Annotated[Optional[str], typer.Option(
         "--nodes-older-than", metavar="DURATION", help="Delete DHT nodes not seen for this long "
         "(default: [retention].nodes).")] = None,
     vacuum: Annotated[bool, typer.Option(
         help="Then give the freed space back to the file system (rewrites the database).")
     ] = False,
-    wait: Annotated[bool, typer.Option(help=WAIT_OPTION_HELP)] = False,
+    wait: WaitOption = None,
 ) -> None:
     """Delete old samples and DHT nodes; `tsmd run` does the same with [retention].
 
@@ -6830,14 +6984,14 @@ def prune(
     settings, reporter = _load(ctx)
     samples = _duration_option(older_than, "--older-than")
     nodes = _duration_option(nodes_older_than, "--nodes-older-than")
-    if samples is not None and samples < FULL_HISTORY:
+    if samples and samples < FULL_HISTORY:  # (0 keeps everything, as in [retention])
         raise _fail(f"--older-than: keep at least {FULL_HISTORY // DAY} days of samples (the "
-                    "week's change reads them)", ExitCode.USAGE)
+                    "week's change reads them), or 0 for all", ExitCode.USAGE)
     if samples is None and nodes is None and not (settings.retention.samples or
                                                   settings.retention.nodes):
         raise _fail("nothing to prune: [retention] keeps everything and no --older-than given",
                     ExitCode.USAGE)
-    with writing_database(settings, wait, "tsmd prune") as db:
+    with writing_database(settings, _wait_option(wait), "tsmd prune") as db:
         try:
             code = execute_stage(db, settings, reporter, "prune", apply_retention, PruneCounts(),
                                  lambda counts: ("ok", ExitCode.OK), samples=samples, nodes=nodes)
@@ -6866,10 +7020,7 @@ def status(
     """
     settings, _ = _load(ctx)
     _format_option(format, ("table", "json"))
-    if not settings.database.is_file():
-        raise _fail(f"no database at {settings.database} yet: run tsmd sync (or tsmd run)",
-                    ExitCode.DATABASE)
-    db = _open_db(settings)
+    db = _open_existing_db(settings)
     try:
         result = load_status(db, settings.database)
     finally:
