@@ -4781,9 +4781,21 @@ def test_check_measures_one_torrent_given_in_any_form(world, tmp_path):
                    quiet_tracker, "-f", "json")
     assert done.returncode == tsmd.ExitCode.PARTIAL and "no tracker" in done.stderr
     assert json.loads(done.stdout)["trackers"][0]["error"]
-    for bad in ("not-a-target", "magnet:?xt=urn:btih:zz", str(tmp_path / "missing.torrent")):
+    for bad in ("not-a-target", "magnet:?xt=urn:btih:zz", str(tmp_path / "missing.torrent"),
+                "", " ", "http://", "https:///x.torrent", str(tmp_path)):
         done = cli("--config", str(config), "check", bad)
-        assert done.returncode == tsmd.ExitCode.USAGE and "check:" in done.stderr
+        assert done.returncode == tsmd.ExitCode.USAGE and "check:" in done.stderr, bad
+    # Once synced, a bare infohash is checked with what the .torrent said: name, size and
+    # trackers; the database is only read.
+    assert cli("--config", str(config), "sync").returncode == 0
+    before = (tmp_path / "tsmd.sqlite3").read_bytes()
+    done = cli("--config", str(config), "check", infohash.hex(), "--no-dht", "-f", "json")
+    result = json.loads(done.stdout)
+    assert done.returncode == 0, done.stderr
+    assert (result["name"], result["size_bytes"]) == ("book4.zip", 50_000)
+    assert [t["url"] for t in result["trackers"]] == [world.announce]
+    assert (result["seeders"], result["leechers"]) == world.swarms[infohash][:2]
+    assert (tmp_path / "tsmd.sqlite3").read_bytes() == before
     (tmp_path / "junk.torrent").write_bytes(b"d4:infoi3e" * 10)
     done = cli("--config", str(config), "check", str(tmp_path / "junk.torrent"))
     assert done.returncode == tsmd.ExitCode.USAGE and "Traceback" not in done.stderr

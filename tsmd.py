@@ -5201,12 +5201,22 @@ async def load_check_target(target: str, settings: Settings) -> Metainfo:
     """A magnet link, an infohash (40 hex or 32 base32), an http(s) URL of a .torrent file or
     a local .torrent path, as metainfo. Untrusted in every case."""
     text = target.strip()
+    if not text:
+        raise ProtocolError("no TARGET: give a magnet link, an infohash, a .torrent file or "
+                            "its URL")
     if text.lower().startswith("magnet:"):
         return decode_magnet_untrusted(text)
     if _HEX40.fullmatch(text) or _BASE32_32.fullmatch(text):
         return Metainfo.bare(parse_infohash_untrusted(text))
-    scheme = urllib.parse.urlsplit(text).scheme.lower()
+    try:
+        parts = urllib.parse.urlsplit(text)
+        scheme = parts.scheme.lower()
+        host = parts.hostname
+    except ValueError as exc:
+        raise ProtocolError(f"{text[:MAX_URL_IN_MESSAGE]}: not a URL: {exc}") from None
     if scheme in HTTP_SCHEMES:
+        if not host:
+            raise ProtocolError(f"{text[:MAX_URL_IN_MESSAGE]}: a URL without a host")
         url, allow_local = text, False
     elif scheme and scheme != "file" and len(scheme) > 1:  # "C:" is a Windows drive
         raise ProtocolError(f"{text[:MAX_URL_IN_MESSAGE]}: not a magnet link, infohash, "
@@ -5216,6 +5226,8 @@ async def load_check_target(target: str, settings: Settings) -> Metainfo:
         if not path.exists():
             raise ProtocolError(f"{text[:MAX_URL_IN_MESSAGE]}: no such file, and not a magnet "
                                 "link, infohash or .torrent URL")
+        if path.is_dir():
+            raise ProtocolError(f"{text[:MAX_URL_IN_MESSAGE]}: a folder, not a .torrent file")
         url, allow_local = path.resolve().as_uri(), True
     fetcher = make_fetcher(settings)
     try:
@@ -6864,19 +6876,41 @@ def pick(
                     ExitCode.PARTIAL)
 
 
-def _read_node_cache(database: Path) -> NodeCache:
-    """The warm node cache of an existing database, read only: `check` writes nothing."""
+def _read_only(database: Path, read: Callable[[sqlite3.Connection], Any], default: Any) -> Any:
+    """`read` of an existing database opened read only (`check` writes nothing); `default`
+    when there is none, or it is old or damaged."""
     if not database.is_file():
-        return NodeCache()
+        return default
     try:
         db = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True,
                              timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
         try:
-            return load_node_cache(db, time.time())
+            return read(db)
         finally:
             db.close()
     except sqlite3.Error:
-        return NodeCache()  # an old or damaged database: bootstrap from the routers
+        return default
+
+
+def known_torrent(db: sqlite3.Connection, meta: Metainfo) -> Metainfo:
+    """`meta` completed with what the database knows of the torrent, as a .torrent synced
+    before told it: name, size, file count and trackers, for a check given only a magnet link
+    or an infohash. What `meta` says itself comes first."""
+    row = db.execute("SELECT id, name, size_bytes, file_count, piece_length FROM torrents "
+                     "WHERE infohash = ?", (meta.infohash,)).fetchone()
+    if row is None:
+        return meta
+    torrent_id, name, size, files, piece_length = row
+    stored = [Tracker(url, tier) for url, tier in db.execute(
+        "SELECT r.url, l.tier FROM torrent_trackers l JOIN trackers r ON r.id = l.tracker_id "
+        "WHERE l.torrent_id = ? ORDER BY l.position", (torrent_id,))]
+    own = {t.url for t in meta.trackers}
+    return dataclasses.replace(
+        meta, name=meta.name or name,
+        size_bytes=meta.size_bytes if meta.size_bytes is not None else size,
+        file_count=meta.file_count if meta.file_count is not None else files,
+        piece_length=meta.piece_length if meta.piece_length is not None else piece_length,
+        trackers=(*meta.trackers, *(t for t in stored if t.url not in own)))
 
 
 def render_check(result: CheckResult, console: Console) -> None:
@@ -6939,6 +6973,8 @@ def check(
                     else exc.exit_code) from None
     if interrupted:
         raise typer.Exit(int(ExitCode.INTERRUPTED))
+    if not meta.has_metainfo:  # a magnet or an infohash: what a synced .torrent said helps
+        meta = _read_only(settings.database, lambda db: known_torrent(db, meta), meta)
     if asked:
         urls = asked
     else:
@@ -6948,7 +6984,8 @@ def check(
     if not urls and not dht:
         raise _fail("nothing to ask: the torrent names no tracker and --no-dht was given",
                     ExitCode.USAGE)
-    cache = _read_node_cache(settings.database) if dht else NodeCache()
+    cache = _read_only(settings.database, lambda db: load_node_cache(db, time.time()),
+                       NodeCache()) if dht else NodeCache()
     result, interrupted = run_interruptible(
         check_torrent, meta, settings, reporter, trackers=urls, bootstrap=bootstrap,
         cache=cache, use_dht=dht)
