@@ -52,6 +52,15 @@ def run(async_fn, *args, timeout: float = 30, **kwargs):
     return trio.run(bounded)
 
 
+def cannot_test(why: str) -> None:
+    """Skip a test that this machine cannot run, saying why; under CI (CI=true) fail instead:
+    CI runs the README's test command as root with every tool installed, and a skip there
+    would hide what it cannot check."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
 # ---- Torrent fixtures ----
 
 
@@ -1924,8 +1933,8 @@ class OpenTracker:
 
     def __init__(self, workdir: Path, infohashes: list[bytes]) -> None:
         if not os.access(OPENTRACKER, os.X_OK):
-            raise RuntimeError(f"{OPENTRACKER} is missing: apt-get install opentracker "
-                               "(the README's test command does)")
+            cannot_test(f"{OPENTRACKER} is missing: .ci/install-test-deps installs it (the "
+                        "README's test command runs it)")
         workdir.mkdir(parents=True)
         workdir.chmod(0o755)
         whitelist = workdir / "whitelist"
@@ -2869,11 +2878,13 @@ type = "books"
     if not shutil.which("unshare"):
         cannot_test("unshare (util-linux) is missing: apt-get install util-linux")
     run_privileged(["unshare", "-n", "true"], "a network namespace")
-    done = subprocess.run(["unshare", "-n", sys.executable, str(HERE / "tsmd.py"), "--config",
-                           str(config), "dht"], capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL)
-    assert done.returncode == tsmd.ExitCode.UNREACHABLE, done.stderr
-    assert "network down?" in done.stderr and "Traceback" not in done.stderr
+    for stage in ("dht", "sync"):  # the collection is http://x/: nothing to connect to
+        done = subprocess.run(["unshare", "-n", sys.executable, str(HERE / "tsmd.py"),
+                               "--config", str(config), stage], capture_output=True, text=True,
+                              timeout=120, stdin=subprocess.DEVNULL)
+        assert done.returncode == tsmd.ExitCode.UNREACHABLE, done.stderr
+        assert f"{stage}: no " in done.stderr and "network down?" in done.stderr
+        assert "Traceback" not in done.stderr
 
 
 def test_scrape_that_hears_nothing_at_all_says_the_network_is_down(tmp_path, server,
@@ -4251,6 +4262,9 @@ def test_collection_totals_are_the_sums_over_each_collections_rows():
 def chromium_dom(page: Path, fragment: str) -> str:
     """The page's DOM after its scripts ran, from Debian's headless Chromium (installed by the
     README's test command), with no network and a throw-away profile."""
+    if not os.access("/usr/bin/chromium", os.X_OK):
+        cannot_test("/usr/bin/chromium is missing: .ci/install-test-deps installs it (the "
+                    "README's test command runs it)")
     with tempfile.TemporaryDirectory() as profile:
         done = subprocess.run(
             ["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu",
@@ -4318,6 +4332,51 @@ def test_cli_report_html(tmp_path):
     assert hrefs == expected and len(hrefs) == 4
     assert dom.count("<polyline") == 3  # a sparkline for each torrent with a history
     assert 'id="data"' not in dom  # the data's text is dropped once parsed
+
+
+class PingAnswerer(HostileUdpPeer):
+    """A DHT node on 127.0.0.1:0 that answers every query as a node would (a ping's reply)."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                data, sender = self.sock.recvfrom(65536)
+                query = bencoder.bdecode(data)
+            except Exception:
+                continue
+            self.received += 1
+            self.sock.sendto(bencoder.bencode({b"t": query[b"t"], b"y": b"r",
+                                               b"r": {b"id": b"n" * 20}}), sender)
+
+
+def test_init_writes_the_example_and_checks_what_the_first_run_needs(tmp_path):
+    assert (HERE / "config.example.toml").read_text() == tsmd.EXAMPLE_CONFIG
+    router, silent = PingAnswerer(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    try:
+        done = cli("init", "--bootstrap", router.address, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "tsmd.toml").read_text() == tsmd.EXAMPLE_CONFIG
+        assert f"database: {tmp_path / 'tsmd.sqlite3'} (folder writable)" in done.stdout
+        assert "collections: 1 enabled; libgen-books" in done.stdout
+        assert re.search(r"DHT: 1 of 1 routers resolve, 1 answered over UDP \(fastest \d+ ms\)",
+                         done.stdout) and router.received == 1
+        assert "first run (tsmd run):" in done.stdout
+        done = cli("init", cwd=tmp_path)
+        assert done.returncode == tsmd.ExitCode.USAGE and "--force" in done.stderr
+        done = cli("init", "--force", "--bootstrap", f"127.0.0.1:{silent.getsockname()[1]}",
+                   cwd=tmp_path)
+        assert done.returncode == 0 and "none answered over UDP: UDP blocked?" in done.stdout
+        done = cli("--config", str(tmp_path / "other.toml"), "init", "--offline", cwd=tmp_path)
+        assert done.returncode == 0 and "DHT:" not in done.stdout
+        assert (tmp_path / "other.toml").read_text() == tsmd.EXAMPLE_CONFIG
+        assert not (tmp_path / "tsmd.sqlite3").exists()  # init checks; it creates nothing else
+    finally:
+        router.stop()
+        silent.close()
 
 
 # ---- Cron traps ----
@@ -4853,15 +4912,6 @@ def test_run_refuses_a_damaged_database_with_a_message(tmp_path):
     assert (tmp_path / "tsmd.sqlite3").read_bytes() == b"this is not SQLite " * 300
     done = cli("--config", str(config), "status")
     assert done.returncode == tsmd.ExitCode.DATABASE and "Traceback" not in done.stderr
-
-
-def cannot_test(why: str) -> None:
-    """Skip a test that this machine cannot run, saying why; under CI (CI=true) fail instead:
-    CI runs the README's test command as root with every tool installed, and a skip there
-    would hide what it cannot check."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(why)
-    pytest.skip(why)
 
 
 def run_privileged(command: list[str], what: str) -> None:

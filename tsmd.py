@@ -1080,6 +1080,12 @@ class GetPeersReply(NamedTuple):
     bad_fields: int = 0  # fields dropped as malformed (the rest of the reply still counts)
 
 
+def encode_ping(transaction_id: bytes, node_id: bytes) -> bytes:
+    """A BEP 5 ping, read-only (BEP 43): `tsmd init` asks the routers whether UDP gets through."""
+    return bencode({b"t": transaction_id, b"y": b"q", b"q": b"ping", b"a": {b"id": node_id},
+                    b"ro": 1})
+
+
 def encode_get_peers(transaction_id: bytes, node_id: bytes, infohash: bytes, *,
                      scrape: bool = False, want_ipv6: bool = False) -> bytes:
     """A BEP 5 get_peers query, read-only (BEP 43), optionally with BEP 33 `scrape`."""
@@ -1902,7 +1908,10 @@ class HttpClient:
         self._address_allowed = address_allowed or is_global_address
         # Answers from the network of any kind (a DNS answer, a TCP connection made or refused,
         # an HTTP response): a stage in which nothing answered at all found the network down.
+        # `connected` counts the connections alone: a host without a resolver says a name does
+        # not exist at once, which proves nothing of the network.
         self.heard = 0
+        self.connected = 0
         self._idle: dict[tuple[str, str, int], list[_HttpConnection]] = {}
         self._ssl_context: Any = None
 
@@ -1956,10 +1965,13 @@ class HttpClient:
                 continue
             except OSError as exc:
                 last_error = exc
-                self.heard += any(isinstance(leaf, ConnectionRefusedError)
-                                  for leaf in _leaf_exceptions(exc.__cause__ or exc))
+                refused = any(isinstance(leaf, ConnectionRefusedError)
+                              for leaf in _leaf_exceptions(exc.__cause__ or exc))
+                self.heard += refused
+                self.connected += refused
                 continue
             self.heard += 1
+            self.connected += 1
             stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
             return stream
         raise FetchError(f"cannot connect to {host} port {port}: "
@@ -2187,6 +2199,11 @@ class Fetcher:
     def heard(self) -> int:
         """Answers of any kind from the network so far (HttpClient.heard)."""
         return self._client.heard
+
+    @property
+    def connected(self) -> int:
+        """TCP connections made or refused so far (HttpClient.connected)."""
+        return self._client.connected
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -2993,17 +3010,23 @@ class DhtSurvey:
 
 
 async def resolve_bootstrap(entries: Sequence[str], reporter: Reporter) -> list[DhtNode]:
-    """Bootstrap routers as nodes of unknown id; one that does not resolve is skipped."""
-    nodes = []
-    for entry in entries:
+    """Bootstrap routers as nodes of unknown id; one that does not resolve is skipped. All are
+    resolved at once: where DNS is down, each waits out the resolver's timeout."""
+    found: dict[str, list[DhtNode]] = {}
+
+    async def resolve(entry: str) -> None:
         try:
             host, port = split_host_port(entry)
             addresses = await resolve_addresses(host, port)
         except (ValueError, FetchError) as exc:
             reporter.info(f"dht: bootstrap {entry!r} skipped: {exc}")
-            continue
-        nodes.extend(DhtNode(b"", address, port) for address in addresses)
-    return nodes
+            return
+        found[entry] = [DhtNode(b"", address, port) for address in addresses]
+
+    async with trio.open_nursery() as nursery:
+        for entry in entries:
+            nursery.start_soon(resolve, entry)
+    return [node for entry in entries for node in found.get(entry, [])]
 
 
 def host_has_ipv6_route() -> bool:
@@ -4190,6 +4213,159 @@ def _resolve_location(location: str, base: Path) -> str:
     return (base / Path(location).expanduser()).resolve().as_uri()
 
 
+# What `tsmd init` writes: every setting with its default and what it is for. The repository's
+# config.example.toml is this text (a test holds them equal), for those who read before they
+# install.
+EXAMPLE_CONFIG: Final = """# tsmd configuration. Copy to tsmd.toml (read from the current folder by default) or pass
+# --config FILE / set TSMD_CONFIG. Every setting is shown with its default.
+# Precedence: command line > environment (TSMD_CONFIG, TSMD_DB) > this file > defaults.
+# Relative paths are resolved against the folder holding this file.
+# Durations: a number of seconds or "45s", "30m", "12h", "7d", "2w".
+# Sizes: a number of bytes or "500kB", "32MiB", "2TB" (kB/MB/GB/TB decimal, KiB/MiB/... binary).
+
+# The SQLite database (--db and TSMD_DB override it).
+database = "tsmd.sqlite3"
+
+[network]
+# Refuse to connect to addresses that are not globally routable: loopback, private, link-local,
+# CGNAT, multicast, reserved, IPv4 and IPv6, also behind redirects and host names. Checked on the
+# address actually connected to. Set to true for collections served on your LAN.
+allow_private = false
+# An http:// proxy for every HTTP request, e.g. "http://127.0.0.1:3128". With a proxy, tsmd still
+# refuses private IP literals in URLs, and the proxy decides what host names may reach.
+# proxy = "http://proxy.example:3128"
+# Seconds without progress before a read fails; a whole request may take at most
+# connect_timeout + 4 x timeout.
+timeout = "30s"
+connect_timeout = "10s"
+# Sent with every HTTP request.
+user_agent = "tsmd/0.1.0 (+https://github.com/tsmd/tsmd)"
+# A DHT or scrape stage that has sent requests for this long without one answer stops, says
+# "network down?" and exits with code 69; `tsmd run` goes on with the other stages.
+outage_after = "20s"
+
+[sync]
+# .torrent downloads in flight at once.
+concurrency = 16
+# Largest index page (HTML, text or JSON list) and largest .torrent file accepted.
+max_index_bytes = "64MiB"
+max_torrent_bytes = "32MiB"
+# Redirects followed per request.
+max_redirects = 5
+# A .torrent already in the database is re-checked with a conditional request (ETag /
+# Last-Modified) when its last check is older than this; `tsmd sync --revalidate` checks all now.
+# Unchanged collections otherwise cost one request per index page.
+revalidate_after = "7d"
+# The most trackers kept of one torrent (in its tier order; libgen's .torrent files list up to
+# 49), and the most trackers one sync adds to the database. More are counted and left out, so
+# that one hostile .torrent cannot make `tsmd scrape` contact 100,000 trackers.
+max_trackers_per_torrent = 100
+max_new_trackers = 10000
+
+[scrape]
+# `tsmd scrape` asks every tracker of every torrent (BEP 15 over UDP, BEP 48 over HTTP) for
+# seeders, leechers and completed downloads. A torrent's numbers are the maximum over its trackers.
+# Trackers asked for every torrent, besides the torrent's own and its collection's.
+trackers = []
+# Ask the trackers listed in each .torrent file or magnet link.
+use_torrent_trackers = true
+# The one UDP socket for all UDP trackers; "[::]:0" is dual-stack (IPv4 and IPv6).
+bind = "[::]:0"
+# Hashes per UDP scrape (at most 255; BEP 15 says ~74, opentracker answers 75, chihaya 50, and 70
+# keeps a packet under an IPv4 MTU). A shorter reply is detected and the rest asked again.
+batch_size = 70
+# Hashes per HTTP scrape (opentracker answers at most 64).
+http_batch_size = 50
+# Seconds to wait for a UDP reply before sending again; `attempts` tries per request, after
+# which the tracker counts as failed for this run.
+timeout = "3s"
+attempts = 3
+# Trackers asked at the same time, and requests in flight to one tracker (real trackers drop
+# bursts).
+concurrency = 64
+window = 4
+# A tracker that answered nothing in a run is left alone for `backoff`, doubled after each further
+# failing run, up to `max_backoff`. `tsmd scrape --tracker URL` asks it anyway.
+backoff = "1h"
+max_backoff = "7d"
+
+[dht]
+# `tsmd dht` looks every torrent up in the BitTorrent DHT (BEP 5) with read-only queries (BEP 43)
+# and asks for BEP 33 seed/peer estimates. Nodes met are cached in the database between runs.
+# Bootstrap routers, used while the node cache is small.
+bootstrap = ["router.bittorrent.com:6881", "router.utorrent.com:6881", "dht.transmissionbt.com:6881", "dht.libtorrent.org:25401"]
+# The one UDP socket; "[::]:0" is dual-stack (IPv6 nodes are asked where IPv6 is routed).
+bind = "[::]:0"
+# Lookups in flight at once; thousands work.
+concurrency = 200
+# Packets per second in all (250 is the accepted norm on the public DHT), and per node: libtorrent
+# bans an address that sends it 50 packets in 10 s. `tsmd dht --rate 0` lifts both limits, for
+# closed test networks only.
+rate = 250.0
+per_ip_rate = 1.0
+per_ip_burst = 4
+# A node silent this long lets the next candidate be asked; after query_timeout it has failed.
+stall_timeout = "1s"
+query_timeout = "4s"
+# Queries one lookup may send at most.
+max_queries = 64
+# Ask for BEP 33 bloom filters (seed and peer estimates).
+bep33 = true
+
+[report]
+# What `tsmd run` publishes after measuring: each file is written atomically (a web server never
+# serves half of one). Formats: json (the libgen-seedtools feed), html, ndjson, csv, prometheus.
+# The default is none:
+# outputs = []
+outputs = [
+    { format = "json", path = "public/torrents.json" },
+    { format = "html", path = "public/index.html" },
+    { format = "prometheus", path = "metrics/tsmd.prom" },
+]
+
+[retention]
+# Applied at the end of `tsmd run` (and by `tsmd prune`); 0 keeps everything.
+# Tracker and DHT samples older than this are deleted (at least 8 days: the week's change).
+samples = "400d"
+# DHT nodes not seen for this long leave the node cache.
+nodes = "30d"
+
+[run]
+# The stages `tsmd run` runs, in this order. A host without DHT access (UDP blocked) leaves
+# "dht" out; `tsmd run --skip STAGE` leaves one out for a single run.
+stages = ["sync", "dht", "scrape", "report", "prune"]
+
+# One [[collections]] table per collection. `url` is one of:
+#   - an HTML index page: every link to a .torrent file (resolved against the page, same origin
+#     unless same_origin = false) and every magnet link;
+#   - a direct .torrent URL;
+#   - a text list (one URL, magnet link or infohash per line, # comments) or a JSON list (strings,
+#     or objects with "link", "url", "magnet" or "infohash", such as a libgen-seedtools feed);
+#   - a local folder (its *.torrent files), a local file, or a file:// URL.
+[[collections]]
+# Unique name, used by --collection and in reports.
+name = "libgen-books"
+url = "https://libgen.rs/repository_torrent/"
+# What libgen-seedtools users filter on: books, fiction, scimag, ...
+type = "books"
+# Set to false to skip the collection unless named with --collection.
+enabled = true
+# Only entries whose URL (or magnet, or infohash) contains this text.
+required_substring = "r_"
+# Follow links on an HTML index only to the page's own scheme, host and port.
+same_origin = true
+# Extra trackers to ask for every torrent of this collection (used by `tsmd scrape`).
+trackers = []
+
+[[collections]]
+name = "libgen-fiction"
+url = "https://libgen.rs/fiction/repository_torrent/"
+type = "fiction"
+enabled = false
+required_substring = "f_"
+"""
+
+
 def load_settings(config_path: Path | None, db_override: Path | None = None) -> Settings:
     """Settings from the TOML file (if any) over the defaults, then the command line's database."""
     if config_path is None:
@@ -4402,6 +4578,7 @@ class SyncCounts:
     requests: int = 0
     trackers_ignored: int = 0  # past [sync] max_trackers_per_torrent or max_new_trackers
     broken: int = 0  # entries that failed again, BROKEN_AFTER syncs in a row or more
+    outage: str | None = None  # set when no server could be reached at all
 
     def summary(self) -> str:
         ignored = (f"; {self.trackers_ignored:,} trackers left out by max_trackers_per_torrent "
@@ -4735,6 +4912,8 @@ async def run_sync(db: sqlite3.Connection, settings: Settings,
                                                    revalidate, on_entries)
         finally:
             counts.requests = fetcher.requests
+            if fetcher.requests and not fetcher.connected:
+                counts.outage = "no collection server could be reached: network down?"
             with trio.CancelScope(shield=True):
                 await fetcher.aclose()
     reporter.flush_problems()
@@ -6068,11 +6247,14 @@ def render_report(db: sqlite3.Connection, rows: Sequence[ReportRow], report_form
     return REPORT_CHUNKS[report_format](rows)
 
 
-def _has_content(path: Path) -> bool:
+def _lists_torrents(path: Path, db: sqlite3.Connection, report_format: str) -> bool:
+    """Whether the report at `path` lists torrents: it is larger than a report of none in its
+    format (give or take a time stamp or a note)."""
     try:
-        return path.stat().st_size > 0
+        size = path.stat().st_size
     except OSError:
         return False
+    return size > sum(len(chunk.encode()) for chunk in render_report(db, [], report_format)) + 256
 
 
 def write_atomically(path: Path, text: str | Iterable[str]) -> None:
@@ -6120,10 +6302,10 @@ async def publish_reports(db: sqlite3.Connection, settings: Settings, *,
     for output in settings.report.outputs:
         await trio.lowlevel.checkpoint()  # Ctrl-C and SIGTERM are heard between files
         path = Path(output.path)
-        if not rows and _has_content(path):
+        if not rows and _lists_torrents(path, db, output.format):
             counts.failed += 1
-            reporter.problem(f"report {path} not replaced: it lists no torrent and the file is "
-                             "not empty (a failed sync?); `tsmd report --allow-empty` replaces it")
+            reporter.problem(f"report {path} not replaced by one of no torrent (a failed "
+                             "sync?); `tsmd report --allow-empty` replaces it")
             continue
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -6266,7 +6448,8 @@ class _TsmdTyper(typer.Typer):
 _database_in_use: Path | None = None  # for the guard's message: the one _open_db opened
 
 app = _TsmdTyper(
-    name="tsmd", add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+    name="tsmd", no_args_is_help=True, rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Torrent Swarm Monitoring Daemon: which torrents of a collection need seeders?")
 
 
@@ -6396,6 +6579,123 @@ def run_interruptible(async_fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, bo
     return outcome.get("result"), outcome["interrupted"]
 
 
+async def probe_dht_routers(entries: Sequence[str], timeout: float) -> tuple[int, list[float]]:
+    """How many of the bootstrap routers resolve, and the round trips (s) of those that answer a
+    ping over UDP within `timeout`: one packet to the first address of each (IPv4 first)."""
+    first: dict[str, DhtNode] = {}
+
+    async def resolve(entry: str) -> None:
+        with contextlib.suppress(ValueError, FetchError):
+            host, port = split_host_port(entry)
+            addresses = sorted(await resolve_addresses(host, port), key=lambda a: ":" in a)
+            if addresses:
+                first[entry] = DhtNode(b"", addresses[0], port)
+
+    with trio.move_on_after(timeout):
+        async with trio.open_nursery() as nursery:
+            for entry in entries:
+                nursery.start_soon(resolve, entry)
+    answered: list[float] = []
+    if not first:
+        return 0, answered
+    endpoint = UdpEndpoint.open("[::]:0", krpc_transaction_untrusted)
+    node_id = os.urandom(20)
+
+    async def ping(number: int, node: DhtNode) -> None:
+        transaction = number.to_bytes(2, "big")
+        sent = trio.current_time()
+        with contextlib.suppress(NotSent):
+            if await endpoint.request(encode_ping(transaction, node_id), node.host, node.port,
+                                      transaction, timeout) is not None:
+                answered.append(trio.current_time() - sent)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(endpoint.receive_forever)
+            async with trio.open_nursery() as pings:
+                for number, node in enumerate(first.values()):
+                    pings.start_soon(ping, number, node)
+            nursery.cancel_scope.cancel()
+    finally:
+        endpoint.close()
+    return len(first), answered
+
+
+def first_run_lines(settings: Settings, routers: int, resolved: int,
+                    answered: list[float]) -> list[str]:
+    """What `tsmd init` says: each check in one line, then what the first run will do."""
+    lines = []
+    folder = settings.database.parent
+    if not folder.is_dir():
+        lines.append(f"database: {settings.database}: the folder does not exist; create it")
+    elif not os.access(folder, os.W_OK):
+        lines.append(f"database: {settings.database}: the folder is not writable")
+    else:
+        lines.append(f"database: {settings.database} (folder writable)")
+    enabled = [c for c in settings.collections if c.enabled]
+    lines.append(f"collections: {len(enabled)} enabled" + "".join(
+        f"; {c.name} ({c.url})" for c in enabled[:3]) + ("; ..." if len(enabled) > 3 else ""))
+    if not resolved:
+        lines.append(f"DHT: none of the {routers} bootstrap routers resolves: offline, or DNS "
+                     "down? `tsmd run` would stop its DHT stage with exit 69")
+    elif not answered:
+        lines.append(f"DHT: {resolved} of {routers} routers resolve, none answered over UDP: "
+                     "UDP blocked? leave \"dht\" out of [run] stages")
+    else:
+        lines.append(f"DHT: {resolved} of {routers} routers resolve, {len(answered)} answered "
+                     f"over UDP (fastest {min(answered) * 1000:.0f} ms)")
+    rate = settings.dht.rate or math.inf
+    lines.append(
+        f"first run (tsmd run): fetches the index of each enabled collection and its .torrent "
+        f"files, looks each torrent up in the DHT at {rate:g} packets/s (about "
+        f"{rate / 12:.0f} lookups a second: 5,000 torrents take about "
+        f"{5000 / (rate / 12) / 60:.0f} minutes), asks every torrent's trackers, and writes "
+        f"{len(settings.report.outputs)} reports. Later runs fetch only what changed.")
+    return lines
+
+
+@app.command()
+def init(
+    ctx: typer.Context,
+    force: Annotated[bool, typer.Option(help="Replace the configuration file if it exists.")
+                     ] = False,
+    offline: Annotated[bool, typer.Option(help="Write the file and ask nothing on the network."
+                                          )] = False,
+    bootstrap: Annotated[Optional[list[str]], typer.Option(
+        "--bootstrap", metavar="HOST:PORT", help="Check these DHT routers instead of those of "
+        "the new file (repeatable).")] = None,
+) -> None:
+    """Write a commented tsmd.toml (or --config FILE) with every setting at its default, then
+    check in one line each what the first run needs: a writable database folder, DHT routers
+    that resolve and answer over UDP (one ping each), and say what `tsmd run` will contact.
+
+    Example: tsmd init && tsmd run
+    """
+    state: CliState = ctx.obj
+    path = state.config or Path("tsmd.toml")
+    if path.exists() and not force:
+        raise _fail(f"{path} exists: edit it, or `tsmd init --force` to replace it",
+                    ExitCode.USAGE)
+    _host_port_options(bootstrap or [], "--bootstrap")
+    try:
+        path.write_text(EXAMPLE_CONFIG, encoding="utf-8")
+    except OSError as exc:
+        raise _fail(f"cannot write {path}: {exc.strerror or exc}", ExitCode.USAGE) from None
+    settings = load_settings(path, state.db)
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"config: {path} written; edit its [[collections]] to choose what to watch",
+                  markup=False)
+    routers = bootstrap or settings.dht.bootstrap
+    resolved, answered = 0, []
+    if not offline:
+        (resolved, answered), _ = run_interruptible(probe_dht_routers, routers, 3.0)
+    lines = first_run_lines(settings, len(routers), resolved, answered)
+    if offline:
+        lines = [line for line in lines if not line.startswith("DHT:")]
+    for line in lines:
+        console.print(line, markup=False)
+
+
 @app.command()
 def sync(
     ctx: typer.Context,
@@ -6411,8 +6711,9 @@ def sync(
     """
     settings, reporter = _load(ctx)
     chosen = _collections_to(settings, collection or [], "sync")
-    run_stage_command(settings, reporter, "sync", run_sync, SyncCounts(len(chosen)), judge_sync,
-                      wait=_wait_option(wait), collections=chosen, revalidate=revalidate)
+    run_stage_command(settings, reporter, "sync", run_sync, SyncCounts(len(chosen)),
+                      sync_judge(reporter), wait=_wait_option(wait), collections=chosen,
+                      revalidate=revalidate)
 
 
 def _collections_to(settings: Settings, names: Sequence[str],
@@ -6531,8 +6832,13 @@ def run_stage_command(settings: Settings, reporter: Reporter, stage: str, run: A
         raise typer.Exit(int(code))
 
 
-def judge_sync(counts: SyncCounts) -> tuple[str, ExitCode]:
-    return ("partial", ExitCode.PARTIAL) if counts.failed else ("ok", ExitCode.OK)
+def sync_judge(reporter: Reporter) -> Any:
+    def judge(counts: SyncCounts) -> tuple[str, ExitCode]:
+        if counts.outage:
+            reporter.problem(f"sync: {counts.outage}")
+            return "unreachable", ExitCode.UNREACHABLE
+        return ("partial", ExitCode.PARTIAL) if counts.failed else ("ok", ExitCode.OK)
+    return judge
 
 
 def dht_judge(reporter: Reporter) -> Any:
@@ -6731,10 +7037,9 @@ def report(
             sys.stdout.writelines(chunks)
             sys.stdout.flush()
             return
-        if not rows and not allow_empty and _has_content(output):
-            raise _fail(f"{output} not replaced: the report lists no torrent and the file is "
-                        "not empty (a failed sync?); --allow-empty replaces it anyway",
-                        ExitCode.PARTIAL)
+        if not rows and not allow_empty and _lists_torrents(output, db, chosen_format):
+            raise _fail(f"{output} not replaced by a report of no torrent (a failed sync?); "
+                        "--allow-empty replaces it anyway", ExitCode.PARTIAL)
         try:
             write_atomically(output, chunks)
         except TsmdError as exc:
@@ -6772,7 +7077,7 @@ def run_command(
                     ExitCode.USAGE)
     wanted = [stage for stage in settings.run.stages if stage not in (skip or [])]
     stages = [
-        ("sync", run_sync, SyncCounts(len(chosen)), judge_sync, {
+        ("sync", run_sync, SyncCounts(len(chosen)), sync_judge(reporter), {
             "collections": chosen}),
         ("dht", run_dht, DhtCounters(), dht_judge(reporter), {
             "collections": chosen, "with_run_id": True}),
