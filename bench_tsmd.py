@@ -8,6 +8,7 @@
     python3 bench_tsmd.py run [--torrents 20000]
     python3 bench_tsmd.py fuzz [--inputs 1000000] [--seed 1]
     python3 bench_tsmd.py decode [--files 1000000]
+    python3 bench_tsmd.py startup [--torrents 2000]
 
 `sync`: generates a collection of .torrent files (libgen-like: many files per torrent, a few
 trackers), serves it from a separate process on 127.0.0.1 (an HTML index page, ETags, conditional
@@ -112,11 +113,17 @@ sys.exit(app())
 """
 
 
+# tsmd as a user's install runs it: its bytecode cached. (This VM's environment sets
+# PYTHONDONTWRITEBYTECODE, which would make every run compile tsmd.py again, about 80 ms.)
+USER_ENV: Final = {key: value for key, value in os.environ.items()
+                   if key != "PYTHONDONTWRITEBYTECODE"}
+
+
 def run_tsmd(config: Path, *args: str, ok_codes: tuple[int, ...] = (0,)) -> tuple[float, int, str]:
     """(wall seconds, peak RSS in KiB, last line tsmd said) of one tsmd invocation."""
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, str(HERE),
-                           "--config", str(config), *args],
+                           "--config", str(config), *args], env=USER_ENV,
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800)
     wall = time.perf_counter() - started
     if done.returncode not in ok_codes:
@@ -299,6 +306,7 @@ def bench_scrape(count: int, with_libtorrent: bool, libtorrent_hashes: int) -> N
                       f"{packets} UDP datagrams sent and received; counts exact: {exact}; "
                       f"drops at the tracker: {tracker.udp_drops() - before_drops}")
             if with_libtorrent:
+                scrape_whole_processes(root, hashes[:2000], udp, expected)
                 subset = hashes[:libtorrent_hashes]
                 before_packets = udp_datagrams()
                 results, wall, retried = libtorrent_scrape(subset, udp, timeout=600)
@@ -318,6 +326,40 @@ def bench_scrape(count: int, with_libtorrent: bool, libtorrent_hashes: int) -> N
         finally:
             tracker.stop()
         bench_dead_trackers(root, hashes[: min(count, 2000)], swarms)
+
+
+LIBTORRENT_SCRAPE_PROCESS: Final = """
+import hashlib, sys
+sys.path.insert(0, sys.argv[1])
+from bench_tsmd import libtorrent_scrape
+hashes = [hashlib.sha1(f"bench {n}".encode()).digest() for n in range(int(sys.argv[2]))]
+results, _, _ = libtorrent_scrape(hashes, sys.argv[3], timeout=600)
+print(len(results))
+"""
+
+
+def scrape_whole_processes(root: Path, hashes: list[bytes], udp: str, expected: dict,
+                           rounds: int = 3) -> None:
+    """`tsmd scrape` and a libtorrent process scraping the same hashes on the same tracker,
+    each a whole process from start to exit, side by side, `rounds` times."""
+    database = root / "whole.sqlite3"
+    make_scrape_db(database, hashes, lambda n: [udp])
+    config = scrape_config(root, database)
+    ours, theirs = [], []
+    for _ in range(rounds):
+        wall, _, _ = run_tsmd(config, "scrape", "--stale-after", "0")
+        ours.append(wall)
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", LIBTORRENT_SCRAPE_PROCESS, str(HERE),
+                               str(len(hashes)), udp], capture_output=True, text=True,
+                              timeout=600, env=USER_ENV)
+        theirs.append(time.perf_counter() - started)
+        assert done.stdout.strip() == str(len(hashes)), done.stderr
+    exact = scraped_exactly(database, udp, expected, skip_unknown=False)
+    print(f"whole processes, {len(hashes)} hashes on one UDP tracker: tsmd scrape "
+          f"{', '.join(f'{t:.2f}' for t in ours)} s, libtorrent "
+          f"{', '.join(f'{t:.2f}' for t in theirs)} s -> tsmd / libtorrent "
+          f"x{min(ours) / min(theirs):.2f} (best of {rounds} each); counts exact: {exact}")
 
 
 def scraped_exactly(database: Path, url: str, expected: dict, skip_unknown: bool) -> bool:
@@ -1315,6 +1357,62 @@ def bench_decode(files: int) -> None:
         print(f"tsmd --version for comparison: peak RSS {peak_kib / 1024:.0f} MiB")
 
 
+def median_seconds(command: list[str], runs: int = 10) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run(command, capture_output=True, env=USER_ENV, stdin=subprocess.DEVNULL,
+                       timeout=60, check=True)
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_startup(torrents: int) -> None:
+    """How long tsmd takes before it does anything: --version, --help, and a stage command
+    from its start to its first packet, whole processes, bytecode cached."""
+    tsmd_command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); "
+                    "sys.argv[0] = 'tsmd'; from tsmd import app; sys.exit(app())"]
+    print(f"machine: {os.cpu_count()} cores, Python {platform.python_version()}")
+    bare = median_seconds([sys.executable, "-c", "pass"])
+    print(f"python -c pass: {bare * 1000:.0f} ms (median of 10)")
+    for arguments in (["--version"], ["--help"], ["sync", "--help"]):
+        print(f"tsmd {' '.join(arguments)}: "
+              f"{median_seconds(tsmd_command + arguments) * 1000:.0f} ms (median of 10)")
+    importtime = subprocess.run([sys.executable, "-X", "importtime", "-c", "import tsmd"],
+                                capture_output=True, text=True, env=USER_ENV, cwd=HERE)
+    heaviest = sorted(((int(line.split("|")[1]), line.split("|")[2].strip())
+                       for line in importtime.stderr.splitlines() if line.count("|") == 2
+                       and line.split("|")[1].strip().isdigit()), reverse=True)[:6]
+    print("import tsmd, cumulative µs: " + ", ".join(f"{name} {us:,}" for us, name in heaviest))
+    with tempfile.TemporaryDirectory(prefix="tsmd-bench-") as tmp:
+        root = Path(tmp)
+        hashes = [hashlib.sha1(f"startup {n}".encode()).digest() for n in range(torrents)]
+        first_packets = []
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as listener:
+            listener.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{listener.getsockname()[1]}"
+            database = root / "startup.sqlite3"
+            make_scrape_db(database, hashes, lambda n: [f"udp://{address}/announce"])
+            for stage, config in (("scrape", scrape_config(root, database)),
+                                  ("dht", scrape_config(root, database,
+                                                        dht=f'bootstrap = ["{address}"]\n'
+                                                            'bind = "127.0.0.1:0"\n'))):
+                for _ in range(5):
+                    started = time.perf_counter()
+                    process = subprocess.Popen([*tsmd_command, "--config", str(config), stage],
+                                               env=USER_ENV, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL)
+                    listener.settimeout(30)
+                    listener.recvfrom(65536)
+                    first_packets.append((stage, time.perf_counter() - started))
+                    process.kill()
+                    process.wait()
+        for stage in ("scrape", "dht"):
+            times = sorted(t for s, t in first_packets if s == stage)
+            print(f"tsmd {stage} of {torrents:,} torrents, start to first packet: "
+                  f"{times[len(times) // 2] * 1000:.0f} ms (median of {len(times)})")
+
+
 def round_trips(text: str) -> tuple[float, float] | None:
     """Milliseconds as "LOW-HIGH" or "MS" -> seconds (low, high); "0" -> None."""
     low, _, high = text.partition("-")
@@ -1366,11 +1464,15 @@ def main() -> None:
     fuzz.add_argument("--inputs", type=int, default=1_000_000)
     fuzz.add_argument("--seed", type=int, default=1)
     fuzz.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    startup = sub.add_parser("startup", help="--version, --help, start to first packet")
+    startup.add_argument("--torrents", type=int, default=2000)
     decode = sub.add_parser("decode", help="cost of the bencode scan; sync of a huge .torrent")
     decode.add_argument("--files", type=int, default=1_000_000,
                         help="files in the huge .torrent")
     args = parser.parse_args()
-    if args.bench == "fuzz":
+    if args.bench == "startup":
+        bench_startup(args.torrents)
+    elif args.bench == "fuzz":
         bench_fuzz(args.inputs, args.seed, args.workers)
     elif args.bench == "decode":
         bench_decode(args.files)

@@ -1614,7 +1614,7 @@ def test_cli_usage_errors(tmp_path):
 
 
 def test_cli_in_process_help_has_examples():
-    result = CliRunner().invoke(tsmd.app, ["sync", "--help"])
+    result = CliRunner().invoke(tsmd.app.typer(), ["sync", "--help"])
     assert result.exit_code == 0 and "Example: tsmd" in result.output
 
 

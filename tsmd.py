@@ -1,7 +1,7 @@
 # /// script
 # requires-python = ">=3.10"
 # dependencies = [
-#     "typer>=0.12",
+#     "typer>=0.12,<0.29",
 #     "rich>=13",
 #     "trio>=0.25",
 #     "h11>=0.14",
@@ -34,7 +34,6 @@ tracker scrape, storage), configuration, the stages, reports and last the comman
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import bisect
 from array import array
@@ -42,19 +41,15 @@ import dataclasses
 import enum
 import functools
 import gc
-import hashlib
 import heapq
-import html
 import importlib.util
 import ipaddress
 import json
 import math
 import operator
 import os
-import random
 import re
 import socket
-import sqlite3
 import struct
 import sys
 import time
@@ -66,16 +61,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, NamedTuple, Optional
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup  # trio's own dependency before 3.11
 
 import bencoder
-import typer
-from rich.console import Console
-from rich.markup import escape as escape_markup
 
 
 def _import_lazily(name: str) -> Any:
@@ -94,12 +83,35 @@ def _import_lazily(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    import base64
+    import hashlib
+    import html
+    import random
+    import sqlite3
+    import tomllib
+
     import h11
+    import rich.console as rich_console
     import trio
+    import typer
+    from rich.console import Console
     from rich.progress import Progress
 else:
+    # What a command does not need is not imported: `tsmd --version` loads almost nothing.
+    base64, hashlib, html, random, sqlite3 = map(
+        _import_lazily, ("base64", "hashlib", "html", "random", "sqlite3"))
+    tomllib = _import_lazily("tomllib" if sys.version_info >= (3, 11) else "tomli")
     h11 = _import_lazily("h11")
     trio = _import_lazily("trio")
+    typer = _import_lazily("typer")  # the command line is built on first use: LazyCli
+    # rich draws tables and progress bars on a terminal; cron and pipes get plain lines.
+    rich_console = _import_lazily("rich.console")
+
+
+def escape_markup(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 __version__: Final = "0.1.0"
 
@@ -4524,42 +4536,79 @@ def make_fetcher(settings: Settings, resolve: Any = None,
 
 
 class Reporter:
-    """Everything tsmd says to a person goes through here, to stderr (stdout carries results)."""
+    """Everything tsmd says to a person goes through here, to stderr (stdout carries results):
+    through rich on a terminal, in colour and with progress bars; as plain lines otherwise,
+    without loading rich at all (cron, pipes, logs)."""
 
     MAX_PROBLEM_LINES: Final = 20
 
     def __init__(self, verbosity: int = 0, console: Console | None = None) -> None:
         self.verbosity = verbosity  # -1 quiet, 0 normal, 1+ verbose
-        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+        if console is None and sys.stderr.isatty():
+            console = rich_console.Console(stderr=True, highlight=False, soft_wrap=True)
+        self.console = console  # None: plain lines
         self.problems_shown = 0
         self.problems_hidden = 0
 
+    def _say(self, text: str, style: str | None = None) -> None:
+        if self.console is None:
+            sys.stderr.write(text + "\n")
+        else:
+            self.console.print(text, markup=False, style=style)
+
     def info(self, message: str) -> None:
         if self.verbosity >= 0:
-            self.console.print(message, markup=False)
+            self._say(message)
 
     def problem(self, message: str) -> None:
         """One failed item. Shown even with -q; past a screenful only counted unless -v."""
         if self.verbosity >= 1 or self.problems_shown < self.MAX_PROBLEM_LINES:
             self.problems_shown += 1
-            self.console.print(f"error: {message}", markup=False, style="red")
+            self._say(f"error: {message}", style="red")
         else:
             self.problems_hidden += 1
 
     def flush_problems(self) -> None:
         if self.problems_hidden:
-            self.console.print(f"error: ... and {self.problems_hidden} more failures "
-                               "(-v shows them all)", markup=False, style="red")
+            self._say(f"error: ... and {self.problems_hidden} more failures (-v shows them "
+                      "all)", style="red")
             self.problems_hidden = 0
 
-    def progress(self) -> Progress:
+    def progress(self) -> Progress | _NoProgress:
+        if self.console is None or self.verbosity < 0 or not self.console.is_terminal:
+            return _NoProgress()
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn)
 
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=self.console, transient=True,
-                        disable=self.verbosity < 0 or not self.console.is_terminal,
                         refresh_per_second=PROGRESS_REFRESH_PER_SECOND)
+
+
+@dataclass(slots=True)
+class _Task:
+    total: float | None
+
+
+class _NoProgress:
+    """What the stages use of rich's Progress, drawing nothing: where no one watches."""
+
+    def __init__(self) -> None:
+        self.tasks: list[_Task] = []
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None) -> int:
+        self.tasks.append(_Task(total))
+        return len(self.tasks) - 1
+
+    def update(self, task: int, *, total: float | None = None, **ignored: Any) -> None:
+        if total is not None:
+            self.tasks[task].total = total
 
 
 # ---- Sync stage ----
@@ -6429,16 +6478,45 @@ def render_status(status: dict[str, Any], console: Console) -> None:
 
 # ---- Command line ----
 
-class _TsmdTyper(typer.Typer):
-    """typer's application with one guard more: a database that fails in the middle of any
-    command (a full disk, a read-only or damaged file) is said in one line, with exit code 3,
-    not shown as a traceback. What was committed stays committed."""
+class LazyCli:
+    """The command line. Commands register here as they are defined, and typer builds the
+    application on first use, so that `tsmd --version` answers without importing typer (half
+    its time). Calling it adds one guard: a database that fails in the middle of any command (a
+    full disk, a read-only or damaged file) is said in one line with exit code 3, not shown as
+    a traceback. What was committed stays committed."""
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not args and "args" not in kwargs:
-            kwargs["args"] = _bare_wait_means_forever(sys.argv[1:])
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self._registered: list[tuple[str, tuple, dict, Callable[..., Any]]] = []
+        self._typer: typer.Typer | None = None
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+        return self._register("command", args, kwargs)
+
+    def callback(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+        return self._register("callback", args, kwargs)
+
+    def _register(self, kind: str, args: tuple, kwargs: dict) -> Callable[..., Any]:
+        def register(function: Callable[..., Any]) -> Callable[..., Any]:
+            self._registered.append((kind, args, kwargs, function))
+            return function
+        return register
+
+    def typer(self) -> typer.Typer:
+        if self._typer is None:
+            application = typer.Typer(**self.options)
+            for kind, args, kwargs, function in self._registered:
+                getattr(application, kind)(*args, **kwargs)(function)
+            self._typer = application
+        return self._typer
+
+    def __call__(self) -> Any:
+        argv = sys.argv[1:]
+        if argv == ["--version"]:
+            print(f"tsmd {__version__}")
+            return None
         try:
-            return super().__call__(*args, **kwargs)
+            return self.typer()(args=_bare_wait_means_forever(argv))
         except sqlite3.Error as exc:
             where = f" {_database_in_use}" if _database_in_use else ""
             _say_error(f"database{where}: {exc}")
@@ -6447,7 +6525,7 @@ class _TsmdTyper(typer.Typer):
 
 _database_in_use: Path | None = None  # for the guard's message: the one _open_db opened
 
-app = _TsmdTyper(
+app = LazyCli(
     name="tsmd", no_args_is_help=True, rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Torrent Swarm Monitoring Daemon: which torrents of a collection need seeders?")
@@ -6488,8 +6566,11 @@ def main(
 
 
 def _say_error(message: str) -> None:
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"tsmd: {message}", markup=False, style="bold red")
+    if sys.stderr.isatty():
+        rich_console.Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"tsmd: {message}", markup=False, style="bold red")
+    else:
+        sys.stderr.write(f"tsmd: {message}\n")
 
 
 def _fail(message: str, code: ExitCode) -> typer.Exit:
@@ -6682,7 +6763,7 @@ def init(
     except OSError as exc:
         raise _fail(f"cannot write {path}: {exc.strerror or exc}", ExitCode.USAGE) from None
     settings = load_settings(path, state.db)
-    console = Console(highlight=False, soft_wrap=True)
+    console = rich_console.Console(highlight=False, soft_wrap=True)
     console.print(f"config: {path} written; edit its [[collections]] to choose what to watch",
                   markup=False)
     routers = bootstrap or settings.dht.bootstrap
@@ -6703,7 +6784,8 @@ def sync(
         "--collection", "-c", metavar="NAME", help="Only this collection (repeatable).")] = None,
     revalidate: Annotated[bool, typer.Option(
         help="Re-check every known .torrent with a conditional request, however recent.")] = False,
-    wait: WaitOption = None,
+    wait: Annotated[Optional[str], typer.Option(
+        "--wait", metavar="[SECONDS]", help=WAIT_OPTION_HELP)] = None,
 ) -> None:
     """Fetch every enabled collection's torrents into the database.
 
@@ -6862,8 +6944,6 @@ def scrape_judge(reporter: Reporter) -> Any:
 WAIT_OPTION_HELP: Final = ("If another tsmd is writing to the database, wait for it (at most "
                            "SECONDS, e.g. 600 or 10m; for as long as it takes without) instead "
                            f"of exiting with code {int(ExitCode.BUSY)}.")
-WaitOption = Annotated[Optional[str], typer.Option("--wait", metavar="[SECONDS]",
-                                                   help=WAIT_OPTION_HELP)]
 
 
 def _wait_option(value: str | None) -> float:
@@ -6906,7 +6986,8 @@ def dht(
         metavar="ADDR:PORT", help="Local ADDR:PORT of the UDP socket (default: [dht].bind).")] = None,
     stale_after: Annotated[Optional[str], typer.Option(
         "--stale-after", metavar="DURATION", help="Skip torrents with a DHT sample newer than this, e.g. 12h.")] = None,
-    wait: WaitOption = None,
+    wait: Annotated[Optional[str], typer.Option(
+        "--wait", metavar="[SECONDS]", help=WAIT_OPTION_HELP)] = None,
 ) -> None:
     """Count each torrent's peers in the BitTorrent DHT (BEP 5), with BEP 33 estimates.
 
@@ -6946,7 +7027,8 @@ def scrape(
     stale_after: Annotated[Optional[str], typer.Option(
         "--stale-after", metavar="DURATION", help="Skip torrents with a tracker sample newer than this, e.g. 6h.")
     ] = None,
-    wait: WaitOption = None,
+    wait: Annotated[Optional[str], typer.Option(
+        "--wait", metavar="[SECONDS]", help=WAIT_OPTION_HELP)] = None,
 ) -> None:
     """Ask every tracker of every torrent for seeders, leechers and completed downloads.
 
@@ -6984,7 +7066,7 @@ def trackers(
     if format == "json":
         sys.stdout.write(json.dumps([dataclasses.asdict(row) for row in rows], indent=1) + "\n")
         return
-    render_tracker_table(rows, Console(highlight=False))
+    render_tracker_table(rows, rich_console.Console(highlight=False))
 
 
 @app.command()
@@ -7030,7 +7112,7 @@ def report(
         rows = select_report_rows(_report_rows(db, settings, collection or []), sort, limit,
                                   max_seeders)
         if chosen_format == "table":
-            render_table(rows, Console(highlight=False))
+            render_table(rows, rich_console.Console(highlight=False))
             return
         chunks = render_report(db, rows, chosen_format, per_torrent)
         if output is None:
@@ -7057,7 +7139,8 @@ def run_command(
     skip: Annotated[Optional[list[str]], typer.Option(
         "--skip", metavar="STAGE", help="Leave this stage out (repeatable): sync, dht, scrape, "
         "report or prune; [run].stages chooses them for every run.")] = None,
-    wait: WaitOption = None,
+    wait: Annotated[Optional[str], typer.Option(
+        "--wait", metavar="[SECONDS]", help=WAIT_OPTION_HELP)] = None,
 ) -> None:
     """The whole pipeline, for cron: sync, dht, scrape, then the reports of [report].outputs
     and the [retention] clean-up. A stage that fails does not stop the next ones.
@@ -7299,7 +7382,7 @@ def check(
     if format == "json":
         sys.stdout.write(json.dumps(result.as_dict(), indent=1, ensure_ascii=False) + "\n")
     else:
-        render_check(result, Console(highlight=False))
+        render_check(result, rich_console.Console(highlight=False))
     answered = result.dht_nodes_answered or any(t.error is None for t in result.trackers)
     if not answered:
         raise _fail("no tracker and no DHT node answered", ExitCode.PARTIAL)
@@ -7317,7 +7400,8 @@ def prune(
     vacuum: Annotated[bool, typer.Option(
         help="Then give the freed space back to the file system (rewrites the database).")
     ] = False,
-    wait: WaitOption = None,
+    wait: Annotated[Optional[str], typer.Option(
+        "--wait", metavar="[SECONDS]", help=WAIT_OPTION_HELP)] = None,
 ) -> None:
     """Delete old samples and DHT nodes; `tsmd run` does the same with [retention].
 
@@ -7370,7 +7454,7 @@ def status(
     if format == "json":
         sys.stdout.write(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     else:
-        render_status(result, Console(highlight=False))
+        render_status(result, rich_console.Console(highlight=False))
 
 
 if __name__ == "__main__":
