@@ -6914,31 +6914,30 @@ def run_stage_command(settings: Settings, reporter: Reporter, stage: str, run: A
         raise typer.Exit(int(code))
 
 
-def sync_judge(reporter: Reporter) -> Any:
-    def judge(counts: SyncCounts) -> tuple[str, ExitCode]:
+def judge_with_outage(reporter: Reporter, stage: str,
+                      judge_heard: Callable[[Any], tuple[str, ExitCode]]) -> Any:
+    """A stage's verdict: unreachable (exit 69) when it heard nothing, else judge_heard's."""
+    def judge(counts: Any) -> tuple[str, ExitCode]:
         if counts.outage:
-            reporter.problem(f"sync: {counts.outage}")
+            reporter.problem(f"{stage}: {counts.outage}")
             return "unreachable", ExitCode.UNREACHABLE
-        return ("partial", ExitCode.PARTIAL) if counts.failed else ("ok", ExitCode.OK)
+        return judge_heard(counts)
     return judge
+
+
+def sync_judge(reporter: Reporter) -> Any:
+    return judge_with_outage(reporter, "sync", lambda counts: (
+        ("partial", ExitCode.PARTIAL) if counts.failed else ("ok", ExitCode.OK)))
 
 
 def dht_judge(reporter: Reporter) -> Any:
-    def judge(counts: DhtCounters) -> tuple[str, ExitCode]:
-        if counts.outage:
-            reporter.problem(f"dht: {counts.outage}")
-            return "unreachable", ExitCode.UNREACHABLE
-        return "ok", ExitCode.OK
-    return judge
+    return judge_with_outage(reporter, "dht", lambda counts: ("ok", ExitCode.OK))
 
 
 def scrape_judge(reporter: Reporter) -> Any:
-    def judge(counts: ScrapeRunCounts) -> tuple[str, ExitCode]:
-        if counts.outage:
-            reporter.problem(f"scrape: {counts.outage}")
-            return "unreachable", ExitCode.UNREACHABLE
-        return ("partial" if counts.trackers_failed else "ok"), ExitCode.OK
-    return judge
+    # A tracker that fails is common and reported; it does not fail the stage.
+    return judge_with_outage(reporter, "scrape", lambda counts: (
+        "partial" if counts.trackers_failed else "ok", ExitCode.OK))
 
 
 WAIT_OPTION_HELP: Final = ("If another tsmd is writing to the database, wait for it (at most "
