@@ -4,6 +4,7 @@ reports, command line. Network tests use loopback only and run under trio.fail_a
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -4374,6 +4375,19 @@ def test_init_writes_the_example_and_checks_what_the_first_run_needs(tmp_path):
         assert done.returncode == 0 and "DHT:" not in done.stdout
         assert (tmp_path / "other.toml").read_text() == tsmd.EXAMPLE_CONFIG
         assert not (tmp_path / "tsmd.sqlite3").exists()  # init checks; it creates nothing else
+        # SIGTERM while the routers are asked: the file stays written, the exit says why.
+        silent.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while silent.recv(2048):  # the pings of the run before
+                pass
+        process = start_tsmd("--config", str(tmp_path / "third.toml"), "init", "--bootstrap",
+                             f"127.0.0.1:{silent.getsockname()[1]}")
+        silent.settimeout(20)
+        silent.recv(2048)  # this run's ping has been sent: the check is under way
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+        assert process.returncode == tsmd.ExitCode.INTERRUPTED and "Traceback" not in stderr
+        assert (tmp_path / "third.toml").read_text() == tsmd.EXAMPLE_CONFIG
     finally:
         router.stop()
         silent.close()

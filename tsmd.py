@@ -6635,14 +6635,15 @@ def run_interruptible(async_fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, bo
 
     async def supervised() -> None:
         async with trio.open_nursery() as nursery:
-            async def watch_sigterm() -> None:
+            async def watch_sigterm(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
                 with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                    task_status.started()
                     async for _ in signals:
                         outcome["interrupted"] = True
                         nursery.cancel_scope.cancel()
 
-            if hasattr(signal, "SIGTERM"):
-                nursery.start_soon(watch_sigterm)
+            if hasattr(signal, "SIGTERM"):  # watched before the stage starts, not soon after
+                await nursery.start(watch_sigterm)
             outcome["result"] = await async_fn(*args, **kwargs)
             nursery.cancel_scope.cancel()
 
@@ -6769,7 +6770,10 @@ def init(
     routers = bootstrap or settings.dht.bootstrap
     resolved, answered = 0, []
     if not offline:
-        (resolved, answered), _ = run_interruptible(probe_dht_routers, routers, 3.0)
+        probed, interrupted = run_interruptible(probe_dht_routers, routers, 3.0)
+        if interrupted:  # the file is written; only the check was cut short
+            raise typer.Exit(int(ExitCode.INTERRUPTED))
+        resolved, answered = probed
     lines = first_run_lines(settings, len(routers), resolved, answered)
     if offline:
         lines = [line for line in lines if not line.startswith("DHT:")]
