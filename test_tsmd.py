@@ -1559,6 +1559,19 @@ def test_trio_and_h11_are_loaded_only_when_used():
     assert done.stdout.splitlines() == ["[]", "None CLIENT"], done.stderr
 
 
+@pytest.mark.parametrize("arguments", [["--version"], ["--help"], ["status", "--help"]])
+def test_help_and_version_load_neither_the_database_nor_the_network(arguments):
+    probe = ("import sys, tsmd\n"
+             f"sys.argv = ['tsmd', *{arguments!r}]\n"
+             "try:\n    tsmd.app()\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('_sqlite3', 'trio._core', 'h11._connection')"
+             " if m in sys.modules), file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=HERE, capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.stderr.splitlines()[-1] == "[]", done.stderr
+    assert "tsmd" in done.stdout
+
+
 def test_cli_sync_report_and_exit_codes(server, tmp_path):
     publish_collection(server, "/cli/", 4)
     config = write_config(tmp_path, f"""

@@ -1835,6 +1835,16 @@ class FetchResult:
     content_type: str
 
 
+async def in_worker_thread(function: Callable[..., Any], *args: Any,
+                           abandon_on_cancel: bool = False) -> Any:
+    """trio.to_thread.run_sync, with the lazily imported modules loaded here first: LazyLoader
+    is not thread-safe before Python 3.12 (CPython gh-114763), and threads loading hashlib at
+    the same moment see a module without sha1."""
+    for module in (base64, hashlib, html, random):
+        _ = module.__name__  # the first attribute read executes the module, in this thread
+    return await trio.to_thread.run_sync(function, *args, abandon_on_cancel=abandon_on_cancel)
+
+
 # getaddrinfo's answers that the name does not exist (as opposed to no DNS server answering).
 _NO_SUCH_NAME: Final = frozenset(getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA")
                                  if hasattr(socket, name))
@@ -2168,7 +2178,7 @@ class Fetcher:
                 if not allow_local or hop:
                     raise FetchError(f"{url}: refused, a local file must be configured, "
                                      "not linked or redirected to")
-                return await trio.to_thread.run_sync(_read_local, url, max_bytes, etag)
+                return await in_worker_thread(_read_local, url, max_bytes, etag)
             if scheme not in HTTP_SCHEMES:
                 raise FetchError(f"{url}: only http, https and file URLs are fetched")
             host = ascii_request_parts(url)[1]
@@ -4815,8 +4825,8 @@ async def _download_entry(fetcher: Fetcher, settings: Settings, collection_id: i
         if len(result.body) > DECODE_IN_THREAD_BYTES:
             # A .torrent of a million files takes seconds to decode; meanwhile timeouts work,
             # and Ctrl-C or SIGTERM leave the thread to finish alone, its result unused.
-            meta = await trio.to_thread.run_sync(decode_metainfo_untrusted, result.body,
-                                                 abandon_on_cancel=True)
+            meta = await in_worker_thread(decode_metainfo_untrusted, result.body,
+                                          abandon_on_cancel=True)
         else:
             meta = decode_metainfo_untrusted(result.body)
     except ProtocolError as exc:
@@ -6516,8 +6526,11 @@ class LazyCli:
             print(f"tsmd {__version__}")
             return None
         try:
-            return self.typer()(args=_bare_wait_means_forever(argv))
-        except sqlite3.Error as exc:
+            return self.typer()(args=_bare_wait_means_forever(argv), prog_name="tsmd")
+        # Not `except sqlite3.Error`: matching every command's SystemExit would load sqlite3.
+        except Exception as exc:
+            if not isinstance(exc, sqlite3.Error):
+                raise
             where = f" {_database_in_use}" if _database_in_use else ""
             _say_error(f"database{where}: {exc}")
             sys.exit(int(ExitCode.DATABASE))
