@@ -4419,16 +4419,45 @@ def local_collection_config(tmp_path: Path, torrents: dict[str, bytes], extra: s
                                   f'name = "c"\nurl = "{folder.as_uri()}/"\ntype = "books"\n')
 
 
+def test_a_failure_is_never_hidden_behind_an_outage_or_taken_for_one(tmp_path):
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    try:
+        config = local_collection_config(
+            tmp_path, {"r_1.torrent": v1_torrent("one", seed=1), "r_2.torrent": b"d4:junk"},
+            f'[network]\nallow_private = true\noutage_after = "2s"\n[dht]\nbind = '
+            f'"127.0.0.1:0"\nquery_timeout = "1s"\nstall_timeout = "0.5s"\n'
+            f'bootstrap = ["127.0.0.1:{silent.getsockname()[1]}"]')
+        # The DHT is unreachable (69) and a .torrent is broken (1): the run says 1.
+        done = cli("--config", str(config), "run", "--skip", "scrape")
+        assert done.returncode == tsmd.ExitCode.PARTIAL, done.stderr
+        assert "r_2.torrent" in done.stderr and "network down?" in done.stderr
+        assert "run partial" in done.stderr
+        (tmp_path / "torrents" / "r_2.torrent").unlink()
+        done = cli("--config", str(config), "run", "--skip", "scrape")
+        assert done.returncode == tsmd.ExitCode.UNREACHABLE and "run unreachable" in done.stderr
+    finally:
+        silent.close()
+    # A server refused by allow_private is a setting to fix, not the network being down.
+    config = write_config(tmp_path, 'database = "tsmd.sqlite3"\n[[collections]]\nname = "c"\n'
+                                    'url = "http://127.0.0.1:9/index.html"\ntype = "books"\n')
+    done = cli("--config", str(config), "sync")
+    assert done.returncode == tsmd.ExitCode.PARTIAL, done.stderr
+    assert "not a public address" in done.stderr and "network down" not in done.stderr
+
+
 def test_read_commands_never_create_a_database_or_publish_from_nothing(tmp_path):
     config = write_config(tmp_path, ONE_COLLECTION_CONFIG)
     for command in (["report"], ["report", "-o", "feed.json"], ["pick", "--budget", "1TB"],
-                    ["status"], ["trackers"]):
+                    ["status"], ["trackers"], ["prune", "--older-than", "0"]):
         done = cli("--config", str(config), *command, cwd=tmp_path)
         assert done.returncode == tsmd.ExitCode.USAGE, (command, done.stderr)
         assert "no database at" in done.stderr and "Traceback" not in done.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tsmd.toml"]
     done = cli("--db", str(tmp_path / "missing" / "dir" / "x.sqlite3"), "sync", cwd=tmp_path)
-    assert done.returncode == tsmd.ExitCode.DATABASE and "does not exist" in done.stderr
+    assert done.returncode == tsmd.ExitCode.DATABASE
+    assert f"database {tmp_path / 'missing' / 'dir' / 'x.sqlite3'}: the folder " \
+           f"{tmp_path / 'missing' / 'dir'} does not exist" in done.stderr
     assert not (tmp_path / "missing").exists()  # no folder made for a mistyped --db
 
 
@@ -4450,6 +4479,12 @@ def test_report_refuses_an_unknown_collection_and_an_empty_feed_over_a_live_one(
     assert feed.read_text() == live
     done = cli("--config", str(config), "report", "--output", str(feed), "--allow-empty")
     assert done.returncode == 0 and json.loads(feed.read_text()) == []
+    feed.write_text(live)  # and run's own way out, which its message names
+    done = cli("--config", str(config), "run", "--skip", "dht", "--skip", "scrape")
+    assert done.returncode == tsmd.ExitCode.PARTIAL and "tsmd run --allow-empty" in done.stderr
+    done = cli("--config", str(config), "run", "--skip", "dht", "--skip", "scrape",
+               "--allow-empty")
+    assert done.returncode == 0 and json.loads(feed.read_text()) == []
 
 
 def test_run_stages_can_be_chosen_and_skipped(tmp_path):
@@ -4463,6 +4498,8 @@ def test_run_stages_can_be_chosen_and_skipped(tmp_path):
                                              "ORDER BY id")] == ["sync", "report", "sync"]
     done = cli("--config", str(config), "run", "--skip", "dhtt")
     assert done.returncode == tsmd.ExitCode.USAGE and "unknown stage 'dhtt'" in done.stderr
+    done = cli("--config", str(config), "run", "--skip", "sync", "--skip", "report")
+    assert done.returncode == tsmd.ExitCode.USAGE and "no stage left" in done.stderr
     config.write_text(config.read_text().replace('"report"]', '"reports"]'))
     done = cli("--config", str(config), "run")
     assert done.returncode == tsmd.ExitCode.USAGE and "[run].stages" in done.stderr
@@ -4491,18 +4528,23 @@ def test_wait_for_the_lock_as_long_as_told(tmp_path):
 def test_a_torrent_that_keeps_failing_is_said_once_a_day_then_broken(tmp_path):
     config = local_collection_config(tmp_path, {"r_1.torrent": v1_torrent("one", seed=1),
                                                 "r_2.torrent": b"not a torrent"})
-    said = []
+    said, said_again = [], []
     for run_number in range(4):
-        done = cli("--config", str(config), "sync")
+        done = cli("--config", str(config), "-q", "sync")
         said.append("r_2.torrent: not a valid .torrent" in done.stderr)
+        said_again.append("sync: 1 entries failed again, as reported in the last day"
+                          in done.stderr)
         # The third failure in a row makes it broken: no longer in the exit code.
         expected = tsmd.ExitCode.PARTIAL if run_number < tsmd.BROKEN_AFTER - 1 else 0
         assert done.returncode == expected, (run_number, done.stderr)
     assert said == [True, False, False, False]  # once a day
+    assert said_again == [False, True, False, False]  # an exit code of 1 is never unexplained
+    done = cli("--config", str(config), "-v", "sync")
+    assert "r_2.torrent: not a valid .torrent" in done.stderr  # -v says everything
     assert "1 broken (see tsmd status)" in done.stderr
     status = json.loads(cli("--config", str(config), "status", "--format", "json").stdout)
     assert [(b["source"].rsplit("/", 1)[-1], b["failures"]) for b in status["broken"]] == [
-        ("r_2.torrent", 4)]
+        ("r_2.torrent", 5)]
     table = cli("--config", str(config), "status", env={"COLUMNS": "200"})
     assert "broken: 1 entries failed 3+ syncs in a row" in table.stdout
     (tmp_path / "torrents" / "r_2.torrent").write_bytes(v1_torrent("two", seed=2))  # repaired
@@ -4874,14 +4916,23 @@ def test_check_measures_one_torrent_given_in_any_form(world, tmp_path):
     # Once synced, a bare infohash is checked with what the .torrent said: name, size and
     # trackers; the database is only read.
     assert cli("--config", str(config), "sync").returncode == 0
-    before = (tmp_path / "tsmd.sqlite3").read_bytes()
+    def database_files() -> dict[str, bytes]:  # with its -wal: where a write would land first
+        return {path.name: path.read_bytes() for path in tmp_path.glob("tsmd.sqlite3*")}
+
+    before = database_files()
+    assert "tsmd.sqlite3" in before
     done = cli("--config", str(config), "check", infohash.hex(), "--no-dht", "-f", "json")
     result = json.loads(done.stdout)
     assert done.returncode == 0, done.stderr
     assert (result["name"], result["size_bytes"]) == ("book4.zip", 50_000)
     assert [t["url"] for t in result["trackers"]] == [world.announce]
     assert (result["seeders"], result["leechers"]) == world.swarms[infohash][:2]
-    assert (tmp_path / "tsmd.sqlite3").read_bytes() == before
+    after = database_files()
+    # SQLite's reader leaves its shared-memory index (-shm) and an empty -wal behind; a write
+    # would land in that -wal first.
+    assert after.pop("tsmd.sqlite3-wal", b"") == b""
+    after.pop("tsmd.sqlite3-shm", None)
+    assert after == before
     (tmp_path / "junk.torrent").write_bytes(b"d4:infoi3e" * 10)
     done = cli("--config", str(config), "check", str(tmp_path / "junk.torrent"))
     assert done.returncode == tsmd.ExitCode.USAGE and "Traceback" not in done.stderr

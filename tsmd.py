@@ -142,6 +142,16 @@ class ExitCode(enum.IntEnum):
     BUSY = 75  # another tsmd is writing to this database (sysexits' EX_TEMPFAIL: try later)
     INTERRUPTED = 130  # Ctrl-C or SIGTERM; what was measured so far is committed
 
+    @property
+    def severity(self) -> int:
+        """Rank in `tsmd run`'s worst code: a failure (1, 2, 3) outranks an outage (69), which
+        clears by itself, so that a host whose DHT is blocked still reports a broken sync."""
+        return _EXIT_SEVERITY.index(self)
+
+
+_EXIT_SEVERITY: Final = (ExitCode.OK, ExitCode.UNREACHABLE, ExitCode.PARTIAL, ExitCode.USAGE,
+                         ExitCode.DATABASE, ExitCode.BUSY, ExitCode.INTERRUPTED)
+
 
 # ---- Errors ----
 
@@ -1931,9 +1941,11 @@ class HttpClient:
         # Answers from the network of any kind (a DNS answer, a TCP connection made or refused,
         # an HTTP response): a stage in which nothing answered at all found the network down.
         # `connected` counts the connections alone: a host without a resolver says a name does
-        # not exist at once, which proves nothing of the network.
+        # not exist at once, which proves nothing of the network. `refused` counts the hosts
+        # tsmd itself refused (not public addresses): a setting's fault, not the network's.
         self.heard = 0
         self.connected = 0
+        self.refused = 0
         self._idle: dict[tuple[str, str, int], list[_HttpConnection]] = {}
         self._ssl_context: Any = None
 
@@ -1971,6 +1983,7 @@ class HttpClient:
         if check and not self.allow_private:
             allowed = [a for a in addresses if self._address_allowed(a)]
             if not allowed:
+                self.refused += 1
                 raise FetchError(
                     f"refused to connect to {host} ({', '.join(addresses[:3])}): not a public "
                     "address (set allow_private = true in [network] for a LAN)")
@@ -2222,10 +2235,11 @@ class Fetcher:
         """Answers of any kind from the network so far (HttpClient.heard)."""
         return self._client.heard
 
-    @property
-    def connected(self) -> int:
-        """TCP connections made or refused so far (HttpClient.connected)."""
-        return self._client.connected
+    def reached_no_server(self) -> bool:
+        """Requests went out to the network and not one connected: the network is down (or
+        every host name is wrong). Hosts refused by allow_private are left out: no request to
+        them left this machine."""
+        return self.requests > self._client.refused and not self._client.connected
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -3734,14 +3748,15 @@ class DatabaseLock:
     """
 
     def __init__(self, database: Path) -> None:
-        database = database.resolve()  # one lock file, whatever path or symlink led here
-        self.path = database.with_name(database.name + ".lock")
+        self.database = database
+        resolved = database.resolve()  # one lock file, whatever path or symlink led here
+        self.path = resolved.with_name(resolved.name + ".lock")
         self._handle: Any = None
 
     def acquire(self, wait: float, holder: str) -> None:
         """Take the lock; while another tsmd holds it, wait up to `wait` seconds (math.inf:
         for as long as it takes), then raise BusyError."""
-        _check_database_folder(self.path)
+        _check_database_folder(self.database)
         try:
             handle = self.path.open("a+", encoding="utf-8")
         except OSError as exc:
@@ -4260,8 +4275,8 @@ allow_private = false
 # connect_timeout + 4 x timeout.
 timeout = "30s"
 connect_timeout = "10s"
-# Sent with every HTTP request.
-user_agent = "tsmd/0.1.0 (+https://github.com/tsmd/tsmd)"
+# Sent with every HTTP request; the default names the running version.
+# user_agent = "tsmd/VERSION (+https://github.com/tsmd/tsmd)"
 # A DHT or scrape stage that has sent requests for this long without one answer stops, says
 # "network down?" and exits with code 69; `tsmd run` goes on with the other stages.
 outage_after = "20s"
@@ -4637,6 +4652,7 @@ class SyncCounts:
     requests: int = 0
     trackers_ignored: int = 0  # past [sync] max_trackers_per_torrent or max_new_trackers
     broken: int = 0  # entries that failed again, BROKEN_AFTER syncs in a row or more
+    failed_unsaid: int = 0  # of `failed`, those already said in the last day (said once, below)
     outage: str | None = None  # set when no server could be reached at all
 
     def summary(self) -> str:
@@ -4764,7 +4780,8 @@ async def _sync_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChanne
                 counts.broken += 1
             else:
                 counts.failed += 1
-            if failure.say:
+                counts.failed_unsaid += not (failure.say or reporter.verbosity > 0)
+            if failure.say or reporter.verbosity > 0:
                 reporter.problem(failure.error + (f" (failed {failure.failures} syncs in a row; "
                                                   "said again in a day)"
                                                   if failure.failures > 1 else ""))
@@ -4971,10 +4988,14 @@ async def run_sync(db: sqlite3.Connection, settings: Settings,
                                                    revalidate, on_entries)
         finally:
             counts.requests = fetcher.requests
-            if fetcher.requests and not fetcher.connected:
-                counts.outage = "no collection server could be reached: network down?"
+            if fetcher.reached_no_server():
+                counts.outage = ("no collection server could be reached (unless every "
+                                 "server's name is wrong): network down?")
             with trio.CancelScope(shield=True):
                 await fetcher.aclose()
+    if counts.failed_unsaid:  # an exit code of 1 always comes with a reason
+        reporter.problem(f"sync: {counts.failed_unsaid} entries failed again, as reported in "
+                         "the last day (-v lists them)")
     reporter.flush_problems()
     return counts
 
@@ -6350,9 +6371,11 @@ class PublishCounts:
         return f"{self.written} of {self.outputs} reports written{failed}, {self.torrents:,} torrents"
 
 
-async def publish_reports(db: sqlite3.Connection, settings: Settings, *,
-                          reporter: Reporter) -> PublishCounts:
-    """Write every report of [report].outputs, each atomically; one that fails is counted."""
+async def publish_reports(db: sqlite3.Connection, settings: Settings, *, reporter: Reporter,
+                          allow_empty: bool = False) -> PublishCounts:
+    """Write every report of [report].outputs, each atomically; one that fails is counted.
+    A report of no torrent does not replace one that lists torrents unless `allow_empty`: a
+    collection whose listing broke would otherwise wipe the published feed."""
     counts = PublishCounts(outputs=len(settings.report.outputs))
     if not settings.report.outputs:
         return counts
@@ -6361,10 +6384,10 @@ async def publish_reports(db: sqlite3.Connection, settings: Settings, *,
     for output in settings.report.outputs:
         await trio.lowlevel.checkpoint()  # Ctrl-C and SIGTERM are heard between files
         path = Path(output.path)
-        if not rows and _lists_torrents(path, db, output.format):
+        if not rows and not allow_empty and _lists_torrents(path, db, output.format):
             counts.failed += 1
-            reporter.problem(f"report {path} not replaced by one of no torrent (a failed "
-                             "sync?); `tsmd report --allow-empty` replaces it")
+            reporter.problem(f"report {path} not replaced by one of no torrent (a broken "
+                             "listing?); `tsmd run --allow-empty` replaces it")
             continue
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -6610,12 +6633,17 @@ def _open_db(settings: Settings) -> sqlite3.Connection:
         raise _fail(str(exc), exc.exit_code) from None
 
 
-def _open_existing_db(settings: Settings) -> sqlite3.Connection:
-    """The database of a command that only reads. It must exist already: a typo in --db or
-    --config must not quietly create an empty database and publish an empty feed from it."""
+def _require_database(settings: Settings) -> None:
+    """For a command with nothing to do without data: a typo in --db or --config must not
+    quietly create an empty database (and publish an empty feed from it)."""
     if not settings.database.is_file():
         raise _fail(f"no database at {settings.database}: run `tsmd sync` (or `tsmd run`) "
                     "first, or check --db and --config", ExitCode.USAGE)
+
+
+def _open_existing_db(settings: Settings) -> sqlite3.Connection:
+    """The database of a command that only reads."""
+    _require_database(settings)
     return _open_db(settings)
 
 
@@ -7157,13 +7185,16 @@ def run_command(
         "report or prune; [run].stages chooses them for every run.")] = None,
     wait: Annotated[Optional[str], typer.Option(
         "--wait", metavar="[SECONDS]", help=WAIT_OPTION_HELP)] = None,
+    allow_empty: Annotated[bool, typer.Option(
+        help="Let reports of no torrent replace [report].outputs that list torrents (after "
+        "emptying the collections on purpose).")] = False,
 ) -> None:
     """The whole pipeline, for cron: sync, dht, scrape, then the reports of [report].outputs
     and the [retention] clean-up. A stage that fails does not stop the next ones.
 
     Exit codes, the worst of the stages': 0 all went well; 1 some items or a stage failed
     (the rest was done); 2 usage or configuration; 3 database; 69 the network answered
-    nothing (the other stages were done); 75 another tsmd is writing to the database (try
+    nothing (the other stages were done; 1, 2 and 3 outrank it); 75 another tsmd is writing to the database (try
     later, or --wait); 130 interrupted (what was measured is kept).
 
     Example (crontab): 17 3 * * * tsmd --config /etc/tsmd.toml -q run
@@ -7175,6 +7206,8 @@ def run_command(
         raise _fail(f"--skip: unknown stage '{unknown[0]}' (known: {', '.join(RUN_STAGES)})",
                     ExitCode.USAGE)
     wanted = [stage for stage in settings.run.stages if stage not in (skip or [])]
+    if not wanted:  # "run ok" having done nothing would hide a mistake from cron for ever
+        raise _fail("run: no stage left to run ([run].stages less --skip)", ExitCode.USAGE)
     stages = [
         ("sync", run_sync, SyncCounts(len(chosen)), sync_judge(reporter), {
             "collections": chosen}),
@@ -7182,7 +7215,8 @@ def run_command(
             "collections": chosen, "with_run_id": True}),
         ("scrape", run_scrape, ScrapeRunCounts(), scrape_judge(reporter), {
             "collections": chosen, "with_run_id": True}),
-        ("report", publish_reports, PublishCounts(), judge_publish, {}),
+        ("report", publish_reports, PublishCounts(), judge_publish, {
+            "allow_empty": allow_empty}),
         ("prune", apply_retention, PruneCounts(), lambda counts: ("ok", ExitCode.OK), {}),
     ]
     stages = sorted((stage for stage in stages if stage[0] in wanted),
@@ -7204,7 +7238,7 @@ def run_command(
                     reporter.problem(message if message.startswith(f"{stage}:")
                                      else f"{stage}: {message}")
                     code = exc.exit_code
-                worst = max(worst, code)
+                worst = max(worst, ExitCode(code), key=operator.attrgetter("severity"))
                 if code == ExitCode.INTERRUPTED:
                     break
             outcome = {ExitCode.OK: "ok", ExitCode.INTERRUPTED: "interrupted",
@@ -7433,6 +7467,7 @@ def prune(
                                                   settings.retention.nodes):
         raise _fail("nothing to prune: [retention] keeps everything and no --older-than given",
                     ExitCode.USAGE)
+    _require_database(settings)
     with writing_database(settings, _wait_option(wait), "tsmd prune") as db:
         try:
             code = execute_stage(db, settings, reporter, "prune", apply_retention, PruneCounts(),
