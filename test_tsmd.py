@@ -1572,6 +1572,12 @@ def test_help_and_version_load_neither_the_database_nor_the_network(arguments):
     assert "tsmd" in done.stdout
 
 
+def test_python_dash_m_tsmd_calls_itself_tsmd():
+    done = subprocess.run([sys.executable, "-m", "tsmd", "sync", "-h"], cwd=HERE,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0 and done.stdout.startswith("Usage: tsmd sync "), done.stdout
+
+
 def test_cli_sync_report_and_exit_codes(server, tmp_path):
     publish_collection(server, "/cli/", 4)
     config = write_config(tmp_path, f"""
@@ -4458,6 +4464,11 @@ def test_read_commands_never_create_a_database_or_publish_from_nothing(tmp_path)
     assert done.returncode == tsmd.ExitCode.DATABASE
     assert f"database {tmp_path / 'missing' / 'dir' / 'x.sqlite3'}: the folder " \
            f"{tmp_path / 'missing' / 'dir'} does not exist" in done.stderr
+    (tmp_path / "link.sqlite3").symlink_to(tmp_path / "missing" / "x.sqlite3")  # dangling
+    done = cli("--db", str(tmp_path / "link.sqlite3"), "sync", cwd=tmp_path)
+    assert done.returncode == tsmd.ExitCode.DATABASE
+    assert f"the folder {tmp_path / 'missing'} does not exist" in done.stderr
+    assert not (tmp_path / "missing").exists()
     assert not (tmp_path / "missing").exists()  # no folder made for a mistyped --db
 
 
@@ -4532,7 +4543,7 @@ def test_a_torrent_that_keeps_failing_is_said_once_a_day_then_broken(tmp_path):
     for run_number in range(4):
         done = cli("--config", str(config), "-q", "sync")
         said.append("r_2.torrent: not a valid .torrent" in done.stderr)
-        said_again.append("sync: 1 entries failed again, as reported in the last day"
+        said_again.append("sync: failed again, as said in the last day: 1 (-v names them)"
                           in done.stderr)
         # The third failure in a row makes it broken: no longer in the exit code.
         expected = tsmd.ExitCode.PARTIAL if run_number < tsmd.BROKEN_AFTER - 1 else 0

@@ -3609,8 +3609,9 @@ def open_database(path: Path) -> sqlite3.Connection:
 
 
 def _check_database_folder(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise DatabaseError(f"database {path}: the folder {path.parent} does not exist (tsmd "
+    folder = path.resolve().parent  # a symbolic link's target folder is where SQLite writes
+    if not folder.is_dir():
+        raise DatabaseError(f"database {path}: the folder {folder} does not exist (tsmd "
                             "makes no folders: create it, or fix --db or `database`)")
 
 
@@ -3773,7 +3774,7 @@ class DatabaseLock:
                 handle.seek(0)
                 other = handle.read(200).strip() or "another tsmd"
                 waited = f" after waiting {wait:g} s" if wait > LOCK_PATIENCE else ""
-                raise BusyError(f"database {self.path.with_suffix('')} is busy{waited}: {other} "
+                raise BusyError(f"database {self.database} is busy{waited}: {other} "
                                 "is writing to it; try again later, or use --wait [SECONDS]")
             handle.seek(0)
             handle.truncate()
@@ -4780,11 +4781,11 @@ async def _sync_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChanne
                 counts.broken += 1
             else:
                 counts.failed += 1
-                counts.failed_unsaid += not (failure.say or reporter.verbosity > 0)
-            if failure.say or reporter.verbosity > 0:
-                reporter.problem(failure.error + (f" (failed {failure.failures} syncs in a row; "
-                                                  "said again in a day)"
-                                                  if failure.failures > 1 else ""))
+                counts.failed_unsaid += not failure.say
+            if failure.say or reporter.verbosity > 0:  # -v names every failure, every time
+                again = "; said again in a day" if failure.say else ""
+                reporter.problem(failure.error + (f" (failed {failure.failures} syncs in a row"
+                                                  f"{again})" if failure.failures > 1 else ""))
         batch.clear()
 
     try:
@@ -4993,9 +4994,9 @@ async def run_sync(db: sqlite3.Connection, settings: Settings,
                                  "server's name is wrong): network down?")
             with trio.CancelScope(shield=True):
                 await fetcher.aclose()
-    if counts.failed_unsaid:  # an exit code of 1 always comes with a reason
-        reporter.problem(f"sync: {counts.failed_unsaid} entries failed again, as reported in "
-                         "the last day (-v lists them)")
+    if counts.failed_unsaid and reporter.verbosity <= 0:  # an exit code of 1 has a reason
+        reporter.problem(f"sync: failed again, as said in the last day: {counts.failed_unsaid} "
+                         "(-v names them)")
     reporter.flush_problems()
     return counts
 
