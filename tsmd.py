@@ -330,7 +330,8 @@ def _small_value() -> Callable[[bytes, int], re.Match[bytes] | None]:
 
 
 _BENCODE_STRING_HEAD: Final = re.compile(rb"(0|[1-9][0-9]{0,9}):")
-_BENCODE_LONG_INTEGER: Final = re.compile(rb"i(-?[1-9][0-9]{%d})e" % (MAX_BENCODE_INTEGER_DIGITS - 1))
+_BENCODE_LONG_INTEGER: Final = re.compile(rb"i(-?[1-9][0-9]{%d})e"
+                                          % (MAX_BENCODE_INTEGER_DIGITS - 1))
 
 
 def _bencode_defect(data: bytes, pos: int) -> str:
@@ -3045,24 +3046,36 @@ class DhtSurvey:
             bloom_union(result.peers_bloom, reply.peers_bloom)
 
 
-async def resolve_bootstrap(entries: Sequence[str], reporter: Reporter) -> list[DhtNode]:
-    """Bootstrap routers as nodes of unknown id; one that does not resolve is skipped. All are
-    resolved at once: where DNS is down, each waits out the resolver's timeout."""
-    found: dict[str, list[DhtNode]] = {}
-
+async def resolve_routers(entries: Sequence[str], into: dict[str, list[DhtNode] | str]) -> None:
+    """Each HOST:PORT of `entries` as nodes of unknown id, or why it did not resolve, put `into`
+    as the answers come (a deadline keeps those already in). All are resolved at once: where DNS
+    is down, each waits out the resolver's timeout."""
     async def resolve(entry: str) -> None:
         try:
             host, port = split_host_port(entry)
             addresses = await resolve_addresses(host, port)
         except (ValueError, FetchError) as exc:
-            reporter.info(f"dht: bootstrap {entry!r} skipped: {exc}")
+            into[entry] = str(exc)
             return
-        found[entry] = [DhtNode(b"", address, port) for address in addresses]
+        into[entry] = [DhtNode(b"", address, port) for address in addresses]
 
     async with trio.open_nursery() as nursery:
         for entry in entries:
             nursery.start_soon(resolve, entry)
-    return [node for entry in entries for node in found.get(entry, [])]
+
+
+async def resolve_bootstrap(entries: Sequence[str], reporter: Reporter) -> list[DhtNode]:
+    """Bootstrap routers as nodes of unknown id; one that does not resolve is skipped."""
+    resolved: dict[str, list[DhtNode] | str] = {}
+    await resolve_routers(entries, resolved)
+    nodes = []
+    for entry in entries:
+        outcome = resolved[entry]
+        if isinstance(outcome, str):
+            reporter.info(f"dht: bootstrap {entry!r} skipped: {outcome}")
+        else:
+            nodes.extend(outcome)
+    return nodes
 
 
 def host_has_ipv6_route() -> bool:
@@ -6297,7 +6310,8 @@ def stale_measurements(db: sqlite3.Connection) -> list[str]:
     notes = []
     for stage, what in (("dht", "DHT"), ("scrape", "tracker")):
         last = db.execute("SELECT started, outcome FROM runs WHERE stage = ? AND outcome NOT IN "
-                          "('running', 'interrupted') ORDER BY id DESC LIMIT 1", (stage,)).fetchone()
+                          "('running', 'interrupted') ORDER BY id DESC LIMIT 1",
+                          (stage,)).fetchone()
         if last is not None and last[1] == "unreachable":
             when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(last[0]))
             notes.append(f"The last {stage} run ({when}) heard nothing from the network: the "
@@ -6706,19 +6720,11 @@ def run_interruptible(async_fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, bo
 async def probe_dht_routers(entries: Sequence[str], timeout: float) -> tuple[int, list[float]]:
     """How many of the bootstrap routers resolve, and the round trips (s) of those that answer a
     ping over UDP within `timeout`: one packet to the first address of each (IPv4 first)."""
-    first: dict[str, DhtNode] = {}
-
-    async def resolve(entry: str) -> None:
-        with contextlib.suppress(ValueError, FetchError):
-            host, port = split_host_port(entry)
-            addresses = sorted(await resolve_addresses(host, port), key=lambda a: ":" in a)
-            if addresses:
-                first[entry] = DhtNode(b"", addresses[0], port)
-
+    resolved: dict[str, list[DhtNode] | str] = {}
     with trio.move_on_after(timeout):
-        async with trio.open_nursery() as nursery:
-            for entry in entries:
-                nursery.start_soon(resolve, entry)
+        await resolve_routers(entries, resolved)
+    first = {entry: min(nodes, key=lambda node: ":" in node.host)  # IPv4 first
+             for entry, nodes in resolved.items() if isinstance(nodes, list) and nodes}
     answered: list[float] = []
     if not first:
         return 0, answered
@@ -7088,7 +7094,8 @@ def scrape(
     except TsmdError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     run_stage_command(settings, reporter, "scrape", run_scrape, ScrapeRunCounts(),
-                      scrape_judge(reporter), wait=_wait_option(wait), with_run_id=True, collections=chosen,
+                      scrape_judge(reporter), wait=_wait_option(wait), with_run_id=True,
+                      collections=chosen,
                       infohashes=hashes, only_trackers=only_trackers, stale_after=stale)
 
 
@@ -7165,7 +7172,7 @@ def report(
             sys.stdout.flush()
             return
         if not rows and not allow_empty and _lists_torrents(output, db, chosen_format):
-            raise _fail(f"{output} not replaced by a report of no torrent (a failed sync?); "
+            raise _fail(f"{output} not replaced by a report of no torrent (a broken listing?); "
                         "--allow-empty replaces it anyway", ExitCode.PARTIAL)
         try:
             write_atomically(output, chunks)
@@ -7195,8 +7202,8 @@ def run_command(
 
     Exit codes, the worst of the stages': 0 all went well; 1 some items or a stage failed
     (the rest was done); 2 usage or configuration; 3 database; 69 the network answered
-    nothing (the other stages were done; 1, 2 and 3 outrank it); 75 another tsmd is writing to the database (try
-    later, or --wait); 130 interrupted (what was measured is kept).
+    nothing (the other stages were done; 1, 2 and 3 outrank it); 75 another tsmd is writing
+    to the database (try later, or --wait); 130 interrupted (what was measured is kept).
 
     Example (crontab): 17 3 * * * tsmd --config /etc/tsmd.toml -q run
     """
