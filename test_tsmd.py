@@ -1542,6 +1542,13 @@ def test_report_json_is_seedtools_valid(server, tmp_path):
 # ---- Command line ----
 
 
+def silent_udp() -> socket.socket:
+    """A UDP socket on 127.0.0.1 that receives and never answers: a dead router or tracker."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 def cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(HERE / "tsmd.py"), *args], capture_output=True,
                           text=True, timeout=120, env={**os.environ, **(env or {})},
@@ -2796,8 +2803,7 @@ def test_dht_bep33_filters_and_values_follow_up_like_libtorrent():
 
 
 def test_dht_with_no_node_answering_stops_and_says_the_network_is_down(tmp_path):
-    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a bootstrap that never answers
-    silent.bind(("127.0.0.1", 0))
+    silent = silent_udp()  # a bootstrap that never answers
     try:
         db, _ = torrent_db(tmp_path, 500, [])
         db.close()
@@ -4374,8 +4380,7 @@ class PingAnswerer(HostileUdpPeer):
 
 def test_init_writes_the_example_and_checks_what_the_first_run_needs(tmp_path):
     assert (HERE / "config.example.toml").read_text() == tsmd.EXAMPLE_CONFIG
-    router, silent = PingAnswerer(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    silent.bind(("127.0.0.1", 0))
+    router, silent = PingAnswerer(), silent_udp()
     try:
         done = cli("init", "--bootstrap", router.address, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
@@ -4426,8 +4431,7 @@ def local_collection_config(tmp_path: Path, torrents: dict[str, bytes], extra: s
 
 
 def test_a_failure_is_never_hidden_behind_an_outage_or_taken_for_one(tmp_path):
-    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    silent.bind(("127.0.0.1", 0))
+    silent = silent_udp()
     try:
         config = local_collection_config(
             tmp_path, {"r_1.torrent": v1_torrent("one", seed=1), "r_2.torrent": b"d4:junk"},
@@ -4759,8 +4763,7 @@ def test_sigkill_in_any_stage_loses_nothing_and_the_next_run_continues(tmp_path,
     try:
         # Slow enough to be caught in the middle: a sync waits 3 s for one file, the DHT
         # stage sends 10 packets a second, the scrape waits 2 s for a silent tracker.
-        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        silent.bind(("127.0.0.1", 0))
+        silent = silent_udp()
         config = world.config(dht="concurrency = 2")
         text = config.read_text()
         if stage == "dht":
@@ -4913,8 +4916,7 @@ def test_check_measures_one_torrent_given_in_any_form(world, tmp_path):
                world.announce, "-f", "json")
     assert done.returncode == 0 and json.loads(done.stdout)["seeders"] == 0
     # Not measurable at all: nothing answers, said so, exit 1; nonsense is a usage error.
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
-        silent.bind(("127.0.0.1", 0))
+    with silent_udp() as silent:
         quiet_tracker = f"udp://127.0.0.1:{silent.getsockname()[1]}/announce"
         done = cli("--config", str(config), "check", unknown, "--no-dht", "--tracker",
                    quiet_tracker, "-f", "json")
