@@ -32,6 +32,7 @@ Everything runs on loopback and stops by itself.
 from __future__ import annotations
 
 import argparse
+import json
 import hashlib
 import math
 import multiprocessing
@@ -72,9 +73,11 @@ def make_torrent(number: int, files: int,
         b"info": make_info(number, files)})
 
 
-def serve(files_dir: str, port_queue: multiprocessing.Queue, requests, stop) -> None:
-    """Serves files_dir (index.html as /) with ETags, counting requests in `requests`, until
-    `stop` is set: the tests' collection server, in a process of its own."""
+def serve(files: str | dict[str, tuple[bytes, str]], port_queue: multiprocessing.Queue,
+          requests, stop) -> None:
+    """Serves `files` (path -> body, type; or a folder, its index.html as /) with ETags, every
+    other path a 404, counting requests in `requests`, until `stop` is set: the tests'
+    collection server, in a process of its own."""
     from test_tsmd import CollectionServer
 
     class CountingServer(CollectionServer):
@@ -84,10 +87,13 @@ def serve(files_dir: str, port_queue: multiprocessing.Queue, requests, stop) -> 
             return super().respond(handler, path)
 
     with CountingServer() as server:
-        for file in Path(files_dir).iterdir():
-            path = "/" if file.name == "index.html" else f"/{file.name}"
-            server.files[path] = (file.read_bytes(), "text/html" if path == "/" else
-                                  "application/x-bittorrent")
+        if isinstance(files, str):
+            for file in Path(files).iterdir():
+                path = "/" if file.name == "index.html" else f"/{file.name}"
+                server.files[path] = (file.read_bytes(), "text/html" if path == "/" else
+                                      "application/x-bittorrent")
+        else:
+            server.files.update(files)
         port_queue.put(server.port)
         stop.wait(3600)  # never outlive a forgotten benchmark
 
@@ -156,7 +162,9 @@ def bench_sync(torrents: int, files: int) -> None:
         try:
             port = ports.get(timeout=60)
             config = root / "tsmd.toml"
+            # Per-host pacing lifted: one loopback server, throughput is what is measured.
             config.write_text(f'database = "bench.sqlite3"\n[network]\nallow_private = true\n'
+                              f'[sync]\nper_host_rate = 0\nper_host_concurrency = 0\n'
                               f'[[collections]]\nname = "bench"\n'
                               f'url = "http://127.0.0.1:{port}/"\ntype = "books"\n')
             print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python "
@@ -175,6 +183,67 @@ def bench_sync(torrents: int, files: int) -> None:
             server.join(timeout=5)
             if server.is_alive():
                 server.kill()
+
+
+def bench_listings(items: int, junk_lines: int) -> None:
+    """A feed whose .torrent links all fail, a junk text file, and the parsers' speed."""
+    import tsmd
+
+    feed = [{"name": f"r_{n}.torrent", "link": f"/gone/r_{n}.torrent",
+             "infohash": hashlib.sha1(b"%d" % n).hexdigest(), "size_bytes": 1_000_000 + n,
+             "type": "books"} for n in range(items)]
+    junk = "".join(f"<item>junk line {n}</item>\n" for n in range(junk_lines))
+    files = {"/feed.json": (json.dumps(feed).encode(), "application/json"),
+             "/junk.txt": (junk.encode(), "text/plain")}
+    with tempfile.TemporaryDirectory(prefix="tsmd-bench-") as tmp:
+        root = Path(tmp)
+        served_requests = multiprocessing.Value("q", 0)
+        stop = multiprocessing.Event()
+        ports: multiprocessing.Queue = multiprocessing.Queue()
+        server = multiprocessing.Process(target=serve, daemon=True,
+                                         args=(files, ports, served_requests, stop))
+        server.start()
+        try:
+            port = ports.get(timeout=60)
+            print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python "
+                  f"{platform.python_version()}")
+            for name, path, pacing in (("feed", "/feed.json", "per_host_rate = 0\n"
+                                        "per_host_concurrency = 0\n"),
+                                       ("junk", "/junk.txt", "")):
+                config = root / f"{name}.toml"
+                config.write_text(f'database = "{root / name}.sqlite3"\n[network]\n'
+                                  f'allow_private = true\n[sync]\n{pacing}'
+                                  f'[[collections]]\nname = "{name}"\n'
+                                  f'url = "http://127.0.0.1:{port}{path}"\ntype = "books"\n')
+                before = served_requests.value
+                wall, peak_kib, said = run_tsmd(config, "-q", "sync", ok_codes=(1,))
+                database = sqlite3.connect(root / f"{name}.sqlite3")
+                listed, sized = database.execute(
+                    "SELECT count(*), count(t.size_bytes) FROM memberships m JOIN torrents t "
+                    "ON t.id = m.torrent_id WHERE m.removed IS NULL").fetchone()
+                database.close()
+                what = (f"{items:,}-item JSON feed, every .torrent link a 404 (pacing lifted)"
+                        if name == "feed" else f"{junk_lines:,}-line junk text file")
+                print(f"{what}: {wall:.2f} s, {served_requests.value - before:,} requests, "
+                      f"{listed:,} listed, {sized:,} with a size, peak RSS "
+                      f"{peak_kib / 1024:.0f} MiB")
+        finally:
+            stop.set()
+            server.join(timeout=5)
+            if server.is_alive():
+                server.kill()
+    rss = ('<?xml version="1.0"?><rss version="2.0"><channel>' + "".join(
+        f'<item><title>t{n}</title><infohash>{hashlib.sha1(b"%d" % n).hexdigest()}</infohash>'
+        f'<size>{n}</size><enclosure url="https://a.example/{n}.torrent" '
+        f'type="application/x-bittorrent"/></item>' for n in range(items))
+        + "</channel></rss>").encode()
+    csv_text = ("infohash,name,size\n" + "".join(
+        f"{hashlib.sha1(b'%d' % n).hexdigest()},t{n},{n}\n" for n in range(items))).encode()
+    base = "https://a.example/"
+    for label, body in (("RSS", rss), ("CSV", csv_text), ("JSON", files["/feed.json"][0])):
+        seconds = best_of(3, lambda: tsmd.parse_index_untrusted(body, base))
+        print(f"parse {label} of {items:,} items ({len(body) / 1e6:.1f} MB): "
+              f"{seconds * 1000:.0f} ms, {items / seconds:,.0f} items/s")
 
 
 def udp_datagrams() -> int:
@@ -1225,6 +1294,9 @@ def bench_run(torrents: int, dht_nodes: int) -> None:
             config.write_text(f"""database = "{database}"
 [network]
 allow_private = true
+[sync]
+per_host_rate = 0
+per_host_concurrency = 0
 [scrape]
 bind = "127.0.0.1:0"
 [dht]
@@ -1466,6 +1538,10 @@ def main() -> None:
     fuzz.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     startup = sub.add_parser("startup", help="--version, --help, start to first packet")
     startup.add_argument("--torrents", type=int, default=2000)
+    listings = sub.add_parser("listings", help="a feed whose links all fail, a junk text file, "
+                                               "listing parsers")
+    listings.add_argument("--items", type=int, default=10_000)
+    listings.add_argument("--junk-lines", type=int, default=100_000)
     decode = sub.add_parser("decode", help="cost of the bencode scan; sync of a huge .torrent")
     decode.add_argument("--files", type=int, default=1_000_000,
                         help="files in the huge .torrent")
@@ -1478,6 +1554,8 @@ def main() -> None:
         bench_decode(args.files)
     elif args.bench == "sync":
         bench_sync(args.torrents, args.files)
+    elif args.bench == "listings":
+        bench_listings(args.items, args.junk_lines)
     elif args.bench == "dht":
         if args.only != "libtorrent":
             bench_dht(args.nodes, args.infohashes, args.silent, args.in_flight, args.rtt,

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import copy
 import dataclasses
 import functools
+import gzip
 import hashlib
 import html
 import heapq
@@ -30,6 +32,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,13 +246,14 @@ def test_metainfo_refuses_only_the_parts_it_uses():
         return bencoder.bencode({b"info": {b"name": b"x", b"piece length": 16384, **info}, **top})
 
     v2_tree = {b"a": {b"": {b"length": 5}}}
-    # A v1 torrent with a junk `file tree`, a v2 one with junk `files`: the junk is not used.
+    # A v1 torrent with a junk `file tree` (not v2 without `meta version` 2): the junk is not
+    # used. A hybrid with junk `files` has a v1 view nobody can download: invalid.
     meta = tsmd.decode_metainfo_untrusted(torrent({b"length": 9, b"pieces": b"",
                                                    b"file tree": b"junk"}))
     assert (meta.size_bytes, meta.infohash_v2) == (9, None)
-    meta = tsmd.decode_metainfo_untrusted(torrent({b"meta version": 2, b"file tree": v2_tree,
-                                                   b"files": []}))
-    assert (meta.size_bytes, meta.file_count) == (5, 1)
+    with pytest.raises(tsmd.ProtocolError, match="hybrid torrent whose v1 view is broken"):
+        tsmd.decode_metainfo_untrusted(torrent({b"meta version": 2, b"file tree": v2_tree,
+                                                b"files": []}))
     for info, message in (({b"meta version": 2, b"file tree": {b"a": 1}}, "not a dictionary"),
                           ({b"pieces": b"", b"files": []}, "non-empty list"),
                           ({b"pieces": b"", b"files": [{b"path": [b"a"]}]}, "no valid 'length'")):
@@ -352,6 +356,62 @@ def test_v2_and_hybrid_match_libtorrent(tmp_path):
     assert meta.trackers == (tsmd.Tracker("udp://tracker.example.org:1337/announce", 0),)
 
 
+def test_pad_files_are_not_content_and_web_seeds_are_kept(tmp_path):
+    # libtorrent pads v1 files to piece boundaries with canonical_files (BEP 47); its own
+    # total counts the padding, which nobody downloads as content.
+    sizes = [70_000, 5, 16384]
+    data = lt_torrent(tmp_path, "padded", sizes,
+                      lt.create_torrent.v1_only | lt.create_torrent.canonical_files)
+    storage = lt.torrent_info(data).files()
+    pads = [storage.file_size(i) for i in range(storage.num_files())
+            if storage.file_flags(i) & lt.file_storage.flag_pad_file]
+    assert pads and storage.total_size() == sum(sizes) + sum(pads)
+    meta = tsmd.decode_metainfo_untrusted(data)
+    assert (meta.size_bytes, meta.file_count) == (sum(sizes), 3)
+    # Web seeds: BEP 19 `url-list` as a string or a list, BEP 17 `httpseeds`; junk is dropped.
+    document = bencoder.bdecode(data)
+    document[b"url-list"] = [b"http://ws.example/files/", b"ftp://no.example/", b"junk",
+                             b"http://ws.example/files/"]
+    document[b"httpseeds"] = [b"http://hs.example/seed.php"]
+    meta = tsmd.decode_metainfo_untrusted(bencoder.bencode(document))
+    assert meta.web_seeds == (tsmd.WebSeed("http://hs.example/seed.php", "httpseeds"),
+                              tsmd.WebSeed("http://ws.example/files/", "url-list"))
+    document[b"url-list"] = b"https://mirror.example/padded"
+    del document[b"httpseeds"]
+    # libtorrent reads it as a folder (a multi-file torrent's web seed): it adds the slash.
+    assert [seed["url"] for seed in lt.torrent_info(bencoder.bencode(document)).web_seeds()
+            ] == ["https://mirror.example/padded/"]
+    assert tsmd.decode_metainfo_untrusted(bencoder.bencode(document)).web_seeds == (
+        tsmd.WebSeed("https://mirror.example/padded", "url-list"),)
+    magnet = tsmd.decode_magnet_untrusted(
+        f"magnet:?xt=urn:btih:{meta.infohash}&ws=http%3A%2F%2Fws.example%2Fa&ws=junk")
+    assert magnet.web_seeds == (tsmd.WebSeed("http://ws.example/a", "url-list"),)
+
+
+def test_a_hybrid_whose_two_views_disagree_is_invalid(tmp_path):
+    hybrid = lt_torrent(tmp_path, "hybrid", [70_000, 5, 16384], 0)
+    single = lt_torrent(tmp_path / "s", "single", [20_000], 0)
+    for data in (hybrid, single):  # libtorrent's own hybrids agree, pads and all
+        assert tsmd.decode_metainfo_untrusted(data).infohash == lt_hashes(data)[0]
+    document = bencoder.bdecode(hybrid)
+    files = document[b"info"][b"files"]
+    content = [i for i, f in enumerate(files) if b"p" not in f.get(b"attr", b"")]
+    for change in ("length", "name", "order"):
+        broken = copy.deepcopy(document)
+        entries = broken[b"info"][b"files"]
+        if change == "length":
+            entries[content[1]][b"length"] += 1
+        elif change == "name":
+            entries[content[1]][b"path"] = [b"other.bin"]
+        else:
+            entries[content[0]], entries[content[2]] = entries[content[2]], entries[content[0]]
+        data = bencoder.bencode(broken)
+        with pytest.raises(tsmd.ProtocolError, match="v1 files and v2 'file tree' disagree"):
+            tsmd.decode_metainfo_untrusted(data)
+        with pytest.raises(RuntimeError):  # libtorrent refuses it too
+            lt.torrent_info(data)
+
+
 def test_every_truncation_and_corruption_of_a_torrent_raises_only_protocol_error():
     data = v1_torrent("t.bin", 99, files=[1, 2], trackers=[["udp://a.example:1/x"]])
     for end in range(len(data)):
@@ -445,6 +505,12 @@ def test_tracker_url_normalisation():
 BASE = "http://archive.example/repository_torrent/"
 
 
+def parse_index(body: bytes, base: str = BASE, **options) -> tuple[list, list[str]]:
+    """Entries and problems of one listing page, with ListingOptions given as keywords."""
+    page = tsmd.parse_index_untrusted(body, base, options=tsmd.ListingOptions(**options))
+    return page.entries, page.problems
+
+
 def test_html_index_resolves_filters_and_keeps_same_origin():
     page = f"""<!DOCTYPE html><html><body>
     <a href="r_0.torrent">r_0</a> <a href='/repository_torrent/r_1000.torrent'>r_1000</a>
@@ -452,14 +518,13 @@ def test_html_index_resolves_filters_and_keeps_same_origin():
     <a href="http://other.example/r_3000.torrent">elsewhere</a> <a href="readme.txt">no</a>
     <a href="magnet:?xt=urn:btih:{'b' * 40}&amp;dn=m_1">magnet</a> <a href="magnet:?xt=bad">bad</a>
     <a>no href</a></body></html>""".encode()
-    entries, problems = tsmd.parse_index_untrusted(page, BASE)
+    entries, problems = parse_index(page)
     assert [e.source for e in entries] == [
         BASE + "r_0.torrent", BASE + "r_1000.torrent", BASE + "sub/r_2000.TORRENT?x=1",
         f"magnet:?xt=urn:btih:{'b' * 40}&dn=m_1"]
     assert entries[0].file_name == "r_0.torrent" and entries[3].kind is tsmd.EntryKind.MAGNET
     assert len(problems) == 1 and "magnet link without a usable" in problems[0]
-    entries, _ = tsmd.parse_index_untrusted(page, BASE, same_origin=False,
-                                            required_substring="r_")
+    entries, _ = parse_index(page, same_origin=False, required_substring="r_")
     assert "http://other.example/r_3000.torrent" in [e.source for e in entries]
     assert all("r_" in e.source for e in entries)
 
@@ -472,14 +537,14 @@ def test_text_and_json_lists():
     {'D' * 40}
     ftp://nope.example/x.torrent
     """.encode()
-    entries, problems = tsmd.parse_index_untrusted(text, BASE)
+    entries, problems = parse_index(text)
     assert [(e.kind.value, e.source) for e in entries] == [
         ("url", BASE + "r_1.torrent"), ("url", "https://mirror.example/r_2.torrent"),
         ("magnet", f"magnet:?xt=urn:btih:{'c' * 40}"), ("infohash", "d" * 40)]
     assert len(problems) == 1 and "ftp://" in problems[0]
     feed = json.dumps([{"name": "r_5.torrent", "link": "r_5.torrent", "infohash": "e" * 40},
                        "e" * 40, 7, {"nothing": 1}]).encode()
-    entries, problems = tsmd.parse_index_untrusted(feed, BASE)
+    entries, problems = parse_index(feed)
     assert [(e.source, e.file_name) for e in entries] == [(BASE + "r_5.torrent", "r_5.torrent"),
                                                           ("e" * 40, None)]
     assert len(problems) == 2
@@ -491,10 +556,10 @@ def test_text_and_json_lists():
 
 def test_remote_index_cannot_point_at_local_files():
     page = b"file:///etc/passwd.torrent\n/ok.torrent\n"
-    entries, problems = tsmd.parse_index_untrusted(page, BASE)
+    entries, problems = parse_index(page)
     assert [e.source for e in entries] == ["http://archive.example/ok.torrent"]
     assert "local file" in problems[0]
-    entries, problems = tsmd.parse_index_untrusted(page, "file:///srv/list.txt")
+    entries, problems = parse_index(page, "file:///srv/list.txt")
     assert len(entries) == 2 and not problems
 
 
@@ -656,8 +721,11 @@ class CollectionServer(LoopbackHttpServer):
 
     def __init__(self) -> None:
         super().__init__()
-        self.files: dict[str, tuple[bytes, str]] = {}
+        # path -> (body, Content-Type) or (body, Content-Type, {extra header: value})
+        self.files: dict[str, tuple] = {}
         self.slow_seconds = 3.0  # how long /slow/ paths take
+        self.busy: dict[str, list[str]] = {}  # path -> Retry-After values of 429s, one a request
+        self.started: list[float] = []  # when each request came in (time.monotonic)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -709,6 +777,15 @@ class CollectionServer(LoopbackHttpServer):
                 pass
             handler.close_connection = True
             return "200-huge"
+        with self.lock:
+            self.started.append(time.monotonic())
+            retry_after = self.busy.get(path, []).pop(0) if self.busy.get(path) else None
+        if retry_after is not None:
+            handler.send_response(429)
+            handler.send_header("Retry-After", retry_after)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return "429"
         body_type = self.files.get(path)
         if body_type is None:
             handler.send_response(404)
@@ -716,7 +793,7 @@ class CollectionServer(LoopbackHttpServer):
             handler.end_headers()
             handler.wfile.write(b"not found")
             return "404"
-        body, content_type = body_type
+        body, content_type, *extra = body_type
         etag = '"' + hashlib.sha1(body).hexdigest() + '"'
         if handler.headers.get("If-None-Match") == etag:
             handler.send_response(304)
@@ -727,6 +804,8 @@ class CollectionServer(LoopbackHttpServer):
         handler.send_header("Content-Type", content_type)
         handler.send_header("Content-Length", str(len(body)))
         handler.send_header("ETag", etag)
+        for name, value in (extra[0] if extra else {}).items():
+            handler.send_header(name, value)
         handler.end_headers()
         handler.wfile.write(body)
         return "200"
@@ -758,6 +837,9 @@ def index_page(server: CollectionServer, prefix: str, names: list[str]) -> None:
 
 
 def make_settings(tmp_path: Path, collections: list[dict], **sections) -> tsmd.Settings:
+    """Settings for a loopback test: private addresses allowed, short timeouts, per-host pacing
+    lifted (unless `sync` sets it)."""
+    sections["sync"] = {"per_host_rate": 0, **sections.get("sync", {})}
     document = {"database": "tsmd.sqlite3", "network": {"allow_private": True, "timeout": 2,
                                                         "connect_timeout": 2},
                 "collections": collections, **sections}
@@ -1290,8 +1372,14 @@ def test_sync_detects_new_changed_and_removed_and_keeps_history(server, tmp_path
     server.files["/c/r_5.torrent"] = (v1_torrent("book5.zip", 5, seed=5), "")
     index_page(server, "/c/", ["r_0.torrent", "r_1.torrent", "r_2.torrent", "r_3.torrent",
                                "r_5.torrent"])
+    # One of five gone is over the default max_removed (10 %): refused, nothing removed,
+    # the rest of the sync done; accepted for one run, it goes through.
     counts, db = do_sync(settings)
-    assert (counts.new, counts.changed, counts.unchanged, counts.removed) == (1, 1, 3, 1)
+    assert (counts.new, counts.changed, counts.unchanged, counts.removed, counts.failed
+            ) == (1, 1, 3, 0, 1)
+    assert "r_4.torrent" in listed(db, "c")
+    counts, db = do_sync(settings, accept_removals=True)
+    assert (counts.new, counts.changed, counts.unchanged, counts.removed) == (0, 0, 5, 1)
     now_listed = listed(db, "c")
     assert "r_4.torrent" not in now_listed and now_listed["r_0.torrent"] != hashes["r_0.torrent"]
     removed = db.execute("SELECT m.removed FROM memberships m JOIN torrents t ON t.id = "
@@ -1514,6 +1602,297 @@ def assert_seedtools_valid(feed) -> None:
         assert len(item["infohash"]) == 40 and item["infohash"] == item["infohash"].lower()
         int(item["infohash"], 16)
         assert any(ch.isdigit() for ch in item["name"])
+
+
+# ---- Listings as the real world publishes them (issue 13) ----
+
+
+def torrents_for(server: CollectionServer, prefix: str, count: int) -> list[tuple[str, str, int]]:
+    """`count` .torrent files served under `prefix`: (file name, infohash, size) of each."""
+    made = []
+    for n in range(count):
+        data = v1_torrent(f"item{n}.bin", 5000 + n, seed=1000 + n)
+        server.files[f"{prefix}t_{n}.torrent"] = (data, "application/x-bittorrent")
+        made.append((f"t_{n}.torrent", lt_hashes(data)[0], 5000 + n))
+    return made
+
+
+def sizes_listed(db: sqlite3.Connection, collection: str) -> dict[str, int | None]:
+    return dict(db.execute(
+        "SELECT t.infohash, t.size_bytes FROM memberships m JOIN torrents t ON t.id = m.torrent_id "
+        "JOIN collections c ON c.id = m.collection_id WHERE c.name = ? AND m.removed IS NULL",
+        (collection,)))
+
+
+def test_rss_atom_json_csv_and_gzip_listings_sync_exact_hashes_and_sizes(server, tmp_path):
+    made = torrents_for(server, "/f/", 4)
+    (n0, h0, s0), (n1, h1, s1), (n2, h2, s2), (n3, h3, s3) = made
+    missing = "ab" * 20  # listed, but its .torrent is gone: kept by the listing's facts
+    # RSS 2.0 shaped like academictorrents' database.xml, and BEP 36 with ezRSS's namespace.
+    rss = f"""<?xml version="1.0" encoding="UTF-8"?>
+<rss version="2.0" xmlns:torrent="http://xmlns.ezrss.it/0.1/">
+<channel><title>Academic Torrents</title><link>https://academictorrents.example/</link>
+<item><title>Dataset one</title><link>https://academictorrents.example/details/{h0}</link>
+  <infohash>{h0}</infohash><size>999</size>
+  <enclosure url="/f/{n0}" length="321" type="application/x-bittorrent"/></item>
+<item><title>Gone dataset</title><link>https://academictorrents.example/details/{missing}</link>
+  <infohash>{missing}</infohash><size>123456789</size>
+  <enclosure url="/f/nothing.torrent" length="321" type="application/x-bittorrent"/></item>
+<item><title>Magnet only</title><torrent:contentLength>777</torrent:contentLength>
+  <torrent:infoHash>{"cd" * 20}</torrent:infoHash>
+  <torrent:magnetURI><![CDATA[magnet:?xt=urn:btih:{"cd" * 20}&dn=m]]></torrent:magnetURI></item>
+<item><title>Just a page</title><link>https://academictorrents.example/about</link></item>
+</channel></rss>"""
+    server.files["/rss.xml"] = (rss.encode(), "application/rss+xml")
+    # Atom over two pages (rel="next"), served gzip-encoded.
+    atom = """<?xml version="1.0" encoding="utf-8"?>
+<feed xmlns="http://www.w3.org/2005/Atom"><title>t</title>{next}
+<entry><title>{name}</title><link rel="alternate" href="/about"/>
+  <link rel="enclosure" type="application/x-bittorrent" href="/f/{name}"/></entry></feed>"""
+    server.files["/atom.xml"] = (gzip.compress(atom.format(
+        next='<link rel="next" href="/atom2.xml"/>', name=n1).encode()), "application/atom+xml",
+        {"Content-Encoding": "gzip"})
+    server.files["/atom2.xml"] = (atom.format(next="", name=n2).encode(), "text/xml")
+    # Anna's Archive torrents.json: served as text/json, one obsolete row, one .torrent gone.
+    annas = [{"url": f"/f/{n3}", "btih": h3, "magnet_link": f"magnet:?xt=urn:btih:{h3}",
+              "torrent_size": 1, "num_files": 1, "data_size": 1, "display_name": "aa three",
+              "group_name": "libgen_rs_non_fic", "obsolete": False, "embargo": False},
+             {"url": "/f/aa_gone.torrent", "btih": "ef" * 20, "data_size": 4242,
+              "num_files": 7, "display_name": "aa gone", "group_name": "zlib",
+              "obsolete": False, "embargo": False},
+             {"url": "/f/old.torrent", "btih": "12" * 20, "data_size": 1,
+              "group_name": "zlib", "obsolete": True, "embargo": False}]
+    server.files["/torrents.json"] = (json.dumps(annas).encode(), "text/json")
+    # A libgen-seedtools feed whose links all fail: names, sizes and hashes still listed.
+    seedtools = [{"name": "r_1000.torrent", "link": "/f/r_1000.torrent", "infohash": "34" * 20,
+                  "size_bytes": 5102653477, "type": "books", "seeders": 20}]
+    server.files["/seedtools.json"] = (json.dumps(seedtools).encode(), "application/json")
+    # CSV with a header row; a .gz text list served as a file; a mislabelled text list.
+    csv_text = f"name,infohash,size,url\nA,{h0},10,/f/{n0}\nB,{'56' * 20},2048,\n"
+    server.files["/list.csv"] = (csv_text.encode(), "text/csv")
+    server.files["/list.txt.gz"] = (gzip.compress(f"/f/{n1}\n{'78' * 20}\n".encode()),
+                                    "application/gzip")
+    server.files["/generate"] = (f"{server.url('/f/' + n2)}\nmagnet:?xt=urn:btih:{'9a' * 20}\n"
+                                 .encode(), "text/json")
+    collections = [{"name": name, "url": server.url(path), "type": "books"} for name, path in (
+        ("rss", "/rss.xml"), ("atom", "/atom.xml"), ("seedtools", "/seedtools.json"),
+        ("csv", "/list.csv"), ("gz", "/list.txt.gz"), ("generate", "/generate"))]
+    collections.append({"name": "annas", "url": server.url("/torrents.json"), "type": "books",
+                        "type_field": "group_name"})
+    counts, db = do_sync(make_settings(tmp_path, collections))
+    assert sizes_listed(db, "rss") == {h0: s0, missing: 123456789, "cd" * 20: 777}
+    assert sizes_listed(db, "atom") == {h1: s1, h2: s2}
+    assert sizes_listed(db, "annas") == {h3: s3, "ef" * 20: 4242}
+    assert sizes_listed(db, "seedtools") == {"34" * 20: 5102653477}
+    assert sizes_listed(db, "csv") == {h0: s0, "56" * 20: 2048}
+    assert sizes_listed(db, "gz") == {h1: s1, "78" * 20: None}
+    assert sizes_listed(db, "generate") == {h2: s2, "9a" * 20: None}
+    assert counts.skipped == 1 and counts.pages == 8
+    # The .torrent files that failed are said, and retried next sync; the listing's facts stand.
+    # nothing.torrent, aa_gone.torrent, r_1000.torrent, and the RSS item without a torrent.
+    assert counts.failed == 4
+    assert db.execute("SELECT count(*) FROM memberships WHERE last_error LIKE "
+                      "'%listed by the listing%'").fetchone()[0] == 3
+    rows = {row.infohash: row for row in tsmd.load_report_rows(db)}
+    assert (rows[h3].type, rows["ef" * 20].type, rows["ef" * 20].size_bytes) == (
+        "libgen_rs_non_fic", "zlib", 4242)
+    assert rows["34" * 20].name == "r_1000.torrent"  # the seedtools name, digits and all
+    # Not one line of XML, CSV or JSON was fetched as a URL.
+    assert {path for path, _ in server.requests} <= {
+        "/rss.xml", "/atom.xml", "/atom2.xml", "/torrents.json", "/seedtools.json",
+        "/list.csv", "/list.txt.gz", "/generate", "/f/nothing.torrent", "/f/aa_gone.torrent",
+        "/f/r_1000.torrent", *(f"/f/{name}" for name, _, _ in made)}
+
+
+def test_a_torrent_that_contradicts_its_listing_is_refused_and_the_listing_kept(server, tmp_path):
+    (name, infohash, size), = torrents_for(server, "/x/", 1)
+    claimed = "0f" * 20
+    server.files["/x.json"] = (json.dumps([{"url": f"/x/{name}", "btih": claimed,
+                                            "data_size": 31}]).encode(), "application/json")
+    counts, db = do_sync(make_settings(tmp_path, [{"name": "x", "url": server.url("/x.json"),
+                                                   "type": "books"}]))
+    assert counts.failed == 1 and sizes_listed(db, "x") == {claimed: 31}
+    error, = db.execute("SELECT last_error FROM memberships").fetchone()
+    assert f"the listing says infohash {claimed}, the .torrent is {infohash}" in error
+
+
+def test_junk_is_refused_not_requested_and_a_challenge_page_removes_nothing(server, tmp_path):
+    publish_collection(server, "/c/", 3)
+    settings = make_settings(tmp_path, [{"name": "c", "url": server.url("/c/"), "type": "books"}])
+    counts, db = do_sync(settings)
+    assert counts.new == 3
+    before = listed(db, "c")
+    challenge = (b"<!DOCTYPE html><html><head><title>Just a moment...</title></head><body>"
+                 b"<noscript>Enable JavaScript and cookies to continue</noscript></body></html>")
+    junk = "\n".join(f"junk line {n} <item>" for n in range(100_000)).encode()
+    for body, kind, failed in ((challenge, "HTML", 1), (junk, "text", 100_001),
+                               (b"[]", "JSON", 1), (b"<rss><channel></channel></rss>", "RSS/Atom", 1)):
+        server.files["/c/"] = (body, "text/html")
+        requests = server.count()
+        counts, db = do_sync(settings, revalidate=True)
+        assert server.count() - requests == 1  # the page itself, nothing it says
+        # Each junk line is an error, and the page one more.
+        assert counts.removed == 0 and counts.failed == failed and listed(db, "c") == before
+        error, = db.execute("SELECT last_error FROM collections").fetchone()
+        assert f"not a collection page: {server.url('/c/')} ({kind}), 0 torrent links" in error
+
+
+def test_mass_removal_guard_and_a_domain_move_keep_what_is_known(server, tmp_path):
+    hashes = publish_collection(server, "/c/", 10)
+    collection = {"name": "c", "url": server.url("/c/"), "type": "books"}
+    settings = make_settings(tmp_path, [collection])
+    counts, db = do_sync(settings)
+    first_seen = dict(db.execute("SELECT file_name, first_seen FROM memberships"))
+    # Half the listing vanishes: refused, named, nothing removed, validators not stored.
+    index_page(server, "/c/", [f"r_{n}.torrent" for n in range(5)])
+    counts, db = do_sync(settings)
+    assert (counts.removed, counts.failed) == (0, 1) and len(listed(db, "c")) == 10
+    error, = db.execute("SELECT last_error FROM collections").fetchone()
+    assert "refused to mark 5 of its 10 listed torrents as removed (50%" in error
+    assert "--accept-removals" in error
+    # A collection's own max_removed lets it through.
+    settings = make_settings(tmp_path, [{**collection, "max_removed": 0.5}])
+    counts, db = do_sync(settings)
+    assert counts.removed == 5 and len(listed(db, "c")) == 5
+    # The site moves to a new origin with the same file names: same torrents, same history.
+    with CollectionServer() as moved:
+        publish_collection(moved, "/new/", 5)
+        settings = make_settings(tmp_path, [{**collection, "url": moved.url("/new/")}])
+        counts, db = do_sync(settings)
+    assert (counts.moved, counts.removed, counts.new, counts.failed) == (5, 0, 0, 0)
+    assert listed(db, "c") == {f"r_{n}.torrent": hashes[f"r_{n}.torrent"] for n in range(5)}
+    assert all(first_seen[name] == seen for name, seen in db.execute(
+        "SELECT file_name, first_seen FROM memberships WHERE removed IS NULL"))
+    assert db.execute("SELECT count(*) FROM memberships WHERE source LIKE ?",
+                      (moved.url("/new/") + "%",)).fetchone()[0] == 5
+
+
+def test_pagination_link_headers_retry_after_and_per_host_pacing(server, tmp_path):
+    made = torrents_for(server, "/p/", 6)
+    pages = [[name for name, _, _ in made[i:i + 2]] for i in (0, 2, 4)]
+    for number, names in enumerate(pages):
+        links = "".join(f'<a href="/p/{name}">{name}</a>' for name in names)
+        if number == 0:  # the next page named in the HTML, then in a Link header
+            links += '<a rel="next" href="/page/1">next</a>'
+            server.files["/page/0"] = (links.encode(), "text/html")
+        else:
+            extra = {"Link": '</page/2>; rel="next"'} if number == 1 else {}
+            server.files[f"/page/{number}"] = (links.encode(), "text/html", extra)
+    server.busy["/p/t_3.torrent"] = ["1"]  # 429, Retry-After: 1 s; then served
+    server.busy["/p/t_5.torrent"] = ["3600", "3600"]  # too long to wait: next run
+    settings = make_settings(tmp_path, [{"name": "p", "url": server.url("/page/0"),
+                                         "type": "books"}], sync={"per_host_rate": 4})
+    server.started.clear()
+    counts, db = do_sync(settings)
+    assert counts.pages == 3 and counts.new == 5 and counts.failed == 1
+    error, = db.execute("SELECT last_error FROM memberships WHERE last_error IS NOT NULL"
+                        ).fetchone()
+    assert "HTTP 429 (asked to retry after 3600: next run)" in error
+    # 4 requests a second to one host: 10 requests (3 pages, 6 .torrent files, one asked
+    # again) start no closer than a quarter second apart, on average.
+    assert len(server.started) == 10
+    assert server.started[-1] - server.started[0] >= 9 * 0.25 * 0.9
+    assert validators_stored(db) == (None, None)  # several pages: read in full next time
+
+
+def validators_stored(db: sqlite3.Connection) -> tuple:
+    return db.execute("SELECT index_etag, index_last_modified FROM collections").fetchone()
+
+
+def test_gzip_bomb_and_hostile_xml_are_one_error_each(server, tmp_path):
+    bomb = gzip.compress(b"\0" * (64 << 20))  # 64 MiB of zeros in some 64 kB
+    server.files["/bomb/"] = (bomb, "text/html", {"Content-Encoding": "gzip"})
+    server.files["/bomb.gz"] = (bomb, "application/gzip")
+    laughs = ('<?xml version="1.0"?><!DOCTYPE rss [<!ENTITY a "aaaaaaaaaa">'
+              + "".join(f'<!ENTITY {chr(98 + i)} "{("&" + chr(97 + i) + ";") * 10}">'
+                        for i in range(9))
+              + ']><rss><channel><item><title>&j;</title></item></channel></rss>')
+    server.files["/laughs.xml"] = (laughs.encode(), "application/rss+xml")
+    settings = make_settings(tmp_path, [
+        {"name": name, "url": server.url(path), "type": "books"}
+        for name, path in (("bomb", "/bomb/"), ("gz", "/bomb.gz"), ("laughs", "/laughs.xml"))],
+        sync={"max_index_bytes": "1MiB", "max_torrent_bytes": "1MiB"})
+    counts, db = do_sync(settings)
+    assert counts.failed == 3 and counts.new == 0
+    errors = sorted(error for (error,) in db.execute("SELECT last_error FROM collections"))
+    assert "inflates to more than 1,048,576 bytes" in errors[0]
+    assert "inflates to more than 1,048,576 bytes" in errors[1]
+    assert "XML with a DOCTYPE is not read" in errors[2]
+
+
+def test_local_folders_honour_required_substring_and_web_seeds_are_stored(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    seeded = bencoder.bdecode(v1_torrent("seeded.bin", 10, seed=1))
+    seeded[b"url-list"] = [b"https://mirror.example/seeded.bin"]
+    (folder / "r_1.torrent").write_bytes(bencoder.bencode(seeded))
+    (folder / "x_2.torrent").write_bytes(v1_torrent("other.bin", 10, seed=2))
+    settings = make_settings(tmp_path, [{"name": "local", "url": str(folder), "type": "books",
+                                         "required_substring": "r_"}])
+    counts, db = do_sync(settings)
+    assert list(listed(db, "local")) == ["r_1.torrent"]
+    assert db.execute("SELECT url, kind FROM web_seeds").fetchall() == [
+        ("https://mirror.example/seeded.bin", "url-list")]
+
+
+def test_content_encodings_are_decoded_within_the_cap():
+    text = b"r_1.torrent\n" * 1000
+    deflated = zlib.compress(text)
+    for encoded, encoding in ((gzip.compress(text), "gzip"), (deflated, "deflate"),
+                              (deflated[2:-4], "deflate"), (text, "identity"), (text, "")):
+        assert tsmd.decode_content_untrusted(encoded, encoding, len(text)) == text
+    for encoded, encoding, message in (
+            (gzip.compress(text), "gzip", "inflates to more than"),
+            (gzip.compress(text)[:-30], "gzip", "truncated gzip"),
+            (b"not gzip at all", "gzip", "broken gzip"),
+            (text, "br", "unsupported Content-Encoding 'br'")):
+        with pytest.raises(tsmd.ProtocolError, match=message):
+            tsmd.decode_content_untrusted(encoded, encoding, len(text) - 1)
+
+
+def test_cli_sync_refuses_a_challenge_page_and_a_mass_removal_until_accepted(server, tmp_path):
+    publish_collection(server, "/cli/", 10)
+    config = write_config(tmp_path, f"""
+[network]
+allow_private = true
+[sync]
+per_host_rate = 0
+[[collections]]
+name = "cli"
+url = "{server.url('/cli/')}"
+type = "books"
+""")
+    assert cli("--config", str(config), "sync").returncode == 0
+    good = server.files["/cli/"]
+    server.files["/cli/"] = (b"<html><title>Just a moment...</title></html>", "text/html")
+    done = cli("--config", str(config), "sync")
+    assert done.returncode == 1 and "0 removed" in done.stderr
+    assert "not a collection page" in done.stderr and "a login or challenge page?" in done.stderr
+    server.files["/cli/"] = good
+    index_page(server, "/cli/", ["r_0.torrent"])
+    done = cli("--config", str(config), "sync")
+    assert done.returncode == 1 and "refused to mark 9 of its 10 listed torrents" in done.stderr
+    done = cli("--config", str(config), "sync", "--accept-removals")
+    assert done.returncode == 0 and "9 removed" in done.stderr, done.stderr
+
+
+def test_feed_and_csv_parsers_read_fields_and_refuse_the_rest():
+    entries, problems = parse_index(
+        b"infohash\tname\tsize\n" + b"a" * 40 + b"\tone\t5\n" + b"zz\ttwo\t6\n"
+        + b"b" * 40 + b"\tthree\n")
+    assert [(e.source, e.facts.size_bytes, e.facts.name) for e in entries] == [
+        ("a" * 40, 5, "one")]
+    assert len(problems) == 2 and "not a URL, magnet link or infohash: 'zz'" in problems[0]
+    assert "2 columns, the header has 3" in problems[1]
+    items, next_url = tsmd.feed_items_untrusted(
+        '<feed xmlns="http://www.w3.org/2005/Atom"><link rel="next" href="?p=2"/>'
+        '<entry><link href="magnet:?xt=urn:btih:' + "c" * 40 + '"/></entry></feed>')
+    assert items == [{"magnet": "magnet:?xt=urn:btih:" + "c" * 40}] and next_url == "?p=2"
+    with pytest.raises(tsmd.ProtocolError, match="invalid XML feed"):
+        tsmd.parse_index_untrusted(b"<rss><channel><item>", BASE)
+    assert tsmd.next_page_link(link_header='<https://a.example/?page=3>; rel="next", '
+                                           '</first>; rel="first"') == "https://a.example/?page=3"
+    assert tsmd.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", 1445412470.0) == 10.0
 
 
 def test_report_json_is_seedtools_valid(server, tmp_path):
@@ -2840,7 +3219,9 @@ type = "books"
             (folder / f"r_{n}.torrent").write_bytes(v1_torrent(f"t{n}", seed=n))
         config.write_text(config.read_text().replace('"http://x/"', f'"{folder.as_uri()}/"')
                           + '[report]\noutputs = [{ format = "html", path = "page.html" }]\n')
-        done = cli("--config", str(config), "run")
+        # The collection's 500 torrents are replaced by the folder's 20: the mass-removal
+        # guard would refuse that (exit 1) without the flag.
+        done = cli("--config", str(config), "run", "--accept-removals")
         assert done.returncode == tsmd.ExitCode.UNREACHABLE, done.stderr
         status = json.loads(cli("--config", str(config), "status", "--format", "json").stdout)
         assert {stage: run["outcome"] for stage, run in status["runs"].items()} == {
@@ -3313,7 +3694,7 @@ def test_hostile_index_pages_fail_per_item_and_stay_linear():
     page = (b"<html><a href='http://[::1/x.torrent'>a</a><a href='http://h:99999/y.torrent'>b</a>"
             b"<![foo bar]><a href='ok.torrent'>c</a>"
             b"<a href='magnet:?xt=urn:btih:" + b"a" * 40 + b"&amp;xl=%C2%B2'>m</a>")
-    entries, problems = tsmd.parse_index_untrusted(page, BASE)
+    entries, problems = parse_index(page)
     assert [e.source for e in entries] == [BASE + "ok.torrent", "magnet:?xt=urn:btih:" + "a" * 40
                                            + "&xl=%C2%B2"]
     assert len(problems) == 2
@@ -3672,9 +4053,10 @@ def _fuzz_parsers() -> dict[str, Callable[[bytes], object]]:
         return data.decode("utf-8", "surrogateescape")
 
     def index(data: bytes) -> object:
-        content_type = ("text/html", "text/json", "text/plain", "")[data[-1] % 4 if data else 0]
-        return tsmd.parse_index_untrusted(data, BASE, content_type=content_type,
-                                          same_origin=bool(len(data) % 2))
+        link = ("", '<?p=2>; rel="next"', "<", "")[data[-1] % 4 if data else 0]
+        return tsmd.parse_index_untrusted(
+            data, BASE, link_header=link,
+            options=tsmd.ListingOptions(same_origin=bool(len(data) % 2)))
 
     return {
         "scan": tsmd.scan_bencode_untrusted,
@@ -4485,9 +4867,12 @@ def test_report_refuses_an_unknown_collection_and_an_empty_feed_over_a_live_one(
     assert len(json.loads(live)) == 1
     done = cli("--config", str(config), "report", "--collection", "nope")
     assert done.returncode == tsmd.ExitCode.USAGE and "no collection named 'nope'" in done.stderr
-    # The listing breaks: everything is removed. Neither run nor report publish that over it.
+    # The listing breaks: its one torrent is replaced by a broken file, and the removal is
+    # accepted. Neither run nor report publish the empty result over the live feed.
     (tmp_path / "torrents" / "r_1.torrent").unlink()
-    done = cli("--config", str(config), "run", "--skip", "dht", "--skip", "scrape")
+    (tmp_path / "torrents" / "r_2.torrent").write_bytes(b"d4:junk")
+    done = cli("--config", str(config), "run", "--skip", "dht", "--skip", "scrape",
+               "--accept-removals")
     assert done.returncode == tsmd.ExitCode.PARTIAL and "not replaced" in done.stderr
     done = cli("--config", str(config), "report", "--output", str(feed))
     assert done.returncode == tsmd.ExitCode.PARTIAL and "--allow-empty" in done.stderr

@@ -212,6 +212,15 @@ class Tracker:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSeed:
+    """An HTTP server holding the torrent's data: BEP 19 `url-list` (a GetRight-style file or
+    folder URL) or BEP 17 `httpseeds` (a script taking the infohash and a piece range)."""
+
+    url: str
+    kind: str  # "url-list" or "httpseeds"
+
+
+@dataclass(frozen=True, slots=True)
 class Metainfo:
     """What tsmd keeps of a torrent. `infohash` is the 20-byte key the swarm is found under."""
 
@@ -227,11 +236,24 @@ class Metainfo:
     trackers: tuple[Tracker, ...]
     has_metainfo: bool  # False for a magnet link or a bare infohash
     trackers_skipped: int = 0  # tracker URLs past MAX_ANNOUNCE_URLS, not even read
+    web_seeds: tuple[WebSeed, ...] = ()
 
     @classmethod
     def bare(cls, infohash: str) -> Metainfo:
         """All that a bare infohash (or an unchanged, not re-read .torrent) tells."""
         return cls(infohash, None, None, None, None, None, None, None, None, (), False)
+
+
+@dataclass(frozen=True, slots=True)
+class ListingFacts:
+    """What a listing itself says of a torrent. A .torrent that downloads overrides it; when
+    none does, the torrent is still listed, by these facts."""
+
+    infohash: str | None = None
+    name: str | None = None
+    size_bytes: int | None = None
+    file_count: int | None = None
+    type: str | None = None  # the listing's own kind for it ([[collection]] type_field)
 
 
 class EntryKind(enum.Enum):
@@ -247,6 +269,7 @@ class IndexEntry:
     kind: EntryKind
     source: str  # URL of the .torrent, the magnet URI, or the 40-hex infohash
     file_name: str | None
+    facts: ListingFacts | None = None  # what the listing says of it (JSON, CSV, RSS items)
 
 
 # ---- Bencode and metainfo ----
@@ -276,6 +299,8 @@ MAX_TORRENT_BYTES: Final = 1 << 53  # 8 PiB: sums stay far below SQLite's int64
 MAX_PIECE_LENGTH: Final = 1 << 34  # larger "piece lengths" are not kept
 MAX_METAINFO_TEXT: Final = 4096  # characters kept of a name, comment or `created by`
 MAX_ANNOUNCE_URLS: Final = 1000  # tracker URLs read from a .torrent or magnet; more are skipped
+MAX_WEB_SEEDS: Final = 100  # web seed URLs kept of a .torrent or magnet; real ones list a few
+MAX_URL_LENGTH: Final = 2048  # longer tracker or web seed URLs are not kept
 
 
 def _string_lengths_pattern(lengths: Iterable[int]) -> bytes:
@@ -537,42 +562,86 @@ def _file_length(attributes: dict[bytes, Any] | None, where: str) -> int:
     return length
 
 
-_FILE_KEYS: Final = frozenset({b"length"})
+_FILE_KEYS: Final = frozenset({b"length", b"attr"})
 
 
 @dataclass(slots=True)
 class _FileTotals:
+    """Size and count of a torrent's files. With `digest`, also a hash of every file's path and
+    length in order, to compare a hybrid's two views of its files."""
+
     size: int = 0
     count: int = 0
+    digest: Any = None  # a hashlib object, or None when no comparison is wanted
 
-    def add(self, length: int) -> None:
+    def add(self, length: int, path: Callable[[], bytes] | None = None) -> None:
+        """Count a file; `path` gives its path as a bencoded list of strings (only called when
+        a digest is kept: for most torrents the path is never built)."""
         self.size += length
         self.count += 1
         if self.size > MAX_TORRENT_BYTES:
             raise ProtocolError(f"files add up to over {MAX_TORRENT_BYTES:,} bytes")
+        if self.digest is not None and path is not None:
+            self.digest.update(path() + b"i%de" % length)  # both parts delimit themselves
 
 
-def _v1_files_at(data: bytes, pos: int) -> tuple[_FileTotals, int]:
-    """Totals of the BEP 3 `files` list at `pos`, an entry at a time, and where it ends."""
+def _is_pad_file(attributes: dict[bytes, Any] | None) -> bool:
+    """BEP 47: a file whose `attr` holds "p" only pads the next file to a piece boundary."""
+    attr = attributes.get(b"attr") if attributes is not None else None
+    return isinstance(attr, bytes) and b"p" in attr
+
+
+def _v1_file_at(data: bytes, pos: int) -> tuple[dict[bytes, Any] | None, Any, int]:
+    """A `files` entry: its small `length` and `attr`; its `path`, decoded if the entry is small,
+    else as its bencoded bytes (a memoryview); and where it ends."""
+    value, end = _decode_if_small_at(data, pos)
+    if value is not None or data[pos] != 0x64:  # d
+        if not isinstance(value, dict):
+            return None, None, end
+        return value, value.get(b"path"), end
+    fields: dict[bytes, Any] = {}
+    path_span: Any = None
+    pos += 1
+    while True:
+        key, pos = _dict_key_at(data, pos)
+        if key is None:
+            return fields, path_span, pos
+        if key == b"path":
+            start, pos = pos, _skip_value_at(data, pos)
+            path_span = memoryview(data)[start:pos]
+        elif key in _FILE_KEYS:
+            fields[key], pos = _decode_if_small_at(data, pos)
+        else:
+            pos = _skip_value_at(data, pos)
+
+
+def _v1_files_at(data: bytes, pos: int, digest: Any = None) -> tuple[_FileTotals, int]:
+    """Totals of the BEP 3 `files` list at `pos`, an entry at a time, and where it ends. BEP 47
+    pad files are not content: they count neither in the size nor in the files."""
     if data[pos] != 0x6C:  # l
         raise ProtocolError("'files' is not a non-empty list")
-    totals = _FileTotals()
+    totals = _FileTotals(digest=digest)
     pos += 1
+    listed = 0
     while not _list_ends_at(data, pos):
-        entry, pos = _dict_fields_at(data, pos, _FILE_KEYS)
-        totals.add(_file_length(entry, "a 'files' entry"))
-    if not totals.count:
+        entry, path, pos = _v1_file_at(data, pos)
+        listed += 1
+        length = _file_length(entry, "a 'files' entry")
+        if not _is_pad_file(entry):
+            totals.add(length, None if digest is None else (
+                lambda: bytes(path) if isinstance(path, memoryview) else bencode(path)))
+    if not listed:
         raise ProtocolError("'files' is not a non-empty list")
     return totals, pos + 1
 
 
-def _v2_file_tree_at(data: bytes, pos: int) -> tuple[_FileTotals, int]:
+def _v2_file_tree_at(data: bytes, pos: int, digest: Any = None) -> tuple[_FileTotals, int]:
     """Totals of the BEP 52 `file tree` at `pos`, a node at a time, and where it ends. A file is
     a key "" whose value holds its `length`; every other value is a directory. Keys must be in
     order (BEP 3), so a name cannot be counted twice."""
     if data[pos] != 0x64:  # d
         raise ProtocolError("'file tree' node is not a dictionary")
-    totals = _FileTotals()
+    totals = _FileTotals(digest=digest)
     previous: list[bytes | None] = [None]  # the last key of each directory being read
     pos += 1
     while True:
@@ -587,7 +656,9 @@ def _v2_file_tree_at(data: bytes, pos: int) -> tuple[_FileTotals, int]:
         previous[-1] = key
         if key == b"":
             attributes, pos = _dict_fields_at(data, pos, _FILE_KEYS)
-            totals.add(_file_length(attributes, "'file tree' file"))
+            # The names of the directories down to this file are the last key of each level.
+            totals.add(_file_length(attributes, "'file tree' file"),
+                       lambda: bencode(previous[:-1]))
         elif data[pos] == 0x64:  # d: a directory begins
             previous.append(None)
             pos += 1
@@ -613,6 +684,8 @@ class _InfoDict:
     present: set[bytes] = field(default_factory=set)  # of _INFO_FORMAT_KEYS
     v1_files: _FileTotals | ProtocolError | None = None
     v2_files: _FileTotals | ProtocolError | None = None
+    v1_files_at: int | None = None  # where `files` and `file tree` start, to read them again
+    v2_files_at: int | None = None
 
 
 _INFO_KEYS: Final = frozenset({b"name", b"name.utf-8", b"piece length", b"length",
@@ -620,6 +693,7 @@ _INFO_KEYS: Final = frozenset({b"name", b"name.utf-8", b"piece length", b"length
 _INFO_FORMAT_KEYS: Final = frozenset({b"pieces", b"length", b"files", b"file tree"})
 _TOP_KEYS: Final = frozenset({b"announce", b"creation date", b"created by", b"comment",
                               b"comment.utf-8"})
+_WEB_SEED_KEYS: Final = {b"url-list": "url-list", b"httpseeds": "httpseeds"}  # BEP 19, BEP 17
 
 
 def _info_dict_at(data: bytes, pos: int) -> tuple[_InfoDict, int]:
@@ -632,8 +706,10 @@ def _info_dict_at(data: bytes, pos: int) -> tuple[_InfoDict, int]:
         if key in _INFO_FORMAT_KEYS:
             info.present.add(key)
         if key == b"files":
+            info.v1_files_at = pos
             info.v1_files, pos = _deferred(_v1_files_at, data, pos)
         elif key == b"file tree":
+            info.v2_files_at = pos
             info.v2_files, pos = _deferred(_v2_file_tree_at, data, pos)
         elif key in _INFO_KEYS:
             info.fields[key], pos = _decode_if_small_at(data, pos)
@@ -679,16 +755,36 @@ def _announce_list_at(data: bytes, pos: int) -> tuple[_AnnounceList | None, int]
     return found, pos + 1
 
 
-def _top_dict_untrusted(data: bytes) -> tuple[dict[bytes, Any], _AnnounceList | None,
-                                              _InfoDict | None, tuple[int, int] | None]:
-    """Of a .torrent: its small top-level fields, `announce-list`, the `info` dictionary and that
-    dictionary's byte span. The infohash is the hash of those exact bytes: re-encoding would
-    silently "fix" a non-canonical file (unsorted keys) and give a hash nobody else uses."""
+@dataclass(slots=True)
+class _TopDict:
+    """Of a .torrent: its small top-level fields, `announce-list`, web seed URLs as (kind, URL),
+    the `info` dictionary and that dictionary's byte span."""
+
+    fields: dict[bytes, Any] = field(default_factory=dict)
+    announce_list: _AnnounceList | None = None
+    web_seeds: list[tuple[str, bytes]] = field(default_factory=list)
+    info: _InfoDict | None = None
+    span: tuple[int, int] | None = None
+
+
+def _web_seeds_at(data: bytes, pos: int) -> tuple[list[bytes], int]:
+    """`url-list` or `httpseeds`: one URL or a list of them (read a URL at a time)."""
+    if data[pos] == 0x6C:  # l
+        found, pos = _announce_list_at(data, pos)
+        return [url for _, url in found.urls] if found is not None else [], pos
+    value, pos = _decode_if_small_at(data, pos)
+    return [value] if isinstance(value, bytes) else [], pos
+
+
+def _top_dict_untrusted(data: bytes) -> _TopDict:
+    """The parts of a .torrent tsmd reads. The infohash is the hash of the `info` dictionary's
+    exact bytes: re-encoding would silently "fix" a non-canonical file (unsorted keys) and give
+    a hash nobody else uses."""
     scan_bencode_untrusted(data)
     if data[:1] != b"d":
         raise ProtocolError("not a bencoded dictionary")
-    fields: dict[bytes, Any] = {}
-    announce_list = info = span = None
+    top = _TopDict()
+    info = span = None
     pos = 1
     while True:
         key, pos = _dict_key_at(data, pos)
@@ -703,14 +799,18 @@ def _top_dict_untrusted(data: bytes) -> tuple[dict[bytes, Any], _AnnounceList | 
             else:
                 pos = _skip_value_at(data, pos)
         elif key == b"announce-list":
-            announce_list, pos = _announce_list_at(data, pos)
+            top.announce_list, pos = _announce_list_at(data, pos)
+        elif key in _WEB_SEED_KEYS:
+            urls, pos = _web_seeds_at(data, pos)
+            top.web_seeds.extend((_WEB_SEED_KEYS[key], url) for url in urls)
         elif key in _TOP_KEYS:
-            fields[key], pos = _decode_if_small_at(data, pos)
+            top.fields[key], pos = _decode_if_small_at(data, pos)
         else:
             pos = _skip_value_at(data, pos)
     if pos != len(data):
         raise ProtocolError("invalid bencode: data after the end")
-    return fields, announce_list, info, span
+    top.info, top.span = info, span
+    return top
 
 
 def _text(value: Any) -> str | None:
@@ -770,7 +870,8 @@ def decode_metainfo_untrusted(data: bytes) -> Metainfo:
 
     Values tsmd does not read are checked as bencode tokens (they cannot crash or exhaust
     anything) but not decoded."""
-    top, announce_list, info, span = _top_dict_untrusted(data)
+    top = _top_dict_untrusted(data)
+    info, span, announce_list = top.info, top.span, top.announce_list
     if info is None or span is None:
         raise ProtocolError("metainfo has no 'info' dictionary")
     raw_info = memoryview(data)[span[0]:span[1]]  # not a copy: it can be most of the file
@@ -789,6 +890,8 @@ def decode_metainfo_untrusted(data: bytes) -> Metainfo:
         files.add(_file_length(fields, "'info' of a single file"))
     if isinstance(files, ProtocolError):
         raise files
+    if is_v1 and is_v2:
+        _check_hybrid_views(data, info)
 
     name = _text(fields.get(b"name.utf-8")) or _text(fields.get(b"name"))
     return Metainfo(
@@ -798,13 +901,55 @@ def decode_metainfo_untrusted(data: bytes) -> Metainfo:
         size_bytes=files.size,
         file_count=files.count,
         piece_length=_non_negative_int(fields.get(b"piece length"), MAX_PIECE_LENGTH),
-        created_unix=_non_negative_int(top.get(b"creation date")),
-        created_by=_text(top.get(b"created by")),
-        comment=_text(top.get(b"comment.utf-8")) or _text(top.get(b"comment")),
-        trackers=_collect_trackers(announce_list, top.get(b"announce")),
+        created_unix=_non_negative_int(top.fields.get(b"creation date")),
+        created_by=_text(top.fields.get(b"created by")),
+        comment=_text(top.fields.get(b"comment.utf-8")) or _text(top.fields.get(b"comment")),
+        trackers=_collect_trackers(announce_list, top.fields.get(b"announce")),
         has_metainfo=True,
         trackers_skipped=announce_list.skipped if announce_list is not None else 0,
+        web_seeds=_collect_web_seeds((kind, _text(url) or "") for kind, url in top.web_seeds),
     )
+
+
+def _check_hybrid_views(data: bytes, info: _InfoDict) -> None:
+    """BEP 52: a hybrid's v1 files (less BEP 47 pads) and its v2 `file tree` are the same files
+    in the same order. Views that disagree would put a v1 and a v2 swarm on different data;
+    libtorrent refuses such a torrent. Read only for hybrids, a second time."""
+    v1, v2 = hashlib.sha1(), hashlib.sha1()
+    if isinstance(info.v1_files, ProtocolError):
+        raise ProtocolError(f"hybrid torrent whose v1 view is broken: {info.v1_files}")
+    if info.v1_files_at is not None:
+        _v1_files_at(data, info.v1_files_at, v1)
+    else:  # a single file: its path is the torrent's name
+        name, length = info.fields.get(b"name"), _file_length(info.fields, "'info'")
+        _FileTotals(digest=v1).add(length, lambda: bencode([name]))
+    if info.v2_files_at is not None:
+        _v2_file_tree_at(data, info.v2_files_at, v2)
+    if v1.digest() != v2.digest():
+        raise ProtocolError("hybrid torrent whose v1 files and v2 'file tree' disagree "
+                            "(names, sizes or order)")
+
+
+def normalise_web_seed_url(url: str) -> str | None:
+    """A web seed URL as kept: http(s), with a host, not absurdly long; else None."""
+    url = storable_text(url.strip())
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises ValueError for a port out of range
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in HTTP_SCHEMES or not parts.hostname or len(url) > MAX_URL_LENGTH:
+        return None
+    return url
+
+
+def _collect_web_seeds(candidates: Iterable[tuple[str, str]]) -> tuple[WebSeed, ...]:
+    seeds: dict[str, WebSeed] = {}
+    for kind, raw in candidates:
+        url = normalise_web_seed_url(raw)
+        if url is not None and url not in seeds and len(seeds) < MAX_WEB_SEEDS:
+            seeds[url] = WebSeed(url, kind)
+    return tuple(seeds.values())
 
 
 _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
@@ -862,6 +1007,8 @@ def decode_magnet_untrusted(uri: str) -> Metainfo:
         file_count=None, piece_length=None, created_unix=None, created_by=None, comment=None,
         trackers=tuple(trackers.values()), has_metainfo=False,
         trackers_skipped=len(set(listed[MAX_ANNOUNCE_URLS:]) - set(listed[:MAX_ANNOUNCE_URLS])),
+        web_seeds=_collect_web_seeds(("url-list", url)  # BEP 19's `ws` parameter
+                                     for url in params.get("ws", [])[:MAX_WEB_SEEDS]),
     )
 
 
@@ -950,111 +1097,417 @@ def resolve_link_untrusted(base_url: str, link: str) -> str:
     return url
 
 
-def _entry_from_text(text: str, base_url: str) -> IndexEntry:
-    """One line of a list, or one string of a JSON list: URL, magnet link or bare infohash."""
+_TEXT_LIST_PROBLEMS_KEPT: Final = 1000  # messages kept of a listing's unreadable items; the rest counted
+
+
+def _entry_from_text(text: str, base_url: str, *, loose: bool = False) -> IndexEntry:
+    """A URL, magnet link or bare infohash. A relative reference is taken only when it names a
+    .torrent file, or when `loose` (a field that can only hold a link); anything else is not an
+    entry: a stray line of an XML or HTML file must never be fetched as a URL."""
     text = storable_text(text.strip())
-    if text.lower().startswith("magnet:?"):
+    if text[:8].lower() == "magnet:?":
         meta = decode_magnet_untrusted(text)
         return IndexEntry(EntryKind.MAGNET, text, meta.name)
     if _HEX40.fullmatch(text) or _BASE32_32.fullmatch(text):
         return IndexEntry(EntryKind.INFOHASH, parse_infohash_untrusted(text), None)
+    if not (loose or _URL_WITH_SCHEME.match(text) or _is_torrent_url(text)) or not text \
+            or any(character.isspace() for character in text):
+        raise ProtocolError(f"not a URL, magnet link or infohash: {text[:80]!r}")
     url = resolve_link_untrusted(base_url, text)
     return IndexEntry(EntryKind.URL, url, _url_file_name(url))
 
 
-def _entries_from_json(document: Any, base_url: str) -> Iterator[IndexEntry | ProtocolError]:
+_URL_WITH_SCHEME: Final = re.compile(r"(?i)(?:https?|file)://")
+
+
+@dataclass(frozen=True, slots=True)
+class ListingOptions:
+    """The collection settings that decide what of a listing is taken."""
+
+    required_substring: str | None = None
+    same_origin: bool = True
+    keep_obsolete: bool = False  # Anna's Archive rows marked `obsolete` or `embargo`
+    type_field: str | None = None  # a field naming each item's type (`group_name`)
+
+
+@dataclass(slots=True)
+class IndexPage:
+    """What one page of a listing gave."""
+
+    kind: str  # "HTML", "RSS/Atom", "JSON", "CSV", "text"
+    entries: list[IndexEntry]
+    problems: list[str]  # one message per unreadable item (the first _TEXT_LIST_PROBLEMS_KEPT)
+    unreadable: int = 0  # all unreadable items
+    skipped: int = 0  # items left out on purpose: obsolete or embargoed
+    next_url: str | None = None  # rel="next" (HTML, Atom) or the Link header
+
+
+# Item fields by meaning, as real listings name them: Anna's Archive torrents.json, seedtools
+# feeds (and tsmd's own JSON), BEP 36 / academictorrents RSS, CSV exports. Keys are compared in
+# lower case with "-" and " " read as "_". The first field present wins.
+_LINK_FIELDS: Final = ("url", "link", "torrent", "torrent_url", "download", "enclosure")
+_MAGNET_FIELDS: Final = ("magnet", "magnet_link", "magneturi", "magnet_uri")
+_INFOHASH_FIELDS: Final = ("btih", "infohash", "info_hash")
+_LISTED_SIZE_FIELDS: Final = ("data_size", "size_bytes", "contentlength", "content_length", "size",
+                       "length", "total_size")
+_NAME_FIELDS: Final = ("display_name", "title", "name")
+_FILE_NAME_FIELDS: Final = ("file_name", "filename", "name")
+_FILE_COUNT_FIELDS: Final = ("num_files", "file_count")
+_DROPPED_FLAGS: Final = ("obsolete", "embargo")
+MAX_TYPE_LENGTH: Final = 64
+
+
+def _field_key(key: str) -> str:
+    return key.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def _first_text(fields: dict[str, Any], names: Sequence[str]) -> str | None:
+    for name in names:
+        value = fields.get(name)
+        if isinstance(value, str) and value.strip():
+            return storable_text(value.strip())
+    return None
+
+
+def _listed_count(value: Any, maximum: int) -> int | None:
+    """A size or count as a listing gives it (a number or a string of digits); -1 and junk are
+    unknown."""
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        value = int(value.strip()[:20])
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= maximum:
+        return value
+    return None
+
+
+def _is_set(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "t", "y")
+    return bool(value) and isinstance(value, (bool, int, float))
+
+
+def _entry_from_fields(raw: dict[Any, Any], base_url: str, options: ListingOptions
+                       ) -> IndexEntry | None:
+    """One item of a JSON, CSV or RSS/Atom listing, with the facts it carries; None when the
+    item is left out on purpose (obsolete or embargoed)."""
+    fields = {_field_key(key): value for key, value in raw.items() if isinstance(key, str)}
+    if not options.keep_obsolete and any(_is_set(fields.get(flag)) for flag in _DROPPED_FLAGS):
+        return None
+    link = _first_text(fields, _LINK_FIELDS)
+    magnet = _first_text(fields, _MAGNET_FIELDS)
+    listed_hash = _first_text(fields, _INFOHASH_FIELDS)
+    if link is not None:
+        entry = _entry_from_text(link, base_url, loose=True)
+    elif magnet is not None:
+        entry = _entry_from_text(magnet, base_url)
+    elif listed_hash is not None:
+        entry = _entry_from_text(listed_hash, base_url)
+    else:
+        raise ProtocolError("item has no .torrent link, magnet link or infohash")
+    if listed_hash is not None:
+        infohash: str | None = parse_infohash_untrusted(listed_hash)
+    elif entry.kind is EntryKind.INFOHASH:
+        infohash = entry.source
+    elif entry.kind is EntryKind.MAGNET or magnet is not None:
+        infohash = decode_magnet_untrusted(
+            entry.source if entry.kind is EntryKind.MAGNET else magnet).infohash  # type: ignore[arg-type]
+    else:
+        infohash = None
+    kind = fields.get(_field_key(options.type_field)) if options.type_field else None
+    facts = ListingFacts(
+        infohash=infohash,
+        name=(_first_text(fields, _NAME_FIELDS) or "")[:MAX_METAINFO_TEXT] or None,
+        size_bytes=next((size for name in _LISTED_SIZE_FIELDS
+                         if (size := _listed_count(fields.get(name), MAX_TORRENT_BYTES))
+                         is not None), None),
+        file_count=next((count for name in _FILE_COUNT_FIELDS
+                         if (count := _listed_count(fields.get(name), 1 << 40)) is not None),
+                        None),
+        type=storable_text(kind.strip())[:MAX_TYPE_LENGTH] or None
+        if isinstance(kind, str) else None)
+    file_name = entry.file_name
+    if entry.kind is EntryKind.URL:
+        file_name = _first_text(fields, _FILE_NAME_FIELDS) or file_name
+    return dataclasses.replace(entry, file_name=file_name, facts=facts)
+
+
+def _json_items(document: Any) -> list[Any]:
     if isinstance(document, dict):
-        document = document.get("torrents", document.get("items"))
+        document = next((document[key] for key in ("torrents", "items", "data", "results")
+                         if isinstance(document.get(key), list)), document)
     if not isinstance(document, list):
-        raise ProtocolError("JSON index is neither a list nor an object with a 'torrents' list")
-    for item in document:
+        raise ProtocolError("JSON listing is neither a list nor an object with a 'torrents' list")
+    return document
+
+
+# A listing's candidates are entries, or for an unreadable item the message saying why (a
+# string, not the exception: 100,000 kept tracebacks of a junk file cost 30 MB).
+
+
+def _entries_from_items(items: Iterable[Any], base_url: str, options: ListingOptions,
+                        page: IndexPage) -> Iterator[IndexEntry | str]:
+    for item in items:
         try:
             if isinstance(item, str):
                 yield _entry_from_text(item, base_url)
             elif isinstance(item, dict):
-                # The libgen-seedtools shape (and tsmd's own report) is accepted as an index.
-                value = next((item[k] for k in ("link", "url", "magnet", "infohash")
-                              if isinstance(item.get(k), str)), None)
-                if value is None:
-                    raise ProtocolError("JSON item has no 'link', 'url', 'magnet' or 'infohash'")
-                entry = _entry_from_text(value, base_url)
-                if entry.kind is EntryKind.URL and isinstance(item.get("name"), str):
-                    entry = dataclasses.replace(entry, file_name=storable_text(item["name"]))
-                yield entry
+                entry = _entry_from_fields(item, base_url, options)
+                if entry is None:
+                    page.skipped += 1
+                else:
+                    yield entry
             else:
-                raise ProtocolError(f"JSON item is a {type(item).__name__}, not a string or object")
+                raise ProtocolError(f"item is a {type(item).__name__}, not a string or object")
         except ProtocolError as exc:
-            yield exc
+            yield str(exc)
+
+
+# --- RSS 2.0, RSS 1.0 and Atom, read with expat (C, linear; DOCTYPEs refused) ---
+
+_FEED_ROOT: Final = re.compile(
+    r"(?:<\?xml[^>]{0,500}\?>\s*)?(?:<!--.{0,4000}?-->\s*|<\?[^>]{0,500}\?>\s*)*"
+    r"(?:<!DOCTYPE[^>\[]{0,500}(?:\[[^\]]{0,8000}\])?\s*>\s*)?"  # refused by the parser
+    r"<(?:[\w.-]{1,40}:)?(rss|feed|rdf)[\s>/]", re.IGNORECASE | re.DOTALL)
+# Elements whose text is an item's field, by local name in lower case (namespaces vary: BEP 36,
+# ezRSS's `torrent:`, academictorrents' own).
+_FEED_TEXT_FIELDS: Final = {"title": "title", "link": "link", "infohash": "infohash",
+                            "magneturi": "magneturi", "contentlength": "contentlength",
+                            "size": "size", "filename": "filename", "guid": "guid"}
+MAX_FEED_FIELD_CHARS: Final = 8192
+
+
+class _FeedItems:
+    """expat handlers that collect each <item> or <entry> as a dictionary of fields."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, str]] = []
+        self.next_url: str | None = None
+        self._item: dict[str, str] | None = None
+        self._field: str | None = None
+        self._text: list[str] = []
+        self._chars = 0
+
+    def start(self, name: str, attributes: dict[str, str]) -> None:
+        local = name.rsplit(" ", 1)[-1].lower()
+        if local in ("item", "entry"):
+            self._item = {}
+            return
+        href = attributes.get("href") or attributes.get("url")
+        if local == "link" and attributes.get("rel") == "next" and href and self._item is None:
+            self.next_url = href
+        if self._item is None:
+            return
+        if local in ("enclosure", "link") and href:
+            kind = attributes.get("type", "").lower()
+            if href[:8].lower() == "magnet:?":
+                self._item.setdefault("magnet", href)
+            elif "bittorrent" in kind or attributes.get("rel") == "enclosure" \
+                    or _is_torrent_url(href):
+                self._item.setdefault("url", href)
+        if local in _FEED_TEXT_FIELDS:
+            self._field, self._text, self._chars = _FEED_TEXT_FIELDS[local], [], 0
+
+    def text(self, data: str) -> None:
+        if self._field is not None and self._chars < MAX_FEED_FIELD_CHARS:
+            self._text.append(data)
+            self._chars += len(data)
+
+    def end(self, name: str) -> None:
+        local = name.rsplit(" ", 1)[-1].lower()
+        if local in ("item", "entry"):
+            if self._item is not None:
+                self.items.append(self._item)
+            self._item = None
+        elif self._item is not None and self._field is not None \
+                and _FEED_TEXT_FIELDS.get(local) == self._field:
+            value = "".join(self._text)[:MAX_FEED_FIELD_CHARS].strip()
+            if self._field == "link":  # an item's page, unless it is the .torrent or a magnet
+                if value[:8].lower() == "magnet:?":
+                    self._item.setdefault("magnet", value)
+                elif _is_torrent_url(value):
+                    self._item.setdefault("url", value)
+            elif value:
+                self._item.setdefault(self._field, value)
+            self._field = None
+
+
+def _refuse_doctype(*_: Any) -> None:
+    # A feed has no use for a DTD, and entity definitions are how XML bombs expand.
+    raise ProtocolError("XML with a DOCTYPE is not read (entity expansion)")
+
+
+def feed_items_untrusted(text: str) -> tuple[list[dict[str, str]], str | None]:
+    """The items of an RSS or Atom feed as field dictionaries, and its rel="next" link."""
+    from xml.parsers import expat
+
+    reader = _FeedItems()
+    parser = expat.ParserCreate(namespace_separator=" ")
+    parser.StartElementHandler = reader.start
+    parser.EndElementHandler = reader.end
+    parser.CharacterDataHandler = reader.text
+    parser.StartDoctypeDeclHandler = _refuse_doctype
+    parser.EntityDeclHandler = _refuse_doctype
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    try:
+        parser.Parse(text, True)
+    except expat.ExpatError as exc:
+        raise ProtocolError(f"invalid XML feed: {expat.ErrorString(exc.code)} at line "
+                            f"{exc.lineno}") from None
+    return reader.items, reader.next_url
+
+
+# --- CSV and TSV with a header row ---
+
+_KNOWN_COLUMNS: Final = frozenset(_LINK_FIELDS + _MAGNET_FIELDS + _INFOHASH_FIELDS)
+
+
+def _csv_delimiter(header: str) -> str | None:
+    """The delimiter of a header row that names a link, magnet or infohash column, or None."""
+    for delimiter in ("\t", ",", ";", "|"):
+        columns = {_field_key(column.strip('"')) for column in header.split(delimiter)}
+        if len(columns) > 1 and columns & _KNOWN_COLUMNS:
+            return delimiter
+    return None
+
+
+def _csv_rows(text: str, delimiter: str) -> Iterator[dict[str, str] | str]:
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    header = [_field_key(column) for column in next(reader)]
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield f"CSV line {reader.line_num}: {exc}"
+            continue
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            yield f"CSV line {reader.line_num}: {len(row)} columns, the header has {len(header)}"
+            continue
+        yield dict(zip(header, row))
+
+
+# --- Pagination: rel="next" ---
+
+_REL_NEXT_TAG: Final = re.compile(r"""<(?:a|link)\s[^<>]{0,2000}?\brel\s*=\s*["']?next\b[^<>]{0,8000}>""",
+                                  re.IGNORECASE)
+_HREF: Final = re.compile(r"""\bhref\s*=\s*(?:"([^"<>]{0,8000})"|'([^'<>]{0,8000})'|([^\s"'<>]{1,8000}))""",
+                          re.IGNORECASE)
+_LINK_HEADER_NEXT: Final = re.compile(r"""<([^<>]{1,8000})>\s*;[^,<]{0,200}?\brel\s*=\s*"?next\b""",
+                                      re.IGNORECASE)
+
+
+def next_page_link(html_text: str = "", link_header: str = "") -> str | None:
+    """The rel="next" link of an HTML page or of a `Link` header (RFC 8288), unresolved."""
+    match = _LINK_HEADER_NEXT.search(link_header[:65536])
+    if match:
+        return match.group(1).strip()
+    tag = _REL_NEXT_TAG.search(html_text)
+    href = _HREF.search(tag.group(0)) if tag else None
+    if href:
+        return html.unescape(next(group for group in href.groups() if group is not None)).strip()
+    return None
 
 
 def parse_index_untrusted(
     body: bytes,
     base_url: str,
     *,
-    content_type: str = "",
-    required_substring: str | None = None,
-    same_origin: bool = True,
-) -> tuple[list[IndexEntry], list[str]]:
-    """Entries listed by an index page, and one message per item that could not be read.
+    link_header: str = "",
+    options: ListingOptions = ListingOptions(),
+) -> IndexPage:
+    """The entries of one page of a listing, one message per item that could not be read, and
+    the next page's link.
 
-    An index is an HTML page (its links to .torrent files and magnets), a JSON list, or a text list
-    of URLs, magnets and infohashes, one per line. Links resolve against `base_url`; HTML links to
-    another origin are skipped when `same_origin`. A `file:` entry is only honoured in a local index,
-    so a remote page can never make tsmd read the host's files.
+    The format is told by the bytes, not the Content-Type, which servers get wrong: a JSON list
+    or object, an RSS or Atom feed, an HTML page (its links to .torrent files and magnets), a
+    CSV or TSV file with a header row, or a text list of URLs, magnets and infohashes, one per
+    line. Links resolve against `base_url`; HTML links to another origin are skipped when
+    `options.same_origin`. A `file:` entry is only honoured in a local index, so a remote page
+    can never make tsmd read the host's files.
     """
     text = body.decode("utf-8", errors="replace")
     stripped = text.lstrip("\ufeff \t\r\n")
-    problems: list[str] = []
-    candidates: list[IndexEntry | ProtocolError] = []
-    if stripped[:1] in ("[", "{") or "json" in content_type:
+    candidates: list[IndexEntry | str] = []
+    next_url = next_page_link(link_header=link_header) if link_header else None
+    if stripped[:1] in ("[", "{"):
+        page = IndexPage("JSON", [], [])
         try:
             document = json.loads(stripped)
         except (ValueError, RecursionError) as exc:
-            raise ProtocolError(f"invalid JSON index: {exc}") from None
-        candidates.extend(_entries_from_json(document, base_url))
-    elif "html" in content_type or _LOOKS_LIKE_HTML.match(stripped[:4096]) \
-            or _ANCHOR_HREF.search(stripped[:65536]):
+            raise ProtocolError(f"invalid JSON listing: {exc}") from None
+        candidates.extend(_entries_from_items(_json_items(document), base_url, options, page))
+    elif _FEED_ROOT.match(stripped[:8192]):
+        page = IndexPage("RSS/Atom", [], [])
+        items, feed_next = feed_items_untrusted(stripped)
+        next_url = next_url or feed_next
+        candidates.extend(_entries_from_items(items, base_url, options, page))
+    elif _LOOKS_LIKE_HTML.match(stripped[:4096]) or _ANCHOR_HREF.search(stripped[:65536]):
+        page = IndexPage("HTML", [], [])
+        next_url = next_url or next_page_link(html_text=stripped)
         page_origin = _origin(base_url)
         for href in dict.fromkeys(html_hrefs(text)):  # a repeated link is read once
             try:
-                if href.lower().startswith("magnet:?"):
+                if href[:8].lower() == "magnet:?":
                     candidates.append(_entry_from_text(href, base_url))
                     continue
                 url = resolve_link_untrusted(base_url, href)
             except ProtocolError as exc:
-                candidates.append(exc)
+                candidates.append(str(exc))
                 continue
             if not _is_torrent_url(url):
                 continue
-            if same_origin and _origin(url) != page_origin:
+            if options.same_origin and _origin(url) != page_origin:
                 continue
             candidates.append(IndexEntry(EntryKind.URL, url, _url_file_name(url)))
+    elif (delimiter := _csv_delimiter(stripped.split("\n", 1)[0][:65536])) is not None:
+        page = IndexPage("CSV", [], [])
+        for row in _csv_rows(stripped, delimiter):
+            candidates.extend([row] if isinstance(row, str) else
+                              _entries_from_items([row], base_url, options, page))
     else:
+        page = IndexPage("text", [], [])
         for line in dict.fromkeys(raw.strip() for raw in stripped.splitlines()):
             if not line or line.startswith("#"):
                 continue
             try:
                 candidates.append(_entry_from_text(line, base_url))
             except ProtocolError as exc:
-                candidates.append(exc)
+                candidates.append(str(exc))
+    page.next_url = next_url
+    select_entries(candidates, base_url, options, page)
+    return page
 
+
+def select_entries(candidates: Iterable[IndexEntry | str], base_url: str,
+                   options: ListingOptions, page: IndexPage) -> None:
+    """Into `page`: the candidates that are readable, allowed, wanted (`required_substring` in
+    the URL, magnet or infohash; in the file name of a local file, whose folder's own path
+    must not count) and not repeated; a message for each unreadable one."""
     local_index = urllib.parse.urlsplit(base_url).scheme == "file"
-    entries: list[IndexEntry] = []
     seen: set[str] = set()
+    wanted = options.required_substring
     for candidate in candidates:
-        if isinstance(candidate, ProtocolError):
-            problems.append(str(candidate))
+        if isinstance(candidate, IndexEntry) and candidate.kind is EntryKind.URL \
+                and not local_index and urllib.parse.urlsplit(candidate.source).scheme == "file":
+            candidate = f"remote index links to a local file, ignored: {candidate.source[:80]}"
+        if isinstance(candidate, str):
+            page.unreadable += 1
+            if len(page.problems) < _TEXT_LIST_PROBLEMS_KEPT:
+                page.problems.append(candidate)
             continue
-        if candidate.kind is EntryKind.URL and not local_index \
-                and urllib.parse.urlsplit(candidate.source).scheme == "file":
-            problems.append(f"remote index links to a local file, ignored: {candidate.source[:80]}")
-            continue
-        if required_substring and required_substring not in candidate.source:
+        if wanted and wanted not in (candidate.file_name or "" if candidate.source[:5] == "file:"
+                                     else candidate.source):
             continue
         if candidate.source not in seen:
             seen.add(candidate.source)
-            entries.append(candidate)
-    return entries, problems
+            page.entries.append(candidate)
 
 
 # ---- KRPC: DHT messages (BEP 5, BEP 32, BEP 33, BEP 43) ----
@@ -1844,6 +2297,43 @@ class FetchResult:
     etag: str | None
     last_modified: str | None
     content_type: str
+    link: str = ""  # the Link header (RFC 8288): a listing's rel="next" page
+
+
+def decode_content_untrusted(body: bytes, encoding: str, max_bytes: int) -> bytes:
+    """`body` as sent with Content-Encoding `encoding` (gzip, deflate, identity), decoded into
+    at most `max_bytes`: a small bomb that inflates to gigabytes is one error, costing no more
+    than the cap."""
+    import zlib
+
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding in ("gzip", "x-gzip"):
+        windows = [16 + zlib.MAX_WBITS]
+    elif encoding == "deflate":  # zlib-wrapped as RFC 9110 says; raw deflate as some send it
+        windows = [zlib.MAX_WBITS, -zlib.MAX_WBITS]
+    else:
+        raise ProtocolError(f"unsupported Content-Encoding {encoding[:40]!r}")
+    for window in windows:
+        inflater = zlib.decompressobj(window)
+        try:
+            decoded = inflater.decompress(body, max_bytes + 1)
+        except zlib.error as exc:
+            if window is windows[-1]:
+                raise ProtocolError(f"broken {encoding} data: {exc}") from None
+            continue
+        if len(decoded) > max_bytes:
+            raise ProtocolError(f"{encoding} data inflates to more than {max_bytes:,} bytes, "
+                                "over the limit")
+        if not inflater.eof:
+            raise ProtocolError(f"truncated {encoding} data")
+        return decoded
+    raise AssertionError("unreachable")
+
+
+def is_gzip_file(body: bytes) -> bool:
+    return body[:2] == b"\x1f\x8b"
 
 
 async def in_worker_thread(function: Callable[..., Any], *args: Any,
@@ -2142,7 +2632,8 @@ class Fetcher:
 
     def __init__(self, *, allow_private: bool, proxy: str | None, timeout: float,
                  connect_timeout: float, user_agent: str, max_redirects: int,
-                 resolve: Any = None, address_allowed: Any = None) -> None:
+                 resolve: Any = None, address_allowed: Any = None,
+                 per_host_concurrency: int = 0, per_host_rate: float = 0.0) -> None:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         # One deadline for a whole download, redirects included: a server trickling a byte per
@@ -2153,6 +2644,12 @@ class Fetcher:
         self.allow_private = allow_private
         self.proxy = proxy
         self.requests = 0
+        # Politeness towards one server (0 lifts each): requests in flight, and requests a
+        # second. A 429 or 503's Retry-After holds back every request to that host.
+        self.per_host_concurrency = per_host_concurrency
+        self.per_host_interval = 1 / per_host_rate if per_host_rate > 0 else 0.0
+        self._host_slots: dict[str, trio.CapacityLimiter] = {}
+        self._host_next: dict[str, float] = {}
         self._client = HttpClient(allow_private=allow_private, proxy=proxy,
                                   connect_timeout=connect_timeout, read_timeout=timeout,
                                   resolve=resolve, address_allowed=address_allowed)
@@ -2200,7 +2697,8 @@ class Fetcher:
             if self.proxy and not self.allow_private and literal is not None \
                     and not is_global_address(literal):
                 raise FetchError(f"{url}: refused, {host} is not a public address")
-            status, headers, body = await self._get(url, max_bytes, etag, last_modified)
+            status, headers, body = await self._paced_get(url, host, max_bytes, etag,
+                                                          last_modified)
             if status in (301, 302, 303, 307, 308):
                 location = headers.get("location")
                 if not location:
@@ -2211,14 +2709,42 @@ class Fetcher:
                 return FetchResult(url, 304, b"", etag, last_modified,
                                    headers.get("content-type", ""))
             if status != 200:
-                raise FetchError(f"{url}: HTTP {status}")
+                raise FetchError(f"{url}: HTTP {status}" + _retry_after_note(status, headers))
+            try:
+                body = decode_content_untrusted(body, headers.get("content-encoding", ""),
+                                               max_bytes)
+            except ProtocolError as exc:
+                raise FetchError(f"{url}: {exc}") from None
             return FetchResult(url, 200, body, headers.get("etag"),
-                               headers.get("last-modified"), headers.get("content-type", ""))
+                               headers.get("last-modified"), headers.get("content-type", ""),
+                               headers.get("link", ""))
         raise FetchError(f"{url}: more than {self.max_redirects} redirects")
+
+    async def _paced_get(self, url: str, host: str, max_bytes: int, etag: str | None,
+                         last_modified: str | None) -> tuple[int, dict[str, str], bytes]:
+        """`_get` within the host's limits; a 429 or 503 with a short Retry-After is asked
+        again (RETRY_AFTER_ATTEMPTS times at most), after that wait."""
+        for attempt in range(RETRY_AFTER_ATTEMPTS + 1):
+            slots = self._host_slots.get(host)
+            if slots is None and self.per_host_concurrency:
+                slots = self._host_slots[host] = trio.CapacityLimiter(self.per_host_concurrency)
+            async with slots if slots is not None else contextlib.nullcontext():
+                now = trio.current_time()
+                start = max(now, self._host_next.get(host, now))
+                self._host_next[host] = start + self.per_host_interval
+                await trio.sleep_until(start)
+                status, headers, body = await self._get(url, max_bytes, etag, last_modified)
+            wait = retry_after_seconds(headers.get("retry-after", ""), time.time())
+            if status not in (429, 503) or wait is None or wait > MAX_RETRY_AFTER \
+                    or attempt == RETRY_AFTER_ATTEMPTS:
+                return status, headers, body
+            self._host_next[host] = max(self._host_next.get(host, 0.0),
+                                        trio.current_time() + wait)
+        raise AssertionError("unreachable")
 
     async def _get(self, url: str, max_bytes: int, etag: str | None,
                    last_modified: str | None) -> tuple[int, dict[str, str], bytes]:
-        headers = [("User-Agent", self.user_agent), ("Accept-Encoding", "identity")]
+        headers = [("User-Agent", self.user_agent), ("Accept-Encoding", "gzip, deflate")]
         if etag:
             headers.append(("If-None-Match", etag))
         if last_modified:
@@ -2241,6 +2767,35 @@ class Fetcher:
         every host name is wrong). Hosts refused by allow_private are left out: no request to
         them left this machine."""
         return self.requests > self._client.refused and not self._client.connected
+
+
+MAX_RETRY_AFTER: Final = 60.0  # seconds a 429/503's Retry-After is waited out; longer: next run
+RETRY_AFTER_ATTEMPTS: Final = 2
+
+
+def retry_after_seconds(value: str, now: float) -> float | None:
+    """Seconds a Retry-After header asks to wait: delta-seconds or an HTTP date (RFC 9110)."""
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value[:12])
+    if not value:
+        return None
+    import email.utils
+
+    try:
+        when = email.utils.parsedate_to_datetime(value[:100])
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def _retry_after_note(status: int, headers: dict[str, str]) -> str:
+    value = headers.get("retry-after", "").strip()[:40]
+    if status not in (429, 503) or not value:
+        return ""
+    return f" (asked to retry after {value}: next run)"
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -3594,6 +4149,17 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE memberships ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;  -- syncs in a row
     ALTER TABLE memberships ADD COLUMN reported INTEGER;  -- when its failure was last said
     """,
+    # v6: web seeds (BEP 19, BEP 17), which the probe stage tries; a listing's own type for an
+    # entry (a feed holding several kinds, [[collection]] type_field), else the collection's.
+    """
+    CREATE TABLE web_seeds (
+        torrent_id      INTEGER NOT NULL REFERENCES torrents(id) ON DELETE CASCADE,
+        url             TEXT NOT NULL,
+        kind            TEXT NOT NULL,          -- url-list (BEP 19) or httpseeds (BEP 17)
+        PRIMARY KEY (torrent_id, url)
+    ) WITHOUT ROWID;
+    ALTER TABLE memberships ADD COLUMN type TEXT;
+    """,
 )
 # What SQL cannot compute, done in Python inside the same transaction as the migration's SQL:
 # by the index in MIGRATIONS it completes.
@@ -3959,7 +4525,8 @@ def upsert_torrent(db: sqlite3.Connection, meta: Metainfo, now: int,
                                 THEN coalesce(excluded.name, name) ELSE name END,
             size_bytes   = CASE WHEN excluded.has_metainfo OR NOT has_metainfo
                                 THEN coalesce(excluded.size_bytes, size_bytes) ELSE size_bytes END,
-            file_count   = coalesce(excluded.file_count, file_count),
+            file_count   = CASE WHEN excluded.has_metainfo OR NOT has_metainfo
+                                THEN coalesce(excluded.file_count, file_count) ELSE file_count END,
             piece_length = coalesce(excluded.piece_length, piece_length),
             created_unix = coalesce(excluded.created_unix, created_unix),
             created_by   = coalesce(excluded.created_by, created_by),
@@ -3979,6 +4546,11 @@ def upsert_torrent(db: sqlite3.Connection, meta: Metainfo, now: int,
         linked = {url: (tier, position) for url, tier, position in db.execute(
             "SELECT r.url, l.tier, l.position FROM torrent_trackers l "
             "JOIN trackers r ON r.id = l.tracker_id WHERE l.torrent_id = ?", (torrent_id,))}
+    if meta.has_metainfo:  # like trackers: a .torrent's list replaces, a magnet's adds
+        db.execute("DELETE FROM web_seeds WHERE torrent_id = ?", (torrent_id,))
+    db.executemany("INSERT INTO web_seeds (torrent_id, url, kind) VALUES (?, ?, ?) "
+                   "ON CONFLICT DO NOTHING",
+                   [(torrent_id, seed.url, seed.kind) for seed in meta.web_seeds])
     trackers = [t for t in meta.trackers if t.url not in linked]
     if limits is not None:
         limits.ignored += meta.trackers_skipped
@@ -4038,12 +4610,13 @@ class Membership:
     last_modified: str | None
     validated: int | None
     removed: int | None
+    file_name: str | None
 
 
 def load_memberships(db: sqlite3.Connection, collection_id: int) -> dict[str, Membership]:
     rows = db.execute(
         "SELECT m.source, m.torrent_id, t.infohash, m.etag, m.last_modified, m.validated, "
-        "m.removed FROM memberships m LEFT JOIN torrents t ON t.id = m.torrent_id "
+        "m.removed, m.file_name FROM memberships m LEFT JOIN torrents t ON t.id = m.torrent_id "
         "WHERE m.collection_id = ?", (collection_id,))
     return {row[0]: Membership(*row) for row in rows}
 
@@ -4104,6 +4677,13 @@ class SyncSettings:
     # trackers one sync adds to the database; more are counted and left out.
     max_trackers_per_torrent: int = 100
     max_new_trackers: int = 10_000
+    # Politeness towards one server: downloads in flight, and requests a second (0 lifts it).
+    per_host_concurrency: int = 4
+    per_host_rate: float = 10.0
+    max_pages: int = 100  # pages of one listing followed by rel="next"
+    # A sync that would mark more than this share of a collection's torrents as removed is
+    # refused (a broken or challenge page, a half-moved site); `tsmd sync --accept-removals`.
+    max_removed: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -4176,6 +4756,14 @@ class CollectionSettings:
     required_substring: Optional[str] = None
     same_origin: bool = True
     trackers: tuple[str, ...] = ()
+    keep_obsolete: bool = False  # Anna's Archive items marked obsolete or embargoed
+    type_field: Optional[str] = None  # a listing field that names each torrent's type
+    max_removed: Optional[float] = None  # this collection's [sync] max_removed
+
+    @property
+    def listing_options(self) -> ListingOptions:
+        return ListingOptions(self.required_substring, self.same_origin, self.keep_obsolete,
+                              self.type_field)
 
 
 @dataclass(frozen=True, slots=True)
@@ -4202,7 +4790,8 @@ _SIZE_FIELDS: Final = {"max_index_bytes", "max_torrent_bytes"}
 
 def _expected(annotation: str) -> str:
     return {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
-            "Optional[str]": "a string", "tuple[str, ...]": "a list of strings"}.get(
+            "Optional[str]": "a string", "Optional[float]": "a number",
+            "tuple[str, ...]": "a list of strings"}.get(
                 annotation, annotation)
 
 
@@ -4226,6 +4815,7 @@ def _convert_field(where: str, name: str, annotation: str, value: Any) -> Any:
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
         "str": isinstance(value, str),
         "Optional[str]": isinstance(value, str),
+        "Optional[float]": isinstance(value, (int, float)) and not isinstance(value, bool),
         "tuple[str, ...]": isinstance(value, list) and all(isinstance(v, str) for v in value),
     }.get(annotation, False)
     if not ok:
@@ -4233,7 +4823,10 @@ def _convert_field(where: str, name: str, annotation: str, value: Any) -> Any:
                           f"got {type(value).__name__} {value!r}")
     if annotation == "tuple[str, ...]":
         return tuple(value)
-    if annotation == "float":
+    if name == "max_removed" and not 0 <= value <= 1:
+        raise ConfigError(f"{where}.{name}: expected a share from 0 to 1 (0.1 is 10 %), "
+                          f"got {value!r}")
+    if annotation in ("float", "Optional[float]"):
         if not math.isfinite(value):
             raise ConfigError(f"{where}.{name}: expected a finite number, got {value!r}")
         return float(value)
@@ -4296,9 +4889,13 @@ connect_timeout = "10s"
 outage_after = "20s"
 
 [sync]
-# .torrent downloads in flight at once.
+# .torrent downloads in flight at once, and at once from one server; requests a second to one
+# server (0 lifts the pacing). A 429 or 503 answer's Retry-After (up to 60 s) is waited out.
 concurrency = 16
-# Largest index page (HTML, text or JSON list) and largest .torrent file accepted.
+per_host_concurrency = 4
+per_host_rate = 10.0
+# Largest listing page and largest .torrent file accepted (gzip is decoded: the limit is on
+# the decoded bytes).
 max_index_bytes = "64MiB"
 max_torrent_bytes = "32MiB"
 # Redirects followed per request.
@@ -4312,6 +4909,14 @@ revalidate_after = "7d"
 # that one hostile .torrent cannot make `tsmd scrape` contact 100,000 trackers.
 max_trackers_per_torrent = 100
 max_new_trackers = 10000
+# Pages of one listing followed by rel="next" links (HTML, Atom, the Link header).
+max_pages = 100
+# A sync that would mark more than this share of a collection's torrents as removed is refused
+# for that collection: nothing is removed, and the exit code is 1. A challenge page or a broken
+# listing must not empty a collection. When a listing really shrank, run
+# `tsmd sync --accept-removals` once, or set max_removed for that collection. A listing that
+# would remove every torrent is refused whatever max_removed says.
+max_removed = 0.1
 
 [scrape]
 # `tsmd scrape` asks every tracker of every torrent (BEP 15 over UDP, BEP 48 over HTTP) for
@@ -4386,13 +4991,23 @@ nodes = "30d"
 # "dht" out; `tsmd run --skip STAGE` leaves one out for a single run.
 stages = ["sync", "dht", "scrape", "report", "prune"]
 
-# One [[collections]] table per collection. `url` is one of:
+# One [[collections]] table per collection. `url` is one of the following, told apart by its
+# content (servers mislabel it), gzip or not:
 #   - an HTML index page: every link to a .torrent file (resolved against the page, same origin
 #     unless same_origin = false) and every magnet link;
+#   - an RSS or Atom feed: enclosures, .torrent and magnet links, BEP 36 / academictorrents
+#     fields (infoHash, magnetURI, contentLength);
+#   - a JSON list (strings, or objects such as Anna's Archive torrents.json or a
+#     libgen-seedtools feed: "url"/"link", "magnet_link", "btih"/"infohash", "data_size"/
+#     "size_bytes", "display_name"/"name", "num_files");
+#   - a CSV or TSV file with a header row naming such columns;
+#   - a text list: one URL, magnet link or infohash per line, # comments;
 #   - a direct .torrent URL;
-#   - a text list (one URL, magnet link or infohash per line, # comments) or a JSON list (strings,
-#     or objects with "link", "url", "magnet" or "infohash", such as a libgen-seedtools feed);
 #   - a local folder (its *.torrent files), a local file, or a file:// URL.
+# A listing's own facts (infohash, size, name) keep a torrent listed when its .torrent cannot
+# be downloaded; a .torrent that downloads overrides them and must have the same infohash.
+# Pages are followed by rel="next". A page with no entry at all (a login or challenge page)
+# fails the sync of its collection and changes nothing.
 [[collections]]
 # Unique name, used by --collection and in reports.
 name = "libgen-books"
@@ -4407,6 +5022,13 @@ required_substring = "r_"
 same_origin = true
 # Extra trackers to ask for every torrent of this collection (used by `tsmd scrape`).
 trackers = []
+# Listings with per-item flags (Anna's Archive): keep items marked obsolete or embargoed.
+keep_obsolete = false
+# A listing field that names each torrent's type, for feeds of several kinds (e.g.
+# "group_name"); unset: every torrent has the collection's type.
+# type_field = "group_name"
+# This collection's [sync] max_removed; unset: [sync]'s.
+# max_removed = 0.5
 
 [[collections]]
 name = "libgen-fiction"
@@ -4414,6 +5036,13 @@ url = "https://libgen.rs/fiction/repository_torrent/"
 type = "fiction"
 enabled = false
 required_substring = "f_"
+
+[[collections]]
+name = "annas-archive"
+url = "https://annas-archive.org/dyn/torrents.json"
+type = "books"
+enabled = false
+type_field = "group_name"
 """
 
 
@@ -4562,13 +5191,16 @@ def select_collections(settings: Settings, names: Sequence[str]) -> list[Collect
 
 
 def make_fetcher(settings: Settings, resolve: Any = None,
-                 address_allowed: Any = None) -> Fetcher:
-    """The fetcher the settings describe; `resolve` and `address_allowed` are test seams."""
+                 address_allowed: Any = None, *, paced: bool = False) -> Fetcher:
+    """The fetcher the settings describe, `paced` per host as [sync] says (collection servers);
+    `resolve` and `address_allowed` are test seams."""
     net = settings.network
     return Fetcher(allow_private=net.allow_private, proxy=net.proxy, timeout=net.timeout,
                    connect_timeout=net.connect_timeout, user_agent=net.user_agent,
                    max_redirects=settings.sync.max_redirects, resolve=resolve,
-                   address_allowed=address_allowed)
+                   address_allowed=address_allowed,
+                   per_host_concurrency=settings.sync.per_host_concurrency if paced else 0,
+                   per_host_rate=settings.sync.per_host_rate if paced else 0.0)
 
 
 # ---- Output on stderr ----
@@ -4664,6 +5296,8 @@ class SyncCounts:
     failed: int = 0
     downloads: int = 0
     requests: int = 0
+    moved: int = 0  # entries found under a new URL (a domain move), history kept
+    skipped: int = 0  # listing items left out on purpose (obsolete, embargoed)
     trackers_ignored: int = 0  # past [sync] max_trackers_per_torrent or max_new_trackers
     broken: int = 0  # entries that failed again, BROKEN_AFTER syncs in a row or more
     failed_unsaid: int = 0  # of `failed`, those already said in the last day (said once, below)
@@ -4673,15 +5307,19 @@ class SyncCounts:
         ignored = (f"; {self.trackers_ignored:,} trackers left out by max_trackers_per_torrent "
                    "or max_new_trackers" if self.trackers_ignored else "")
         broken = f", {self.broken} broken (see tsmd status)" if self.broken else ""
+        moved = f", {self.moved} moved" if self.moved else ""
+        skipped = f", {self.skipped} obsolete or embargoed left out" if self.skipped else ""
         return (f"{self.collections} collections, {self.pages} index pages, {self.new} new, "
-                f"{self.changed} changed, {self.unchanged} unchanged, {self.removed} removed, "
-                f"{self.failed} failed{broken} ({self.downloads} downloads, {self.requests} "
-                f"requests){ignored}")
+                f"{self.changed} changed, {self.unchanged} unchanged{moved}, {self.removed} "
+                f"removed, {self.failed} failed{broken}{skipped} ({self.downloads} downloads, "
+                f"{self.requests} requests){ignored}")
 
 
 @dataclass(frozen=True, slots=True)
 class SyncOutcome:
-    """One entry's result, sent to the writer. `meta` is None when the entry failed."""
+    """One entry's result, sent to the writer. `meta` is None when the entry failed and the
+    listing said nothing of it; with `error` and a `meta`, it failed and is listed by the
+    listing's facts."""
 
     collection_id: int
     entry: IndexEntry
@@ -4690,6 +5328,7 @@ class SyncOutcome:
     etag: str | None = None
     last_modified: str | None = None
     error: str | None = None
+    moved_from: str | None = None  # the entry's source before its listing moved
 
 
 @dataclass(frozen=True, slots=True)
@@ -4705,6 +5344,7 @@ class CollectionSynced:
     index_etag: str | None
     index_last_modified: str | None
     fingerprint: str
+    error: str | None = None  # a sync that was refused in part (removals), said in `tsmd status`
 
 
 @dataclass(frozen=True, slots=True)
@@ -4725,40 +5365,69 @@ def _write_sync_outcomes(db: sqlite3.Connection, outcomes: list[SyncOutcome | Co
                 _finish_collection(db, outcome)
                 continue
             entry = outcome.entry
-            if outcome.meta is None:
+            listed_type = entry.facts.type if entry.facts is not None else None
+            if outcome.moved_from is not None:
+                _move_membership(db, outcome, now)
+            torrent_id = (upsert_torrent(db, outcome.meta, now, limits)
+                          if outcome.meta is not None else None)
+            if outcome.error is not None:
                 before = db.execute("SELECT failures, reported FROM memberships WHERE "
                                     "collection_id = ? AND source = ?",
                                     (outcome.collection_id, entry.source)).fetchone()
                 failures, reported = (before[0] + 1, before[1]) if before else (1, None)
                 say = reported is None or now - reported >= DAY  # once a day at most
                 db.execute(
-                    "INSERT INTO memberships (collection_id, source, file_name, first_seen, "
-                    "last_seen, last_error, failures, reported) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "INSERT INTO memberships (collection_id, source, torrent_id, file_name, "
+                    "first_seen, last_seen, last_error, failures, reported, type) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT(collection_id, source) DO UPDATE SET last_seen = excluded.last_seen, "
+                    "torrent_id = coalesce(excluded.torrent_id, torrent_id), "
                     "last_error = excluded.last_error, removed = NULL, "
-                    "failures = excluded.failures, reported = excluded.reported",
-                    (outcome.collection_id, entry.source, entry.file_name, now, now, outcome.error,
-                     failures, now if say else reported))
-                failed.append(EntryFailure(outcome.error or "failed", failures, say))
+                    "failures = excluded.failures, reported = excluded.reported, "
+                    "type = coalesce(excluded.type, type)",
+                    (outcome.collection_id, entry.source, torrent_id, entry.file_name, now, now,
+                     outcome.error, failures, now if say else reported, listed_type))
+                failed.append(EntryFailure(outcome.error, failures, say))
                 continue
-            torrent_id = upsert_torrent(db, outcome.meta, now, limits)
             validated = now if entry.kind is EntryKind.URL else None
             db.execute(
                 "INSERT INTO memberships (collection_id, source, torrent_id, file_name, first_seen, "
-                "last_seen, etag, last_modified, validated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "last_seen, etag, last_modified, validated, type) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(collection_id, source) DO UPDATE SET torrent_id = excluded.torrent_id, "
                 "file_name = coalesce(excluded.file_name, file_name), last_seen = excluded.last_seen, "
                 "etag = coalesce(excluded.etag, etag), "
                 "last_modified = coalesce(excluded.last_modified, last_modified), "
                 "validated = excluded.validated, last_error = NULL, removed = NULL, "
-                "failures = 0, reported = NULL",
+                "failures = 0, reported = NULL, type = coalesce(excluded.type, type)",
                 (outcome.collection_id, entry.source, torrent_id, entry.file_name, now, now,
-                 outcome.etag, outcome.last_modified, validated))
+                 outcome.etag, outcome.last_modified, validated, listed_type))
             if torrent_id in limits.short_of_budget:  # read it again next sync, in full
                 db.execute("UPDATE memberships SET etag = NULL, last_modified = NULL, "
                            "validated = NULL WHERE collection_id = ? AND source = ?",
                            (outcome.collection_id, entry.source))
     return failed
+
+
+def _move_membership(db: sqlite3.Connection, outcome: SyncOutcome, now: int) -> None:
+    """An entry that looked like one that left the listing (same file name or infohash, new
+    URL): the same torrent keeps its membership, first_seen and all, under the new URL; another
+    torrent, or none (no facts, no download), and the old entry is removed."""
+    row = db.execute("SELECT t.infohash FROM memberships m JOIN torrents t ON t.id = m.torrent_id "
+                     "WHERE m.collection_id = ? AND m.source = ?",
+                     (outcome.collection_id, outcome.moved_from)).fetchone()
+    if row is None:
+        return
+    if outcome.meta is None or outcome.meta.infohash != row[0]:
+        if outcome.meta is not None:  # another torrent: the old one really left
+            db.execute("UPDATE memberships SET removed = ? WHERE collection_id = ? AND source = ?",
+                       (now, outcome.collection_id, outcome.moved_from))
+        return
+    db.execute("DELETE FROM memberships WHERE collection_id = ? AND source = ?",
+               (outcome.collection_id, outcome.entry.source))  # a failed try under the new URL
+    db.execute("UPDATE memberships SET source = ?, etag = NULL, last_modified = NULL "
+               "WHERE collection_id = ? AND source = ?",
+               (outcome.entry.source, outcome.collection_id, outcome.moved_from))
 
 
 def _finish_collection(db: sqlite3.Connection, done: CollectionSynced) -> None:
@@ -4767,9 +5436,9 @@ def _finish_collection(db: sqlite3.Connection, done: CollectionSynced) -> None:
     db.executemany("UPDATE memberships SET removed = ? WHERE collection_id = ? AND source = ?",
                    [(done.now, done.collection_id, source) for source in done.vanished])
     db.execute("UPDATE collections SET index_etag = ?, index_last_modified = ?, "
-               "index_fingerprint = ?, last_synced = ?, last_error = NULL WHERE id = ?",
+               "index_fingerprint = ?, last_synced = ?, last_error = ? WHERE id = ?",
                (done.index_etag, done.index_last_modified, done.fingerprint, done.now,
-                done.collection_id))
+                done.error, done.collection_id))
 
 
 async def _sync_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChannel,
@@ -4786,6 +5455,7 @@ async def _sync_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChanne
             return
         if outcome.status != "failed":  # failures are counted as they are written
             setattr(counts, outcome.status, getattr(counts, outcome.status) + 1)
+        counts.moved += outcome.moved_from is not None and outcome.status == "unchanged"
         on_written()
 
     def write() -> None:
@@ -4819,10 +5489,26 @@ async def _sync_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChanne
         counts.trackers_ignored = limits.ignored
 
 
-def _entry_metainfo(entry: IndexEntry) -> Metainfo:
+def listed_metainfo(entry: IndexEntry) -> Metainfo | None:
+    """What the listing alone tells of an entry: a magnet's or bare infohash's metainfo, with
+    the listing's facts filling what it lacks; for a .torrent URL, the facts if they name an
+    infohash, else None."""
+    facts = entry.facts
     if entry.kind is EntryKind.MAGNET:
-        return decode_magnet_untrusted(entry.source)
-    return Metainfo.bare(entry.source)
+        meta = decode_magnet_untrusted(entry.source)
+    elif entry.kind is EntryKind.INFOHASH:
+        meta = Metainfo.bare(entry.source)
+    elif facts is not None and facts.infohash is not None:
+        meta = Metainfo.bare(facts.infohash)
+    else:
+        return None
+    if facts is None:
+        return meta
+    return dataclasses.replace(meta, name=meta.name or facts.name,
+                               size_bytes=meta.size_bytes if meta.size_bytes is not None
+                               else facts.size_bytes,
+                               file_count=meta.file_count if meta.file_count is not None
+                               else facts.file_count)
 
 
 def _classify(previous: Membership | None, infohash: str) -> str:
@@ -4831,139 +5517,323 @@ def _classify(previous: Membership | None, infohash: str) -> str:
     return "unchanged" if previous.infohash == infohash else "changed"
 
 
-async def _download_entry(fetcher: Fetcher, settings: Settings, collection_id: int,
-                          entry: IndexEntry, previous: Membership | None,
-                          send: trio.MemorySendChannel, limiter: trio.CapacityLimiter,
-                          counts: SyncCounts, prefetched: FetchResult | None = None) -> None:
-    known = previous is not None and previous.torrent_id is not None
-    try:
-        if prefetched is not None:
-            result = prefetched
-        else:
-            async with limiter:
-                result = await fetcher.fetch(
-                    entry.source, max_bytes=settings.sync.max_torrent_bytes,
-                    allow_local=entry.source.startswith("file:"),
-                    etag=previous.etag if known else None,  # type: ignore[union-attr]
-                    last_modified=previous.last_modified if known else None)  # type: ignore[union-attr]
-        if result.status == 304:
-            assert previous is not None and previous.infohash is not None  # 304 needs a validator
-            await send.send(SyncOutcome(collection_id, entry, Metainfo.bare(previous.infohash),
-                                        _classify(previous, previous.infohash),
-                                        result.etag, result.last_modified))
+def _looks_like_torrent(body: bytes) -> bool:
+    return body[:1] == b"d" and (b"4:info" in body[:1 << 20])
+
+
+def _same_origin(url: str, other: str) -> bool:
+    return _origin(url) == _origin(other)
+
+
+@dataclass(slots=True)
+class _Listing:
+    """A collection's listing as read this sync: every page's entries, and whether it is whole
+    (removals are judged only against a whole listing)."""
+
+    entries: list[IndexEntry]
+    pages: list[IndexPage]
+    complete: bool = True
+    etag: str | None = None  # validators of a one-page listing
+    last_modified: str | None = None
+    prefetched: dict[str, FetchResult] = field(default_factory=dict)
+
+
+MAX_PROBLEMS_SAID_PER_COLLECTION: Final = 10  # unreadable items named per collection without -v
+
+
+class _CollectionSync:
+    """The sync of one collection: read its listing, download what changed, and send every
+    result to the writer."""
+
+    def __init__(self, db: sqlite3.Connection, run: _SyncRun, collection: CollectionSettings
+                 ) -> None:
+        self.db, self.run, self.collection = db, run, collection
+        self.settings = run.settings.sync
+        self.now = int(time.time())
+
+    def _fail(self, message: str) -> None:
+        message = f"collection '{self.collection.name}': {message}"
+        self.run.counts.failed += 1
+        self.run.reporter.problem(message)
+        with Transaction(self.db):
+            self.db.execute("UPDATE collections SET last_error = ? WHERE id = ?",
+                            (message, self.collection_id))
+
+    async def sync(self) -> None:
+        collection = self.collection
+        with Transaction(self.db):
+            self.collection_id = upsert_collection(self.db, collection.name, collection.url,
+                                                   collection.type, collection.enabled)
+            stored = self.db.execute("SELECT index_etag, index_last_modified, index_fingerprint "
+                                     "FROM collections WHERE id = ?",
+                                     (self.collection_id,)).fetchone()
+        fingerprint = json.dumps([collection.url, collection.required_substring,
+                                  collection.same_origin, collection.keep_obsolete,
+                                  collection.type_field])
+        memberships = load_memberships(self.db, self.collection_id)
+        try:
+            listing = await self._read_listing(stored[:2] if stored[2] == fingerprint
+                                               else (None, None), memberships)
+        except (FetchError, ProtocolError) as exc:
+            self._fail(str(exc))
             return
-        counts.downloads += 1
-        if len(result.body) > DECODE_IN_THREAD_BYTES:
-            # A .torrent of a million files takes seconds to decode; meanwhile timeouts work,
-            # and Ctrl-C or SIGTERM leave the thread to finish alone, its result unused.
-            meta = await in_worker_thread(decode_metainfo_untrusted, result.body,
-                                          abandon_on_cancel=True)
+        self._say_unreadable(listing)
+        if not listing.entries:
+            kinds = "/".join(dict.fromkeys(page.kind for page in listing.pages)) or "listing"
+            unreadable = sum(page.unreadable for page in listing.pages)
+            self._fail(f"not a collection page: {collection.url} ({kinds}), 0 torrent links"
+                       + (f" ({unreadable:,} unreadable lines or items)" if unreadable else "")
+                       + "; a login or challenge page? Nothing was changed")
+            return
+        self.run.on_entries(len(listing.entries))
+        listed = {entry.source for entry in listing.entries}
+        gone = {source: m for source, m in memberships.items()
+                if m.removed is None and source not in listed}
+        moves = _find_moves(listing.entries, memberships, gone)  # taken out of `gone`
+        confirmed = await self._sync_entries(listing, memberships, moves)
+        vanished = list(gone)
+        error = self._judge_removals(vanished, memberships, listing)
+        if error is not None:
+            vanished = []
+        one_page = len(listing.pages) <= 1 and error is None
+        await self.run.send.send(CollectionSynced(
+            self.collection_id, self.now, confirmed, vanished,
+            listing.etag if one_page else None, listing.last_modified if one_page else None,
+            fingerprint, error))
+
+    def _judge_removals(self, vanished: list[str], memberships: dict[str, Membership],
+                        listing: _Listing) -> str | None:
+        """Why the removals of this sync are refused, said and counted; None to accept them."""
+        if not vanished:
+            return None
+        name = self.collection.name
+        if not listing.complete:
+            message = (f"collection '{name}': the listing was not read to its end (more than "
+                       f"[sync] max_pages = {self.settings.max_pages} pages); none of the "
+                       f"{len(vanished):,} torrents missing from what was read is removed")
         else:
-            meta = decode_metainfo_untrusted(result.body)
-    except ProtocolError as exc:
-        await send.send(SyncOutcome(collection_id, entry, None, "failed",
-                                    error=f"{entry.source}: not a valid .torrent: {exc}"))
-        return
-    except FetchError as exc:
-        await send.send(SyncOutcome(collection_id, entry, None, "failed", error=str(exc)))
-        return
-    await send.send(SyncOutcome(collection_id, entry, meta, _classify(previous, meta.infohash),
-                                result.etag, result.last_modified))
+            # Torrents count; an entry that never gave one (a dead link) may leave freely.
+            listed = sum(1 for m in memberships.values()
+                         if m.removed is None and m.torrent_id is not None)
+            leaving = sum(1 for source in vanished if memberships[source].torrent_id is not None)
+            limit = self.collection.max_removed
+            limit = self.settings.max_removed if limit is None else limit
+            if self.run.accept_removals or not leaving or (leaving <= limit * listed
+                                                           and leaving < listed):
+                return None
+            why = ("every one of them" if leaving >= listed
+                   else f"{leaving / listed:.0%}, over max_removed = {limit:g}")
+            message = (f"collection '{name}': refused to mark {leaving:,} of its "
+                       f"{listed:,} listed torrents as removed ({why}): nothing was removed. "
+                       "A broken or challenge page? If the listing really shrank, run "
+                       f"`tsmd sync --accept-removals -c {name}` once, or set max_removed "
+                       "in its [[collections]] table")
+        self.run.counts.failed += 1
+        self.run.reporter.problem(message)
+        return message
 
+    def _say_unreadable(self, listing: _Listing) -> None:
+        """Each unreadable item counts as a failure; the first few are named."""
+        problems = [problem for page in listing.pages for problem in page.problems]
+        unreadable = sum(page.unreadable for page in listing.pages)
+        self.run.counts.failed += unreadable
+        self.run.counts.skipped += sum(page.skipped for page in listing.pages)
+        shown = problems if self.run.reporter.verbosity > 0 else \
+            problems[:MAX_PROBLEMS_SAID_PER_COLLECTION]
+        for problem in shown:
+            self.run.reporter.problem(f"collection '{self.collection.name}': {problem}")
+        if unreadable > len(shown):
+            self.run.reporter.problem(
+                f"collection '{self.collection.name}': ... and {unreadable - len(shown):,} more "
+                "unreadable items" + (" (-v names them)" if len(shown) < len(problems) else ""))
 
-def _looks_like_torrent(result: FetchResult) -> bool:
-    return result.body[:1] == b"d" and (b"4:info" in result.body[:1 << 20])
-
-
-async def _sync_collection(db: sqlite3.Connection, fetcher: Fetcher, settings: Settings,
-                           collection: CollectionSettings, send: trio.MemorySendChannel,
-                           limiter: trio.CapacityLimiter, counts: SyncCounts, reporter: Reporter,
-                           revalidate: bool, on_entries: Any) -> None:
-    now = int(time.time())
-    with Transaction(db):
-        collection_id = upsert_collection(db, collection.name, collection.url, collection.type,
-                                          collection.enabled)
-        stored = db.execute("SELECT index_etag, index_last_modified, index_fingerprint "
-                            "FROM collections WHERE id = ?", (collection_id,)).fetchone()
-    fingerprint = json.dumps([collection.url, collection.required_substring, collection.same_origin])
-    conditional = stored[2] == fingerprint
-    memberships = load_memberships(db, collection_id)
-    prefetched: dict[str, FetchResult] = {}
-    url = collection.url
-    index_etag = index_last_modified = None
-    counts.pages += 1
-    try:
+    async def _read_listing(self, validators: tuple[str | None, str | None],
+                            memberships: dict[str, Membership]) -> _Listing:
+        """Every page of the collection's listing, following rel="next" on the same origin."""
+        url = self.collection.url
+        options = self.collection.listing_options
         local_path = file_url_to_path(url) if url.startswith("file:") else None
         if local_path is not None and local_path.is_dir():
-            entries = local_index_entries(local_path)
-            problems: list[str] = []
-        else:
-            result = await fetcher.fetch(url, max_bytes=max(settings.sync.max_index_bytes,
-                                                            settings.sync.max_torrent_bytes),
-                                         etag=stored[0] if conditional else None,
-                                         last_modified=stored[1] if conditional else None,
-                                         allow_local=True)  # the configured URL itself
-            index_etag, index_last_modified = result.etag, result.last_modified
+            self.run.counts.pages += 1
+            page = IndexPage("folder", [], [])
+            select_entries(local_index_entries(local_path), url, options, page)
+            return _Listing(page.entries, [page])
+        pages: list[IndexPage] = []
+        listing = _Listing([], pages)
+        seen: set[str] = set()
+        next_url: str | None = url
+        while next_url is not None:
+            if len(pages) >= self.settings.max_pages:
+                listing.complete = False
+                break
+            seen.add(next_url)
+            first = not pages
+            result = await self.run.fetcher.fetch(
+                next_url, max_bytes=max(self.settings.max_index_bytes,
+                                        self.settings.max_torrent_bytes),
+                etag=validators[0] if first else None,
+                last_modified=validators[1] if first else None,
+                allow_local=first)  # the configured URL itself
+            self.run.counts.pages += 1
+            if first:
+                listing.etag, listing.last_modified = result.etag, result.last_modified
             if result.status == 304:
-                entries = [_entry_from_stored_source(m.source, m) for m in memberships.values()
-                           if m.removed is None]
-                problems = []
-            elif _looks_like_torrent(result):
-                entries = [IndexEntry(EntryKind.URL, url, _url_file_name(url))]
-                prefetched[url] = result
-                problems = []
-            else:
-                if len(result.body) > settings.sync.max_index_bytes:
-                    raise FetchError(f"{url}: index over the {settings.sync.max_index_bytes:,}-"
-                                     "byte limit")
-                entries, problems = parse_index_untrusted(
-                    result.body, result.url, content_type=result.content_type,
-                    required_substring=collection.required_substring,
-                    same_origin=collection.same_origin)
-    except (FetchError, ProtocolError) as exc:
-        message = f"collection '{collection.name}': {exc}"
-        counts.failed += 1
-        reporter.problem(message)
-        with Transaction(db):
-            db.execute("UPDATE collections SET last_error = ? WHERE id = ?", (message, collection_id))
-        return
-    for problem in problems:
-        counts.failed += 1
-        reporter.problem(f"collection '{collection.name}': {problem}")
-    on_entries(len(entries))
-
-    confirmed: list[str] = []
-    async with trio.open_nursery() as nursery:
-        for entry in entries:
-            previous = memberships.get(entry.source)
-            if entry.kind is not EntryKind.URL:
+                listing.entries = [_entry_from_stored_source(m.source) for m in
+                                   memberships.values() if m.removed is None]
+                return listing
+            body = result.body
+            if is_gzip_file(body):  # a .gz listing, served as a file rather than encoded
                 try:
-                    meta = _entry_metainfo(entry)
+                    body = decode_content_untrusted(body, "gzip", self.settings.max_index_bytes)
                 except ProtocolError as exc:
-                    await send.send(SyncOutcome(collection_id, entry, None, "failed",
-                                                error=f"{entry.source[:80]}: {exc}"))
-                    continue
-                await send.send(SyncOutcome(collection_id, entry, meta,
-                                            _classify(previous, meta.infohash)))
-            elif (previous is not None and previous.torrent_id is not None
-                  and previous.removed is None and not revalidate
-                  and now - (previous.validated or 0) < settings.sync.revalidate_after
-                  and entry.source not in prefetched):
-                confirmed.append(entry.source)
-                counts.unchanged += 1
-                on_entries(0, advance=1)
+                    raise ProtocolError(f"{next_url}: {exc}") from None
+            if first and _looks_like_torrent(body):
+                entry = IndexEntry(EntryKind.URL, url, _url_file_name(url))
+                listing.prefetched[url] = dataclasses.replace(result, body=body)
+                listing.entries.append(entry)
+                pages.append(IndexPage(".torrent", [entry], []))
+                return listing
+            if len(body) > self.settings.max_index_bytes:
+                raise FetchError(f"{next_url}: listing over the "
+                                 f"{self.settings.max_index_bytes:,}-byte limit")
+            page = parse_index_untrusted(body, result.url, link_header=result.link,
+                                         options=options)
+            pages.append(page)
+            next_url = None
+            if page.next_url:
+                try:
+                    candidate = resolve_link_untrusted(result.url, page.next_url)
+                except ProtocolError:
+                    candidate = None
+                if candidate is not None and candidate not in seen \
+                        and _same_origin(candidate, result.url):
+                    next_url = candidate
+        listing.entries = list({entry.source: entry for page in pages
+                                for entry in page.entries}.values())
+        return listing
+
+    async def _sync_entries(self, listing: _Listing, memberships: dict[str, Membership],
+                            moves: dict[str, Membership]) -> list[str]:
+        """Download or confirm every entry; the sources confirmed without a download."""
+        run = self.run
+        confirmed: list[str] = []
+        async with trio.open_nursery() as nursery:
+            for entry in listing.entries:
+                previous = memberships.get(entry.source)
+                moved = moves.get(entry.source)
+                if entry.kind is not EntryKind.URL:
+                    try:
+                        meta = listed_metainfo(entry)
+                    except ProtocolError as exc:
+                        await run.send.send(SyncOutcome(self.collection_id, entry, None, "failed",
+                                                        error=f"{entry.source[:80]}: {exc}"))
+                        continue
+                    assert meta is not None
+                    await run.send.send(SyncOutcome(
+                        self.collection_id, entry, meta, _classify(moved or previous, meta.infohash),
+                        moved_from=moved.source if moved is not None else None))
+                elif (previous is not None and previous.torrent_id is not None
+                      and previous.removed is None and not run.revalidate
+                      and self.now - (previous.validated or 0) < self.settings.revalidate_after
+                      and entry.source not in listing.prefetched):
+                    confirmed.append(entry.source)
+                    run.counts.unchanged += 1
+                    run.on_entries(0, advance=1)
+                else:
+                    nursery.start_soon(self._download_entry, entry, previous, moved,
+                                       listing.prefetched.get(entry.source))
+        return confirmed
+
+    async def _download_entry(self, entry: IndexEntry, previous: Membership | None,
+                              moved: Membership | None, prefetched: FetchResult | None) -> None:
+        run = self.run
+        known = previous is not None and previous.torrent_id is not None and moved is None
+        moved_from = moved.source if moved is not None else None
+        try:
+            if prefetched is not None:
+                result = prefetched
             else:
-                nursery.start_soon(_download_entry, fetcher, settings, collection_id, entry,
-                                   previous, send, limiter, counts, prefetched.get(entry.source))
+                async with run.limiter:
+                    result = await run.fetcher.fetch(
+                        entry.source, max_bytes=self.settings.max_torrent_bytes,
+                        allow_local=entry.source.startswith("file:"),
+                        etag=previous.etag if known else None,  # type: ignore[union-attr]
+                        last_modified=previous.last_modified if known else None)  # type: ignore[union-attr]
+            if result.status == 304:
+                assert previous is not None and previous.infohash is not None  # needs a validator
+                await run.send.send(SyncOutcome(self.collection_id, entry,
+                                                Metainfo.bare(previous.infohash),
+                                                _classify(previous, previous.infohash),
+                                                result.etag, result.last_modified))
+                return
+            run.counts.downloads += 1
+            if len(result.body) > DECODE_IN_THREAD_BYTES:
+                # A .torrent of a million files takes seconds to decode; meanwhile timeouts
+                # work, and Ctrl-C or SIGTERM leave the thread to finish alone, unused.
+                meta = await in_worker_thread(decode_metainfo_untrusted, result.body,
+                                              abandon_on_cancel=True)
+            else:
+                meta = decode_metainfo_untrusted(result.body)
+            listed = entry.facts.infohash if entry.facts is not None else None
+            if listed is not None and listed not in (meta.infohash, (meta.infohash_v2 or "")[:40]):
+                raise ProtocolError(f"the listing says infohash {listed}, the .torrent is "
+                                    f"{meta.infohash}")
+        except (ProtocolError, FetchError) as exc:
+            error = (f"{entry.source}: not a valid .torrent: {exc}"
+                     if isinstance(exc, ProtocolError) else str(exc))
+            facts_meta = listed_metainfo(entry)
+            if facts_meta is not None:
+                error += "; listed by the listing's own facts (infohash, size)"
+            await run.send.send(SyncOutcome(
+                self.collection_id, entry, facts_meta,
+                _classify(moved or previous, facts_meta.infohash) if facts_meta else "failed",
+                error=error, moved_from=moved_from))
+            return
+        await run.send.send(SyncOutcome(self.collection_id, entry, meta,
+                                        _classify(moved or previous, meta.infohash),
+                                        result.etag, result.last_modified, moved_from=moved_from))
 
-    listed = {entry.source for entry in entries}
-    vanished = [source for source, m in memberships.items()
-                if source not in listed and m.removed is None]
-    await send.send(CollectionSynced(collection_id, now, confirmed, vanished, index_etag,
-                                     index_last_modified, fingerprint))
+
+def _find_moves(entries: list[IndexEntry], memberships: dict[str, Membership],
+                gone: dict[str, Membership]) -> dict[str, Membership]:
+    """Entries new to the collection that look like ones that left it: the same infohash in
+    the listing's facts, or the same file name (a site that moved to a new domain). Each is
+    confirmed by its download before the old entry's history moves to it. Matches are taken
+    from `gone`."""
+    if not gone:
+        return {}
+    by_hash = {m.infohash: m for m in gone.values() if m.infohash is not None}
+    by_name: dict[str, Membership | None] = {}
+    for membership in gone.values():
+        # A name that two left entries share tells nothing.
+        if membership.file_name and membership.torrent_id is not None:
+            by_name[membership.file_name] = None if membership.file_name in by_name \
+                else membership
+    repeated = {name for name, count in _counts(
+        entry.file_name for entry in entries if entry.file_name).items() if count > 1}
+    moves: dict[str, Membership] = {}
+    for entry in entries:
+        previous = memberships.get(entry.source)
+        if previous is not None and previous.torrent_id is not None:
+            continue
+        listed = entry.facts.infohash if entry.facts is not None else None
+        old = by_hash.get(listed) if listed is not None else None
+        if old is None and entry.file_name and entry.file_name not in repeated:
+            old = by_name.get(entry.file_name)
+        if old is not None and old.source in gone:
+            moves[entry.source] = old
+            del gone[old.source]
+    return moves
 
 
-def _entry_from_stored_source(source: str, membership: Membership) -> IndexEntry:
+def _counts(items: Iterable[str]) -> dict[str, int]:
+    counted: dict[str, int] = {}
+    for item in items:
+        counted[item] = counted.get(item, 0) + 1
+    return counted
+
+
+def _entry_from_stored_source(source: str) -> IndexEntry:
     if source.lower().startswith("magnet:?"):
         return IndexEntry(EntryKind.MAGNET, source, None)
     if _HEX40.fullmatch(source):
@@ -4971,13 +5841,28 @@ def _entry_from_stored_source(source: str, membership: Membership) -> IndexEntry
     return IndexEntry(EntryKind.URL, source, _url_file_name(source))
 
 
+@dataclass(slots=True)
+class _SyncRun:
+    """What every collection's sync of one run shares."""
+
+    settings: Settings
+    fetcher: Fetcher
+    send: trio.MemorySendChannel
+    limiter: trio.CapacityLimiter
+    counts: SyncCounts
+    reporter: Reporter
+    on_entries: Any
+    revalidate: bool = False
+    accept_removals: bool = False
+
+
 async def run_sync(db: sqlite3.Connection, settings: Settings,
                    collections: Sequence[CollectionSettings], reporter: Reporter, *,
-                   revalidate: bool = False, resolve: Any = None,
+                   revalidate: bool = False, accept_removals: bool = False, resolve: Any = None,
                    address_allowed: Any = None) -> SyncCounts:
     """Fetch every given collection into the database; failures are counted, never raised."""
     counts = SyncCounts(collections=len(collections))
-    fetcher = make_fetcher(settings, resolve, address_allowed)
+    fetcher = make_fetcher(settings, resolve, address_allowed, paced=True)
     limiter = trio.CapacityLimiter(settings.sync.concurrency)
     send, receive = trio.open_memory_channel[SyncOutcome](SYNC_WRITE_BATCH)
     with reporter.progress() as progress:
@@ -4997,9 +5882,9 @@ async def run_sync(db: sqlite3.Connection, settings: Settings,
                     for collection in collections:
                         progress.update(task, description=f"sync {collection.name}")
                         async with send.clone() as collection_send:
-                            await _sync_collection(db, fetcher, settings, collection,
-                                                   collection_send, limiter, counts, reporter,
-                                                   revalidate, on_entries)
+                            run = _SyncRun(settings, fetcher, collection_send, limiter, counts,
+                                           reporter, on_entries, revalidate, accept_removals)
+                            await _CollectionSync(db, run, collection).sync()
         finally:
             counts.requests = fetcher.requests
             if fetcher.reached_no_server():
@@ -5794,12 +6679,13 @@ def _load_report_rows(db: sqlite3.Connection, collections: Sequence[str]) -> lis
                      db.execute("SELECT id, name, type FROM collections")}
     # Per torrent: file name, source, collection name and type of its first listing.
     listed: dict[int, tuple[str | None, str, str, str]] = {}
-    for torrent_id, file_name, source, collection_id in db.execute(
-            f"SELECT m.torrent_id, m.file_name, m.source, m.collection_id FROM memberships m "
-            f"WHERE m.removed IS NULL AND m.torrent_id IS NOT NULL {where} "
+    for torrent_id, file_name, source, collection_id, listed_type in db.execute(
+            f"SELECT m.torrent_id, m.file_name, m.source, m.collection_id, m.type "
+            f"FROM memberships m WHERE m.removed IS NULL AND m.torrent_id IS NOT NULL {where} "
             f"ORDER BY m.collection_id, m.first_seen, m.source", params):
         if torrent_id not in listed:
-            listed[torrent_id] = (file_name, source, *name_and_type[collection_id])
+            collection, kind = name_and_type[collection_id]
+            listed[torrent_id] = (file_name, source, collection, listed_type or kind)
     tracker_numbers = load_tracker_numbers(db, int(time.time()) - TRACKER_SAMPLE_FRESHNESS)
     torrents = [row for row in db.execute(
         "SELECT t.id, t.infohash, t.name, t.size_bytes, t.file_count, t.created_unix, t.magnet, "
@@ -6836,6 +7722,8 @@ def sync(
         "--collection", "-c", metavar="NAME", help="Only this collection (repeatable).")] = None,
     revalidate: Annotated[bool, typer.Option(
         help="Re-check every known .torrent with a conditional request, however recent.")] = False,
+    accept_removals: Annotated[bool, typer.Option(
+        help=ACCEPT_REMOVALS_HELP)] = False,
     wait: Annotated[Optional[str], typer.Option(
         "--wait", metavar="[SECONDS]", help=WAIT_OPTION_HELP)] = None,
 ) -> None:
@@ -6847,7 +7735,8 @@ def sync(
     chosen = _collections_to(settings, collection or [], "sync")
     run_stage_command(settings, reporter, "sync", run_sync, SyncCounts(len(chosen)),
                       sync_judge(reporter), wait=_wait_option(wait), collections=chosen,
-                      revalidate=revalidate)
+                      revalidate=revalidate, accept_removals=accept_removals)
+
 
 
 def _collections_to(settings: Settings, names: Sequence[str],
@@ -6992,6 +7881,9 @@ def scrape_judge(reporter: Reporter) -> Any:
         "partial" if counts.trackers_failed else "ok", ExitCode.OK))
 
 
+ACCEPT_REMOVALS_HELP: Final = (
+    "Accept this sync's removals however many: a listing that really shrank. Without it, a "
+    "sync that would remove more than [sync] max_removed of a collection is refused.")
 WAIT_OPTION_HELP: Final = ("If another tsmd is writing to the database, wait for it (at most "
                            "SECONDS, e.g. 600 or 10m; for as long as it takes without) instead "
                            f"of exiting with code {int(ExitCode.BUSY)}.")
@@ -7196,6 +8088,7 @@ def run_command(
     allow_empty: Annotated[bool, typer.Option(
         help="Let reports of no torrent replace [report].outputs that list torrents (after "
         "emptying the collections on purpose).")] = False,
+    accept_removals: Annotated[bool, typer.Option(help=ACCEPT_REMOVALS_HELP)] = False,
 ) -> None:
     """The whole pipeline, for cron: sync, dht, scrape, then the reports of [report].outputs
     and the [retention] clean-up. A stage that fails does not stop the next ones.
@@ -7218,7 +8111,7 @@ def run_command(
         raise _fail("run: no stage left to run ([run].stages less --skip)", ExitCode.USAGE)
     stages = [
         ("sync", run_sync, SyncCounts(len(chosen)), sync_judge(reporter), {
-            "collections": chosen}),
+            "collections": chosen, "accept_removals": accept_removals}),
         ("dht", run_dht, DhtCounters(), dht_judge(reporter), {
             "collections": chosen, "with_run_id": True}),
         ("scrape", run_scrape, ScrapeRunCounts(), scrape_judge(reporter), {
