@@ -1876,6 +1876,130 @@ type = "books"
     assert done.returncode == 0 and "9 removed" in done.stderr, done.stderr
 
 
+def test_hostile_listings_found_by_review_are_one_error_each():
+    # A run of XML comments before the root: a regex took 2^n steps to read it.
+    started = time.perf_counter()
+    feed = b"<rss><channel></channel></rss>"
+    assert tsmd.parse_index_untrusted(b"<!---->" * 1000 + feed, BASE).kind == "RSS/Atom"
+    assert tsmd.parse_index_untrusted(b"<!---->" * 30 + b"x", BASE).kind == "text"
+    # The root must start in the first 8 kB: past them, it is no feed.
+    assert tsmd.parse_index_untrusted(b"<!---->" * 5000 + feed, BASE).kind == "text"
+    assert time.perf_counter() - started < 5  # linear: ~1 ms
+    # A CSV header cell too large for the csv module; a nested <item>.
+    with pytest.raises(tsmd.ProtocolError, match="CSV header"):
+        tsmd.parse_index_untrusted(b'url,"name\n' + b"x" * 200_000, BASE)
+    items, _ = tsmd.feed_items_untrusted(
+        "<rss><channel><item><link>https://a.example/1.torrent</link><item><link>"
+        "https://a.example/2.torrent</link></item><title>one</title></item></channel></rss>")
+    assert items == [{"url": "https://a.example/1.torrent", "title": "one"}]
+    # Junk in a link field is not fetched, and costs the item neither its infohash nor its size.
+    entries, problems = parse_index(
+        b"url,btih,size\nN/A," + b"a" * 40 + b",5\njavascript:x," + b"b" * 40 + b",6\n")
+    assert [(e.source, e.facts.size_bytes) for e in entries] == [("a" * 40, 5), ("b" * 40, 6)]
+    assert len(problems) == 2 and all("item's link" in problem for problem in problems)
+    # Detection: HTML in a CSV cell is still CSV; a comment line naming columns is still text.
+    entries, _ = parse_index(b"url,description\nhttp://a.example/x.torrent,<a href='y'>z</a>\n")
+    assert [e.source for e in entries] == ["http://a.example/x.torrent"]
+    entries, problems = parse_index(b"# list: url, magnet\nhttp://a.example/x.torrent\n")
+    assert [e.source for e in entries] == ["http://a.example/x.torrent"] and not problems
+    # An Atom enclosure that is not a torrent (a podcast's mp3) is no entry.
+    items, _ = tsmd.feed_items_untrusted(
+        '<feed xmlns="http://www.w3.org/2005/Atom"><entry><link rel="enclosure" '
+        'type="audio/mpeg" href="https://a.example/show.mp3"/></entry></feed>')
+    assert items == [{}]
+
+
+def test_broken_hybrids_and_concatenated_gzip_members():
+    def hybrid(info):
+        return bencoder.bencode({b"info": {b"meta version": 2, b"piece length": 16384,
+                                           b"pieces": b"", **info}})
+    tree = {b"a": {b"": {b"length": 5}}}
+    for info in ({b"name": b"x", b"file tree": tree, b"files": [{b"length": 5}]},
+                 {b"file tree": tree, b"length": 5}):
+        with pytest.raises(tsmd.ProtocolError, match="path|name"):
+            tsmd.decode_metainfo_untrusted(hybrid(info))
+    two = gzip.compress(b"one.torrent\n") + gzip.compress(b"two.torrent\n")
+    assert tsmd.decode_content_untrusted(two, "gzip", 100) == b"one.torrent\ntwo.torrent\n"
+    with pytest.raises(tsmd.ProtocolError, match="followed by 4 other bytes"):
+        tsmd.decode_content_untrusted(gzip.compress(b"x") + b"junk", "gzip", 100)
+    with pytest.raises(tsmd.ProtocolError, match="inflates to more than"):
+        tsmd.decode_content_untrusted(two, "gzip", 15)
+
+
+def test_retry_after_is_for_collection_servers_not_trackers(server, tmp_path):
+    server.files["/x"] = (b"hello", "text/plain")
+    settings = make_settings(tmp_path, [])
+
+    async def fetch(paced: bool) -> str:
+        fetcher = tsmd.make_fetcher(settings, paced=paced)
+        try:
+            return (await fetcher.fetch(server.url("/x"), max_bytes=100)).body.decode()
+        except tsmd.FetchError as exc:
+            return str(exc)
+        finally:
+            await fetcher.aclose()
+
+    server.busy["/x"] = ["0"]
+    assert run(fetch, True) == "hello" and server.count("/x") == 2
+    server.busy["/x"] = ["0"]
+    assert "HTTP 429" in run(fetch, False) and server.count("/x") == 3
+
+
+def test_moves_magnets_later_pages_and_types_keep_the_listing_true(server, tmp_path):
+    # A magnet listing whose magnets gain a tracker: the same torrents move, none is removed.
+    hashes = [f"{n:040x}" for n in range(1, 11)]
+    server.files["/m.txt"] = ("\n".join(f"magnet:?xt=urn:btih:{h}" for h in hashes).encode(),
+                              "text/plain")
+    collection = {"name": "m", "url": server.url("/m.txt"), "type": "books"}
+    settings = make_settings(tmp_path, [collection])
+    do_sync(settings)
+    server.files["/m.txt"] = ("\n".join(f"magnet:?xt=urn:btih:{h}&tr=udp%3A%2F%2Ft.example%3A1"
+                                        for h in hashes).encode(), "text/plain")
+    counts, db = do_sync(settings)
+    assert (counts.moved, counts.removed, counts.failed) == (10, 0, 0)
+    assert db.execute("SELECT count(*) FROM memberships WHERE source LIKE '%&tr=%' "
+                      "AND removed IS NULL").fetchone()[0] == 10
+    # Same file names under a new URL, but other torrents: those removals are judged (and
+    # refused) like any other, not done on the quiet.
+    publish_collection(server, "/c/", 10)
+    collection = {"name": "c", "url": server.url("/c/"), "type": "books"}
+    settings = make_settings(tmp_path, [collection])
+    counts, db = do_sync(settings, ["c"])
+    with CollectionServer() as other:
+        for n in range(10):
+            other.files[f"/c/r_{n}.torrent"] = (v1_torrent(f"else{n}", seed=500 + n), "")
+        index_page(other, "/c/", [f"r_{n}.torrent" for n in range(10)])
+        counts, db = do_sync(make_settings(tmp_path, [{**collection, "url": other.url("/c/")}]),
+                             ["c"])
+    assert (counts.moved, counts.removed, counts.changed, counts.failed) == (0, 0, 10, 1)
+    assert "refused to mark 10 of its 10 listed torrents" in db.execute(
+        "SELECT last_error FROM collections WHERE name = 'c'").fetchone()[0]
+    # A second page that is a challenge page: the listing is not whole, nothing is removed.
+    made = torrents_for(server, "/p/", 4)
+    server.files["/page/0"] = (("".join(f'<a href="/p/{name}">x</a>' for name, _, _ in made)
+                                + '<a rel="next" href="/page/1">next</a>').encode(), "text/html")
+    server.files["/page/1"] = (b"<html><title>Just a moment...</title></html>", "text/html")
+    paged = {"name": "p", "url": server.url("/page/0"), "type": "books"}
+    settings = make_settings(tmp_path, [paged])
+    do_sync(settings, ["p"])
+    server.files["/page/0"] = ('<a href="/p/t_0.torrent">x</a><a rel="next" href="/page/1">n</a>'
+                               .encode(), "text/html")
+    counts, db = do_sync(settings, ["p"], accept_removals=True)
+    assert counts.removed == 0 and len(sizes_listed(db, "p")) == 4
+    assert "page 2, " in db.execute("SELECT last_error FROM collections WHERE name = 'p'"
+                                    ).fetchone()[0]
+    # type_field set on a synced collection: entries confirmed without a download get it too.
+    (name, infohash, _), = made[:1]
+    server.files["/t.json"] = (json.dumps([{"url": f"/p/{name}", "group_name": "zlib"}]).encode(),
+                               "application/json")
+    typed = {"name": "t", "url": server.url("/t.json"), "type": "books"}
+    do_sync(make_settings(tmp_path, [typed]), ["t"])
+    counts, db = do_sync(make_settings(tmp_path, [{**typed, "type_field": "group_name"}]), ["t"])
+    assert counts.unchanged == 1 and counts.downloads == 0
+    assert {row.infohash: row.type for row in tsmd.load_report_rows(db, ["t"])} == {
+        infohash: "zlib"}
+
+
 def test_feed_and_csv_parsers_read_fields_and_refuse_the_rest():
     entries, problems = parse_index(
         b"infohash\tname\tsize\n" + b"a" * 40 + b"\tone\t5\n" + b"zz\ttwo\t6\n"

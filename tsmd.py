@@ -615,6 +615,15 @@ def _v1_file_at(data: bytes, pos: int) -> tuple[dict[bytes, Any] | None, Any, in
             pos = _skip_value_at(data, pos)
 
 
+def _path_bytes(path: Any) -> bytes:
+    """A `files` entry's path as bencoded bytes, to compare with a v2 `file tree`."""
+    if isinstance(path, memoryview):
+        return bytes(path)
+    if not isinstance(path, list) or not all(isinstance(part, bytes) for part in path):
+        raise ProtocolError("a 'files' entry has no valid 'path'")
+    return bencode(path)
+
+
 def _v1_files_at(data: bytes, pos: int, digest: Any = None) -> tuple[_FileTotals, int]:
     """Totals of the BEP 3 `files` list at `pos`, an entry at a time, and where it ends. BEP 47
     pad files are not content: they count neither in the size nor in the files."""
@@ -628,8 +637,7 @@ def _v1_files_at(data: bytes, pos: int, digest: Any = None) -> tuple[_FileTotals
         listed += 1
         length = _file_length(entry, "a 'files' entry")
         if not _is_pad_file(entry):
-            totals.add(length, None if digest is None else (
-                lambda: bytes(path) if isinstance(path, memoryview) else bencode(path)))
+            totals.add(length, None if digest is None else functools.partial(_path_bytes, path))
     if not listed:
         raise ProtocolError("'files' is not a non-empty list")
     return totals, pos + 1
@@ -922,6 +930,8 @@ def _check_hybrid_views(data: bytes, info: _InfoDict) -> None:
         _v1_files_at(data, info.v1_files_at, v1)
     else:  # a single file: its path is the torrent's name
         name, length = info.fields.get(b"name"), _file_length(info.fields, "'info'")
+        if not isinstance(name, bytes):
+            raise ProtocolError("hybrid torrent of one file without a valid 'name'")
         _FileTotals(digest=v1).add(length, lambda: bencode([name]))
     if info.v2_files_at is not None:
         _v2_file_tree_at(data, info.v2_files_at, v2)
@@ -1100,17 +1110,17 @@ def resolve_link_untrusted(base_url: str, link: str) -> str:
 _TEXT_LIST_PROBLEMS_KEPT: Final = 1000  # messages kept of a listing's unreadable items; the rest counted
 
 
-def _entry_from_text(text: str, base_url: str, *, loose: bool = False) -> IndexEntry:
+def _entry_from_text(text: str, base_url: str) -> IndexEntry:
     """A URL, magnet link or bare infohash. A relative reference is taken only when it names a
-    .torrent file, or when `loose` (a field that can only hold a link); anything else is not an
-    entry: a stray line of an XML or HTML file must never be fetched as a URL."""
+    .torrent file; anything else is not an entry: a stray line of an XML or HTML file, or "N/A"
+    in a CSV cell, must never be fetched as a URL."""
     text = storable_text(text.strip())
     if text[:8].lower() == "magnet:?":
         meta = decode_magnet_untrusted(text)
         return IndexEntry(EntryKind.MAGNET, text, meta.name)
     if _HEX40.fullmatch(text) or _BASE32_32.fullmatch(text):
         return IndexEntry(EntryKind.INFOHASH, parse_infohash_untrusted(text), None)
-    if not (loose or _URL_WITH_SCHEME.match(text) or _is_torrent_url(text)) or not text \
+    if not (_URL_WITH_SCHEME.match(text) or _is_torrent_url(text)) \
             or any(character.isspace() for character in text):
         raise ProtocolError(f"not a URL, magnet link or infohash: {text[:80]!r}")
     url = resolve_link_untrusted(base_url, text)
@@ -1188,30 +1198,35 @@ def _is_set(value: Any) -> bool:
 
 
 def _entry_from_fields(raw: dict[Any, Any], base_url: str, options: ListingOptions
-                       ) -> IndexEntry | None:
-    """One item of a JSON, CSV or RSS/Atom listing, with the facts it carries; None when the
-    item is left out on purpose (obsolete or embargoed)."""
+                       ) -> tuple[IndexEntry | None, list[str]]:
+    """One item of a JSON, CSV or RSS/Atom listing, with the facts it carries, and what of it
+    could not be read. The entry is its .torrent link, else its magnet, else its infohash: a
+    field that does not parse falls back to the next (and is said), so a junk link never
+    costs a good infohash. None when the item is left out on purpose (obsolete, embargoed);
+    ProtocolError when nothing in it names a torrent."""
     fields = {_field_key(key): value for key, value in raw.items() if isinstance(key, str)}
     if not options.keep_obsolete and any(_is_set(fields.get(flag)) for flag in _DROPPED_FLAGS):
-        return None
-    link = _first_text(fields, _LINK_FIELDS)
-    magnet = _first_text(fields, _MAGNET_FIELDS)
-    listed_hash = _first_text(fields, _INFOHASH_FIELDS)
-    if link is not None:
-        entry = _entry_from_text(link, base_url, loose=True)
-    elif magnet is not None:
-        entry = _entry_from_text(magnet, base_url)
-    elif listed_hash is not None:
-        entry = _entry_from_text(listed_hash, base_url)
-    else:
-        raise ProtocolError("item has no .torrent link, magnet link or infohash")
-    if listed_hash is not None:
-        infohash: str | None = parse_infohash_untrusted(listed_hash)
-    elif entry.kind is EntryKind.INFOHASH:
-        infohash = entry.source
-    elif entry.kind is EntryKind.MAGNET or magnet is not None:
-        infohash = decode_magnet_untrusted(
-            entry.source if entry.kind is EntryKind.MAGNET else magnet).infohash  # type: ignore[arg-type]
+        return None, []
+    problems: list[str] = []
+    readable: dict[str, IndexEntry] = {}
+    for role, names in (("link", _LINK_FIELDS), ("magnet", _MAGNET_FIELDS),
+                        ("infohash", _INFOHASH_FIELDS)):
+        text = _first_text(fields, names)
+        if text is None:
+            continue
+        try:
+            readable[role] = _entry_from_text(text, base_url)
+        except ProtocolError as exc:
+            problems.append(f"item's {role}: {exc}")
+    entry = next(iter(readable.values()), None)
+    if entry is None:
+        raise ProtocolError("; ".join(problems) or "item has no .torrent link, magnet link or "
+                            "infohash")
+    named = readable.get("infohash") or readable.get("magnet") or entry
+    if named.kind is EntryKind.INFOHASH:
+        infohash: str | None = named.source
+    elif named.kind is EntryKind.MAGNET:
+        infohash = decode_magnet_untrusted(named.source).infohash
     else:
         infohash = None
     kind = fields.get(_field_key(options.type_field)) if options.type_field else None
@@ -1229,7 +1244,7 @@ def _entry_from_fields(raw: dict[Any, Any], base_url: str, options: ListingOptio
     file_name = entry.file_name
     if entry.kind is EntryKind.URL:
         file_name = _first_text(fields, _FILE_NAME_FIELDS) or file_name
-    return dataclasses.replace(entry, file_name=file_name, facts=facts)
+    return dataclasses.replace(entry, file_name=file_name, facts=facts), problems
 
 
 def _json_items(document: Any) -> list[Any]:
@@ -1252,11 +1267,12 @@ def _entries_from_items(items: Iterable[Any], base_url: str, options: ListingOpt
             if isinstance(item, str):
                 yield _entry_from_text(item, base_url)
             elif isinstance(item, dict):
-                entry = _entry_from_fields(item, base_url, options)
+                entry, problems = _entry_from_fields(item, base_url, options)
                 if entry is None:
                     page.skipped += 1
                 else:
                     yield entry
+                yield from problems
             else:
                 raise ProtocolError(f"item is a {type(item).__name__}, not a string or object")
         except ProtocolError as exc:
@@ -1265,10 +1281,36 @@ def _entries_from_items(items: Iterable[Any], base_url: str, options: ListingOpt
 
 # --- RSS 2.0, RSS 1.0 and Atom, read with expat (C, linear; DOCTYPEs refused) ---
 
-_FEED_ROOT: Final = re.compile(
-    r"(?:<\?xml[^>]{0,500}\?>\s*)?(?:<!--.{0,4000}?-->\s*|<\?[^>]{0,500}\?>\s*)*"
-    r"(?:<!DOCTYPE[^>\[]{0,500}(?:\[[^\]]{0,8000}\])?\s*>\s*)?"  # refused by the parser
-    r"<(?:[\w.-]{1,40}:)?(rss|feed|rdf)[\s>/]", re.IGNORECASE | re.DOTALL)
+_FEED_ROOT: Final = re.compile(r"<(?:[\w.-]{1,40}:)?(?:rss|feed|rdf)[\s>/]", re.IGNORECASE)
+_XML_PROLOG_ENDS: Final = (("<?", "?>"), ("<!--", "-->"), ("<!DOCTYPE", ">"), ("<!doctype", ">"))
+FEED_SNIFF_CHARS: Final = 8192  # where a feed's root element must start
+
+
+def looks_like_feed(text: str) -> bool:
+    """Whether `text`'s first element, after the XML declaration, comments, processing
+    instructions and a DOCTYPE, is <rss>, <feed> or <rdf:RDF>. A scan with str.find: a regex
+    over a run of comments can backtrack exponentially."""
+    position = 0
+    while position < FEED_SNIFF_CHARS:
+        while position < len(text) and text[position].isspace():
+            position += 1
+        for start, end in _XML_PROLOG_ENDS:
+            if text.startswith(start, position):
+                body = position + len(start)
+                if start[2:].lower() == "doctype":
+                    subset = text.find("[", body, FEED_SNIFF_CHARS)
+                    if subset != -1 and subset < text.find(">", body, FEED_SNIFF_CHARS):
+                        body = text.find("]", subset, FEED_SNIFF_CHARS)  # then its ">"
+                        if body == -1:
+                            return False
+                stop = text.find(end, body, FEED_SNIFF_CHARS)
+                if stop == -1:
+                    return False
+                position = stop + len(end)
+                break
+        else:
+            return _FEED_ROOT.match(text, position) is not None
+    return False
 # Elements whose text is an item's field, by local name in lower case (namespaces vary: BEP 36,
 # ezRSS's `torrent:`, academictorrents' own).
 _FEED_TEXT_FIELDS: Final = {"title": "title", "link": "link", "infohash": "infohash",
@@ -1284,6 +1326,7 @@ class _FeedItems:
         self.items: list[dict[str, str]] = []
         self.next_url: str | None = None
         self._item: dict[str, str] | None = None
+        self._depth = 0  # of <item>/<entry> elements open: one nested in another is not an item
         self._field: str | None = None
         self._text: list[str] = []
         self._chars = 0
@@ -1291,7 +1334,9 @@ class _FeedItems:
     def start(self, name: str, attributes: dict[str, str]) -> None:
         local = name.rsplit(" ", 1)[-1].lower()
         if local in ("item", "entry"):
-            self._item = {}
+            self._depth += 1
+            if self._depth == 1:
+                self._item = {}
             return
         href = attributes.get("href") or attributes.get("url")
         if local == "link" and attributes.get("rel") == "next" and href and self._item is None:
@@ -1302,8 +1347,7 @@ class _FeedItems:
             kind = attributes.get("type", "").lower()
             if href[:8].lower() == "magnet:?":
                 self._item.setdefault("magnet", href)
-            elif "bittorrent" in kind or attributes.get("rel") == "enclosure" \
-                    or _is_torrent_url(href):
+            elif "bittorrent" in kind or _is_torrent_url(href):  # not a podcast's mp3
                 self._item.setdefault("url", href)
         if local in _FEED_TEXT_FIELDS:
             self._field, self._text, self._chars = _FEED_TEXT_FIELDS[local], [], 0
@@ -1316,9 +1360,10 @@ class _FeedItems:
     def end(self, name: str) -> None:
         local = name.rsplit(" ", 1)[-1].lower()
         if local in ("item", "entry"):
-            if self._item is not None:
+            self._depth -= 1
+            if self._depth == 0 and self._item is not None:
                 self.items.append(self._item)
-            self._item = None
+                self._item = None
         elif self._item is not None and self._field is not None \
                 and _FEED_TEXT_FIELDS.get(local) == self._field:
             value = "".join(self._text)[:MAX_FEED_FIELD_CHARS].strip()
@@ -1371,12 +1416,38 @@ def _csv_delimiter(header: str) -> str | None:
     return None
 
 
+def _looks_like_html(text: str) -> bool:
+    return bool(_LOOKS_LIKE_HTML.match(text[:4096]) or _ANCHOR_HREF.search(text[:65536]))
+
+
+def _csv_header_at(text: str) -> tuple[str, int] | None:
+    """The delimiter and position of a CSV or TSV header row (the first line that is not a
+    `#` comment), or None when the text does not start like one. An HTML document never does:
+    an HTML page is told by its start, a CSV file with HTML in a cell by its header."""
+    if _LOOKS_LIKE_HTML.match(text[:4096]):
+        return None
+    position = 0
+    for _ in range(100):
+        end = text.find("\n", position, position + 65536)
+        line = text[position:end if end != -1 else position + 65536]
+        if line.strip() and not line.lstrip().startswith("#"):
+            delimiter = _csv_delimiter(line)
+            return (delimiter, position) if delimiter is not None else None
+        if end == -1:
+            return None
+        position = end + 1
+    return None
+
+
 def _csv_rows(text: str, delimiter: str) -> Iterator[dict[str, str] | str]:
     import csv
     import io
 
     reader = csv.reader(io.StringIO(text), delimiter=delimiter)
-    header = [_field_key(column) for column in next(reader)]
+    try:
+        header = [_field_key(column) for column in next(reader)]
+    except (csv.Error, StopIteration) as exc:
+        raise ProtocolError(f"CSV header: {exc or 'missing'}") from None
     while True:
         try:
             row = next(reader)
@@ -1443,12 +1514,12 @@ def parse_index_untrusted(
         except (ValueError, RecursionError) as exc:
             raise ProtocolError(f"invalid JSON listing: {exc}") from None
         candidates.extend(_entries_from_items(_json_items(document), base_url, options, page))
-    elif _FEED_ROOT.match(stripped[:8192]):
+    elif looks_like_feed(stripped):
         page = IndexPage("RSS/Atom", [], [])
         items, feed_next = feed_items_untrusted(stripped)
         next_url = next_url or feed_next
         candidates.extend(_entries_from_items(items, base_url, options, page))
-    elif _LOOKS_LIKE_HTML.match(stripped[:4096]) or _ANCHOR_HREF.search(stripped[:65536]):
+    elif (csv_at := _csv_header_at(stripped)) is None and _looks_like_html(stripped):
         page = IndexPage("HTML", [], [])
         next_url = next_url or next_page_link(html_text=stripped)
         page_origin = _origin(base_url)
@@ -1466,9 +1537,10 @@ def parse_index_untrusted(
             if options.same_origin and _origin(url) != page_origin:
                 continue
             candidates.append(IndexEntry(EntryKind.URL, url, _url_file_name(url)))
-    elif (delimiter := _csv_delimiter(stripped.split("\n", 1)[0][:65536])) is not None:
+    elif csv_at is not None:
         page = IndexPage("CSV", [], [])
-        for row in _csv_rows(stripped, delimiter):
+        delimiter, start = csv_at
+        for row in _csv_rows(stripped[start:], delimiter):
             candidates.extend([row] if isinstance(row, str) else
                               _entries_from_items([row], base_url, options, page))
     else:
@@ -2316,20 +2388,33 @@ def decode_content_untrusted(body: bytes, encoding: str, max_bytes: int) -> byte
     else:
         raise ProtocolError(f"unsupported Content-Encoding {encoding[:40]!r}")
     for window in windows:
-        inflater = zlib.decompressobj(window)
         try:
-            decoded = inflater.decompress(body, max_bytes + 1)
+            return _inflate(body, window, max_bytes, encoding)
         except zlib.error as exc:
             if window is windows[-1]:
                 raise ProtocolError(f"broken {encoding} data: {exc}") from None
-            continue
+    raise AssertionError("unreachable")
+
+
+def _inflate(body: bytes, window: int, max_bytes: int, encoding: str) -> bytes:
+    """zlib's inflate of every member in `body` (a .gz file may hold several, one after the
+    other), into at most `max_bytes`."""
+    import zlib
+
+    decoded = bytearray()
+    while True:
+        inflater = zlib.decompressobj(window)
+        decoded += inflater.decompress(body, max_bytes + 1 - len(decoded))
         if len(decoded) > max_bytes:
             raise ProtocolError(f"{encoding} data inflates to more than {max_bytes:,} bytes, "
                                 "over the limit")
         if not inflater.eof:
             raise ProtocolError(f"truncated {encoding} data")
-        return decoded
-    raise AssertionError("unreachable")
+        body = inflater.unused_data
+        if not body:
+            return bytes(decoded)
+        if window == zlib.MAX_WBITS or window < 0 or not is_gzip_file(body):
+            raise ProtocolError(f"{encoding} data followed by {len(body):,} other bytes")
 
 
 def is_gzip_file(body: bytes) -> bool:
@@ -2633,7 +2718,8 @@ class Fetcher:
     def __init__(self, *, allow_private: bool, proxy: str | None, timeout: float,
                  connect_timeout: float, user_agent: str, max_redirects: int,
                  resolve: Any = None, address_allowed: Any = None,
-                 per_host_concurrency: int = 0, per_host_rate: float = 0.0) -> None:
+                 per_host_concurrency: int = 0, per_host_rate: float = 0.0,
+                 collection_server: bool = False) -> None:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         # One deadline for a whole download, redirects included: a server trickling a byte per
@@ -2645,7 +2731,10 @@ class Fetcher:
         self.proxy = proxy
         self.requests = 0
         # Politeness towards one server (0 lifts each): requests in flight, and requests a
-        # second. A 429 or 503's Retry-After holds back every request to that host.
+        # second. For collection servers (not trackers, whose scrape has its own retries and
+        # bounds), a 429 or 503's Retry-After holds back every request to that host, and
+        # gzip is accepted (listings are large, and often served compressed).
+        self.collection_server = collection_server
         self.per_host_concurrency = per_host_concurrency
         self.per_host_interval = 1 / per_host_rate if per_host_rate > 0 else 0.0
         self._host_slots: dict[str, trio.CapacityLimiter] = {}
@@ -2668,8 +2757,9 @@ class Fetcher:
         configured collection, or entries of a local index), and never after a redirect.
         """
         try:
-            with trio.fail_after(self.deadline):
-                return await self._fetch(url, max_bytes, etag, last_modified, allow_local)
+            with trio.fail_after(self.deadline) as deadline:
+                return await self._fetch(url, max_bytes, etag, last_modified, allow_local,
+                                         deadline)
         except trio.TooSlowError:
             text = f"{url}: timed out after {self.deadline:g} s"
         except (ValueError, UnicodeError, h11.LocalProtocolError) as exc:
@@ -2682,7 +2772,8 @@ class Fetcher:
         raise FetchError(text)
 
     async def _fetch(self, url: str, max_bytes: int, etag: str | None,
-                     last_modified: str | None, allow_local: bool) -> FetchResult:
+                     last_modified: str | None, allow_local: bool,
+                     deadline: trio.CancelScope) -> FetchResult:
         for hop in range(self.max_redirects + 1):
             scheme = urllib.parse.urlsplit(url).scheme.lower()
             if scheme == "file":
@@ -2698,7 +2789,7 @@ class Fetcher:
                     and not is_global_address(literal):
                 raise FetchError(f"{url}: refused, {host} is not a public address")
             status, headers, body = await self._paced_get(url, host, max_bytes, etag,
-                                                          last_modified)
+                                                          last_modified, deadline)
             if status in (301, 302, 303, 307, 308):
                 location = headers.get("location")
                 if not location:
@@ -2721,10 +2812,13 @@ class Fetcher:
         raise FetchError(f"{url}: more than {self.max_redirects} redirects")
 
     async def _paced_get(self, url: str, host: str, max_bytes: int, etag: str | None,
-                         last_modified: str | None) -> tuple[int, dict[str, str], bytes]:
+                         last_modified: str | None, deadline: trio.CancelScope
+                         ) -> tuple[int, dict[str, str], bytes]:
         """`_get` within the host's limits; a 429 or 503 with a short Retry-After is asked
-        again (RETRY_AFTER_ATTEMPTS times at most), after that wait."""
+        again (RETRY_AFTER_ATTEMPTS times at most), after that wait. Time spent waiting for
+        the host moves the download's `deadline` back: it bounds the server, not the queue."""
         for attempt in range(RETRY_AFTER_ATTEMPTS + 1):
+            waiting_since = trio.current_time()
             slots = self._host_slots.get(host)
             if slots is None and self.per_host_concurrency:
                 slots = self._host_slots[host] = trio.CapacityLimiter(self.per_host_concurrency)
@@ -2733,10 +2827,11 @@ class Fetcher:
                 start = max(now, self._host_next.get(host, now))
                 self._host_next[host] = start + self.per_host_interval
                 await trio.sleep_until(start)
+                deadline.deadline += trio.current_time() - waiting_since
                 status, headers, body = await self._get(url, max_bytes, etag, last_modified)
             wait = retry_after_seconds(headers.get("retry-after", ""), time.time())
-            if status not in (429, 503) or wait is None or wait > MAX_RETRY_AFTER \
-                    or attempt == RETRY_AFTER_ATTEMPTS:
+            if not self.collection_server or status not in (429, 503) or wait is None \
+                    or wait > MAX_RETRY_AFTER or attempt == RETRY_AFTER_ATTEMPTS:
                 return status, headers, body
             self._host_next[host] = max(self._host_next.get(host, 0.0),
                                         trio.current_time() + wait)
@@ -2744,7 +2839,8 @@ class Fetcher:
 
     async def _get(self, url: str, max_bytes: int, etag: str | None,
                    last_modified: str | None) -> tuple[int, dict[str, str], bytes]:
-        headers = [("User-Agent", self.user_agent), ("Accept-Encoding", "gzip, deflate")]
+        headers = [("User-Agent", self.user_agent), ("Accept-Encoding", "gzip, deflate"
+                                                     if self.collection_server else "identity")]
         if etag:
             headers.append(("If-None-Match", etag))
         if last_modified:
@@ -4149,8 +4245,9 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE memberships ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;  -- syncs in a row
     ALTER TABLE memberships ADD COLUMN reported INTEGER;  -- when its failure was last said
     """,
-    # v6: web seeds (BEP 19, BEP 17), which the probe stage tries; a listing's own type for an
-    # entry (a feed holding several kinds, [[collection]] type_field), else the collection's.
+    # v6: web seeds (BEP 19, BEP 17), kept for a probe of who holds the data; a listing's own
+    # type for an entry (a feed of several kinds, [[collections]] type_field), else NULL: the
+    # collection's.
     """
     CREATE TABLE web_seeds (
         torrent_id      INTEGER NOT NULL REFERENCES torrents(id) ON DELETE CASCADE,
@@ -5018,7 +5115,9 @@ type = "books"
 enabled = true
 # Only entries whose URL (or magnet, or infohash) contains this text.
 required_substring = "r_"
-# Follow links on an HTML index only to the page's own scheme, host and port.
+# Follow links on an HTML index only to the page's own scheme, host and port. (A page links
+# everywhere: mirrors, ads, other archives. A feed, CSV or text list names its torrents on
+# purpose, often on another host, and is taken as it is.)
 same_origin = true
 # Extra trackers to ask for every torrent of this collection (used by `tsmd scrape`).
 trackers = []
@@ -5192,15 +5291,17 @@ def select_collections(settings: Settings, names: Sequence[str]) -> list[Collect
 
 def make_fetcher(settings: Settings, resolve: Any = None,
                  address_allowed: Any = None, *, paced: bool = False) -> Fetcher:
-    """The fetcher the settings describe, `paced` per host as [sync] says (collection servers);
-    `resolve` and `address_allowed` are test seams."""
+    """The fetcher the settings describe; for collection servers `paced` per host as [sync]
+    says, with Retry-After honoured and gzip accepted. `resolve` and `address_allowed` are
+    test seams."""
     net = settings.network
     return Fetcher(allow_private=net.allow_private, proxy=net.proxy, timeout=net.timeout,
                    connect_timeout=net.connect_timeout, user_agent=net.user_agent,
                    max_redirects=settings.sync.max_redirects, resolve=resolve,
                    address_allowed=address_allowed,
                    per_host_concurrency=settings.sync.per_host_concurrency if paced else 0,
-                   per_host_rate=settings.sync.per_host_rate if paced else 0.0)
+                   per_host_rate=settings.sync.per_host_rate if paced else 0.0,
+                   collection_server=paced)
 
 
 # ---- Output on stderr ----
@@ -5345,6 +5446,9 @@ class CollectionSynced:
     index_last_modified: str | None
     fingerprint: str
     error: str | None = None  # a sync that was refused in part (removals), said in `tsmd status`
+    # (type, source) of every listed entry, as the listing read this sync says it; None when
+    # the listing was not read (a 304): the stored types stand.
+    types: list[tuple[str | None, str]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -5367,7 +5471,7 @@ def _write_sync_outcomes(db: sqlite3.Connection, outcomes: list[SyncOutcome | Co
             entry = outcome.entry
             listed_type = entry.facts.type if entry.facts is not None else None
             if outcome.moved_from is not None:
-                _move_membership(db, outcome, now)
+                _move_membership(db, outcome)
             torrent_id = (upsert_torrent(db, outcome.meta, now, limits)
                           if outcome.meta is not None else None)
             if outcome.error is not None:
@@ -5409,19 +5513,15 @@ def _write_sync_outcomes(db: sqlite3.Connection, outcomes: list[SyncOutcome | Co
     return failed
 
 
-def _move_membership(db: sqlite3.Connection, outcome: SyncOutcome, now: int) -> None:
+def _move_membership(db: sqlite3.Connection, outcome: SyncOutcome) -> None:
     """An entry that looked like one that left the listing (same file name or infohash, new
-    URL): the same torrent keeps its membership, first_seen and all, under the new URL; another
-    torrent, or none (no facts, no download), and the old entry is removed."""
+    URL) and proved to be the same torrent: it takes over the old membership, first_seen and
+    all. (Another torrent: the old entry was judged with the removals. No answer at all: the
+    old entry stays listed until a sync tells.)"""
     row = db.execute("SELECT t.infohash FROM memberships m JOIN torrents t ON t.id = m.torrent_id "
                      "WHERE m.collection_id = ? AND m.source = ?",
                      (outcome.collection_id, outcome.moved_from)).fetchone()
-    if row is None:
-        return
-    if outcome.meta is None or outcome.meta.infohash != row[0]:
-        if outcome.meta is not None:  # another torrent: the old one really left
-            db.execute("UPDATE memberships SET removed = ? WHERE collection_id = ? AND source = ?",
-                       (now, outcome.collection_id, outcome.moved_from))
+    if row is None or outcome.meta is None or outcome.meta.infohash != row[0]:
         return
     db.execute("DELETE FROM memberships WHERE collection_id = ? AND source = ?",
                (outcome.collection_id, outcome.entry.source))  # a failed try under the new URL
@@ -5435,6 +5535,10 @@ def _finish_collection(db: sqlite3.Connection, done: CollectionSynced) -> None:
                    [(done.now, done.collection_id, source) for source in done.confirmed])
     db.executemany("UPDATE memberships SET removed = ? WHERE collection_id = ? AND source = ?",
                    [(done.now, done.collection_id, source) for source in done.vanished])
+    if done.types is not None:  # entries confirmed without a download too (type_field set)
+        db.executemany("UPDATE memberships SET type = ? WHERE collection_id = ? AND source = ? "
+                       "AND type IS NOT ?",
+                       [(kind, done.collection_id, source, kind) for kind, source in done.types])
     db.execute("UPDATE collections SET index_etag = ?, index_last_modified = ?, "
                "index_fingerprint = ?, last_synced = ?, last_error = ? WHERE id = ?",
                (done.index_etag, done.index_last_modified, done.fingerprint, done.now,
@@ -5527,15 +5631,16 @@ def _same_origin(url: str, other: str) -> bool:
 
 @dataclass(slots=True)
 class _Listing:
-    """A collection's listing as read this sync: every page's entries, and whether it is whole
-    (removals are judged only against a whole listing)."""
+    """A collection's listing as read this sync: every page's entries, and why it is not whole
+    if it is not (removals are judged only against a whole listing)."""
 
     entries: list[IndexEntry]
     pages: list[IndexPage]
-    complete: bool = True
+    incomplete: str | None = None
     etag: str | None = None  # validators of a one-page listing
     last_modified: str | None = None
     prefetched: dict[str, FetchResult] = field(default_factory=dict)
+    read: bool = True  # False after a 304: the stored entries stand, facts and types unread
 
 
 MAX_PROBLEMS_SAID_PER_COLLECTION: Final = 10  # unreadable items named per collection without -v
@@ -5550,6 +5655,8 @@ class _CollectionSync:
         self.db, self.run, self.collection = db, run, collection
         self.settings = run.settings.sync
         self.now = int(time.time())
+        # Old entries whose look-alike under a new URL proved another torrent: they left.
+        self.not_moved: list[str] = []
 
     def _fail(self, message: str) -> None:
         message = f"collection '{self.collection.name}': {message}"
@@ -5591,43 +5698,55 @@ class _CollectionSync:
                 if m.removed is None and source not in listed}
         moves = _find_moves(listing.entries, memberships, gone)  # taken out of `gone`
         confirmed = await self._sync_entries(listing, memberships, moves)
-        vanished = list(gone)
+        vanished = [*gone, *self.not_moved]
         error = self._judge_removals(vanished, memberships, listing)
         if error is not None:
             vanished = []
         one_page = len(listing.pages) <= 1 and error is None
+        types = [(entry.facts.type if entry.facts is not None else None, entry.source)
+                 for entry in listing.entries] if listing.read else None
         await self.run.send.send(CollectionSynced(
             self.collection_id, self.now, confirmed, vanished,
             listing.etag if one_page else None, listing.last_modified if one_page else None,
-            fingerprint, error))
+            fingerprint, error, types))
 
     def _judge_removals(self, vanished: list[str], memberships: dict[str, Membership],
                         listing: _Listing) -> str | None:
-        """Why the removals of this sync are refused, said and counted; None to accept them."""
+        """Why the removals of this sync are refused, said and counted; None to accept them.
+        Torrents count: an entry that never gave one (a dead link) may leave freely, and so
+        may one whose torrent is still listed under another source."""
         if not vanished:
             return None
+        leaving_sources = set(vanished)
+        still_listed = {_listed_infohash(entry) for entry in listing.entries} | {
+            m.infohash for source, m in memberships.items() if m.removed is None
+            and source not in leaving_sources}
+        leaving = sum(1 for source in vanished if memberships[source].torrent_id is not None
+                      and memberships[source].infohash not in still_listed)
+        if not leaving:
+            return None
         name = self.collection.name
-        if not listing.complete:
-            message = (f"collection '{name}': the listing was not read to its end (more than "
-                       f"[sync] max_pages = {self.settings.max_pages} pages); none of the "
-                       f"{len(vanished):,} torrents missing from what was read is removed")
+        if listing.incomplete is not None:
+            message = (f"collection '{name}': the listing was not read to its end "
+                       f"({listing.incomplete}); none of the {leaving:,} torrents missing from "
+                       "what was read is removed")
         else:
-            # Torrents count; an entry that never gave one (a dead link) may leave freely.
             listed = sum(1 for m in memberships.values()
                          if m.removed is None and m.torrent_id is not None)
-            leaving = sum(1 for source in vanished if memberships[source].torrent_id is not None)
             limit = self.collection.max_removed
             limit = self.settings.max_removed if limit is None else limit
-            if self.run.accept_removals or not leaving or (leaving <= limit * listed
-                                                           and leaving < listed):
+            if self.run.accept_removals or (leaving <= limit * listed and leaving < listed):
                 return None
-            why = ("every one of them" if leaving >= listed
-                   else f"{leaving / listed:.0%}, over max_removed = {limit:g}")
-            message = (f"collection '{name}': refused to mark {leaving:,} of its "
-                       f"{listed:,} listed torrents as removed ({why}): nothing was removed. "
-                       "A broken or challenge page? If the listing really shrank, run "
-                       f"`tsmd sync --accept-removals -c {name}` once, or set max_removed "
-                       "in its [[collections]] table")
+            if leaving >= listed:
+                why = ("every one of them, which no max_removed allows: if the listing really "
+                       f"is gone or replaced, run `tsmd sync --accept-removals -c {name}` once")
+            else:
+                why = (f"{leaving / listed:.0%}, over max_removed = {limit:g}: if the listing "
+                       f"really shrank, run `tsmd sync --accept-removals -c {name}` once, or "
+                       "set max_removed in its [[collections]] table")
+            message = (f"collection '{name}': refused to mark {leaving:,} of its {listed:,} "
+                       f"listed torrents as removed ({why}). Nothing was removed: a broken or "
+                       "challenge page?")
         self.run.counts.failed += 1
         self.run.reporter.problem(message)
         return message
@@ -5664,7 +5783,7 @@ class _CollectionSync:
         next_url: str | None = url
         while next_url is not None:
             if len(pages) >= self.settings.max_pages:
-                listing.complete = False
+                listing.incomplete = f"more than [sync] max_pages = {self.settings.max_pages} pages"
                 break
             seen.add(next_url)
             first = not pages
@@ -5680,6 +5799,7 @@ class _CollectionSync:
             if result.status == 304:
                 listing.entries = [_entry_from_stored_source(m.source) for m in
                                    memberships.values() if m.removed is None]
+                listing.read = False
                 return listing
             body = result.body
             if is_gzip_file(body):  # a .gz listing, served as a file rather than encoded
@@ -5700,6 +5820,10 @@ class _CollectionSync:
                                          options=options)
             pages.append(page)
             next_url = None
+            if not first and not page.entries:  # a challenge page in the middle, say
+                listing.incomplete = (f"page {len(pages)}, {result.url[:MAX_URL_IN_MESSAGE]}, "
+                                      f"gave no entry ({page.kind})")
+                break
             if page.next_url:
                 try:
                     candidate = resolve_link_untrusted(result.url, page.next_url)
@@ -5729,6 +5853,7 @@ class _CollectionSync:
                                                         error=f"{entry.source[:80]}: {exc}"))
                         continue
                     assert meta is not None
+                    self._check_move(moved, meta)
                     await run.send.send(SyncOutcome(
                         self.collection_id, entry, meta, _classify(moved or previous, meta.infohash),
                         moved_from=moved.source if moved is not None else None))
@@ -5784,22 +5909,44 @@ class _CollectionSync:
             facts_meta = listed_metainfo(entry)
             if facts_meta is not None:
                 error += "; listed by the listing's own facts (infohash, size)"
+            self._check_move(moved, facts_meta)
             await run.send.send(SyncOutcome(
                 self.collection_id, entry, facts_meta,
                 _classify(moved or previous, facts_meta.infohash) if facts_meta else "failed",
                 error=error, moved_from=moved_from))
             return
+        self._check_move(moved, meta)
         await run.send.send(SyncOutcome(self.collection_id, entry, meta,
                                         _classify(moved or previous, meta.infohash),
                                         result.etag, result.last_modified, moved_from=moved_from))
+
+    def _check_move(self, moved: Membership | None, meta: Metainfo | None) -> None:
+        """A look-alike that proved another torrent: the old entry left after all, and is
+        judged with this sync's removals. (No answer: it stays listed until a sync tells.)"""
+        if moved is not None and meta is not None and meta.infohash != moved.infohash:
+            self.not_moved.append(moved.source)
+
+
+def _listed_infohash(entry: IndexEntry) -> str | None:
+    """The infohash the listing itself gives an entry (its facts, its magnet, itself)."""
+    if entry.facts is not None and entry.facts.infohash is not None:
+        return entry.facts.infohash
+    if entry.kind is EntryKind.INFOHASH:
+        return entry.source
+    if entry.kind is EntryKind.MAGNET:
+        try:
+            return decode_magnet_untrusted(entry.source).infohash
+        except ProtocolError:
+            return None
+    return None
 
 
 def _find_moves(entries: list[IndexEntry], memberships: dict[str, Membership],
                 gone: dict[str, Membership]) -> dict[str, Membership]:
     """Entries new to the collection that look like ones that left it: the same infohash in
-    the listing's facts, or the same file name (a site that moved to a new domain). Each is
-    confirmed by its download before the old entry's history moves to it. Matches are taken
-    from `gone`."""
+    the listing (its facts, a magnet whose other parameters changed), or the same file name (a
+    site that moved to a new domain). Each is confirmed by its download (or the listing's
+    infohash) before the old entry's history moves to it. Matches are taken from `gone`."""
     if not gone:
         return {}
     by_hash = {m.infohash: m for m in gone.values() if m.infohash is not None}
@@ -5816,7 +5963,7 @@ def _find_moves(entries: list[IndexEntry], memberships: dict[str, Membership],
         previous = memberships.get(entry.source)
         if previous is not None and previous.torrent_id is not None:
             continue
-        listed = entry.facts.infohash if entry.facts is not None else None
+        listed = _listed_infohash(entry)
         old = by_hash.get(listed) if listed is not None else None
         if old is None and entry.file_name and entry.file_name not in repeated:
             old = by_name.get(entry.file_name)
