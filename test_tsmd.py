@@ -1892,11 +1892,24 @@ def test_hostile_listings_found_by_review_are_one_error_each():
         "<rss><channel><item><link>https://a.example/1.torrent</link><item><link>"
         "https://a.example/2.torrent</link></item><title>one</title></item></channel></rss>")
     assert items == [{"url": "https://a.example/1.torrent", "title": "one"}]
-    # Junk in a link field is not fetched, and costs the item neither its infohash nor its size.
-    entries, problems = parse_index(
-        b"url,btih,size\nN/A," + b"a" * 40 + b",5\njavascript:x," + b"b" * 40 + b",6\n")
-    assert [(e.source, e.facts.size_bytes) for e in entries] == [("a" * 40, 5), ("b" * 40, 6)]
-    assert len(problems) == 2 and all("item's link" in problem for problem in problems)
+    # Junk in a link field is not fetched, and costs the item neither its infohash nor its size;
+    # it is a note (-v), not a failure. An infohash and a magnet that disagree: no item.
+    page = tsmd.parse_index_untrusted(
+        b"url,btih,size,magnet\nN/A," + b"a" * 40 + b",5,\njavascript:x," + b"b" * 40
+        + b",6,\nhttps://a.example/c.torrent," + b"c" * 40 + b",7,magnet:?xt=urn:btih:"
+        + b"d" * 40 + b"\n", BASE)
+    assert [(e.source, e.facts.size_bytes) for e in page.entries] == [("a" * 40, 5),
+                                                                      ("b" * 40, 6)]
+    assert len(page.notes) == 2 and all("item's link" in note for note in page.notes)
+    assert page.unreadable == 1 and "name different torrents" in page.problems[0]
+    # A link with an unbalanced "[" (urllib raises ValueError) in every format: one error.
+    bad = "http://[::1/a.torrent"
+    for body in (bad, json.dumps([bad]), json.dumps([{"url": bad}]), f"url,name\n{bad},x\n",
+                 f'<rss><channel><item><enclosure url="{bad}" type="application/x-bittorrent"/>'
+                 f'</item><item><link>{bad}</link></item></channel></rss>',
+                 f'<html><a href="{bad}">x</a>'):
+        page = tsmd.parse_index_untrusted(body.encode(), BASE)
+        assert not page.entries and page.unreadable >= 1, body
     # Detection: HTML in a CSV cell is still CSV; a comment line naming columns is still text.
     entries, _ = parse_index(b"url,description\nhttp://a.example/x.torrent,<a href='y'>z</a>\n")
     assert [e.source for e in entries] == ["http://a.example/x.torrent"]
@@ -1924,6 +1937,40 @@ def test_broken_hybrids_and_concatenated_gzip_members():
         tsmd.decode_content_untrusted(gzip.compress(b"x") + b"junk", "gzip", 100)
     with pytest.raises(tsmd.ProtocolError, match="inflates to more than"):
         tsmd.decode_content_untrusted(two, "gzip", 15)
+    # Tiny members one after another: bounded in number, and linear (each cost a copy of the
+    # rest before).
+    empty = gzip.compress(b"")
+    assert tsmd.decode_content_untrusted(empty * 1000, "gzip", 10) == b""
+    started = time.perf_counter()
+    with pytest.raises(tsmd.ProtocolError, match="more than 1,000 members"):
+        tsmd.decode_content_untrusted(empty * 100_000, "gzip", 10)
+    assert time.perf_counter() - started < 5  # linear: a few ms
+
+
+def test_waiting_for_a_busy_host_does_not_eat_a_downloads_deadline(tmp_path):
+    settings = make_settings(tmp_path, [], sync={"per_host_concurrency": 1})
+    fetcher = tsmd.make_fetcher(settings, paced=True)  # deadline: 2 + 4 x 2 = 10 s
+
+    async def slow_server(url, max_bytes, etag, last_modified):
+        await trio.sleep(6)  # each answer takes 6 s; one at a time to this host
+        return 200, {}, b"done"
+
+    fetcher._get = slow_server
+    results = []
+
+    async def fetch(n: int) -> None:
+        try:
+            results.append((await fetcher.fetch(f"http://h.example/{n}", max_bytes=10)).body)
+        except tsmd.FetchError as exc:
+            results.append(str(exc))
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            for n in range(4):  # the last waits 18 s for its turn, then takes 6 s
+                nursery.start_soon(fetch, n)
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert results == [b"done"] * 4
 
 
 def test_retry_after_is_for_collection_servers_not_trackers(server, tmp_path):
@@ -1971,21 +2018,29 @@ def test_moves_magnets_later_pages_and_types_keep_the_listing_true(server, tmp_p
         index_page(other, "/c/", [f"r_{n}.torrent" for n in range(10)])
         counts, db = do_sync(make_settings(tmp_path, [{**collection, "url": other.url("/c/")}]),
                              ["c"])
-    assert (counts.moved, counts.removed, counts.changed, counts.failed) == (0, 0, 10, 1)
-    assert "refused to mark 10 of its 10 listed torrents" in db.execute(
-        "SELECT last_error FROM collections WHERE name = 'c'").fetchone()[0]
-    # A second page that is a challenge page: the listing is not whole, nothing is removed.
+        assert (counts.moved, counts.removed, counts.new, counts.failed) == (0, 0, 10, 1)
+        assert "refused to mark 10 of its 10 listed torrents" in db.execute(
+            "SELECT last_error FROM collections WHERE name = 'c'").fetchone()[0]
+        counts, db = do_sync(make_settings(tmp_path, [{**collection, "url": other.url("/c/")}]),
+                             ["c"], accept_removals=True)
+    assert (counts.removed, counts.unchanged, counts.failed) == (10, 10, 0)
+    assert len(listed(db, "c")) == 10
+    # A second page that becomes a challenge page: the listing is not whole, nothing is
+    # removed, not even an entry that never gave a torrent (a dead link).
     made = torrents_for(server, "/p/", 4)
     server.files["/page/0"] = (("".join(f'<a href="/p/{name}">x</a>' for name, _, _ in made)
                                 + '<a rel="next" href="/page/1">next</a>').encode(), "text/html")
-    server.files["/page/1"] = (b"<html><title>Just a moment...</title></html>", "text/html")
+    server.files["/page/1"] = (b'<a href="/p/dead.torrent">dead</a>', "text/html")
     paged = {"name": "p", "url": server.url("/page/0"), "type": "books"}
     settings = make_settings(tmp_path, [paged])
     do_sync(settings, ["p"])
+    server.files["/page/1"] = (b"<html><title>Just a moment...</title></html>", "text/html")
     server.files["/page/0"] = ('<a href="/p/t_0.torrent">x</a><a rel="next" href="/page/1">n</a>'
                                .encode(), "text/html")
     counts, db = do_sync(settings, ["p"], accept_removals=True)
     assert counts.removed == 0 and len(sizes_listed(db, "p")) == 4
+    assert db.execute("SELECT count(*) FROM memberships WHERE source LIKE '%dead.torrent' "
+                      "AND removed IS NULL").fetchone()[0] == 1
     assert "page 2, " in db.execute("SELECT last_error FROM collections WHERE name = 'p'"
                                     ).fetchone()[0]
     # type_field set on a synced collection: entries confirmed without a download get it too.

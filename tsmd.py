@@ -1083,7 +1083,10 @@ def _url_file_name(url: str) -> str | None:
 
 
 def _is_torrent_url(url: str) -> bool:
-    return urllib.parse.urlsplit(url).path.lower().endswith(".torrent")
+    try:
+        return urllib.parse.urlsplit(url).path.lower().endswith(".torrent")
+    except ValueError:  # an unbalanced "[" in the host: not a link tsmd can use
+        return False
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -1107,7 +1110,7 @@ def resolve_link_untrusted(base_url: str, link: str) -> str:
     return url
 
 
-_TEXT_LIST_PROBLEMS_KEPT: Final = 1000  # messages kept of a listing's unreadable items; the rest counted
+_TEXT_LIST_PROBLEMS_KEPT: Final = 1000  # messages kept of a page's unreadable items; all counted
 
 
 def _entry_from_text(text: str, base_url: str) -> IndexEntry:
@@ -1149,6 +1152,10 @@ class IndexPage:
     problems: list[str]  # one message per unreadable item (the first _TEXT_LIST_PROBLEMS_KEPT)
     unreadable: int = 0  # all unreadable items
     skipped: int = 0  # items left out on purpose: obsolete or embargoed
+    listed: int = 0  # readable entries before required_substring and repeats are left out
+    # Fields of listed items that did not parse (a link of "N/A" beside a good infohash): the
+    # item stands, so they are said with -v, not counted as failures (the first few kept).
+    notes: list[str] = field(default_factory=list)
     next_url: str | None = None  # rel="next" (HTML, Atom) or the Link header
 
 
@@ -1222,13 +1229,12 @@ def _entry_from_fields(raw: dict[Any, Any], base_url: str, options: ListingOptio
     if entry is None:
         raise ProtocolError("; ".join(problems) or "item has no .torrent link, magnet link or "
                             "infohash")
-    named = readable.get("infohash") or readable.get("magnet") or entry
-    if named.kind is EntryKind.INFOHASH:
-        infohash: str | None = named.source
-    elif named.kind is EntryKind.MAGNET:
-        infohash = decode_magnet_untrusted(named.source).infohash
-    else:
-        infohash = None
+    named = {decode_magnet_untrusted(readable[role].source).infohash if role == "magnet"
+             else readable[role].source for role in ("infohash", "magnet") if role in readable}
+    if len(named) > 1:
+        raise ProtocolError(f"item's infohash and magnet name different torrents: "
+                            f"{' and '.join(sorted(named))}")
+    infohash = next(iter(named), None)
     kind = fields.get(_field_key(options.type_field)) if options.type_field else None
     facts = ListingFacts(
         infohash=infohash,
@@ -1272,7 +1278,7 @@ def _entries_from_items(items: Iterable[Any], base_url: str, options: ListingOpt
                     page.skipped += 1
                 else:
                     yield entry
-                yield from problems
+                page.notes.extend(problems[:_TEXT_LIST_PROBLEMS_KEPT - len(page.notes)])
             else:
                 raise ProtocolError(f"item is a {type(item).__name__}, not a string or object")
         except ProtocolError as exc:
@@ -1466,10 +1472,11 @@ def _csv_rows(text: str, delimiter: str) -> Iterator[dict[str, str] | str]:
 
 # --- Pagination: rel="next" ---
 
-_REL_NEXT_TAG: Final = re.compile(r"""<(?:a|link)\s[^<>]{0,2000}?\brel\s*=\s*["']?next\b[^<>]{0,8000}>""",
-                                  re.IGNORECASE)
-_HREF: Final = re.compile(r"""\bhref\s*=\s*(?:"([^"<>]{0,8000})"|'([^'<>]{0,8000})'|([^\s"'<>]{1,8000}))""",
-                          re.IGNORECASE)
+_REL_NEXT_TAG: Final = re.compile(
+    r"""<(?:a|link)\s[^<>]{0,2000}?\brel\s*=\s*["']?next\b[^<>]{0,8000}>""", re.IGNORECASE)
+_HREF: Final = re.compile(
+    r"""\bhref\s*=\s*(?:"([^"<>]{0,8000})"|'([^'<>]{0,8000})'|([^\s"'<>]{1,8000}))""",
+    re.IGNORECASE)
 _LINK_HEADER_NEXT: Final = re.compile(r"""<([^<>]{1,8000})>\s*;[^,<]{0,200}?\brel\s*=\s*"?next\b""",
                                       re.IGNORECASE)
 
@@ -1503,6 +1510,14 @@ def parse_index_untrusted(
     `options.same_origin`. A `file:` entry is only honoured in a local index, so a remote page
     can never make tsmd read the host's files.
     """
+    try:
+        return _parse_index(body, base_url, link_header, options)
+    except (ValueError, UnicodeError) as exc:  # urllib's, a last guard: one page, one error
+        raise ProtocolError(f"unreadable listing: {exc}") from None
+
+
+def _parse_index(body: bytes, base_url: str, link_header: str, options: ListingOptions
+                 ) -> IndexPage:
     text = body.decode("utf-8", errors="replace")
     stripped = text.lstrip("\ufeff \t\r\n")
     candidates: list[IndexEntry | str] = []
@@ -1574,6 +1589,7 @@ def select_entries(candidates: Iterable[IndexEntry | str], base_url: str,
             if len(page.problems) < _TEXT_LIST_PROBLEMS_KEPT:
                 page.problems.append(candidate)
             continue
+        page.listed += 1
         if wanted and wanted not in (candidate.file_name or "" if candidate.source[:5] == "file:"
                                      else candidate.source):
             continue
@@ -2396,25 +2412,34 @@ def decode_content_untrusted(body: bytes, encoding: str, max_bytes: int) -> byte
     raise AssertionError("unreachable")
 
 
+MAX_GZIP_MEMBERS: Final = 1000  # a .gz of concatenated files holds a few; more is an attack
+INFLATE_CHUNK: Final = 1 << 16
+
+
 def _inflate(body: bytes, window: int, max_bytes: int, encoding: str) -> bytes:
     """zlib's inflate of every member in `body` (a .gz file may hold several, one after the
-    other), into at most `max_bytes`."""
+    other), into at most `max_bytes`. Fed a chunk at a time, so that what follows a member is
+    never copied whole (tiny members one after another would cost quadratic time)."""
     import zlib
 
-    decoded = bytearray()
-    while True:
+    view, offset, decoded = memoryview(body), 0, bytearray()
+    for _ in range(MAX_GZIP_MEMBERS):
         inflater = zlib.decompressobj(window)
-        decoded += inflater.decompress(body, max_bytes + 1 - len(decoded))
-        if len(decoded) > max_bytes:
-            raise ProtocolError(f"{encoding} data inflates to more than {max_bytes:,} bytes, "
-                                "over the limit")
+        while not inflater.eof and offset < len(view):
+            chunk = view[offset:offset + INFLATE_CHUNK]
+            decoded += inflater.decompress(chunk, max_bytes + 1 - len(decoded))
+            if len(decoded) > max_bytes:  # also whenever input was left for want of room
+                raise ProtocolError(f"{encoding} data inflates to more than {max_bytes:,} "
+                                    "bytes, over the limit")
+            offset += len(chunk) - len(inflater.unused_data)
         if not inflater.eof:
             raise ProtocolError(f"truncated {encoding} data")
-        body = inflater.unused_data
-        if not body:
+        if offset == len(view):
             return bytes(decoded)
-        if window == zlib.MAX_WBITS or window < 0 or not is_gzip_file(body):
-            raise ProtocolError(f"{encoding} data followed by {len(body):,} other bytes")
+        if window == zlib.MAX_WBITS or window < 0 \
+                or not is_gzip_file(bytes(view[offset:offset + 2])):
+            raise ProtocolError(f"{encoding} data followed by {len(view) - offset:,} other bytes")
+    raise ProtocolError(f"{encoding} data of more than {MAX_GZIP_MEMBERS:,} members")
 
 
 def is_gzip_file(body: bytes) -> bool:
@@ -2818,7 +2843,8 @@ class Fetcher:
         again (RETRY_AFTER_ATTEMPTS times at most), after that wait. Time spent waiting for
         the host moves the download's `deadline` back: it bounds the server, not the queue."""
         for attempt in range(RETRY_AFTER_ATTEMPTS + 1):
-            waiting_since = trio.current_time()
+            remaining = deadline.deadline - trio.current_time()
+            deadline.deadline = math.inf  # the wait for the host is not the server's time
             slots = self._host_slots.get(host)
             if slots is None and self.per_host_concurrency:
                 slots = self._host_slots[host] = trio.CapacityLimiter(self.per_host_concurrency)
@@ -2827,7 +2853,7 @@ class Fetcher:
                 start = max(now, self._host_next.get(host, now))
                 self._host_next[host] = start + self.per_host_interval
                 await trio.sleep_until(start)
-                deadline.deadline += trio.current_time() - waiting_since
+                deadline.deadline = trio.current_time() + remaining
                 status, headers, body = await self._get(url, max_bytes, etag, last_modified)
             wait = retry_after_seconds(headers.get("retry-after", ""), time.time())
             if not self.collection_server or status not in (429, 503) or wait is None \
@@ -5723,13 +5749,13 @@ class _CollectionSync:
             and source not in leaving_sources}
         leaving = sum(1 for source in vanished if memberships[source].torrent_id is not None
                       and memberships[source].infohash not in still_listed)
-        if not leaving:
-            return None
         name = self.collection.name
-        if listing.incomplete is not None:
+        if listing.incomplete is not None:  # then no entry leaves, torrent or not
             message = (f"collection '{name}': the listing was not read to its end "
-                       f"({listing.incomplete}); none of the {leaving:,} torrents missing from "
-                       "what was read is removed")
+                       f"({listing.incomplete}); none of the {len(vanished):,} entries missing "
+                       "from what was read is removed")
+        elif not leaving:
+            return None
         else:
             listed = sum(1 for m in memberships.values()
                          if m.removed is None and m.torrent_id is not None)
@@ -5761,6 +5787,11 @@ class _CollectionSync:
             problems[:MAX_PROBLEMS_SAID_PER_COLLECTION]
         for problem in shown:
             self.run.reporter.problem(f"collection '{self.collection.name}': {problem}")
+        if self.run.reporter.verbosity > 0:
+            for page in listing.pages:
+                for note in page.notes:
+                    self.run.reporter.info(f"collection '{self.collection.name}': listed by "
+                                           f"another field: {note}")
         if unreadable > len(shown):
             self.run.reporter.problem(
                 f"collection '{self.collection.name}': ... and {unreadable - len(shown):,} more "
@@ -5820,7 +5851,7 @@ class _CollectionSync:
                                          options=options)
             pages.append(page)
             next_url = None
-            if not first and not page.entries:  # a challenge page in the middle, say
+            if not first and not page.listed:  # a challenge page in the middle, say
                 listing.incomplete = (f"page {len(pages)}, {result.url[:MAX_URL_IN_MESSAGE]}, "
                                       f"gave no entry ({page.kind})")
                 break
@@ -5853,9 +5884,9 @@ class _CollectionSync:
                                                         error=f"{entry.source[:80]}: {exc}"))
                         continue
                     assert meta is not None
-                    self._check_move(moved, meta)
+                    basis = moved if self._check_move(moved, meta) else previous
                     await run.send.send(SyncOutcome(
-                        self.collection_id, entry, meta, _classify(moved or previous, meta.infohash),
+                        self.collection_id, entry, meta, _classify(basis, meta.infohash),
                         moved_from=moved.source if moved is not None else None))
                 elif (previous is not None and previous.torrent_id is not None
                       and previous.removed is None and not run.revalidate
@@ -5909,22 +5940,27 @@ class _CollectionSync:
             facts_meta = listed_metainfo(entry)
             if facts_meta is not None:
                 error += "; listed by the listing's own facts (infohash, size)"
-            self._check_move(moved, facts_meta)
+            basis = moved if self._check_move(moved, facts_meta) else previous
             await run.send.send(SyncOutcome(
                 self.collection_id, entry, facts_meta,
-                _classify(moved or previous, facts_meta.infohash) if facts_meta else "failed",
+                _classify(basis, facts_meta.infohash) if facts_meta else "failed",
                 error=error, moved_from=moved_from))
             return
-        self._check_move(moved, meta)
+        basis = moved if self._check_move(moved, meta) else previous
         await run.send.send(SyncOutcome(self.collection_id, entry, meta,
-                                        _classify(moved or previous, meta.infohash),
+                                        _classify(basis, meta.infohash),
                                         result.etag, result.last_modified, moved_from=moved_from))
 
-    def _check_move(self, moved: Membership | None, meta: Metainfo | None) -> None:
-        """A look-alike that proved another torrent: the old entry left after all, and is
-        judged with this sync's removals. (No answer: it stays listed until a sync tells.)"""
-        if moved is not None and meta is not None and meta.infohash != moved.infohash:
+    def _check_move(self, moved: Membership | None, meta: Metainfo | None) -> bool:
+        """Whether `moved` (the entry this one may have moved from) is the same torrent. A
+        look-alike that proved another torrent: the old entry left after all, and is judged
+        with this sync's removals. (No answer: it stays listed until a sync tells.)"""
+        if moved is None or meta is None:
+            return False
+        if meta.infohash != moved.infohash:
             self.not_moved.append(moved.source)
+            return False
+        return True
 
 
 def _listed_infohash(entry: IndexEntry) -> str | None:
