@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import select
 import shlex
 import shutil
 import socket
@@ -630,11 +631,20 @@ def test_http_scrape_url_and_body():
     assert url == "http://t.example/scrape?k=1&info_hash=%00%FF" + "a" * 18
     body = bencoder.bencode({b"files": {b"h" * 20: {b"complete": 4, b"incomplete": 1,
                                                     b"downloaded": 30}}})
-    assert tsmd.decode_http_scrape_untrusted(body) == {b"h" * 20: tsmd.ScrapeCounts(4, 1, 30)}
+    assert tsmd.decode_http_scrape_untrusted(body) == tsmd.HttpScrapeReply(
+        {b"h" * 20: tsmd.ScrapeCounts(4, 1, 30)}, 0)
+    # webtorrent's bittorrent-tracker sends each hash's latin-1 "binary string" UTF-8-encoded;
+    # a malformed entry is counted and left out, the others count.
+    binary = bytes(range(236, 256))
+    body = bencoder.bencode({b"files": {binary.decode("latin-1").encode("utf-8"): {
+        b"complete": 2, b"incomplete": 1, b"downloaded": 2}, b"short": {b"complete": 1},
+        b"x" * 20: {b"complete": -1}, b"y" * 20: {b"incomplete": 3}}})
+    assert tsmd.decode_http_scrape_untrusted(body) == tsmd.HttpScrapeReply(
+        {binary: tsmd.ScrapeCounts(2, 1, 2), b"y" * 20: tsmd.ScrapeCounts(0, 3, 0)}, 2)
     for bad, message in ((bencoder.bencode({b"failure reason": b"go away"}), "go away"),
                          (b"le", "not a bencoded dictionary"), (b"de", "no 'files'"),
-                         (bencoder.bencode({b"files": {b"short": {}}}), "malformed"),
-                         (bencoder.bencode({b"files": {b"h" * 20: {b"complete": -1}}}), "counts")):
+                         (bencoder.bencode({b"files": {b"short": {}}}), "none of its 1"),
+                         (bencoder.bencode({b"files": {b"h" * 20: {b"complete": -1}}}), "none")):
         with pytest.raises(tsmd.ProtocolError, match=message):
             tsmd.decode_http_scrape_untrusted(bad)
     for end in range(len(body)):
@@ -2675,6 +2685,68 @@ def test_scrape_real_opentracker_udp_and_http_exact(tmp_path, opentracker):
             expected = {h: c for h, c in expected.items() if bytes.fromhex(h) in swarms}
         assert got == expected, url
     assert tracker.udp_drops() == 0
+
+
+class WebTorrentTracker:
+    """webtorrent's bittorrent-tracker (npm) on 127.0.0.1: UDP, HTTP and WebSocket."""
+
+    SCRIPT = HERE / ".ci" / "webtorrent-tracker.mjs"
+
+    def __init__(self) -> None:
+        node = shutil.which("node")
+        if node is None or not (HERE / ".ci" / "node_modules" / "bittorrent-tracker").is_dir():
+            cannot_test("webtorrent's bittorrent-tracker is missing: the README's test command "
+                        "installs it (`npm ci --prefix .ci ...`, after Node.js and npm)")
+        self.process = subprocess.Popen([node, str(self.SCRIPT)], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        start_new_session=True)
+        ready = select.select([self.process.stdout], [], [], 20)[0]
+        if not ready:
+            self.stop()
+            raise RuntimeError("bittorrent-tracker did not start in 20 s")
+        ports = json.loads(self.process.stdout.readline())
+        self.udp_port, self.http_port = ports["udp"], ports["http"]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def webtorrent_tracker():
+    tracker = WebTorrentTracker()
+    try:
+        yield tracker
+    finally:
+        tracker.stop()
+
+
+def test_scrape_real_webtorrent_tracker_udp_and_mangled_http_keys_exact(tmp_path,
+                                                                         webtorrent_tracker):
+    tracker = webtorrent_tracker
+    udp = f"udp://127.0.0.1:{tracker.udp_port}"
+    http = f"http://127.0.0.1:{tracker.http_port}/announce"
+    db, hashes = torrent_db(tmp_path, 60, [udp, http])
+    # Hashes with bytes over 0x7f: bittorrent-tracker's HTTP scrape sends those UTF-8-encoded.
+    assert sum(1 for h in hashes if max(h) > 0x7F) > 50
+    swarms = {h: (n % 4, n % 3, 0) for n, h in enumerate(hashes) if n % 5}
+    populate_opentracker(tracker, swarms)  # BEP 15 announces from distinct 127.x addresses
+    settings = scrape_settings(tmp_path, timeout=1)
+    for url in (udp, http):
+        counts = run(tsmd.run_scrape, db, settings, settings.collections, tsmd.Reporter(-1),
+                     only_trackers=[url])
+        assert counts.trackers_ok == 1 and counts.bad_entries == 0, url
+        tracker_id = db.execute("SELECT id FROM trackers WHERE url = ?", (url,)).fetchone()[0]
+        got = {infohash: (s, l) for infohash, s, l in db.execute(
+            "SELECT t.infohash, s.seeders, s.leechers FROM tracker_samples s "
+            "JOIN torrents t ON t.id = s.torrent_id WHERE s.tracker_id = ?", (tracker_id,))}
+        # It answers every hash, known or not, over both.
+        assert got == {h.hex(): swarms.get(h, (0, 0, 0))[:2] for h in hashes}, url
 
 
 # ---- KRPC and BEP 33 codecs ----

@@ -1909,8 +1909,33 @@ def encode_http_scrape_url(scrape_url: str, infohashes: Sequence[bytes]) -> str:
     return f"{scrape_url}{'&' if '?' in scrape_url else '?'}{query}"
 
 
-def decode_http_scrape_untrusted(body: bytes) -> dict[bytes, ScrapeCounts]:
-    """A bencoded BEP 48 scrape reply: {files: {hash: {complete, incomplete, downloaded}}}."""
+@dataclass(frozen=True, slots=True)
+class HttpScrapeReply:
+    files: dict[bytes, ScrapeCounts]
+    bad_entries: int  # entries of `files` that could not be read; the others count
+
+
+def _scrape_key(key: Any) -> bytes | None:
+    """A `files` key as the 20-byte infohash, or None. webtorrent's bittorrent-tracker keeps
+    hashes as latin-1 "binary strings" and sends them UTF-8-encoded (20 to 40 bytes): encoded
+    back to latin-1, such a key is the hash again."""
+    if not isinstance(key, bytes):
+        return None
+    if len(key) == 20:
+        return key
+    if 20 < len(key) <= 40:
+        try:
+            raw = key.decode("utf-8").encode("latin-1")
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            return None
+        return raw if len(raw) == 20 else None
+    return None
+
+
+def decode_http_scrape_untrusted(body: bytes) -> HttpScrapeReply:
+    """A bencoded BEP 48 scrape reply: {files: {hash: {complete, incomplete, downloaded}}}.
+    Each entry is read on its own: one that is malformed is counted and left out. A count a
+    tracker leaves out is 0 (BEP 48 trackers differ in which they send)."""
     reply = bdecode_untrusted(body)
     if not isinstance(reply, dict):
         raise ProtocolError("scrape reply is not a bencoded dictionary")
@@ -1920,16 +1945,18 @@ def decode_http_scrape_untrusted(body: bytes) -> dict[bytes, ScrapeCounts]:
     files = reply.get(b"files")
     if not isinstance(files, dict):
         raise ProtocolError("scrape reply has no 'files' dictionary")
-    result = {}
-    for infohash, stats in files.items():
-        if len(infohash) != 20 or not isinstance(stats, dict):
-            raise ProtocolError("scrape reply 'files' entry is malformed")
-        numbers = [_non_negative_int(stats.get(key, 0)) for key in
-                   (b"complete", b"incomplete", b"downloaded")]
-        if None in numbers:
-            raise ProtocolError("scrape reply counts are not non-negative integers")
+    result, bad = {}, 0
+    for key, stats in files.items():
+        infohash = _scrape_key(key)
+        numbers = [_non_negative_int(stats.get(name, 0)) for name in
+                   (b"complete", b"incomplete", b"downloaded")] if isinstance(stats, dict) else [None]
+        if infohash is None or None in numbers or infohash in result:
+            bad += 1
+            continue
         result[infohash] = ScrapeCounts(*numbers)  # type: ignore[arg-type]
-    return result
+    if bad and not result:
+        raise ProtocolError(f"scrape reply: none of its {bad} 'files' entries is readable")
+    return HttpScrapeReply(result, bad)
 
 
 # ---- Address policy ----
@@ -3779,6 +3806,7 @@ class TrackerTally:
     requests: int = 0
     retries: int = 0
     truncations: int = 0
+    bad_entries: int = 0  # HTTP scrape entries that could not be read
     error: str | None = None
     rtt_total: float = 0.0
     rtt_count: int = 0
@@ -3986,9 +4014,11 @@ class HttpTrackerClient:
             self.tally.rtt_total += trio.current_time() - started
             self.tally.rtt_count += 1
             try:
-                files = decode_http_scrape_untrusted(result.body)
+                reply = decode_http_scrape_untrusted(result.body)
             except ProtocolError as exc:
                 raise TrackerDead(str(exc)) from None
+            files = reply.files
+            self.tally.bad_entries += reply.bad_entries
             answered = [(h, files[h]) for h in batch if h in files]
             # A tracker leaves out the hashes it does not know, and everything past its cap
             # (opentracker: 64) too. Those left out after the last answered hash may have been
@@ -6334,6 +6364,7 @@ class ScrapeRunCounts:
     packets_received: int = 0
     dropped: int = 0  # late, unexpected or from the wrong address
     malformed: int = 0  # too short to be BEP 15: refused before anything read them
+    bad_entries: int = 0  # HTTP scrape entries that could not be read (the rest counted)
     seconds: float = 0.0  # the network phase: first request to last answer
     outage: str | None = None  # why the stage stopped early: no tracker answered
 
@@ -6344,8 +6375,9 @@ class ScrapeRunCounts:
                 f"{self.trackers_skipped} backing off; {self.hashes_answered} hashes answered, "
                 f"{self.requests} requests, {self.retries} retries, {self.truncations} truncated "
                 f"replies; UDP {self.packets_sent} sent, {self.packets_received} received, "
-                f"{self.dropped} dropped, {self.malformed} malformed; network phase "
-                f"{self.seconds:.2f} s{rate}")
+                f"{self.dropped} dropped, {self.malformed} malformed"
+                + (f"; {self.bad_entries} unreadable HTTP scrape entries" if self.bad_entries
+                   else "") + f"; network phase {self.seconds:.2f} s{rate}")
 
 
 @dataclass(slots=True)
@@ -6524,6 +6556,7 @@ async def run_scrape(db: sqlite3.Connection, settings: Settings,
                 counts.requests += tally.requests
                 counts.retries += tally.retries
                 counts.truncations += tally.truncations
+                counts.bad_entries += tally.bad_entries
             counts.torrents_answered = len(answered)
             counts.packets_sent = endpoint.counters.sent
             counts.packets_received = endpoint.counters.received
