@@ -434,6 +434,9 @@ def scrape_whole_processes(root: Path, hashes: list[bytes], udp: str, expected: 
 def scraped_exactly(database: Path, url: str, expected: dict, skip_unknown: bool) -> bool:
     import sqlite3
 
+    import tsmd
+
+    url = tsmd.normalise_tracker_url(url) or url  # as tsmd keeps it (a UDP path is dropped)
     db = sqlite3.connect(database)
     got = {h: (s, l, c) for h, s, l, c in db.execute(
         "SELECT t.infohash, s.seeders, s.leechers, s.completed FROM tracker_samples s "

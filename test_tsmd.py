@@ -281,8 +281,8 @@ def test_announce_list_is_read_a_url_at_a_time():
                              b"info": {b"length": 1, b"name": b"x", b"pieces": b""}})
     trackers = tsmd.decode_metainfo_untrusted(data).trackers
     assert len(trackers) == tsmd.MAX_ANNOUNCE_URLS + 1
-    assert trackers[0] == tsmd.Tracker("udp://bare.example:1/a", 0)
-    assert trackers[1] == tsmd.Tracker("udp://t0.example:1/a", 2)  # the empty tier keeps its place
+    assert trackers[0] == tsmd.Tracker("udp://bare.example:1", 0)
+    assert trackers[1] == tsmd.Tracker("udp://t0.example:1", 2)  # the empty tier keeps its place
     assert trackers[-1] == tsmd.Tracker("http://last.example/announce", len(urls) + 2)
 
 
@@ -329,7 +329,7 @@ def test_v1_single_and_multi_file_match_libtorrent():
         assert (meta.size_bytes, meta.file_count) == (size, count)
         assert meta.piece_length == 16384 and meta.has_metainfo
     meta = tsmd.decode_metainfo_untrusted(multi)
-    assert [(t.url, t.tier) for t in meta.trackers] == [("udp://a.example:80/announce", 0),
+    assert [(t.url, t.tier) for t in meta.trackers] == [("udp://a.example:80", 0),
                                                         ("http://b.example/announce", 1)]
     assert tsmd.decode_metainfo_untrusted(single).created_by == "test_tsmd"
 
@@ -354,7 +354,7 @@ def test_v2_and_hybrid_match_libtorrent(tmp_path):
     lt_v1, lt_v2 = lt_hashes(hybrid)
     assert (meta.infohash, meta.infohash_v2) == (lt_v1, lt_v2)
     assert meta.size_bytes == 70_000 + 5 + 16384
-    assert meta.trackers == (tsmd.Tracker("udp://tracker.example.org:1337/announce", 0),)
+    assert meta.trackers == (tsmd.Tracker("udp://tracker.example.org:1337", 0),)
 
 
 def test_pad_files_are_not_content_and_web_seeds_are_kept(tmp_path):
@@ -456,8 +456,7 @@ def test_magnet_links():
         f"magnet:?xt=urn:btih:{infohash.upper()}&dn=r_000&tr=udp%3A%2F%2Ft.example%3A80%2Fannounce"
         "&tr=http://u.example/announce&tr=udp://t.example:80/announce&xl=6874163906")
     assert meta.infohash == infohash and meta.name == "r_000" and not meta.has_metainfo
-    assert [t.url for t in meta.trackers] == ["udp://t.example:80/announce",
-                                              "http://u.example/announce"]
+    assert [t.url for t in meta.trackers] == ["udp://t.example:80", "http://u.example/announce"]
     assert meta.size_bytes == 6_874_163_906
     b32 = __import__("base64").b32encode(bytes.fromhex(infohash)).decode()
     assert tsmd.decode_magnet_untrusted(f"magnet:?xt=urn:btih:{b32}").infohash == infohash
@@ -478,7 +477,7 @@ def test_magnet_names_round_trip_through_the_fast_quoting(name):
 
 
 def test_magnet_trackers_are_kept_once_in_order_and_bounded():
-    trackers = [f"udp://t{n}.example:1/announce" for n in range(1500)]
+    trackers = [f"udp://t{n}.example:1" for n in range(1500)]
     repeated = [url for url in trackers[:300] for _ in (0, 1)] + trackers[300:]
     magnet = f"magnet:?xt=urn:btih:{'a' * 40}" + "".join(f"&tr={t}" for t in repeated)
     meta = tsmd.decode_magnet_untrusted(magnet)
@@ -494,8 +493,12 @@ def test_magnet_trackers_are_kept_once_in_order_and_bounded():
 def test_tracker_url_normalisation():
     norm = tsmd.normalise_tracker_url
     assert norm(" HTTP://Tracker.Example:80/announce ") == "http://tracker.example/announce"
-    assert norm("udp://t.example:1337/announce") == "udp://t.example:1337/announce"
-    assert norm("udp://t.example:1337") == "udp://t.example:1337"
+    # BEP 15 ignores a UDP tracker's path: these are one tracker. HTTP paths and passkeys count.
+    for same in ("udp://t.example:1337/announce", "udp://t.example:1337", "udp://t.example:1337/",
+                 "UDP://T.example:1337/announce?x=1"):
+        assert norm(same) == "udp://t.example:1337"
+    assert norm("http://t.example/a?passkey=1") != norm("http://t.example/a?passkey=2")
+    assert norm("http://t.example/a") != norm("http://t.example/b")
     assert norm("udp://[2001:db8::1]:6969") == "udp://[2001:db8::1]:6969"
     for bad in ("udp://t.example", "wss://t.example/", "http://", "not a url", "http://h:99999/"):
         assert norm(bad) is None
@@ -1094,7 +1097,7 @@ def test_version_1_database_is_upgraded_with_its_history_summarised(tmp_path):
     assert (pruned.tracker_samples, pruned.runs) == (2, 1)
     (row,) = tsmd.load_report_rows(db)
     assert (row.seeders, row.leechers, row.completed, row.tracker) == (
-        5, 0, 61, "udp://b.example:1/announce")
+        5, 0, 61, "udp://b.example:1")  # BEP 15 ignores the path: v7 dropped it
     assert (row.dht_peers, row.dht_seeds_estimate, row.dht_peers_estimate) == (9, 4, 13)
     # Per run, the best tracker: 7 seeders two days ago, 5 now.
     assert (row.seeders_change_previous, row.seeders_change_1d) == (-2, -2)
@@ -1148,14 +1151,14 @@ def test_version_2_database_gets_each_torrents_magnet_stored(tmp_path):
     assert db.execute("PRAGMA user_version").fetchone()[0] == tsmd.SCHEMA_VERSION
     stored = dict(db.execute("SELECT infohash, magnet FROM torrents"))
     assert stored == magnets_from_scratch(db)
-    in_order = [f"udp://t{n}.example:{n + 1}/announce" for n in range(12)]
+    in_order = [f"udp://t{n}.example:{n + 1}" for n in range(12)]  # v7 dropped UDP paths
     in_order = [in_order[tracker_id - 1] for tracker_id in
                 sorted(range(1, 13), key=lambda tracker_id: (tracker_id * 5) % 12)]
     assert stored["ab" * 20] == (f"magnet:?xt=urn:btih:{'ab' * 20}&dn=old%201"
                                  + "".join(f"&tr={url}" for url in in_order[:10]))
     assert stored["cd" * 20] == (f"magnet:?xt=urn:btih:{'cd' * 20}&dn=%3C%2Fscript%3E%3Cb%3E"
                                  "%22x%22%20%5C%20%26%20%C3%A9%202%E2%80%A8")
-    assert stored["ef" * 20] == f"magnet:?xt=urn:btih:{'ef' * 20}&tr=udp://t11.example:12/announce"
+    assert stored["ef" * 20] == f"magnet:?xt=urn:btih:{'ef' * 20}&tr=udp://t11.example:12"
     rows = {row.infohash: row for row in tsmd.load_report_rows(db)}
     assert {infohash: row.magnet for infohash, row in rows.items()} == stored
     assert rows["cd" * 20].link == stored["cd" * 20]  # listed by infohash: the magnet is the link
@@ -1167,6 +1170,49 @@ def test_version_2_database_gets_each_torrents_magnet_stored(tmp_path):
     assert "</script><b>" not in page and "\u2028" not in page
     assert "\\u003c/script\\u003e\\u003cb\\u003e" in page and "%3C%2Fscript%3E%3Cb%3E" in page
     assert tsmd.fill_magnets(db) == 0  # every one stored once
+
+
+def test_trackers_that_differ_only_by_a_udp_path_are_merged_with_their_history(tmp_path):
+    path = tmp_path / "v6.sqlite3"
+    db = tsmd.open_database(path)
+    first, second = "aa" * 20, "bb" * 20
+    # As a database before v7 held them: the same UDP tracker twice; two HTTP passkeys.
+    db.executescript(f"""
+        INSERT INTO trackers (id, url, successes, failures, hashes_answered, last_attempt,
+                              last_success, consecutive_failures, next_attempt) VALUES
+            (1, 'udp://t.example:1337/announce', 5, 1, 50, 100, 100, 0, NULL),
+            (2, 'udp://t.example:1337', 2, 3, 20, 200, 50, 2, 9999),
+            (3, 'http://h.example/announce?passkey=a', 0, 0, 0, NULL, NULL, 0, NULL),
+            (4, 'http://h.example/announce?passkey=b', 0, 0, 0, NULL, NULL, 0, NULL);
+        INSERT INTO torrents (id, infohash, name, first_seen, updated) VALUES
+            (1, '{first}', 'one', 1, 1), (2, '{second}', 'two', 1, 1);
+        INSERT INTO torrent_trackers VALUES (1, 1, 0, 0), (1, 2, 1, 1), (1, 3, 2, 2),
+                                            (2, 2, 0, 0);
+        INSERT INTO tracker_samples (torrent_id, tracker_id, measured, seeders, leechers,
+                                     completed) VALUES
+            (1, 1, 100, 5, 1, 9), (1, 2, 200, 7, 2, 10), (2, 2, 150, 3, 0, 4),
+            (2, 2, 120, 1, 0, 1);
+        PRAGMA user_version = 6;
+        """)
+    db.close()
+    db = tsmd.open_database(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == tsmd.SCHEMA_VERSION
+    assert db.execute("SELECT id, url, successes, failures, hashes_answered, last_attempt, "
+                      "last_success, consecutive_failures, next_attempt FROM trackers "
+                      "ORDER BY id").fetchall() == [
+        (1, "udp://t.example:1337", 7, 4, 70, 200, 100, 0, None),
+        (3, "http://h.example/announce?passkey=a", 0, 0, 0, None, None, 0, None),
+        (4, "http://h.example/announce?passkey=b", 0, 0, 0, None, None, 0, None)]
+    assert db.execute("SELECT torrent_id, tracker_id, position FROM torrent_trackers "
+                      "ORDER BY torrent_id, position").fetchall() == [(1, 1, 0), (1, 3, 2),
+                                                                      (2, 1, 0)]
+    assert db.execute("SELECT count(*) FROM tracker_samples WHERE tracker_id = 1"
+                      ).fetchone()[0] == 4  # every sample kept
+    assert db.execute("SELECT torrent_id, measured, seeders FROM tracker_latest "
+                      "ORDER BY torrent_id").fetchall() == [(1, 200, 7), (2, 150, 3)]
+    magnets = dict(db.execute("SELECT infohash, magnet FROM torrents"))
+    assert magnets == magnets_from_scratch(db)
+    assert magnets[first].count("udp://t.example:1337") == 1
 
 
 def test_a_failed_migration_leaves_the_database_as_it_was(tmp_path, monkeypatch):
@@ -1192,7 +1238,7 @@ def test_a_failed_migration_leaves_the_database_as_it_was(tmp_path, monkeypatch)
 
 
 def test_a_torrent_whose_name_or_trackers_change_gets_a_new_magnet(tmp_path):
-    db, hashes = torrent_db(tmp_path, 2, ["udp://a.example:1/announce"])
+    db, hashes = torrent_db(tmp_path, 2, ["udp://a.example:1"])
     first = hashes[0].hex()
 
     def published(stored: bool = True) -> dict[str, str]:
@@ -1202,19 +1248,19 @@ def test_a_torrent_whose_name_or_trackers_change_gets_a_new_magnet(tmp_path):
             assert rows == dict(db.execute("SELECT infohash, magnet FROM torrents"))
         return rows
 
-    assert published()[first] == f"magnet:?xt=urn:btih:{first}&dn=t0&tr=udp://a.example:1/announce"
+    assert published()[first] == f"magnet:?xt=urn:btih:{first}&dn=t0&tr=udp://a.example:1"
     # Its .torrent file arrives: its name and its tracker list replace the magnet's.
     meta = tsmd.Metainfo(first, None, "book 0", 10, 1, 16384, 1, None, None,
-                         (tsmd.Tracker("udp://b.example:2/announce", 0),
+                         (tsmd.Tracker("udp://b.example:2", 0),
                           tsmd.Tracker("http://c.example/announce", 1)), True)
     with tsmd.Transaction(db):
         tsmd.upsert_torrent(db, meta, 2)
     assert published()[first] == (f"magnet:?xt=urn:btih:{first}&dn=book%200"
-                                   "&tr=udp://b.example:2/announce&tr=http://c.example/announce")
+                                   "&tr=udp://b.example:2&tr=http://c.example/announce")
     # A magnet link for it adds a tracker, and leaves the name.
     with tsmd.Transaction(db):
         tsmd.upsert_torrent(db, tsmd.decode_magnet_untrusted(tsmd.magnet_uri(
-            first, "other", ["udp://b.example:2/announce", "udp://d.example:4"])), 3)
+            first, "other", ["udp://b.example:2", "udp://d.example:4"])), 3)
     assert published()[first].startswith(f"magnet:?xt=urn:btih:{first}&dn=book%200&tr=")
     assert "udp://d.example:4" in published()[first]
     # Changes by other hands than sync's clear the stored magnet; reports compute it meanwhile,
@@ -1223,8 +1269,8 @@ def test_a_torrent_whose_name_or_trackers_change_gets_a_new_magnet(tmp_path):
             ("UPDATE torrent_trackers SET position = 9 WHERE position = 0 AND torrent_id = "
              "(SELECT id FROM torrents WHERE infohash = ?)", first),
             ("UPDATE trackers SET url = 'udp://e.example:5' "
-             "WHERE url = 'udp://b.example:2/announce' AND ? IS NOT NULL", first),
-            ("DELETE FROM trackers WHERE url = 'udp://a.example:1/announce' AND ? IS NOT NULL",
+             "WHERE url = 'udp://b.example:2' AND ? IS NOT NULL", first),
+            ("DELETE FROM trackers WHERE url = 'udp://a.example:1' AND ? IS NOT NULL",
              hashes[1].hex()),
             ("UPDATE torrents SET name = 'renamed 1' WHERE infohash = ?", first)]:
         before = published()
@@ -1418,7 +1464,7 @@ def test_resync_of_a_torrent_with_new_trackers_publishes_its_new_magnet(server, 
     row = next(row for row in tsmd.load_report_rows(db) if row.name == "r_0.torrent")
     assert row.infohash == lt_hashes(moved)[0]
     assert row.magnet == (f"magnet:?xt=urn:btih:{row.infohash}&dn=book0.zip"
-                          "&tr=udp://new.example:6969/announce&tr=http://other.example/announce")
+                          "&tr=udp://new.example:6969&tr=http://other.example/announce")
     assert dict(db.execute("SELECT infohash, magnet FROM torrents")) == magnets_from_scratch(db)
 
 
@@ -1533,7 +1579,7 @@ def test_sync_bounds_the_trackers_of_a_torrent_and_of_a_run(tmp_path):
     # The first 100 in tier order; 99,000 were never read, 900 read and left out.
     assert [url for (url,) in db.execute(
         "SELECT r.url FROM torrent_trackers l JOIN trackers r ON r.id = l.tracker_id "
-        "ORDER BY l.position")] == [f"udp://t{n}.example:1/announce" for n in range(100)]
+        "ORDER BY l.position")] == [f"udp://t{n}.example:1" for n in range(100)]
     assert counts.trackers_ignored == 99_900 and "trackers left out" in counts.summary()
     # Three torrents of 60 trackers each, 140 new ones allowed in the run: 40 left out.
     db, counts = sync("run", {f"r_{n}.torrent": v1_torrent(f"t{n}", seed=n, trackers=[
@@ -1561,7 +1607,7 @@ def test_sync_bounds_the_trackers_of_a_torrent_and_of_a_run(tmp_path):
         "SELECT r.url, l.tier, l.position FROM torrent_trackers l JOIN trackers r ON "
         "r.id = l.tracker_id JOIN torrents t ON t.id = l.torrent_id WHERE t.infohash = ? "
         "ORDER BY l.position", ("ab" * 20,)).fetchall() == [
-        *[(f"udp://m0-{k}.example:1/a", k, k) for k in range(4)], ("udp://m1-0.example:1/a", 4, 4)]
+        *[(f"udp://m0-{k}.example:1", k, k) for k in range(4)], ("udp://m1-0.example:1", 4, 4)]
     assert limits.ignored == 3 * 4 - 5
 
 
@@ -2260,7 +2306,7 @@ class FakeUdpTracker:
 
     @property
     def url(self) -> str:
-        return f"udp://127.0.0.1:{self.port}/announce"
+        return f"udp://127.0.0.1:{self.port}"  # as tsmd keeps it: BEP 15 ignores the path
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock, \
@@ -2677,7 +2723,7 @@ def test_scrape_real_opentracker_udp_and_http_exact(tmp_path, opentracker):
         counts = run(tsmd.run_scrape, db, settings, settings.collections, tsmd.Reporter(-1),
                      only_trackers=[url])
         assert counts.trackers_ok == 1 and counts.retries == 0
-        tracker_id = db.execute("SELECT id FROM trackers WHERE url = ?", (url,)).fetchone()[0]
+        tracker_id = db.execute("SELECT id FROM trackers WHERE url = ?", (tsmd.normalise_tracker_url(url),)).fetchone()[0]
         got = {infohash: (s, l, c) for infohash, s, l, c in db.execute(
             "SELECT t.infohash, s.seeders, s.leechers, s.completed FROM tracker_samples s "
             "JOIN torrents t ON t.id = s.torrent_id WHERE s.tracker_id = ?", (tracker_id,))}
@@ -2741,7 +2787,7 @@ def test_scrape_real_webtorrent_tracker_udp_and_mangled_http_keys_exact(tmp_path
         counts = run(tsmd.run_scrape, db, settings, settings.collections, tsmd.Reporter(-1),
                      only_trackers=[url])
         assert counts.trackers_ok == 1 and counts.bad_entries == 0, url
-        tracker_id = db.execute("SELECT id FROM trackers WHERE url = ?", (url,)).fetchone()[0]
+        tracker_id = db.execute("SELECT id FROM trackers WHERE url = ?", (tsmd.normalise_tracker_url(url),)).fetchone()[0]
         got = {infohash: (s, l) for infohash, s, l in db.execute(
             "SELECT t.infohash, s.seeders, s.leechers FROM tracker_samples s "
             "JOIN torrents t ON t.id = s.torrent_id WHERE s.tracker_id = ?", (tracker_id,))}
@@ -4665,7 +4711,7 @@ def history_db(tmp_path: Path) -> tuple[sqlite3.Connection, list[bytes]]:
     series = {0: [30, 28, 25, 20, 15, 12, 11, 10, 9],  # falling: yellow now, -6 in a week
               1: [2, 2, 2, 2, 2, 2, 2, 1, 0],  # dying: red, -1 in a day
               2: [0, 0, 0, 0, 0, 0, 0, 5, 15]}  # rescued: green
-    a, b = (db.execute("SELECT id FROM trackers WHERE url = ?", (url,)).fetchone()[0]
+    a, b = (db.execute("SELECT id FROM trackers WHERE url = ?", (tsmd.normalise_tracker_url(url),)).fetchone()[0]
             for url in ("udp://a.example:1/announce", "udp://b.example:1/announce"))
     with tsmd.Transaction(db):
         for day in range(9):
@@ -4983,8 +5029,7 @@ def test_cli_report_html(tmp_path):
     assert len(tracker_lists) == 2  # none, and the one list all four torrents share
     # The page puts each magnet back together exactly, trackers included.
     db = sqlite3.connect(tmp_path / "tsmd.sqlite3")
-    expected = {tsmd.magnet_uri(infohash, name, ["udp://a.example:1/announce",
-                                                 "udp://b.example:1/announce"])
+    expected = {tsmd.magnet_uri(infohash, name, ["udp://a.example:1", "udp://b.example:1"])
                 for infohash, name in db.execute("SELECT infohash, name FROM torrents")}
     dom = chromium_dom(page, "")
     hrefs = {html.unescape(href) for href in re.findall(r'href="(magnet:[^"]*)"', dom)}
@@ -5234,7 +5279,7 @@ class LoopbackWorld:
             # (seeders, leechers, completed): a dead one, dying ones, healthy ones.
             self.swarms = {h: (n % 6, n % 3, n % 6) for n, h in enumerate(self.hashes)}
             populate_opentracker(self.tracker, self.swarms)
-            self.announce = f"udp://127.0.0.1:{self.tracker.udp_port}/announce"
+            self.announce = f"udp://127.0.0.1:{self.tracker.udp_port}"
             self.torrents = {}
             for n, name in enumerate(names):
                 data = v1_torrent(name, 10_000 * (n + 1), seed=n, trackers=[[self.announce]])

@@ -852,10 +852,10 @@ def normalise_tracker_url(url: str) -> str | None:
         host = f"[{host}]"
     default_port = {"http": 80, "https": 443}.get(scheme)
     netloc = host if port in (None, default_port) else f"{host}:{port}"
-    path = parts.path if scheme != "udp" else (parts.path if parts.path not in ("", "/") else "")
-    if scheme != "udp" and not path:
-        path = "/"
-    return urllib.parse.urlunsplit((scheme, netloc, path, parts.query, ""))
+    if scheme == "udp":  # BEP 15 ignores the path (BEP 41 aside): udp://h:p/announce is udp://h:p
+        return urllib.parse.urlunsplit((scheme, netloc, "", "", ""))
+    # HTTP keeps its path and query: private trackers tell users apart by a passkey in either.
+    return urllib.parse.urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
 
 
 def _collect_trackers(announce_list: _AnnounceList | None, announce: Any) -> tuple[Tracker, ...]:
@@ -4313,10 +4313,14 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ) WITHOUT ROWID;
     ALTER TABLE memberships ADD COLUMN type TEXT;
     """,
+    # v7: one tracker per (scheme, host, port) for UDP: rows that now normalise alike are
+    # merged in Python (merge_duplicate_trackers), keeping their links, samples and health.
+    "",
 )
 # What SQL cannot compute, done in Python inside the same transaction as the migration's SQL:
 # by the index in MIGRATIONS it completes.
-MIGRATION_FILLS: Final = {3: lambda db: fill_magnets(db)}
+MIGRATION_FILLS: Final = {3: lambda db: fill_magnets(db),
+                          6: lambda db: (merge_duplicate_trackers(db), fill_magnets(db))}
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
 SQLITE_MAX_PARAMETERS: Final = 999  # host parameters in one statement (SQLite before 3.32)
@@ -4723,6 +4727,56 @@ def upsert_torrent(db: sqlite3.Connection, meta: Metainfo, now: int,
              for position, t in enumerate(trackers)])
     fill_magnets(db, torrent_id)  # when the name or the trackers changed
     return torrent_id
+
+
+def merge_duplicate_trackers(db: sqlite3.Connection) -> int:
+    """Trackers whose URLs normalise alike (udp://h:p/announce and udp://h:p, two trackers
+    before schema v7) become one, the oldest row: links, samples, newest numbers and health
+    are merged into it. Returns how many rows were merged away."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for tracker_id, url in db.execute("SELECT id, url FROM trackers ORDER BY id").fetchall():
+        groups.setdefault(normalise_tracker_url(url) or url, []).append((tracker_id, url))
+    merged = 0
+    for canonical, rows in groups.items():
+        keep = rows[0][0]
+        for duplicate, _ in rows[1:]:
+            _merge_tracker(db, keep, duplicate)
+            merged += 1
+        if rows[0][1] != canonical:
+            db.execute("UPDATE trackers SET url = ? WHERE id = ?", (canonical, keep))
+    return merged
+
+
+def _merge_tracker(db: sqlite3.Connection, keep: int, duplicate: int) -> None:
+    db.execute("UPDATE OR IGNORE torrent_trackers SET tracker_id = ? WHERE tracker_id = ?",
+               (keep, duplicate))
+    db.execute("DELETE FROM torrent_trackers WHERE tracker_id = ?", (duplicate,))
+    db.execute("UPDATE tracker_samples SET tracker_id = ? WHERE tracker_id = ?", (keep, duplicate))
+    db.execute("INSERT INTO tracker_latest SELECT torrent_id, ?, measured, seeders, leechers, "
+               "completed FROM tracker_latest WHERE tracker_id = ? "
+               "ON CONFLICT (torrent_id, tracker_id) DO UPDATE SET measured = excluded.measured, "
+               "seeders = excluded.seeders, leechers = excluded.leechers, "
+               "completed = excluded.completed WHERE excluded.measured > tracker_latest.measured",
+               (keep, duplicate))
+    db.execute("DELETE FROM tracker_latest WHERE tracker_id = ?", (duplicate,))
+    columns = ("successes", "failures", "consecutive_failures", "last_attempt", "last_success",
+               "last_error", "rtt_ms", "hashes_answered", "next_attempt")
+    kept, other = (dict(zip(columns, db.execute(
+        f"SELECT {', '.join(columns)} FROM trackers WHERE id = ?", (row,)).fetchone()))
+        for row in (keep, duplicate))
+    newest = max((kept, other), key=lambda health: health["last_attempt"] or 0)
+    waits = [health["next_attempt"] for health in (kept, other) if health["next_attempt"]]
+    db.execute("DELETE FROM trackers WHERE id = ?", (duplicate,))
+    db.execute(
+        "UPDATE trackers SET successes = ?, failures = ?, consecutive_failures = ?, "
+        "last_attempt = ?, last_success = ?, last_error = ?, rtt_ms = ?, hashes_answered = ?, "
+        "next_attempt = ? WHERE id = ?",
+        (kept["successes"] + other["successes"], kept["failures"] + other["failures"],
+         min(kept["consecutive_failures"], other["consecutive_failures"]),
+         newest["last_attempt"], max(kept["last_success"] or 0, other["last_success"] or 0)
+         or None, newest["last_error"], newest["rtt_ms"] if newest["rtt_ms"] is not None
+         else kept["rtt_ms"], kept["hashes_answered"] + other["hashes_answered"],
+         min(waits) if len(waits) == 2 else None, keep))
 
 
 def fill_magnets(db: sqlite3.Connection, torrent_id: int | None = None) -> int:
