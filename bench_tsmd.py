@@ -424,7 +424,8 @@ def scrape_whole_processes(root: Path, hashes: list[bytes], udp: str, expected: 
                               timeout=600, env=USER_ENV)
         theirs.append(time.perf_counter() - started)
         assert done.stdout.strip() == str(len(hashes)), done.stderr
-    exact = scraped_exactly(database, udp, expected, skip_unknown=False)
+    exact = scraped_exactly(database, udp, {h.hex(): expected[h.hex()] for h in hashes},
+                            skip_unknown=False)
     print(f"whole processes, {len(hashes)} hashes on one UDP tracker: tsmd scrape "
           f"{', '.join(f'{t:.2f}' for t in ours)} s, libtorrent "
           f"{', '.join(f'{t:.2f}' for t in theirs)} s -> tsmd / libtorrent "
