@@ -644,6 +644,15 @@ def test_http_scrape_url_and_body():
         b"x" * 20: {b"complete": -1}, b"y" * 20: {b"incomplete": 3}}})
     assert tsmd.decode_http_scrape_untrusted(body) == tsmd.HttpScrapeReply(
         {binary: tsmd.ScrapeCounts(2, 1, 2), b"y" * 20: tsmd.ScrapeCounts(0, 3, 0)}, 2)
+    # One byte over 0x7f: 21 bytes. A code point over U+00FF is no byte: refused. A hash sent
+    # both raw and mangled: the second is counted, not taken twice.
+    one_high = b"\x80" + b"z" * 19
+    body = bencoder.bencode({b"files": {
+        one_high.decode("latin-1").encode("utf-8"): {b"complete": 1},
+        ("\u0100" + "z" * 19).encode("utf-8"): {b"complete": 2},
+        one_high: {b"complete": 3}}})
+    reply = tsmd.decode_http_scrape_untrusted(body)
+    assert list(reply.files) == [one_high] and reply.bad_entries == 2
     for bad, message in ((bencoder.bencode({b"failure reason": b"go away"}), "go away"),
                          (b"le", "not a bencoded dictionary"), (b"de", "no 'files'"),
                          (bencoder.bencode({b"files": {b"short": {}}}), "none of its 1"),
@@ -1185,9 +1194,11 @@ def test_trackers_that_differ_only_by_a_udp_path_are_merged_with_their_history(t
             (3, 'http://h.example/announce?passkey=a', 0, 0, 0, NULL, NULL, 0, NULL),
             (4, 'http://h.example/announce?passkey=b', 0, 0, 0, NULL, NULL, 0, NULL);
         INSERT INTO torrents (id, infohash, name, first_seen, updated) VALUES
-            (1, '{first}', 'one', 1, 1), (2, '{second}', 'two', 1, 1);
+            (1, '{first}', 'one', 1, 1), (2, '{second}', 'two', 1, 1),
+            (3, '{"cc" * 20}', 'three', 1, 1);
         INSERT INTO torrent_trackers VALUES (1, 1, 0, 0), (1, 2, 1, 1), (1, 3, 2, 2),
-                                            (2, 2, 0, 0);
+                                            (2, 2, 0, 0), (3, 4, 0, 0), (3, 1, 3, 3),
+                                            (3, 2, 1, 1);
         INSERT INTO tracker_samples (torrent_id, tracker_id, measured, seeders, leechers,
                                      completed) VALUES
             (1, 1, 100, 5, 1, 9), (1, 2, 200, 7, 2, 10), (2, 2, 150, 3, 0, 4),
@@ -1200,12 +1211,14 @@ def test_trackers_that_differ_only_by_a_udp_path_are_merged_with_their_history(t
     assert db.execute("SELECT id, url, successes, failures, hashes_answered, last_attempt, "
                       "last_success, consecutive_failures, next_attempt FROM trackers "
                       "ORDER BY id").fetchall() == [
-        (1, "udp://t.example:1337", 7, 4, 70, 200, 100, 0, None),
+        # Counts added; the state of the row asked last (its two failures and its back-off).
+        (1, "udp://t.example:1337", 7, 4, 70, 200, 100, 2, 9999),
         (3, "http://h.example/announce?passkey=a", 0, 0, 0, None, None, 0, None),
         (4, "http://h.example/announce?passkey=b", 0, 0, 0, None, None, 0, None)]
-    assert db.execute("SELECT torrent_id, tracker_id, position FROM torrent_trackers "
-                      "ORDER BY torrent_id, position").fetchall() == [(1, 1, 0), (1, 3, 2),
-                                                                      (2, 1, 0)]
+    # Linked once, at the better place of the two (torrent 3 listed the path-less URL first).
+    assert db.execute("SELECT torrent_id, tracker_id, tier, position FROM torrent_trackers "
+                      "ORDER BY torrent_id, position").fetchall() == [
+        (1, 1, 0, 0), (1, 3, 2, 2), (2, 1, 0, 0), (3, 4, 0, 0), (3, 1, 1, 1)]
     assert db.execute("SELECT count(*) FROM tracker_samples WHERE tracker_id = 1"
                       ).fetchone()[0] == 4  # every sample kept
     assert db.execute("SELECT torrent_id, measured, seeders FROM tracker_latest "
@@ -2426,6 +2439,41 @@ def known_counts(hashes: list[bytes], salt: int) -> dict[bytes, tuple[int, int, 
             for n, h in enumerate(hashes)}
 
 
+def test_a_udp_tracker_silent_on_one_address_is_asked_on_the_next(tmp_path, monkeypatch):
+    hashes = [hashlib.sha1(f"torrent {n}".encode()).digest() for n in range(100)]
+    live = FakeUdpTracker(known_counts(hashes, 4))
+    addresses = {}  # host name -> the addresses DNS gives it, the first one dead
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return addresses.get(host) or await real_resolve(host, port)
+
+    real_resolve = tsmd.resolve_addresses
+    monkeypatch.setattr(tsmd, "resolve_addresses", resolve)
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(live.serve)
+            # The dead address listens on the tracker's port and never answers.
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dead:
+                dead.bind(("127.0.0.2", live.port))
+                addresses["two.test"] = ["127.0.0.2", "127.0.0.1"]
+                addresses["gone.test"] = ["127.0.0.2", "127.0.0.3"]
+                db, _ = torrent_db(tmp_path, 100, [f"udp://two.test:{live.port}",
+                                                    f"udp://gone.test:{live.port}"])
+                settings = scrape_settings(tmp_path)
+                counts = await tsmd.run_scrape(db, settings, settings.collections,
+                                               tsmd.Reporter(-1))
+            nursery.cancel_scope.cancel()
+        return db, counts
+
+    db, counts = run(scenario, timeout=60)
+    assert (counts.trackers_ok, counts.trackers_failed) == (1, 1)
+    assert numbers(db) == {h.hex(): c for h, c in known_counts(hashes, 4).items()}
+    health = {row.url: row for row in tsmd.load_tracker_health(db)}
+    assert "from each of its 2 addresses (127.0.0.2, 127.0.0.3)" in health[
+        f"udp://gone.test:{live.port}"].last_error
+
+
 def test_scrape_udp_truncation_drops_wrong_replies_and_failover(tmp_path):
     """Four trackers per torrent: one truncates at 50 and drops packets, one answers from a wrong
     address or with a wrong transaction id every other packet, one expires its connection ids,
@@ -2741,16 +2789,18 @@ class WebTorrentTracker:
     def __init__(self) -> None:
         node = shutil.which("node")
         if node is None or not (HERE / ".ci" / "node_modules" / "bittorrent-tracker").is_dir():
-            cannot_test("webtorrent's bittorrent-tracker is missing: the README's test command "
-                        "installs it (`npm ci --prefix .ci ...`, after Node.js and npm)")
+            cannot_test("webtorrent's bittorrent-tracker is missing: .ci/install-test-npm installs "
+                        "it, after .ci/install-test-deps installs Node.js and npm (the README's "
+                        "test command runs both)")
         self.process = subprocess.Popen([node, str(self.SCRIPT)], stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         start_new_session=True)
         ready = select.select([self.process.stdout], [], [], 20)[0]
-        if not ready:
+        line = self.process.stdout.readline() if ready else b""
+        if not line:
             self.stop()
-            raise RuntimeError("bittorrent-tracker did not start in 20 s")
-        ports = json.loads(self.process.stdout.readline())
+            raise RuntimeError(f"bittorrent-tracker did not start: {self.process.stderr.read()!r}")
+        ports = json.loads(line)
         self.udp_port, self.http_port = ports["udp"], ports["http"]
 
     def stop(self) -> None:

@@ -855,7 +855,9 @@ def normalise_tracker_url(url: str) -> str | None:
     if scheme == "udp":  # BEP 15 ignores the path (BEP 41 aside): udp://h:p/announce is udp://h:p
         return urllib.parse.urlunsplit((scheme, netloc, "", "", ""))
     # HTTP keeps its path and query: private trackers tell users apart by a passkey in either.
-    return urllib.parse.urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
+    # Stripped again inside: "http://h/ #x" has the path "/ ", which would not normalise alike.
+    return urllib.parse.urlunsplit((scheme, netloc, parts.path.strip() or "/",
+                                    parts.query.strip(), ""))
 
 
 def _collect_trackers(announce_list: _AnnounceList | None, announce: Any) -> tuple[Tracker, ...]:
@@ -3824,6 +3826,10 @@ class TrackerDead(Exception):
     """Internal: stop asking this tracker in this run (its tally carries the reason)."""
 
 
+class TrackerSilent(TrackerDead):
+    """Internal: the tracker's address answered nothing at all; another address may."""
+
+
 @dataclass(frozen=True, slots=True)
 class ScrapeOptions:
     udp_batch: int
@@ -3864,7 +3870,9 @@ class _HashQueue:
 
 
 async def _resolve_tracker(host: str, port: int, endpoint: UdpEndpoint | None,
-                           allow_private: bool) -> str:
+                           allow_private: bool) -> list[str]:
+    """Every address of a UDP tracker that may be asked, IPv4 first (more trackers answer
+    there); TrackerDead when none."""
     try:
         addresses = await resolve_addresses(host, port)
     except FetchError as exc:
@@ -3878,7 +3886,7 @@ async def _resolve_tracker(host: str, port: int, endpoint: UdpEndpoint | None,
     if not usable:
         raise TrackerDead(f"{host} resolves to no usable address ({', '.join(addresses[:3])}"
                           f"{'' if allow_private else '; private addresses need allow_private'})")
-    return sorted(usable, key=lambda a: ":" in a)[0]  # IPv4 first: more trackers answer there
+    return sorted(usable, key=lambda a: ":" in a)
 
 
 class UdpTrackerClient:
@@ -3890,6 +3898,8 @@ class UdpTrackerClient:
         self.endpoint = endpoint
         self.host = parts.hostname or ""
         self.port = parts.port or 0
+        # Every address the name has: one that is silent on connect gives way to the next.
+        self.addresses: list[str] = []
         self.address = ""
         self.options = options
         self.tally = tally
@@ -3922,8 +3932,8 @@ class UdpTrackerClient:
             self.tally.rtt_total += trio.current_time() - started
             self.tally.rtt_count += 1
             return reply
-        raise TrackerDead(f"no reply after {self.options.attempts} attempts "
-                          f"({self.options.timeout:g} s each)")
+        raise TrackerSilent(f"no reply after {self.options.attempts} attempts "
+                            f"({self.options.timeout:g} s each)")
 
     async def _connection(self) -> int:
         async with self._connect_lock:
@@ -3933,7 +3943,7 @@ class UdpTrackerClient:
             if self._connection_id is None or \
                     trio.current_time() - self._connected_at > UDP_CONNECTION_ID_LIFETIME - 5:
                 try:
-                    reply = await self._exchange(encode_udp_connect)
+                    reply = await self._connect_any_address()
                     if reply.action == TrackerAction.ERROR:
                         raise TrackerDead(f"tracker error on connect: {reply.error}")
                     if reply.action != TrackerAction.CONNECT or reply.connection_id is None:
@@ -3944,6 +3954,24 @@ class UdpTrackerClient:
                 self._connection_id = reply.connection_id
                 self._connected_at = trio.current_time()
             return self._connection_id
+
+    async def _connect_any_address(self) -> UdpTrackerReply:
+        """BEP 15 connect to the current address, else to each next one that the name has
+        (a tracker whose IPv4 or one of whose hosts is down still answers on another)."""
+        tried = []
+        while True:
+            try:
+                return await self._exchange(encode_udp_connect)
+            except TrackerSilent as exc:
+                tried.append(self.address)
+                later = self.addresses[self.addresses.index(self.address) + 1:] \
+                    if self.address in self.addresses else []
+                if not later:
+                    if len(tried) > 1:
+                        raise TrackerSilent(f"{exc}, from each of its {len(tried)} addresses "
+                                            f"({', '.join(tried[:4])})") from None
+                    raise
+                self.address = later[0]
 
     async def scrape(self, queue: _HashQueue, deliver: Any) -> None:
         """Work through `queue`, handing (hash, counts) pairs to `deliver` batch by batch."""
@@ -4049,8 +4077,9 @@ async def scrape_tracker(url: str, hashes: Sequence[bytes], options: ScrapeOptio
         if scheme == "udp":
             client: UdpTrackerClient | HttpTrackerClient = UdpTrackerClient(
                 endpoint, url, options, tally)
-            client.address = await _resolve_tracker(client.host, client.port, endpoint,
-                                                    options.allow_private)
+            client.addresses = await _resolve_tracker(client.host, client.port, endpoint,
+                                                      options.allow_private)
+            client.address = client.addresses[0]
             queue = _HashQueue(hashes, options.udp_batch)
         else:
             client = HttpTrackerClient(fetcher, url, options, tally)
@@ -4736,47 +4765,66 @@ def merge_duplicate_trackers(db: sqlite3.Connection) -> int:
     groups: dict[str, list[tuple[int, str]]] = {}
     for tracker_id, url in db.execute("SELECT id, url FROM trackers ORDER BY id").fetchall():
         groups.setdefault(normalise_tracker_url(url) or url, []).append((tracker_id, url))
-    merged = 0
+    merges = [(duplicate, rows[0][0]) for rows in groups.values() for duplicate, _ in rows[1:]]
+    if merges:
+        # Samples and newest numbers, for every duplicate in one pass each.
+        db.execute("CREATE TEMP TABLE tracker_merges (duplicate INTEGER PRIMARY KEY, "
+                   "keep INTEGER NOT NULL)")
+        db.executemany("INSERT INTO tracker_merges VALUES (?, ?)", merges)
+        db.execute("UPDATE tracker_samples SET tracker_id = (SELECT keep FROM tracker_merges "
+                   "WHERE duplicate = tracker_id) WHERE tracker_id IN "
+                   "(SELECT duplicate FROM tracker_merges)")
+        db.execute("INSERT INTO tracker_latest SELECT l.torrent_id, m.keep, l.measured, "
+                   "l.seeders, l.leechers, l.completed FROM tracker_latest l JOIN "
+                   "tracker_merges m ON m.duplicate = l.tracker_id WHERE true "
+                   "ON CONFLICT (torrent_id, tracker_id) DO UPDATE SET "
+                   "measured = excluded.measured, seeders = excluded.seeders, "
+                   "leechers = excluded.leechers, completed = excluded.completed "
+                   "WHERE excluded.measured > tracker_latest.measured")
+        db.execute("DELETE FROM tracker_latest WHERE tracker_id IN "
+                   "(SELECT duplicate FROM tracker_merges)")
+        db.execute("DROP TABLE tracker_merges")
+    for duplicate, keep in merges:
+        _merge_tracker(db, keep, duplicate)
     for canonical, rows in groups.items():
-        keep = rows[0][0]
-        for duplicate, _ in rows[1:]:
-            _merge_tracker(db, keep, duplicate)
-            merged += 1
         if rows[0][1] != canonical:
-            db.execute("UPDATE trackers SET url = ? WHERE id = ?", (canonical, keep))
-    return merged
+            db.execute("UPDATE trackers SET url = ? WHERE id = ?", (canonical, rows[0][0]))
+    return len(merges)
 
 
 def _merge_tracker(db: sqlite3.Connection, keep: int, duplicate: int) -> None:
+    """Links and health of `duplicate` into `keep` (samples and newest numbers are moved for
+    all duplicates at once, by merge_duplicate_trackers: those tables have no index by
+    tracker)."""
+    # A torrent linked to both keeps the better place of the two (its tier, its position).
+    for column in ("tier", "position"):
+        db.execute(f"UPDATE torrent_trackers SET {column} = min({column}, (SELECT d.{column} "
+                   "FROM torrent_trackers d WHERE d.tracker_id = ? AND d.torrent_id = "
+                   "torrent_trackers.torrent_id)) WHERE tracker_id = ? AND torrent_id IN "
+                   "(SELECT torrent_id FROM torrent_trackers WHERE tracker_id = ?)",
+                   (duplicate, keep, duplicate))
     db.execute("UPDATE OR IGNORE torrent_trackers SET tracker_id = ? WHERE tracker_id = ?",
                (keep, duplicate))
     db.execute("DELETE FROM torrent_trackers WHERE tracker_id = ?", (duplicate,))
-    db.execute("UPDATE tracker_samples SET tracker_id = ? WHERE tracker_id = ?", (keep, duplicate))
-    db.execute("INSERT INTO tracker_latest SELECT torrent_id, ?, measured, seeders, leechers, "
-               "completed FROM tracker_latest WHERE tracker_id = ? "
-               "ON CONFLICT (torrent_id, tracker_id) DO UPDATE SET measured = excluded.measured, "
-               "seeders = excluded.seeders, leechers = excluded.leechers, "
-               "completed = excluded.completed WHERE excluded.measured > tracker_latest.measured",
-               (keep, duplicate))
-    db.execute("DELETE FROM tracker_latest WHERE tracker_id = ?", (duplicate,))
     columns = ("successes", "failures", "consecutive_failures", "last_attempt", "last_success",
                "last_error", "rtt_ms", "hashes_answered", "next_attempt")
     kept, other = (dict(zip(columns, db.execute(
         f"SELECT {', '.join(columns)} FROM trackers WHERE id = ?", (row,)).fetchone()))
         for row in (keep, duplicate))
-    newest = max((kept, other), key=lambda health: health["last_attempt"] or 0)
-    waits = [health["next_attempt"] for health in (kept, other) if health["next_attempt"]]
+    # Its state now is the state of the row asked last (a row never asked tells nothing).
+    tried = [health for health in (kept, other) if health["last_attempt"] is not None]
+    newest = max(tried, key=lambda health: health["last_attempt"]) if tried else kept
     db.execute("DELETE FROM trackers WHERE id = ?", (duplicate,))
     db.execute(
         "UPDATE trackers SET successes = ?, failures = ?, consecutive_failures = ?, "
         "last_attempt = ?, last_success = ?, last_error = ?, rtt_ms = ?, hashes_answered = ?, "
         "next_attempt = ? WHERE id = ?",
         (kept["successes"] + other["successes"], kept["failures"] + other["failures"],
-         min(kept["consecutive_failures"], other["consecutive_failures"]),
-         newest["last_attempt"], max(kept["last_success"] or 0, other["last_success"] or 0)
-         or None, newest["last_error"], newest["rtt_ms"] if newest["rtt_ms"] is not None
+         newest["consecutive_failures"], newest["last_attempt"],
+         max(kept["last_success"] or 0, other["last_success"] or 0) or None,
+         newest["last_error"], newest["rtt_ms"] if newest["rtt_ms"] is not None
          else kept["rtt_ms"], kept["hashes_answered"] + other["hashes_answered"],
-         min(waits) if len(waits) == 2 else None, keep))
+         newest["next_attempt"], keep))
 
 
 def fill_magnets(db: sqlite3.Connection, torrent_id: int | None = None) -> int:
