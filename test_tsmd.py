@@ -652,7 +652,8 @@ def test_http_scrape_url_and_body():
         ("\u0100" + "z" * 19).encode("utf-8"): {b"complete": 2},
         one_high: {b"complete": 3}}})
     reply = tsmd.decode_http_scrape_untrusted(body)
-    assert list(reply.files) == [one_high] and reply.bad_entries == 2
+    # The first of the two in the reply's (sorted) order counts: here the raw key.
+    assert reply.files == {one_high: tsmd.ScrapeCounts(3, 0, 0)} and reply.bad_entries == 2
     for bad, message in ((bencoder.bencode({b"failure reason": b"go away"}), "go away"),
                          (b"le", "not a bencoded dictionary"), (b"de", "no 'files'"),
                          (bencoder.bencode({b"files": {b"short": {}}}), "none of its 1"),
@@ -2300,7 +2301,9 @@ class FakeUdpTracker:
     def __init__(self, counts: dict[bytes, tuple[int, int, int]], *, truncate_at: int | None = None,
                  drop_every: int = 0, wrong_tid_every: int = 0, wrong_source_every: int = 0,
                  connection_uses: int | None = None, scrape_error: str | None = None,
-                 silent: bool = False, garbage_every: int = 0, delay: float = 0.0) -> None:
+                 silent: bool = False, garbage_every: int = 0, delay: float = 0.0,
+                 host: str = "127.0.0.1", port: int = 0,
+                 silent_after_scrapes: int | None = None) -> None:
         self.counts = counts  # infohash -> (seeders, leechers, completed)
         self.truncate_at = truncate_at
         self.drop_every = drop_every
@@ -2309,13 +2312,15 @@ class FakeUdpTracker:
         self.connection_uses = connection_uses
         self.scrape_error = scrape_error
         self.silent = silent
+        self.silent_after_scrapes = silent_after_scrapes  # then it never answers again
+        self.host = host
         self.garbage_every = garbage_every
         self.delay = delay
         self.connections: dict[int, int] = {}  # connection id -> scrapes left
         self.packets = 0
         self.scrapes = 0
         self.hashes_asked = 0
-        self.port = 0
+        self.port = port
 
     @property
     def url(self) -> str:
@@ -2324,8 +2329,8 @@ class FakeUdpTracker:
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock, \
                 trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as other:
-            await sock.bind(("127.0.0.1", 0))
-            await other.bind(("127.0.0.1", 0))
+            await sock.bind((self.host, self.port))
+            await other.bind((self.host, 0))
             self.port = sock.getsockname()[1]
             task_status.started(self.port)
             async with trio.open_nursery() as nursery:
@@ -2333,7 +2338,8 @@ class FakeUdpTracker:
                     data, address = await sock.recvfrom(2048)
                     self.packets += 1
                     reply = self.answer(data)
-                    if reply is None or self.silent:
+                    if reply is None or self.silent or self.silent_after_scrapes is not None \
+                            and self.scrapes > self.silent_after_scrapes:
                         continue
                     if self.drop_every and self.packets % self.drop_every == 0:
                         continue
@@ -2472,6 +2478,35 @@ def test_a_udp_tracker_silent_on_one_address_is_asked_on_the_next(tmp_path, monk
     health = {row.url: row for row in tsmd.load_tracker_health(db)}
     assert "from each of its 2 addresses (127.0.0.2, 127.0.0.3)" in health[
         f"udp://gone.test:{live.port}"].last_error
+
+
+def test_a_udp_tracker_address_that_goes_quiet_mid_run_gives_way_to_the_next(tmp_path,
+                                                                            monkeypatch):
+    hashes = [hashlib.sha1(f"torrent {n}".encode()).digest() for n in range(300)]
+    first = FakeUdpTracker(known_counts(hashes, 5), host="127.0.0.2", silent_after_scrapes=2)
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return ["127.0.0.2", "127.0.0.1"] if host == "two.test" else await real(host, port)
+
+    real = tsmd.resolve_addresses
+    monkeypatch.setattr(tsmd, "resolve_addresses", resolve)
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first.serve)
+            second = FakeUdpTracker(known_counts(hashes, 5), port=first.port)
+            await nursery.start(second.serve)  # the same port on the name's other address
+            db, _ = torrent_db(tmp_path, 300, [f"udp://two.test:{first.port}"])
+            settings = scrape_settings(tmp_path, window=2)
+            counts = await tsmd.run_scrape(db, settings, settings.collections,
+                                           tsmd.Reporter(-1))
+            nursery.cancel_scope.cancel()
+        return db, counts, second
+
+    db, counts, second = run(scenario, timeout=60)
+    assert first.scrapes >= 3 and second.scrapes >= 2  # both asked, the run went on
+    assert (counts.trackers_ok, counts.hashes_answered) == (1, 300)
+    assert numbers(db) == {h.hex(): c for h, c in known_counts(hashes, 5).items()}
 
 
 def test_scrape_udp_truncation_drops_wrong_replies_and_failover(tmp_path):
@@ -2788,7 +2823,8 @@ class WebTorrentTracker:
 
     def __init__(self) -> None:
         node = shutil.which("node")
-        if node is None or not (HERE / ".ci" / "node_modules" / "bittorrent-tracker").is_dir():
+        # npm ci writes this last: an install cut short leaves no half a tracker to start.
+        if node is None or not (HERE / ".ci" / "node_modules" / ".package-lock.json").is_file():
             cannot_test("webtorrent's bittorrent-tracker is missing: .ci/install-test-npm installs "
                         "it, after .ci/install-test-deps installs Node.js and npm (the README's "
                         "test command runs both)")

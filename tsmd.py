@@ -3869,6 +3869,9 @@ class _HashQueue:
                 self.batch = max(1, min(self.batch, size))
 
 
+MAX_TRACKER_ADDRESSES: Final = 4  # addresses of one tracker tried in a run: each costs a timeout
+
+
 async def _resolve_tracker(host: str, port: int, endpoint: UdpEndpoint | None,
                            allow_private: bool) -> list[str]:
     """Every address of a UDP tracker that may be asked, IPv4 first (more trackers answer
@@ -3886,7 +3889,7 @@ async def _resolve_tracker(host: str, port: int, endpoint: UdpEndpoint | None,
     if not usable:
         raise TrackerDead(f"{host} resolves to no usable address ({', '.join(addresses[:3])}"
                           f"{'' if allow_private else '; private addresses need allow_private'})")
-    return sorted(usable, key=lambda a: ":" in a)
+    return sorted(usable, key=lambda a: ":" in a)[:MAX_TRACKER_ADDRESSES]
 
 
 class UdpTrackerClient:
@@ -3908,18 +3911,19 @@ class UdpTrackerClient:
         self._connect_lock = trio.Lock()
         self._dead: str | None = None  # once a connect fails, every worker gives up at once
 
-    async def _exchange(self, build: Any) -> UdpTrackerReply:
-        """One request with retransmits; `build(tid)` makes the packet."""
+    async def _exchange(self, build: Any, address: str) -> UdpTrackerReply:
+        """One request to `address` with retransmits; `build(tid)` makes the packet. (The
+        address is fixed for all of them: a connection id belongs to one address.)"""
         for attempt in range(self.options.attempts):
             if attempt:
                 self.tally.retries += 1
             transaction_id = int.from_bytes(os.urandom(4), "big")
-            if self.endpoint.is_pending(transaction_id, self.address, self.port):
+            if self.endpoint.is_pending(transaction_id, address, self.port):
                 continue
             self.tally.requests += 1
             started = trio.current_time()
             try:
-                data = await self.endpoint.request(build(transaction_id), self.address,
+                data = await self.endpoint.request(build(transaction_id), address,
                                                    self.port, transaction_id, self.options.timeout)
             except NotSent:
                 continue
@@ -3935,7 +3939,8 @@ class UdpTrackerClient:
         raise TrackerSilent(f"no reply after {self.options.attempts} attempts "
                             f"({self.options.timeout:g} s each)")
 
-    async def _connection(self) -> int:
+    async def _connection(self) -> tuple[int, str]:
+        """A live connection id, and the address it belongs to."""
         async with self._connect_lock:
             if self._dead is not None:
                 raise TrackerDead(self._dead)
@@ -3953,7 +3958,7 @@ class UdpTrackerClient:
                     raise
                 self._connection_id = reply.connection_id
                 self._connected_at = trio.current_time()
-            return self._connection_id
+            return self._connection_id, self.address
 
     async def _connect_any_address(self) -> UdpTrackerReply:
         """BEP 15 connect to the current address, else to each next one that the name has
@@ -3961,31 +3966,50 @@ class UdpTrackerClient:
         tried = []
         while True:
             try:
-                return await self._exchange(encode_udp_connect)
+                return await self._exchange(encode_udp_connect, self.address)
             except TrackerSilent as exc:
                 tried.append(self.address)
-                later = self.addresses[self.addresses.index(self.address) + 1:] \
-                    if self.address in self.addresses else []
-                if not later:
+                if not self._next_address():
                     if len(tried) > 1:
                         raise TrackerSilent(f"{exc}, from each of its {len(tried)} addresses "
-                                            f"({', '.join(tried[:4])})") from None
+                                            f"({', '.join(tried)})") from None
                     raise
-                self.address = later[0]
+
+    def _next_address(self) -> bool:
+        """Move on to the tracker's next address, if it has one; its connection id is void."""
+        index = self.addresses.index(self.address) if self.address in self.addresses else -1
+        if index + 1 >= len(self.addresses):
+            return False
+        self.address = self.addresses[index + 1]
+        self._connection_id = None
+        return True
+
+    async def _fail_over(self, silent: str) -> bool:
+        """After a scrape to `silent` went unanswered: whether another address is to be asked
+        (once for all the workers that met the same silence)."""
+        async with self._connect_lock:
+            return self.address != silent or self._next_address()
 
     async def scrape(self, queue: _HashQueue, deliver: Any) -> None:
         """Work through `queue`, handing (hash, counts) pairs to `deliver` batch by batch."""
         connection_errors = 0
         while batch := queue.take():
-            connection_id = await self._connection()
-            reply = await self._exchange(
-                lambda tid: encode_udp_scrape(connection_id, tid, batch))
+            connection_id, address = await self._connection()
+            try:
+                reply = await self._exchange(
+                    lambda tid: encode_udp_scrape(connection_id, tid, batch), address)
+            except TrackerSilent:  # the address went quiet in the middle of the run
+                queue.give_back(batch, queue.batch, shrink=False)
+                if await self._fail_over(address):
+                    continue
+                raise
             if reply.action == TrackerAction.ERROR:
                 queue.give_back(batch, queue.batch, shrink=False)
                 # An expired or unknown connection id: connect again, a bounded number of times.
                 if connection_errors < self.options.attempts and "connect" in (reply.error or "").lower():
                     connection_errors += 1
-                    self._connection_id = None
+                    if self._connection_id == connection_id:  # not one got meanwhile
+                        self._connection_id = None
                     continue
                 raise TrackerDead(f"tracker error: {reply.error}")
             if reply.action != TrackerAction.SCRAPE:
@@ -4796,13 +4820,12 @@ def _merge_tracker(db: sqlite3.Connection, keep: int, duplicate: int) -> None:
     """Links and health of `duplicate` into `keep` (samples and newest numbers are moved for
     all duplicates at once, by merge_duplicate_trackers: those tables have no index by
     tracker)."""
-    # A torrent linked to both keeps the better place of the two (its tier, its position).
-    for column in ("tier", "position"):
-        db.execute(f"UPDATE torrent_trackers SET {column} = min({column}, (SELECT d.{column} "
-                   "FROM torrent_trackers d WHERE d.tracker_id = ? AND d.torrent_id = "
-                   "torrent_trackers.torrent_id)) WHERE tracker_id = ? AND torrent_id IN "
-                   "(SELECT torrent_id FROM torrent_trackers WHERE tracker_id = ?)",
-                   (duplicate, keep, duplicate))
+    # A torrent linked to both keeps the better place of the two (tier, then position).
+    db.execute("UPDATE torrent_trackers SET (tier, position) = (SELECT d.tier, d.position "
+               "FROM torrent_trackers d WHERE d.torrent_id = torrent_trackers.torrent_id AND "
+               "d.tracker_id IN (?, ?) ORDER BY d.tier, d.position LIMIT 1) WHERE tracker_id = ? "
+               "AND torrent_id IN (SELECT torrent_id FROM torrent_trackers WHERE tracker_id = ?)",
+               (keep, duplicate, keep, duplicate))
     db.execute("UPDATE OR IGNORE torrent_trackers SET tracker_id = ? WHERE tracker_id = ?",
                (keep, duplicate))
     db.execute("DELETE FROM torrent_trackers WHERE tracker_id = ?", (duplicate,))
