@@ -55,7 +55,7 @@ import sys
 import time
 from stat import S_ISREG
 import urllib.parse
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -534,10 +534,11 @@ def _list_ends_at(data: bytes, pos: int) -> bool:
     return data[pos] == 0x65  # e
 
 
-def _dict_fields_at(data: bytes, pos: int, wanted: frozenset[bytes]
-                    ) -> tuple[dict[bytes, Any] | None, int]:
+def _dict_fields_at(data: bytes, pos: int, wanted: frozenset[bytes],
+                    spans: frozenset[bytes] = frozenset()) -> tuple[dict[bytes, Any] | None, int]:
     """Of the dictionary at `pos`: the `wanted` keys whose values are small, and where it ends.
-    None for a value that is not a dictionary."""
+    None for a value that is not a dictionary. A small dictionary comes decoded whole; in a
+    large one, each key of `spans` comes as its value's bencoded bytes (a memoryview)."""
     value, end = _decode_if_small_at(data, pos)
     if value is not None or data[pos] != 0x64:  # d
         return (value if isinstance(value, dict) else None), end
@@ -547,7 +548,10 @@ def _dict_fields_at(data: bytes, pos: int, wanted: frozenset[bytes]
         key, pos = _dict_key_at(data, pos)
         if key is None:
             return fields, pos
-        if key in wanted:
+        if key in spans:
+            start, pos = pos, _skip_value_at(data, pos)
+            fields[key] = memoryview(data)[start:pos]
+        elif key in wanted:
             fields[key], pos = _decode_if_small_at(data, pos)
         else:
             pos = _skip_value_at(data, pos)
@@ -591,28 +595,7 @@ def _is_pad_file(attributes: dict[bytes, Any] | None) -> bool:
     return isinstance(attr, bytes) and b"p" in attr
 
 
-def _v1_file_at(data: bytes, pos: int) -> tuple[dict[bytes, Any] | None, Any, int]:
-    """A `files` entry: its small `length` and `attr`; its `path`, decoded if the entry is small,
-    else as its bencoded bytes (a memoryview); and where it ends."""
-    value, end = _decode_if_small_at(data, pos)
-    if value is not None or data[pos] != 0x64:  # d
-        if not isinstance(value, dict):
-            return None, None, end
-        return value, value.get(b"path"), end
-    fields: dict[bytes, Any] = {}
-    path_span: Any = None
-    pos += 1
-    while True:
-        key, pos = _dict_key_at(data, pos)
-        if key is None:
-            return fields, path_span, pos
-        if key == b"path":
-            start, pos = pos, _skip_value_at(data, pos)
-            path_span = memoryview(data)[start:pos]
-        elif key in _FILE_KEYS:
-            fields[key], pos = _decode_if_small_at(data, pos)
-        else:
-            pos = _skip_value_at(data, pos)
+_PATH_SPAN: Final = frozenset({b"path"})
 
 
 def _path_bytes(path: Any) -> bytes:
@@ -633,7 +616,9 @@ def _v1_files_at(data: bytes, pos: int, digest: Any = None) -> tuple[_FileTotals
     pos += 1
     listed = 0
     while not _list_ends_at(data, pos):
-        entry, path, pos = _v1_file_at(data, pos)
+        # Its `path` decoded if the entry is small, else as its bencoded bytes.
+        entry, pos = _dict_fields_at(data, pos, _FILE_KEYS, _PATH_SPAN)
+        path = entry.get(b"path") if entry is not None else None
         listed += 1
         length = _file_length(entry, "a 'files' entry")
         if not _is_pad_file(entry):
@@ -1067,15 +1052,19 @@ def stored_magnet(infohash: str, name: str | None, trackers: Sequence[str]) -> s
 
 # An <a> tag with an href, in one pass: the tag is bounded in length, so a hostile page of
 # unclosed tags costs linear time (html.parser is quadratic on those, and can assert).
-_ANCHOR_HREF = re.compile(
-    r"""<a\s[^<>]{0,2000}?\bhref\s*=\s*(?:"([^"<>]{0,8000})"|'([^'<>]{0,8000})'|([^\s"'<>]{1,8000}))""",
-    re.IGNORECASE)
+_HREF_ATTRIBUTE: Final = (r"""\bhref\s*=\s*(?:"([^"<>]{0,8000})"|'([^'<>]{0,8000})'"""
+                          r"""|([^\s"'<>]{1,8000}))""")
+_ANCHOR_HREF = re.compile(r"<a\s[^<>]{0,2000}?" + _HREF_ATTRIBUTE, re.IGNORECASE)
 _LOOKS_LIKE_HTML = re.compile(r"(?is)\s*(<!doctype|<html|<head|<body|<a\s)")
 
 
+def _href_value(match: re.Match[str]) -> str:
+    """The link of an href matched by _HREF_ATTRIBUTE (quoted either way, or not)."""
+    return html.unescape(next(group for group in match.groups() if group is not None)).strip()
+
+
 def html_hrefs(text: str) -> list[str]:
-    return [html.unescape(next(group for group in match.groups() if group is not None)).strip()
-            for match in _ANCHOR_HREF.finditer(text)]
+    return [_href_value(match) for match in _ANCHOR_HREF.finditer(text)]
 
 
 def _url_file_name(url: str) -> str | None:
@@ -1476,9 +1465,7 @@ def _csv_rows(text: str, delimiter: str) -> Iterator[dict[str, str] | str]:
 
 _REL_NEXT_TAG: Final = re.compile(
     r"""<(?:a|link)\s[^<>]{0,2000}?\brel\s*=\s*["']?next\b[^<>]{0,8000}>""", re.IGNORECASE)
-_HREF: Final = re.compile(
-    r"""\bhref\s*=\s*(?:"([^"<>]{0,8000})"|'([^'<>]{0,8000})'|([^\s"'<>]{1,8000}))""",
-    re.IGNORECASE)
+_HREF: Final = re.compile(_HREF_ATTRIBUTE, re.IGNORECASE)
 _LINK_HEADER_NEXT: Final = re.compile(r"""<([^<>]{1,8000})>\s*;[^,<]{0,200}?\brel\s*=\s*"?next\b""",
                                       re.IGNORECASE)
 
@@ -1490,9 +1477,7 @@ def next_page_link(html_text: str = "", link_header: str = "") -> str | None:
         return match.group(1).strip()
     tag = _REL_NEXT_TAG.search(html_text)
     href = _HREF.search(tag.group(0)) if tag else None
-    if href:
-        return html.unescape(next(group for group in href.groups() if group is not None)).strip()
-    return None
+    return _href_value(href) if href else None
 
 
 def parse_index_untrusted(
@@ -6147,7 +6132,7 @@ def _find_moves(entries: list[IndexEntry], memberships: dict[str, Membership],
         if membership.file_name and membership.torrent_id is not None:
             by_name[membership.file_name] = None if membership.file_name in by_name \
                 else membership
-    repeated = {name for name, count in _counts(
+    repeated = {name for name, count in Counter(
         entry.file_name for entry in entries if entry.file_name).items() if count > 1}
     moves: dict[str, Membership] = {}
     for entry in entries:
@@ -6162,13 +6147,6 @@ def _find_moves(entries: list[IndexEntry], memberships: dict[str, Membership],
             moves[entry.source] = old
             del gone[old.source]
     return moves
-
-
-def _counts(items: Iterable[str]) -> dict[str, int]:
-    counted: dict[str, int] = {}
-    for item in items:
-        counted[item] = counted.get(item, 0) + 1
-    return counted
 
 
 def _entry_from_stored_source(source: str) -> IndexEntry:
