@@ -1972,6 +1972,14 @@ def test_hostile_listings_found_by_review_are_one_error_each():
                                                                       ("b" * 40, 6)]
     assert len(page.notes) == 2 and all("item's link" in note for note in page.notes)
     assert page.unreadable == 1 and "name different torrents" in page.problems[0]
+    # A field holds the wrong kind of thing: a URL as the infohash, an infohash as the magnet.
+    # It is no fact: the URL must never become a torrent's infohash.
+    page = tsmd.parse_index_untrusted(json.dumps([
+        {"url": "/a.torrent", "btih": "http://x.example/b.torrent", "data_size": 5},
+        {"btih": "http://x.example/c.torrent"}, {"magnet": "e" * 40}]).encode(), BASE)
+    assert [(e.source, e.facts.infohash) for e in page.entries] == [
+        ("http://archive.example/a.torrent", None)]
+    assert page.unreadable == 2 and len(page.notes) == 1 and "not an infohash" in page.notes[0]
     # A link with an unbalanced "[" (urllib raises ValueError) in every format: one error.
     bad = "http://[::1/a.torrent"
     for body in (bad, json.dumps([bad]), json.dumps([{"url": bad}]), f"url,name\n{bad},x\n",

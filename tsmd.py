@@ -1214,6 +1214,10 @@ def _entry_from_fields(raw: dict[Any, Any], base_url: str, options: ListingOptio
             continue
         try:
             readable[role] = _entry_from_text(text, base_url)
+            if role != "link" and readable[role].kind.value != role:  # a URL as "btih"
+                del readable[role]
+                what = "an infohash" if role == "infohash" else "a magnet link"
+                raise ProtocolError(f"not {what}: {text[:80]!r}")
         except ProtocolError as exc:
             problems.append(f"item's {role}: {exc}")
     entry = next(iter(readable.values()), None)
