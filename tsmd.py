@@ -1110,8 +1110,8 @@ def _entry_from_text(text: str, base_url: str) -> IndexEntry:
     in a CSV cell, must never be fetched as a URL."""
     text = storable_text(text.strip())
     if text[:8].lower() == "magnet:?":
-        meta = decode_magnet_untrusted(text)
-        return IndexEntry(EntryKind.MAGNET, text, meta.name)
+        meta = decode_magnet_untrusted(text)  # its infohash kept: read once, used thrice
+        return IndexEntry(EntryKind.MAGNET, text, meta.name, ListingFacts(meta.infohash))
     if _HEX40.fullmatch(text) or _BASE32_32.fullmatch(text):
         return IndexEntry(EntryKind.INFOHASH, parse_infohash_untrusted(text), None)
     if not (_URL_WITH_SCHEME.match(text) or _is_torrent_url(text)) \
@@ -1224,7 +1224,7 @@ def _entry_from_fields(raw: dict[Any, Any], base_url: str, options: ListingOptio
     if entry is None:
         raise ProtocolError("; ".join(problems) or "item has no .torrent link, magnet link or "
                             "infohash")
-    named = {decode_magnet_untrusted(readable[role].source).infohash if role == "magnet"
+    named = {readable[role].facts.infohash if role == "magnet"  # type: ignore[union-attr]
              else readable[role].source for role in ("infohash", "magnet") if role in readable}
     if len(named) > 1:
         raise ProtocolError(f"item's infohash and magnet name different torrents: "
@@ -6108,17 +6108,11 @@ class _CollectionSync:
 
 
 def _listed_infohash(entry: IndexEntry) -> str | None:
-    """The infohash the listing itself gives an entry (its facts, its magnet, itself)."""
+    """The infohash the listing itself gives an entry: its facts (a magnet's own, as read), or
+    the entry itself."""
     if entry.facts is not None and entry.facts.infohash is not None:
         return entry.facts.infohash
-    if entry.kind is EntryKind.INFOHASH:
-        return entry.source
-    if entry.kind is EntryKind.MAGNET:
-        try:
-            return decode_magnet_untrusted(entry.source).infohash
-        except ProtocolError:
-            return None
-    return None
+    return entry.source if entry.kind is EntryKind.INFOHASH else None
 
 
 def _find_moves(entries: list[IndexEntry], memberships: dict[str, Membership],
