@@ -2460,9 +2460,10 @@ def test_config_example_mirrors_every_setting_and_default():
     assert example.scrape == tsmd.ScrapeSettings()
     assert example.dht == tsmd.DhtSettings()
     assert example.retention == tsmd.RetentionSettings()
-    assert [(o.format, Path(o.path).relative_to(HERE).as_posix()) for o in example.report.outputs
-            ] == [("json", "public/torrents.json"), ("html", "public/index.html"),
-                  ("prometheus", "metrics/tsmd.prom")]
+    assert [(o.format, Path(o.path).relative_to(HERE).as_posix(), o.pick)
+            for o in example.report.outputs] == [
+        ("json", "public/torrents.json", 0), ("html", "public/index.html", 0),
+        ("prometheus", "metrics/tsmd.prom", 0), ("rss", "public/seed-2TB.xml", 2 * 10**12)]
     text = (HERE / "config.example.toml").read_text()
     for cls in (tsmd.NetworkSettings, tsmd.SyncSettings, tsmd.ScrapeSettings, tsmd.DhtSettings,
                 tsmd.ReportSettings, tsmd.ReportOutput, tsmd.RetentionSettings,
@@ -6672,6 +6673,73 @@ def test_cli_pick_formats(tmp_path):
     assert done.returncode == tsmd.ExitCode.USAGE and "--budget" in done.stderr
     done = cli("--config", str(config), "pick", "--budget", "10B")
     assert done.returncode == tsmd.ExitCode.PARTIAL and "nothing picked" in done.stderr
+
+
+def test_rss_feed_is_the_pick_a_client_can_subscribe_to():
+    import xml.etree.ElementTree as ElementTree
+
+    rows = tsmd.select_report_rows(pick_rows(400), "need", None, None)
+    hostile = dataclasses.replace(rows[0], name="a\x00b\x1b]]><item>\ud800 2",
+                                  collection="c & <d>", link="http://x/?a=1&b=<2>")
+    rows = [hostile, *rows[1:]]
+    picked = tsmd.picked_rows(rows, 50_000)
+    # The published pick has no spread: the same list every run, and the plan's own order.
+    assert picked == tsmd.picked_rows(list(reversed(rows)), 50_000) == \
+        tsmd.pick_torrents(rows, 50_000)
+    assert picked[0] is hostile and all(plan_place(r) < 2 for r in picked)
+    text = "".join(tsmd.rss_chunks(picked, 50_000, generated=86400 * 20_000, rows_per_chunk=7))
+    channel = ElementTree.fromstring(text.encode()).find("channel")
+    assert "up to 50.0 kB" in channel.findtext("title")
+    assert channel.findtext("lastBuildDate") == "Fri, 04 Oct 2024 00:00:00 GMT"
+    items = channel.findall("item")
+    assert len(items) == len(picked)
+    torrent = "{%s}" % tsmd.TORRENT_NAMESPACE
+    for item, row in zip(items, picked):
+        enclosure = item.find("enclosure")
+        assert enclosure.get("type") == "application/x-bittorrent"
+        assert enclosure.get("url") == item.findtext("link") == row.link
+        assert item.findtext("guid") == item.findtext(torrent + "infoHash") == row.infohash
+        assert item.findtext(torrent + "magnetURI") == row.magnet
+        assert item.findtext(torrent + "contentLength") == str(row.size_bytes)
+    # What XML cannot hold became U+FFFD; the rest is escaped, not parsed.
+    assert items[0].findtext("title") == "a\ufffdb\ufffd]]><item>\ufffd 2"
+    assert items[0].findtext("category") == "c & <d>"
+    empty = ElementTree.fromstring("".join(tsmd.rss_chunks([], 10)).encode())
+    assert empty.find("channel").findall("item") == []
+
+
+def test_cli_report_pick_publishes_the_list_in_every_format(tmp_path):
+    config, hashes = history_config(tmp_path)
+    # history_db: falling (yellow, 1 kB) is the only downloadable torrent that is not green.
+    done = cli("--config", str(config), "report", "-f", "ndjson", "--pick", "1TB")
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["infohash"] for line in done.stdout.splitlines()] == [hashes[0].hex()]
+    feed = tmp_path / "seed.xml"
+    done = cli("--config", str(config), "report", "-f", "rss", "--pick", "1TB", "-o", str(feed))
+    assert done.returncode == 0, done.stderr
+    assert feed.read_text().count("<item>") == 1 and hashes[0].hex() in feed.read_text()
+    done = cli("--config", str(config), "report", "-f", "rss")
+    assert done.returncode == tsmd.ExitCode.USAGE and "--pick SIZE" in done.stderr
+    done = cli("--config", str(config), "report", "-f", "json", "--pick", "plenty")
+    assert done.returncode == tsmd.ExitCode.USAGE and "--pick" in done.stderr
+    # Nothing fits: an empty pick is news, and replaces the feed without --allow-empty.
+    done = cli("--config", str(config), "report", "-f", "rss", "--pick", "10B", "-o", str(feed))
+    assert done.returncode == 0, done.stderr
+    assert "<item>" not in feed.read_text()
+    # [report] outputs: an rss output without a pick is refused when the config is read.
+    bad = write_config(tmp_path, ONE_COLLECTION_CONFIG.replace(
+        "[[collections]]", '[report]\noutputs = [{format = "rss", path = "f.xml"}]\n'
+        "[[collections]]"))
+    done = cli("--config", str(bad), "report", "-f", "csv")
+    assert done.returncode == tsmd.ExitCode.USAGE and "needs a pick" in done.stderr
+    good = write_config(tmp_path, ONE_COLLECTION_CONFIG.replace(
+        "[[collections]]", '[report]\noutputs = [{format = "rss", path = "f.xml", pick = "1TB"},'
+        ' {format = "ndjson", path = "all.ndjson"}]\n[[collections]]'))
+    done = cli("--config", str(good), "run", "--skip", "sync", "--skip", "dht",
+               "--skip", "scrape", "--skip", "prune")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "f.xml").read_text().count("<item>") == 1
+    assert len((tmp_path / "all.ndjson").read_text().splitlines()) == 4
 
 
 def test_check_measures_one_torrent_given_in_any_form(world, tmp_path):

@@ -5621,6 +5621,7 @@ class DhtSettings:
 class ReportOutput:
     format: str  # any report format but table
     path: str  # written atomically; relative to the config file's folder
+    pick: int = 0  # bytes: only what a volunteer with this much disk should seed; 0 is every torrent
 
 
 @dataclass(frozen=True, slots=True)
@@ -5683,7 +5684,7 @@ _DURATION_FIELDS: Final = {"timeout", "connect_timeout", "revalidate_after", "ba
                             "outage_after"}
 _POSITIVE_DURATION_FIELDS: Final = {"timeout", "connect_timeout", "stall_timeout",
                                      "query_timeout", "outage_after"}
-_SIZE_FIELDS: Final = {"max_index_bytes", "max_torrent_bytes"}
+_SIZE_FIELDS: Final = {"max_index_bytes", "max_torrent_bytes", "pick"}
 
 
 def _expected(annotation: str) -> str:
@@ -5881,13 +5882,16 @@ bep33 = true
 
 [report]
 # What `tsmd run` publishes after measuring: each file is written atomically (a web server never
-# serves half of one). Formats: json (the libgen-seedtools feed), html, ndjson, csv, prometheus.
-# The default is none:
+# serves half of one). Formats: json (the libgen-seedtools feed), html, ndjson, csv, prometheus,
+# rss. `pick = "2TB"` publishes only what a volunteer with that much disk should seed, as
+# `tsmd pick` chooses it but the same from run to run; rss, a feed a BitTorrent client
+# subscribes to and downloads whole, needs it. The default is none:
 # outputs = []
 outputs = [
     { format = "json", path = "public/torrents.json" },
     { format = "html", path = "public/index.html" },
     { format = "prometheus", path = "metrics/tsmd.prom" },
+    { format = "rss", path = "public/seed-2TB.xml", pick = "2TB" },
 ]
 
 [retention]
@@ -6071,6 +6075,9 @@ def _report_settings(table: dict, base: Path, where: str) -> ReportSettings:
                               f"{', '.join(REPORT_FILE_FORMATS)}, got {output.format!r}")
         if not output.path.strip():
             raise ConfigError(f"{where}.outputs #{number}.path: expected a file name")
+        if output.format == "rss" and output.pick <= 0:
+            raise ConfigError(f"{where}.outputs #{number}: {RSS_NEEDS_PICK}, e.g. "
+                              '{format = "rss", path = "seed.xml", pick = "2TB"}')
         path = (base / Path(output.path).expanduser()).resolve()
         outputs.append(dataclasses.replace(output, path=str(path)))
     return ReportSettings(tuple(outputs))
@@ -7780,19 +7787,28 @@ _DIGIT = re.compile(r"[0-9]")
 PICK_GROUPS: Final = frozenset({PLAN_RED, PLAN_YELLOW})  # by default; --include-green adds green
 
 
-def pick_torrents(rows: Sequence[ReportRow], budget: int, spread: float,
-                  chooser: random.Random,
+def pick_torrents(rows: Sequence[ReportRow], budget: int, spread: float = 0.0,
+                  chooser: random.Random | None = None,
                   groups: frozenset[int] = PICK_GROUPS) -> list[ReportRow]:
     """What a volunteer with `budget` bytes should seed: downloadable torrents of the plan's
     `groups` (red, then yellow, then green), neediest first within each, greedily, every
-    torrent that still fits. Dead torrents are never picked: nobody can download them. Each
-    need is scaled by a random factor within ±`spread` first, so that volunteers running this
-    at once do not all pick the same torrents; equal weights come in random order for the same
-    reason. Torrents not measured yet, or of unknown size, cannot be weighed and are left out."""
-    weighed = [(group, row.need * chooser.uniform(1 - spread, 1 + spread), chooser.random(),
-                index) for index, row in enumerate(rows)
-               if (group := plan_group(row)) in groups and row.need is not None
-               and row.size_bytes > 0]
+    torrent that still fits. Dead torrents are never picked: nobody can download them.
+    Torrents not measured yet, or of unknown size, cannot be weighed and are left out.
+
+    With a `chooser`, each need is scaled by a random factor within ±`spread` first, and equal
+    weights come in random order, so that volunteers running this at once do not all pick the
+    same torrents. Without one the list is the plan's order itself (`rows` as sorted by need),
+    the same from one run to the next: a published feed must not churn, or every subscriber's
+    client would fetch new torrents each time it is written, and the page computes the same."""
+    if chooser is None:
+        weighed = [(group, 0.0, 0.0, index) for index, row in enumerate(rows)
+                   if (group := plan_group(row)) in groups and row.need is not None
+                   and row.size_bytes > 0]
+    else:
+        weighed = [(group, row.need * chooser.uniform(1 - spread, 1 + spread), chooser.random(),
+                    index) for index, row in enumerate(rows)
+                   if (group := plan_group(row)) in groups and row.need is not None
+                   and row.size_bytes > 0]
     chosen, left = [], budget
     for *_, index in sorted(weighed):
         if rows[index].size_bytes <= left:
@@ -8153,6 +8169,62 @@ def render_ndjson(rows: Sequence[ReportRow]) -> str:
 
 def render_csv(rows: Sequence[ReportRow]) -> str:
     return "".join(csv_chunks(rows))
+
+
+# Characters XML 1.0 cannot hold at all, even escaped: a torrent name holding one would make
+# the whole feed unreadable to every client.
+_NOT_XML: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_text(value: str) -> str:
+    return html.escape(_NOT_XML.sub("\ufffd", value), quote=True)
+
+
+RSS_TTL_MINUTES: Final = 360  # how long a client may keep the feed: tsmd runs daily at most
+# ezRSS's namespace, which BitTorrent clients read for the infohash and the magnet link.
+TORRENT_NAMESPACE: Final = "http://xmlns.ezrss.it/0.1/"
+
+
+def rss_chunks(rows: Sequence[ReportRow], picked_for: int = 0, generated: float | None = None,
+               rows_per_chunk: int = JSON_ROWS_PER_CHUNK) -> Iterator[str]:
+    """An RSS 2.0 feed of `rows` as BEP 36 describes torrent feeds, for a BitTorrent client to
+    subscribe to and seed whatever appears: each item's enclosure is the .torrent link (a
+    magnet when there is none), typed application/x-bittorrent; the guid is the infohash, so a
+    client that has fetched an item once does not fetch it again."""
+    import email.utils
+
+    stamp = email.utils.formatdate(generated or time.time(), usegmt=True)
+    scope = f"up to {_human_size(picked_for)}" if picked_for > 0 else "every torrent"
+    yield ('<?xml version="1.0" encoding="utf-8"?>\n'
+           f'<rss version="2.0" xmlns:torrent="{TORRENT_NAMESPACE}">\n<channel>\n'
+           f"<title>tsmd: torrents to seed ({_xml_text(scope)})</title>\n"
+           "<link>https://www.bittorrent.org/beps/bep_0036.html</link>\n"
+           "<description>Downloadable torrents that need seeders most, red (fewer than 4 "
+           "seeders) before yellow (4 to 10), the most bytes at risk first, "
+           f"{_xml_text(scope)}. Written by tsmd {__version__}.</description>\n"
+           f"<lastBuildDate>{stamp}</lastBuildDate>\n<ttl>{RSS_TTL_MINUTES}</ttl>\n"
+           f"<generator>tsmd {__version__}</generator>\n")
+    for start in range(0, len(rows), rows_per_chunk):
+        items = []
+        for row in rows[start:start + rows_per_chunk]:
+            link = _xml_text(row.link)
+            seeders = f"{row.seeders} seeder{'' if row.seeders == 1 else 's'}" \
+                if row.seeders >= 0 else "seeders not measured"
+            # BEP 36's enclosure length is that of the .torrent file, which tsmd does not keep;
+            # RSS writes 0 for a length it does not know. The content's size is contentLength.
+            items.append(
+                f"<item><title>{_xml_text(row.name)}</title>"
+                f'<guid isPermaLink="false">{row.infohash}</guid><link>{link}</link>'
+                f"<description>{_xml_text(row.collection)}: {_human_size(row.size_bytes)}, "
+                f"{seeders} ({row.band})</description>"
+                f"<category>{_xml_text(row.collection)}</category>"
+                f'<enclosure url="{link}" length="0" type="application/x-bittorrent"/>'
+                f"<torrent:infoHash>{row.infohash}</torrent:infoHash>"
+                f"<torrent:magnetURI>{_xml_text(row.magnet)}</torrent:magnetURI>"
+                + (f"<torrent:contentLength>{row.size_bytes}</torrent:contentLength>"
+                   if row.size_bytes >= 0 else "") + "</item>\n")
+        yield "".join(items)
+    yield "</channel>\n</rss>\n"
 
 
 def _prometheus_label(value: str) -> str:
@@ -8525,30 +8597,44 @@ def load_trends(db: sqlite3.Connection) -> dict[str, str]:
 
 
 REPORT_CHUNKS: Final = {"json": json_chunks, "ndjson": ndjson_chunks, "csv": csv_chunks}
-REPORT_FORMATS: Final = ("table", "html", "prometheus", *REPORT_CHUNKS)
+REPORT_FORMATS: Final = ("table", "html", "prometheus", *REPORT_CHUNKS, "rss")
 REPORT_FILE_FORMATS: Final = REPORT_FORMATS[1:]
+RSS_NEEDS_PICK: Final = ("rss is a feed that a BitTorrent client downloads whole: it needs a pick, "
+                         "the disk space it may fill")
 
 
 def render_report(db: sqlite3.Connection, rows: Sequence[ReportRow], report_format: str,
-                  per_torrent: bool = False, excluded: Iterable[str] = ()) -> Iterable[str]:
+                  per_torrent: bool = False, excluded: Iterable[str] = (),
+                  picked_for: int = 0) -> Iterable[str]:
     """`rows` in any format but the terminal table, as pieces of text to write in order: the
-    big formats are never all in memory at once."""
+    big formats are never all in memory at once. `picked_for` is the budget the rows were
+    picked for, if they were (pick_torrents)."""
     if report_format == "html":
         return (render_html(rows, load_trends(db), notes=stale_measurements(db),
                             unused_trackers=load_unused_trackers(db, excluded)),)
     if report_format == "prometheus":
         return (render_prometheus(rows, per_torrent),)
+    if report_format == "rss":
+        return rss_chunks(rows, picked_for)
     return REPORT_CHUNKS[report_format](rows)
 
 
-def _lists_torrents(path: Path, db: sqlite3.Connection, report_format: str) -> bool:
+def picked_rows(rows: Sequence[ReportRow], budget: int) -> list[ReportRow]:
+    """A published pick: pick_torrents without spread, so the same from run to run, of the
+    rows in the plan's order (sorting rows in that order already costs a pass)."""
+    return pick_torrents(select_report_rows(rows, "need", None, None), budget)
+
+
+def _lists_torrents(path: Path, db: sqlite3.Connection, report_format: str,
+                    picked_for: int = 0) -> bool:
     """Whether the report at `path` lists torrents: it is larger than a report of none in its
     format (give or take a time stamp or a note)."""
     try:
         size = path.stat().st_size
     except OSError:
         return False
-    return size > sum(len(chunk.encode()) for chunk in render_report(db, [], report_format)) + 256
+    return size > sum(len(chunk.encode()) for chunk in
+                      render_report(db, [], report_format, picked_for=picked_for)) + 256
 
 
 def write_atomically(path: Path, text: str | Iterable[str]) -> None:
@@ -8599,15 +8685,17 @@ async def publish_reports(db: sqlite3.Connection, settings: Settings, *, reporte
     for output in settings.report.outputs:
         await trio.lowlevel.checkpoint()  # Ctrl-C and SIGTERM are heard between files
         path = Path(output.path)
-        if not rows and not allow_empty and _lists_torrents(path, db, output.format):
+        chosen = picked_rows(rows, output.pick) if output.pick > 0 else rows
+        if not rows and not allow_empty and _lists_torrents(path, db, output.format, output.pick):
             counts.failed += 1
             reporter.problem(f"report {path} not replaced by one of no torrent (a broken "
                              "listing?); `tsmd run --allow-empty` replaces it")
             continue
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(path, render_report(db, rows, output.format, excluded=excluded))
-            if note := seedtools_note(rows, output.format):
+            write_atomically(path, render_report(db, chosen, output.format, excluded=excluded,
+                                                 picked_for=output.pick))
+            if note := seedtools_note(chosen, output.format):
                 reporter.info(f"report {path}: {note}")
             counts.written += 1
         except OSError as exc:
@@ -9337,7 +9425,8 @@ def report(
     ctx: typer.Context,
     format: Annotated[Optional[str], typer.Option(
         "--format", "-f", metavar="FORMAT", help="table (the default on a terminal), json (the default otherwise, "
-                               "the libgen-seedtools feed), html, ndjson, csv or prometheus.")
+                               "the libgen-seedtools feed), html, ndjson, csv, prometheus or rss "
+                               "(a BEP 36 feed for a BitTorrent client; needs --pick).")
     ] = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Write to this file atomically instead of stdout.",
@@ -9350,6 +9439,10 @@ def report(
     limit: Annotated[Optional[int], typer.Option(min=0, metavar="N", help="At most this many torrents.")] = None,
     max_seeders: Annotated[Optional[int], typer.Option(
         min=0, metavar="N", help="Only torrents measured with at most this many seeders.")] = None,
+    pick_budget: Annotated[Optional[str], typer.Option(
+        "--pick", metavar="SIZE", help="Only what a volunteer with this much disk should seed "
+        "(e.g. 2TB), as `tsmd pick` chooses it but without spread: the same list each run.")
+    ] = None,
     per_torrent: Annotated[bool, typer.Option(
         help="prometheus: also one series per torrent (many series for a big collection).")
     ] = False,
@@ -9370,22 +9463,32 @@ def report(
     if chosen_format == "table" and output is not None:
         raise _fail("--format table is for the terminal; use csv or json for a file",
                     ExitCode.USAGE)
+    budget = 0
+    if pick_budget is not None:
+        try:
+            budget = parse_size(pick_budget)
+        except ValueError as exc:
+            raise _fail(f"--pick: {exc}", ExitCode.USAGE) from None
+    if chosen_format == "rss" and budget <= 0:
+        raise _fail(f"{RSS_NEEDS_PICK}: add --pick SIZE, e.g. --pick 2TB", ExitCode.USAGE)
     db = _open_existing_db(settings)
     try:
-        rows = select_report_rows(_report_rows(db, settings, collection or []), sort, limit,
-                                  max_seeders)
+        rows = listed = _report_rows(db, settings, collection or [])
+        if pick_budget is not None:  # an empty pick is news (nothing needs help), not a breakage
+            rows = picked_rows(select_report_rows(rows, "need", None, max_seeders), budget)
+        rows = select_report_rows(rows, sort, limit, max_seeders)
         if chosen_format == "table":
             render_table(rows, rich_console.Console(highlight=False))
             return
         chunks = render_report(db, rows, chosen_format, per_torrent,
-                               _normalised(settings.scrape.exclude))
+                               _normalised(settings.scrape.exclude), budget)
         if note := seedtools_note(rows, chosen_format):
             reporter.info(note)
         if output is None:
             sys.stdout.writelines(chunks)
             sys.stdout.flush()
             return
-        if not rows and not allow_empty and _lists_torrents(output, db, chosen_format):
+        if not listed and not allow_empty and _lists_torrents(output, db, chosen_format, budget):
             raise _fail(f"{output} not replaced by a report of no torrent (a broken listing?); "
                         "--allow-empty replaces it anyway", ExitCode.PARTIAL)
         try:
