@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import hashlib
+import html
 import math
 import multiprocessing
 import os
@@ -48,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Final
 
@@ -1248,10 +1250,11 @@ def bench_dht_libtorrent(nodes: int, count: int, rtt: tuple[float, float] | None
         network.stop()
 
 
-def make_history_db(path: Path, torrents: int, days: int) -> None:
+def make_history_db(path: Path, torrents: int, days: int, dead_every: int = 0) -> None:
     """A database as a month of daily cron leaves it: `torrents` torrents in two collections with
     three trackers each, a scrape run and a DHT run per day for `days` days, one or two tracker
-    samples per torrent and run, written by the same SQL triggers and fold the stages use."""
+    samples per torrent and run, written by the same SQL triggers and fold the stages use.
+    With `dead_every`, every such torrent has had no seeder on any tracker nor in the DHT."""
     import random
 
     import tsmd
@@ -1277,6 +1280,7 @@ def make_history_db(path: Path, torrents: int, days: int) -> None:
     db.executemany("INSERT INTO torrent_trackers VALUES (?, ?, 0, ?)",
                    ((n, tracker, tracker - 1) for n in range(1, torrents + 1) for tracker in (1, 2, 3)))
     base = {n: chooser.randint(0, 40) for n in range(1, torrents + 1)}
+    dead = {n for n in base if dead_every and n % dead_every == 0}
     for day in range(days):
         started = now - (days - 1 - day) * 86400
         scrape_run = db.execute("INSERT INTO runs (stage, started, finished, outcome) VALUES "
@@ -1284,14 +1288,16 @@ def make_history_db(path: Path, torrents: int, days: int) -> None:
         dht_run = db.execute("INSERT INTO runs (stage, started, finished, outcome) VALUES "
                              "('dht', ?, ?, 'ok')", (started, started + 600)).lastrowid
         db.executemany(INSERT_SAMPLES + "(?, 1, ?, ?, ?, ?, ?)",
-                       ((n, scrape_run, started + 30, max(0, seeders + chooser.randint(-3, 3)),
-                         chooser.randint(0, 9), 1000 + day) for n, seeders in base.items()))
+                       ((n, scrape_run, started + 30, 0 if n in dead else
+                         max(0, seeders + chooser.randint(-3, 3)), chooser.randint(0, 9),
+                         1000 + day) for n, seeders in base.items()))
         # A second tracker knows every other torrent, and fewer of its seeders.
         db.executemany(INSERT_SAMPLES + "(?, 2, ?, ?, ?, ?, ?)",
-                       ((n, scrape_run, started + 40, seeders // 2, chooser.randint(0, 9), 900 + day)
-                        for n, seeders in base.items() if n % 2))
+                       ((n, scrape_run, started + 40, 0 if n in dead else seeders // 2,
+                         chooser.randint(0, 9), 900 + day) for n, seeders in base.items() if n % 2))
         db.executemany("INSERT INTO dht_samples VALUES (?, ?, ?, ?, NULL, NULL, 8)",
-                       ((n, dht_run, started + 300, seeders // 2) for n, seeders in base.items()))
+                       ((n, dht_run, started + 300, 0 if n in dead else seeders // 2)
+                        for n, seeders in base.items()))
     db.commit()
     db.close()
     db = tsmd.open_database(path)
@@ -1319,10 +1325,13 @@ def bench_report(torrents: int, days: int, keep: Path | None) -> None:
         print(f"database: {torrents} torrents, {days} days of history ({samples[0]} tracker "
               f"and {samples[1]} DHT samples), {database.stat().st_size / 2**20:.0f} MiB, {made}")
         config = scrape_config(root, database)
-        for fmt in ("json", "html", "csv", "prometheus"):
+        for fmt, *options in (("json",), ("html",), ("csv",), ("ndjson",), ("prometheus",),
+                              ("rss", "--pick", "2TB"), ("json", "--pick", "2TB")):
             output = root / f"report.{fmt}"
-            wall, peak, _ = run_tsmd(config, "report", "--format", fmt, "--output", str(output))
-            print(f"report --format {fmt:10}: {wall:5.2f} s, peak RSS {peak / 1024:4.0f} MiB, "
+            wall, peak, _ = run_tsmd(config, "report", "--format", fmt, *options,
+                                     "--output", str(output))
+            label = " ".join([fmt, *options])
+            print(f"report --format {label:20}: {wall:5.2f} s, peak RSS {peak / 1024:4.0f} MiB, "
                   f"{output.stat().st_size / 2**20:5.1f} MiB written")
         page = root / "report.html"
         # A copy of the page that logs, from the browser's own clock, when its data was read,
@@ -1353,6 +1362,141 @@ def bench_report(torrents: int, days: int, keep: Path | None) -> None:
             inside = ", ".join(f"{name} at {float(ms) / 1000:.2f} s" for name, ms in marks.items())
             print(f"headless Chromium, {label:26}: {wall:5.2f} s from start to DOM dump, "
                   f"{rows} rows drawn" + (f"; since navigation: {inside}" if inside else ""))
+
+
+def page_charts(text: str) -> dict[tuple[str, int, str], int]:
+    """(collection, day, band) -> bytes, as the page's charts draw them."""
+    drawn = {}
+    for figure in re.findall(r"<figure>.*?</figure>", text):
+        collection = html.unescape(re.search(r'aria-label="(.*?): bytes per seeder band', figure)
+                                   .group(1))
+        for day, band, size in re.findall(
+                r'data-day="(\d+)" data-band="(\w+)" data-bytes="(\d+)"', figure):
+            drawn[(collection, int(day), band)] = int(size)
+    return drawn
+
+
+def history_charts(database: Path, today: int) -> dict[tuple[str, int, str], int]:
+    """What the charts should hold, from the samples themselves: per collection and UTC day of
+    the last month, the bytes of its torrents by their seeders at that day's last scrape run
+    (the largest count of a trusted tracker), and the rest of its bytes as not measured."""
+    import tsmd
+
+    db = sqlite3.connect(database)
+    collection_of = dict(db.execute(
+        "SELECT m.torrent_id, c.name FROM memberships m JOIN collections c "
+        "ON c.id = m.collection_id WHERE m.removed IS NULL"))
+    size_of = dict(db.execute("SELECT id, max(size_bytes, 0) FROM torrents"))
+    totals: dict[str, int] = {}
+    for torrent, collection in collection_of.items():
+        totals[collection] = totals.get(collection, 0) + size_of[torrent]
+    last_run = {}  # (torrent, day) -> (measured, seeders) of the day's last run
+    for torrent, measured, seeders in db.execute(
+            "SELECT torrent_id, max(measured), max(seeders) FROM tracker_samples WHERE trusted "
+            "GROUP BY torrent_id, run_id"):
+        key = (torrent, measured // 86400)
+        if key not in last_run or last_run[key][0] < measured:
+            last_run[key] = (measured, seeders)
+    db.close()
+    expected: dict[tuple[str, int, str], int] = {}
+    for (torrent, day), (_, seeders) in last_run.items():
+        if today - tsmd.CHART_DAYS < day <= today and size_of[torrent] > 0:
+            key = (collection_of[torrent], day, tsmd.seeder_band_value(seeders))
+            expected[key] = expected.get(key, 0) + size_of[torrent]
+    for collection, day in {(c, d) for c, d, _ in expected}:
+        measured = sum(expected.get((collection, day, band), 0) for band in tsmd.CHART_BANDS)
+        if totals[collection] > measured:
+            expected[(collection, day, "grey")] = totals[collection] - measured
+    return expected
+
+
+def bench_plan(torrents: int, days: int, dead_every: int, budget: str) -> None:
+    """Issue 17's figures: a database where a quarter of the torrents are dead, and what pick,
+    the seedtools feed and the page make of it, the page checked in headless Chromium at 1400
+    and 400 pixels by the tests' own probe."""
+    import tsmd
+    from test_tsmd import PAGE_PROBE, chromium, framed, seedtools_models
+
+    with tempfile.TemporaryDirectory(prefix="tsmd-bench-") as tmp:
+        root = Path(tmp)
+        database = root / "plan.sqlite3"
+        started = time.perf_counter()
+        make_history_db(database, torrents, days, dead_every)
+        print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python "
+              f"{platform.python_version()}")
+        db = tsmd.open_database(database)
+        rows = tsmd.select_report_rows(tsmd.load_report_rows(db), "need", None, None)
+        db.close()
+        by_name = {row.name: row for row in rows}
+        groups = Counter(tsmd.plan_group(row) for row in rows)
+        print(f"database: {torrents:,} torrents, {days} days of history, made in "
+              f"{time.perf_counter() - started:.0f} s; plan: {groups[tsmd.PLAN_RED]:,} red, "
+              f"{groups[tsmd.PLAN_YELLOW]:,} yellow, {groups[tsmd.PLAN_GREEN]:,} green, "
+              f"{groups[tsmd.PLAN_DEAD]:,} dead ({groups[tsmd.PLAN_DEAD] / len(rows):.0%}), "
+              f"{groups[tsmd.PLAN_UNMEASURED]:,} not measured")
+        config = scrape_config(root, database)
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, str(HERE), "--config",
+                               str(config), "pick", "--budget", budget, "--format", "json"],
+                              env=USER_ENV, capture_output=True, text=True, check=True,
+                              stdin=subprocess.DEVNULL, timeout=600)
+        wall = time.perf_counter() - started
+        picked = json.loads(done.stdout)
+        dead_picked = sum(tsmd.plan_group(by_name[item["name"]]) == tsmd.PLAN_DEAD
+                          for item in picked)
+        print(f"pick --budget {budget}: {len(picked):,} torrents in {wall:.2f} s, "
+              f"{dead_picked} dead, bands {dict(Counter(item['band'] for item in picked))}")
+        feed = root / "torrents.json"
+        wall, _, done = run_tsmd(config, "report", "--format", "json", "--output", str(feed))
+        items = json.loads(feed.read_text())
+        accepted = []
+        for model in seedtools_models():
+            count = 0
+            for item in items:
+                model(**item)  # raises on the first row the model refuses
+                count += 1
+            accepted.append(count)
+        print(f"report --format json: {len(items):,} rows in {wall:.2f} s; seedtools' model "
+              f"accepted {accepted[0]:,} under pydantic 1 (release 0.4.0) and {accepted[1]:,} "
+              "under pydantic 2")
+        page = root / "index.html"
+        wall, _, _ = run_tsmd(config, "report", "--format", "html", "--output", str(page))
+        text = page.read_text()
+        today = int(time.time()) // 86400
+        drawn, expected = page_charts(text), history_charts(database, today)
+        print(f"report --format html: {wall:.2f} s; charts: {len(drawn)} bars' parts drawn, "
+              f"{'equal to' if drawn == expected else 'DIFFERENT FROM'} the samples' own "
+              f"history ({len(expected)} parts)")
+        pick_feed = root / "pick.ndjson"
+        run_tsmd(config, "report", "--format", "ndjson", "--pick", budget, "--output",
+                 str(pick_feed))
+        published = [json.loads(line)["name"] for line in pick_feed.read_text().splitlines()]
+        probed = root / "probed.html"
+        probed.write_text(text.replace("</body>", PAGE_PROBE + "</body>"))
+        for width in (1400, 400):
+            started = time.perf_counter()
+            window = f"--window-size={width + 100},1300"
+            dom = chromium(framed(probed, "", width, 1200), "", window, "--dump-dom")
+            probe = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', dom).group(1)))
+            first = [by_name[name] for name, *_ in probe["first"]]
+            red_downloadable = sum(tsmd.plan_group(row) == tsmd.PLAN_RED and row.seeders > 0
+                                   for row in first)
+            drawn_red = sum(colour == "rgb(251, 213, 213)" for _, colour, *_ in probe["first"])
+            _, followed = json.loads(html.unescape(
+                re.search(r'data-followed="([^"]*)"', dom).group(1)))
+            dead_listed = sum(tsmd.plan_group(by_name[name]) == tsmd.PLAN_DEAD
+                              for name in followed)
+            dom = chromium(framed(probed, f"list=pick&space={budget}", width, 1200), "", window,
+                           "--dump-dom")
+            listed = json.loads(html.unescape(re.search(r'data-listed="([^"]*)"', dom).group(1)))
+            same = listed["names"] == published[:500]
+            print(f"Chromium at {width} px: page {probe['scroll']} px wide in {probe['inner']}; "
+                  f"first 20 rows: {red_downloadable} red and downloadable, {drawn_red} drawn red; "
+                  f"filters labelled: {probe['labelled']}, headers are buttons: "
+                  f"{probe['buttons']}, aria-sort {probe['sorted']}; #list=dead followed: "
+                  f"{dead_listed} of {len(followed)} drawn are dead; pick list "
+                  f"{'equal to' if same else 'DIFFERENT FROM'} report --pick "
+                  f"({len(listed['names'])} drawn); {time.perf_counter() - started:.1f} s")
 
 
 def serve_run_dht(hashes: list[bytes], nodes: int, ports: multiprocessing.Queue, stop) -> None:
@@ -1651,6 +1795,11 @@ def main() -> None:
     report.add_argument("--days", type=int, default=30)
     report.add_argument("--keep", type=Path, metavar="FILE",
                         help="make the database there, or use the one already there")
+    plan = sub.add_parser("plan", help="pick, seedtools feed and page when a quarter are dead")
+    plan.add_argument("--torrents", type=int, default=20_000)
+    plan.add_argument("--days", type=int, default=30)
+    plan.add_argument("--dead-every", type=int, default=4)
+    plan.add_argument("--budget", default="2TB")
     fuzz = sub.add_parser("fuzz", help="mutation fuzzing of every untrusted parser")
     fuzz.add_argument("--inputs", type=int, default=1_000_000)
     fuzz.add_argument("--seed", type=int, default=1)
@@ -1684,6 +1833,8 @@ def main() -> None:
                 bench_dht_libtorrent(args.lt_nodes, args.lt_infohashes, rtt, args.repeat)
     elif args.bench == "report":
         bench_report(args.torrents, args.days, args.keep)
+    elif args.bench == "plan":
+        bench_plan(args.torrents, args.days, args.dead_every, args.budget)
     elif args.bench == "run":
         bench_run(args.torrents, args.dht_nodes)
     elif args.bench == "scrape":

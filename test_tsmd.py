@@ -1291,9 +1291,11 @@ def test_version_2_database_gets_each_torrents_magnet_stored(tmp_path):
     feed = [json.loads(line) for line in tsmd.render_ndjson(list(rows.values())).split("\n")[:-1]]
     assert {item["infohash"]: item["magnet"] for item in feed} == stored
     assert_seedtools_valid(json.loads(tsmd.render_json(list(rows.values()))))
-    # The hostile name reaches the page as escaped JSON text only, in its magnet too.
+    # The hostile name reaches the page as escaped JSON, in its magnet too, and as escaped
+    # text in the <noscript> table (where U+2028 is a character like any other).
     page = tsmd.render_html(list(rows.values()))
-    assert "</script><b>" not in page and "\u2028" not in page
+    assert "</script><b>" not in page and "&lt;/script&gt;&lt;b&gt;" in page
+    assert "\u2028" not in page[page.index('<script type="application/json"'):]
     assert "\\u003c/script\\u003e\\u003cb\\u003e" in page and "%3C%2Fscript%3E%3Cb%3E" in page
     assert tsmd.fill_magnets(db) == 0  # every one stored once
 
@@ -6027,13 +6029,21 @@ def html_rows(count: int) -> list:
 
 def test_html_report_escapes_hostile_strings_and_is_self_contained():
     page = tsmd.render_html(html_rows(30), {f"{3:040x}": "20000;1,5,,2"})
-    # The markup in those names exists only as escaped JSON inside the data script.
-    for raw in ("<script>alert(1)", "<img src=x", "</style><b>", "\u2028"):
+    # The markup in those names exists only as escaped JSON inside the data script, and as
+    # escaped text in the <noscript> table.
+    for raw in ("<script>alert(1)", "<img src=x", "</style><b>"):
         assert raw not in page
+    script = page[page.index('<script type="application/json"'):]
+    assert "\u2028" not in script  # a line break to JavaScript before ES2019
     assert "<i>books</i>" not in page and "&lt;i&gt;books&lt;/i&gt;" in page
     assert page.count("<script") == 2 and "\\u003c/script\\u003e" in page
+    noscript = page[page.index("<noscript>"):page.index("</noscript>")]
+    assert "<td class=\"t\">&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt; 1</td>" in noscript
+    assert noscript.count("<tr>") == 31  # the header, and the 30 torrents (fewer than 100)
+    # Nothing is fetched from elsewhere; links are links, and only http(s) and magnet ones.
     assert not re.search(r"""(?i)(<link|@import|url\(|<script[^>]+src|<img|<iframe)""", page)
-    assert not re.search(r"""(?i)(src|href)\s*=\s*["']?https?:""", page)
+    assert not re.search(r"""(?i)src\s*=\s*["']?https?:""", page)
+    assert 'href="javascript:' not in page and 'href="http://archive.example/r_3.torrent"' in page
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
 
 
@@ -6129,6 +6139,247 @@ def test_cli_report_html(tmp_path):
     assert hrefs == expected and len(hrefs) == 4
     assert dom.count("<polyline") == 3  # a sparkline for each torrent with a history
     assert 'id="data"' not in dom  # the data's text is dropped once parsed
+
+
+def test_page_chart_is_the_folded_seeder_history(tmp_path):
+    config, hashes = history_config(tmp_path)
+    page = tmp_path / "index.html"
+    done = cli("--config", str(config), "report", "--format", "html", "--output", str(page))
+    assert done.returncode == 0, done.stderr
+    drawn: dict[int, dict[str, int]] = {}
+    for day, band, size in re.findall(r'data-day="(\d+)" data-band="(\w+)" data-bytes="(\d+)"',
+                                      page.read_text()):
+        drawn.setdefault(int(day), {})[band] = int(size)
+    # history_db's nine daily runs: falling (1 kB), dying (4 kB) and rescued (2 kB) by their
+    # seeders on tracker a (the larger count), and a 1 kB torrent never measured: grey.
+    db = sqlite3.connect(tmp_path / "tsmd.sqlite3")
+    days = [day for (day,) in db.execute(
+        "SELECT DISTINCT measured / 86400 FROM tracker_samples ORDER BY 1")]
+    series = {1_000: [30, 28, 25, 20, 15, 12, 11, 10, 9], 4_000: [2, 2, 2, 2, 2, 2, 2, 1, 0],
+              2_000: [0, 0, 0, 0, 0, 0, 0, 5, 15]}
+    expected = {}
+    for index, day in enumerate(days):
+        bands = {"grey": 1_000}
+        for size, seeders in series.items():
+            band = tsmd.seeder_band_value(seeders[index])
+            bands[band] = bands.get(band, 0) + size
+        expected[day] = bands
+    assert len(days) == 9 and drawn == expected
+    # The day before the first run and the days after the last have no bar at all.
+    assert min(drawn) == days[0] and max(drawn) == days[-1] == int(time.time()) // 86400
+
+
+def dead_quarter_rows(count: int, today: int) -> tuple[list, dict[str, str]]:
+    """`count` torrents in two collections, a quarter of them dead (0 seeders, no DHT seed), a
+    tenth not measured, the rest red, yellow and green; and a month of daily history for the
+    measured ones, with no run at all 12 days ago."""
+    base = dict(torrent_name=None, type="books", file_count=1, created_unix=1, completed=3,
+                scraped_date=1, tracker=None, trackers_answered=1, dht_peers=2, dht_scraped=1,
+                dht_seeds_estimate=-1, dht_peers_estimate=-1)
+    rows, trends = [], {}
+    for n in range(count):
+        infohash = f"{n:040x}"
+        seeders = 0 if n % 4 == 0 else -1 if n % 10 == 3 else (1, 2, 3, 5, 8, 11, 20)[n % 7]
+        rows.append(tsmd.ReportRow(
+            infohash=infohash, name=f"book {n}", magnet=tsmd.magnet_uri(infohash),
+            link=f"http://archive.example/{n}.torrent" if n % 5 else tsmd.magnet_uri(infohash),
+            collection="fiction" if n % 3 else "scimag", size_bytes=10_000 + 7_919 * (n % 97),
+            seeders=seeders, leechers=n % 4 if seeders >= 0 else -1, **base))
+        if seeders >= 0:
+            trends[infohash] = f"{today - 29};" + ",".join(
+                "" if day == 17 else str(max(0, seeders + (n + day) % 5 - 2)) for day in range(30))
+    return tsmd.add_health(rows, {}), trends
+
+
+def png_pixels(path: Path, rows: int) -> tuple[int, list[bytes]]:
+    """The width and the first `rows` lines (RGB or RGBA bytes) of an 8-bit PNG, as Chromium
+    writes its screenshots: the few lines a test looks at, without an imaging library."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    position, compressed = 8, []
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        body = data[position + 8:position + 8 + length]
+        position += 12 + length
+        if kind == b"IHDR":
+            width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", body)
+            assert depth == 8 and color in (2, 6) and interlace == 0
+        elif kind == b"IDAT":
+            compressed.append(body)
+    channels = 3 if color == 2 else 4
+    stride, raw = width * channels, zlib.decompress(b"".join(compressed))
+    lines, previous = [], bytearray(stride)
+    for y in range(min(rows, height)):
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for x in range(stride) if kind else ():
+            left = line[x - channels] if x >= channels else 0
+            up, corner = previous[x], previous[x - channels] if x >= channels else 0
+            if kind == 1:
+                line[x] = (line[x] + left) & 255
+            elif kind == 2:
+                line[x] = (line[x] + up) & 255
+            elif kind == 3:
+                line[x] = (line[x] + (left + up) // 2) & 255
+            else:
+                guess = left + up - corner
+                near = min((abs(guess - left), 0, left), (abs(guess - up), 1, up),
+                           (abs(guess - corner), 2, corner))[2]
+                line[x] = (line[x] + near) & 255
+        lines.append(bytes(line[i] for i in range(stride) if i % channels < 3))
+        previous = line
+    return width, lines
+
+
+PAGE_PROBE = """<script>
+(() => {
+  const box = e => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+  const drawn = () => [...document.querySelectorAll("#rows tr")];
+  parent.postMessage(["listed", JSON.stringify({
+    names: drawn().map(tr => tr.dataset.name),
+    magnets: document.getElementById("magnets").value.split("\\n")})], "*");
+  const probe = {
+    inner: innerWidth, scroll: document.documentElement.scrollWidth,
+    charts: [...document.querySelectorAll(".charts svg")].map(box),
+    bars: [...document.querySelectorAll(".charts svg")].map(svg => [...svg.querySelectorAll("rect")].map(
+      r => [Number(r.dataset.bytes), r.getBoundingClientRect().height])),
+    first: drawn().slice(0, 20).map(tr => [tr.dataset.name, getComputedStyle(tr.children[3]).backgroundColor,
+                                           box(tr.children[0])[2], tr.querySelectorAll("a").length]),
+    labelled: [...document.querySelectorAll("#controls input, #controls select")].every(e => e.labels.length),
+    buttons: [...document.querySelectorAll("th[data-key]")].every(th => th.querySelector("button")),
+  };
+  document.querySelector('th[data-key="size"] button').click();  // what Enter on it does
+  probe.sorted = [...document.querySelectorAll("th[aria-sort]")].map(th => [th.dataset.key, th.getAttribute("aria-sort")]);
+  probe.bySize = drawn().slice(0, 5).map(tr => tr.dataset.name);
+  parent.postMessage(["probe", JSON.stringify(probe)], "*");
+  // Registered after the page's own listener: runs once the page has followed the new hash.
+  addEventListener("hashchange", () => {
+    parent.postMessage(["followed", JSON.stringify([location.hash, drawn().map(tr => tr.dataset.name)])], "*");
+  });
+  if (!location.hash.includes("list=pick")) location.hash = "list=dead&sort=size&dir=desc";
+})();
+</script>"""
+
+
+def chromium(page: Path, fragment: str, *options: str) -> str:
+    """Headless Chromium on the page: `options` say what it writes (--dump-dom, --screenshot)."""
+    if not os.access("/usr/bin/chromium", os.X_OK):
+        cannot_test("/usr/bin/chromium is missing: .ci/install-test-deps installs it (the "
+                    "README's test command runs it)")
+    with tempfile.TemporaryDirectory() as profile:
+        done = subprocess.run(
+            ["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--no-first-run", "--hide-scrollbars", "--force-device-scale-factor=1",
+             f"--user-data-dir={profile}", "--virtual-time-budget=5000", *options,
+             f"{page.as_uri()}#{fragment}"],
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def framed(page: Path, fragment: str, width: int, height: int, scripts: bool = True) -> Path:
+    """A page showing `page` in a frame exactly `width` CSS pixels wide at its top left corner:
+    headless Chromium lays a window out at least 500 pixels wide, whatever --window-size says.
+    What the framed page posts to its parent lands on the frame page's <body> as data-*.
+    Without `scripts`, the frame runs none (a sandbox): the page as a reader without
+    JavaScript sees it."""
+    frame = page.with_name(f"framed-{width}-{scripts}-{page.name}")
+    frame.write_text(
+        '<!DOCTYPE html><html><body style="margin:0"><iframe ' + ("" if scripts else "sandbox ")
+        + 'src="'
+        + html.escape(f"{page.name}#{fragment}") + f'" style="border:0;display:block;width:'
+        f'{width}px;height:{height}px"></iframe><script>addEventListener("message", e => {{ '
+        "document.body.dataset[e.data[0]] = e.data[1]; });</script></body></html>")
+    return frame
+
+
+CHART_COLOURS = {"red": (0xdd, 0x33, 0x33), "yellow": (0xdd, 0xbb, 0x00),
+                 "green": (0x33, 0xaa, 0x33), "grey": (0xcc, 0xcc, 0xcc)}
+
+
+@pytest.mark.parametrize("width", [1400, 400])
+def test_page_in_chromium_leads_to_downloadable_red_torrents(tmp_path, width):
+    generated = time.time()
+    today = int(generated // 86400)
+    rows, trends = dead_quarter_rows(2_000, today)
+    rows = tsmd.select_report_rows(rows, "need", None, None)
+    page = tmp_path / "index.html"
+    text = tsmd.render_html(rows, trends, generated=generated)
+    page.write_text(text)
+    noscript = text[text.index("<noscript>"):text.index("</noscript>")]
+    assert re.findall(r'<tr><td class="t">([^<]*)</td>', noscript) == \
+        [row.name for row in rows[:100]]  # the hundred neediest, in the plan's order
+    probed = tmp_path / "probed.html"
+    probed.write_text(text.replace("</body>", PAGE_PROBE + "</body>"))
+    window = f"--window-size={width + 100},1300"
+    dom = chromium(framed(probed, "", width, 1200), "", window, "--dump-dom")
+    probe = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', dom).group(1)))
+    by_name = {row.name: row for row in rows}
+    # The page fits the window: nothing wider than it but what scrolls within its own box.
+    assert probe["inner"] == width and probe["scroll"] <= width
+    # The first rows are red torrents that can be downloaded, drawn red, names in view.
+    assert len(probe["first"]) == 20
+    for name, colour, right, links in probe["first"]:
+        row = by_name[name]
+        assert tsmd.plan_group(row) == tsmd.PLAN_RED and row.seeders > 0, name
+        assert colour == "rgb(251, 213, 213)" and right <= width and links >= 1
+    assert probe["labelled"] and probe["buttons"]
+    assert probe["sorted"] == [["size", "descending"]]
+    assert [by_name[n].size_bytes for n in probe["bySize"]] == \
+        sorted((r.size_bytes for r in rows), reverse=True)[:5]
+    # A new fragment is followed while the page is open: the dead, largest first.
+    fragment, names = json.loads(html.unescape(re.search(r'data-followed="([^"]*)"', dom).group(1)))
+    dead = [r for r in rows if tsmd.plan_group(r) == tsmd.PLAN_DEAD]
+    assert dict(urllib.parse.parse_qsl(fragment[1:])) == {"list": "dead", "sort": "size",
+                                                           "dir": "desc"}  # kept, as the page writes it
+    assert len(dead) == 500
+    assert len(names) == 500 and {by_name[n].infohash for n in names} == {r.infohash for r in dead}
+    assert [by_name[n].size_bytes for n in names] == sorted((r.size_bytes for r in dead),
+                                                           reverse=True)
+    # The pick list is `tsmd report --pick`'s, and its magnets are ready to paste.
+    dom = chromium(framed(probed, "list=pick&space=20MB", width, 1200), "", window, "--dump-dom")
+    picked = tsmd.picked_rows(rows, 20_000_000)
+    listed = json.loads(html.unescape(re.search(r'data-listed="([^"]*)"', dom).group(1)))
+    assert 10 < len(picked) < 500 and listed["names"] == [r.name for r in picked]
+    assert listed["magnets"] == [r.magnet for r in picked]
+    # The charts: one per collection, each bar's parts as tall as their bytes.
+    assert len(probe["charts"]) == 2
+    history = tsmd.band_history(rows, trends, today)
+    for (collection, days), bars in zip(history.items(), probe["bars"]):
+        total = sum(max(r.size_bytes, 0) for r in rows if r.collection == collection)
+        scale = max(total, *(sum(day) for day in days)) / 80  # bytes a pixel: 80 px tall
+        assert not any(days[17]) and all(any(day) for n, day in enumerate(days) if n != 17)
+        assert len(bars) == 29 * 4  # red, yellow, green and grey each day with a run
+        assert all(abs(size / scale - height) < 0.01 for size, height in bars), collection
+    # What is drawn: the screenshot's chart areas hold each band's colour in the share of the
+    # bytes the history gives it.
+    bottom = int(max(box[3] for box in probe["charts"])) + 1
+    shot = tmp_path / "shot.png"
+    chromium(framed(page, "", width, bottom + 10), "", f"--window-size={width + 100},{bottom + 10}",
+             f"--screenshot={shot}")
+    shot_width, lines = png_pixels(shot, bottom)
+    assert shot_width == width + 100
+    for box, (collection, days) in zip(probe["charts"], history.items()):
+        left, top, right, low = (int(v) for v in box)
+        counts = dict.fromkeys(CHART_COLOURS, 0)
+        for line in lines[top:low]:
+            for x in range(left, right):
+                pixel = tuple(line[3 * x:3 * x + 3])
+                for band, colour in CHART_COLOURS.items():
+                    if pixel == colour:
+                        counts[band] += 1
+        drawn = sum(counts[band] for band in tsmd.CHART_BANDS)
+        measured = [sum(day[i] for day in days) for i in range(3)]
+        for band, share in zip(tsmd.CHART_BANDS, measured):
+            assert abs(counts[band] / drawn - share / sum(measured)) < 0.03, (collection, band)
+    # Without JavaScript, the <noscript> table of the neediest is drawn under the charts:
+    # its seeders cells are red.
+    chromium(framed(page, "", width, bottom + 400, scripts=False), "",
+             f"--window-size={width + 100},{bottom + 400}", f"--screenshot={shot}")
+    _, lines = png_pixels(shot, bottom + 400)
+    red_cells = [y for y in range(bottom, bottom + 400)
+                 if bytes((251, 213, 213)) * 20 in lines[y][:3 * width]]
+    assert len(red_cells) > 100
 
 
 class PingAnswerer(HostileUdpPeer):

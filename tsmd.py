@@ -8376,14 +8376,26 @@ HTML_PAGE: Final = """<!DOCTYPE html>
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.4em}table{border-collapse:collapse}
 .note{background:#fdf1c7;padding:.4em .6em;border-left:4px solid #c90}
+.scroll{overflow-x:auto;max-width:100%}
 td,th{padding:.2em .5em;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}
 td.t,th.t{text-align:left;white-space:normal;max-width:40em;overflow-wrap:anywhere}
-th{cursor:pointer;background:#f4f4f4;position:sticky;top:0}
+th{background:#f4f4f4;position:sticky;top:0}
+th button{font:inherit;font-weight:bold;border:0;background:none;padding:0;cursor:pointer;color:inherit}
+th[aria-sort=ascending] button::after{content:" \\25b2"}th[aria-sort=descending] button::after{content:" \\25bc"}
 .red{background:#fbd5d5}.yellow{background:#fdf1c7}.green{background:#d7f3d7}.grey{background:#eee}
-.bar{display:inline-block;height:.8em}.bar.red{background:#d33}.bar.yellow{background:#db0}
-.bar.green{background:#3a3}.bar.grey{background:#aaa}
-#controls{margin:1em 0}#controls input{width:20em}
+.bar{display:inline-block;height:.8em}.swatch{display:inline-block;height:.8em;width:.8em}
+.bar.red,.swatch.red{background:#d33}.bar.yellow,.swatch.yellow{background:#db0}
+.bar.green,.swatch.green{background:#3a3}.bar.grey{background:#aaa}.swatch.grey{background:#ccc}
+rect.red{fill:#d33}rect.yellow{fill:#db0}rect.green{fill:#3a3}rect.grey{fill:#ccc}
+.charts{display:flex;flex-wrap:wrap;gap:1em}.charts figure{margin:0}.charts svg{display:block}
+figcaption{font-size:.9em;color:#555;max-width:300px}
+#controls{margin:1em 0;display:flex;flex-wrap:wrap;gap:.3em 1em;align-items:center}
+#controls input[type=search]{width:20em;max-width:100%}
+#magnets{width:100%;max-width:60em;height:6em;box-sizing:border-box}
 table.unused td{color:#888}
+@media (max-width:600px){body{margin:.5em}.wide{display:none}td,th{padding:.2em .3em}
+td.t,th.t{min-width:7em;max-width:14em}
+.bar{display:none}td.get{white-space:normal}}
 </style></head><body>
 <h1>Which torrents need seeders</h1>
 <p>Generated __GENERATED__ by tsmd __VERSION__. Seeders are the maximum over each torrent's trusted trackers;
@@ -8393,22 +8405,38 @@ Archive's score, (seeders + 0.1 &times; leechers) &times; mean size / size: <b>l
 the most bytes at risk first); then the dead (no seeder anywhere: lost unless someone who has them
 comes back); then those not measured yet.</p>
 __NOTES__<h2>Collections</h2>
-__SUMMARY__
-<h2>Torrents</h2>
-<div id="controls"><input id="q" type="search" placeholder="filter by name or collection">
-<select id="band"><option value="">every band</option><option>red</option><option>yellow</option>
-<option>green</option><option>grey</option></select> <span id="count"></span></div>
-<table><thead><tr>
-<th class="t" data-key="name">name</th><th class="t" data-key="collection">collection</th>
-<th data-key="size">size</th><th data-key="seeders">seeders</th><th data-key="leechers">leechers</th>
-<th data-key="completed">done</th><th data-key="dht">DHT peers</th><th data-key="change">&Delta; day</th>
-<th data-key="need">need</th><th>trend</th><th>get</th></tr></thead><tbody id="rows"></tbody></table>
+<div class="scroll">__SUMMARY__</div>
+__CHARTS__<h2>Torrents</h2>
+<noscript>__NOSCRIPT__</noscript>
+<div id="app" hidden>
+<div id="controls">
+<label>show <select id="list"><option value="">every torrent</option>
+<option value="pick">what fits my disk</option><option value="dead">the dead</option></select></label>
+<label id="spacebox" hidden>my disk <input id="space" size="8" value="1TB"></label>
+<label>filter <input id="q" type="search" placeholder="name or collection"></label>
+<label>band <select id="band"><option value="">every band</option><option>red</option>
+<option>yellow</option><option>green</option><option>grey</option></select></label>
+<span id="count" role="status"></span></div>
+<p id="listnote" hidden></p>
+<textarea id="magnets" readonly hidden aria-label="magnet links of the list, one a line"></textarea>
+<div class="scroll"><table><thead><tr>
+<th class="t" data-key="name"><button type="button">name</button></th>
+<th class="t wide" data-key="collection"><button type="button">collection</button></th>
+<th data-key="size"><button type="button">size</button></th>
+<th data-key="seeders"><button type="button">seeders</button></th>
+<th class="wide" data-key="leechers"><button type="button">leechers</button></th>
+<th class="wide" data-key="completed"><button type="button">done</button></th>
+<th class="wide" data-key="dht"><button type="button">DHT peers</button></th>
+<th class="wide" data-key="change"><button type="button">&Delta; day</button></th>
+<th data-key="need"><button type="button">need</button></th><th class="wide">trend</th>
+<th>get</th></tr></thead><tbody id="rows"></tbody></table></div>
 <p><button id="more" type="button">show more</button></p>
+</div>
 __UNUSED__<script type="application/json" id="data">__DATA__</script>
 <script>
 "use strict";
 const KEYS = ["name","collection","size","seeders","leechers","completed","dht","need","change"];
-// Rows arrive in the order tsmd sorted them (neediest first); the page re-sorts only on request.
+// Rows arrive in the order tsmd sorted them; `rank` is their place in the plan's order.
 // Magnets come as "infohash&dn=name" plus the index of their list of trackers, sent once.
 const dataElement = document.getElementById("data");
 const [TODAY, trackerLists, data] = JSON.parse(dataElement.textContent);
@@ -8417,14 +8445,15 @@ const rows = data.map((r, i) => {
   const magnet = "magnet:?xt=urn:btih:" + r[11] + (r[12] ? "&tr=" + trackerLists[r[12]] : "");
   return {name: r[0], collection: r[1], size: r[2], seeders: r[3], leechers: r[4],
           completed: r[5], dht: r[6], band: r[7], need: r[8], change: r[9],
-          link: r[10] === null ? magnet : r[10], magnet, trend: r[13], plan: r[14],
+          link: r[10] === null ? magnet : r[10], magnet, trend: r[13], plan: r[14], rank: r[15],
           text: (r[0] + "\\n" + r[1]).toLowerCase(), i};
 });
-const PAGE = 500, collator = new Intl.Collator();
+const byRank = rows.slice().sort((a, b) => a.rank - b.rank);
+const PAGE = 500, collator = new Intl.Collator(), $ = id => document.getElementById(id);
 let shown = PAGE, order = null, view = rows;
 // Unknown is null, or -1 for counts; a change of -1 is a value (one seeder fewer).
 function unknown(k, v) { return v === null || (v === -1 && k !== "change"); }
-const UNMEASURED = 4;  // the plan's last group; tsmd's plan_group
+const [RED, YELLOW, GREEN, DEAD, UNMEASURED] = [0, 1, 2, 3, 4];  // tsmd's plan_group
 function compare(a, b) {
   const k = order.key, x = a[k], y = b[k];
   // "need" is the plan's order: downloadable red, yellow, green, then dead, then unmeasured.
@@ -8436,6 +8465,24 @@ function compare(a, b) {
   const ux = unknown(k, x), uy = unknown(k, y);
   if (ux || uy) return (ux - uy) || a.i - b.i;  // unknown last, whichever the direction
   return order.dir * (x - y) || a.i - b.i;
+}
+// Bytes from "2TB", "1.5 TiB" or "500000": tsmd's parse_size.
+function parseSize(text) {
+  const m = /^\\s*([0-9]+(?:\\.[0-9]+)?)\\s*([kmgtp]?i?b?)\\s*$/i.exec(text);
+  if (!m) return null;
+  const unit = m[2].toLowerCase(), prefix = unit ? "kmgtp".indexOf(unit[0]) : -1;
+  return Math.trunc(Number(m[1]) * (unit.includes("i") ? 1024 : 1000) ** (prefix + 1));
+}
+// tsmd pick without spread (tsmd's picked_rows): downloadable red, then yellow, in the plan's
+// order, every torrent that still fits.
+function picked(space) {
+  const out = []; let left = space;
+  for (const r of byRank) {
+    if ((r.plan === RED || r.plan === YELLOW) && r.need !== null && r.size > 0 && r.size <= left) {
+      out.push(r); left -= r.size;
+    }
+  }
+  return out;
 }
 function size(n) {
   if (n < 0) return "?";
@@ -8450,6 +8497,7 @@ function cell(tr, text, cls) {
 function trend(text) {
   // "FIRST_DAY;v,v,,v": seeders on consecutive UTC days; drawn on the 30 days up to TODAY.
   const td = document.createElement("td"), w = 4, h = 16, start = TODAY - 29, points = [];
+  td.className = "wide";
   const [first, values] = (text || ";").split(";");
   values.split(",").forEach((v, i) => {
     const x = Number(first) + i - start;
@@ -8469,46 +8517,77 @@ function link(td, href, text) {
   const a = document.createElement("a"); a.href = href; a.textContent = text;
   a.rel = "nofollow noreferrer"; td.appendChild(a); td.appendChild(document.createTextNode(" "));
 }
+function state() {
+  return {q: $("q").value, band: $("band").value, list: $("list").value, space: $("space").value};
+}
 function render() {
-  const q = document.getElementById("q").value.toLowerCase(), band = document.getElementById("band").value;
-  view = q || band ? rows.filter(r => (!band || r.band === band) && (!q || r.text.includes(q)))
-                   : rows.slice();
+  const {q, band, list, space} = state(), query = q.toLowerCase();
+  const bytes = list === "pick" ? parseSize(space) : null;
+  const base = list === "pick" ? picked(bytes || 0) : list === "dead"
+    ? rows.filter(r => r.plan === DEAD) : rows;
+  view = query || band ? base.filter(r => (!band || r.band === band) && (!query || r.text.includes(query)))
+                       : base.slice();
   if (order) view.sort(compare);
-  const body = document.getElementById("rows"), frag = document.createDocumentFragment();
+  const body = $("rows"), frag = document.createDocumentFragment();
   for (const r of view.slice(0, shown)) {
     const tr = document.createElement("tr"); tr.dataset.name = r.name;
-    cell(tr, r.name, "t"); cell(tr, r.collection, "t"); cell(tr, size(r.size));
-    cell(tr, r.seeders < 0 ? "-" : r.seeders, r.band); cell(tr, r.leechers < 0 ? "-" : r.leechers);
-    cell(tr, r.completed < 0 ? "-" : r.completed); cell(tr, r.dht < 0 ? "-" : r.dht);
-    cell(tr, r.change === null ? "-" : (r.change > 0 ? "+" : "") + r.change);
+    cell(tr, r.name, "t"); cell(tr, r.collection, "t wide"); cell(tr, size(r.size));
+    cell(tr, r.seeders < 0 ? "-" : r.seeders, r.band);
+    cell(tr, r.leechers < 0 ? "-" : r.leechers, "wide");
+    cell(tr, r.completed < 0 ? "-" : r.completed, "wide"); cell(tr, r.dht < 0 ? "-" : r.dht, "wide");
+    cell(tr, r.change === null ? "-" : (r.change > 0 ? "+" : "") + r.change, "wide");
     cell(tr, r.need === null ? "-" : r.need.toFixed(2)); tr.appendChild(trend(r.trend));
-    const get = cell(tr, ""); link(get, r.link, "torrent"); link(get, r.magnet, "magnet");
+    const get = cell(tr, "", "get"); link(get, r.link, "torrent"); link(get, r.magnet, "magnet");
     frag.appendChild(tr);
   }
   body.replaceChildren(frag);
-  document.getElementById("count").textContent =
-    Math.min(shown, view.length) + " of " + view.length + " shown";
-  document.getElementById("more").hidden = shown >= view.length;
-  const state = new URLSearchParams(order ? {sort: order.key, dir: order.dir > 0 ? "asc" : "desc",
-                                             q, band} : {q, band});
-  history.replaceState(null, "", "#" + state.toString());
+  $("spacebox").hidden = list !== "pick";
+  $("magnets").hidden = list !== "pick" || !view.length;
+  $("magnets").value = list === "pick" ? view.map(r => r.magnet).join("\\n") : "";
+  const note = $("listnote");
+  note.hidden = !list;
+  note.textContent = list === "dead"
+    ? "Dead: no tracker counts a seeder and the DHT knows none. Nobody can download these: they are lost unless someone who has them comes back."
+    : list !== "pick" ? "" : bytes === null ? "Not a size: write it like 500GB, 2TB or 1.5TiB."
+    : "Downloadable red torrents, then yellow, the neediest first, that fit " + size(bytes) +
+      " (" + size(view.reduce((sum, r) => sum + r.size, 0)) + " picked). tsmd pick gives the list with a random spread, so that volunteers do not all pick the same torrents.";
+  $("count").textContent = Math.min(shown, view.length) + " of " + view.length + " shown";
+  $("more").hidden = shown >= view.length;
+  document.querySelectorAll("th[data-key]").forEach(th => {
+    if (order && th.dataset.key === order.key) {
+      th.setAttribute("aria-sort", order.dir > 0 ? "ascending" : "descending");
+    } else th.removeAttribute("aria-sort");
+  });
+  const saved = order ? {sort: order.key, dir: order.dir > 0 ? "asc" : "desc"} : {};
+  for (const [key, value] of Object.entries({q, band, list})) if (value) saved[key] = value;
+  if (list === "pick") saved.space = space;
+  history.replaceState(null, "", "#" + new URLSearchParams(saved).toString());
 }
+// The address's fragment holds the view (a bookmark, a link, the back button): read at load
+// and whenever it changes.
 function fromHash() {
   const p = new URLSearchParams(location.hash.slice(1));
-  if (KEYS.includes(p.get("sort"))) order = {key: p.get("sort"), dir: p.get("dir") === "desc" ? -1 : 1};
-  document.getElementById("q").value = p.get("q") || "";
-  document.getElementById("band").value = p.get("band") || "";
+  order = KEYS.includes(p.get("sort")) ? {key: p.get("sort"), dir: p.get("dir") === "desc" ? -1 : 1}
+                                       : null;
+  $("q").value = p.get("q") || "";
+  $("band").value = p.get("band") || "";
+  $("list").value = ["pick", "dead"].includes(p.get("list")) ? p.get("list") : "";
+  if (p.has("space")) $("space").value = p.get("space");
   return (p.get("click") || "").split(",").filter(Boolean);
 }
+// The headers' buttons sort: by mouse, and by keyboard (Tab, then Enter or Space).
 document.querySelectorAll("th[data-key]").forEach(th => th.addEventListener("click", () => {
   const key = th.dataset.key;
   order = {key, dir: order && order.key === key ? -order.dir
                                                 : (key === "size" || key === "completed" ? -1 : 1)};
   shown = PAGE; render();
 }));
-document.getElementById("q").addEventListener("input", () => { shown = PAGE; render(); });
-document.getElementById("band").addEventListener("change", () => { shown = PAGE; render(); });
-document.getElementById("more").addEventListener("click", () => { shown += PAGE; render(); });
+for (const [id, event] of [["q", "input"], ["band", "change"], ["list", "change"], ["space", "input"]]) {
+  $(id).addEventListener(event, () => { shown = PAGE; render(); });
+}
+$("more").addEventListener("click", () => { shown += PAGE; render(); });
+addEventListener("hashchange", () => { fromHash(); shown = PAGE; render(); });
+$("app").hidden = false;
 // #click=seeders,seeders clicks those headers once the page is up (for tests and bookmarks).
 const clicks = fromHash(); render();
 for (const key of clicks) document.querySelector(`th[data-key="${CSS.escape(key)}"]`)?.click();
@@ -8523,17 +8602,115 @@ def _json_for_script(value: Any) -> str:
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
+CHART_DAYS: Final = TREND_DAYS  # the folded history keeps a month of daily points
+CHART_BANDS: Final = ("red", "yellow", "green")  # bottom to top; grey, not measured, above them
+NOSCRIPT_ROWS: Final = 100  # the neediest torrents a page read without JavaScript lists
+
+
+def band_history(rows: Iterable[ReportRow], trends: dict[str, str], today: int
+                 ) -> dict[str, list[list[int]]]:
+    """Per collection, for each of the CHART_DAYS days up to `today` (days since 1970-01-01),
+    the bytes of its torrents in each of CHART_BANDS by their seeders that day (the last run's
+    of the day, as SeederHistory folds them). A torrent with no point on a day, or of unknown
+    size, counts on no band that day; a collection none of whose torrents has a history is
+    left out."""
+    start = today - CHART_DAYS + 1
+    band_of: dict[str, int] = {}  # "12" -> 2: a few distinct counts among millions of points
+    history: dict[str, list[list[int]]] = {}
+    for row in rows:
+        text = trends.get(row.infohash)
+        if not text or row.size_bytes <= 0:
+            continue
+        first, _, values = text.partition(";")
+        try:
+            offset = int(first) - start
+        except ValueError:  # not one tsmd wrote (a hand-edited database): no history
+            continue
+        days = history.get(row.collection)
+        if days is None:
+            days = history[row.collection] = [[0, 0, 0] for _ in range(CHART_DAYS)]
+        for index, value in enumerate(values.split(","), offset):
+            if value and 0 <= index < CHART_DAYS:
+                band = band_of.get(value)
+                if band is None:
+                    try:
+                        band = band_of[value] = CHART_BANDS.index(
+                            seeder_band_value(int(value)))
+                    except ValueError:
+                        band = band_of[value] = -1  # not a count, or negative: no band
+                if band >= 0:
+                    days[index][band] += row.size_bytes
+    return history
+
+
+def band_chart(collection: str, days: Sequence[Sequence[int]], total: int, today: int) -> str:
+    """An inline SVG of band_history's days for one collection: a bar a day, red at the
+    bottom, then yellow and green, and grey for the bytes of today's torrents that were not
+    measured that day; no bar on a day without a run. Each part says its bytes in a <title>."""
+    width, height, bar = 300, 80, 10
+    scale = max([total, *(sum(day) for day in days)]) or 1
+    start = today - CHART_DAYS + 1
+    parts = []
+    for index, day in enumerate(days):
+        if not any(day):
+            continue
+        date = time.strftime("%Y-%m-%d", time.gmtime((start + index) * DAY))
+        top = height
+        for band, value in (*zip(CHART_BANDS, day), ("grey", max(total - sum(day), 0))):
+            if value <= 0:
+                continue
+            tall = value / scale * height
+            top -= tall
+            parts.append(f'<rect class="{band}" x="{index * bar}" y="{top:.2f}" '
+                         f'width="{bar - 1}" height="{tall:.2f}" data-day="{start + index}" '
+                         f'data-band="{band}" data-bytes="{value}"><title>{date}: '
+                         f'{_human_size(value)} {"not measured" if band == "grey" else band}'
+                         "</title></rect>")
+    first, last = (time.strftime("%Y-%m-%d", time.gmtime(day * DAY)) for day in (start, today))
+    name = html.escape(collection)
+    return (f'<figure><svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            f'role="img" aria-label="{name}: bytes per seeder band each day, {first} to {last}">'
+            + "".join(parts) + f"</svg><figcaption>{name}: bytes per band, {first} to {last}"
+            "</figcaption></figure>")
+
+
+def noscript_rows(rows: Sequence[ReportRow]) -> str:
+    """The NOSCRIPT_ROWS neediest torrents as a plain table, for a page read without
+    JavaScript (a text browser, a locked-down one, a search engine)."""
+    neediest = select_report_rows(rows, "need", NOSCRIPT_ROWS, None)
+    lines = [f"<p>The {len(neediest)} neediest of {_plural(len(rows), 'torrent')} (the page "
+             "sorts, filters and picks with JavaScript):</p>\n<div class=\"scroll\"><table><tr>"
+             '<th class="t">name</th><th class="t wide">collection</th><th>size</th><th>seeders</th>'
+             "<th>need</th><th>get</th></tr>"]
+    for row in neediest:
+        links = " ".join(f'<a href="{html.escape(href)}" rel="nofollow noreferrer">{text}</a>'
+                         for href, text in ((row.link, "torrent"), (row.magnet, "magnet"))
+                         if href[:8].lower().startswith(("http://", "https://", "magnet:")))
+        lines.append(
+            f'<tr><td class="t">{html.escape(row.name)}</td>'
+            f'<td class="t wide">{html.escape(row.collection)}</td><td>{_human_size(row.size_bytes)}'
+            f'</td><td class="{row.band}">{row.seeders if row.seeders >= 0 else "-"}</td>'
+            f'<td>{"-" if row.need is None else f"{row.need:.2f}"}</td><td>{links}</td></tr>')
+    lines.append("</table></div>")
+    return "\n".join(lines)
+
+
 def render_html(rows: Sequence[ReportRow], trends: dict[str, str] | None = None,
                 generated: float | None = None, notes: Sequence[str] = (),
                 unused_trackers: Sequence[tuple[str, str]] = ()) -> str:
-    """One self-contained page for volunteers: per-collection summary, bands, and a table of
-    every torrent that sorts and filters in the page (500 rows drawn at a time). `notes` are
-    warnings shown above it all; `unused_trackers` (URL, why) are listed greyed below."""
+    """One self-contained page for volunteers: per-collection summary and chart of the last
+    month, and a table of every torrent that sorts, filters, lists the dead and picks what fits
+    a disk in the page (500 rows drawn at a time); without JavaScript, the neediest hundred.
+    `notes` are warnings shown above it all; `unused_trackers` (URL, why) are listed greyed
+    below."""
     trends = trends or {}
+    now = generated or time.time()
+    today = int(now // DAY)
+    totals_by_collection = collection_totals(rows)
     summary = ["<table><tr><th class=\"t\">collection</th><th>torrents</th><th>size</th>"
                + "".join(f"<th class=\"{band.value}\">{band.value}</th>" for band in Band)
                + "<th>dead</th></tr>"]
-    for collection, totals in collection_totals(rows).items():
+    for collection, totals in totals_by_collection.items():
         cells = []
         for band in Band:
             part = totals.bytes_by_band[band.value]
@@ -8544,6 +8721,18 @@ def render_html(rows: Sequence[ReportRow], trends: dict[str, str] | None = None,
                        f"<td>{_human_size(totals.size_bytes)}</td>"
                        + "".join(cells) + f"<td>{totals.dead:,}</td></tr>")
     summary.append("</table>")
+    history = band_history(rows, trends, today)
+    charts = "" if not history else (
+        f"<h2>The last {CHART_DAYS} days</h2>\n<p>Bytes of each collection by its torrents' "
+        "seeders that day: <span class=\"swatch red\"></span> red, "
+        "<span class=\"swatch yellow\"></span> yellow, <span class=\"swatch green\"></span> "
+        "green, <span class=\"swatch grey\"></span> not measured that day.</p>\n"
+        "<div class=\"charts\">"
+        + "".join(band_chart(collection, days, totals_by_collection[collection].size_bytes,
+                             today) for collection, days in history.items()) + "</div>\n")
+    # The plan's order, whatever order the rows came in: the page's pick list follows it.
+    rank = {id(row): place for place, row in enumerate(select_report_rows(rows, "need", None,
+                                                                          None))}
     # A magnet's trackers repeat across thousands of torrents: the page gets each list once.
     tracker_lists: dict[str, int] = {"": 0}
     data = []
@@ -8554,24 +8743,25 @@ def render_html(rows: Sequence[ReportRow], trends: dict[str, str] | None = None,
             row.dht_peers, row.band, None if row.need is None else round(row.need, 4),
             row.seeders_change_1d, None if row.link == row.magnet else row.link, head,
             tracker_lists.setdefault(tracker_list, len(tracker_lists)),
-            trends.get(row.infohash, ""), plan_group(row)])
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(generated or time.time()))
+            trends.get(row.infohash, ""), plan_group(row), rank[id(row)]])
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now))
     unused = "" if not unused_trackers else (
-        "<h2>Trackers whose numbers are not used</h2>\n<table class=\"unused\">"
+        "<h2>Trackers whose numbers are not used</h2>\n<div class=\"scroll\"><table class=\"unused\">"
         "<tr><th class=\"t\">tracker</th><th class=\"t\">why</th></tr>"
         + "".join(f"<tr><td class=\"t\">{html.escape(url)}</td><td class=\"t\">"
                   f"{html.escape(why)}</td></tr>" for url, why in unused_trackers)
-        + "</table>\n")
-    parts = {"SUMMARY": "\n".join(summary), "UNUSED": unused,
+        + "</table></div>\n")
+    parts = {"SUMMARY": "\n".join(summary), "CHARTS": charts, "NOSCRIPT": noscript_rows(rows),
+             "UNUSED": unused,
              "NOTES": "".join(f'<p class="note">{html.escape(note)}</p>\n' for note in notes),
              "GENERATED": stamp, "VERSION": __version__,
-             "DATA": _json_for_script([int((generated or time.time()) // DAY),
-                                       list(tracker_lists), data])}
+             "DATA": _json_for_script([today, list(tracker_lists), data])}
     # One pass over the template: a collection or tracker named "__DATA__" stays a name.
     return _PAGE_SLOT.sub(lambda slot: parts[slot.group(1)], HTML_PAGE)
 
 
-_PAGE_SLOT: Final = re.compile(r"__(SUMMARY|UNUSED|NOTES|GENERATED|VERSION|DATA)__")
+_PAGE_SLOT: Final = re.compile(
+    r"__(SUMMARY|CHARTS|NOSCRIPT|UNUSED|NOTES|GENERATED|VERSION|DATA)__")
 
 
 def stale_measurements(db: sqlite3.Connection) -> list[str]:
