@@ -8655,7 +8655,7 @@ def band_chart(collection: str, days: Sequence[Sequence[int]], total: int, today
         if not any(day):
             continue
         date = time.strftime("%Y-%m-%d", time.gmtime((start + index) * DAY))
-        top = height
+        top = float(height)
         for band, value in (*zip(CHART_BANDS, day), ("grey", max(total - sum(day), 0))):
             if value <= 0:
                 continue
