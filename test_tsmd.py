@@ -1522,6 +1522,8 @@ def test_durations_and_sizes():
     for bad in ("-1", "soon", "5 parsecs"):
         with pytest.raises(ValueError):
             tsmd.parse_size(bad) if "parsec" in bad else tsmd.parse_duration(bad)
+    with pytest.raises(ValueError, match="too large"):  # not an OverflowError's traceback
+        tsmd.parse_size("9" * 400 + "TB")
 
 
 # ---- Sync ----
@@ -6070,18 +6072,7 @@ def test_collection_totals_are_the_sums_over_each_collections_rows():
 def chromium_dom(page: Path, fragment: str) -> str:
     """The page's DOM after its scripts ran, from Debian's headless Chromium (installed by the
     README's test command), with no network and a throw-away profile."""
-    if not os.access("/usr/bin/chromium", os.X_OK):
-        cannot_test("/usr/bin/chromium is missing: .ci/install-test-deps installs it (the "
-                    "README's test command runs it)")
-    with tempfile.TemporaryDirectory() as profile:
-        done = subprocess.run(
-            ["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=5000",
-             "--dump-dom", f"{page.as_uri()}#{fragment}"],
-            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+    return chromium(page, fragment, "--dump-dom")
 
 
 def rendered_names(dom: str) -> list[str]:
@@ -6118,13 +6109,14 @@ def test_html_report_sorts_and_filters_in_headless_chromium(tmp_path):
 def test_cli_report_html(tmp_path):
     config, hashes = history_config(tmp_path)
     page = tmp_path / "index.html"
+    generated = time.time()
     done = cli("--config", str(config), "report", "--format", "html", "--output", str(page))
     assert done.returncode == 0, done.stderr
     text = page.read_text()
     assert "t_0.torrent" in text and '"t_1.torrent"' in text
     today, tracker_lists, data = json.loads(re.search(
         r'<script type="application/json" id="data">(.*?)</script>', text, re.S).group(1))
-    assert today == int(time.time()) // 86400
+    assert today in (int(generated) // 86400, int(time.time()) // 86400)
     first = sqlite3.connect(tmp_path / "tsmd.sqlite3").execute(
         "SELECT min(measured) / 86400 FROM tracker_samples").fetchone()[0]  # nine daily runs
     assert [row[13] for row in data if row[0] == "t_0.torrent"] == [
@@ -6146,9 +6138,12 @@ def test_page_chart_is_the_folded_seeder_history(tmp_path):
     page = tmp_path / "index.html"
     done = cli("--config", str(config), "report", "--format", "html", "--output", str(page))
     assert done.returncode == 0, done.stderr
+    text = page.read_text()
+    today = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>',
+                                 text, re.S).group(1))[0]
     drawn: dict[int, dict[str, int]] = {}
     for day, band, size in re.findall(r'data-day="(\d+)" data-band="(\w+)" data-bytes="(\d+)"',
-                                      page.read_text()):
+                                      text):
         drawn.setdefault(int(day), {})[band] = int(size)
     # history_db's nine daily runs: falling (1 kB), dying (4 kB) and rescued (2 kB) by their
     # seeders on tracker a (the larger count), and a 1 kB torrent never measured: grey.
@@ -6163,10 +6158,28 @@ def test_page_chart_is_the_folded_seeder_history(tmp_path):
         for size, seeders in series.items():
             band = tsmd.seeder_band_value(seeders[index])
             bands[band] = bands.get(band, 0) + size
-        expected[day] = bands
-    assert len(days) == 9 and drawn == expected
-    # The day before the first run and the days after the last have no bar at all.
-    assert min(drawn) == days[0] and max(drawn) == days[-1] == int(time.time()) // 86400
+        if day <= today:  # (the newest sample is a minute ahead: at midnight, tomorrow's)
+            expected[day] = bands
+    assert len(days) == 9 and len(expected) >= 8 and drawn == expected
+    # The day before the first run has no bar, nor any day after the last.
+    assert min(drawn) == days[0] and max(drawn) == max(expected)
+
+
+def test_band_history_reads_only_the_window_and_survives_odd_trend_text():
+    today = 20_100
+    rows = [dataclasses.replace(row, collection=collection, size_bytes=size)
+            for row, collection, size in zip(html_rows(6), "aabbcd", (100, 10, 7, 5, 3, 1))]
+    trends = {rows[0].infohash: f"{today - 31};1,2,5,20",  # its last two days are in the window
+              rows[1].infohash: f"{today};12",
+              rows[2].infohash: "x;1,2",  # not a day: no history
+              rows[3].infohash: f"{today - 3};a,-5,,3",  # no band, no band, no run, red
+              rows[4].infohash: f"{today - 40};1,1",  # all before the window: no chart
+              rows[5].infohash: f"{today + 1};1"}  # after it
+    history = tsmd.band_history(rows, trends, today)
+    assert set(history) == {"a", "b"}  # c and d have no point in the window
+    assert history["a"][0] == [0, 100, 0] and history["a"][1] == [0, 0, 100]
+    assert history["a"][-1] == [0, 0, 10] and not any(map(any, history["a"][2:-1]))
+    assert history["b"][-1] == [5, 0, 0] and not any(map(any, history["b"][:-1]))
 
 
 def dead_quarter_rows(count: int, today: int) -> tuple[list, dict[str, str]]:
@@ -6247,6 +6260,9 @@ PAGE_PROBE = """<script>
     labelled: [...document.querySelectorAll("#controls input, #controls select")].every(e => e.labels.length),
     buttons: [...document.querySelectorAll("th[data-key]")].every(th => th.querySelector("button")),
   };
+  scrollTo(0, 3000);  // the headers stay in view (sticky) where the page itself scrolls
+  probe.headerTop = box(document.querySelector('th[data-key="name"]'))[1];
+  scrollTo(0, 0);
   document.querySelector('th[data-key="size"] button').click();  // what Enter on it does
   probe.sorted = [...document.querySelectorAll("th[aria-sort]")].map(th => [th.dataset.key, th.getAttribute("aria-sort")]);
   probe.bySize = drawn().slice(0, 5).map(tr => tr.dataset.name);
@@ -6324,6 +6340,8 @@ def test_page_in_chromium_leads_to_downloadable_red_torrents(tmp_path, width):
         assert tsmd.plan_group(row) == tsmd.PLAN_RED and row.seeders > 0, name
         assert colour == "rgb(251, 213, 213)" and right <= width and links >= 1
     assert probe["labelled"] and probe["buttons"]
+    if width > 600:  # a phone's table scrolls sideways in its own box, its headers with it
+        assert abs(probe["headerTop"]) < 1
     assert probe["sorted"] == [["size", "descending"]]
     assert [by_name[n].size_bytes for n in probe["bySize"]] == \
         sorted((r.size_bytes for r in rows), reverse=True)[:5]
@@ -6336,8 +6354,14 @@ def test_page_in_chromium_leads_to_downloadable_red_torrents(tmp_path, width):
     assert len(names) == 500 and {by_name[n].infohash for n in names} == {r.infohash for r in dead}
     assert [by_name[n].size_bytes for n in names] == sorted((r.size_bytes for r in dead),
                                                            reverse=True)
-    # The pick list is `tsmd report --pick`'s, and its magnets are ready to paste.
-    dom = chromium(framed(probed, "list=pick&space=20MB", width, 1200), "", window, "--dump-dom")
+    # The pick list is `tsmd report --pick`'s, and its magnets are ready to paste; whatever
+    # order the page's rows came in (here by name), the pick follows the plan's.
+    by_name_page = tmp_path / "by-name.html"
+    by_name_page.write_text(tsmd.render_html(tsmd.select_report_rows(rows, "name", None, None),
+                                             trends, generated=generated)
+                            .replace("</body>", PAGE_PROBE + "</body>"))
+    dom = chromium(framed(by_name_page, "list=pick&space=20MB", width, 1200), "", window,
+                   "--dump-dom")
     picked = tsmd.picked_rows(rows, 20_000_000)
     listed = json.loads(html.unescape(re.search(r'data-listed="([^"]*)"', dom).group(1)))
     assert 10 < len(picked) < 500 and listed["names"] == [r.name for r in picked]
@@ -6934,9 +6958,9 @@ def test_rss_feed_is_the_pick_a_client_can_subscribe_to():
                                   collection="c & <d>", link="http://x/?a=1&b=<2>")
     rows = [hostile, *rows[1:]]
     picked = tsmd.picked_rows(rows, 50_000)
-    # The published pick has no spread: the same list every run, and the plan's own order.
-    assert picked == tsmd.picked_rows(list(reversed(rows)), 50_000) == \
-        tsmd.pick_torrents(rows, 50_000)
+    # The published pick has no spread: the same list every run, in the plan's own order.
+    assert picked == tsmd.picked_rows(rows, 50_000) == tsmd.pick_torrents(rows, 50_000)
+    assert [plan_place(r) for r in picked] == sorted(plan_place(r) for r in picked)
     assert picked[0] is hostile and all(plan_place(r) < 2 for r in picked)
     text = "".join(tsmd.rss_chunks(picked, 50_000, generated=86400 * 20_000, rows_per_chunk=7))
     channel = ElementTree.fromstring(text.encode()).find("channel")
@@ -6971,8 +6995,14 @@ def test_cli_report_pick_publishes_the_list_in_every_format(tmp_path):
     assert feed.read_text().count("<item>") == 1 and hashes[0].hex() in feed.read_text()
     done = cli("--config", str(config), "report", "-f", "rss")
     assert done.returncode == tsmd.ExitCode.USAGE and "--pick SIZE" in done.stderr
-    done = cli("--config", str(config), "report", "-f", "json", "--pick", "plenty")
-    assert done.returncode == tsmd.ExitCode.USAGE and "--pick" in done.stderr
+    for bad in ("plenty", "0", "9" * 400):
+        done = cli("--config", str(config), "report", "-f", "json", "--pick", bad)
+        assert done.returncode == tsmd.ExitCode.USAGE and "--pick: " in done.stderr, bad
+    # Without a pick, a filter that leaves nothing does not replace a report of torrents.
+    listing = tmp_path / "all.csv"
+    assert cli("--config", str(config), "report", "-f", "csv", "-o", str(listing)).returncode == 0
+    done = cli("--config", str(config), "report", "-f", "csv", "--limit", "0", "-o", str(listing))
+    assert done.returncode == tsmd.ExitCode.PARTIAL and len(listing.read_text().splitlines()) == 5
     # Nothing fits: an empty pick is news, and replaces the feed without --allow-empty.
     done = cli("--config", str(config), "report", "-f", "rss", "--pick", "10B", "-o", str(feed))
     assert done.returncode == 0, done.stderr

@@ -5547,7 +5547,10 @@ def parse_size(value: str | int) -> int:
     number, unit = float(match.group(1)), match.group(2).lower()
     prefix = unit[:1] if unit[:1] in "kmgtp" and unit else ""
     base = 1024 if "i" in unit else 1000
-    return int(number * base ** ("kmgtp".index(prefix) + 1 if prefix else 0))
+    size = number * base ** ("kmgtp".index(prefix) + 1 if prefix else 0)
+    if not math.isfinite(size):
+        raise ValueError(f"{value!r} is too large a size")
+    return int(size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -8376,7 +8379,6 @@ HTML_PAGE: Final = """<!DOCTYPE html>
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.4em}table{border-collapse:collapse}
 .note{background:#fdf1c7;padding:.4em .6em;border-left:4px solid #c90}
-.scroll{overflow-x:auto;max-width:100%}
 td,th{padding:.2em .5em;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}
 td.t,th.t{text-align:left;white-space:normal;max-width:40em;overflow-wrap:anywhere}
 th{background:#f4f4f4;position:sticky;top:0}
@@ -8393,7 +8395,10 @@ figcaption{font-size:.9em;color:#555;max-width:300px}
 #controls input[type=search]{width:20em;max-width:100%}
 #magnets{width:100%;max-width:60em;height:6em;box-sizing:border-box}
 table.unused td{color:#888}
+/* A table wider than a phone scrolls in its own box there; a wide window keeps the page as
+   the scroller, so that the sticky headers stay in view. */
 @media (max-width:600px){body{margin:.5em}.wide{display:none}td,th{padding:.2em .3em}
+.scroll{overflow-x:auto;max-width:100%}
 td.t,th.t{min-width:7em;max-width:14em}
 .bar{display:none}td.get{white-space:normal}}
 </style></head><body>
@@ -8615,7 +8620,10 @@ def band_history(rows: Iterable[ReportRow], trends: dict[str, str], today: int
     size, counts on no band that day; a collection none of whose torrents has a history is
     left out."""
     start = today - CHART_DAYS + 1
-    band_of: dict[str, int] = {}  # "12" -> 2: a few distinct counts among millions of points
+    # "12" -> 2, the slot of its band in a day's list; slot 3 gathers what has no band (a day
+    # without a run, "", or text that is not a count): a dictionary lookup a point, for the
+    # three million points of 100,000 torrents.
+    band_of: dict[str, int] = {"": 3}
     history: dict[str, list[list[int]]] = {}
     for row in rows:
         text = trends.get(row.infohash)
@@ -8626,21 +8634,25 @@ def band_history(rows: Iterable[ReportRow], trends: dict[str, str], today: int
             offset = int(first) - start
         except ValueError:  # not one tsmd wrote (a hand-edited database): no history
             continue
+        if offset >= CHART_DAYS or offset <= -len(values):
+            continue  # not a point in the window (len(values) bounds the number of points)
         days = history.get(row.collection)
         if days is None:
-            days = history[row.collection] = [[0, 0, 0] for _ in range(CHART_DAYS)]
-        for index, value in enumerate(values.split(","), offset):
-            if value and 0 <= index < CHART_DAYS:
-                band = band_of.get(value)
-                if band is None:
-                    try:
-                        band = band_of[value] = CHART_BANDS.index(
-                            seeder_band_value(int(value)))
-                    except ValueError:
-                        band = band_of[value] = -1  # not a count, or negative: no band
-                if band >= 0:
-                    days[index][band] += row.size_bytes
-    return history
+            days = history[row.collection] = [[0, 0, 0, 0] for _ in range(CHART_DAYS)]
+        size = row.size_bytes
+        points = values.split(",")[max(0, -offset):CHART_DAYS - offset]
+        for day, value in zip(days[max(0, offset):], points):
+            band = band_of.get(value)
+            if band is None:
+                try:
+                    band = CHART_BANDS.index(seeder_band_value(int(value)))
+                except ValueError:  # not a count, or negative: no band
+                    band = 3
+                band_of[value] = band
+            day[band] += size
+    # Three bands a day; a collection with no point in the window has no chart.
+    return {collection: [day[:3] for day in days] for collection, days in history.items()
+            if any(any(day[:3]) for day in days)}
 
 
 def band_chart(collection: str, days: Sequence[Sequence[int]], total: int, today: int) -> str:
@@ -8674,11 +8686,10 @@ def band_chart(collection: str, days: Sequence[Sequence[int]], total: int, today
             "</figcaption></figure>")
 
 
-def noscript_rows(rows: Sequence[ReportRow]) -> str:
-    """The NOSCRIPT_ROWS neediest torrents as a plain table, for a page read without
-    JavaScript (a text browser, a locked-down one, a search engine)."""
-    neediest = select_report_rows(rows, "need", NOSCRIPT_ROWS, None)
-    lines = [f"<p>The {len(neediest)} neediest of {_plural(len(rows), 'torrent')} (the page "
+def noscript_rows(neediest: Sequence[ReportRow], total: int) -> str:
+    """The neediest torrents (the first of the plan's order) as a plain table, for a page read
+    without JavaScript (a text browser, a locked-down one, a search engine)."""
+    lines = [f"<p>The {len(neediest)} neediest of {_plural(total, 'torrent')} (the page "
              "sorts, filters and picks with JavaScript):</p>\n<div class=\"scroll\"><table><tr>"
              '<th class="t">name</th><th class="t wide">collection</th><th>size</th><th>seeders</th>'
              "<th>need</th><th>get</th></tr>"]
@@ -8730,9 +8741,10 @@ def render_html(rows: Sequence[ReportRow], trends: dict[str, str] | None = None,
         "<div class=\"charts\">"
         + "".join(band_chart(collection, days, totals_by_collection[collection].size_bytes,
                              today) for collection, days in history.items()) + "</div>\n")
-    # The plan's order, whatever order the rows came in: the page's pick list follows it.
-    rank = {id(row): place for place, row in enumerate(select_report_rows(rows, "need", None,
-                                                                          None))}
+    # The plan's order, whatever order the rows came in: the page's pick list follows it, and
+    # the <noscript> table shows its head.
+    in_plan_order = select_report_rows(rows, "need", None, None)
+    rank = {id(row): place for place, row in enumerate(in_plan_order)}
     # A magnet's trackers repeat across thousands of torrents: the page gets each list once.
     tracker_lists: dict[str, int] = {"": 0}
     data = []
@@ -8751,7 +8763,7 @@ def render_html(rows: Sequence[ReportRow], trends: dict[str, str] | None = None,
         + "".join(f"<tr><td class=\"t\">{html.escape(url)}</td><td class=\"t\">"
                   f"{html.escape(why)}</td></tr>" for url, why in unused_trackers)
         + "</table></div>\n")
-    parts = {"SUMMARY": "\n".join(summary), "CHARTS": charts, "NOSCRIPT": noscript_rows(rows),
+    parts = {"SUMMARY": "\n".join(summary), "CHARTS": charts, "NOSCRIPT": noscript_rows(in_plan_order[:NOSCRIPT_ROWS], len(rows)),
              "UNUSED": unused,
              "NOTES": "".join(f'<p class="note">{html.escape(note)}</p>\n' for note in notes),
              "GENERATED": stamp, "VERSION": __version__,
@@ -8809,10 +8821,10 @@ def render_report(db: sqlite3.Connection, rows: Sequence[ReportRow], report_form
     return REPORT_CHUNKS[report_format](rows)
 
 
-def picked_rows(rows: Sequence[ReportRow], budget: int) -> list[ReportRow]:
-    """A published pick: pick_torrents without spread, so the same from run to run, of the
-    rows in the plan's order (sorting rows in that order already costs a pass)."""
-    return pick_torrents(select_report_rows(rows, "need", None, None), budget)
+def picked_rows(rows_in_plan_order: Sequence[ReportRow], budget: int) -> list[ReportRow]:
+    """A published pick: pick_torrents without spread, so the same from run to run, of rows
+    sorted as select_report_rows(rows, "need", ...) sorts them (the page computes the same)."""
+    return pick_torrents(rows_in_plan_order, budget)
 
 
 def _lists_torrents(path: Path, db: sqlite3.Connection, report_format: str,
@@ -9659,12 +9671,16 @@ def report(
             budget = parse_size(pick_budget)
         except ValueError as exc:
             raise _fail(f"--pick: {exc}", ExitCode.USAGE) from None
+        if budget <= 0:
+            raise _fail("--pick: expected a size above 0, like 2TB", ExitCode.USAGE)
     if chosen_format == "rss" and budget <= 0:
         raise _fail(f"{RSS_NEEDS_PICK}: add --pick SIZE, e.g. --pick 2TB", ExitCode.USAGE)
     db = _open_existing_db(settings)
     try:
         rows = listed = _report_rows(db, settings, collection or [])
-        if pick_budget is not None:  # an empty pick is news (nothing needs help), not a breakage
+        # An empty pick is news (nothing needs help), not a broken listing: the guard below
+        # looks at what was listed. Other filters that leave nothing keep it.
+        if pick_budget is not None:
             rows = picked_rows(select_report_rows(rows, "need", None, max_seeders), budget)
         rows = select_report_rows(rows, sort, limit, max_seeders)
         if chosen_format == "table":
@@ -9678,7 +9694,8 @@ def report(
             sys.stdout.writelines(chunks)
             sys.stdout.flush()
             return
-        if not listed and not allow_empty and _lists_torrents(output, db, chosen_format, budget):
+        if not (listed if pick_budget is not None else rows) and not allow_empty and \
+                _lists_torrents(output, db, chosen_format, budget):
             raise _fail(f"{output} not replaced by a report of no torrent (a broken listing?); "
                         "--allow-empty replaces it anyway", ExitCode.PARTIAL)
         try:
