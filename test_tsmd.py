@@ -4369,6 +4369,17 @@ class FakeDhtNetwork:
         if behaviour == "error":
             return [(bencoder.bencode({b"t": query[b"t"], b"y": b"e",
                                        b"e": [201, b"too many requests"]}), sock)]
+        if behaviour in ("saturated", "inflated") and arguments.get(b"scrape") == 1:
+            # Filters for any torrent asked: every bit set, or 300 made-up addresses.
+            body.pop(b"values", None)
+            if behaviour == "saturated":
+                body[b"BFsd"] = body[b"BFpe"] = b"\xff" * tsmd.BLOOM_BYTES
+            else:
+                made_up = bytearray(tsmd.BLOOM_BYTES)
+                for m in range(300):
+                    tsmd.bloom_insert(made_up, f"198.51.{m // 250}.{m % 250 + 1}")
+                body[b"BFsd"] = body[b"BFpe"] = bytes(made_up)
+            return [(bencoder.bencode(reply), sock)]
         return [(bencoder.bencode(reply), sock)]
 
 
@@ -4496,6 +4507,44 @@ def test_dht_bep33_filters_and_values_follow_up_like_libtorrent():
         real_seeds = {h for h, _, seed in peers if seed}
         assert seeds == pytest.approx(len(real_seeds), abs=0.6)
         assert everyone == pytest.approx(len({h for h, _, _ in peers}), abs=0.6)
+
+
+def test_bep33_leaves_out_saturated_and_outlying_filters():
+    honest = []
+    for n in range(5):
+        bloom = bytearray(tsmd.BLOOM_BYTES)
+        for m in range(20 + n):
+            tsmd.bloom_insert(bloom, f"192.0.2.{m + 1}")
+        honest.append(bytes(bloom))
+    saturated, inflated = b"\xff" * tsmd.BLOOM_BYTES, bytearray(tsmd.BLOOM_BYTES)
+    for m in range(400):
+        tsmd.bloom_insert(inflated, f"198.51.{m // 250}.{m % 250 + 1}")
+    kept, dropped = tsmd.plausible_filters([*honest, saturated, bytes(inflated)])
+    assert kept == honest and dropped == 2
+    # Two filters cannot outvote each other: only saturation is judged.
+    assert tsmd.plausible_filters([honest[0], bytes(inflated)]) == ([honest[0], bytes(inflated)], 0)
+    assert tsmd.plausible_filters([saturated]) == ([], 1)
+    result = tsmd.LookupResult(b"x" * 20, seeds_blooms=[*honest, saturated],
+                               peers_blooms=[saturated])
+    seeds, peers = result.bep33_estimates()
+    assert seeds == pytest.approx(24, abs=1.5) and peers == 0  # the saturated one left out
+    assert result.implausible_filters() == 2
+
+
+def test_dht_bep33_estimates_survive_lying_filters():
+    swarms = dht_swarms(30, peers_each=5, salt="liars")
+    hostile = {n: ("saturated" if n % 2 else "inflated") for n in range(3, 60, 7)}
+    network = FakeDhtNetwork(60, swarms, style="libtorrent", hostile=hostile)
+    results, survey, _ = survey_fake_network(network, swarms)
+    dropped = 0
+    for infohash, peers in swarms.items():
+        result = results[infohash]
+        seeds, everyone = result.bep33_estimates()
+        real_seeds, real_peers = {h for h, _, seed in peers if seed}, {h for h, _, _ in peers}
+        assert abs(seeds - len(real_seeds)) <= 0.1 * len(real_seeds) + 2, infohash.hex()
+        assert abs(everyone - len(real_peers)) <= 0.1 * len(real_peers) + 2, infohash.hex()
+        dropped += result.implausible_filters()
+    assert dropped >= 10  # the liars were asked, and left out
 
 
 def test_dht_with_no_node_answering_stops_and_says_the_network_is_down(tmp_path):

@@ -1840,6 +1840,32 @@ def bloom_estimate(bloom: bytes) -> float:
     return math.log(zeros / BLOOM_BITS) / (BLOOM_HASHES * math.log(1 - 1 / BLOOM_BITS))
 
 
+# One node stores a bounded list of a torrent's peers (libtorrent: 500), so its filter of them
+# reads a few hundred at the most; a saturated filter (7,806) or one near it is a liar's or a
+# broken node's, and OR-ed with honest ones it would be the whole estimate.
+BEP33_MAX_FILTER_ESTIMATE: Final = 2_000.0
+# With three filters or more, one claiming more than this many times their median, plus a few
+# (small swarms vary), is dropped too: the closest nodes of a torrent store the same swarm.
+BEP33_OUTLIER_FACTOR: Final = 4.0
+BEP33_OUTLIER_SLACK: Final = 10.0
+
+
+def plausible_filters(filters: Sequence[bytes]) -> tuple[list[bytes], int]:
+    """The BEP 33 filters of one lookup's responders fit to be OR-ed together, and how many were
+    dropped: saturated ones (above BEP33_MAX_FILTER_ESTIMATE) and outliers far above the
+    median of the others."""
+    estimated = [(bloom_estimate(bloom), bloom) for bloom in filters]
+    kept = [(estimate, bloom) for estimate, bloom in estimated
+            if estimate <= BEP33_MAX_FILTER_ESTIMATE]
+    if len(kept) >= 3:
+        ordered = sorted(estimate for estimate, _ in kept)
+        middle = len(ordered) // 2
+        median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+        ceiling = median * BEP33_OUTLIER_FACTOR + BEP33_OUTLIER_SLACK
+        kept = [(estimate, bloom) for estimate, bloom in kept if estimate <= ceiling]
+    return [bloom for _, bloom in kept], len(filters) - len(kept)
+
+
 # ---- Tracker scrape codecs (BEP 15 UDP, BEP 48 HTTP, WebTorrent WebSocket) ----
 
 UDP_TRACKER_PROTOCOL_ID: Final = 0x41727101980  # BEP 15 magic constant of the connect request
@@ -3505,6 +3531,7 @@ class DhtCounters:
     dropped_replies: int = 0  # late, unexpected or from the wrong address
     malformed_packets: int = 0  # not even KRPC: refused before anything read them
     nodes_cached: int = 0
+    implausible_filters: int = 0  # BEP 33 filters saturated, or far above the others': not used
     seconds: float = 0.0
     outage: str | None = None  # why the stage stopped early: no node answered
 
@@ -3518,7 +3545,9 @@ class DhtCounters:
                 f"{self.send_errors} send errors, {self.dropped_replies} dropped replies, "
                 f"{self.malformed_packets} malformed packets, {self.krpc_errors} KRPC errors, "
                 f"{self.bad_replies} bad replies; "
-                f"{self.nodes_cached} nodes cached")
+                + (f"{self.implausible_filters} implausible BEP 33 filters left out; "
+                   if self.implausible_filters else "")
+                + f"{self.nodes_cached} nodes cached")
 
 
 @dataclass(frozen=True, slots=True)
@@ -3538,20 +3567,32 @@ class DhtOptions:
 class LookupResult:
     infohash: bytes
     peers: set[tuple[str, int]] = field(default_factory=set)
-    seeds_bloom: bytearray | None = None
-    peers_bloom: bytearray | None = None
+    seeds_blooms: list[bytes] = field(default_factory=list)  # BEP 33 BFsd, one a responder
+    peers_blooms: list[bytes] = field(default_factory=list)  # BFpe
     nodes_answered: int = 0
     queries: int = 0
 
     def bep33_estimates(self) -> tuple[float | None, float | None]:
-        """(seeds, peers): filters of all answering nodes OR-ed; `values` IPs count as peers."""
-        peers_bloom = bytearray(self.peers_bloom or BLOOM_BYTES)
-        for host, _ in self.peers:
-            bloom_insert(peers_bloom, host)
-        seeds = bloom_estimate(self.seeds_bloom) if self.seeds_bloom is not None else None
-        if self.peers_bloom is None and not self.peers:
-            return seeds, None
-        return seeds, bloom_estimate(peers_bloom)
+        """(seeds, peers): the plausible filters of the answering nodes OR-ed (saturated ones and
+        outliers dropped: plausible_filters); `values` IPs count as peers."""
+        seeds = peers = None
+        if self.seeds_blooms:
+            seeds_bloom = bytearray(BLOOM_BYTES)
+            for bloom in plausible_filters(self.seeds_blooms)[0]:
+                bloom_union(seeds_bloom, bloom)
+            seeds = bloom_estimate(seeds_bloom)
+        if self.peers_blooms or self.peers:
+            peers_bloom = bytearray(BLOOM_BYTES)
+            for bloom in plausible_filters(self.peers_blooms)[0]:
+                bloom_union(peers_bloom, bloom)
+            for host, _ in self.peers:
+                bloom_insert(peers_bloom, host)
+            peers = bloom_estimate(peers_bloom)
+        return seeds, peers
+
+    def implausible_filters(self) -> int:
+        """The filters bep33_estimates leaves out."""
+        return plausible_filters(self.seeds_blooms)[1] + plausible_filters(self.peers_blooms)[1]
 
 
 @dataclass(slots=True, eq=False)
@@ -4040,14 +4081,12 @@ class DhtSurvey:
                 result.peers.add((host, port))
         for node in reply.nodes:
             consider(node)
+        # Kept apart, not OR-ed as they come: one node's saturated filter would be the whole
+        # estimate. A lookup's responders are bounded by max_queries.
         if reply.seeds_bloom is not None:
-            if result.seeds_bloom is None:
-                result.seeds_bloom = bytearray(BLOOM_BYTES)
-            bloom_union(result.seeds_bloom, reply.seeds_bloom)
+            result.seeds_blooms.append(reply.seeds_bloom)
         if reply.peers_bloom is not None:
-            if result.peers_bloom is None:
-                result.peers_bloom = bytearray(BLOOM_BYTES)
-            bloom_union(result.peers_bloom, reply.peers_bloom)
+            result.peers_blooms.append(reply.peers_bloom)
 
 
 async def resolve_routers(entries: Sequence[str], into: dict[str, list[DhtNode] | str]) -> None:
@@ -7059,6 +7098,7 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
                 for torrent_id, infohash in work:
                     result = await survey.lookup(infohash)
                     seeds, peers = result.bep33_estimates()
+                    counters.implausible_filters += result.implausible_filters()
                     counters.lookups += 1
                     counters.peers += len(result.peers)
                     counters.lookups_with_peers += bool(result.peers)
