@@ -4521,13 +4521,34 @@ def test_bep33_leaves_out_saturated_and_outlying_filters():
         tsmd.bloom_insert(inflated, f"198.51.{m // 250}.{m % 250 + 1}")
     kept, dropped = tsmd.plausible_filters([*honest, saturated, bytes(inflated)])
     assert kept == honest and dropped == 2
+    # Nodes that store the whole swarm read far above nodes that store part of it: their
+    # filters hold the others', and stay. Made-up addresses filling most bits do not.
+    def filter_of(addresses) -> bytes:
+        bloom = bytearray(tsmd.BLOOM_BYTES)
+        for address in addresses:
+            tsmd.bloom_insert(bloom, address)
+        return bytes(bloom)
+    swarm = [f"203.0.113.{m + 1}" for m in range(120)]
+    full, part = filter_of(swarm), filter_of(swarm[:8])
+    uneven = [full] * 3 + [part] * 5
+    assert tsmd.plausible_filters(uneven) == (uneven, 0)
+    few = [filter_of([]), filter_of([]), filter_of(swarm[:5]), filter_of(swarm[:30])]
+    assert tsmd.plausible_filters(few) == (few, 0)
+    # Against one address the others know, holding it proves nothing (a made-up quarter-full
+    # filter holds it one time in sixteen): the cost, a swarm that one node alone stores.
+    alone = [filter_of([]), filter_of([]), filter_of(swarm[:1]), filter_of(swarm[:13])]
+    assert tsmd.plausible_filters(alone) == (alone[:3], 1)
+    crowded = filter_of(f"198.18.{m // 250}.{m % 250 + 1}" for m in range(1_900))
+    assert tsmd.plausible_filters([*uneven, crowded]) == (uneven, 1)
     # Two filters cannot outvote each other: only saturation is judged.
     assert tsmd.plausible_filters([honest[0], bytes(inflated)]) == ([honest[0], bytes(inflated)], 0)
     assert tsmd.plausible_filters([saturated]) == ([], 1)
     result = tsmd.LookupResult(b"x" * 20, seeds_blooms=[*honest, saturated],
                                peers_blooms=[saturated])
     seeds, peers = result.bep33_estimates()
-    assert seeds == pytest.approx(24, abs=1.5) and peers == 0  # the saturated one left out
+    # The saturated ones left out: the seeds read as the honest five; the peers, with no
+    # plausible filter and no values, are unknown, not 0.
+    assert seeds == pytest.approx(24, abs=1.5) and peers is None
     assert result.implausible_filters() == 2
 
 

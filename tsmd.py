@@ -1844,26 +1844,44 @@ def bloom_estimate(bloom: bytes) -> float:
 # reads a few hundred at the most; a saturated filter (7,806) or one near it is a liar's or a
 # broken node's, and OR-ed with honest ones it would be the whole estimate.
 BEP33_MAX_FILTER_ESTIMATE: Final = 2_000.0
-# With three filters or more, one claiming more than this many times their median, plus a few
-# (small swarms vary), is dropped too: the closest nodes of a torrent store the same swarm.
+# With three filters or more, one reading more than this many times their median, plus a few, is
+# suspect. It is dropped unless it holds what the others hold (BEP33_COVERED of their bits): a
+# node that stores a whole swarm reads far above nodes that store part of it, and its filter
+# contains theirs; a filter of made-up addresses does not.
 BEP33_OUTLIER_FACTOR: Final = 4.0
 BEP33_OUTLIER_SLACK: Final = 10.0
+BEP33_COVERED: Final = 0.8  # not 1: peers come and go between the nodes' lists
+BEP33_EVIDENCE_BITS: Final = 8  # the bits of four addresses, at the least, to judge by
+
+
+def _covers(bits: int, others: int) -> bool:
+    """Whether a filter holds BEP33_COVERED of the others' bits, and well above what its own
+    fill would hold by chance (a filter of made-up addresses with most bits set covers most of
+    anything). The others must hold a few addresses for that to say anything: a quarter-full
+    filter covers the two bits of one address one time in sixteen."""
+    if others.bit_count() < BEP33_EVIDENCE_BITS:
+        return False
+    fill = bits.bit_count() / BLOOM_BITS
+    share = max(BEP33_COVERED, fill + (1 - fill) / 2)
+    return (bits & others).bit_count() >= others.bit_count() * share
 
 
 def plausible_filters(filters: Sequence[bytes]) -> tuple[list[bytes], int]:
     """The BEP 33 filters of one lookup's responders fit to be OR-ed together, and how many were
-    dropped: saturated ones (above BEP33_MAX_FILTER_ESTIMATE) and outliers far above the
-    median of the others."""
-    estimated = [(bloom_estimate(bloom), bloom) for bloom in filters]
-    kept = [(estimate, bloom) for estimate, bloom in estimated
-            if estimate <= BEP33_MAX_FILTER_ESTIMATE]
+    dropped: saturated ones (above BEP33_MAX_FILTER_ESTIMATE), and outliers far above the
+    median that do not contain what the others hold."""
+    estimated = [(bloom_estimate(bloom), int.from_bytes(bloom, "big"), bloom) for bloom in filters]
+    kept = [entry for entry in estimated if entry[0] <= BEP33_MAX_FILTER_ESTIMATE]
     if len(kept) >= 3:
-        ordered = sorted(estimate for estimate, _ in kept)
+        ordered = sorted(estimate for estimate, _, _ in kept)
         middle = len(ordered) // 2
         median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
         ceiling = median * BEP33_OUTLIER_FACTOR + BEP33_OUTLIER_SLACK
-        kept = [(estimate, bloom) for estimate, bloom in kept if estimate <= ceiling]
-    return [bloom for _, bloom in kept], len(filters) - len(kept)
+        others = functools.reduce(operator.or_, (bits for estimate, bits, _ in kept
+                                                 if estimate <= ceiling), 0)
+        kept = [(estimate, bits, bloom) for estimate, bits, bloom in kept
+                if estimate <= ceiling or _covers(bits, others)]
+    return [bloom for _, _, bloom in kept], len(filters) - len(kept)
 
 
 # ---- Tracker scrape codecs (BEP 15 UDP, BEP 48 HTTP, WebTorrent WebSocket) ----
@@ -3575,15 +3593,17 @@ class LookupResult:
     def bep33_estimates(self) -> tuple[float | None, float | None]:
         """(seeds, peers): the plausible filters of the answering nodes OR-ed (saturated ones and
         outliers dropped: plausible_filters); `values` IPs count as peers."""
-        seeds = peers = None
-        if self.seeds_blooms:
+        seeds = peers = None  # unknown: no node gave a filter (or only implausible ones)
+        kept_seeds = plausible_filters(self.seeds_blooms)[0]
+        if kept_seeds:
             seeds_bloom = bytearray(BLOOM_BYTES)
-            for bloom in plausible_filters(self.seeds_blooms)[0]:
+            for bloom in kept_seeds:
                 bloom_union(seeds_bloom, bloom)
             seeds = bloom_estimate(seeds_bloom)
-        if self.peers_blooms or self.peers:
+        kept_peers = plausible_filters(self.peers_blooms)[0]
+        if kept_peers or self.peers:
             peers_bloom = bytearray(BLOOM_BYTES)
-            for bloom in plausible_filters(self.peers_blooms)[0]:
+            for bloom in kept_peers:
                 bloom_union(peers_bloom, bloom)
             for host, _ in self.peers:
                 bloom_insert(peers_bloom, host)
@@ -3770,7 +3790,7 @@ class _Lookup:
         survey, result = self.survey, self.result
         if not query.follow_up:
             result.nodes_answered += 1
-        survey._take_reply(result, reply, self.consider)
+        survey._take_reply(result, reply, self.consider, filters=query.scrape)
         # libtorrent answers a scrape with filters and no `values`: ask it once more, without
         # scrape, for the peers themselves. The node stays asked until then, or the lookup could
         # end before the very reply that brings its peers.
@@ -4073,7 +4093,8 @@ class DhtSurvey:
                 await wake.wait()
             self._pacer_wake, self._pacer_deadline = None, math.inf
 
-    def _take_reply(self, result: LookupResult, reply: GetPeersReply, consider: Any) -> None:
+    def _take_reply(self, result: LookupResult, reply: GetPeersReply, consider: Any,
+                    filters: bool = True) -> None:
         for host, port in reply.peers:
             if _bogus_destination(host, port, self.options.allow_private):
                 self.counters.bogons_skipped += 1
@@ -4082,10 +4103,11 @@ class DhtSurvey:
         for node in reply.nodes:
             consider(node)
         # Kept apart, not OR-ed as they come: one node's saturated filter would be the whole
-        # estimate. A lookup's responders are bounded by max_queries.
-        if reply.seeds_bloom is not None:
+        # estimate. One a responder (max_queries bound them): a reply to the follow-up, which
+        # did not ask for filters, adds none, or a node would count twice.
+        if filters and reply.seeds_bloom is not None:
             result.seeds_blooms.append(reply.seeds_bloom)
-        if reply.peers_bloom is not None:
+        if filters and reply.peers_bloom is not None:
             result.peers_blooms.append(reply.peers_bloom)
 
 
