@@ -6432,7 +6432,7 @@ def test_page_in_chromium_leads_to_downloadable_red_torrents(tmp_path, width):
                             .replace("</body>", PAGE_PROBE + "</body>"))
     dom = chromium(framed(by_name_page, "list=pick&space=20MB", width, 1200), "", window,
                    "--dump-dom")
-    picked = tsmd.picked_rows(rows, 20_000_000)
+    picked = tsmd.pick_torrents(rows, 20_000_000)
     listed = json.loads(html.unescape(re.search(r'data-listed="([^"]*)"', dom).group(1)))
     assert 10 < len(picked) < 500 and listed["names"] == [r.name for r in picked]
     assert listed["magnets"] == [r.magnet for r in picked]
@@ -7027,9 +7027,9 @@ def test_rss_feed_is_the_pick_a_client_can_subscribe_to():
     hostile = dataclasses.replace(rows[0], name="a\x00b\x1b]]><item>\ud800 2",
                                   collection="c & <d>", link="http://x/?a=1&b=<2>")
     rows = [hostile, *rows[1:]]
-    picked = tsmd.picked_rows(rows, 50_000)
+    picked = tsmd.pick_torrents(rows, 50_000)
     # The published pick has no spread: the same list every run, in the plan's own order.
-    assert picked == tsmd.picked_rows(rows, 50_000) == tsmd.pick_torrents(rows, 50_000)
+    assert picked == tsmd.pick_torrents(rows, 50_000) == tsmd.pick_torrents(list(rows), 50_000)
     assert [plan_place(r) for r in picked] == sorted(plan_place(r) for r in picked)
     assert picked[0] is hostile and all(plan_place(r) < 2 for r in picked)
     text = "".join(tsmd.rss_chunks(picked, 50_000, generated=86400 * 20_000, rows_per_chunk=7))

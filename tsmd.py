@@ -3591,16 +3591,25 @@ class LookupResult:
     queries: int = 0
 
     def bep33_estimates(self) -> tuple[float | None, float | None]:
-        """(seeds, peers): the plausible filters of the answering nodes OR-ed (saturated ones and
-        outliers dropped: plausible_filters); `values` IPs count as peers."""
+        """(seeds, peers), as bep33 gives them."""
+        seeds, peers, _ = self.bep33()
+        return seeds, peers
+
+    def implausible_filters(self) -> int:
+        """The filters bep33_estimates leaves out."""
+        return self.bep33()[2]
+
+    def bep33(self) -> tuple[float | None, float | None, int]:
+        """(seeds, peers, filters left out): the plausible filters of the answering nodes OR-ed
+        (saturated ones and outliers dropped: plausible_filters); `values` IPs count as peers."""
         seeds = peers = None  # unknown: no node gave a filter (or only implausible ones)
-        kept_seeds = plausible_filters(self.seeds_blooms)[0]
+        kept_seeds, dropped_seeds = plausible_filters(self.seeds_blooms)
         if kept_seeds:
             seeds_bloom = bytearray(BLOOM_BYTES)
             for bloom in kept_seeds:
                 bloom_union(seeds_bloom, bloom)
             seeds = bloom_estimate(seeds_bloom)
-        kept_peers = plausible_filters(self.peers_blooms)[0]
+        kept_peers, dropped_peers = plausible_filters(self.peers_blooms)
         if kept_peers or self.peers:
             peers_bloom = bytearray(BLOOM_BYTES)
             for bloom in kept_peers:
@@ -3608,11 +3617,7 @@ class LookupResult:
             for host, _ in self.peers:
                 bloom_insert(peers_bloom, host)
             peers = bloom_estimate(peers_bloom)
-        return seeds, peers
-
-    def implausible_filters(self) -> int:
-        """The filters bep33_estimates leaves out."""
-        return plausible_filters(self.seeds_blooms)[1] + plausible_filters(self.peers_blooms)[1]
+        return seeds, peers, dropped_seeds + dropped_peers
 
 
 @dataclass(slots=True, eq=False)
@@ -7119,8 +7124,8 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
             async with send:
                 for torrent_id, infohash in work:
                     result = await survey.lookup(infohash)
-                    seeds, peers = result.bep33_estimates()
-                    counters.implausible_filters += result.implausible_filters()
+                    seeds, peers, implausible = result.bep33()
+                    counters.implausible_filters += implausible
                     counters.lookups += 1
                     counters.peers += len(result.peers)
                     counters.lookups_with_peers += bool(result.peers)
@@ -7865,15 +7870,10 @@ def pick_torrents(rows: Sequence[ReportRow], budget: int, spread: float = 0.0,
     same torrents. Without one the list is the plan's order itself (`rows` as sorted by need),
     the same from one run to the next: a published feed must not churn, or every subscriber's
     client would fetch new torrents each time it is written, and the page computes the same."""
-    if chooser is None:
-        weighed = [(group, 0.0, 0.0, index) for index, row in enumerate(rows)
-                   if (group := plan_group(row)) in groups and row.need is not None
-                   and row.size_bytes > 0]
-    else:
-        weighed = [(group, row.need * chooser.uniform(1 - spread, 1 + spread), chooser.random(),
-                    index) for index, row in enumerate(rows)
-                   if (group := plan_group(row)) in groups and row.need is not None
-                   and row.size_bytes > 0]
+    weighed = [(group, row.need * chooser.uniform(1 - spread, 1 + spread) if chooser else 0.0,
+                chooser.random() if chooser else 0.0, index) for index, row in enumerate(rows)
+               if (group := plan_group(row)) in groups and row.need is not None
+               and row.size_bytes > 0]
     chosen, left = [], budget
     for *_, index in sorted(weighed):
         if rows[index].size_bytes <= left:
@@ -8223,7 +8223,7 @@ def seedtools_note(rows: Sequence[ReportRow], report_format: str) -> str | None:
         sum(1 for row in rows if not fetchable_by_seedtools(row))
     if not left_out:
         return None
-    return (f"json: {left_out:,} torrent{'s' if left_out != 1 else ''} with no http(s) .torrent "
+    return (f"json: {_plural(left_out, 'torrent')} with no http(s) .torrent "
             "link (a magnet or an infohash only) left out of the libgen-seedtools feed, which "
             "cannot fetch them; ndjson, csv and html list every torrent")
 
@@ -8273,8 +8273,8 @@ def rss_chunks(rows: Sequence[ReportRow], picked_for: int = 0, generated: float 
         items = []
         for row in rows[start:start + rows_per_chunk]:
             link = _xml_text(row.link)
-            seeders = f"{row.seeders} seeder{'' if row.seeders == 1 else 's'}" \
-                if row.seeders >= 0 else "seeders not measured"
+            seeders = _plural(row.seeders, "seeder") if row.seeders >= 0 else \
+                "seeders not measured"
             # BEP 36's enclosure length is that of the .torrent file, which tsmd does not keep;
             # RSS writes 0 for a length it does not know. The content's size is contentLength.
             items.append(
@@ -8540,7 +8540,7 @@ function parseSize(text) {
   const unit = m[2].toLowerCase(), prefix = unit ? "kmgtp".indexOf(unit[0]) : -1;
   return Math.trunc(Number(m[1]) * (unit.includes("i") ? 1024 : 1000) ** (prefix + 1));
 }
-// tsmd pick without spread (tsmd's picked_rows): downloadable red, then yellow, in the plan's
+// tsmd pick without spread (pick_torrents with no chooser): downloadable red, then yellow, in the plan's
 // order, every torrent that still fits.
 function picked(space) {
   const out = []; let left = space;
@@ -8825,8 +8825,8 @@ def render_html(rows: Sequence[ReportRow], trends: dict[str, str] | None = None,
         + "".join(f"<tr><td class=\"t\">{html.escape(url)}</td><td class=\"t\">"
                   f"{html.escape(why)}</td></tr>" for url, why in unused_trackers)
         + "</table></div>\n")
-    parts = {"SUMMARY": "\n".join(summary), "CHARTS": charts, "NOSCRIPT": noscript_rows(in_plan_order[:NOSCRIPT_ROWS], len(rows)),
-             "UNUSED": unused,
+    parts = {"SUMMARY": "\n".join(summary), "CHARTS": charts, "UNUSED": unused,
+             "NOSCRIPT": noscript_rows(in_plan_order[:NOSCRIPT_ROWS], len(rows)),
              "NOTES": "".join(f'<p class="note">{html.escape(note)}</p>\n' for note in notes),
              "GENERATED": stamp, "VERSION": __version__,
              "DATA": _json_for_script([today, list(tracker_lists), data])}
@@ -8881,12 +8881,6 @@ def render_report(db: sqlite3.Connection, rows: Sequence[ReportRow], report_form
     if report_format == "rss":
         return rss_chunks(rows, picked_for)
     return REPORT_CHUNKS[report_format](rows)
-
-
-def picked_rows(rows_in_plan_order: Sequence[ReportRow], budget: int) -> list[ReportRow]:
-    """A published pick: pick_torrents without spread, so the same from run to run, of rows
-    sorted as select_report_rows(rows, "need", ...) sorts them (the page computes the same)."""
-    return pick_torrents(rows_in_plan_order, budget)
 
 
 def _lists_torrents(path: Path, db: sqlite3.Connection, report_format: str,
@@ -8949,7 +8943,7 @@ async def publish_reports(db: sqlite3.Connection, settings: Settings, *, reporte
     for output in settings.report.outputs:
         await trio.lowlevel.checkpoint()  # Ctrl-C and SIGTERM are heard between files
         path = Path(output.path)
-        chosen = picked_rows(rows, output.pick) if output.pick > 0 else rows
+        chosen = pick_torrents(rows, output.pick) if output.pick > 0 else rows
         if not rows and not allow_empty and _lists_torrents(path, db, output.format, output.pick):
             counts.failed += 1
             reporter.problem(f"report {path} not replaced by one of no torrent (a broken "
@@ -9743,7 +9737,7 @@ def report(
         # An empty pick is news (nothing needs help), not a broken listing: the guard below
         # looks at what was listed. Other filters that leave nothing keep it.
         if pick_budget is not None:
-            rows = picked_rows(select_report_rows(rows, "need", None, max_seeders), budget)
+            rows = pick_torrents(select_report_rows(rows, "need", None, max_seeders), budget)
         rows = select_report_rows(rows, sort, limit, max_seeders)
         if chosen_format == "table":
             render_table(rows, rich_console.Console(highlight=False))
