@@ -655,13 +655,14 @@ class DelayLine:
 
 
 IP_PKTINFO: Final = 8  # Linux's value; Python's socket module does not name it
-WIDE_NODES_MAX: Final = 9_000_000  # 127.20.0.1 to 127.163.249.250, below the peers' 127.200+
+WIDE_SUBNETS: Final = 144 * 250  # the /24s of 127.20.0.0 to 127.163.249.255
+WIDE_NODES_MAX: Final = 250 * WIDE_SUBNETS  # 9,000,000, below the peers' 127.200+
 
 
 class WideDht:
     """A simulated DHT of up to millions of nodes behind one UDP socket.
 
-    Node n lives at its own address 127.(20 + n / 62,500).(n / 250 % 250).(n % 250 + 1), all on
+    Node n lives at its own address, all on
     one port. The socket listens on the wildcard address and learns with IP_PKTINFO to which
     127.x address a query was sent; it answers from that very address. It answers nothing that
     does not come from 127/8. As in FakeDhtNetwork, each node has Kademlia buckets (up to 8
@@ -726,14 +727,18 @@ class WideDht:
         return table
 
     def address(self, n: int) -> str:
-        return f"127.{20 + n // 62500}.{n // 250 % 250}.{n % 250 + 1}"
+        # Consecutive nodes in consecutive /24s (127.20.0 to 127.163.249), the host byte
+        # counting rounds: a lookup keeps one node per /24, and the public DHT's nodes are
+        # spread over millions of them, not packed 250 to one.
+        subnet = n % WIDE_SUBNETS
+        return f"127.{20 + subnet // 250}.{subnet % 250}.{n // WIDE_SUBNETS + 1}"
 
     def number(self, packed: bytes) -> int | None:
         """The node at an IPv4 address (4 bytes), or None."""
         first, second, third, fourth = packed
-        n = (second - 20) * 62500 + third * 250 + fourth - 1
-        if first != 127 or not 0 <= third < 250 or not 1 <= fourth <= 250 or \
-                not 0 <= n < self.count:
+        n = (fourth - 1) * WIDE_SUBNETS + (second - 20) * 250 + third
+        if first != 127 or not 20 <= second < 164 or not 0 <= third < 250 or \
+                not 1 <= fourth <= 250 or not 0 <= n < self.count:
             return None
         return n
 
@@ -1139,8 +1144,8 @@ def tsmd_side_by_side(label: str, network, swarms: dict, expected: dict, cache, 
     complete_at: dict[bytes, float] = {}
     take_reply = tsmd.DhtSurvey._take_reply
 
-    def timed_take_reply(survey, result, reply, consider):
-        take_reply(survey, result, reply, consider)
+    def timed_take_reply(survey, result, candidate, reply, consider, filters=True):
+        take_reply(survey, result, candidate, reply, consider, filters)
         if result.infohash not in complete_at and expected[result.infohash] <= result.peers:
             complete_at[result.infohash] = time.perf_counter()
 
@@ -1166,6 +1171,64 @@ def tsmd_side_by_side(label: str, network, swarms: dict, expected: dict, cache, 
     print(f"{label}: {found} found, {wrong} wrong, {all_peers}, {wall:.2f} s until every lookup "
           f"had ended ({udp.sent / count:.1f} packets per lookup, {survey.counters.timeouts} "
           f"timeouts)")
+
+
+def bench_dht_hostile(nodes: int, count: int) -> None:
+    """Issue 15's hostile network, in process: the FakeDhtNetwork of the tests with 8 sybils
+    of one /24 (one bit from every target, 20 made-up peers each, saturated filters), a
+    bootstrap router handing them all out, another router and two nodes handing out one at a
+    time, two id-changers, a node answering 8,000 values and one answering saturated filters.
+    A cold survey and a warm one from its cache, then the same network with no liar."""
+    import trio
+
+    import tsmd
+    from test_tsmd import FakeDhtNetwork, survey_all, dht_test_options
+
+    swarms = bench_swarms(count)
+    truth = {h: {(host, port) for host, port, _ in peers} for h, peers in swarms.items()}
+    hostile = {0: "sybil-router", 1: "sybil-gateway", 60: "sybil-gateway",
+               90: "sybil-gateway", 11: "id-changer", 23: "id-changer", 35: "many-values",
+               47: "saturated"}
+    for label, behaviours, sybils in (("hostile", hostile, 8), ("the same, honest", {}, 0)):
+        network = FakeDhtNetwork(nodes, swarms, style="libtorrent", hostile=behaviours,
+                                 routers=3, sybils=sybils)
+        liars = {network.addresses[n] for n in [*behaviours, *network.sybils]
+                 if behaviours.get(n, "sybil") not in ("saturated", "sybil-gateway")}
+        cache = tsmd.NodeCache()
+
+        async def surveys(network=network, cache=cache):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(network.serve)
+                runs = [await survey_all(network, list(swarms),
+                                         dht_test_options(stall_timeout=1.0, query_timeout=4.0),
+                                         cache) for _ in ("cold", "warm")]
+                nursery.cancel_scope.cancel()
+            return runs
+
+        if sybils:
+            print(f"{label} network: {nodes} nodes and {sybils} sybils of one /24; "
+                  f"{count} infohashes, {sum(map(len, truth.values()))} announced peers")
+        for run, (results, survey, udp) in zip(("cold", "warm"), trio.run(surveys)):
+            exact = sum(results[h].peers == truth[h] for h in swarms)
+            made_up = sum(len(results[h].peers - truth[h]) for h in swarms)
+            worst, within = 0.0, 0
+            for h, peers in swarms.items():
+                seeds, everyone = results[h].bep33_estimates()
+                real = (sum(seed for _, _, seed in peers), len(peers))
+                errors = [abs((estimate if estimate is not None else math.inf) - actual)
+                          for estimate, actual in zip((seeds, everyone), real)]
+                within += all(error <= 0.1 * actual + 2 for error, actual in zip(errors, real))
+                worst = max(worst, *errors)
+            cached = liars & {node.host for node in cache.nodes()}
+            print(f"  {label}, {run}: exact peers for {exact}/{count} infohashes, {made_up} "
+                  f"made-up peers counted; BEP 33 within +-10 % + 2 for {within}/{count} "
+                  f"(worst error {worst:.1f}); {len(cached)} liars cached; "
+                  f"{udp.sent / count:.1f} packets per lookup")
+            # (getattr: the code before the sybil defences runs this bench too, for comparison.)
+            defences = getattr(survey.counters, "_sybil_summary", lambda: "")()
+            left_out = sum(results[h].implausible_filters() for h in swarms)
+            if defences or left_out:
+                print(f"    {defences}{left_out} BEP 33 filters left out")
 
 
 def bench_dht_libtorrent(nodes: int, count: int, rtt: tuple[float, float] | None,
@@ -1779,7 +1842,9 @@ def main() -> None:
                      help="round trips through a relay in front of each libtorrent node, ms; "
                           "0 for none; repeatable (default: 0 and 50-300)")
     dht.add_argument("--repeat", type=int, default=2, help="rounds of the side-by-side")
-    dht.add_argument("--only", choices=("simulated", "libtorrent"))
+    dht.add_argument("--only", choices=("simulated", "hostile", "libtorrent"))
+    dht.add_argument("--hostile-nodes", type=int, default=500)
+    dht.add_argument("--hostile-infohashes", type=int, default=500)
     dht.add_argument("--infohashes", type=int, default=5000)
     dht.add_argument("--silent", type=float, default=0.5,
                      help="fraction of nodes that never answer (on the public DHT about half "
@@ -1825,10 +1890,12 @@ def main() -> None:
     elif args.bench == "listings":
         bench_listings(args.items, args.junk_lines)
     elif args.bench == "dht":
-        if args.only != "libtorrent":
+        if args.only in (None, "simulated"):
             bench_dht(args.nodes, args.infohashes, args.silent, args.in_flight, args.rtt,
                       args.routers)
-        if args.only != "simulated":
+        if args.only in (None, "hostile"):
+            bench_dht_hostile(args.hostile_nodes, args.hostile_infohashes)
+        if args.only in (None, "libtorrent"):
             for rtt in args.lt_rtt or (None, (0.05, 0.3)):
                 bench_dht_libtorrent(args.lt_nodes, args.lt_infohashes, rtt, args.repeat)
     elif args.bench == "report":

@@ -4031,7 +4031,8 @@ def paced_survey(endpoint, cache, bootstrap, lookups: int, **options):
 
 
 def paced_nodes(count: int) -> list[tsmd.DhtNode]:
-    return [tsmd.DhtNode(hashlib.sha1(b"paced %d" % n).digest(), f"192.0.2.{n + 1}", 6881)
+    """Nodes of distinct /24s, as the survey asks one node per /24 in a lookup."""
+    return [tsmd.DhtNode(hashlib.sha1(b"paced %d" % n).digest(), f"198.18.{n + 1}.1", 6881)
             for n in range(count)]
 
 
@@ -4043,7 +4044,7 @@ def test_dht_pacer_keeps_the_global_and_per_address_limits():
     rate, lookups = 20, 100
     # The socket buffer is full for a while at the start (held packets wait for it), and
     # one node always says 202.
-    endpoint = RecordingEndpoint(nodes, delay=0.2, refusals={"192.0.2.7": 10**9}, full=3)
+    endpoint = RecordingEndpoint(nodes, delay=0.2, refusals={"198.18.7.1": 10**9}, full=3)
     survey, results = paced_survey(endpoint, cache, [], lookups, rate=rate, per_ip_rate=1,
                                    per_ip_burst=4, stall_timeout=1, query_timeout=2)
     times = [when for when, _, _ in endpoint.sent]
@@ -4058,7 +4059,7 @@ def test_dht_pacer_keeps_the_global_and_per_address_limits():
         for i, j in itertools.combinations(range(len(mine)), 2):
             assert j - i + 1 <= 4 + (mine[j] - mine[i]) + 1e-9, node.host
     # The node that said 202 heard nothing for 10 s after each refusal reached us.
-    refused = [when for when, host, _ in endpoint.sent if host == "192.0.2.7"]
+    refused = [when for when, host, _ in endpoint.sent if host == "198.18.7.1"]
     assert len(refused) >= 2
     for asked in refused:
         assert not [later for later in refused if asked + 0.2 < later < asked + 10.2 - 1e-9]
@@ -4189,6 +4190,93 @@ def test_node_cache_closest_matches_a_full_scan():
     assert len(cache) == 2999 and cache.closest(b"\x00" * 20, 1)[0].port == nodes[1].port
 
 
+def test_node_cache_distrusts_an_address_that_changes_its_id():
+    cache = tsmd.NodeCache()
+    honest = tsmd.DhtNode(b"\x01" * 20, "198.51.100.1", 6881)
+    cache.add(honest, 1.0)
+    assert cache.vouch(honest.host, honest.port, honest.node_id, honest.node_id)
+    assert cache.vouch(honest.host, honest.port, honest.node_id, None)  # as a router
+    # Another host claiming a cached id does not take its place; the same host on a new port
+    # (a NAT rebinding) does.
+    cache.add(tsmd.DhtNode(honest.node_id, "198.51.100.66", 6881), 2.0)
+    assert cache.nodes() == [honest]
+    cache.add(honest._replace(port=7000), 2.0)
+    assert cache.nodes() == [honest._replace(port=7000)]
+    # Introduced with one id, answering with another: distrusted, out of the cache (and of
+    # the database), not asked again in the run, and never cached back.
+    changer = tsmd.DhtNode(b"\x02" * 20, "198.51.100.2", 6881)
+    cache.add(changer, 1.0)
+    assert not cache.vouch(changer.host, changer.port, b"\x03" * 20, changer.node_id)
+    assert changer not in cache.nodes() and (changer.host, changer.port) in cache.evicted
+    assert cache.is_dead(changer.host, changer.port)
+    assert not cache.vouch(changer.host, changer.port, changer.node_id, changer.node_id)
+    cache.add(changer, 3.0)
+    assert changer not in cache.nodes() and cache.silent_this_run() == []
+    # An address never cached answers one id, then another (a sybil, a new id per target).
+    first, second = b"\x04" * 20, b"\x05" * 20
+    assert cache.vouch("198.51.100.4", 6881, first, first)
+    assert not cache.vouch("198.51.100.4", 6881, second, second)
+    assert cache.distrusted == {(changer.host, changer.port), ("198.51.100.4", 6881)}
+
+
+def test_bep42_node_ids_and_subnets():
+    # BEP 42's own examples: (IP, rand, first 3 bytes of the id).
+    for host, salt, head in [("124.31.75.21", 1, "5fbfbf"), ("21.75.31.124", 86, "5a3ce9"),
+                             ("65.23.51.170", 22, "a5d432"), ("84.124.73.14", 65, "1b0321"),
+                             ("43.213.53.83", 90, "e56f6c")]:
+        node_id = bytes.fromhex(head) + os.urandom(16) + bytes([salt])
+        assert tsmd.bep42_verified(node_id, host) is True
+        # The low 3 bits of the third byte are free; the 21 bits before them are not.
+        assert tsmd.bep42_verified(node_id[:2] + bytes([node_id[2] ^ 7]) + node_id[3:], host)
+        assert tsmd.bep42_verified(node_id[:2] + bytes([node_id[2] ^ 8]) + node_id[3:],
+                                   host) is False
+        assert tsmd.bep42_verified(node_id[:19] + bytes([salt ^ 1]), host) is False
+    assert tsmd.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    # Local and private addresses are exempt: neither verified nor refuted.
+    assert tsmd.bep42_verified(os.urandom(20), "192.168.1.1") is None
+    assert tsmd.bep42_verified(os.urandom(20), "127.0.0.1") is None
+    assert tsmd.bep42_verified(os.urandom(20), "2001:4860::8888") is False
+    assert tsmd.subnet_of("124.31.75.21") == tsmd.subnet_of("124.31.75.200") != \
+        tsmd.subnet_of("124.31.76.21")
+    assert tsmd.subnet_of("2001:db8:1:2::1") == tsmd.subnet_of("2001:db8:1:2:ffff::9") != \
+        tsmd.subnet_of("2001:db8:1:3::1")
+
+
+def test_dht_lookup_keeps_one_node_per_subnet_and_prefers_bep42_ids():
+    verified = tsmd.DhtNode(bytes.fromhex("5fbfbf") + bytes(16) + b"\x01", "124.31.75.21", 6881)
+    other = tsmd.DhtNode(b"\x77" * 20, "124.31.75.99", 6881)
+    third = tsmd.DhtNode(b"\x78" * 20, "124.31.75.100", 6881)
+    elsewhere = tsmd.DhtNode(b"\x79" * 20, "124.31.76.1", 6881)
+    survey = tsmd.DhtSurvey(RecordingEndpoint([], 0.1), tsmd.NodeCache(), [],
+                            dht_test_options(allow_private=False), False)
+    lookup = tsmd._Lookup(survey, b"\x70" * 20, lambda: None)
+    for node in (other, verified, third, elsewhere):
+        lookup.consider(node)
+    wanted = [c.node for c in lookup.by_distance if c.state == "new"]
+    assert wanted == [elsewhere, verified]  # (sorted by distance to the target)
+    assert survey.counters.same_subnet_skipped == 2
+    # Once asked, the holder of a subnet keeps it: a verified newcomer waits.
+    survey2 = tsmd.DhtSurvey(RecordingEndpoint([], 0.1), tsmd.NodeCache(), [],
+                             dht_test_options(allow_private=False), False)
+    lookup = tsmd._Lookup(survey2, b"\x70" * 20, lambda: None)
+    lookup.consider(other)
+    lookup.candidates[(other.host, other.port)].state = "asked"
+    lookup.consider(verified)
+    assert [c.node for c in lookup.by_distance if c.state != "failed"] == [other]
+    # A second address with an id the lookup has: passed over too.
+    lookup.consider(elsewhere._replace(node_id=other.node_id))
+    assert survey2.counters.same_id_skipped == 1
+
+
+def test_lookup_result_counts_peers_two_suspects_confirm():
+    result = tsmd.LookupResult(b"x" * 20, peers={("198.51.100.9", 1)})
+    result.unconfirmed = {("198.51.100.1", 1): {("a", 1)},
+                          ("198.51.100.2", 1): {("a", 1), ("b", 1)},
+                          ("198.51.100.9", 1): {("a", 1)}}  # also named by a trusted node
+    assert result.confirm() == 1
+    assert result.peers == {("198.51.100.9", 1), ("198.51.100.2", 1)} and not result.unconfirmed
+
+
 # ---- DHT: an in-process network of fake nodes ----
 
 
@@ -4223,36 +4311,70 @@ class FakeDhtNetwork:
     `rtt` = (low, high) gives each node a round-trip time drawn from that range: its replies
     leave that much after the query came. `routers` > 0 makes the first `routers` nodes
     bootstrap routers like the public ones: they store nothing, sit in no routing table and
-    answer every query with 8 random nodes, not the closest ones they know."""
+    answer every query with 8 random nodes, not the closest ones they know.
+
+    `sybils` > 0 adds that many sybil nodes after the `count` others, all in 127.66.6.0/24 and
+    in no routing table. Asked about a target, sybil s claims the id one bit (bit s) away from
+    it, names the other sybils the same way, and answers the same 20 made-up peers and
+    saturated BEP 33 filters. A router whose behaviour is "sybil-router" hands them all out; a
+    "sybil-gateway" node answers as an honest one would, but with one sybil (a new one each
+    time) in place of its eighth node."""
+
+    SYBIL_PEERS = 20
 
     def __init__(self, count: int, swarms: dict[bytes, set[tuple[str, int, bool]]], *,
                  style: str = "jech", hostile: dict[int, str] | None = None,
                  second_octet: int = 20, values_delay: float = 0.0,
-                 rtt: tuple[float, float] | None = None, routers: int = 0) -> None:
-        self.ids = [hashlib.sha1(f"node {n}".encode()).digest() for n in range(count)]
+                 rtt: tuple[float, float] | None = None, routers: int = 0,
+                 sybils: int = 0) -> None:
+        self.ids = [hashlib.sha1(f"node {n}".encode()).digest() for n in range(count + sybils)]
         self.addresses = [f"127.{second_octet + n // 250}.{n % 250 + 1}.1" for n in range(count)]
+        self.addresses += [f"127.66.6.{s + 1}" for s in range(sybils)]
+        self.sybils = list(range(count, count + sybils))
+        count += sybils
         self.ports = [0] * count
         self.style = style
         self.values_delay = values_delay  # plain (non-scrape) replies come this much later
         chooser = random.Random(f"rtt {count}")
         self.delay = [chooser.uniform(*rtt) if rtt else 0.0 for _ in range(count)]
         self.hostile = dict(hostile or {})  # node index -> behaviour
-        self.hostile.update({n: "router" for n in range(routers)})
+        self.hostile.update({n: "router" for n in range(routers) if n not in self.hostile})
+        self.hostile.update({n: "sybil" for n in self.sybils})
         self.routers = routers
         self.random = random.Random(f"routers {count}")
         self.queries = [0] * count
         self.per_second: dict[int, int] = {}  # packets received per wall-clock second
         self.stored: list[dict[bytes, set[tuple[str, int, bool]]]] = [{} for _ in range(count)]
         # Peers live on the 8 closest nodes that answer at all (dead entries store nothing).
-        storers = [n for n in range(count) if self.hostile.get(n) not in ("silent", "router")]
+        storers = [n for n in range(count) if self.hostile.get(n) not in (
+            "silent", "router", "sybil-router", "sybil")]
         for infohash, peers in swarms.items():
             for n in heapq.nsmallest(8, storers, key=lambda n: xor(self.ids[n], infohash)):
                 self.stored[n][infohash] = peers
         self.table = self._routing_tables(routers)
 
+    @staticmethod
+    def sybil_id(s: int, infohash: bytes) -> bytes:
+        return (int.from_bytes(infohash, "big") ^ 1 << s).to_bytes(20, "big")
+
+    def _sybil_answer(self, n: int, infohash: bytes, scrape: bool) -> dict:
+        """What a sybil (or the router handing them out) answers about `infohash`."""
+        nodes = b"".join(tsmd.encode_compact_node(tsmd.DhtNode(
+            self.sybil_id(s, infohash), self.addresses[m], self.ports[m]))
+            for s, m in enumerate(self.sybils) if m != n)
+        if n not in self.sybils:  # the router
+            return {b"id": self.ids[n], b"nodes": nodes}
+        s = self.sybils.index(n)
+        body = {b"id": self.sybil_id(s, infohash), b"token": b"sybil", b"nodes": nodes,
+                b"values": [tsmd.encode_compact_peer(f"127.250.0.{p + 1}", 6881)
+                            for p in range(self.SYBIL_PEERS)]}
+        if scrape:
+            body[b"BFsd"] = body[b"BFpe"] = b"\xff" * tsmd.BLOOM_BYTES
+        return body
+
     def _routing_tables(self, routers: int) -> list[list[int]]:
         members = sorted((int.from_bytes(self.ids[n], "big"), n)
-                         for n in range(routers, len(self.ids)))
+                         for n in range(routers, len(self.ids) - len(self.sybils)))
         keys, nodes = [key for key, _ in members], [n for _, n in members]
         tables: list[list[int]] = [[] for _ in self.ids]
         for me, n in members:
@@ -4320,6 +4442,9 @@ class FakeDhtNetwork:
     def answer(self, n: int, query: dict, behaviour: str | None, sock, other, querier=None):
         arguments = query[b"a"]
         infohash = arguments[b"info_hash"]
+        if behaviour in ("sybil", "sybil-router"):
+            return [(bencoder.bencode({b"t": query[b"t"], b"y": b"r", b"r": self._sybil_answer(
+                n, infohash, arguments.get(b"scrape") == 1)}), sock)]
         if behaviour == "router":
             far = self.random.sample(range(self.routers, len(self.ids)), 8)
             return [(bencoder.bencode({b"t": query[b"t"], b"y": b"r", b"r": {
@@ -4369,6 +4494,21 @@ class FakeDhtNetwork:
         if behaviour == "error":
             return [(bencoder.bencode({b"t": query[b"t"], b"y": b"e",
                                        b"e": [201, b"too many requests"]}), sock)]
+        if behaviour == "sybil-gateway":
+            s = self.queries[n] % len(self.sybils)
+            body[b"nodes"] = body[b"nodes"][:7 * 26] + tsmd.encode_compact_node(tsmd.DhtNode(
+                self.sybil_id(s, infohash), self.addresses[self.sybils[s]],
+                self.ports[self.sybils[s]]))
+            return [(bencoder.bencode(reply), sock)]
+        if behaviour == "id-changer":  # a new id at every answer, and made-up peers
+            body[b"id"] = os.urandom(20)
+            body[b"values"] = [tsmd.encode_compact_peer(f"127.251.{n % 250}.{p + 1}", 6881)
+                               for p in range(5)]
+            return [(bencoder.bencode(reply), sock)]
+        if behaviour == "many-values":  # as many made-up peers as a datagram holds
+            body[b"values"] = [tsmd.encode_compact_peer(f"127.252.{p // 250}.{p % 250 + 1}", 6881)
+                               for p in range(8000)]
+            return [(bencoder.bencode(reply), sock)]
         if behaviour in ("saturated", "inflated") and arguments.get(b"scrape") == 1:
             # Filters for any torrent asked: every bit set, or 300 made-up addresses.
             body.pop(b"values", None)
@@ -4466,6 +4606,58 @@ def test_dht_lookups_find_every_peer_and_survive_hostile_nodes():
     assert counters.timeouts > 0 and counters.bogons_skipped > 0 and counters.krpc_errors > 0
     assert udp.dropped_unmatched > 0 and udp.dropped_invalid > 0 and udp.send_errors == 0
     assert all(count <= 3 * len(swarms) for count in network.queries)  # no node hammered
+
+
+@pytest.mark.parametrize("style", ["jech", "libtorrent"])
+def test_dht_sybils_and_liars_bend_no_count(style):
+    """Issue 15's hostile network: 8 sybils of one /24, each one bit from every target with
+    20 made-up peers and saturated filters, handed out all at once by a bootstrap router and
+    one at a time by another router and two nodes in the routing tables; two nodes change their id at every answer
+    (with made-up peers), one answers 8,000 values, one saturated filters. A cold run, then a
+    warm one from its cache: counts exact, no made-up peer, no liar cached."""
+    swarms = dht_swarms(40, peers_each=4, salt=f"sybils {style}")
+    hostile = {0: "sybil-router", 1: "sybil-gateway", 60: "sybil-gateway", 90: "sybil-gateway",
+               11: "id-changer", 23: "id-changer", 35: "many-values", 47: "saturated"}
+    network = FakeDhtNetwork(150, swarms, style=style, hostile=hostile, routers=3, sybils=8)
+    # (A gateway is honest but for its eighth node: nothing tells it apart.)
+    liars = {network.addresses[n] for n in [*hostile, *network.sybils]
+             if hostile.get(n) not in ("saturated", "sybil-gateway")}
+    cache = tsmd.NodeCache()
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(network.serve)
+            runs = [await survey_all(network, list(swarms), dht_test_options(), cache)
+                    for _ in ("cold", "warm")]
+            nursery.cancel_scope.cancel()
+        return runs
+
+    runs = run(scenario, timeout=120)
+    for results, survey, _ in runs:
+        for infohash, peers in swarms.items():
+            result = results[infohash]
+            assert result.peers == {(h, p) for h, p, _ in peers}, infohash.hex()
+            if style == "libtorrent":
+                seeds, everyone = result.bep33_estimates()
+                real_seeds = {h for h, _, seed in peers if seed}
+                assert abs(seeds - len(real_seeds)) <= 0.1 * len(real_seeds) + 2
+                assert abs(everyone - len(peers)) <= 0.1 * len(peers) + 2
+        assert not liars & {node.host for node in cache.nodes()}, sorted(
+            liars & {node.host for node in cache.nodes()})
+    # Each defence was met: sybils were asked, and their peers left out; the id-changers
+    # were distrusted for the run.
+    cold = runs[0][1].counters
+    # (Two of the /24 in one lookup happen only when two gateways meet in it: the rule is
+    # tested on its own, in test_dht_lookup_keeps_one_node_per_subnet_and_prefers_bep42_ids.)
+    assert cold.suspect_nodes > 0 and cold.suspect_introducers > 0
+    assert cold.unconfirmed_peers >= FakeDhtNetwork.SYBIL_PEERS
+    assert cold.ids_changed >= 2 and cold.values_over_cap > 0
+    assert "sybil defences: " in cold.summary() and "implausibly close" in cold.summary()
+    distrusted = {host for host, _ in cache.distrusted}
+    assert {network.addresses[n] for n in (11, 23)} <= distrusted
+    # The network's size, as the lookups saw it (150 nodes), set what is implausibly close.
+    seen_size = 2 ** (160 - tsmd.DHT_CLOSE_ID_MARGIN_BITS) / runs[1][1].implausibly_close
+    assert 40 <= seen_size <= 600, seen_size
 
 
 def test_dht_never_queries_its_own_address(monkeypatch):

@@ -1884,6 +1884,67 @@ def plausible_filters(filters: Sequence[bytes]) -> tuple[list[bytes], int]:
     return [bloom for _, _, bloom in kept], len(filters) - len(kept)
 
 
+# ---- Node ids and addresses (BEP 42) ----
+
+
+def _crc32c_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli, reflected
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C: Final = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), which BEP 42 uses; zlib only has the other CRC-32."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def bep42_verified(node_id: bytes, host: str) -> bool | None:
+    """Whether `node_id` is one that BEP 42 allows `host` to use: its first 21 bits come from
+    the CRC-32C of the masked address and the id's last byte. None where BEP 42 does not apply
+    (local and private addresses, which it exempts, and anything that is not an IP)."""
+    if len(node_id) != 20 or not is_global_address(host):
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    salt = node_id[19] & 7
+    if ip.version == 4:
+        masked = bytearray((int(ip) & 0x030F3FFF).to_bytes(4, "big"))
+    else:
+        masked = bytearray((int.from_bytes(ip.packed[:8], "big")
+                            & 0x0103070F1F3F7FFF).to_bytes(8, "big"))
+    masked[0] |= salt << 5
+    crc = crc32c(bytes(masked))
+    return (node_id[0] == crc >> 24 and node_id[1] == (crc >> 16) & 0xFF
+            and node_id[2] & 0xF8 == (crc >> 8) & 0xF8)
+
+
+def subnet_of(host: str) -> str:
+    """The IPv4 /24 or IPv6 /64 a node sits in: the unit of one owner (a host, a NAT, a rented
+    block) that the one-node-per-subnet rule counts."""
+    return host.rpartition(".")[0] if ":" not in host else _ipv6_subnet(host)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _ipv6_subnet(host: str) -> str:
+    # (Memoised: parsing costs more than the rest of weighing a node; IPv4 needs no parse.)
+    try:
+        return ipaddress.IPv6Address(host).packed[:8].hex()
+    except ValueError:
+        return host
+
+
 # ---- Tracker scrape codecs (BEP 15 UDP, BEP 48 HTTP, WebTorrent WebSocket) ----
 
 UDP_TRACKER_PROTOCOL_ID: Final = 0x41727101980  # BEP 15 magic constant of the connect request
@@ -3369,6 +3430,15 @@ DHT_WRITE_BATCH: Final = 500  # samples per transaction
 UNKNOWN_DISTANCE: Final = 1 << 160  # a bootstrap router's id is unknown until it answers
 DHT_WARMUP_LOOKUPS: Final = 4  # lookups in flight while fewer than K nodes are cached
 DHT_LOOKUPS_PER_NODE: Final = 10  # then at most this many per cached node
+# Sybil defences. The closest of N random ids lies about 2^160 / N from a target; one 2^10
+# times closer happens to an honest node once in ~1,000 lookups, and is what a sybil claims.
+DHT_CLOSE_ID_MARGIN_BITS: Final = 10
+DHT_ASSUMED_SIZE_BITS: Final = 24  # 16 M nodes (the public DHT's order) until lookups tell
+DHT_SIZE_SAMPLES: Final = 101  # lookups whose closest nodes estimate the network's size
+DHT_SIZE_MIN_SAMPLES: Final = 8
+# libtorrent sends 100 values at most (dht_max_peers_reply); a reply that holds more than
+# twice that is made up, and none of its values count.
+DHT_MAX_VALUES_PER_REPLY: Final = 200
 
 
 def _id_int(node_id: bytes) -> int:
@@ -3397,6 +3467,10 @@ class NodeCache:
         # Addresses that answered, in this run or (loaded into the cache) in an earlier one:
         # never remembered as silent, and forgiven if they were.
         self.known_alive: set[tuple[str, int]] = set()
+        # The id each address answered with in this run: an address that changes it (a sybil
+        # claiming an id next to each target) is distrusted, never cached, not asked again.
+        self._answered_as: dict[tuple[str, int], int] = {}
+        self.distrusted: set[tuple[str, int]] = set()
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -3407,11 +3481,18 @@ class NodeCache:
     def add(self, node: DhtNode, seen: float, failures: int = 0) -> None:
         key = _id_int(node.node_id)
         address = (node.host, node.port)
+        if address in self.distrusted:
+            return
         old_key = self._id_at.get(address)
         if old_key is not None and old_key != key:
             self._remove_key(old_key)  # the node at this address has a new id
-        if key in self._nodes and self._nodes[key] != node:
-            self._remove_key(key)  # another address now claims this id: the latest wins
+        holder = self._nodes.get(key)
+        if holder is not None and holder != node:
+            if holder.host != node.host:
+                # Another host claims a cached id: the holder stays until it stops answering
+                # (copying a good node's id is how a sybil would take its place).
+                return
+            self._remove_key(key)  # the same host on a new port: a NAT rebinding
         if key not in self._nodes:
             bisect.insort(self._ids, key)
         self._nodes[key] = node
@@ -3451,7 +3532,27 @@ class NodeCache:
             self.evicted.add(address)
 
     def is_dead(self, host: str, port: int) -> bool:
-        return (host, port) in self.dead
+        return (host, port) in self.dead or (host, port) in self.distrusted
+
+    def vouch(self, host: str, port: int, node_id: bytes, introduced: bytes | None) -> bool:
+        """Whether a reply's id is the one its address was introduced with (None: a router,
+        introduced without one) and the one it used before, in this run or in the cache. An
+        address that fails is distrusted for the run and leaves the cache: an honest node that
+        restarted with a new id is back in the next run."""
+        address = (host, port)
+        if address in self.distrusted:
+            return False
+        key = _id_int(node_id)
+        before = self._answered_as.get(address, self._id_at.get(address))
+        if (introduced is not None and introduced != node_id) or (before is not None
+                                                                  and before != key):
+            self.distrusted.add(address)
+            if address in self._id_at:
+                self._remove_key(self._id_at[address])
+                self.evicted.add(address)
+            return False
+        self._answered_as[address] = key
+        return True
 
     def remember_silent(self, host: str, port: int) -> None:
         """An address silent in earlier runs and still in its back-off: not asked in this run."""
@@ -3549,7 +3650,15 @@ class DhtCounters:
     dropped_replies: int = 0  # late, unexpected or from the wrong address
     malformed_packets: int = 0  # not even KRPC: refused before anything read them
     nodes_cached: int = 0
-    implausible_filters: int = 0  # BEP 33 filters saturated, or far above the others': not used
+    implausible_filters: int = 0  # BEP 33 filters saturated, far above the others' or a suspect's
+    # Sybil defences (DhtSurvey): nodes passed over, replies and peers not believed.
+    same_subnet_skipped: int = 0  # a node of a /24 (/64) the lookup already had one of
+    same_id_skipped: int = 0  # an id the lookup already had at another address
+    ids_changed: int = 0  # a reply's id was not the one its address had
+    suspect_nodes: int = 0  # an id implausibly close to the target
+    suspect_introducers: int = 0  # answers naming several such nodes
+    values_over_cap: int = 0  # replies with more values than any client sends
+    unconfirmed_peers: int = 0  # only one suspect source named them: not counted
     seconds: float = 0.0
     outage: str | None = None  # why the stage stopped early: no node answered
 
@@ -3565,7 +3674,18 @@ class DhtCounters:
                 f"{self.bad_replies} bad replies; "
                 + (f"{self.implausible_filters} implausible BEP 33 filters left out; "
                    if self.implausible_filters else "")
-                + f"{self.nodes_cached} nodes cached")
+                + self._sybil_summary() + f"{self.nodes_cached} nodes cached")
+
+    def _sybil_summary(self) -> str:
+        parts = [(self.same_subnet_skipped, "node", "passed over (one per /24)"),
+                 (self.same_id_skipped, "node", "passed over (an id seen at another address)"),
+                 (self.ids_changed, "answer", "with a changed id ignored"),
+                 (self.suspect_nodes, "node", "implausibly close to a target"),
+                 (self.suspect_introducers, "answer", "naming several such nodes"),
+                 (self.values_over_cap, "answer", "with too many values ignored"),
+                 (self.unconfirmed_peers, "peer", "from one suspect source not counted")]
+        said = [f"{_plural(count, noun)} {what}" for count, noun, what in parts if count]
+        return f"sybil defences: {', '.join(said)}; " if said else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -3587,8 +3707,23 @@ class LookupResult:
     peers: set[tuple[str, int]] = field(default_factory=set)
     seeds_blooms: list[bytes] = field(default_factory=list)  # BEP 33 BFsd, one a responder
     peers_blooms: list[bytes] = field(default_factory=list)  # BFpe
+    suspect_filters: int = 0  # filters of suspect responders: never used
+    # Peers only suspect responders named, with who named them: counted once two did.
+    unconfirmed: dict[tuple[str, int], set[tuple[str, int]]] = field(default_factory=dict)
     nodes_answered: int = 0
     queries: int = 0
+
+    def confirm(self) -> int:
+        """Count the peers that two suspect sources (of two subnets) named; how many were
+        named by one only, and are left out."""
+        left_out = 0
+        for peer, sources in self.unconfirmed.items():
+            if len(sources) >= 2:
+                self.peers.add(peer)
+            elif peer not in self.peers:
+                left_out += 1
+        self.unconfirmed = {}
+        return left_out
 
     def bep33_estimates(self) -> tuple[float | None, float | None]:
         """(seeds, peers), as bep33 gives them."""
@@ -3617,13 +3752,17 @@ class LookupResult:
             for host, _ in self.peers:
                 bloom_insert(peers_bloom, host)
             peers = bloom_estimate(peers_bloom)
-        return seeds, peers, dropped_seeds + dropped_peers
+        return seeds, peers, dropped_seeds + dropped_peers + self.suspect_filters
 
 
 @dataclass(slots=True, eq=False)
 class _Candidate:
     node: DhtNode
     distance: int
+    # An id implausibly close to the target, or a reply with too many values: asked, but not
+    # one of the K closest, its values count only when another source confirms them, and
+    # neither its nodes nor its filters are used.
+    suspect: bool = False
     state: str = "new"  # new, asked, answered, failed
     stalled: bool = False  # asked, and its query is older than the stall timeout
     query: _Query | None = None  # while asked: the query in flight or queued for it
@@ -3683,13 +3822,16 @@ class _Lookup:
         self.rounds = 0
         self.candidates: dict[tuple[str, int], _Candidate] = {}
         self.by_distance: list[_Candidate] = []  # kept sorted as candidates arrive
+        self.by_subnet: dict[str, _Candidate] = {}  # the one candidate of each /24 (/64)
+        self.distances: set[int] = set()  # the ids of the candidates (as distances)
         self.active = 0  # queries asked and not stalled: at most Kademlia's alpha
         self.in_flight = 0  # candidates asked and not yet answered or failed
         self._packets: dict[bool, tuple[bytes, bytes]] = {}
 
     def start(self) -> None:
         self.rounds += 1
-        self.candidates, self.by_distance = {}, []
+        self.candidates, self.by_distance, self.by_subnet = {}, [], {}
+        self.distances = set()
         self.active = self.in_flight = 0
         infohash = self.result.infohash
         for node in self.survey.cache.closest(infohash, 2 * DHT_K):
@@ -3715,10 +3857,40 @@ class _Lookup:
         if not survey.usable(node.host, node.port):
             survey.counters.bogons_skipped += 1
             return
-        if known_id and survey.cache.is_dead(node.host, node.port):
-            return  # (bootstrap routers are always worth another try)
-        distance = _id_int(node.node_id) ^ self.target if known_id else UNKNOWN_DISTANCE
-        candidate = self.candidates[address] = _Candidate(node, distance)
+        if not known_id:  # a bootstrap router: always worth another try, and no sybil rule
+            self._add(address, _Candidate(node, UNKNOWN_DISTANCE))
+            return
+        if survey.cache.is_dead(node.host, node.port):
+            return
+        distance = _id_int(node.node_id) ^ self.target
+        counters = survey.counters
+        if distance in self.distances:  # one id, two addresses: one of them lies
+            counters.same_id_skipped += 1
+            return
+        candidate = _Candidate(node, distance)
+        # One node per IPv4 /24 (IPv6 /64), as libtorrent's dht_restrict_search_ips: sybils
+        # come by the hundred from a few rented blocks.
+        subnet = subnet_of(node.host)
+        held = self.by_subnet.get(subnet)
+        if held is not None:
+            counters.same_subnet_skipped += 1
+            # Two nodes of one subnet tie for its place: a BEP 42 id that matches its address
+            # takes it from one that does not, while that one waits unasked.
+            if not (held.state == "new" and bep42_verified(node.node_id, node.host)
+                    and not bep42_verified(held.node.node_id, held.node.host)):
+                self.candidates[address] = candidate  # (not to be weighed again)
+                candidate.state = "failed"
+                return
+            held.state = "failed"  # asked nothing: no mark against it
+        self.by_subnet[subnet] = candidate
+        if distance < survey.implausibly_close:
+            candidate.suspect = True
+            counters.suspect_nodes += 1
+        self.distances.add(distance)
+        self._add(address, candidate)
+
+    def _add(self, address: tuple[str, int], candidate: _Candidate) -> None:
+        self.candidates[address] = candidate
         bisect.insort(self.by_distance, candidate, key=_candidate_distance)
 
     def advance(self) -> None:
@@ -3729,17 +3901,25 @@ class _Lookup:
         while not self.finished:
             # The K closest alive, and one more for each of them whose query has stalled: a
             # stalled query still counts if it answers, but lets the next candidate go.
+            # Suspects on the way are asked too, but are never one of the K.
             head: list[_Candidate] = []
             wanted = DHT_K
+            counted = 0
+            settled = True  # the K closest have all answered
             for candidate in self.by_distance:
                 if candidate.state == "failed":
                     continue
                 head.append(candidate)
-                if candidate.stalled and len(head) <= DHT_K:
-                    wanted += 1
-                if len(head) >= wanted:
+                if candidate.suspect:
+                    continue
+                counted += 1
+                if counted <= DHT_K:
+                    settled = settled and candidate.state == "answered"
+                    if candidate.stalled:
+                        wanted += 1
+                if counted >= wanted:
                     break
-            if all(candidate.state == "answered" for candidate in head[:DHT_K]):
+            if settled:
                 self._end_round()
                 return
             refused = False
@@ -3793,15 +3973,15 @@ class _Lookup:
         if self.finished or candidate.query is not query:
             return
         survey, result = self.survey, self.result
-        if not query.follow_up:
+        if not query.follow_up and not candidate.suspect:
             result.nodes_answered += 1
-        survey._take_reply(result, reply, self.consider, filters=query.scrape)
+        survey._take_reply(result, candidate, reply, self.consider, filters=query.scrape)
         # libtorrent answers a scrape with filters and no `values`: ask it once more, without
         # scrape, for the peers themselves. The node stays asked until then, or the lookup could
         # end before the very reply that brings its peers.
         # (Not a node that has just told another lookup to back off: it counts as answered.)
         if (query.scrape and not reply.peers and (reply.seeds_bloom or reply.peers_bloom)
-                and not survey._resting(candidate)):
+                and not candidate.suspect and not survey._resting(candidate)):
             result.queries += 1
             if candidate.stalled:
                 candidate.stalled = False  # a fresh query: it holds a slot again
@@ -3812,6 +3992,19 @@ class _Lookup:
                 return
         self._settle(candidate, "answered")
         self.advance()
+
+    def judge(self, candidate: _Candidate, reply: GetPeersReply) -> None:
+        """Whether a reply makes its node suspect: more values than any client sends, or two
+        nodes named implausibly close to the target, which is what a node that hands out
+        sybils does (an honest one, about once in a million lookups)."""
+        counters = self.survey.counters
+        if len(reply.peers) > DHT_MAX_VALUES_PER_REPLY:
+            counters.values_over_cap += 1
+            candidate.suspect = True
+        close, target = self.survey.implausibly_close, self.target
+        if sum(_id_int(node.node_id) ^ target < close for node in reply.nodes) >= 2:
+            counters.suspect_introducers += 1
+            candidate.suspect = True
 
     def _end_round(self) -> None:
         for candidate in self.candidates.values():
@@ -3824,6 +4017,8 @@ class _Lookup:
             self.start()  # one retry when nobody answered
             return
         self.finished = True
+        self.survey.counters.unconfirmed_peers += result.confirm()
+        self.survey.observe_size(self.by_distance)
         self.on_done()
 
     def abandon(self) -> None:
@@ -3855,6 +4050,10 @@ class DhtSurvey:
         self.want_ipv6 = want_ipv6
         self.node_id = os.urandom(20)
         self.counters = DhtCounters()
+        # Ids closer than this to a lookup's target are suspect (DHT_CLOSE_ID_MARGIN_BITS),
+        # from the network size the finished lookups tell (observe_size).
+        self.implausibly_close = 1 << (160 - DHT_ASSUMED_SIZE_BITS - DHT_CLOSE_ID_MARGIN_BITS)
+        self._size_bits: deque[float] = deque(maxlen=DHT_SIZE_SAMPLES)
         # At most `rate` packets in any one-second window: a bucket of one token refilled at
         # rate - 1 per second can send rate - 1 + 1 in a window, never rate + burst.
         self.limited = options.rate > 0
@@ -4018,8 +4217,35 @@ class DhtSurvey:
             return
         counters.replies += 1
         counters.bad_fields += reply.bad_fields
-        self.cache.add(DhtNode(reply.node_id, node.host, node.port), time.time())
+        candidate = query.candidate
+        introduced = None if candidate.distance == UNKNOWN_DISTANCE else node.node_id
+        if not self.cache.vouch(node.host, node.port, reply.node_id, introduced):
+            # mldht ignores "responses with unexpected IDs": neither its nodes nor its values.
+            counters.ids_changed += 1
+            lookup.failed(query)
+            return
+        lookup.judge(candidate, reply)
+        if not candidate.suspect:
+            self.cache.add(DhtNode(reply.node_id, node.host, node.port), time.time())
         lookup.answered(query, reply)
+
+    def observe_size(self, candidates: Sequence[_Candidate]) -> None:
+        """Estimate the network's size from a finished lookup's candidates (sorted by distance):
+        the k-th closest of N random ids lies about k / N of the id space from a target. The
+        median of the last lookups sets `implausibly_close`; suspects take no part in it."""
+        distances = []
+        for candidate in candidates:
+            if candidate.distance == UNKNOWN_DISTANCE or len(distances) == DHT_K:
+                break
+            if candidate.state == "answered" and not candidate.suspect:
+                distances.append(candidate.distance)
+        if not distances:
+            return
+        self._size_bits.append(math.log2(len(distances)) + 160 - math.log2(distances[-1] + 1))
+        if len(self._size_bits) >= DHT_SIZE_MIN_SAMPLES:
+            ordered = sorted(self._size_bits)
+            size_bits = ordered[len(ordered) // 2]
+            self.implausibly_close = 1 << max(0, int(160 - size_bits - DHT_CLOSE_ID_MARGIN_BITS))
 
     def _timed_out(self, query: _Query) -> None:
         query.state = "ended"
@@ -4098,13 +4324,23 @@ class DhtSurvey:
                 await wake.wait()
             self._pacer_wake, self._pacer_deadline = None, math.inf
 
-    def _take_reply(self, result: LookupResult, reply: GetPeersReply, consider: Any,
-                    filters: bool = True) -> None:
-        for host, port in reply.peers:
-            if _bogus_destination(host, port, self.options.allow_private):
-                self.counters.bogons_skipped += 1
-            else:
-                result.peers.add((host, port))
+    def _take_reply(self, result: LookupResult, candidate: _Candidate, reply: GetPeersReply,
+                    consider: Any, filters: bool = True) -> None:
+        trusted = not candidate.suspect
+        if len(reply.peers) <= DHT_MAX_VALUES_PER_REPLY:
+            source = (candidate.node.host, candidate.node.port)
+            for host, port in reply.peers:
+                if _bogus_destination(host, port, self.options.allow_private):
+                    self.counters.bogons_skipped += 1
+                elif trusted:
+                    result.peers.add((host, port))
+                else:
+                    result.unconfirmed.setdefault((host, port), set()).add(source)
+        if not trusted:  # its nodes and filters would be the sybil's own
+            if filters:
+                result.suspect_filters += ((reply.seeds_bloom is not None)
+                                           + (reply.peers_bloom is not None))
+            return
         for node in reply.nodes:
             consider(node)
         # Kept apart, not OR-ed as they come: one node's saturated filter would be the whole
