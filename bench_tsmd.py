@@ -662,8 +662,8 @@ WIDE_NODES_MAX: Final = 250 * WIDE_SUBNETS  # 9,000,000, below the peers' 127.20
 class WideDht:
     """A simulated DHT of up to millions of nodes behind one UDP socket.
 
-    Node n lives at its own address, all on
-    one port. The socket listens on the wildcard address and learns with IP_PKTINFO to which
+    Node n lives at its own 127.x address (`address`: consecutive nodes in consecutive /24s),
+    all on one port. The socket listens on the wildcard address and learns with IP_PKTINFO to which
     127.x address a query was sent; it answers from that very address. It answers nothing that
     does not come from 127/8. As in FakeDhtNetwork, each node has Kademlia buckets (up to 8
     nodes per length of the shared id prefix, chosen at random from the whole network), built
@@ -1175,10 +1175,11 @@ def tsmd_side_by_side(label: str, network, swarms: dict, expected: dict, cache, 
 
 def bench_dht_hostile(nodes: int, count: int) -> None:
     """Issue 15's hostile network, in process: the FakeDhtNetwork of the tests with 8 sybils
-    of one /24 (one bit from every target, 20 made-up peers each, saturated filters), a
-    bootstrap router handing them all out, another router and two nodes handing out one at a
-    time, two id-changers, a node answering 8,000 values and one answering saturated filters.
-    A cold survey and a warm one from its cache, then the same network with no liar."""
+    on two addresses (one bit from every target, the same 20 made-up peers, saturated
+    filters), a bootstrap router handing them all out, another router and two nodes handing
+    them out one at a time, two id-changers, a node answering 8,000 values and one answering
+    saturated filters. A cold survey and a warm one from its cache, then the same network
+    with no liar."""
     import trio
 
     import tsmd
@@ -1206,7 +1207,7 @@ def bench_dht_hostile(nodes: int, count: int) -> None:
             return runs
 
         if sybils:
-            print(f"{label} network: {nodes} nodes and {sybils} sybils of one /24; "
+            print(f"{label} network: {nodes} nodes and {sybils} sybils on two addresses; "
                   f"{count} infohashes, {sum(map(len, truth.values()))} announced peers")
         for run, (results, survey, udp) in zip(("cold", "warm"), trio.run(surveys)):
             exact = sum(results[h].peers == truth[h] for h in swarms)

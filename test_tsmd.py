@@ -4196,27 +4196,35 @@ def test_node_cache_distrusts_an_address_that_changes_its_id():
     cache.add(honest, 1.0)
     assert cache.vouch(honest.host, honest.port, honest.node_id, honest.node_id)
     assert cache.vouch(honest.host, honest.port, honest.node_id, None)  # as a router
+    # Introduced with a stale id (or a made-up one) by another node: that reply is ignored,
+    # and nothing is held against the address.
+    assert not cache.vouch(honest.host, honest.port, honest.node_id, b"\x09" * 20)
+    assert cache.nodes() == [honest] and not cache.distrusted and not cache.evicted
     # Another host claiming a cached id does not take its place; the same host on a new port
     # (a NAT rebinding) does.
     cache.add(tsmd.DhtNode(honest.node_id, "198.51.100.66", 6881), 2.0)
     assert cache.nodes() == [honest]
     cache.add(honest._replace(port=7000), 2.0)
     assert cache.nodes() == [honest._replace(port=7000)]
-    # Introduced with one id, answering with another: distrusted, out of the cache (and of
-    # the database), not asked again in the run, and never cached back.
-    changer = tsmd.DhtNode(b"\x02" * 20, "198.51.100.2", 6881)
-    cache.add(changer, 1.0)
-    assert not cache.vouch(changer.host, changer.port, b"\x03" * 20, changer.node_id)
-    assert changer not in cache.nodes() and (changer.host, changer.port) in cache.evicted
-    assert cache.is_dead(changer.host, changer.port)
-    assert not cache.vouch(changer.host, changer.port, changer.node_id, changer.node_id)
-    cache.add(changer, 3.0)
-    assert changer not in cache.nodes() and cache.silent_this_run() == []
-    # An address never cached answers one id, then another (a sybil, a new id per target).
-    first, second = b"\x04" * 20, b"\x05" * 20
-    assert cache.vouch("198.51.100.4", 6881, first, first)
-    assert not cache.vouch("198.51.100.4", 6881, second, second)
-    assert cache.distrusted == {(changer.host, changer.port), ("198.51.100.4", 6881)}
+    # Cached by an earlier run, answering with a new id: a restart, which the cache takes.
+    restarted = tsmd.DhtNode(b"\x02" * 20, "198.51.100.2", 6881)
+    cache.add(restarted, 1.0)
+    assert cache.vouch(restarted.host, restarted.port, b"\x03" * 20, None)
+    cache.add(restarted._replace(node_id=b"\x03" * 20), 2.0)
+    assert restarted._replace(node_id=b"\x03" * 20) in cache.nodes()
+    # A second id within the run (a sybil, a new id next to each target): distrusted, out of
+    # the cache (and of the database), not asked again in the run, never cached back.
+    assert not cache.vouch(restarted.host, restarted.port, b"\x04" * 20, b"\x04" * 20)
+    address = (restarted.host, restarted.port)
+    assert address in cache.distrusted and address in cache.evicted
+    assert cache.is_dead(*address) and len(cache) == 1
+    assert not cache.vouch(restarted.host, restarted.port, b"\x03" * 20, b"\x03" * 20)
+    cache.add(restarted, 3.0)
+    assert len(cache) == 1 and cache.silent_this_run() == []
+    # An address that answered is never remembered as silent, cached or not.
+    assert cache.vouch("198.51.100.4", 6881, b"\x05" * 20, b"\x05" * 20)
+    cache.failed("198.51.100.4", 6881)
+    assert cache.silent_this_run() == []
 
 
 def test_bep42_node_ids_and_subnets():
@@ -4224,22 +4232,25 @@ def test_bep42_node_ids_and_subnets():
     for host, salt, head in [("124.31.75.21", 1, "5fbfbf"), ("21.75.31.124", 86, "5a3ce9"),
                              ("65.23.51.170", 22, "a5d432"), ("84.124.73.14", 65, "1b0321"),
                              ("43.213.53.83", 90, "e56f6c")]:
-        node_id = bytes.fromhex(head) + os.urandom(16) + bytes([salt])
+        node_id = bytes.fromhex(head) + bytes(range(16)) + bytes([salt])
         assert tsmd.bep42_verified(node_id, host) is True
         # The low 3 bits of the third byte are free; the 21 bits before them are not.
         assert tsmd.bep42_verified(node_id[:2] + bytes([node_id[2] ^ 7]) + node_id[3:], host)
         assert tsmd.bep42_verified(node_id[:2] + bytes([node_id[2] ^ 8]) + node_id[3:],
                                    host) is False
-        assert tsmd.bep42_verified(node_id[:19] + bytes([salt ^ 1]), host) is False
+        assert tsmd.bep42_verified(node_id[:19] + bytes([salt ^ 4]), host) is False
     assert tsmd.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     # Local and private addresses are exempt: neither verified nor refuted.
-    assert tsmd.bep42_verified(os.urandom(20), "192.168.1.1") is None
-    assert tsmd.bep42_verified(os.urandom(20), "127.0.0.1") is None
-    assert tsmd.bep42_verified(os.urandom(20), "2001:4860::8888") is False
+    assert tsmd.bep42_verified(b"\x5f" * 20, "192.168.1.1") is None
+    assert tsmd.bep42_verified(b"\x5f" * 20, "127.0.0.1") is None
+    assert tsmd.bep42_verified(b"\x00" * 20, "2001:4860::8888") is False
     assert tsmd.subnet_of("124.31.75.21") == tsmd.subnet_of("124.31.75.200") != \
         tsmd.subnet_of("124.31.76.21")
-    assert tsmd.subnet_of("2001:db8:1:2::1") == tsmd.subnet_of("2001:db8:1:2:ffff::9") != \
-        tsmd.subnet_of("2001:db8:1:3::1")
+    assert tsmd.subnet_of("2a00:1450:1:2::1") == tsmd.subnet_of("2a00:1450:1:2:ffff::9") != \
+        tsmd.subnet_of("2a00:1450:1:3::1")
+    # A closed network may have all its nodes in one private /24: each address counts alone.
+    assert tsmd.subnet_of("10.0.0.1") != tsmd.subnet_of("10.0.0.2")
+    assert tsmd.subnet_of("127.66.6.1") == "127.66.6.1"
 
 
 def test_dht_lookup_keeps_one_node_per_subnet_and_prefers_bep42_ids():
@@ -4266,15 +4277,20 @@ def test_dht_lookup_keeps_one_node_per_subnet_and_prefers_bep42_ids():
     # A second address with an id the lookup has: passed over too.
     lookup.consider(elsewhere._replace(node_id=other.node_id))
     assert survey2.counters.same_id_skipped == 1
-
-
-def test_lookup_result_counts_peers_two_suspects_confirm():
-    result = tsmd.LookupResult(b"x" * 20, peers={("198.51.100.9", 1)})
-    result.unconfirmed = {("198.51.100.1", 1): {("a", 1)},
-                          ("198.51.100.2", 1): {("a", 1), ("b", 1)},
-                          ("198.51.100.9", 1): {("a", 1)}}  # also named by a trusted node
-    assert result.confirm() == 1
-    assert result.peers == {("198.51.100.9", 1), ("198.51.100.2", 1)} and not result.unconfirmed
+    # When the holder fails, the closest node passed over in its subnet takes its place.
+    lookup.consider(third)
+    holder = lookup.candidates[(other.host, other.port)]
+    holder.state = "failed"
+    lookup._give_way(holder)
+    assert [c.node for c in lookup.by_distance if c.state == "new"] == [third]
+    # A closed network in one private /24: every node is a candidate.
+    survey3 = tsmd.DhtSurvey(RecordingEndpoint([], 0.1), tsmd.NodeCache(), [],
+                             dht_test_options(), False)
+    lookup = tsmd._Lookup(survey3, b"\x70" * 20, lambda: None)
+    for n in range(20):
+        lookup.consider(tsmd.DhtNode(hashlib.sha1(b"lan %d" % n).digest(), f"10.0.0.{n + 1}",
+                                     6881))
+    assert len(lookup.by_distance) == 20 and survey3.counters.same_subnet_skipped == 0
 
 
 # ---- DHT: an in-process network of fake nodes ----
@@ -4313,8 +4329,8 @@ class FakeDhtNetwork:
     bootstrap routers like the public ones: they store nothing, sit in no routing table and
     answer every query with 8 random nodes, not the closest ones they know.
 
-    `sybils` > 0 adds that many sybil nodes after the `count` others, all in 127.66.6.0/24 and
-    in no routing table. Asked about a target, sybil s claims the id one bit (bit s) away from
+    `sybils` > 0 adds that many sybil nodes after the `count` others, on two addresses of
+    127.66.6.0/24 (on loopback, each address counts as its own subnet) and in no routing table. Asked about a target, sybil s claims the id one bit (bit s) away from
     it, names the other sybils the same way, and answers the same 20 made-up peers and
     saturated BEP 33 filters. A router whose behaviour is "sybil-router" hands them all out; a
     "sybil-gateway" node answers as an honest one would, but with one sybil (a new one each
@@ -4329,7 +4345,7 @@ class FakeDhtNetwork:
                  sybils: int = 0) -> None:
         self.ids = [hashlib.sha1(f"node {n}".encode()).digest() for n in range(count + sybils)]
         self.addresses = [f"127.{second_octet + n // 250}.{n % 250 + 1}.1" for n in range(count)]
-        self.addresses += [f"127.66.6.{s + 1}" for s in range(sybils)]
+        self.addresses += [f"127.66.6.{s % 2 + 1}" for s in range(sybils)]
         self.sybils = list(range(count, count + sybils))
         count += sybils
         self.ports = [0] * count
@@ -4610,8 +4626,8 @@ def test_dht_lookups_find_every_peer_and_survive_hostile_nodes():
 
 @pytest.mark.parametrize("style", ["jech", "libtorrent"])
 def test_dht_sybils_and_liars_bend_no_count(style):
-    """Issue 15's hostile network: 8 sybils of one /24, each one bit from every target with
-    20 made-up peers and saturated filters, handed out all at once by a bootstrap router and
+    """Issue 15's hostile network: 8 sybils on two addresses, each one bit from every target
+    with the same 20 made-up peers and saturated filters, handed out all at once by a bootstrap router and
     one at a time by another router and two nodes in the routing tables; two nodes change their id at every answer
     (with made-up peers), one answers 8,000 values, one saturated filters. A cold run, then a
     warm one from its cache: counts exact, no made-up peer, no liar cached."""
@@ -4647,17 +4663,17 @@ def test_dht_sybils_and_liars_bend_no_count(style):
     # Each defence was met: sybils were asked, and their peers left out; the id-changers
     # were distrusted for the run.
     cold = runs[0][1].counters
-    # (Two of the /24 in one lookup happen only when two gateways meet in it: the rule is
-    # tested on its own, in test_dht_lookup_keeps_one_node_per_subnet_and_prefers_bep42_ids.)
+    # (Two sybils of one address in a lookup happen only when two gateways meet in it: the
+    # rule is tested on its own, in test_dht_lookup_keeps_one_node_per_subnet_and_prefers_...)
     assert cold.suspect_nodes > 0 and cold.suspect_introducers > 0
-    assert cold.unconfirmed_peers >= FakeDhtNetwork.SYBIL_PEERS
+    assert cold.suspect_peers >= FakeDhtNetwork.SYBIL_PEERS
     assert cold.ids_changed >= 2 and cold.values_over_cap > 0
     assert "sybil defences: " in cold.summary() and "implausibly close" in cold.summary()
     distrusted = {host for host, _ in cache.distrusted}
     assert {network.addresses[n] for n in (11, 23)} <= distrusted
     # The network's size, as the lookups saw it (150 nodes), set what is implausibly close.
     seen_size = 2 ** (160 - tsmd.DHT_CLOSE_ID_MARGIN_BITS) / runs[1][1].implausibly_close
-    assert 40 <= seen_size <= 600, seen_size
+    assert 75 <= seen_size <= 300, seen_size
 
 
 def test_dht_never_queries_its_own_address(monkeypatch):

@@ -1884,67 +1884,6 @@ def plausible_filters(filters: Sequence[bytes]) -> tuple[list[bytes], int]:
     return [bloom for _, _, bloom in kept], len(filters) - len(kept)
 
 
-# ---- Node ids and addresses (BEP 42) ----
-
-
-def _crc32c_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli, reflected
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC32C: Final = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), which BEP 42 uses; zlib only has the other CRC-32."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def bep42_verified(node_id: bytes, host: str) -> bool | None:
-    """Whether `node_id` is one that BEP 42 allows `host` to use: its first 21 bits come from
-    the CRC-32C of the masked address and the id's last byte. None where BEP 42 does not apply
-    (local and private addresses, which it exempts, and anything that is not an IP)."""
-    if len(node_id) != 20 or not is_global_address(host):
-        return None
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    salt = node_id[19] & 7
-    if ip.version == 4:
-        masked = bytearray((int(ip) & 0x030F3FFF).to_bytes(4, "big"))
-    else:
-        masked = bytearray((int.from_bytes(ip.packed[:8], "big")
-                            & 0x0103070F1F3F7FFF).to_bytes(8, "big"))
-    masked[0] |= salt << 5
-    crc = crc32c(bytes(masked))
-    return (node_id[0] == crc >> 24 and node_id[1] == (crc >> 16) & 0xFF
-            and node_id[2] & 0xF8 == (crc >> 8) & 0xF8)
-
-
-def subnet_of(host: str) -> str:
-    """The IPv4 /24 or IPv6 /64 a node sits in: the unit of one owner (a host, a NAT, a rented
-    block) that the one-node-per-subnet rule counts."""
-    return host.rpartition(".")[0] if ":" not in host else _ipv6_subnet(host)
-
-
-@functools.lru_cache(maxsize=1 << 12)
-def _ipv6_subnet(host: str) -> str:
-    # (Memoised: parsing costs more than the rest of weighing a node; IPv4 needs no parse.)
-    try:
-        return ipaddress.IPv6Address(host).packed[:8].hex()
-    except ValueError:
-        return host
-
-
 # ---- Tracker scrape codecs (BEP 15 UDP, BEP 48 HTTP, WebTorrent WebSocket) ----
 
 UDP_TRACKER_PROTOCOL_ID: Final = 0x41727101980  # BEP 15 magic constant of the connect request
@@ -2326,6 +2265,52 @@ def is_global_address(address: str) -> bool:
     if not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified:
         return False
     return not any(ip in net for net in _EXTRA_NON_GLOBAL if net.version == ip.version)
+
+
+# ---- Node ids and addresses (BEP 42) ----
+
+
+def _crc32c_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli, reflected
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C: Final = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), which BEP 42 uses; zlib only has the other CRC-32."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def bep42_verified(node_id: bytes, host: str) -> bool | None:
+    """Whether `node_id` is one that BEP 42 allows `host` to use: its first 21 bits come from
+    the CRC-32C of the masked address and the id's last byte. None where BEP 42 does not apply
+    (local and private addresses, which it exempts, and anything that is not an IP)."""
+    if len(node_id) != 20 or not is_global_address(host):
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    salt = node_id[19] & 7
+    if ip.version == 4:
+        masked = bytearray((int(ip) & 0x030F3FFF).to_bytes(4, "big"))
+    else:
+        masked = bytearray((int.from_bytes(ip.packed[:8], "big")
+                            & 0x0103070F1F3F7FFF).to_bytes(8, "big"))
+    masked[0] |= salt << 5
+    crc = crc32c(bytes(masked))
+    return (node_id[0] == crc >> 24 and node_id[1] == (crc >> 16) & 0xFF
+            and node_id[2] & 0xF8 == (crc >> 8) & 0xF8)
 
 
 # ---- Seeder history ----
@@ -3469,6 +3454,7 @@ class NodeCache:
         self.known_alive: set[tuple[str, int]] = set()
         # The id each address answered with in this run: an address that changes it (a sybil
         # claiming an id next to each target) is distrusted, never cached, not asked again.
+        # (About 150 bytes an address: a few MB for the tens of thousands a big run meets.)
         self._answered_as: dict[tuple[str, int], int] = {}
         self.distrusted: set[tuple[str, int]] = set()
 
@@ -3483,9 +3469,6 @@ class NodeCache:
         address = (node.host, node.port)
         if address in self.distrusted:
             return
-        old_key = self._id_at.get(address)
-        if old_key is not None and old_key != key:
-            self._remove_key(old_key)  # the node at this address has a new id
         holder = self._nodes.get(key)
         if holder is not None and holder != node:
             if holder.host != node.host:
@@ -3493,6 +3476,9 @@ class NodeCache:
                 # (copying a good node's id is how a sybil would take its place).
                 return
             self._remove_key(key)  # the same host on a new port: a NAT rebinding
+        old_key = self._id_at.get(address)
+        if old_key is not None and old_key != key:
+            self._remove_key(old_key)  # the node at this address has a new id (a restart)
         if key not in self._nodes:
             bisect.insort(self._ids, key)
         self._nodes[key] = node
@@ -3535,24 +3521,26 @@ class NodeCache:
         return (host, port) in self.dead or (host, port) in self.distrusted
 
     def vouch(self, host: str, port: int, node_id: bytes, introduced: bytes | None) -> bool:
-        """Whether a reply's id is the one its address was introduced with (None: a router,
-        introduced without one) and the one it used before, in this run or in the cache. An
-        address that fails is distrusted for the run and leaves the cache: an honest node that
-        restarted with a new id is back in the next run."""
+        """Whether to believe a reply: its id must be the one its address answered with before
+        in this run, and the one it was introduced with (None: a router, introduced without
+        one). Failing the first distrusts the address: not asked again in the run, out of the
+        cache, never cached back (a sybil claims a new id next to each target). The second may
+        be the introducer's stale entry: that reply alone is ignored. An id other than the one
+        cached by an earlier run is a restart: the cache takes the new one."""
         address = (host, port)
         if address in self.distrusted:
             return False
+        self.known_alive.add(address)  # it answered: never remembered as silent
         key = _id_int(node_id)
-        before = self._answered_as.get(address, self._id_at.get(address))
-        if (introduced is not None and introduced != node_id) or (before is not None
-                                                                  and before != key):
+        before = self._answered_as.get(address)
+        if before is not None and before != key:
             self.distrusted.add(address)
             if address in self._id_at:
                 self._remove_key(self._id_at[address])
                 self.evicted.add(address)
             return False
         self._answered_as[address] = key
-        return True
+        return introduced is None or introduced == node_id
 
     def remember_silent(self, host: str, port: int) -> None:
         """An address silent in earlier runs and still in its back-off: not asked in this run."""
@@ -3652,13 +3640,14 @@ class DhtCounters:
     nodes_cached: int = 0
     implausible_filters: int = 0  # BEP 33 filters saturated, far above the others' or a suspect's
     # Sybil defences (DhtSurvey): nodes passed over, replies and peers not believed.
+    # (Counted per lookup: a node met in ten lookups counts ten times.)
     same_subnet_skipped: int = 0  # a node of a /24 (/64) the lookup already had one of
     same_id_skipped: int = 0  # an id the lookup already had at another address
     ids_changed: int = 0  # a reply's id was not the one its address had
     suspect_nodes: int = 0  # an id implausibly close to the target
     suspect_introducers: int = 0  # answers naming several such nodes
     values_over_cap: int = 0  # replies with more values than any client sends
-    unconfirmed_peers: int = 0  # only one suspect source named them: not counted
+    suspect_peers: int = 0  # only suspects named them: not counted
     seconds: float = 0.0
     outage: str | None = None  # why the stage stopped early: no node answered
 
@@ -3677,13 +3666,13 @@ class DhtCounters:
                 + self._sybil_summary() + f"{self.nodes_cached} nodes cached")
 
     def _sybil_summary(self) -> str:
-        parts = [(self.same_subnet_skipped, "node", "passed over (one per /24)"),
-                 (self.same_id_skipped, "node", "passed over (an id seen at another address)"),
-                 (self.ids_changed, "answer", "with a changed id ignored"),
-                 (self.suspect_nodes, "node", "implausibly close to a target"),
+        parts = [(self.same_subnet_skipped, "candidate", "passed over (one per /24)"),
+                 (self.same_id_skipped, "candidate", "passed over (an id seen elsewhere)"),
+                 (self.ids_changed, "answer", "with an unexpected id ignored"),
+                 (self.suspect_nodes, "candidate", "implausibly close to the target"),
                  (self.suspect_introducers, "answer", "naming several such nodes"),
                  (self.values_over_cap, "answer", "with too many values ignored"),
-                 (self.unconfirmed_peers, "peer", "from one suspect source not counted")]
+                 (self.suspect_peers, "peer", "only suspects named, not counted")]
         said = [f"{_plural(count, noun)} {what}" for count, noun, what in parts if count]
         return f"sybil defences: {', '.join(said)}; " if said else ""
 
@@ -3708,22 +3697,11 @@ class LookupResult:
     seeds_blooms: list[bytes] = field(default_factory=list)  # BEP 33 BFsd, one a responder
     peers_blooms: list[bytes] = field(default_factory=list)  # BFpe
     suspect_filters: int = 0  # filters of suspect responders: never used
-    # Peers only suspect responders named, with who named them: counted once two did.
-    unconfirmed: dict[tuple[str, int], set[tuple[str, int]]] = field(default_factory=dict)
+    # Peers that suspects named: not counted (sybils in a few subnets would vouch for each
+    # other). The honest ones among them are usually named by a trusted node too.
+    suspect_peers: set[tuple[str, int]] = field(default_factory=set)
     nodes_answered: int = 0
     queries: int = 0
-
-    def confirm(self) -> int:
-        """Count the peers that two suspect sources (of two subnets) named; how many were
-        named by one only, and are left out."""
-        left_out = 0
-        for peer, sources in self.unconfirmed.items():
-            if len(sources) >= 2:
-                self.peers.add(peer)
-            elif peer not in self.peers:
-                left_out += 1
-        self.unconfirmed = {}
-        return left_out
 
     def bep33_estimates(self) -> tuple[float | None, float | None]:
         """(seeds, peers), as bep33 gives them."""
@@ -3759,9 +3737,9 @@ class LookupResult:
 class _Candidate:
     node: DhtNode
     distance: int
-    # An id implausibly close to the target, or a reply with too many values: asked, but not
-    # one of the K closest, its values count only when another source confirms them, and
-    # neither its nodes nor its filters are used.
+    # An id implausibly close to the target, or a reply with too many values or naming such
+    # ids (flag_suspect): asked, but not one of the K closest, and neither its values, its
+    # nodes nor its filters are used.
     suspect: bool = False
     state: str = "new"  # new, asked, answered, failed
     stalled: bool = False  # asked, and its query is older than the stall timeout
@@ -3808,6 +3786,24 @@ def _bogus_destination(host: str, port: int, allow_private: bool) -> bool:
     return never or (not allow_private and not routable)
 
 
+def subnet_of(host: str) -> str:
+    """What the one-node-per-subnet rule counts as one owner: the IPv4 /24 or IPv6 /64 of a
+    global address (a host, a NAT, a rented block); any other address alone, as a closed
+    network (a LAN, containers, a lab) may have all its nodes in one /24."""
+    if not _destination_class(host)[1]:
+        return host
+    return host.rpartition(".")[0] if ":" not in host else _ipv6_subnet(host)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _ipv6_subnet(host: str) -> str:
+    # (Memoised: parsing costs more than the rest of weighing a node; IPv4 needs no parse.)
+    try:
+        return ipaddress.IPv6Address(host).packed[:8].hex()
+    except ValueError:
+        return host
+
+
 class _Lookup:
     """One iterative get_peers lookup (BEP 5): a state machine that the survey's replies and
     timers drive. A query costs no task, cancel scope or event of its own: with those, a query
@@ -3823,20 +3819,21 @@ class _Lookup:
         self.candidates: dict[tuple[str, int], _Candidate] = {}
         self.by_distance: list[_Candidate] = []  # kept sorted as candidates arrive
         self.by_subnet: dict[str, _Candidate] = {}  # the one candidate of each /24 (/64)
-        self.distances: set[int] = set()  # the ids of the candidates (as distances)
+        self.alternates: dict[str, _Candidate] = {}  # the closest passed over, if that one fails
+        self.ids_seen: set[tuple[bool, int]] = set()  # (IPv6, distance) of each candidate
         self.active = 0  # queries asked and not stalled: at most Kademlia's alpha
         self.in_flight = 0  # candidates asked and not yet answered or failed
         self._packets: dict[bool, tuple[bytes, bytes]] = {}
 
     def start(self) -> None:
         self.rounds += 1
-        self.candidates, self.by_distance, self.by_subnet = {}, [], {}
-        self.distances = set()
+        self.candidates, self.by_distance, self.by_subnet, self.alternates = {}, [], {}, {}
+        self.ids_seen = set()
         self.active = self.in_flight = 0
         infohash = self.result.infohash
         for node in self.survey.cache.closest(infohash, 2 * DHT_K):
             self.consider(node)
-        if len(self.candidates) < DHT_K:
+        if len(self.by_distance) < DHT_K:
             for node in self.survey.bootstrap:
                 self.consider(node, known_id=False)
         self.advance()
@@ -3857,17 +3854,21 @@ class _Lookup:
         if not survey.usable(node.host, node.port):
             survey.counters.bogons_skipped += 1
             return
-        if not known_id:  # a bootstrap router: always worth another try, and no sybil rule
-            self._add(address, _Candidate(node, UNKNOWN_DISTANCE))
+        if not known_id:  # a bootstrap router: worth another try unless it changed its id
+            if address not in survey.cache.distrusted:
+                self._add(address, _Candidate(node, UNKNOWN_DISTANCE))
             return
         if survey.cache.is_dead(node.host, node.port):
             return
         distance = _id_int(node.node_id) ^ self.target
         counters = survey.counters
-        if distance in self.distances:  # one id, two addresses: one of them lies
+        # One id, two addresses of a family: one of them lies. (A dual-stack node uses one id
+        # for IPv4 and IPv6: BEP 32's two networks.)
+        same_id = (":" in node.host, distance)
+        if same_id in self.ids_seen:
             counters.same_id_skipped += 1
             return
-        candidate = _Candidate(node, distance)
+        candidate = _Candidate(node, distance, suspect=distance < survey.implausibly_close)
         # One node per IPv4 /24 (IPv6 /64), as libtorrent's dht_restrict_search_ips: sybils
         # come by the hundred from a few rented blocks.
         subnet = subnet_of(node.host)
@@ -3880,14 +3881,35 @@ class _Lookup:
                     and not bep42_verified(held.node.node_id, held.node.host)):
                 self.candidates[address] = candidate  # (not to be weighed again)
                 candidate.state = "failed"
+                alternate = self.alternates.get(subnet)
+                if alternate is None or distance < alternate.distance:
+                    self.alternates[subnet] = candidate
                 return
             held.state = "failed"  # asked nothing: no mark against it
+            self.alternates[subnet] = held
+        self._hold_subnet(subnet, address, candidate)
+
+    def _hold_subnet(self, subnet: str, address: tuple[str, int], candidate: _Candidate) -> None:
         self.by_subnet[subnet] = candidate
-        if distance < survey.implausibly_close:
-            candidate.suspect = True
-            counters.suspect_nodes += 1
-        self.distances.add(distance)
+        if candidate.suspect:
+            self.survey.counters.suspect_nodes += 1
+        self.ids_seen.add((":" in candidate.node.host, candidate.distance))
         self._add(address, candidate)
+
+    def _give_way(self, candidate: _Candidate) -> None:
+        """A candidate failed: the closest node passed over in its subnet takes its place, or a
+        silent first-met node (or a decoy named first) would hide its subnet's live one."""
+        if candidate.distance == UNKNOWN_DISTANCE:
+            return
+        subnet = subnet_of(candidate.node.host)
+        if self.by_subnet.get(subnet) is candidate:
+            alternate = self.alternates.pop(subnet, None)
+            if alternate is None:
+                return
+            address = (alternate.node.host, alternate.node.port)
+            if not self.survey.cache.is_dead(*address):
+                alternate.state = "new"
+                self._hold_subnet(subnet, address, alternate)
 
     def _add(self, address: tuple[str, int], candidate: _Candidate) -> None:
         self.candidates[address] = candidate
@@ -3927,8 +3949,11 @@ class _Lookup:
                 if self.active >= DHT_ALPHA or result.queries >= options.max_queries:
                     break
                 if candidate.state == "new":
-                    if self.survey._resting(candidate):
+                    node = candidate.node
+                    if (self.survey._resting(candidate)
+                            or (node.host, node.port) in self.survey.cache.distrusted):
                         candidate.state = "failed"  # asked nothing: no mark, no query counted
+                        self._give_way(candidate)
                         refused = True
                         continue
                     result.queries += 1
@@ -3938,6 +3963,7 @@ class _Lookup:
                     query = candidate.query = _Query(self, candidate, options.bep33)
                     if not self.survey._send(query):
                         self._settle(candidate, "failed")
+                        self._give_way(candidate)
                         refused = True
             if refused:
                 continue  # a node passed over or a packet refused frees its slot: look again
@@ -3959,13 +3985,18 @@ class _Lookup:
             self.active -= 1
             self.advance()
 
-    def failed(self, query: _Query) -> None:
-        """No usable reply (timeout, error, refused packet). After a first reply, the node still
-        counts as answered when only its follow-up fails."""
+    def failed(self, query: _Query, distrusted: bool = False) -> None:
+        """No usable reply (timeout, error, refused packet, an unexpected id). After a first
+        reply, the node still counts as answered when only its follow-up fails, unless it
+        answered the follow-up with another id."""
         candidate = query.candidate
         if self.finished or candidate.query is not query:
             return
-        self._settle(candidate, "answered" if query.follow_up else "failed")
+        if query.follow_up and not distrusted:
+            self._settle(candidate, "answered")
+        else:
+            self._settle(candidate, "failed")
+            self._give_way(candidate)
         self.advance()
 
     def answered(self, query: _Query, reply: GetPeersReply) -> None:
@@ -3993,16 +4024,17 @@ class _Lookup:
         self._settle(candidate, "answered")
         self.advance()
 
-    def judge(self, candidate: _Candidate, reply: GetPeersReply) -> None:
-        """Whether a reply makes its node suspect: more values than any client sends, or two
-        nodes named implausibly close to the target, which is what a node that hands out
-        sybils does (an honest one, about once in a million lookups)."""
+    def flag_suspect(self, candidate: _Candidate, reply: GetPeersReply) -> None:
+        """Make a node suspect for what it answered: more values than any client sends, or two
+        ids implausibly close to the target, which is what a node that hands out sybils does
+        (an honest one, about once in a million lookups)."""
         counters = self.survey.counters
         if len(reply.peers) > DHT_MAX_VALUES_PER_REPLY:
             counters.values_over_cap += 1
             candidate.suspect = True
         close, target = self.survey.implausibly_close, self.target
-        if sum(_id_int(node.node_id) ^ target < close for node in reply.nodes) >= 2:
+        if len({node.node_id for node in reply.nodes
+                if _id_int(node.node_id) ^ target < close}) >= 2:
             counters.suspect_introducers += 1
             candidate.suspect = True
 
@@ -4017,7 +4049,8 @@ class _Lookup:
             self.start()  # one retry when nobody answered
             return
         self.finished = True
-        self.survey.counters.unconfirmed_peers += result.confirm()
+        self.survey.counters.suspect_peers += len(result.suspect_peers - result.peers)
+        result.suspect_peers = set()
         self.survey.observe_size(self.by_distance)
         self.on_done()
 
@@ -4222,9 +4255,9 @@ class DhtSurvey:
         if not self.cache.vouch(node.host, node.port, reply.node_id, introduced):
             # mldht ignores "responses with unexpected IDs": neither its nodes nor its values.
             counters.ids_changed += 1
-            lookup.failed(query)
+            lookup.failed(query, distrusted=True)
             return
-        lookup.judge(candidate, reply)
+        lookup.flag_suspect(candidate, reply)
         if not candidate.suspect:
             self.cache.add(DhtNode(reply.node_id, node.host, node.port), time.time())
         lookup.answered(query, reply)
@@ -4233,7 +4266,7 @@ class DhtSurvey:
         """Estimate the network's size from a finished lookup's candidates (sorted by distance):
         the k-th closest of N random ids lies about k / N of the id space from a target. The
         median of the last lookups sets `implausibly_close`; suspects take no part in it."""
-        distances = []
+        distances: list[int] = []
         for candidate in candidates:
             if candidate.distance == UNKNOWN_DISTANCE or len(distances) == DHT_K:
                 break
@@ -4241,7 +4274,11 @@ class DhtSurvey:
                 distances.append(candidate.distance)
         if not distances:
             return
-        self._size_bits.append(math.log2(len(distances)) + 160 - math.log2(distances[-1] + 1))
+        # Capped a little above the public DHT's size: sybils just outside the threshold can
+        # only make the network look bigger, and so the threshold smaller; real networks that
+        # need it to adapt are smaller.
+        self._size_bits.append(min(DHT_ASSUMED_SIZE_BITS + 1, math.log2(len(distances)) + 160
+                                   - math.log2(distances[-1] + 1)))
         if len(self._size_bits) >= DHT_SIZE_MIN_SAMPLES:
             ordered = sorted(self._size_bits)
             size_bits = ordered[len(ordered) // 2]
@@ -4328,14 +4365,13 @@ class DhtSurvey:
                     consider: Any, filters: bool = True) -> None:
         trusted = not candidate.suspect
         if len(reply.peers) <= DHT_MAX_VALUES_PER_REPLY:
-            source = (candidate.node.host, candidate.node.port)
             for host, port in reply.peers:
                 if _bogus_destination(host, port, self.options.allow_private):
                     self.counters.bogons_skipped += 1
                 elif trusted:
                     result.peers.add((host, port))
                 else:
-                    result.unconfirmed.setdefault((host, port), set()).add(source)
+                    result.suspect_peers.add((host, port))
         if not trusted:  # its nodes and filters would be the sybil's own
             if filters:
                 result.suspect_filters += ((reply.seeds_bloom is not None)
