@@ -4142,6 +4142,32 @@ def test_dht_values_follow_up_to_a_node_that_asked_to_back_off_is_not_waited_for
         assert duration < 1 and result.nodes_answered == tsmd.DHT_K
 
 
+def test_dht_follow_up_with_another_id_takes_back_the_first_reply():
+    # The closest node answers a scrape with filters, then the follow-up with another id.
+    nodes = paced_nodes(20)
+    target = int.from_bytes(hashlib.sha1(b"target 0").digest(), "big")
+    liar = min(nodes, key=lambda node: int.from_bytes(node.node_id, "big") ^ target)
+
+    class Liar(RecordingEndpoint):
+        def reply(self, query, host, port):
+            message = super().reply(query, host, port)
+            if host == liar.host and query[b"a"].get(b"scrape") != 1:
+                message.body[b"id"] = b"\xee" * 20
+            return message
+
+    cache = tsmd.NodeCache()
+    for node in nodes:
+        cache.add(node, 0)
+    endpoint = Liar(nodes, delay=0.1, filters_only={liar.host})
+    survey, results = paced_survey(endpoint, cache, [], 1, bep33=True)
+    result = results[0]
+    assert [host for _, host, query in endpoint.sent if host == liar.host] == [liar.host] * 2
+    assert result.seeds_blooms == result.peers_blooms == [] and result.peers == set()
+    assert result.nodes_answered == tsmd.DHT_K  # 8 others, the liar not among them
+    assert survey.counters.ids_changed == 1 and (liar.host, liar.port) in cache.distrusted
+    assert liar not in cache.nodes()
+
+
 def test_dht_lookups_wait_for_a_router_that_asked_them_to_back_off():
     # A cold start: nothing cached, one router, and its first answer is 202. Every lookup
     # must wait out its 10 s, not end unanswered at once.
@@ -4206,12 +4232,13 @@ def test_node_cache_distrusts_an_address_that_changes_its_id():
     assert cache.nodes() == [honest]
     cache.add(honest._replace(port=7000), 2.0)
     assert cache.nodes() == [honest._replace(port=7000)]
-    # Cached by an earlier run, answering with a new id: a restart, which the cache takes.
+    # Cached by an earlier run, answering with a new id: a restart, which the cache takes (the
+    # reply itself is not used: the lookup weighed the node by its old id).
     restarted = tsmd.DhtNode(b"\x02" * 20, "198.51.100.2", 6881)
     cache.add(restarted, 1.0)
-    assert cache.vouch(restarted.host, restarted.port, b"\x03" * 20, None)
-    cache.add(restarted._replace(node_id=b"\x03" * 20), 2.0)
+    assert not cache.vouch(restarted.host, restarted.port, b"\x03" * 20, restarted.node_id)
     assert restarted._replace(node_id=b"\x03" * 20) in cache.nodes()
+    assert cache.vouch(restarted.host, restarted.port, b"\x03" * 20, b"\x03" * 20)
     # A second id within the run (a sybil, a new id next to each target): distrusted, out of
     # the cache (and of the database), not asked again in the run, never cached back.
     assert not cache.vouch(restarted.host, restarted.port, b"\x04" * 20, b"\x04" * 20)
@@ -4277,12 +4304,30 @@ def test_dht_lookup_keeps_one_node_per_subnet_and_prefers_bep42_ids():
     # A second address with an id the lookup has: passed over too.
     lookup.consider(elsewhere._replace(node_id=other.node_id))
     assert survey2.counters.same_id_skipped == 1
-    # When the holder fails, the closest node passed over in its subnet takes its place.
+    # When the holder fails, the best node passed over in its subnet takes its place: the
+    # BEP 42 one first, then the closest. After three takeovers, the subnet had its chances.
     lookup.consider(third)
-    holder = lookup.candidates[(other.host, other.port)]
-    holder.state = "failed"
-    lookup._give_way(holder)
-    assert [c.node for c in lookup.by_distance if c.state == "new"] == [third]
+
+    def holder_fails(node):
+        holder = lookup.candidates[(node.host, node.port)]
+        holder.state = "failed"
+        lookup._give_way(holder)
+        return [c.node for c in lookup.by_distance if c.state == "new"]
+
+    assert holder_fails(other) == [verified]
+    assert holder_fails(verified) == [third]
+    assert len(lookup.by_distance) == len(set(map(id, lookup.by_distance)))  # listed once
+    assert holder_fails(third) == []  # none left: the next node met in it holds it
+    fourth = tsmd.DhtNode(b"\x7a" * 20, "124.31.75.101", 6881)
+    lookup.consider(fourth)
+    assert holder_fails(fourth) == []  # three takeovers: the subnet had its chances
+    lookup.consider(fourth._replace(node_id=b"\x7c" * 20, host="124.31.75.102"))
+    assert [c.node for c in lookup.by_distance if c.state == "new"] == []
+    # A subnet whose holder failed with nobody waiting goes to the next node met in it.
+    lookup.consider(elsewhere)
+    assert holder_fails(elsewhere) == []
+    lookup.consider(elsewhere._replace(node_id=b"\x7b" * 20, host="124.31.76.2"))
+    assert [c.node.host for c in lookup.by_distance if c.state == "new"] == ["124.31.76.2"]
     # A closed network in one private /24: every node is a candidate.
     survey3 = tsmd.DhtSurvey(RecordingEndpoint([], 0.1), tsmd.NodeCache(), [],
                              dht_test_options(), False)

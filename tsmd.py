@@ -3424,6 +3424,7 @@ DHT_SIZE_MIN_SAMPLES: Final = 8
 # libtorrent sends 100 values at most (dht_max_peers_reply); a reply that holds more than
 # twice that is made up, and none of its values count.
 DHT_MAX_VALUES_PER_REPLY: Final = 200
+DHT_SUBNET_TAKEOVERS: Final = 3  # times a lookup lets a /24 whose node failed try another
 
 
 def _id_int(node_id: bytes) -> int:
@@ -3535,12 +3536,22 @@ class NodeCache:
         before = self._answered_as.get(address)
         if before is not None and before != key:
             self.distrusted.add(address)
-            if address in self._id_at:
-                self._remove_key(self._id_at[address])
-                self.evicted.add(address)
+            self.forget(host, port)
             return False
         self._answered_as[address] = key
+        cached = self._id_at.get(address)
+        if cached is not None and cached != key and before is None:
+            # Another id than an earlier run saw: a restart since, and the cache takes the new
+            # id. (A lookup that the cache gave the old one weighed it by that: not used.)
+            self.add(DhtNode(node_id, host, port), self.last_seen[cached])
         return introduced is None or introduced == node_id
+
+    def forget(self, host: str, port: int) -> None:
+        """Out of the cache, and of the database at the end of the run."""
+        key = self._id_at.get((host, port))
+        if key is not None:
+            self._remove_key(key)
+            self.evicted.add((host, port))
 
     def remember_silent(self, host: str, port: int) -> None:
         """An address silent in earlier runs and still in its back-off: not asked in this run."""
@@ -3744,10 +3755,19 @@ class _Candidate:
     state: str = "new"  # new, asked, answered, failed
     stalled: bool = False  # asked, and its query is older than the stall timeout
     query: _Query | None = None  # while asked: the query in flight or queued for it
+    listed: bool = False  # in by_distance
+    filters: tuple[bytes | None, bytes | None] = (None, None)  # what its first reply gave
 
 
 def _candidate_distance(candidate: _Candidate) -> int:
     return candidate.distance
+
+
+def _subnet_rank(candidate: _Candidate) -> tuple[bool, bool, int]:
+    """Which of a subnet's nodes a lookup asks first: one not suspect, then one whose BEP 42
+    id matches its address, then the closest."""
+    verified = bep42_verified(candidate.node.node_id, candidate.node.host)
+    return candidate.suspect, not verified, candidate.distance
 
 
 @dataclass(slots=True, eq=False)
@@ -3819,7 +3839,8 @@ class _Lookup:
         self.candidates: dict[tuple[str, int], _Candidate] = {}
         self.by_distance: list[_Candidate] = []  # kept sorted as candidates arrive
         self.by_subnet: dict[str, _Candidate] = {}  # the one candidate of each /24 (/64)
-        self.alternates: dict[str, _Candidate] = {}  # the closest passed over, if that one fails
+        self.passed_over: dict[str, list[_Candidate]] = {}  # by subnet: to take a failed one's place
+        self.takeovers: dict[str, int] = {}
         self.ids_seen: set[tuple[bool, int]] = set()  # (IPv6, distance) of each candidate
         self.active = 0  # queries asked and not stalled: at most Kademlia's alpha
         self.in_flight = 0  # candidates asked and not yet answered or failed
@@ -3827,13 +3848,13 @@ class _Lookup:
 
     def start(self) -> None:
         self.rounds += 1
-        self.candidates, self.by_distance, self.by_subnet, self.alternates = {}, [], {}, {}
-        self.ids_seen = set()
+        self.candidates, self.by_distance, self.by_subnet = {}, [], {}
+        self.passed_over, self.takeovers, self.ids_seen = {}, {}, set()
         self.active = self.in_flight = 0
         infohash = self.result.infohash
         for node in self.survey.cache.closest(infohash, 2 * DHT_K):
             self.consider(node)
-        if len(self.by_distance) < DHT_K:
+        if sum(not c.suspect and c.state != "failed" for c in self.by_distance) < DHT_K:
             for node in self.survey.bootstrap:
                 self.consider(node, known_id=False)
         self.advance()
@@ -3875,18 +3896,16 @@ class _Lookup:
         held = self.by_subnet.get(subnet)
         if held is not None:
             counters.same_subnet_skipped += 1
-            # Two nodes of one subnet tie for its place: a BEP 42 id that matches its address
-            # takes it from one that does not, while that one waits unasked.
-            if not (held.state == "new" and bep42_verified(node.node_id, node.host)
-                    and not bep42_verified(held.node.node_id, held.node.host)):
+            # Two nodes of one subnet tie for its place: one that is not suspect, or whose
+            # BEP 42 id matches its address, takes it from one that is not so, while that one
+            # waits unasked.
+            if not (held.state == "new" and _subnet_rank(candidate) < _subnet_rank(held)):
                 self.candidates[address] = candidate  # (not to be weighed again)
                 candidate.state = "failed"
-                alternate = self.alternates.get(subnet)
-                if alternate is None or distance < alternate.distance:
-                    self.alternates[subnet] = candidate
+                self.passed_over.setdefault(subnet, []).append(candidate)
                 return
             held.state = "failed"  # asked nothing: no mark against it
-            self.alternates[subnet] = held
+            self.passed_over.setdefault(subnet, []).append(held)
         self._hold_subnet(subnet, address, candidate)
 
     def _hold_subnet(self, subnet: str, address: tuple[str, int], candidate: _Candidate) -> None:
@@ -3897,23 +3916,34 @@ class _Lookup:
         self._add(address, candidate)
 
     def _give_way(self, candidate: _Candidate) -> None:
-        """A candidate failed: the closest node passed over in its subnet takes its place, or a
-        silent first-met node (or a decoy named first) would hide its subnet's live one."""
+        """A subnet's holder failed: the best node passed over in it takes its place (or the
+        next one met, if none was), or a silent first-met node (or a decoy named first) would
+        hide its subnet's live one. A few times a lookup: a subnet of sybils costs no more."""
         if candidate.distance == UNKNOWN_DISTANCE:
             return
         subnet = subnet_of(candidate.node.host)
-        if self.by_subnet.get(subnet) is candidate:
-            alternate = self.alternates.pop(subnet, None)
-            if alternate is None:
-                return
-            address = (alternate.node.host, alternate.node.port)
-            if not self.survey.cache.is_dead(*address):
-                alternate.state = "new"
-                self._hold_subnet(subnet, address, alternate)
+        if self.by_subnet.get(subnet) is not candidate:
+            return
+        if self.takeovers.get(subnet, 0) >= DHT_SUBNET_TAKEOVERS:
+            return
+        self.takeovers[subnet] = self.takeovers.get(subnet, 0) + 1
+        dead, ids_seen = self.survey.cache.is_dead, self.ids_seen
+        waiting = [other for other in self.passed_over.get(subnet, ())
+                   if (":" in other.node.host, other.distance) not in ids_seen
+                   and not dead(other.node.host, other.node.port) and other is not candidate]
+        if not waiting:
+            del self.by_subnet[subnet]  # the next node met in it holds it
+            return
+        best = min(waiting, key=_subnet_rank)
+        self.passed_over[subnet].remove(best)
+        best.state = "new"
+        self._hold_subnet(subnet, (best.node.host, best.node.port), best)
 
     def _add(self, address: tuple[str, int], candidate: _Candidate) -> None:
         self.candidates[address] = candidate
-        bisect.insort(self.by_distance, candidate, key=_candidate_distance)
+        if not candidate.listed:
+            candidate.listed = True
+            bisect.insort(self.by_distance, candidate, key=_candidate_distance)
 
     def advance(self) -> None:
         """Ask the next candidates, or end the round: when the K closest nodes still alive have
@@ -3995,9 +4025,23 @@ class _Lookup:
         if query.follow_up and not distrusted:
             self._settle(candidate, "answered")
         else:
+            if query.follow_up:
+                self.retract(candidate)
             self._settle(candidate, "failed")
             self._give_way(candidate)
         self.advance()
+
+    def retract(self, candidate: _Candidate) -> None:
+        """A node's follow-up showed it a liar (another id, too many values): what its first
+        reply gave no longer counts. (The nodes it named were weighed like any others'.)"""
+        result = self.result
+        seeds, peers = candidate.filters
+        if seeds is not None and seeds in result.seeds_blooms:
+            result.seeds_blooms.remove(seeds)
+        if peers is not None and peers in result.peers_blooms:
+            result.peers_blooms.remove(peers)
+        candidate.filters = (None, None)
+        result.nodes_answered -= 1
 
     def answered(self, query: _Query, reply: GetPeersReply) -> None:
         candidate = query.candidate
@@ -4024,10 +4068,20 @@ class _Lookup:
         self._settle(candidate, "answered")
         self.advance()
 
-    def flag_suspect(self, candidate: _Candidate, reply: GetPeersReply) -> None:
+    def flag_suspect(self, query: _Query, reply: GetPeersReply) -> None:
         """Make a node suspect for what it answered: more values than any client sends, or two
         ids implausibly close to the target, which is what a node that hands out sybils does
         (an honest one, about once in a million lookups)."""
+        candidate = query.candidate
+        if candidate.suspect:
+            return
+        self._flag(candidate, reply)
+        if candidate.suspect and query.follow_up:  # it was trusted, cached, counted
+            self.survey.cache.forget(candidate.node.host, candidate.node.port)
+            if not self.finished and candidate.query is query:
+                self.retract(candidate)
+
+    def _flag(self, candidate: _Candidate, reply: GetPeersReply) -> None:
         counters = self.survey.counters
         if len(reply.peers) > DHT_MAX_VALUES_PER_REPLY:
             counters.values_over_cap += 1
@@ -4257,7 +4311,7 @@ class DhtSurvey:
             counters.ids_changed += 1
             lookup.failed(query, distrusted=True)
             return
-        lookup.flag_suspect(candidate, reply)
+        lookup.flag_suspect(query, reply)
         if not candidate.suspect:
             self.cache.add(DhtNode(reply.node_id, node.host, node.port), time.time())
         lookup.answered(query, reply)
@@ -4386,6 +4440,8 @@ class DhtSurvey:
             result.seeds_blooms.append(reply.seeds_bloom)
         if filters and reply.peers_bloom is not None:
             result.peers_blooms.append(reply.peers_bloom)
+        if filters:
+            candidate.filters = (reply.seeds_bloom, reply.peers_bloom)
 
 
 async def resolve_routers(entries: Sequence[str], into: dict[str, list[DhtNode] | str]) -> None:
