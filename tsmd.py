@@ -3839,7 +3839,8 @@ class _Lookup:
         self.candidates: dict[tuple[str, int], _Candidate] = {}
         self.by_distance: list[_Candidate] = []  # kept sorted as candidates arrive
         self.by_subnet: dict[str, _Candidate] = {}  # the one candidate of each /24 (/64)
-        self.passed_over: dict[str, list[_Candidate]] = {}  # by subnet: to take a failed one's place
+        # By subnet: the nodes passed over, to take a failed holder's place, and how often.
+        self.passed_over: dict[str, list[_Candidate]] = {}
         self.takeovers: dict[str, int] = {}
         self.ids_seen: set[tuple[bool, int]] = set()  # (IPv6, distance) of each candidate
         self.active = 0  # queries asked and not stalled: at most Kademlia's alpha
