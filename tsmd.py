@@ -4437,12 +4437,12 @@ class DhtSurvey:
         # Kept apart, not OR-ed as they come: one node's saturated filter would be the whole
         # estimate. One a responder (max_queries bound them): a reply to the follow-up, which
         # did not ask for filters, adds none, or a node would count twice.
-        if filters and reply.seeds_bloom is not None:
-            result.seeds_blooms.append(reply.seeds_bloom)
-        if filters and reply.peers_bloom is not None:
-            result.peers_blooms.append(reply.peers_bloom)
         if filters:
-            candidate.filters = (reply.seeds_bloom, reply.peers_bloom)
+            if reply.seeds_bloom is not None:
+                result.seeds_blooms.append(reply.seeds_bloom)
+            if reply.peers_bloom is not None:
+                result.peers_blooms.append(reply.peers_bloom)
+            candidate.filters = (reply.seeds_bloom, reply.peers_bloom)  # to retract, if need be
 
 
 async def resolve_routers(entries: Sequence[str], into: dict[str, list[DhtNode] | str]) -> None:
