@@ -1137,15 +1137,12 @@ def tsmd_side_by_side(label: str, network, swarms: dict, expected: dict, cache, 
     every expected peer had arrived (and until every lookup had ended)."""
     import trio
 
-    import tsmd
     from test_tsmd import survey_all, dht_test_options
 
     count = len(swarms)
     complete_at: dict[bytes, float] = {}
-    take_reply = tsmd.DhtSurvey._take_reply
 
-    def timed_take_reply(survey, result, candidate, reply, consider, filters=True):
-        take_reply(survey, result, candidate, reply, consider, filters)
+    def watch(result) -> None:
         if result.infohash not in complete_at and expected[result.infohash] <= result.peers:
             complete_at[result.infohash] = time.perf_counter()
 
@@ -1153,15 +1150,11 @@ def tsmd_side_by_side(label: str, network, swarms: dict, expected: dict, cache, 
     # be all there is to measure.
     limits = (dict(rate=0) if budget is None else
               dict(rate=budget, per_ip_rate=budget, per_ip_burst=budget))
-    tsmd.DhtSurvey._take_reply = timed_take_reply
-    try:
-        started = time.perf_counter()
-        options = dht_test_options(concurrency=count, bep33=bep33, stall_timeout=1.0,
-                                   query_timeout=4.0, **limits)
-        results, survey, udp = trio.run(survey_all, network, list(swarms), options, cache)
-        wall = time.perf_counter() - started
-    finally:
-        tsmd.DhtSurvey._take_reply = take_reply
+    started = time.perf_counter()
+    options = dht_test_options(concurrency=count, bep33=bep33, stall_timeout=1.0,
+                               query_timeout=4.0, **limits)
+    results, survey, udp = trio.run(survey_all, network, list(swarms), options, cache, watch)
+    wall = time.perf_counter() - started
     found = sum(len(results[h].peers & expected[h]) for h in swarms)
     wrong = sum(len(results[h].peers - expected[h]) for h in swarms)
     times = sorted(at - started for at in complete_at.values())

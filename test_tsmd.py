@@ -4280,39 +4280,71 @@ def test_bep42_node_ids_and_subnets():
     assert tsmd.subnet_of("127.66.6.1") == "127.66.6.1"
 
 
+@dataclass
+class ScriptedView:
+    """What a Lookup may ask (tsmd.LookupView), as plain lists and sets: the lookup core
+    under test with no survey, socket or clock."""
+
+    cached: list = dataclasses.field(default_factory=list)
+    bootstrap: list = dataclasses.field(default_factory=list)
+    options: tsmd.DhtOptions = dataclasses.field(default_factory=lambda: dht_test_options(allow_private=False))
+    implausibly_close: int = 1 << 64  # node_at(0) is suspect, node_at(1) is not
+    dead: set = dataclasses.field(default_factory=set)
+    distrusted: set = dataclasses.field(default_factory=set)
+    resting_hosts: set = dataclasses.field(default_factory=set)
+
+    def usable(self, host, port):
+        return not tsmd._bogus_destination(host, port, self.options.allow_private)
+
+    def is_dead(self, host, port):
+        return (host, port) in self.dead or (host, port) in self.distrusted
+
+    def is_distrusted(self, host, port):
+        return (host, port) in self.distrusted
+
+    def resting(self, host):
+        return host in self.resting_hosts
+
+    def closest(self, target, count):
+        return sorted(self.cached, key=lambda node: xor(node.node_id, target))[:count]
+
+
+def scripted_lookup(view: ScriptedView, target: bytes = b"\x70" * 20):
+    counters = tsmd.DhtCounters()
+    return tsmd.Lookup(target, view, counters), counters
+
+
 def test_dht_lookup_keeps_one_node_per_subnet_and_prefers_bep42_ids():
     verified = tsmd.DhtNode(bytes.fromhex("5fbfbf") + bytes(16) + b"\x01", "124.31.75.21", 6881)
     other = tsmd.DhtNode(b"\x77" * 20, "124.31.75.99", 6881)
     third = tsmd.DhtNode(b"\x78" * 20, "124.31.75.100", 6881)
     elsewhere = tsmd.DhtNode(b"\x79" * 20, "124.31.76.1", 6881)
-    survey = tsmd.DhtSurvey(RecordingEndpoint([], 0.1), tsmd.NodeCache(), [],
-                            dht_test_options(allow_private=False), False)
-    lookup = tsmd._Lookup(survey, b"\x70" * 20, lambda: None)
+    NEW, ASKED, FAILED = (tsmd.CandidateState.NEW, tsmd.CandidateState.ASKED,
+                          tsmd.CandidateState.FAILED)
+    lookup, counters = scripted_lookup(ScriptedView())
     for node in (other, verified, third, elsewhere):
         lookup.consider(node)
-    wanted = [c.node for c in lookup.by_distance if c.state == "new"]
+    wanted = [c.node for c in lookup.by_distance if c.state is NEW]
     assert wanted == [elsewhere, verified]  # (sorted by distance to the target)
-    assert survey.counters.same_subnet_skipped == 2
+    assert counters.same_subnet_skipped == 2
     # Once asked, the holder of a subnet keeps it: a verified newcomer waits.
-    survey2 = tsmd.DhtSurvey(RecordingEndpoint([], 0.1), tsmd.NodeCache(), [],
-                             dht_test_options(allow_private=False), False)
-    lookup = tsmd._Lookup(survey2, b"\x70" * 20, lambda: None)
+    lookup, counters = scripted_lookup(ScriptedView())
     lookup.consider(other)
-    lookup.candidates[(other.host, other.port)].state = "asked"
+    lookup.candidates[(other.host, other.port)].state = ASKED
     lookup.consider(verified)
-    assert [c.node for c in lookup.by_distance if c.state != "failed"] == [other]
+    assert [c.node for c in lookup.by_distance if c.state is not FAILED] == [other]
     # A second address with an id the lookup has: passed over too.
     lookup.consider(elsewhere._replace(node_id=other.node_id))
-    assert survey2.counters.same_id_skipped == 1
+    assert counters.same_id_skipped == 1
     # When the holder fails, the best node passed over in its subnet takes its place: the
     # BEP 42 one first, then the closest. After three takeovers, the subnet had its chances.
     lookup.consider(third)
 
     def holder_fails(node):
         holder = lookup.candidates[(node.host, node.port)]
-        holder.state = "failed"
+        holder.state = FAILED
         lookup._give_way(holder)
-        return [c.node for c in lookup.by_distance if c.state == "new"]
+        return [c.node for c in lookup.by_distance if c.state is NEW]
 
     assert holder_fails(other) == [verified]
     assert holder_fails(verified) == [third]
@@ -4322,20 +4354,164 @@ def test_dht_lookup_keeps_one_node_per_subnet_and_prefers_bep42_ids():
     lookup.consider(fourth)
     assert holder_fails(fourth) == []  # three takeovers: the subnet had its chances
     lookup.consider(fourth._replace(node_id=b"\x7c" * 20, host="124.31.75.102"))
-    assert [c.node for c in lookup.by_distance if c.state == "new"] == []
+    assert [c.node for c in lookup.by_distance if c.state is NEW] == []
     # A subnet whose holder failed with nobody waiting goes to the next node met in it.
     lookup.consider(elsewhere)
     assert holder_fails(elsewhere) == []
     lookup.consider(elsewhere._replace(node_id=b"\x7b" * 20, host="124.31.76.2"))
-    assert [c.node.host for c in lookup.by_distance if c.state == "new"] == ["124.31.76.2"]
+    assert [c.node.host for c in lookup.by_distance if c.state is NEW] == ["124.31.76.2"]
     # A closed network in one private /24: every node is a candidate.
-    survey3 = tsmd.DhtSurvey(RecordingEndpoint([], 0.1), tsmd.NodeCache(), [],
-                             dht_test_options(), False)
-    lookup = tsmd._Lookup(survey3, b"\x70" * 20, lambda: None)
+    lookup, counters = scripted_lookup(ScriptedView(options=dht_test_options()))
     for n in range(20):
         lookup.consider(tsmd.DhtNode(hashlib.sha1(b"lan %d" % n).digest(), f"10.0.0.{n + 1}",
                                      6881))
-    assert len(lookup.by_distance) == 20 and survey3.counters.same_subnet_skipped == 0
+    assert len(lookup.by_distance) == 20 and counters.same_subnet_skipped == 0
+
+
+LOOKUP_TARGET = b"\x70" * 20
+
+
+def node_at(distance: int, host: str) -> tsmd.DhtNode:
+    """A node `distance` from LOOKUP_TARGET (in units of 2^100: bits far below BEP 42's)."""
+    return tsmd.DhtNode((int.from_bytes(LOOKUP_TARGET, "big") ^ distance << 100)
+                        .to_bytes(20, "big"), host, 6881)
+
+
+def reply_of(node, peers=(), nodes=(), seeds=None, peers_bloom=None):
+    return tsmd.GetPeersReply(node.node_id, b"token", tuple(peers), tuple(nodes), seeds,
+                              peers_bloom)
+
+
+def test_dht_lookup_core_runs_on_scripted_events():
+    """The lookup core alone: events in, queries out, no socket and no clock."""
+    cached = [node_at(10 * n, f"{20 + n}.0.0.1") for n in range(1, 13)]  # distances 10..120
+    lookup, counters = scripted_lookup(ScriptedView(cached=cached))
+    lookup.start()
+    out = lookup.take_queries()
+    # Kademlia's alpha at once, to the closest, each asking for BEP 33 filters.
+    assert [q.candidate.node for q in out] == cached[:tsmd.DHT_ALPHA]
+    assert all(q.scrape and not q.follow_up for q in out) and lookup.take_queries() == []
+    # A reply names a closer node: it is asked next. Its peers count.
+    closer = node_at(5, "81.0.0.1")
+    lookup.replied(out[0], reply_of(cached[0], peers=[("5.5.5.5", 1)], nodes=[closer]))
+    [to_closer] = lookup.take_queries()
+    assert to_closer.candidate.node == closer
+    # A stalled query lets the next candidate go, and still counts if it answers.
+    lookup.stalled(out[1])
+    [fifth] = lookup.take_queries()
+    assert fifth.candidate.node == cached[4]
+    lookup.replied(out[1], reply_of(cached[1]))
+    assert lookup.take_queries() == []  # its slot went to the fifth when it stalled
+    # A timeout (or an error, or a refused packet) fails the node: the next one is asked.
+    lookup.failed(out[2])
+    assert out[2].candidate.state is tsmd.CandidateState.FAILED
+    [sixth] = lookup.take_queries()
+    assert sixth.candidate.node == cached[5]
+    lookup.replied(out[3], reply_of(cached[3]))
+    lookup.replied(fifth, reply_of(cached[4]))
+    far = lookup.take_queries()
+    assert [q.candidate.node for q in far] == cached[6:8]
+    # Three closer nodes push the last two asked out of the K closest: not waited for.
+    closest = [node_at(d, f"9{d}.0.0.1") for d in (1, 2, 3)]
+    lookup.replied(sixth, reply_of(cached[5], nodes=closest))
+    waiting = [to_closer, *lookup.take_queries()]
+    taken = len(out) + 5 + len(waiting) - 1
+    while waiting:
+        query = waiting.pop(0)
+        lookup.replied(query, reply_of(query.candidate.node))
+        new = lookup.take_queries()
+        waiting.extend(new)
+        taken += len(new)
+    assert lookup.finished and lookup.result.nodes_answered == 9  # every node that answered
+    assert lookup.result.peers == {("5.5.5.5", 1)}
+    assert lookup.closest_answered() == [d << 100 for d in (1, 2, 3, 5, 10, 20, 40, 50)]
+    assert lookup.result.queries == taken == 12  # each decided query handed out once
+    # What is still out is withdrawn, and a late reply to it changes nothing.
+    assert list(map(id, lookup.take_withdrawn())) == list(map(id, far))
+    lookup.replied(far[0], reply_of(cached[6], peers=[("6.6.6.6", 1)]))
+    assert lookup.result.peers == {("5.5.5.5", 1)} and lookup.take_queries() == []
+    assert counters.bogons_skipped == 0
+
+
+def test_dht_lookup_core_follow_up_retry_and_abandon():
+    cached = [node_at(n, f"{20 + n}.0.0.1") for n in range(1, 9)]
+    bloom = bytes([0x11] * tsmd.BLOOM_BYTES)
+    lookup, counters = scripted_lookup(ScriptedView(cached=cached))
+    lookup.start()
+    out = lookup.take_queries()
+    # Filters and no values (libtorrent's answer to a scrape): asked once more, for values.
+    lookup.replied(out[0], reply_of(cached[0], seeds=bloom))
+    [again] = lookup.take_queries()
+    assert again.candidate is out[0].candidate and again.follow_up and not again.scrape
+    assert out[0].candidate.state is tsmd.CandidateState.ASKED
+    # Its follow-up times out: the node answered all the same, and its filter stays.
+    lookup.failed(again)
+    assert out[0].candidate.state is tsmd.CandidateState.ANSWERED
+    assert [q.candidate.node for q in lookup.take_queries()] == [cached[4]]  # its slot
+    assert lookup.result.seeds_blooms == [bloom] and lookup.result.nodes_answered == 1
+    # Another node's follow-up answers too many values: suspect, its filter taken back.
+    lookup.replied(out[1], reply_of(cached[1], peers_bloom=bloom))
+    [again] = lookup.take_queries()
+    flood = [(f"9.0.{n // 250}.{n % 250 + 1}", 1) for n in range(tsmd.DHT_MAX_VALUES_PER_REPLY + 1)]
+    lookup.replied(again, reply_of(cached[1], peers=flood))
+    assert again.candidate.suspect and lookup.result.peers_blooms == []
+    assert lookup.result.nodes_answered == 1 and not lookup.result.peers
+    assert counters.values_over_cap == 1
+    # Abandoned: everything still out is withdrawn, and nothing more is asked.
+    lookup.take_queries()
+    lookup.abandon()
+    assert lookup.finished and lookup.take_withdrawn()
+    assert all(c.query is None for c in lookup.candidates.values())
+
+    # Nobody answers: one more round, from the routers again, then the lookup gives up.
+    router = tsmd.DhtNode(b"", "82.0.0.1", 6881)
+    lookup, _ = scripted_lookup(ScriptedView(bootstrap=[router]))
+    lookup.start()
+    [first] = lookup.take_queries()
+    assert first.candidate.distance == tsmd.UNKNOWN_DISTANCE
+    lookup.failed(first)
+    [second] = lookup.take_queries()
+    lookup.failed(second)
+    assert lookup.finished and lookup.rounds == 2 and lookup.result.queries == 2
+    assert lookup.result.nodes_answered == 0 and lookup.take_queries() == []
+
+
+def test_dht_lookup_core_asks_no_resting_distrusted_or_bogus_node():
+    cached = [node_at(n, f"{20 + n}.0.0.1") for n in range(1, 9)]
+    resting, distrusted = cached[0], cached[1]
+    router, other_router = (tsmd.DhtNode(b"", "82.0.0.1", 6881),
+                            tsmd.DhtNode(b"", "85.0.0.1", 6881))
+    view = ScriptedView(cached=cached, bootstrap=[router, other_router],
+                        resting_hosts={resting.host},
+                        distrusted={(distrusted.host, distrusted.port),
+                                    (router.host, router.port)})
+    lookup, counters = scripted_lookup(view)
+    lookup.start()
+    out = lookup.take_queries()
+    # The resting node is passed over without a query; the distrusted one is not even a
+    # candidate. Fewer than K are left, so the routers are too, but not a distrusted one.
+    assert [q.candidate.node for q in out] == cached[2:2 + tsmd.DHT_ALPHA]
+    assert lookup.candidates[(resting.host, resting.port)].state is tsmd.CandidateState.FAILED
+    assert (distrusted.host, distrusted.port) not in lookup.candidates
+    assert (router.host, router.port) not in lookup.candidates
+    assert (other_router.host, other_router.port) in lookup.candidates
+    assert lookup.result.queries == tsmd.DHT_ALPHA
+    # Peers and nodes a reply names at unusable addresses are skipped and counted.
+    lookup.replied(out[0], reply_of(cached[2], peers=[("0.0.0.0", 1), ("8.8.8.8", 0)],
+                                    nodes=[tsmd.DhtNode(b"\x70" * 20, "10.0.0.1", 6881)]))
+    assert counters.bogons_skipped == 3 and not lookup.result.peers
+    assert [q.candidate.node for q in lookup.take_queries()] == [cached[6]]
+    # A suspect (an id implausibly close): asked, but not one of the K, and its values and
+    # nodes are not used.
+    sybil = node_at(0, "83.0.0.1")
+    lookup.replied(out[1], reply_of(cached[3], nodes=[sybil]))
+    [to_sybil] = lookup.take_queries()
+    assert to_sybil.candidate.node == sybil and to_sybil.candidate.suspect
+    lookup.replied(to_sybil, reply_of(sybil, peers=[("7.7.7.7", 1)],
+                                      nodes=[node_at(1 << 20, "84.0.0.1")]))
+    assert not lookup.result.peers and ("84.0.0.1", 6881) not in lookup.candidates
+    assert lookup.result.suspect_peers == {("7.7.7.7", 1)}
+    assert lookup.closest_answered() == [3 << 100, 4 << 100]  # the sybil not among them
 
 
 # ---- DHT: an in-process network of fake nodes ----
@@ -4620,7 +4796,8 @@ def dht_test_options(**overrides) -> tsmd.DhtOptions:
     return tsmd.DhtOptions(**options)
 
 
-async def survey_all(network: FakeDhtNetwork, infohashes, options, cache=None):
+async def survey_all(network: FakeDhtNetwork, infohashes, options, cache=None, watch=None):
+    """Survey `infohashes` through a running `network`; `watch` goes to each lookup."""
     endpoint = tsmd.UdpEndpoint.open("127.0.0.1:0", tsmd.krpc_transaction_untrusted)
     bootstrap = [tsmd.DhtNode(b"", *tsmd.split_host_port(b)) for b in network.bootstrap]
     # An empty cache is falsy (len 0): test for None, or a cache to be warmed is dropped.
@@ -4633,7 +4810,7 @@ async def survey_all(network: FakeDhtNetwork, infohashes, options, cache=None):
 
         async def one(infohash):
             async with limiter:
-                results[infohash] = await survey.lookup(infohash)
+                results[infohash] = await survey.lookup(infohash, watch)
         async with trio.open_nursery() as lookups:
             for infohash in infohashes:
                 lookups.start_soon(one, infohash)

@@ -61,7 +61,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Final, NamedTuple, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Final, NamedTuple, Optional, Protocol
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup  # trio's own dependency before 3.11
@@ -3744,26 +3744,41 @@ class LookupResult:
         return seeds, peers, dropped_seeds + dropped_peers + self.suspect_filters
 
 
+class CandidateState(enum.Enum):
+    """Where a node stands in one lookup."""
+
+    NEW = "new"  # to be asked
+    ASKED = "asked"  # a query out for it (or queued by the rate limits)
+    ANSWERED = "answered"
+    FAILED = "failed"  # no usable reply, or passed over: not asked again in this lookup
+
+
+class QueryState(enum.Enum):
+    QUEUED = "queued"  # decided; held by the rate limits or a full socket buffer
+    IN_FLIGHT = "in flight"
+    ENDED = "ended"  # answered, failed, timed out or withdrawn
+
+
 @dataclass(slots=True, eq=False)
-class _Candidate:
+class LookupCandidate:
     node: DhtNode
-    distance: int
+    distance: int  # to the target; UNKNOWN_DISTANCE for a bootstrap router
     # An id implausibly close to the target, or a reply with too many values or naming such
-    # ids (flag_suspect): asked, but not one of the K closest, and neither its values, its
+    # ids (Lookup._flag): asked, but not one of the K closest, and neither its values, its
     # nodes nor its filters are used.
     suspect: bool = False
-    state: str = "new"  # new, asked, answered, failed
+    state: CandidateState = CandidateState.NEW
     stalled: bool = False  # asked, and its query is older than the stall timeout
-    query: _Query | None = None  # while asked: the query in flight or queued for it
+    query: LookupQuery | None = None  # while asked: the query in flight or queued for it
     listed: bool = False  # in by_distance
     filters: tuple[bytes | None, bytes | None] = (None, None)  # what its first reply gave
 
 
-def _candidate_distance(candidate: _Candidate) -> int:
+def _candidate_distance(candidate: LookupCandidate) -> int:
     return candidate.distance
 
 
-def _subnet_rank(candidate: _Candidate) -> tuple[bool, bool, int]:
+def _subnet_rank(candidate: LookupCandidate) -> tuple[bool, bool, int]:
     """Which of a subnet's nodes a lookup asks first: one not suspect, then one whose BEP 42
     id matches its address, then the closest."""
     verified = bep42_verified(candidate.node.node_id, candidate.node.host)
@@ -3771,17 +3786,16 @@ def _subnet_rank(candidate: _Candidate) -> tuple[bool, bool, int]:
 
 
 @dataclass(slots=True, eq=False)
-class _Query:
-    lookup: _Lookup
-    candidate: _Candidate
+class LookupQuery:
+    """One get_peers query a lookup decided to send: the survey sends it and reports back."""
+
+    lookup: Lookup
+    candidate: LookupCandidate
     scrape: bool
     follow_up: bool = False  # the second query for `values`, after filters without them
-    state: str = "queued"  # queued (rate limits, a full socket buffer), in flight, ended
+    state: QueryState = QueryState.QUEUED
     transaction_id: bytes = b""
     sent_at: float = math.inf
-
-    def answered(self, message: KrpcMessage) -> None:
-        self.lookup.survey._answered(self, message)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -3824,73 +3838,188 @@ def _ipv6_subnet(host: str) -> str:
         return host
 
 
-class _Lookup:
-    """One iterative get_peers lookup (BEP 5): a state machine that the survey's replies and
-    timers drive. A query costs no task, cancel scope or event of its own: with those, a query
-    took about 300 µs of CPU, against about 100 µs now (most of it decoding and the syscalls)."""
+class LookupView(Protocol):
+    """What a lookup may ask the survey that drives it: questions only. The lookup never sends,
+    waits, or changes what the survey holds."""
 
-    def __init__(self, survey: DhtSurvey, infohash: bytes, on_done: Any) -> None:
-        self.survey = survey
+    options: DhtOptions
+    bootstrap: list[DhtNode]  # routers, of unknown id
+    implausibly_close: int  # ids closer than this to a target are suspect
+
+    def usable(self, host: str, port: int) -> bool:
+        """Whether a query may go to this address at all."""
+
+    def is_dead(self, host: str, port: int) -> bool:
+        """Silent in this run (or an earlier one, still in its back-off), or distrusted."""
+
+    def is_distrusted(self, host: str, port: int) -> bool:
+        """It answered with two ids in this run: never asked again, not even as a router."""
+
+    def resting(self, host: str) -> bool:
+        """It asked us to back off for longer than the stall timeout."""
+
+    def closest(self, target: bytes, count: int) -> list[DhtNode]:
+        """The cached nodes closest to `target`."""
+
+
+class Lookup:
+    """One iterative get_peers lookup (BEP 5): plain data, stepped by events, as jech/dht keeps
+    a search. Events go in: start, replied, failed (a timeout, an error, a packet refused or
+    held past a back-off), stalled, abandon. Out come the queries to send (take_queries) and to
+    withdraw (take_withdrawn); `finished` says the result is final. It asks `view` questions
+    only: the survey that drives it alone touches the socket, the clock, the limiters and the
+    cache, and a step never calls back into it.
+
+    A query costs no task, cancel scope or event of its own: with those, a query took about
+    300 µs of CPU, against about 100 µs now (most of it decoding and the syscalls)."""
+
+    def __init__(self, infohash: bytes, view: LookupView, counters: DhtCounters) -> None:
+        self.view = view
+        self.counters = counters  # the survey's: what the lookup passed over is counted there
         self.target = _id_int(infohash)
         self.result = LookupResult(infohash)
-        self.on_done = on_done
         self.finished = False
         self.rounds = 0
-        self.candidates: dict[tuple[str, int], _Candidate] = {}
-        self.by_distance: list[_Candidate] = []  # kept sorted as candidates arrive
-        self.by_subnet: dict[str, _Candidate] = {}  # the one candidate of each /24 (/64)
+        self.candidates: dict[tuple[str, int], LookupCandidate] = {}
+        self.by_distance: list[LookupCandidate] = []  # kept sorted as candidates arrive
+        self.by_subnet: dict[str, LookupCandidate] = {}  # the one candidate of each /24 (/64)
         # By subnet: the nodes passed over, to take a failed holder's place, and how often.
-        self.passed_over: dict[str, list[_Candidate]] = {}
+        self.passed_over: dict[str, list[LookupCandidate]] = {}
         self.takeovers: dict[str, int] = {}
         self.ids_seen: set[tuple[bool, int]] = set()  # (IPv6, distance) of each candidate
         self.active = 0  # queries asked and not stalled: at most Kademlia's alpha
         self.in_flight = 0  # candidates asked and not yet answered or failed
-        self._packets: dict[bool, tuple[bytes, bytes]] = {}
+        self._to_send: list[LookupQuery] = []
+        self._withdrawn: list[LookupQuery] = []
+
+    # -- What comes out
+
+    def take_queries(self) -> list[LookupQuery]:
+        """The queries decided since the last call, to be sent in this order."""
+        queries, self._to_send = self._to_send, []
+        return queries
+
+    def take_withdrawn(self) -> list[LookupQuery]:
+        """Queries sent or queued that the lookup no longer waits for."""
+        queries, self._withdrawn = self._withdrawn, []
+        return queries
+
+    def closest_answered(self) -> list[int]:
+        """The distances of the K closest nodes that answered and are trusted, for the survey's
+        estimate of the network's size."""
+        distances: list[int] = []
+        for candidate in self.by_distance:
+            if candidate.distance == UNKNOWN_DISTANCE or len(distances) == DHT_K:
+                break
+            if candidate.state is CandidateState.ANSWERED and not candidate.suspect:
+                distances.append(candidate.distance)
+        return distances
+
+    # -- Events
 
     def start(self) -> None:
+        """Begin (or, when nobody answered the first round, begin again) from the cached
+        nodes closest to the target, and the routers while fewer than K are usable."""
         self.rounds += 1
         self.candidates, self.by_distance, self.by_subnet = {}, [], {}
         self.passed_over, self.takeovers, self.ids_seen = {}, {}, set()
         self.active = self.in_flight = 0
-        infohash = self.result.infohash
-        for node in self.survey.cache.closest(infohash, 2 * DHT_K):
+        for node in self.view.closest(self.result.infohash, 2 * DHT_K):
             self.consider(node)
-        if sum(not c.suspect and c.state != "failed" for c in self.by_distance) < DHT_K:
-            for node in self.survey.bootstrap:
+        if sum(not c.suspect and c.state is not CandidateState.FAILED
+               for c in self.by_distance) < DHT_K:
+            for node in self.view.bootstrap:
                 self.consider(node, known_id=False)
-        self.advance()
+        self._advance()
 
-    def packet(self, scrape: bool, transaction_id: bytes) -> bytes:
-        parts = self._packets.get(scrape)
-        if parts is None:
-            survey = self.survey
-            parts = self._packets[scrape] = get_peers_template(
-                survey.node_id, self.result.infohash, scrape=scrape, want_ipv6=survey.want_ipv6)
-        return parts[0] + transaction_id + parts[1]
+    def replied(self, query: LookupQuery, reply: GetPeersReply) -> None:
+        """A reply to `query` whose id the survey has vouched for. Afterwards, a candidate that
+        is suspect must not be cached, and one made suspect by a follow-up must leave the
+        cache (it was trusted after its first reply)."""
+        candidate = query.candidate
+        if not candidate.suspect:
+            self._flag(candidate, reply)
+            if candidate.suspect and query.follow_up:
+                self._retract_if_current(query)
+        if self.finished or candidate.query is not query:
+            return
+        result = self.result
+        if not query.follow_up and not candidate.suspect:
+            result.nodes_answered += 1
+        self._take(candidate, reply, filters=query.scrape)
+        # libtorrent answers a scrape with filters and no `values`: ask it once more, without
+        # scrape, for the peers themselves. The node stays asked until then, or the lookup could
+        # end before the very reply that brings its peers.
+        # (Not a node that has just told another lookup to back off: it counts as answered.)
+        if (query.scrape and not reply.peers and (reply.seeds_bloom or reply.peers_bloom)
+                and not candidate.suspect and not self._resting(candidate)):
+            result.queries += 1
+            if candidate.stalled:
+                candidate.stalled = False  # a fresh query: it holds a slot again
+                self.active += 1
+            again = candidate.query = LookupQuery(self, candidate, False, follow_up=True)
+            self._to_send.append(again)
+        else:
+            self._settle(candidate, CandidateState.ANSWERED)
+        self._advance()
+
+    def failed(self, query: LookupQuery, distrusted: bool = False) -> None:
+        """No usable reply (timeout, error, refused packet, an unexpected id). After a first
+        reply, the node still counts as answered when only its follow-up fails, unless it
+        answered the follow-up with another id (`distrusted`)."""
+        candidate = query.candidate
+        if self.finished or candidate.query is not query:
+            return
+        if query.follow_up and not distrusted:
+            self._settle(candidate, CandidateState.ANSWERED)
+        else:
+            if query.follow_up:
+                self._retract(candidate)
+            self._settle(candidate, CandidateState.FAILED)
+            self._give_way(candidate)
+        self._advance()
+
+    def stalled(self, query: LookupQuery) -> None:
+        """`query` is older than the stall timeout: it still counts if it answers, but lets the
+        next candidate go."""
+        candidate = query.candidate
+        if not self.finished and candidate.query is query and not candidate.stalled:
+            candidate.stalled = True
+            self.active -= 1
+            self._advance()
+
+    def abandon(self) -> None:
+        """The lookup's caller is gone (cancelled): withdraw every query it still has out."""
+        if not self.finished:
+            self.finished = True
+            self._withdraw_all()
+
+    # -- The state machine
 
     def consider(self, node: DhtNode, known_id: bool = True) -> None:
+        """A node a reply named (or the cache or, with `known_id` False, the routers): a
+        candidate, unless the sybil defences pass it over."""
         address = (node.host, node.port)
         if address in self.candidates:
             return
-        survey = self.survey
-        if not survey.usable(node.host, node.port):
-            survey.counters.bogons_skipped += 1
+        view, counters = self.view, self.counters
+        if not view.usable(node.host, node.port):
+            counters.bogons_skipped += 1
             return
         if not known_id:  # a bootstrap router: worth another try unless it changed its id
-            if address not in survey.cache.distrusted:
-                self._add(address, _Candidate(node, UNKNOWN_DISTANCE))
+            if not view.is_distrusted(node.host, node.port):
+                self._add(address, LookupCandidate(node, UNKNOWN_DISTANCE))
             return
-        if survey.cache.is_dead(node.host, node.port):
+        if view.is_dead(node.host, node.port):
             return
         distance = _id_int(node.node_id) ^ self.target
-        counters = survey.counters
         # One id, two addresses of a family: one of them lies. (A dual-stack node uses one id
         # for IPv4 and IPv6: BEP 32's two networks.)
         same_id = (":" in node.host, distance)
         if same_id in self.ids_seen:
             counters.same_id_skipped += 1
             return
-        candidate = _Candidate(node, distance, suspect=distance < survey.implausibly_close)
+        candidate = LookupCandidate(node, distance, suspect=distance < view.implausibly_close)
         # One node per IPv4 /24 (IPv6 /64), as libtorrent's dht_restrict_search_ips: sybils
         # come by the hundred from a few rented blocks.
         subnet = subnet_of(node.host)
@@ -3900,23 +4029,25 @@ class _Lookup:
             # Two nodes of one subnet tie for its place: one that is not suspect, or whose
             # BEP 42 id matches its address, takes it from one that is not so, while that one
             # waits unasked.
-            if not (held.state == "new" and _subnet_rank(candidate) < _subnet_rank(held)):
+            if not (held.state is CandidateState.NEW
+                    and _subnet_rank(candidate) < _subnet_rank(held)):
                 self.candidates[address] = candidate  # (not to be weighed again)
-                candidate.state = "failed"
+                candidate.state = CandidateState.FAILED
                 self.passed_over.setdefault(subnet, []).append(candidate)
                 return
-            held.state = "failed"  # asked nothing: no mark against it
+            held.state = CandidateState.FAILED  # asked nothing: no mark against it
             self.passed_over.setdefault(subnet, []).append(held)
         self._hold_subnet(subnet, address, candidate)
 
-    def _hold_subnet(self, subnet: str, address: tuple[str, int], candidate: _Candidate) -> None:
+    def _hold_subnet(self, subnet: str, address: tuple[str, int],
+                     candidate: LookupCandidate) -> None:
         self.by_subnet[subnet] = candidate
         if candidate.suspect:
-            self.survey.counters.suspect_nodes += 1
+            self.counters.suspect_nodes += 1
         self.ids_seen.add((":" in candidate.node.host, candidate.distance))
         self._add(address, candidate)
 
-    def _give_way(self, candidate: _Candidate) -> None:
+    def _give_way(self, candidate: LookupCandidate) -> None:
         """A subnet's holder failed: the best node passed over in it takes its place (or the
         next one met, if none was), or a silent first-met node (or a decoy named first) would
         hide its subnet's live one. A few times a lookup: a subnet of sybils costs no more."""
@@ -3928,7 +4059,7 @@ class _Lookup:
         if self.takeovers.get(subnet, 0) >= DHT_SUBNET_TAKEOVERS:
             return
         self.takeovers[subnet] = self.takeovers.get(subnet, 0) + 1
-        dead, ids_seen = self.survey.cache.is_dead, self.ids_seen
+        dead, ids_seen = self.view.is_dead, self.ids_seen
         waiting = [other for other in self.passed_over.get(subnet, ())
                    if (":" in other.node.host, other.distance) not in ids_seen
                    and not dead(other.node.host, other.node.port) and other is not candidate]
@@ -3937,37 +4068,41 @@ class _Lookup:
             return
         best = min(waiting, key=_subnet_rank)
         self.passed_over[subnet].remove(best)
-        best.state = "new"
+        best.state = CandidateState.NEW
         self._hold_subnet(subnet, (best.node.host, best.node.port), best)
 
-    def _add(self, address: tuple[str, int], candidate: _Candidate) -> None:
+    def _add(self, address: tuple[str, int], candidate: LookupCandidate) -> None:
         self.candidates[address] = candidate
         if not candidate.listed:
             candidate.listed = True
             bisect.insort(self.by_distance, candidate, key=_candidate_distance)
 
-    def advance(self) -> None:
+    def _resting(self, candidate: LookupCandidate) -> bool:
+        # A bootstrap router is waited for: at a cold start it may be all there is.
+        return candidate.distance != UNKNOWN_DISTANCE and self.view.resting(candidate.node.host)
+
+    def _advance(self) -> None:
         """Ask the next candidates, or end the round: when the K closest nodes still alive have
         all answered, or nothing is left in flight (out of candidates or of query budget)."""
-        options = self.survey.options
+        options = self.view.options
         result = self.result
         while not self.finished:
             # The K closest alive, and one more for each of them whose query has stalled: a
             # stalled query still counts if it answers, but lets the next candidate go.
             # Suspects on the way are asked too, but are never one of the K.
-            head: list[_Candidate] = []
+            head: list[LookupCandidate] = []
             wanted = DHT_K
             counted = 0
             settled = True  # the K closest have all answered
             for candidate in self.by_distance:
-                if candidate.state == "failed":
+                if candidate.state is CandidateState.FAILED:
                     continue
                 head.append(candidate)
                 if candidate.suspect:
                     continue
                 counted += 1
                 if counted <= DHT_K:
-                    settled = settled and candidate.state == "answered"
+                    settled = settled and candidate.state is CandidateState.ANSWERED
                     if candidate.stalled:
                         wanted += 1
                 if counted >= wanted:
@@ -3975,64 +4110,89 @@ class _Lookup:
             if settled:
                 self._end_round()
                 return
-            refused = False
+            passed = False
             for candidate in head:
                 if self.active >= DHT_ALPHA or result.queries >= options.max_queries:
                     break
-                if candidate.state == "new":
+                if candidate.state is CandidateState.NEW:
                     node = candidate.node
-                    if (self.survey._resting(candidate)
-                            or (node.host, node.port) in self.survey.cache.distrusted):
-                        candidate.state = "failed"  # asked nothing: no mark, no query counted
+                    if (self._resting(candidate)
+                            or self.view.is_distrusted(node.host, node.port)):
+                        # Asked nothing: no mark, no query counted.
+                        candidate.state = CandidateState.FAILED
                         self._give_way(candidate)
-                        refused = True
+                        passed = True
                         continue
                     result.queries += 1
-                    candidate.state = "asked"
+                    candidate.state = CandidateState.ASKED
                     self.active += 1
                     self.in_flight += 1
-                    query = candidate.query = _Query(self, candidate, options.bep33)
-                    if not self.survey._send(query):
-                        self._settle(candidate, "failed")
-                        self._give_way(candidate)
-                        refused = True
-            if refused:
-                continue  # a node passed over or a packet refused frees its slot: look again
+                    candidate.query = LookupQuery(self, candidate, options.bep33)
+                    self._to_send.append(candidate.query)
+            if passed:
+                continue  # a node passed over frees its slot: look again
             if self.in_flight == 0:
                 self._end_round()
             return
 
-    def _settle(self, candidate: _Candidate, state: str) -> None:
+    def _settle(self, candidate: LookupCandidate, state: CandidateState) -> None:
         candidate.state, candidate.query = state, None
         self.in_flight -= 1
         if not candidate.stalled:
             self.active -= 1
         candidate.stalled = False
 
-    def stalled(self, query: _Query) -> None:
-        candidate = query.candidate
-        if not self.finished and candidate.query is query and not candidate.stalled:
-            candidate.stalled = True
-            self.active -= 1
-            self.advance()
-
-    def failed(self, query: _Query, distrusted: bool = False) -> None:
-        """No usable reply (timeout, error, refused packet, an unexpected id). After a first
-        reply, the node still counts as answered when only its follow-up fails, unless it
-        answered the follow-up with another id."""
-        candidate = query.candidate
-        if self.finished or candidate.query is not query:
+    def _take(self, candidate: LookupCandidate, reply: GetPeersReply, filters: bool) -> None:
+        """What a reply gives: peers, nodes to consider, and (unless it answers the follow-up,
+        which did not ask for them) BEP 33 filters. A suspect's peers are put apart, and its
+        nodes and filters are not used."""
+        result, counters = self.result, self.counters
+        trusted = not candidate.suspect
+        if len(reply.peers) <= DHT_MAX_VALUES_PER_REPLY:
+            allow_private = self.view.options.allow_private
+            for host, port in reply.peers:
+                if _bogus_destination(host, port, allow_private):
+                    counters.bogons_skipped += 1
+                elif trusted:
+                    result.peers.add((host, port))
+                else:
+                    result.suspect_peers.add((host, port))
+        if not trusted:  # its nodes and filters would be the sybil's own
+            if filters:
+                result.suspect_filters += ((reply.seeds_bloom is not None)
+                                           + (reply.peers_bloom is not None))
             return
-        if query.follow_up and not distrusted:
-            self._settle(candidate, "answered")
-        else:
-            if query.follow_up:
-                self.retract(candidate)
-            self._settle(candidate, "failed")
-            self._give_way(candidate)
-        self.advance()
+        for node in reply.nodes:
+            self.consider(node)
+        # Kept apart, not OR-ed as they come: one node's saturated filter would be the whole
+        # estimate. One a responder (max_queries bound them): a reply to the follow-up, which
+        # did not ask for filters, adds none, or a node would count twice.
+        if filters:
+            if reply.seeds_bloom is not None:
+                result.seeds_blooms.append(reply.seeds_bloom)
+            if reply.peers_bloom is not None:
+                result.peers_blooms.append(reply.peers_bloom)
+            candidate.filters = (reply.seeds_bloom, reply.peers_bloom)  # to retract, if need be
 
-    def retract(self, candidate: _Candidate) -> None:
+    def _flag(self, candidate: LookupCandidate, reply: GetPeersReply) -> None:
+        """Make a node suspect for what it answered: more values than any client sends, or two
+        ids implausibly close to the target, which is what a node that hands out sybils does
+        (an honest one, about once in a million lookups)."""
+        counters = self.counters
+        if len(reply.peers) > DHT_MAX_VALUES_PER_REPLY:
+            counters.values_over_cap += 1
+            candidate.suspect = True
+        close, target = self.view.implausibly_close, self.target
+        if len({node.node_id for node in reply.nodes
+                if _id_int(node.node_id) ^ target < close}) >= 2:
+            counters.suspect_introducers += 1
+            candidate.suspect = True
+
+    def _retract_if_current(self, query: LookupQuery) -> None:
+        if not self.finished and query.candidate.query is query:
+            self._retract(query.candidate)
+
+    def _retract(self, candidate: LookupCandidate) -> None:
         """A node's follow-up showed it a liar (another id, too many values): what its first
         reply gave no longer counts. (The nodes it named were weighed like any others'.)"""
         result = self.result
@@ -4044,89 +4204,41 @@ class _Lookup:
         candidate.filters = (None, None)
         result.nodes_answered -= 1
 
-    def answered(self, query: _Query, reply: GetPeersReply) -> None:
-        candidate = query.candidate
-        if self.finished or candidate.query is not query:
-            return
-        survey, result = self.survey, self.result
-        if not query.follow_up and not candidate.suspect:
-            result.nodes_answered += 1
-        survey._take_reply(result, candidate, reply, self.consider, filters=query.scrape)
-        # libtorrent answers a scrape with filters and no `values`: ask it once more, without
-        # scrape, for the peers themselves. The node stays asked until then, or the lookup could
-        # end before the very reply that brings its peers.
-        # (Not a node that has just told another lookup to back off: it counts as answered.)
-        if (query.scrape and not reply.peers and (reply.seeds_bloom or reply.peers_bloom)
-                and not candidate.suspect and not survey._resting(candidate)):
-            result.queries += 1
-            if candidate.stalled:
-                candidate.stalled = False  # a fresh query: it holds a slot again
-                self.active += 1
-            again = candidate.query = _Query(self, candidate, False, follow_up=True)
-            if survey._send(again):
-                self.advance()
-                return
-        self._settle(candidate, "answered")
-        self.advance()
-
-    def flag_suspect(self, query: _Query, reply: GetPeersReply) -> None:
-        """Make a node suspect for what it answered: more values than any client sends, or two
-        ids implausibly close to the target, which is what a node that hands out sybils does
-        (an honest one, about once in a million lookups)."""
-        candidate = query.candidate
-        if candidate.suspect:
-            return
-        self._flag(candidate, reply)
-        if candidate.suspect and query.follow_up:  # it was trusted, cached, counted
-            self.survey.cache.forget(candidate.node.host, candidate.node.port)
-            if not self.finished and candidate.query is query:
-                self.retract(candidate)
-
-    def _flag(self, candidate: _Candidate, reply: GetPeersReply) -> None:
-        counters = self.survey.counters
-        if len(reply.peers) > DHT_MAX_VALUES_PER_REPLY:
-            counters.values_over_cap += 1
-            candidate.suspect = True
-        close, target = self.survey.implausibly_close, self.target
-        if len({node.node_id for node in reply.nodes
-                if _id_int(node.node_id) ^ target < close}) >= 2:
-            counters.suspect_introducers += 1
-            candidate.suspect = True
+    def _withdraw_all(self) -> None:
+        for candidate in self.candidates.values():
+            if candidate.query is not None:
+                self._withdrawn.append(candidate.query)
+                candidate.query = None
 
     def _end_round(self) -> None:
-        for candidate in self.candidates.values():
-            if candidate.query is not None:  # beyond the K closest: not waited for
-                self.survey._cancel(candidate.query)
-                candidate.query = None
+        self._withdraw_all()  # beyond the K closest: not waited for
         result = self.result
         if (self.rounds == 1 and result.nodes_answered == 0
-                and result.queries < self.survey.options.max_queries):
+                and result.queries < self.view.options.max_queries):
             self.start()  # one retry when nobody answered
             return
         self.finished = True
-        self.survey.counters.suspect_peers += len(result.suspect_peers - result.peers)
+        self.counters.suspect_peers += len(result.suspect_peers - result.peers)
         result.suspect_peers = set()
-        self.survey.observe_size(self.by_distance)
-        self.on_done()
 
-    def abandon(self) -> None:
-        """The lookup's caller is gone (cancelled): withdraw every query it still has out."""
-        if not self.finished:
-            self.finished = True
-            for candidate in self.candidates.values():
-                if candidate.query is not None:
-                    self.survey._cancel(candidate.query)
-                    candidate.query = None
+
+@dataclass(slots=True, eq=False)
+class _Running:
+    """What the survey keeps of a lookup in progress."""
+
+    done: trio.Event
+    watch: Callable[[LookupResult], None] | None  # told after each reply
+    packets: dict[bool, tuple[bytes, bytes]] = field(default_factory=dict)  # by scrape
 
 
 class DhtSurvey:
     """Iterative get_peers lookups (BEP 5) over one UDP endpoint, sharing a warm node cache.
 
-    Lookups are state machines (`_Lookup`) driven by three tasks that `serve` runs: the
-    endpoint's receive loop hands each reply to its query, a timer stalls and expires queries in
-    the order they were sent (every query has the same timeouts), and a pacer sends what the
-    rate limits or a full socket buffer held back. With no limit in the way a query is sent at
-    once, from the code that decided to ask it.
+    Each lookup is a `Lookup`, stepped by the survey's events. Three tasks that `serve` runs
+    make them: the endpoint's receive loop hands each reply to its query, a timer stalls and
+    expires queries in the order they were sent (every query has the same timeouts), and a
+    pacer sends what the rate limits or a full socket buffer held back. After each event,
+    `_step` carries out what the lookup decided: a query no limit holds back leaves at once.
     """
 
     def __init__(self, endpoint: UdpEndpoint, cache: NodeCache, bootstrap: Sequence[DhtNode],
@@ -4152,22 +4264,37 @@ class DhtSurvey:
         self._next_transaction = 0
         self._lookup_slots = trio.CapacityLimiter(self._lookups_allowed())
         self._serving = False
+        self._running: dict[Lookup, _Running] = {}
         # Queries in the order they left, for the timer: every one has the same two timeouts,
         # so the oldest is always the first due.
-        self._stalling: deque[_Query] = deque()
-        self._expiring: deque[_Query] = deque()
+        self._stalling: deque[LookupQuery] = deque()
+        self._expiring: deque[LookupQuery] = deque()
         self._timer_wake: trio.Event | None = None
         # Queries held back: by the per-address limit, until their address's next token is due
         # (a heap), then in order for the global limit or a full socket buffer (the outbox).
-        self._held: list[tuple[float, int, _Query]] = []
+        self._held: list[tuple[float, int, LookupQuery]] = []
         self._held_count = 0
-        self._outbox: deque[_Query] = deque()
+        self._outbox: deque[LookupQuery] = deque()
         self._pacer_wake: trio.Event | None = None
         self._pacer_deadline = math.inf
+
+    @classmethod
+    def open(cls, bind: str, cache: NodeCache, bootstrap: Sequence[DhtNode],
+             options: DhtOptions) -> DhtSurvey:
+        """A survey on a new UDP endpoint at `bind`, asking IPv6 nodes too where the host can
+        reach them; close it with `close`."""
+        endpoint = UdpEndpoint.open(bind, krpc_transaction_untrusted)
+        return cls(endpoint, cache, bootstrap, options,
+                   want_ipv6=endpoint.dual_stack and host_has_ipv6_route())
+
+    def close(self) -> None:
+        self.endpoint.close()
 
     def _transaction_id(self) -> bytes:
         self._next_transaction = (self._next_transaction + 1) % 2**32
         return self._next_transaction.to_bytes(4, "big")
+
+    # -- What a lookup may ask (LookupView)
 
     def usable(self, host: str, port: int) -> bool:
         if _bogus_destination(host, port, self.options.allow_private):
@@ -4175,6 +4302,23 @@ class DhtSurvey:
         if self.endpoint.is_own_address(host, port):  # a reply may name us
             return False
         return self.endpoint.can_reach(host) and (self.want_ipv6 or ":" not in host)
+
+    def is_dead(self, host: str, port: int) -> bool:
+        return self.cache.is_dead(host, port)
+
+    def is_distrusted(self, host: str, port: int) -> bool:
+        return (host, port) in self.cache.distrusted
+
+    def resting(self, host: str) -> bool:
+        """A node that answered 201/202 and has longer to wait than the stall timeout: lookups
+        go on without it."""
+        return (self.limited and self.per_ip.penalised(host)
+                and self.per_ip.due(host) > self.options.stall_timeout)
+
+    def closest(self, target: bytes, count: int) -> list[DhtNode]:
+        return self.cache.closest(target, count)
+
+    # -- Lookups
 
     async def serve(self, task_status: Any = None) -> None:
         """Receive, time out and pace for every lookup; start it with `nursery.start` before
@@ -4191,8 +4335,10 @@ class DhtSurvey:
             finally:
                 self._serving = False
 
-    async def lookup(self, infohash: bytes) -> LookupResult:
-        """Find the peers of `infohash` from the K closest nodes that answer."""
+    async def lookup(self, infohash: bytes,
+                     watch: Callable[[LookupResult], None] | None = None) -> LookupResult:
+        """Find the peers of `infohash` from the K closest nodes that answer. `watch`, if
+        given, is told the result so far after each reply."""
         if not self._serving:
             raise RuntimeError("DhtSurvey.lookup needs DhtSurvey.serve running")
         # Lookups in flight grow with the nodes known, up to `concurrency`: a cold start would
@@ -4204,13 +4350,17 @@ class DhtSurvey:
         # the first few (_lookups_allowed).
         async with self._lookup_slots:
             try:
-                done = trio.Event()
-                lookup = _Lookup(self, infohash, done.set)
+                lookup = Lookup(infohash, self, self.counters)
+                running = self._running[lookup] = _Running(trio.Event(), watch)
                 try:
                     lookup.start()
-                    await done.wait()
+                    self._step(lookup)
+                    await running.done.wait()
                 finally:
-                    lookup.abandon()
+                    del self._running[lookup]
+                    if not lookup.finished:  # cancelled
+                        lookup.abandon()
+                        self._step(lookup)
                 return lookup.result
             finally:
                 self._lookup_slots.total_tokens = self._lookups_allowed()
@@ -4221,7 +4371,25 @@ class DhtSurvey:
         return min(self.options.concurrency, DHT_WARMUP_LOOKUPS if cached < DHT_K else
                    max(DHT_WARMUP_LOOKUPS, DHT_LOOKUPS_PER_NODE * cached))
 
-    def _send(self, query: _Query) -> bool:
+    def _step(self, lookup: Lookup) -> None:
+        """Carry out what `lookup` decided after an event: withdraw the queries it no longer
+        waits for, send the new ones, and give it back the packets the kernel refused as
+        failures, after the whole batch (it decides again: a loop, never a recursion)."""
+        while True:
+            for query in lookup.take_withdrawn():
+                self._cancel(query)
+            refused = [query for query in lookup.take_queries() if not self._send(query)]
+            if not refused:
+                break
+            for query in refused:
+                lookup.failed(query)
+        if lookup.finished:
+            running = self._running.get(lookup)
+            if running is not None and not running.done.is_set():
+                self.observe_size(lookup.closest_answered())
+                running.done.set()
+
+    def _send(self, query: LookupQuery) -> bool:
         """Send `query` now, or hold it for the pacer. False: the kernel refused it."""
         send_now = not self._outbox
         if self.limited:
@@ -4241,40 +4409,43 @@ class DhtSurvey:
             self._wake_pacer(0.0)
         return True
 
-    def _resting(self, candidate: _Candidate) -> bool:
-        """A node that answered 201/202 and has longer to wait than the stall timeout: lookups
-        go on without it. A bootstrap router is waited for: at a cold start it may be all
-        there is."""
-        host = candidate.node.host
-        return (self.limited and candidate.distance != UNKNOWN_DISTANCE
-                and self.per_ip.penalised(host)
-                and self.per_ip.due(host) > self.options.stall_timeout)
-
-    def _hold(self, query: _Query, ready: float) -> None:
+    def _hold(self, query: LookupQuery, ready: float) -> None:
         """Until `ready`, when its address's limit lets it go (it is checked again then)."""
         self._held_count += 1
         heapq.heappush(self._held, (ready, self._held_count, query))
         self._wake_pacer(ready)
 
-    def _transmit(self, query: _Query) -> bool | None:
+    def _packet(self, query: LookupQuery, transaction_id: bytes) -> bytes:
+        """The query's packet: its lookup's template, cut around the transaction id."""
+        running = self._running.get(query.lookup)
+        parts = running.packets.get(query.scrape) if running is not None else None
+        if parts is None:
+            parts = get_peers_template(self.node_id, query.lookup.result.infohash,
+                                       scrape=query.scrape, want_ipv6=self.want_ipv6)
+            if running is not None:
+                running.packets[query.scrape] = parts
+        return parts[0] + transaction_id + parts[1]
+
+    def _transmit(self, query: LookupQuery) -> bool | None:
         """Put `query` on the wire: None when the socket's buffer is full (nothing happened),
         False when the kernel refused the packet (our failure, no mark against the node)."""
         node = query.candidate.node
         transaction_id = self._transaction_id()
-        sent = self.endpoint.send_nowait(query.lookup.packet(query.scrape, transaction_id),
+        sent = self.endpoint.send_nowait(self._packet(query, transaction_id),
                                          node.host, node.port)
         if sent is None:
             return None
         self.counters.queries += 1
         if not sent:
-            query.state = "ended"
+            query.state = QueryState.ENDED
             return False
         if self.limited:  # both tokens at the moment the packet leaves
             self.global_bucket.take()
             self.per_ip.take(node.host)
-        query.state, query.transaction_id = "in flight", transaction_id
+        query.state, query.transaction_id = QueryState.IN_FLIGHT, transaction_id
         query.sent_at = trio.current_time()
-        self.endpoint.expect(transaction_id, node.host, node.port, query.answered)
+        self.endpoint.expect(transaction_id, node.host, node.port,
+                             functools.partial(self._answered, query))
         self._stalling.append(query)
         self._expiring.append(query)
         if self._timer_wake is not None:
@@ -4282,26 +4453,28 @@ class DhtSurvey:
             self._timer_wake = None
         return True
 
-    def _cancel(self, query: _Query) -> None:
-        if query.state == "in flight":
+    def _cancel(self, query: LookupQuery) -> None:
+        if query.state is QueryState.IN_FLIGHT:
             node = query.candidate.node
             self.endpoint.forget(query.transaction_id, node.host, node.port)
-        query.state = "ended"  # a held one is dropped when the pacer reaches it
+        query.state = QueryState.ENDED  # a held one is dropped when the pacer reaches it
 
-    def _answered(self, query: _Query, message: KrpcMessage) -> None:
-        query.state = "ended"
+    def _answered(self, query: LookupQuery, message: KrpcMessage) -> None:
+        query.state = QueryState.ENDED
         counters, node, lookup = self.counters, query.candidate.node, query.lookup
         if message.kind == b"e":
             counters.krpc_errors += 1
             if message.body.get(b"code") in (KrpcError.GENERIC, KrpcError.SERVER):
                 self.per_ip.penalise(node.host, DHT_ERROR_BACKOFF)
             lookup.failed(query)
+            self._step(lookup)
             return
         try:
             reply = decode_get_peers_reply_untrusted(message)
         except ProtocolError:
             counters.bad_replies += 1
             lookup.failed(query)
+            self._step(lookup)
             return
         counters.replies += 1
         counters.bad_fields += reply.bad_fields
@@ -4311,22 +4484,23 @@ class DhtSurvey:
             # mldht ignores "responses with unexpected IDs": neither its nodes nor its values.
             counters.ids_changed += 1
             lookup.failed(query, distrusted=True)
+            self._step(lookup)
             return
-        lookup.flag_suspect(query, reply)
+        lookup.replied(query, reply)
         if not candidate.suspect:
             self.cache.add(DhtNode(reply.node_id, node.host, node.port), time.time())
-        lookup.answered(query, reply)
+        elif query.follow_up:  # trusted and cached after its first reply: a liar after all
+            self.cache.forget(node.host, node.port)
+        self._step(lookup)
+        running = self._running.get(lookup)
+        if running is not None and running.watch is not None:
+            running.watch(lookup.result)
 
-    def observe_size(self, candidates: Sequence[_Candidate]) -> None:
-        """Estimate the network's size from a finished lookup's candidates (sorted by distance):
-        the k-th closest of N random ids lies about k / N of the id space from a target. The
-        median of the last lookups sets `implausibly_close`; suspects take no part in it."""
-        distances: list[int] = []
-        for candidate in candidates:
-            if candidate.distance == UNKNOWN_DISTANCE or len(distances) == DHT_K:
-                break
-            if candidate.state == "answered" and not candidate.suspect:
-                distances.append(candidate.distance)
+    def observe_size(self, distances: Sequence[int]) -> None:
+        """Estimate the network's size from the distances of a finished lookup's closest
+        trusted nodes (Lookup.closest_answered): the k-th closest of N random ids lies about
+        k / N of the id space from a target. The median of the last lookups sets
+        `implausibly_close`."""
         if not distances:
             return
         # Capped a little above the public DHT's size: sybils just outside the threshold can
@@ -4339,13 +4513,14 @@ class DhtSurvey:
             size_bits = ordered[len(ordered) // 2]
             self.implausibly_close = 1 << max(0, int(160 - size_bits - DHT_CLOSE_ID_MARGIN_BITS))
 
-    def _timed_out(self, query: _Query) -> None:
-        query.state = "ended"
+    def _timed_out(self, query: LookupQuery) -> None:
+        query.state = QueryState.ENDED
         node = query.candidate.node
         self.endpoint.forget(query.transaction_id, node.host, node.port)
         self.counters.timeouts += 1
         self.cache.failed(node.host, node.port)
         query.lookup.failed(query)
+        self._step(query.lookup)
 
     async def _expire_forever(self) -> None:
         stall_after, expire_after = self.options.stall_timeout, self.options.query_timeout
@@ -4354,11 +4529,12 @@ class DhtSurvey:
             now = trio.current_time()
             while stalling and stalling[0].sent_at + stall_after <= now:
                 query = stalling.popleft()
-                if query.state == "in flight":
+                if query.state is QueryState.IN_FLIGHT:
                     query.lookup.stalled(query)
+                    self._step(query.lookup)
             while expiring and expiring[0].sent_at + expire_after <= now:
                 query = expiring.popleft()
-                if query.state == "in flight":
+                if query.state is QueryState.IN_FLIGHT:
                     self._timed_out(query)
             if stalling or expiring:
                 await trio.sleep_until(min(
@@ -4380,69 +4556,52 @@ class DhtSurvey:
             while held and held[0][0] <= now:
                 outbox.append(heapq.heappop(held)[2])
             wait = 0.0
+            given_up: list[LookupQuery] = []
+            socket_full = False
             while outbox:
                 query = outbox[0]
-                if query.state != "queued":
+                if query.state is not QueryState.QUEUED:
                     outbox.popleft()  # its lookup has ended
                     continue
                 if self.limited:
                     # Another packet may have taken its address's token since it was queued, or
                     # its node may have asked us to back off: back to the heap then, or given
                     # up, without holding up the packets behind it.
-                    if self._resting(query.candidate):
+                    host = query.candidate.node.host
+                    if (query.candidate.distance != UNKNOWN_DISTANCE
+                            and self.resting(host)):
                         outbox.popleft()
-                        query.state = "ended"
-                        query.lookup.failed(query)
+                        query.state = QueryState.ENDED
+                        given_up.append(query)
                         continue
-                    if (ip_wait := self.per_ip.due(query.candidate.node.host)) > 0:
+                    if (ip_wait := self.per_ip.due(host)) > 0:
                         self._hold(outbox.popleft(), now + ip_wait)
                         continue
                     if (wait := self.global_bucket.due()) > 0:
                         break
                 sent = self._transmit(query)
                 if sent is None:
-                    await self.endpoint.wait_writable()
+                    socket_full = True
                     break
                 outbox.popleft()
                 if not sent:
-                    query.lookup.failed(query)
+                    given_up.append(query)
+            # The lookups hear of it after the pass: what they decide joins the outbox's end.
+            for query in given_up:
+                query.lookup.failed(query)
+                self._step(query.lookup)
+            if socket_full:
+                await self.endpoint.wait_writable()
+                continue
+            if outbox and not wait:
+                continue  # more to send at once
             deadline = min(now + wait if outbox else math.inf,
                            held[0][0] if held else math.inf)
-            if outbox and not wait:
-                continue  # the socket has room again
             self._pacer_deadline = deadline
             self._pacer_wake = wake = trio.Event()
             with trio.move_on_at(deadline):
                 await wake.wait()
             self._pacer_wake, self._pacer_deadline = None, math.inf
-
-    def _take_reply(self, result: LookupResult, candidate: _Candidate, reply: GetPeersReply,
-                    consider: Any, filters: bool = True) -> None:
-        trusted = not candidate.suspect
-        if len(reply.peers) <= DHT_MAX_VALUES_PER_REPLY:
-            for host, port in reply.peers:
-                if _bogus_destination(host, port, self.options.allow_private):
-                    self.counters.bogons_skipped += 1
-                elif trusted:
-                    result.peers.add((host, port))
-                else:
-                    result.suspect_peers.add((host, port))
-        if not trusted:  # its nodes and filters would be the sybil's own
-            if filters:
-                result.suspect_filters += ((reply.seeds_bloom is not None)
-                                           + (reply.peers_bloom is not None))
-            return
-        for node in reply.nodes:
-            consider(node)
-        # Kept apart, not OR-ed as they come: one node's saturated filter would be the whole
-        # estimate. One a responder (max_queries bound them): a reply to the follow-up, which
-        # did not ask for filters, adds none, or a node would count twice.
-        if filters:
-            if reply.seeds_bloom is not None:
-                result.seeds_blooms.append(reply.seeds_bloom)
-            if reply.peers_bloom is not None:
-                result.peers_blooms.append(reply.peers_bloom)
-            candidate.filters = (reply.seeds_bloom, reply.peers_bloom)  # to retract, if need be
 
 
 async def resolve_routers(entries: Sequence[str], into: dict[str, list[DhtNode] | str]) -> None:
@@ -7436,10 +7595,8 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
     if not routers and len(cache) < DHT_K and plan:
         raise NetworkDownError("dht: no bootstrap node resolved and the node cache is empty; "
                                "check [dht].bootstrap or the network")
-    endpoint = UdpEndpoint.open(bind or settings.dht.bind, krpc_transaction_untrusted)
-    survey = DhtSurvey(endpoint, cache, routers, options,
-                       want_ipv6=endpoint.dual_stack and host_has_ipv6_route())
-    counters = survey.counters
+    survey = DhtSurvey.open(bind or settings.dht.bind, cache, routers, options)
+    endpoint, counters = survey.endpoint, survey.counters
     send, receive = trio.open_memory_channel[tuple](2 * options.concurrency)
     started = trio.current_time()
     with reporter.progress() as progress:
@@ -8011,16 +8168,14 @@ async def check_torrent(meta: Metainfo, settings: Settings, reporter: Reporter, 
         if not routers and len(cache) < DHT_K:
             result.dht_error = "no bootstrap node resolved and no cached nodes"
             return
-        endpoint = UdpEndpoint.open(settings.dht.bind, krpc_transaction_untrusted)
-        survey = DhtSurvey(endpoint, cache, routers, dht_options(settings),
-                           want_ipv6=endpoint.dual_stack and host_has_ipv6_route())
+        survey = DhtSurvey.open(settings.dht.bind, cache, routers, dht_options(settings))
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(survey.serve)
                 found = await survey.lookup(infohash)
                 nursery.cancel_scope.cancel()
         finally:
-            endpoint.close()
+            survey.close()
         if found.nodes_answered:
             result.dht_peers, result.dht_nodes_answered = len(found.peers), found.nodes_answered
             result.dht_seeds_estimate, result.dht_peers_estimate = found.bep33_estimates()
