@@ -4514,6 +4514,82 @@ def test_dht_lookup_core_asks_no_resting_distrusted_or_bogus_node():
     assert lookup.closest_answered() == [3 << 100, 4 << 100]  # the sybil not among them
 
 
+def test_dht_lookup_core_edge_events():
+    """Events around the end of a round, and failures that hand a subnet on."""
+    def answer_all(lookup, queries, last_reply=None):
+        """Answer every query, in order, with nothing; the last with `last_reply`'s nodes."""
+        queries = list(queries)
+        while queries:
+            query = queries.pop(0)
+            nodes = last_reply if last_reply is not None and not queries else ()
+            lookup.replied(query, reply_of(query.candidate.node, nodes=nodes))
+            queries.extend(lookup.take_queries())
+
+    # The last reply the K closest owe names a suspect and a resting node: the suspect's query
+    # is decided and the round ends in the same step. It never leaves, nor is it withdrawn.
+    cached = [node_at(10 * n, f"{20 + n}.0.0.1") for n in range(1, 9)]
+    sybil, resting = node_at(0, "83.0.0.1"), node_at(1, "84.0.0.1")
+    lookup, _ = scripted_lookup(ScriptedView(cached=cached, resting_hosts={resting.host}))
+    lookup.start()
+    answer_all(lookup, lookup.take_queries(), last_reply=[sybil, resting])
+    assert lookup.finished and lookup.result.nodes_answered == tsmd.DHT_K
+    assert lookup.take_queries() == [] and lookup.take_withdrawn() == []
+    # With K usable nodes cached, the routers are not asked.
+    router = tsmd.DhtNode(b"", "82.0.0.1", 6881)
+    lookup, _ = scripted_lookup(ScriptedView(cached=cached, bootstrap=[router]))
+    lookup.start()
+    assert (router.host, router.port) not in lookup.candidates
+    # A follow-up answered in full counts its node once.
+    bloom = bytes([0x11] * tsmd.BLOOM_BYTES)
+    out = lookup.take_queries()
+    lookup.replied(out[0], reply_of(cached[0], seeds=bloom))
+    [again] = lookup.take_queries()
+    lookup.replied(again, reply_of(cached[0], peers=[("5.5.5.5", 1)]))
+    assert lookup.result.nodes_answered == 1 and lookup.result.peers == {("5.5.5.5", 1)}
+    assert lookup.result.seeds_blooms == [bloom]
+    # The follow-up of a stalled query is a fresh query: it holds a slot again, and answered,
+    # gives it back without another candidate going.
+    lookup.take_queries()
+    lookup.stalled(out[1])
+    [extra] = lookup.take_queries()
+    lookup.replied(out[1], reply_of(cached[1], seeds=bloom))
+    [again] = lookup.take_queries()
+    assert again.follow_up and lookup.active == tsmd.DHT_ALPHA + 1
+    lookup.replied(again, reply_of(cached[1]))
+    assert lookup.take_queries() == [] and lookup.active == tsmd.DHT_ALPHA
+    # A stall that comes after its query failed changes nothing.
+    lookup.failed(extra)
+    lookup.take_queries()
+    lookup.stalled(extra)
+    assert lookup.take_queries() == [] and lookup.active == tsmd.DHT_ALPHA
+
+    # A node that lies in its follow-up (too many values) takes back its only answer: the
+    # lookup starts over, and does not ask the liar again, though it is still cached.
+    liar = cached[0]
+    lookup, counters = scripted_lookup(ScriptedView(cached=[liar]))
+    lookup.start()
+    [first] = lookup.take_queries()
+    lookup.replied(first, reply_of(liar, seeds=bloom))
+    [again] = lookup.take_queries()
+    flood = [(f"9.0.{n // 250}.{n % 250 + 1}", 1)
+             for n in range(tsmd.DHT_MAX_VALUES_PER_REPLY + 1)]
+    lookup.replied(again, reply_of(liar, peers=flood))
+    assert lookup.finished and lookup.rounds == 2 and lookup.take_queries() == []
+    assert lookup.result.queries == 2 and counters.values_over_cap == 1
+    assert lookup.result.seeds_blooms == [] and lookup.result.nodes_answered == 0
+
+    # A subnet's holder that times out hands the subnet to the node passed over in it.
+    holder, neighbour = node_at(10, "124.31.75.1"), node_at(20, "124.31.75.2")
+    others = [node_at(10 * n, f"{20 + n}.0.0.1") for n in range(3, 12)]
+    lookup, counters = scripted_lookup(ScriptedView(cached=[holder, neighbour, *others]))
+    lookup.start()
+    out = lookup.take_queries()
+    assert counters.same_subnet_skipped == 1 and out[0].candidate.node == holder
+    lookup.failed(out[0])
+    [next_one] = lookup.take_queries()
+    assert next_one.candidate.node == neighbour
+
+
 # ---- DHT: an in-process network of fake nodes ----
 
 

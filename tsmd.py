@@ -3839,8 +3839,8 @@ def _ipv6_subnet(host: str) -> str:
 
 
 class LookupView(Protocol):
-    """What a lookup may ask the survey that drives it: questions only. The lookup never sends,
-    waits, or changes what the survey holds."""
+    """What a lookup may ask the survey that drives it: questions only. The lookup never sends
+    or waits, and of what the survey holds it changes only the counters it is given."""
 
     options: DhtOptions
     bootstrap: list[DhtNode]  # routers, of unknown id
@@ -3887,6 +3887,9 @@ class Lookup:
         self.passed_over: dict[str, list[LookupCandidate]] = {}
         self.takeovers: dict[str, int] = {}
         self.ids_seen: set[tuple[bool, int]] = set()  # (IPv6, distance) of each candidate
+        # Nodes a reply made suspect: not asked again if the lookup starts over (the survey
+        # forgets them from the cache only after the event that ended the round).
+        self.flagged: set[tuple[str, int]] = set()
         self.active = 0  # queries asked and not stalled: at most Kademlia's alpha
         self.in_flight = 0  # candidates asked and not yet answered or failed
         self._to_send: list[LookupQuery] = []
@@ -3900,7 +3903,8 @@ class Lookup:
         return queries
 
     def take_withdrawn(self) -> list[LookupQuery]:
-        """Queries sent or queued that the lookup no longer waits for."""
+        """Queries handed out by take_queries that the lookup no longer waits for. (One it
+        stops waiting for before handing it out is dropped: it never leaves.)"""
         queries, self._withdrawn = self._withdrawn, []
         return queries
 
@@ -3933,14 +3937,16 @@ class Lookup:
         self._advance()
 
     def replied(self, query: LookupQuery, reply: GetPeersReply) -> None:
-        """A reply to `query` whose id the survey has vouched for. Afterwards, a candidate that
-        is suspect must not be cached, and one made suspect by a follow-up must leave the
-        cache (it was trusted after its first reply)."""
+        """A reply to `query` whose id the survey has vouched for. Afterwards, the survey
+        caches the node unless it is suspect, and forgets it if its follow-up made it so (it
+        was trusted, and cached, after its first reply)."""
         candidate = query.candidate
         if not candidate.suspect:
             self._flag(candidate, reply)
-            if candidate.suspect and query.follow_up:
-                self._retract_if_current(query)
+            if candidate.suspect:
+                self.flagged.add((candidate.node.host, candidate.node.port))
+                if query.follow_up:
+                    self._retract_if_current(query)
         if self.finished or candidate.query is not query:
             return
         result = self.result
@@ -4000,7 +4006,7 @@ class Lookup:
         """A node a reply named (or the cache or, with `known_id` False, the routers): a
         candidate, unless the sybil defences pass it over."""
         address = (node.host, node.port)
-        if address in self.candidates:
+        if address in self.candidates or address in self.flagged:
             return
         view, counters = self.view, self.counters
         if not view.usable(node.host, node.port):
@@ -4130,7 +4136,7 @@ class Lookup:
                     candidate.query = LookupQuery(self, candidate, options.bep33)
                     self._to_send.append(candidate.query)
             if passed:
-                continue  # a node passed over frees its slot: look again
+                continue  # a node passed over changes the K closest: look again
             if self.in_flight == 0:
                 self._end_round()
             return
@@ -4205,9 +4211,12 @@ class Lookup:
         result.nodes_answered -= 1
 
     def _withdraw_all(self) -> None:
+        not_out = {id(query) for query in self._to_send}  # never handed out: dropped
+        self._to_send = []
         for candidate in self.candidates.values():
             if candidate.query is not None:
-                self._withdrawn.append(candidate.query)
+                if id(candidate.query) not in not_out:
+                    self._withdrawn.append(candidate.query)
                 candidate.query = None
 
     def _end_round(self) -> None:
