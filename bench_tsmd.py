@@ -1225,6 +1225,110 @@ def bench_dht_hostile(nodes: int, count: int) -> None:
                 print(f"    {defences}{left_out} BEP 33 filters left out")
 
 
+# A read-only libtorrent client as a process of its own, from start to exit: bootstrapped
+# from the routers alone, then dht_get_peers for every infohash until no lookup is left.
+LIBTORRENT_DHT_PROCESS: Final = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from bench_tsmd import libtorrent_client, libtorrent_get_peers, libtorrent_routing_nodes
+routers = [(host, int(port)) for host, port in json.loads(sys.argv[2])]
+infohashes = [bytes.fromhex(h) for h in json.loads(sys.argv[3])]
+session = libtorrent_client(routers)
+libtorrent_routing_nodes(session, at_least=8, timeout=30)
+_, ended, found = libtorrent_get_peers(session, infohashes, {h: set() for h in infohashes}, 120)
+print(json.dumps({h.hex(): sorted(found.get(h, ())) for h in infohashes}))
+"""
+
+
+def libtorrent_routing_nodes(session, at_least: int, timeout: float) -> int:
+    """Wait until the session's DHT routing table holds `at_least` nodes (its bootstrap)."""
+    import libtorrent as lt
+
+    deadline = time.monotonic() + timeout
+    nodes = 0
+    while time.monotonic() < deadline:
+        session.post_dht_stats()
+        session.wait_for_alert(100)
+        for alert in session.pop_alerts():
+            if isinstance(alert, lt.dht_stats_alert):
+                nodes = sum(bucket["num_nodes"] for bucket in alert.routing_table)
+        if nodes >= at_least:
+            break
+        time.sleep(0.01)
+    return nodes
+
+
+def dht_processes_side_by_side(routers: list[tuple[str, int]], swarms: dict, expected: dict,
+                               rounds: int) -> None:
+    """`tsmd dht` (cold: no node cache; then warm: the cache the cold run left) and a libtorrent
+    process, each a whole process from start to exit, knowing only the same three routers."""
+    import tsmd
+
+    infohashes = list(swarms)
+    with tempfile.TemporaryDirectory(prefix="tsmd-bench-") as tmp:
+        root = Path(tmp)
+        config = root / "tsmd.toml"
+        config.write_text(f"""database = "{root / 'dht.sqlite3'}"
+[network]
+allow_private = true
+[dht]
+bootstrap = [{", ".join(f'"{host}:{port}"' for host, port in routers)}]
+bind = "127.0.0.1:0"
+# As libtorrent's dht_get_peers: peers only, no BEP 33 scrape, every lookup at once.
+bep33 = false
+concurrency = {len(infohashes)}
+[[collections]]
+name = "bench"
+url = "http://127.0.0.1:9/"
+type = "books"
+""")
+        results: dict[str, list[float]] = {"cold": [], "warm": [], "libtorrent": []}
+        exact: dict[str, int] = {}
+        for _ in range(rounds):
+            database = root / "dht.sqlite3"
+            database.unlink(missing_ok=True)
+            tsmd.open_database(database).close()
+            db = sqlite3.connect(database)
+            with db:
+                db.execute("INSERT INTO collections (id, name, url, type) VALUES "
+                           "(1, 'bench', 'http://127.0.0.1:9/', 'books')")
+                db.executemany("INSERT INTO torrents (id, infohash, name, first_seen, updated) "
+                               "VALUES (?, ?, ?, 1, 1)",
+                               ((n, h.hex(), f"bench {n}") for n, h in enumerate(infohashes, 1)))
+                db.executemany("INSERT INTO memberships (collection_id, source, torrent_id, "
+                               "file_name, first_seen, last_seen) VALUES (1, ?, ?, ?, 1, 1)",
+                               ((f"bench {n}", n, f"{n}.torrent")
+                                for n in range(1, len(infohashes) + 1)))
+            db.close()
+            for label in ("cold", "warm"):
+                # --rate 0: libtorrent, beside it, keeps no packet budget either.
+                wall, _, _ = run_tsmd(config, "-q", "dht", "--rate", "0")
+                results[label].append(wall)
+                db = sqlite3.connect(database)
+                counts = dict(db.execute(
+                    "SELECT t.infohash, d.peers FROM dht_samples d JOIN torrents t ON "
+                    "t.id = d.torrent_id WHERE d.run_id = (SELECT max(run_id) FROM dht_samples)"))
+                db.close()
+                exact[label] = sum(counts.get(h.hex()) == len(expected[h]) for h in infohashes)
+            started = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", LIBTORRENT_DHT_PROCESS, str(HERE),
+                                   json.dumps(routers), json.dumps([h.hex() for h in infohashes])],
+                                  capture_output=True, text=True, timeout=600, env=USER_ENV,
+                                  stdin=subprocess.DEVNULL)
+            results["libtorrent"].append(time.perf_counter() - started)
+            if done.returncode:
+                sys.exit(f"the libtorrent process failed ({done.returncode}):\n{done.stderr}")
+            found = {bytes.fromhex(h): {(host, port) for host, port in peers}
+                     for h, peers in json.loads(done.stdout).items()}
+            exact["libtorrent"] = sum(found[h] == expected[h] for h in infohashes)
+        theirs = min(results["libtorrent"])
+        print(f"  whole processes, {len(infohashes)} lookups from the same 3 routers, best of "
+              f"{rounds}: libtorrent {theirs:.2f} s ({exact['libtorrent']} exact); tsmd dht "
+              f"cold {min(results['cold']):.2f} s (x{min(results['cold']) / theirs:.2f}, "
+              f"{exact['cold']} exact), warm {min(results['warm']):.2f} s "
+              f"(x{min(results['warm']) / theirs:.2f}, {exact['warm']} exact)")
+
+
 def bench_dht_libtorrent(nodes: int, count: int, rtt: tuple[float, float] | None,
                          repeat: int) -> None:
     import random
@@ -1295,6 +1399,7 @@ def bench_dht_libtorrent(nodes: int, count: int, rtt: tuple[float, float] | None
                                          (f"tsmd at {DHT_BUDGET} packets/s", False, DHT_BUDGET)):
                 tsmd_side_by_side(f"  [{attempt + 1}] {label}", Relayed, swarms, expected, cache,
                                   bep33, budget)
+        dht_processes_side_by_side(relays[:3], swarms, expected, repeat)
     finally:
         stop.set()
         if relay is not None:
