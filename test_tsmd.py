@@ -3937,17 +3937,18 @@ class RecordingEndpoint:
     and its node answers `delay` seconds later with the 8 known nodes closest to the target,
     or with error 202 as many times as `refusals` says for its host. Hosts in `filters_only`
     answer a scrape as libtorrent does (BEP 33 filters, no values), and those in `refuse_values`
-    answer every query without scrape with 202. The socket buffer is full for the first `full`
+    answer every query without scrape with 202; those in `silent` never answer. The socket buffer is full for the first `full`
     sends, and the kernel refuses every packet to `unsendable` hosts."""
 
     dual_stack = False
 
     def __init__(self, nodes: list[tsmd.DhtNode], delay: float, refusals=None,
-                 full: int = 0, unsendable=(), filters_only=(), refuse_values=()) -> None:
+                 full: int = 0, unsendable=(), filters_only=(), refuse_values=(),
+                 silent=()) -> None:
         self.nodes = nodes
         self.ids = {(node.host, node.port): node.node_id for node in nodes}
         self.delay, self.refusals, self.full = delay, dict(refusals or {}), full
-        self.unsendable = set(unsendable)
+        self.unsendable, self.silent = set(unsendable), set(silent)
         self.filters_only, self.refuse_values = set(filters_only), set(refuse_values)
         self.sent: list[tuple[float, str, dict]] = []
         self.pending: dict = {}
@@ -3971,7 +3972,8 @@ class RecordingEndpoint:
         query = tsmd.bdecode_untrusted(data)
         self.sent.append((trio.current_time(), host, query))
         self.counters.sent += 1
-        self.answers.send_nowait((trio.current_time() + self.delay, query, host, port))
+        if host not in self.silent:
+            self.answers.send_nowait((trio.current_time() + self.delay, query, host, port))
         return True
 
     async def wait_writable(self):
@@ -4007,10 +4009,12 @@ class RecordingEndpoint:
                 handler(self.reply(query, host, port))
 
 
-def paced_survey(endpoint, cache, bootstrap, lookups: int, **options):
-    """Survey `lookups` targets through `endpoint` on a MockClock; the survey and results."""
+def paced_survey(endpoint, cache, bootstrap, lookups: int, ended_at=None, **options):
+    """Survey `lookups` targets through `endpoint` on a MockClock; the survey and results (in
+    the order they ended, each one's time on the clock appended to `ended_at`)."""
     options = dht_test_options(**{"concurrency": lookups, "bep33": False, **options})
-    results = []
+    results: list = []
+    ended_at = [] if ended_at is None else ended_at
 
     async def scenario():
         survey = tsmd.DhtSurvey(endpoint, cache, bootstrap, options, False)
@@ -4019,8 +4023,9 @@ def paced_survey(endpoint, cache, bootstrap, lookups: int, **options):
                 await nursery.start(survey.serve)
                 async with trio.open_nursery() as looking:
                     async def one(n):
-                        results.append(await survey.lookup(
-                            hashlib.sha1(b"target %d" % n).digest()))
+                        result = await survey.lookup(hashlib.sha1(b"target %d" % n).digest())
+                        results.append(result)
+                        ended_at.append(trio.current_time())
                     for n in range(lookups):
                         looking.start_soon(one, n)
                 nursery.cancel_scope.cancel()
@@ -4034,6 +4039,27 @@ def paced_nodes(count: int) -> list[tsmd.DhtNode]:
     """Nodes of distinct /24s, as the survey asks one node per /24 in a lookup."""
     return [tsmd.DhtNode(hashlib.sha1(b"paced %d" % n).digest(), f"198.18.{n + 1}.1", 6881)
             for n in range(count)]
+
+
+def test_dht_silent_nodes_fail_as_soon_as_the_round_trips_say():
+    """Answers come within 20 ms: a node silent for a second is taken for dead, not after the
+    configured 3 s, and its lookups end without waiting for it."""
+    nodes = paced_nodes(40)
+    cache = tsmd.NodeCache()
+    for node in nodes:
+        cache.add(node, 0)
+    silent = {node.host for node in nodes[::4]}
+    endpoint = RecordingEndpoint(nodes, delay=0.02, silent=silent)
+    ended_at: list = []
+    survey, results = paced_survey(endpoint, cache, [], 60, ended_at, rate=0,
+                                   stall_timeout=1, query_timeout=3)
+    assert survey.round_trips.expire_after == tsmd.DHT_EXPIRE_FLOOR
+    assert survey.round_trips.stall_after == tsmd.DHT_STALL_FLOOR
+    assert survey.counters.timeouts >= len(silent)
+    assert all(r.nodes_answered >= tsmd.DHT_K for r in results)
+    # Lookups wait for the silent nodes among their closest (a quarter of all), a second
+    # each, never the configured 3 s.
+    assert 1.0 <= max(ended_at) < 3.0
 
 
 def test_dht_pacer_keeps_the_global_and_per_address_limits():
@@ -4308,6 +4334,9 @@ class ScriptedView:
     def closest(self, target, count):
         return sorted(self.cached, key=lambda node: xor(node.node_id, target))[:count]
 
+    def known(self):
+        return len(self.cached)
+
 
 def scripted_lookup(view: ScriptedView, target: bytes = b"\x70" * 20):
     counters = tsmd.DhtCounters()
@@ -4366,6 +4395,26 @@ def test_dht_lookup_keeps_one_node_per_subnet_and_prefers_bep42_ids():
         lookup.consider(tsmd.DhtNode(hashlib.sha1(b"lan %d" % n).digest(), f"10.0.0.{n + 1}",
                                      6881))
     assert len(lookup.by_distance) == 20 and counters.same_subnet_skipped == 0
+
+
+def test_dht_stall_and_query_timeouts_follow_the_round_trips():
+    trips = tsmd.RoundTrips(1.0, 4.0)
+    chooser = random.Random(7)
+    for _ in range(tsmd.DHT_RTT_MIN_SAMPLES - 1):
+        trips.add(chooser.uniform(0.05, 0.3))
+    assert (trips.stall_after, trips.expire_after) == (1.0, 4.0)  # too few: as configured
+    for _ in range(tsmd.DHT_RTT_SAMPLES):
+        trips.add(chooser.uniform(0.05, 0.3))
+    # Twice and four times the 90th percentile, 0.275 s.
+    assert 2 * 0.26 <= trips.stall_after <= 2 * 0.29
+    assert 4 * 0.26 <= trips.expire_after <= 4 * 0.29
+    for _ in range(tsmd.DHT_RTT_SAMPLES):  # a slow network: no more than configured
+        trips.add(chooser.uniform(0.5, 3.0))
+    assert (trips.stall_after, trips.expire_after) == (1.0, 4.0)
+    for _ in range(tsmd.DHT_RTT_SAMPLES):  # loopback: no less than the floors
+        trips.add(0.0002)
+    assert (trips.stall_after, trips.expire_after) == (tsmd.DHT_STALL_FLOOR,
+                                                       tsmd.DHT_EXPIRE_FLOOR)
 
 
 LOOKUP_TARGET = b"\x70" * 20
@@ -5144,7 +5193,10 @@ def test_dht_outage_in_the_middle_of_a_run_blames_no_node(tmp_path):
                                                           tsmd.Reporter(-1),
                                                           bootstrap=network.bootstrap)
                 nursery.start_soon(survey)
-                await trio.sleep(1.5)  # some lookups done, most to come at 40 packets/s
+                # Some lookups done and stored, most to come at 40 packets/s...
+                with trio.fail_after(30):
+                    while not db.execute("SELECT count(*) FROM dht_samples").fetchone()[0]:
+                        await trio.sleep(0.05)
                 serving.cancel_scope.cancel()  # then the network goes away
         return result["counts"]
 

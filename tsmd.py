@@ -3413,8 +3413,7 @@ DHT_NODE_MAX_AGE: Final = 3 * 86400  # seconds; older cached nodes are not loade
 DHT_ERROR_BACKOFF: Final = 10.0  # seconds of silence towards a node that said 201/202
 DHT_WRITE_BATCH: Final = 500  # samples per transaction
 UNKNOWN_DISTANCE: Final = 1 << 160  # a bootstrap router's id is unknown until it answers
-DHT_WARMUP_LOOKUPS: Final = 4  # lookups in flight while fewer than K nodes are cached
-DHT_LOOKUPS_PER_NODE: Final = 10  # then at most this many per cached node
+DHT_LOOKUPS_PER_NODE: Final = 10  # lookups in flight per cached node, once K are cached
 # Sybil defences. The closest of N random ids lies about 2^160 / N from a target; one 2^10
 # times closer happens to an honest node once in ~1,000 lookups, and is what a sybil claims.
 DHT_CLOSE_ID_MARGIN_BITS: Final = 10
@@ -3575,6 +3574,41 @@ class NodeCache:
         return [self._nodes[key] for key in window[:count]]
 
 
+DHT_RTT_SAMPLES: Final = 256  # round trips kept, as mldht's ResponseTimeoutFilter keeps
+DHT_RTT_MIN_SAMPLES: Final = 32  # before this many, the configured stall timeout holds
+DHT_STALL_FLOOR: Final = 0.1  # seconds: a query may stall no sooner
+DHT_EXPIRE_FLOOR: Final = 1.0  # seconds: nor fail
+
+
+class RoundTrips:
+    """The round trips of the last answered queries, and from them how long a query may stay
+    silent: twice the time within which 90 % of answers came before it stalls (mldht stalls
+    at that quantile itself; twice spares the packets a late but live node would cost), four
+    times before it fails. Each is bounded by a floor and by the configured timeout.
+
+    A stalled query still counts if it answers, but lets the lookup ask the next candidate; a
+    failed one no longer holds up the end of a lookup whose K closest it is among. On a fast
+    network a silent node holds a lookup back for a fraction of the configured seconds."""
+
+    RECOMPUTE_EVERY: Final = 16  # samples (a sort of 256 floats is about 10 µs)
+
+    def __init__(self, stall_ceiling: float, expire_ceiling: float) -> None:
+        self.stall_ceiling, self.expire_ceiling = stall_ceiling, expire_ceiling
+        self.stall_after, self.expire_after = stall_ceiling, expire_ceiling
+        self._samples: deque[float] = deque(maxlen=DHT_RTT_SAMPLES)
+        self._fresh = 0
+
+    def add(self, seconds: float) -> None:
+        self._samples.append(seconds)
+        self._fresh += 1
+        if self._fresh >= self.RECOMPUTE_EVERY and len(self._samples) >= DHT_RTT_MIN_SAMPLES:
+            self._fresh = 0
+            ordered = sorted(self._samples)
+            quantile = ordered[len(ordered) * 9 // 10]
+            self.stall_after = min(self.stall_ceiling, max(DHT_STALL_FLOOR, 2 * quantile))
+            self.expire_after = min(self.expire_ceiling, max(DHT_EXPIRE_FLOOR, 4 * quantile))
+
+
 def silent_back_off(runs: int) -> float:
     """Seconds an address that was silent in `runs` runs in a row is left alone."""
     return min(DHT_SILENT_RETRY * 2 ** min(max(runs, 1) - 1, 8), DHT_SILENT_RETRY_MAX)
@@ -3659,6 +3693,9 @@ class DhtCounters:
     suspect_introducers: int = 0  # answers naming several such nodes
     values_over_cap: int = 0  # replies with more values than any client sends
     suspect_peers: int = 0  # only suspects named them: not counted
+    # Seconds a query could stay silent before it stalled, and failed (RoundTrips), at the end.
+    stall_after: float = 0.0
+    expire_after: float = 0.0
     seconds: float = 0.0
     outage: str | None = None  # why the stage stopped early: no node answered
 
@@ -3668,7 +3705,9 @@ class DhtCounters:
         return (f"{self.lookups} lookups ({self.lookups_with_peers} with peers, "
                 f"{self.lookups_unanswered} unanswered), {self.peers} "
                 f"peers; {self.packets_sent} packets sent ({per_lookup:.1f} per lookup, "
-                f"{rate:,.0f}/s), {self.packets_received} received, {self.timeouts} timeouts, "
+                f"{rate:,.0f}/s), {self.packets_received} received, {self.timeouts} timeouts "
+                f"(a query stalled after {self.stall_after:.2f} s, failed after "
+                f"{self.expire_after:.2f} s), "
                 f"{self.send_errors} send errors, {self.dropped_replies} dropped replies, "
                 f"{self.malformed_packets} malformed packets, {self.krpc_errors} KRPC errors, "
                 f"{self.bad_replies} bad replies; "
@@ -3861,6 +3900,9 @@ class LookupView(Protocol):
     def closest(self, target: bytes, count: int) -> list[DhtNode]:
         """The cached nodes closest to `target`."""
 
+    def known(self) -> int:
+        """How many nodes are cached (other lookups' replies add to them)."""
+
 
 class Lookup:
     """One iterative get_peers lookup (BEP 5): plain data, stepped by events, as jech/dht keeps
@@ -3892,6 +3934,7 @@ class Lookup:
         self.flagged: set[tuple[str, int]] = set()
         self.active = 0  # queries asked and not stalled: at most Kademlia's alpha
         self.in_flight = 0  # candidates asked and not yet answered or failed
+        self._known_at_look = 0  # nodes cached when the lookup last took the closest
         self._to_send: list[LookupQuery] = []
         self._withdrawn: list[LookupQuery] = []
 
@@ -3928,8 +3971,7 @@ class Lookup:
         self.candidates, self.by_distance, self.by_subnet = {}, [], {}
         self.passed_over, self.takeovers, self.ids_seen = {}, {}, set()
         self.active = self.in_flight = 0
-        for node in self.view.closest(self.result.infohash, 2 * DHT_K):
-            self.consider(node)
+        self._look_in_cache()
         if sum(not c.suspect and c.state is not CandidateState.FAILED
                for c in self.by_distance) < DHT_K:
             for node in self.view.bootstrap:
@@ -3953,6 +3995,10 @@ class Lookup:
         if not query.follow_up and not candidate.suspect:
             result.nodes_answered += 1
         self._take(candidate, reply, filters=query.scrape)
+        # Lookups learn from each other: on a cold start the cache fills as they go, and the
+        # closest nodes it has now may spare this one a wave or two.
+        if self.view.known() >= 2 * max(self._known_at_look, DHT_K):
+            self._look_in_cache()
         # libtorrent answers a scrape with filters and no `values`: ask it once more, without
         # scrape, for the peers themselves. The node stays asked until then, or the lookup could
         # end before the very reply that brings its peers.
@@ -4044,6 +4090,11 @@ class Lookup:
             held.state = CandidateState.FAILED  # asked nothing: no mark against it
             self.passed_over.setdefault(subnet, []).append(held)
         self._hold_subnet(subnet, address, candidate)
+
+    def _look_in_cache(self) -> None:
+        self._known_at_look = self.view.known()
+        for node in self.view.closest(self.result.infohash, 2 * DHT_K):
+            self.consider(node)
 
     def _hold_subnet(self, subnet: str, address: tuple[str, int],
                      candidate: LookupCandidate) -> None:
@@ -4271,6 +4322,7 @@ class DhtSurvey:
         self.per_ip = PerAddressLimiter(options.per_ip_rate if options.rate else 0,
                                         options.per_ip_burst)
         self._next_transaction = 0
+        self.round_trips = RoundTrips(options.stall_timeout, options.query_timeout)
         self._lookup_slots = trio.CapacityLimiter(self._lookups_allowed())
         self._serving = False
         self._running: dict[Lookup, _Running] = {}
@@ -4322,10 +4374,13 @@ class DhtSurvey:
         """A node that answered 201/202 and has longer to wait than the stall timeout: lookups
         go on without it."""
         return (self.limited and self.per_ip.penalised(host)
-                and self.per_ip.due(host) > self.options.stall_timeout)
+                and self.per_ip.due(host) > self.round_trips.stall_after)
 
     def closest(self, target: bytes, count: int) -> list[DhtNode]:
         return self.cache.closest(target, count)
+
+    def known(self) -> int:
+        return len(self.cache)
 
     # -- Lookups
 
@@ -4356,7 +4411,9 @@ class DhtSurvey:
         # Ten per node (about 40 queries in flight each, at most) still lets a small network
         # such as a closed test one serve every lookup at once; at 2 per node, 40 nodes with
         # 50-300 ms round trips took 2.3 times as long for 400 lookups. The routers see only
-        # the first few (_lookups_allowed).
+        # the first few (_lookups_allowed), and the slots grow as each reply fills the cache,
+        # not as lookups end: waiting for the first lookups to end made a cold start on
+        # 50-300 ms round trips take 2.4 times as long as a warm one.
         async with self._lookup_slots:
             try:
                 lookup = Lookup(infohash, self, self.counters)
@@ -4372,13 +4429,19 @@ class DhtSurvey:
                         self._step(lookup)
                 return lookup.result
             finally:
-                self._lookup_slots.total_tokens = self._lookups_allowed()
+                self._resize_lookup_slots()
 
     def _lookups_allowed(self) -> int:
-        # Until K nodes are cached, lookups also ask the bootstrap routers: a few at a time.
-        cached = len(self.cache)
-        return min(self.options.concurrency, DHT_WARMUP_LOOKUPS if cached < DHT_K else
-                   max(DHT_WARMUP_LOOKUPS, DHT_LOOKUPS_PER_NODE * cached))
+        # Until K nodes are cached, lookups also ask the bootstrap routers, each once: no more
+        # lookups than a router may be sent packets at once (its per-address burst).
+        cached, routers_allow = len(self.cache), max(1, self.options.per_ip_burst)
+        return min(self.options.concurrency, routers_allow if cached < DHT_K else
+                   max(routers_allow, DHT_LOOKUPS_PER_NODE * cached))
+
+    def _resize_lookup_slots(self) -> None:
+        allowed = self._lookups_allowed()
+        if allowed != self._lookup_slots.total_tokens:
+            self._lookup_slots.total_tokens = allowed
 
     def _step(self, lookup: Lookup) -> None:
         """Carry out what `lookup` decided after an event: withdraw the queries it no longer
@@ -4470,6 +4533,7 @@ class DhtSurvey:
 
     def _answered(self, query: LookupQuery, message: KrpcMessage) -> None:
         query.state = QueryState.ENDED
+        self.round_trips.add(trio.current_time() - query.sent_at)
         counters, node, lookup = self.counters, query.candidate.node, query.lookup
         if message.kind == b"e":
             counters.krpc_errors += 1
@@ -4498,6 +4562,7 @@ class DhtSurvey:
         lookup.replied(query, reply)
         if not candidate.suspect:
             self.cache.add(DhtNode(reply.node_id, node.host, node.port), time.time())
+            self._resize_lookup_slots()  # more nodes known: more lookups may start
         elif query.follow_up:  # trusted and cached after its first reply: a liar after all
             self.cache.forget(node.host, node.port)
         self._step(lookup)
@@ -4532,10 +4597,12 @@ class DhtSurvey:
         self._step(query.lookup)
 
     async def _expire_forever(self) -> None:
-        stall_after, expire_after = self.options.stall_timeout, self.options.query_timeout
         stalling, expiring = self._stalling, self._expiring
         while True:
             now = trio.current_time()
+            # (The same for every query in flight at any moment: the oldest is due first.)
+            stall_after = self.round_trips.stall_after
+            expire_after = self.round_trips.expire_after
             while stalling and stalling[0].sent_at + stall_after <= now:
                 query = stalling.popleft()
                 if query.state is QueryState.IN_FLIGHT:
@@ -7665,6 +7732,8 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
             save_node_cache(db, cache, time.time(),
                             heard_anything=counters.replies > 0 and counters.outage is None)
             counters.nodes_cached = len(cache)
+            counters.stall_after = survey.round_trips.stall_after
+            counters.expire_after = survey.round_trips.expire_after
             counters.packets_sent, counters.packets_received = udp.sent, udp.received
             counters.send_errors = udp.send_errors
             counters.dropped_replies = udp.dropped_unmatched
