@@ -3937,24 +3937,28 @@ class RecordingEndpoint:
     and its node answers `delay` seconds later with the 8 known nodes closest to the target,
     or with error 202 as many times as `refusals` says for its host. Hosts in `filters_only`
     answer a scrape as libtorrent does (BEP 33 filters, no values), and those in `refuse_values`
-    answer every query without scrape with 202; those in `silent` never answer. The socket buffer is full for the first `full`
+    answer every query without scrape with 202; those in `silent` never answer, and those in
+    `slow` answer after the delay it gives them. The socket buffer is full for the first `full`
     sends, and the kernel refuses every packet to `unsendable` hosts."""
 
     dual_stack = False
 
     def __init__(self, nodes: list[tsmd.DhtNode], delay: float, refusals=None,
                  full: int = 0, unsendable=(), filters_only=(), refuse_values=(),
-                 silent=()) -> None:
+                 silent=(), slow=None) -> None:
         self.nodes = nodes
         self.ids = {(node.host, node.port): node.node_id for node in nodes}
         self.delay, self.refusals, self.full = delay, dict(refusals or {}), full
-        self.unsendable, self.silent = set(unsendable), set(silent)
+        self.unsendable, self.silent, self.slow = set(unsendable), set(silent), dict(slow or {})
         self.filters_only, self.refuse_values = set(filters_only), set(refuse_values)
         self.sent: list[tuple[float, str, dict]] = []
         self.pending: dict = {}
         self.counters = tsmd.UdpCounters()
         # Made here, not in receive_forever: a lookup may send before that task first runs.
+        # One queue per delay, each in the order its answers are due.
         self.answers, self._answered = trio.open_memory_channel(math.inf)
+        self._later = {delay: trio.open_memory_channel(math.inf)
+                       for delay in set(self.slow.values())}
 
     def can_reach(self, host):
         return True
@@ -3972,7 +3976,10 @@ class RecordingEndpoint:
         query = tsmd.bdecode_untrusted(data)
         self.sent.append((trio.current_time(), host, query))
         self.counters.sent += 1
-        if host not in self.silent:
+        if host in self.slow:
+            self._later[self.slow[host]][0].send_nowait(
+                (trio.current_time() + self.slow[host], query, host, port))
+        elif host not in self.silent:
             self.answers.send_nowait((trio.current_time() + self.delay, query, host, port))
         return True
 
@@ -4002,7 +4009,13 @@ class RecordingEndpoint:
         return tsmd.KrpcMessage(key, b"r", body)
 
     async def receive_forever(self):
-        async for due, query, host, port in self._answered:
+        async with trio.open_nursery() as nursery:
+            for _, answered in self._later.values():
+                nursery.start_soon(self._answer, answered)
+            await self._answer(self._answered)
+
+    async def _answer(self, answered):
+        async for due, query, host, port in answered:
             await trio.sleep_until(due)
             handler = self.pending.pop((query[b"t"], host, port), None)
             if handler is not None:
@@ -4041,25 +4054,117 @@ def paced_nodes(count: int) -> list[tsmd.DhtNode]:
             for n in range(count)]
 
 
-def test_dht_silent_nodes_fail_as_soon_as_the_round_trips_say():
-    """Answers come within 20 ms: a node silent for a second is taken for dead, not after the
-    configured 3 s, and its lookups end without waiting for it."""
+def test_dht_slow_nodes_stall_early_but_never_fail_early():
+    """Nodes answer within 20 ms, one in 1.5 s: a query stalls after 0.1 s, but the slow
+    node's answers still count, and it is not taken for silent."""
     nodes = paced_nodes(40)
     cache = tsmd.NodeCache()
     for node in nodes:
         cache.add(node, 0)
-    silent = {node.host for node in nodes[::4]}
-    endpoint = RecordingEndpoint(nodes, delay=0.02, silent=silent)
-    ended_at: list = []
-    survey, results = paced_survey(endpoint, cache, [], 60, ended_at, rate=0,
-                                   stall_timeout=1, query_timeout=3)
-    assert survey.round_trips.expire_after == tsmd.DHT_EXPIRE_FLOOR
+    slow = {nodes[3].host: 1.5}
+    endpoint = RecordingEndpoint(nodes, delay=0.02, slow=slow)
+    survey, results = paced_survey(endpoint, cache, [], 60, rate=0, stall_timeout=1,
+                                   query_timeout=4)
     assert survey.round_trips.stall_after == tsmd.DHT_STALL_FLOOR
-    assert survey.counters.timeouts >= len(silent)
+    assert survey.counters.timeouts == 0 and cache.silent_this_run() == []
+    assert {node.host for node in cache.nodes()} >= set(slow)
     assert all(r.nodes_answered >= tsmd.DHT_K for r in results)
-    # Lookups wait for the silent nodes among their closest (a quarter of all), a second
-    # each, never the configured 3 s.
-    assert 1.0 <= max(ended_at) < 3.0
+
+
+def test_dht_a_query_sent_while_older_ones_wait_to_expire_stalls_on_time():
+    """The timer sleeps until the next query is due. A query sent while only older, stalled
+    ones wait to expire is due to stall sooner than they expire: it must wake the timer."""
+    target = hashlib.sha1(b"target 0").digest()
+    nodes = sorted(paced_nodes(12), key=lambda node: xor(node.node_id, target))
+    cache = tsmd.NodeCache()
+    for node in nodes[:4]:  # three silent, then one that answers in 1.5 s, naming 4 more
+        cache.add(node, 0)
+    endpoint = RecordingEndpoint(nodes, delay=0.02, silent={n.host for n in nodes if n != nodes[3]},
+                                 slow={nodes[3].host: 1.5})
+    options = dht_test_options(concurrency=1, bep33=False, rate=0, stall_timeout=1,
+                               query_timeout=4)
+    stalled_at = {}
+
+    async def scenario():
+        survey = tsmd.DhtSurvey(endpoint, cache, [], options, False)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(survey.serve)
+            nursery.start_soon(survey.lookup, target)
+            await trio.sleep(1.5 + 0.02)  # the slow node has answered: 4 more nodes asked
+            [lookup] = survey._running
+            newcomers = [lookup.candidates[(n.host, n.port)] for n in nodes[4:8]]
+            assert all(c.state is tsmd.CandidateState.ASKED and not c.stalled
+                       for c in newcomers)
+            while not all(c.stalled for c in newcomers):
+                await trio.sleep(0.01)
+            stalled_at["newcomers"] = trio.current_time()
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert 2.5 <= stalled_at["newcomers"] < 2.6  # a second after they were asked, not at 4
+
+
+def test_dht_a_shorter_stall_timeout_reaches_the_queries_in_flight():
+    """A silent node asked at the start stalls once the first answers have shortened the
+    stall timeout to 0.1 s, not after the configured second it was asked under."""
+    targets = [hashlib.sha1(b"target %d" % n).digest() for n in range(40)]
+    nodes = paced_nodes(40)
+    silent = min(nodes, key=lambda node: xor(node.node_id, targets[0]))
+    cache = tsmd.NodeCache()
+    for node in nodes:
+        cache.add(node, 0)
+    endpoint = RecordingEndpoint(nodes, delay=0.02, silent={silent.host})
+    options = dht_test_options(concurrency=40, bep33=False, rate=0, stall_timeout=1,
+                               query_timeout=4)
+
+    async def scenario():
+        survey = tsmd.DhtSurvey(endpoint, cache, [], options, False)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(survey.serve)
+            for target in targets:
+                nursery.start_soon(survey.lookup, target)
+            await trio.sleep(0.5)
+            assert survey.round_trips.stall_after == tsmd.DHT_STALL_FLOOR
+            [waiting] = [lookup for lookup in survey._running
+                         if lookup.result.infohash == targets[0]]
+            assert waiting.candidates[(silent.host, silent.port)].stalled
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_dht_lookups_in_flight_grow_with_each_answer_on_a_cold_start():
+    """From a router alone, a few lookups at a time (its per-node burst) until K nodes have
+    answered; then more start at once, before any lookup has ended."""
+    nodes = paced_nodes(40)
+    endpoint = RecordingEndpoint(nodes, delay=0.05)
+    options = dht_test_options(concurrency=30, bep33=False, rate=0, per_ip_burst=4)
+    in_flight_before_an_end: list[int] = []
+    ended: list[int] = []
+
+    async def scenario():
+        survey = tsmd.DhtSurvey(endpoint, tsmd.NodeCache(), [nodes[0]._replace(node_id=b"")],
+                                options, False)
+
+        def watch(result):
+            if not ended:
+                in_flight_before_an_end.append(survey._lookup_slots.borrowed_tokens)
+
+        async def one(n):
+            await survey.lookup(hashlib.sha1(b"cold %d" % n).digest(), watch)
+            ended.append(n)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(survey.serve)
+            async with trio.open_nursery() as looking:
+                for n in range(30):
+                    looking.start_soon(one, n)
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert len(ended) == 30
+    assert in_flight_before_an_end[0] <= options.per_ip_burst
+    assert max(in_flight_before_an_end) > options.per_ip_burst
 
 
 def test_dht_pacer_keeps_the_global_and_per_address_limits():
@@ -4397,24 +4502,21 @@ def test_dht_lookup_keeps_one_node_per_subnet_and_prefers_bep42_ids():
     assert len(lookup.by_distance) == 20 and counters.same_subnet_skipped == 0
 
 
-def test_dht_stall_and_query_timeouts_follow_the_round_trips():
-    trips = tsmd.RoundTrips(1.0, 4.0)
+def test_dht_stall_timeout_follows_the_round_trips():
+    trips = tsmd.RoundTrips(1.0)
     chooser = random.Random(7)
     for _ in range(tsmd.DHT_RTT_MIN_SAMPLES - 1):
         trips.add(chooser.uniform(0.05, 0.3))
-    assert (trips.stall_after, trips.expire_after) == (1.0, 4.0)  # too few: as configured
+    assert trips.stall_after == 1.0  # too few to go by: the configured stall timeout
     for _ in range(tsmd.DHT_RTT_SAMPLES):
         trips.add(chooser.uniform(0.05, 0.3))
-    # Twice and four times the 90th percentile, 0.275 s.
-    assert 2 * 0.26 <= trips.stall_after <= 2 * 0.29
-    assert 4 * 0.26 <= trips.expire_after <= 4 * 0.29
+    assert 2 * 0.26 <= trips.stall_after <= 2 * 0.29  # twice the 90th percentile, 0.275 s
     for _ in range(tsmd.DHT_RTT_SAMPLES):  # a slow network: no more than configured
         trips.add(chooser.uniform(0.5, 3.0))
-    assert (trips.stall_after, trips.expire_after) == (1.0, 4.0)
-    for _ in range(tsmd.DHT_RTT_SAMPLES):  # loopback: no less than the floors
+    assert trips.stall_after == 1.0
+    for _ in range(tsmd.DHT_RTT_SAMPLES):  # loopback: no less than the floor
         trips.add(0.0002)
-    assert (trips.stall_after, trips.expire_after) == (tsmd.DHT_STALL_FLOOR,
-                                                       tsmd.DHT_EXPIRE_FLOOR)
+    assert trips.stall_after == tsmd.DHT_STALL_FLOOR
 
 
 LOOKUP_TARGET = b"\x70" * 20
@@ -4561,6 +4663,19 @@ def test_dht_lookup_core_asks_no_resting_distrusted_or_bogus_node():
     assert not lookup.result.peers and ("84.0.0.1", 6881) not in lookup.candidates
     assert lookup.result.suspect_peers == {("7.7.7.7", 1)}
     assert lookup.closest_answered() == [3 << 100, 4 << 100]  # the sybil not among them
+
+
+def test_dht_lookup_core_takes_closer_nodes_from_a_cache_that_has_grown():
+    """Lookups learn from each other: when the cache has doubled since a lookup last looked
+    (other lookups' answers fill it on a cold start), it takes the closest nodes from it."""
+    far = node_at(100, "120.0.0.1")
+    view = ScriptedView(cached=[far])
+    lookup, _ = scripted_lookup(view)
+    lookup.start()
+    [first] = lookup.take_queries()
+    view.cached += [node_at(d, f"{30 + d}.0.0.1") for d in range(1, 17)]  # others' answers
+    lookup.replied(first, reply_of(far))  # names nobody
+    assert [q.candidate.distance >> 100 for q in lookup.take_queries()] == [1, 2, 3, 4]
 
 
 def test_dht_lookup_core_edge_events():

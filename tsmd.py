@@ -3577,24 +3577,25 @@ class NodeCache:
 DHT_RTT_SAMPLES: Final = 256  # round trips kept, as mldht's ResponseTimeoutFilter keeps
 DHT_RTT_MIN_SAMPLES: Final = 32  # before this many, the configured stall timeout holds
 DHT_STALL_FLOOR: Final = 0.1  # seconds: a query may stall no sooner
-DHT_EXPIRE_FLOOR: Final = 1.0  # seconds: nor fail
 
 
 class RoundTrips:
     """The round trips of the last answered queries, and from them how long a query may stay
-    silent: twice the time within which 90 % of answers came before it stalls (mldht stalls
-    at that quantile itself; twice spares the packets a late but live node would cost), four
-    times before it fails. Each is bounded by a floor and by the configured timeout.
+    silent before it stalls: twice the time within which 90 % of answers came (mldht's
+    ResponseTimeoutFilter stalls at that quantile itself; twice spares the packets a late but
+    live node would cost), between DHT_STALL_FLOOR and the configured stall timeout. A stalled
+    query still counts if it answers, but lets the lookup ask the next candidate.
 
-    A stalled query still counts if it answers, but lets the lookup ask the next candidate; a
-    failed one no longer holds up the end of a lookup whose K closest it is among. On a fast
-    network a silent node holds a lookup back for a fraction of the configured seconds."""
+    Only the stall adapts. A query fails after the configured query timeout, as mldht's calls
+    do after theirs: replies slower than the estimate are never measured once their query has
+    failed, so an adaptive failure would feed on its own errors and mark live but slow nodes
+    dead, and a failure is remembered (the cache evicts, later runs skip silent addresses)."""
 
     RECOMPUTE_EVERY: Final = 16  # samples (a sort of 256 floats is about 10 µs)
 
-    def __init__(self, stall_ceiling: float, expire_ceiling: float) -> None:
-        self.stall_ceiling, self.expire_ceiling = stall_ceiling, expire_ceiling
-        self.stall_after, self.expire_after = stall_ceiling, expire_ceiling
+    def __init__(self, ceiling: float) -> None:
+        self.ceiling = ceiling
+        self.stall_after = ceiling
         self._samples: deque[float] = deque(maxlen=DHT_RTT_SAMPLES)
         self._fresh = 0
 
@@ -3605,8 +3606,7 @@ class RoundTrips:
             self._fresh = 0
             ordered = sorted(self._samples)
             quantile = ordered[len(ordered) * 9 // 10]
-            self.stall_after = min(self.stall_ceiling, max(DHT_STALL_FLOOR, 2 * quantile))
-            self.expire_after = min(self.expire_ceiling, max(DHT_EXPIRE_FLOOR, 4 * quantile))
+            self.stall_after = min(self.ceiling, max(DHT_STALL_FLOOR, 2 * quantile))
 
 
 def silent_back_off(runs: int) -> float:
@@ -3693,9 +3693,7 @@ class DhtCounters:
     suspect_introducers: int = 0  # answers naming several such nodes
     values_over_cap: int = 0  # replies with more values than any client sends
     suspect_peers: int = 0  # only suspects named them: not counted
-    # Seconds a query could stay silent before it stalled, and failed (RoundTrips), at the end.
-    stall_after: float = 0.0
-    expire_after: float = 0.0
+    stall_after: float = 0.0  # seconds a query could stay silent before it stalled, at the end
     seconds: float = 0.0
     outage: str | None = None  # why the stage stopped early: no node answered
 
@@ -3706,8 +3704,7 @@ class DhtCounters:
                 f"{self.lookups_unanswered} unanswered), {self.peers} "
                 f"peers; {self.packets_sent} packets sent ({per_lookup:.1f} per lookup, "
                 f"{rate:,.0f}/s), {self.packets_received} received, {self.timeouts} timeouts "
-                f"(a query stalled after {self.stall_after:.2f} s, failed after "
-                f"{self.expire_after:.2f} s), "
+                f"(a query stalled after {self.stall_after:.2f} s at the end), "
                 f"{self.send_errors} send errors, {self.dropped_replies} dropped replies, "
                 f"{self.malformed_packets} malformed packets, {self.krpc_errors} KRPC errors, "
                 f"{self.bad_replies} bad replies; "
@@ -4322,7 +4319,7 @@ class DhtSurvey:
         self.per_ip = PerAddressLimiter(options.per_ip_rate if options.rate else 0,
                                         options.per_ip_burst)
         self._next_transaction = 0
-        self.round_trips = RoundTrips(options.stall_timeout, options.query_timeout)
+        self.round_trips = RoundTrips(options.stall_timeout)
         self._lookup_slots = trio.CapacityLimiter(self._lookups_allowed())
         self._serving = False
         self._running: dict[Lookup, _Running] = {}
@@ -4331,6 +4328,7 @@ class DhtSurvey:
         self._stalling: deque[LookupQuery] = deque()
         self._expiring: deque[LookupQuery] = deque()
         self._timer_wake: trio.Event | None = None
+        self._timer_deadline = math.inf
         # Queries held back: by the per-address limit, until their address's next token is due
         # (a heap), then in order for the global limit or a full socket buffer (the outbox).
         self._held: list[tuple[float, int, LookupQuery]] = []
@@ -4374,7 +4372,7 @@ class DhtSurvey:
         """A node that answered 201/202 and has longer to wait than the stall timeout: lookups
         go on without it."""
         return (self.limited and self.per_ip.penalised(host)
-                and self.per_ip.due(host) > self.round_trips.stall_after)
+                and self.per_ip.due(host) > self.options.stall_timeout)
 
     def closest(self, target: bytes, count: int) -> list[DhtNode]:
         return self.cache.closest(target, count)
@@ -4520,9 +4518,7 @@ class DhtSurvey:
                              functools.partial(self._answered, query))
         self._stalling.append(query)
         self._expiring.append(query)
-        if self._timer_wake is not None:
-            self._timer_wake.set()
-            self._timer_wake = None
+        self._wake_timer(query.sent_at + self.round_trips.stall_after)
         return True
 
     def _cancel(self, query: LookupQuery) -> None:
@@ -4597,12 +4593,12 @@ class DhtSurvey:
         self._step(query.lookup)
 
     async def _expire_forever(self) -> None:
+        expire_after = self.options.query_timeout
         stalling, expiring = self._stalling, self._expiring
         while True:
             now = trio.current_time()
             # (The same for every query in flight at any moment: the oldest is due first.)
             stall_after = self.round_trips.stall_after
-            expire_after = self.round_trips.expire_after
             while stalling and stalling[0].sent_at + stall_after <= now:
                 query = stalling.popleft()
                 if query.state is QueryState.IN_FLIGHT:
@@ -4612,13 +4608,21 @@ class DhtSurvey:
                 query = expiring.popleft()
                 if query.state is QueryState.IN_FLIGHT:
                     self._timed_out(query)
-            if stalling or expiring:
-                await trio.sleep_until(min(
-                    stalling[0].sent_at + stall_after if stalling else math.inf,
-                    expiring[0].sent_at + expire_after if expiring else math.inf))
-            else:
-                self._timer_wake = wake = trio.Event()
+            self._timer_deadline = min(
+                stalling[0].sent_at + stall_after if stalling else math.inf,
+                expiring[0].sent_at + expire_after if expiring else math.inf)
+            self._timer_wake = wake = trio.Event()
+            with trio.move_on_at(self._timer_deadline):
                 await wake.wait()
+            self._timer_wake, self._timer_deadline = None, math.inf
+
+    def _wake_timer(self, due: float) -> None:
+        """A query is due to stall at `due`: wake the timer if it sleeps past that (a query
+        sent while only older ones wait to expire, or under a stall timeout the answers have
+        shortened since: the timer then takes the new one for every query in flight)."""
+        if self._timer_wake is not None and due < self._timer_deadline:
+            self._timer_wake.set()
+            self._timer_wake = None
 
     def _wake_pacer(self, ready: float) -> None:
         if self._pacer_wake is not None and ready < self._pacer_deadline:
@@ -6506,6 +6510,8 @@ rate = 250.0
 per_ip_rate = 1.0
 per_ip_burst = 4
 # A node silent this long lets the next candidate be asked; after query_timeout it has failed.
+# stall_timeout is a ceiling: once answers have come, a query stalls at twice the time within
+# which 90 % of them came (not sooner than 0.1 s).
 stall_timeout = "1s"
 query_timeout = "4s"
 # Queries one lookup may send at most.
@@ -7733,7 +7739,6 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
                             heard_anything=counters.replies > 0 and counters.outage is None)
             counters.nodes_cached = len(cache)
             counters.stall_after = survey.round_trips.stall_after
-            counters.expire_after = survey.round_trips.expire_after
             counters.packets_sent, counters.packets_received = udp.sent, udp.received
             counters.send_errors = udp.send_errors
             counters.dropped_replies = udp.dropped_unmatched
