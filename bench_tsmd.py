@@ -1309,7 +1309,8 @@ type = "books"
                     "SELECT t.infohash, d.peers FROM dht_samples d JOIN torrents t ON "
                     "t.id = d.torrent_id WHERE d.run_id = (SELECT max(run_id) FROM dht_samples)"))
                 db.close()
-                exact[label] = sum(counts.get(h.hex()) == len(expected[h]) for h in infohashes)
+                exact[label] = min(exact.get(label, len(infohashes)), sum(  # the worst round
+                    counts.get(h.hex()) == len(expected[h]) for h in infohashes))
             started = time.perf_counter()
             done = subprocess.run([sys.executable, "-c", LIBTORRENT_DHT_PROCESS, str(HERE),
                                    json.dumps(routers), json.dumps([h.hex() for h in infohashes])],
@@ -1320,7 +1321,8 @@ type = "books"
                 sys.exit(f"the libtorrent process failed ({done.returncode}):\n{done.stderr}")
             found = {bytes.fromhex(h): {(host, port) for host, port in peers}
                      for h, peers in json.loads(done.stdout).items()}
-            exact["libtorrent"] = sum(found[h] == expected[h] for h in infohashes)
+            exact["libtorrent"] = min(exact.get("libtorrent", len(infohashes)),
+                                      sum(found[h] == expected[h] for h in infohashes))
         theirs = min(results["libtorrent"])
         print(f"  whole processes, {len(infohashes)} lookups from the same 3 routers, best of "
               f"{rounds}: libtorrent {theirs:.2f} s ({exact['libtorrent']} exact); tsmd dht "

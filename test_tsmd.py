@@ -4095,8 +4095,9 @@ def test_dht_a_query_sent_while_older_ones_wait_to_expire_stalls_on_time():
             newcomers = [lookup.candidates[(n.host, n.port)] for n in nodes[4:8]]
             assert all(c.state is tsmd.CandidateState.ASKED and not c.stalled
                        for c in newcomers)
-            while not all(c.stalled for c in newcomers):
-                await trio.sleep(0.01)
+            with trio.fail_after(10):  # (on the mock clock)
+                while not all(c.stalled for c in newcomers):
+                    await trio.sleep(0.01)
             stalled_at["newcomers"] = trio.current_time()
             nursery.cancel_scope.cancel()
 
@@ -4165,6 +4166,41 @@ def test_dht_lookups_in_flight_grow_with_each_answer_on_a_cold_start():
     assert len(ended) == 30
     assert in_flight_before_an_end[0] <= options.per_ip_burst
     assert max(in_flight_before_an_end) > options.per_ip_burst
+
+
+def test_dht_a_node_near_the_end_of_its_back_off_is_waited_for():
+    """A node that said 202 is left alone for 10 s; a lookup that meets it with less than the
+    configured stall timeout of that left waits for it, however short the stall timeout the
+    round trips have made."""
+    target = hashlib.sha1(b"target 0").digest()
+    nodes = paced_nodes(40)
+    refusing = min(nodes, key=lambda node: xor(node.node_id, target))
+    cache = tsmd.NodeCache()
+    for node in nodes:
+        cache.add(node, 0)
+    endpoint = RecordingEndpoint(nodes, delay=0.02, refusals={refusing.host: 1})
+    options = dht_test_options(concurrency=40, bep33=False, rate=1000, per_ip_rate=100,
+                               per_ip_burst=10, stall_timeout=1, query_timeout=4)
+    late = {}
+
+    async def scenario():
+        survey = tsmd.DhtSurvey(endpoint, cache, [], options, False)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(survey.serve)
+            async with trio.open_nursery() as looking:
+                for n in range(40):
+                    looking.start_soon(survey.lookup, hashlib.sha1(b"target %d" % n).digest())
+            assert survey.round_trips.stall_after == tsmd.DHT_STALL_FLOOR
+            await trio.sleep_until(tsmd.DHT_ERROR_BACKOFF - 0.5)  # half a second left
+            late["started"] = trio.current_time()
+            late["result"] = await survey.lookup(target)
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    asked_late = [when for when, host, _ in endpoint.sent
+                  if host == refusing.host and when >= late["started"]]
+    assert asked_late and asked_late[0] <= tsmd.DHT_ERROR_BACKOFF + 0.1
+    assert late["result"].nodes_answered >= tsmd.DHT_K
 
 
 def test_dht_pacer_keeps_the_global_and_per_address_limits():

@@ -4518,7 +4518,8 @@ class DhtSurvey:
                              functools.partial(self._answered, query))
         self._stalling.append(query)
         self._expiring.append(query)
-        self._wake_timer(query.sent_at + self.round_trips.stall_after)
+        self._wake_timer(query.sent_at + min(self.round_trips.stall_after,
+                                             self.options.query_timeout))
         return True
 
     def _cancel(self, query: LookupQuery) -> None:
@@ -4617,9 +4618,11 @@ class DhtSurvey:
             self._timer_wake, self._timer_deadline = None, math.inf
 
     def _wake_timer(self, due: float) -> None:
-        """A query is due to stall at `due`: wake the timer if it sleeps past that (a query
-        sent while only older ones wait to expire, or under a stall timeout the answers have
-        shortened since: the timer then takes the new one for every query in flight)."""
+        """A query just sent is due to stall or expire at `due`: wake the timer if it sleeps
+        past that (it sleeps until the oldest query is due: one sent while only older ones
+        wait to expire, or under a stall timeout the answers have shortened since, is due
+        sooner). Awake, the timer applies the current stall timeout to every query in flight;
+        until then they stall no later than under the old one."""
         if self._timer_wake is not None and due < self._timer_deadline:
             self._timer_wake.set()
             self._timer_wake = None
@@ -6248,7 +6251,7 @@ class DhtSettings:
     rate: float = 250.0  # packets per second in all; 0 lifts this and the per-IP limit
     per_ip_rate: float = 1.0  # packets per second to one node (libtorrent bans at 5/s)
     per_ip_burst: int = 4
-    stall_timeout: float = 1.0  # seconds before a silent node lets the next candidate go
+    stall_timeout: float = 1.0  # at most this long before a silent node lets the next go
     query_timeout: float = 4.0  # seconds before a query counts as failed
     max_queries: int = 64  # per lookup
     bep33: bool = True  # ask for BEP 33 seed/peer filters
@@ -6510,8 +6513,8 @@ rate = 250.0
 per_ip_rate = 1.0
 per_ip_burst = 4
 # A node silent this long lets the next candidate be asked; after query_timeout it has failed.
-# stall_timeout is a ceiling: once answers have come, a query stalls at twice the time within
-# which 90 % of them came (not sooner than 0.1 s).
+# stall_timeout is a ceiling: once 32 answers have come, a query stalls at twice the time within
+# which 90 % of them came, but not sooner than 0.1 s.
 stall_timeout = "1s"
 query_timeout = "4s"
 # Queries one lookup may send at most.
