@@ -6514,7 +6514,7 @@ per_ip_rate = 1.0
 per_ip_burst = 4
 # A node silent this long lets the next candidate be asked; after query_timeout it has failed.
 # stall_timeout is a ceiling: once 32 answers have come, a query stalls at twice the time within
-# which 90 % of them came, but not sooner than 0.1 s.
+# which 90 % of them came, but not sooner than 0.1 s (unless this is shorter).
 stall_timeout = "1s"
 query_timeout = "4s"
 # Queries one lookup may send at most.
