@@ -4022,12 +4022,10 @@ class RecordingEndpoint:
                 handler(self.reply(query, host, port))
 
 
-def paced_survey(endpoint, cache, bootstrap, lookups: int, ended_at=None, **options):
-    """Survey `lookups` targets through `endpoint` on a MockClock; the survey and results (in
-    the order they ended, each one's time on the clock appended to `ended_at`)."""
+def paced_survey(endpoint, cache, bootstrap, lookups: int, **options):
+    """Survey `lookups` targets through `endpoint` on a MockClock; the survey and results."""
     options = dht_test_options(**{"concurrency": lookups, "bep33": False, **options})
-    results: list = []
-    ended_at = [] if ended_at is None else ended_at
+    results = []
 
     async def scenario():
         survey = tsmd.DhtSurvey(endpoint, cache, bootstrap, options, False)
@@ -4036,9 +4034,8 @@ def paced_survey(endpoint, cache, bootstrap, lookups: int, ended_at=None, **opti
                 await nursery.start(survey.serve)
                 async with trio.open_nursery() as looking:
                     async def one(n):
-                        result = await survey.lookup(hashlib.sha1(b"target %d" % n).digest())
-                        results.append(result)
-                        ended_at.append(trio.current_time())
+                        results.append(await survey.lookup(
+                            hashlib.sha1(b"target %d" % n).digest()))
                     for n in range(lookups):
                         looking.start_soon(one, n)
                 nursery.cancel_scope.cancel()

@@ -4001,7 +4001,7 @@ class Lookup:
         # end before the very reply that brings its peers.
         # (Not a node that has just told another lookup to back off: it counts as answered.)
         if (query.scrape and not reply.peers and (reply.seeds_bloom or reply.peers_bloom)
-                and not candidate.suspect and not self._resting(candidate)):
+                and not candidate.suspect and not self.resting(candidate)):
             result.queries += 1
             if candidate.stalled:
                 candidate.stalled = False  # a fresh query: it holds a slot again
@@ -4131,8 +4131,10 @@ class Lookup:
             candidate.listed = True
             bisect.insort(self.by_distance, candidate, key=_candidate_distance)
 
-    def _resting(self, candidate: LookupCandidate) -> bool:
-        # A bootstrap router is waited for: at a cold start it may be all there is.
+    def resting(self, candidate: LookupCandidate) -> bool:
+        """Whether the lookup goes on without this node: it asked us to back off for longer
+        than the stall timeout. A bootstrap router is waited for: at a cold start it may be
+        all there is."""
         return candidate.distance != UNKNOWN_DISTANCE and self.view.resting(candidate.node.host)
 
     def _advance(self) -> None:
@@ -4170,7 +4172,7 @@ class Lookup:
                     break
                 if candidate.state is CandidateState.NEW:
                     node = candidate.node
-                    if (self._resting(candidate)
+                    if (self.resting(candidate)
                             or self.view.is_distrusted(node.host, node.port)):
                         # Asked nothing: no mark, no query counted.
                         candidate.state = CandidateState.FAILED
@@ -4459,6 +4461,11 @@ class DhtSurvey:
                 self.observe_size(lookup.closest_answered())
                 running.done.set()
 
+    def _fail(self, query: LookupQuery, distrusted: bool = False) -> None:
+        """Tell `query`'s lookup it got no usable reply, and carry out what it decides."""
+        query.lookup.failed(query, distrusted)
+        self._step(query.lookup)
+
     def _send(self, query: LookupQuery) -> bool:
         """Send `query` now, or hold it for the pacer. False: the kernel refused it."""
         send_now = not self._outbox
@@ -4536,15 +4543,13 @@ class DhtSurvey:
             counters.krpc_errors += 1
             if message.body.get(b"code") in (KrpcError.GENERIC, KrpcError.SERVER):
                 self.per_ip.penalise(node.host, DHT_ERROR_BACKOFF)
-            lookup.failed(query)
-            self._step(lookup)
+            self._fail(query)
             return
         try:
             reply = decode_get_peers_reply_untrusted(message)
         except ProtocolError:
             counters.bad_replies += 1
-            lookup.failed(query)
-            self._step(lookup)
+            self._fail(query)
             return
         counters.replies += 1
         counters.bad_fields += reply.bad_fields
@@ -4553,8 +4558,7 @@ class DhtSurvey:
         if not self.cache.vouch(node.host, node.port, reply.node_id, introduced):
             # mldht ignores "responses with unexpected IDs": neither its nodes nor its values.
             counters.ids_changed += 1
-            lookup.failed(query, distrusted=True)
-            self._step(lookup)
+            self._fail(query, distrusted=True)
             return
         lookup.replied(query, reply)
         if not candidate.suspect:
@@ -4590,8 +4594,7 @@ class DhtSurvey:
         self.endpoint.forget(query.transaction_id, node.host, node.port)
         self.counters.timeouts += 1
         self.cache.failed(node.host, node.port)
-        query.lookup.failed(query)
-        self._step(query.lookup)
+        self._fail(query)
 
     async def _expire_forever(self) -> None:
         expire_after = self.options.query_timeout
@@ -4650,14 +4653,12 @@ class DhtSurvey:
                     # Another packet may have taken its address's token since it was queued, or
                     # its node may have asked us to back off: back to the heap then, or given
                     # up, without holding up the packets behind it.
-                    host = query.candidate.node.host
-                    if (query.candidate.distance != UNKNOWN_DISTANCE
-                            and self.resting(host)):
+                    if query.lookup.resting(query.candidate):
                         outbox.popleft()
                         query.state = QueryState.ENDED
                         given_up.append(query)
                         continue
-                    if (ip_wait := self.per_ip.due(host)) > 0:
+                    if (ip_wait := self.per_ip.due(query.candidate.node.host)) > 0:
                         self._hold(outbox.popleft(), now + ip_wait)
                         continue
                     if (wait := self.global_bucket.due()) > 0:
@@ -4671,8 +4672,7 @@ class DhtSurvey:
                     given_up.append(query)
             # The lookups hear of it after the pass: what they decide joins the outbox's end.
             for query in given_up:
-                query.lookup.failed(query)
-                self._step(query.lookup)
+                self._fail(query)
             if socket_full:
                 await self.endpoint.wait_writable()
                 continue
