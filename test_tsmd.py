@@ -3939,18 +3939,21 @@ class RecordingEndpoint:
     answer a scrape as libtorrent does (BEP 33 filters, no values), and those in `refuse_values`
     answer every query without scrape with 202; those in `silent` never answer, and those in
     `slow` answer after the delay it gives them. The socket buffer is full for the first `full`
-    sends, and the kernel refuses every packet to `unsendable` hosts."""
+    sends, and the kernel refuses every packet to `unsendable` hosts. Hosts in `values` answer
+    the peers it gives them. IPv6 nodes go in `nodes6` (BEP 32): for the family that `want`
+    names, or else the asking one's."""
 
     dual_stack = False
 
     def __init__(self, nodes: list[tsmd.DhtNode], delay: float, refusals=None,
                  full: int = 0, unsendable=(), filters_only=(), refuse_values=(),
-                 silent=(), slow=None) -> None:
+                 silent=(), slow=None, values=None) -> None:
         self.nodes = nodes
         self.ids = {(node.host, node.port): node.node_id for node in nodes}
         self.delay, self.refusals, self.full = delay, dict(refusals or {}), full
         self.unsendable, self.silent, self.slow = set(unsendable), set(silent), dict(slow or {})
         self.filters_only, self.refuse_values = set(filters_only), set(refuse_values)
+        self.values = dict(values or {})
         self.sent: list[tuple[float, str, dict]] = []
         self.pending: dict = {}
         self.counters = tsmd.UdpCounters()
@@ -3998,9 +4001,15 @@ class RecordingEndpoint:
             self.refusals[host] = self.refusals.get(host, 0) - 1
             return tsmd.KrpcMessage(key, b"e", {b"code": 202, b"message": b""})
         target = int.from_bytes(query[b"a"][b"info_hash"], "big")
-        closest = sorted(self.nodes, key=lambda n: int.from_bytes(n.node_id, "big") ^ target)[:8]
-        body = {b"id": self.ids[(host, port)], b"nodes": b"".join(
-            tsmd.encode_compact_node(node) for node in closest)}
+        want = query[b"a"].get(b"want") or [b"n6" if ":" in host else b"n4"]
+        body = {b"id": self.ids[(host, port)]}
+        for key, family, ipv6 in ((b"nodes", b"n4", False), (b"nodes6", b"n6", True)):
+            if family in want:
+                closest = sorted((n for n in self.nodes if (":" in n.host) == ipv6),
+                                 key=lambda n: int.from_bytes(n.node_id, "big") ^ target)[:8]
+                body[key] = b"".join(tsmd.encode_compact_node(node) for node in closest)
+        if host in self.values:
+            body[b"values"] = [tsmd.encode_compact_peer(*peer) for peer in self.values[host]]
         if host in self.filters_only:
             if scrape:
                 body[b"BFsd"] = body[b"BFpe"] = b"\x01" + bytes(tsmd.BLOOM_BYTES - 1)
@@ -4022,13 +4031,13 @@ class RecordingEndpoint:
                 handler(self.reply(query, host, port))
 
 
-def paced_survey(endpoint, cache, bootstrap, lookups: int, **options):
+def paced_survey(endpoint, cache, bootstrap, lookups: int, want_ipv6=False, **options):
     """Survey `lookups` targets through `endpoint` on a MockClock; the survey and results."""
     options = dht_test_options(**{"concurrency": lookups, "bep33": False, **options})
     results = []
 
     async def scenario():
-        survey = tsmd.DhtSurvey(endpoint, cache, bootstrap, options, False)
+        survey = tsmd.DhtSurvey(endpoint, cache, bootstrap, options, want_ipv6)
         with trio.fail_after(24 * 3600):  # on the mock clock: a lookup left hanging fails
             async with trio.open_nursery() as nursery:
                 await nursery.start(survey.serve)
@@ -4200,6 +4209,82 @@ def test_dht_a_node_near_the_end_of_its_back_off_is_waited_for():
     assert late["result"].nodes_answered >= tsmd.DHT_K
 
 
+def dual_stack_network(v4_count: int = 30, v6_count: int = 12):
+    """Nodes of both families, of distinct /24s (/64s); the first 4 of each family are one
+    dual-stack node each, with one id for both addresses (BEP 32)."""
+    v4 = [tsmd.DhtNode(hashlib.sha1(b"v4 %d" % n).digest(), f"198.{18 + n // 250}.{n % 250 + 1}.1",
+                       6881) for n in range(v4_count)]
+    v6 = [tsmd.DhtNode(v4[n].node_id if n < 4 else hashlib.sha1(b"v6 %d" % n).digest(),
+                       f"2001:db8:{n + 1:x}::1", 6881) for n in range(v6_count)]
+    return v4, v6
+
+
+def test_dht_looks_up_on_ipv4_and_ipv6_apart_and_merges_the_peers():
+    """A cold start from IPv4 routers: the IPv6 lookup starts with the IPv6 nodes the IPv4
+    replies name, each family keeps its own closest nodes, and the peers of both are one
+    result. Without IPv6 nothing goes to an IPv6 node."""
+    v4, v6 = dual_stack_network()
+    routers = [tsmd.DhtNode(b"", node.host, node.port) for node in v4[:2]]
+    v4_peer, v6_peer = ("192.0.2.4", 6881), ("2001:db8:ffff::6", 6881)
+    # Every node holds the peer of its own family: what a lookup found shows which ran.
+    values = {node.host: [v4_peer] for node in v4} | {node.host: [v6_peer] for node in v6}
+
+    def survey(cache, want_ipv6, bootstrap=routers):
+        endpoint = RecordingEndpoint(v4 + v6, 0.05, values=values)
+        endpoint.dual_stack = want_ipv6
+        done, results = paced_survey(endpoint, cache, bootstrap, 10, want_ipv6=want_ipv6)
+        return done, results, endpoint.sent
+
+    cache = tsmd.NodeCache()
+    done, results, sent = survey(cache, want_ipv6=True)
+    assert all(result.peers == {v4_peer, v6_peer} for result in results)
+    first_v6 = min(at for at, host, _ in sent if ":" in host)
+    assert first_v6 >= 0.05  # after the routers' answers named the IPv6 nodes
+    assert all(query[b"a"][b"want"] == [b"n4", b"n6"] for _, _, query in sent)
+    assert (cache.size(False), cache.size(True)) == (30, 12)
+    for node in v4[:4]:  # dual-stack: in both families
+        assert node in cache.nodes() and node._replace(host=v6[v4.index(node)].host) in \
+            cache.nodes()
+    # Each family's closest came from its own nodes: the K closest IPv6 nodes of every
+    # target were asked, though IPv4 ones are closer.
+    for result in results:
+        asked = {host for _, host, query in sent if query[b"a"][b"info_hash"] == result.infohash}
+        closest_v6 = sorted(v6, key=lambda node: xor(node.node_id, result.infohash))[:tsmd.DHT_K]
+        assert {node.host for node in closest_v6} <= asked
+    assert done.counters.suspect_peers == 0 and done.counters.same_id_skipped == 0
+    # Warm: the IPv6 lookup starts from the cache, with the IPv4 one.
+    done, results, sent = survey(cache, want_ipv6=True)
+    assert all(result.peers == {v4_peer, v6_peer} for result in results)
+    assert min(at for at, host, _ in sent if ":" in host) == 0
+    # Only IPv6 nodes known: the IPv4 lookup ends at once, and each target waits for the
+    # IPv6 one (the IPv4 nodes it names come too late for the IPv4 lookup).
+    v6_only = tsmd.NodeCache()
+    for node in v6:
+        v6_only.add(node, 0)
+    done, results, sent = survey(v6_only, want_ipv6=True, bootstrap=[])
+    assert len(results) == 10 and all(result.peers == {v6_peer} for result in results)
+    assert not [host for _, host, _ in sent if ":" not in host]
+    # Where IPv6 is not routed: IPv4 alone, and no query asks for IPv6 nodes.
+    done, results, sent = survey(tsmd.NodeCache(), want_ipv6=False)
+    assert all(result.peers == {v4_peer} for result in results)
+    assert not [host for _, host, _ in sent if ":" in host]
+    assert not [query for _, _, query in sent if b"want" in query[b"a"]]
+    assert list(done.families) == [False]
+
+
+def test_dht_each_family_estimates_its_own_size():
+    """The IPv6 DHT is a fraction of the IPv4 one: each family's lookups set how close an id
+    may plausibly be to a target on it."""
+    v4, v6 = dual_stack_network(400, 20)
+    routers = [tsmd.DhtNode(b"", node.host, node.port) for node in v4[:2]]
+    endpoint = RecordingEndpoint(v4 + v6, 0.05)
+    endpoint.dual_stack = True
+    done, _ = paced_survey(endpoint, tsmd.NodeCache(), routers, 40, want_ipv6=True)
+    sizes = {ipv6: 2 ** (160 - tsmd.DHT_CLOSE_ID_MARGIN_BITS) / family.implausibly_close
+             for ipv6, family in done.families.items()}
+    assert 100 <= sizes[False] <= 1600 and 5 <= sizes[True] <= 80, sizes
+
+
 def test_dht_pacer_keeps_the_global_and_per_address_limits():
     nodes = paced_nodes(40)
     cache = tsmd.NodeCache()
@@ -4355,6 +4440,7 @@ def test_dht_destination_check_is_memoised_per_address_not_per_policy():
              ("224.0.0.1", 6881): (True, True), ("255.255.255.255", 6881): (True, True),
              ("240.0.0.1", 6881): (True, True), ("8.8.8.8", 0): (True, True),
              ("::ffff:10.0.0.1", 6881): (True, True), ("2001:4860::1", 6881): (False, False),
+             ("::1", 6881): (True, False),
              ("not an address", 6881): (True, True)}
     for _ in range(2):  # the second round is answered from the memo
         for (host, port), (strict, lenient) in cases.items():
@@ -4378,6 +4464,36 @@ def test_node_cache_closest_matches_a_full_scan():
     assert len(cache) == 2999 and (nodes[0].host, nodes[0].port) in cache.evicted
     cache.add(tsmd.DhtNode(b"\x00" * 20, nodes[1].host, nodes[1].port), 2.0)  # new id, same address
     assert len(cache) == 2999 and cache.closest(b"\x00" * 20, 1)[0].port == nodes[1].port
+
+
+def test_node_cache_keeps_ipv4_and_ipv6_apart():
+    """BEP 32's two DHTs: a target's closest nodes of one family are never the other's, and a
+    dual-stack node (one id, both families) is cached once in each."""
+    cache = tsmd.NodeCache()
+    v4 = [tsmd.DhtNode(hashlib.sha1(b"v4 %d" % n).digest(), f"198.18.{n}.1", 6881)
+          for n in range(300)]
+    v6 = [tsmd.DhtNode(hashlib.sha1(b"v6 %d" % n).digest(), f"2001:db8:{n:x}::1", 6881)
+          for n in range(40)]
+    dual = [tsmd.DhtNode(node.node_id, f"2001:db8:d:{n:x}::1", 6881)
+            for n, node in enumerate(v4[:5])]
+    for node in v4 + v6 + dual:
+        cache.add(node, 1.0, failures=1)
+    assert (len(cache), cache.size(False), cache.size(True)) == (345, 300, 45)
+    for n in range(30):
+        target = hashlib.sha1(b"target %d" % n).digest()
+        for family, ipv6 in ((v4, False), (v6 + dual, True)):
+            exact = sorted(family, key=lambda node: xor(node.node_id, target))[:8]
+            assert cache.closest(target, 8, ipv6) == exact
+    assert cache.closest(v4[0].node_id, 1) == [v4[0]]
+    assert cache.closest(v4[0].node_id, 1, ipv6=True) == [dual[0]]
+    # Each family's entry of a dual-stack node leaves on its own.
+    cache.failed(dual[0].host, dual[0].port)
+    assert dual[0] not in cache.nodes() and v4[0] in cache.nodes()
+    assert sorted(cache.entries()) == sorted((node, 1.0, 1) for node in v4 + v6 + dual[1:])
+    # A family with nothing cached has no closest nodes, whatever the other holds.
+    only_v4 = tsmd.NodeCache()
+    only_v4.add(v4[0], 1.0)
+    assert only_v4.closest(b"\xff" * 20, 8, ipv6=True) == [] and only_v4.size(True) == 0
 
 
 def test_node_cache_distrusts_an_address_that_changes_its_id():
@@ -4435,13 +4551,15 @@ def test_bep42_node_ids_and_subnets():
     assert tsmd.bep42_verified(b"\x5f" * 20, "192.168.1.1") is None
     assert tsmd.bep42_verified(b"\x5f" * 20, "127.0.0.1") is None
     assert tsmd.bep42_verified(b"\x00" * 20, "2001:4860::8888") is False
-    assert tsmd.subnet_of("124.31.75.21") == tsmd.subnet_of("124.31.75.200") != \
-        tsmd.subnet_of("124.31.76.21")
-    assert tsmd.subnet_of("2a00:1450:1:2::1") == tsmd.subnet_of("2a00:1450:1:2:ffff::9") != \
-        tsmd.subnet_of("2a00:1450:1:3::1")
-    # A closed network may have all its nodes in one private /24: each address counts alone.
-    assert tsmd.subnet_of("10.0.0.1") != tsmd.subnet_of("10.0.0.2")
-    assert tsmd.subnet_of("127.66.6.1") == "127.66.6.1"
+    assert tsmd.subnet_of("124.31.75.21", 1) == tsmd.subnet_of("124.31.75.200", 2) != \
+        tsmd.subnet_of("124.31.76.21", 1)
+    assert tsmd.subnet_of("2a00:1450:1:2::1", 1) == tsmd.subnet_of("2a00:1450:1:2:ffff::9", 2) \
+        != tsmd.subnet_of("2a00:1450:1:3::1", 1)
+    # A closed network may have all its nodes in one private /24, or on one host (IPv6 has
+    # one loopback address): each node counts alone.
+    assert tsmd.subnet_of("10.0.0.1", 1) != tsmd.subnet_of("10.0.0.2", 1)
+    assert tsmd.subnet_of("::1", 6881) != tsmd.subnet_of("::1", 6882)
+    assert tsmd.subnet_of("127.66.6.1", 6881) == tsmd.subnet_of("127.66.6.1", 6881)
 
 
 @dataclass
@@ -4453,6 +4571,7 @@ class ScriptedView:
     bootstrap: list = dataclasses.field(default_factory=list)
     options: tsmd.DhtOptions = dataclasses.field(default_factory=lambda: dht_test_options(allow_private=False))
     implausibly_close: int = 1 << 64  # node_at(0) is suspect, node_at(1) is not
+    ipv6: bool = False
     dead: set = dataclasses.field(default_factory=set)
     distrusted: set = dataclasses.field(default_factory=set)
     resting_hosts: set = dataclasses.field(default_factory=set)
@@ -4711,6 +4830,43 @@ def test_dht_lookup_core_takes_closer_nodes_from_a_cache_that_has_grown():
     assert [q.candidate.distance >> 100 for q in lookup.take_queries()] == [1, 2, 3, 4]
 
 
+def test_dht_lookup_core_hands_the_other_familys_nodes_on():
+    """A lookup runs on one family (BEP 32): the other's nodes its replies name come out, for
+    that family's lookup of the target, which may start from them alone."""
+    cached = [node_at(10 * n, f"{20 + n}.0.0.1") for n in range(1, 9)]
+    v6_nodes = [node_at(n, f"2a00:1450:{n:x}::1") for n in range(1, 4)]
+    lookup, _ = scripted_lookup(ScriptedView(cached=cached))
+    lookup.start()
+    out = lookup.take_queries()
+    lookup.replied(out[0], reply_of(cached[0], nodes=v6_nodes + [node_at(5, "30.0.0.1")]))
+    assert lookup.take_foreign() == v6_nodes and lookup.take_foreign() == []
+    assert ("30.0.0.1", 6881) in lookup.candidates
+    assert not [host for host, _ in lookup.candidates if ":" in host]
+    counters = tsmd.DhtCounters()
+    v6_lookup = tsmd.Lookup(LOOKUP_TARGET, ScriptedView(ipv6=True), counters, lookup.result)
+    v6_lookup.start(v6_nodes[:1])
+    asked = v6_lookup.take_queries()
+    assert [query.candidate.node for query in asked] == v6_nodes[:1]
+    v6_lookup.introduce(v6_nodes[1:] + [node_at(6, "31.0.0.1")])
+    asked += v6_lookup.take_queries()
+    assert [query.candidate.node for query in asked] == v6_nodes
+    assert v6_lookup.take_foreign() == [node_at(6, "31.0.0.1")]
+    # Nobody answered: the retry round asks the introduced nodes again.
+    for query in asked:
+        v6_lookup.failed(query)
+    assert v6_lookup.rounds == 2 and not v6_lookup.finished
+    again = v6_lookup.take_queries()
+    assert sorted(query.candidate.node for query in again) == sorted(v6_nodes)
+    v6_lookup.replied(again[0], reply_of(again[0].candidate.node, peers=[("2a00:1450:99::1", 1)]))
+    # One result for both: the peers merge, the queries and the answers add up.
+    assert lookup.result.peers == {("2a00:1450:99::1", 1)}
+    assert lookup.result.queries == lookup.queries + v6_lookup.queries == tsmd.DHT_ALPHA + 1 + 6
+    assert lookup.result.nodes_answered == 2
+    v6_lookup.abandon()
+    v6_lookup.introduce([node_at(7, "2a00:1450:7::1")])  # ended: nothing more is asked
+    assert v6_lookup.take_queries() == [] and v6_lookup.finished
+
+
 def test_dht_lookup_core_edge_events():
     """Events around the end of a round, and failures that hand a subnet on."""
     def answer_all(lookup, queries, last_reply=None):
@@ -4824,7 +4980,7 @@ class FakeDhtNetwork:
     answer every query with 8 random nodes, not the closest ones they know.
 
     `sybils` > 0 adds that many sybil nodes after the `count` others, on two addresses of
-    127.66.6.0/24 (on loopback, each address counts as its own subnet) and in no routing table. Asked about a target, sybil s claims the id one bit (bit s) away from
+    127.66.6.0/24 (on loopback, each node counts as its own subnet) and in no routing table. Asked about a target, sybil s claims the id one bit (bit s) away from
     it, names the other sybils the same way, and answers the same 20 made-up peers and
     saturated BEP 33 filters. A router whose behaviour is "sybil-router" hands them all out; a
     "sybil-gateway" node answers as an honest one would, but with one sybil (a new one each
@@ -5069,13 +5225,15 @@ def dht_test_options(**overrides) -> tsmd.DhtOptions:
     return tsmd.DhtOptions(**options)
 
 
-async def survey_all(network: FakeDhtNetwork, infohashes, options, cache=None, watch=None):
-    """Survey `infohashes` through a running `network`; `watch` goes to each lookup."""
-    endpoint = tsmd.UdpEndpoint.open("127.0.0.1:0", tsmd.krpc_transaction_untrusted)
+async def survey_all(network: FakeDhtNetwork, infohashes, options, cache=None, watch=None,
+                     bind="127.0.0.1:0"):
+    """Survey `infohashes` through a running `network`; `watch` goes to each lookup. Bound to
+    "[::]:0", the survey asks IPv6 nodes too."""
+    endpoint = tsmd.UdpEndpoint.open(bind, tsmd.krpc_transaction_untrusted)
     bootstrap = [tsmd.DhtNode(b"", *tsmd.split_host_port(b)) for b in network.bootstrap]
     # An empty cache is falsy (len 0): test for None, or a cache to be warmed is dropped.
     survey = tsmd.DhtSurvey(endpoint, tsmd.NodeCache() if cache is None else cache, bootstrap,
-                            options, False)
+                            options, endpoint.dual_stack)
     results = {}
     async with trio.open_nursery() as nursery:
         await nursery.start(survey.serve)
@@ -5167,7 +5325,7 @@ def test_dht_sybils_and_liars_bend_no_count(style):
     distrusted = {host for host, _ in cache.distrusted}
     assert {network.addresses[n] for n in (11, 23)} <= distrusted
     # The network's size, as the lookups saw it (150 nodes), set what is implausibly close.
-    seen_size = 2 ** (160 - tsmd.DHT_CLOSE_ID_MARGIN_BITS) / runs[1][1].implausibly_close
+    seen_size = 2 ** (160 - tsmd.DHT_CLOSE_ID_MARGIN_BITS) / runs[1][1].families[False].implausibly_close
     assert 75 <= seen_size <= 300, seen_size
 
 
@@ -5638,20 +5796,30 @@ def test_dht_send_error_is_no_mark_against_the_node():
 class LibtorrentDht:
     """libtorrent sessions as DHT nodes, each on its own 127.x address, meshed with each
     other and with no public bootstrap. Their DoS blocker and DHT upload limit are relaxed so
-    one client IP may query them in bulk, and their storage is raised for benchmarks."""
+    one client IP may query them in bulk, and their storage is raised for benchmarks.
 
-    def __init__(self, count: int, second_octet: int = 60) -> None:
+    With `ipv6`, each is also a node of the IPv6 DHT (BEP 32) on [::1], on the same port, and
+    the rule of one node per IP in its routing table and lookups is lifted there."""
+
+    def __init__(self, count: int, second_octet: int = 60, ipv6: bool = False) -> None:
         alerts = lt.alert.category_t
         self.sessions = []
         self.nodes: list[tuple[str, int]] = []
+        self.ipv6 = ipv6
         loopback_only = lt.ip_filter()
         loopback_only.add_rule("0.0.0.0", "255.255.255.255", 1)
         loopback_only.add_rule("127.0.0.0", "127.255.255.255", 0)
+        loopback_only.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1)
+        loopback_only.add_rule("::1", "::1", 0)
         try:
             for n in range(count):
                 address = f"127.{second_octet + n // 250}.{n % 250 + 1}.1"
+                listen = f"{address}:0"
+                if ipv6:
+                    port = free_port_on_both(address)
+                    listen = f"{address}:{port},[::1]:{port}"
                 session = lt.session({
-                    "listen_interfaces": f"{address}:0", "listen_system_port_fallback": False,
+                    "listen_interfaces": listen, "listen_system_port_fallback": False,
                     "max_retry_port_bind": 0, "enable_dht": True, "dht_bootstrap_nodes": "",
                     "enable_upnp": False, "enable_natpmp": False, "enable_lsd": False,
                     "enable_ip_notifier": False, "alert_queue_size": 100000,
@@ -5659,13 +5827,16 @@ class LibtorrentDht:
                     "dht_block_ratelimit": 1_000_000, "dht_block_timeout": 1,
                     "dht_upload_rate_limit": 100_000_000, "dht_max_torrents": 200_000,
                     "dht_max_peers": 5000, "recv_socket_buffer_size": 1 << 21,
-                    "send_socket_buffer_size": 1 << 21})
+                    "send_socket_buffer_size": 1 << 21,
+                    "dht_restrict_routing_ips": not ipv6, "dht_restrict_search_ips": not ipv6})
                 session.set_ip_filter(loopback_only)
                 self.sessions.append(session)
                 self.nodes.append((address, session.listen_port()))
             for session in self.sessions:
                 for node in self.nodes:
                     session.add_dht_node(node)
+                    if ipv6:
+                        session.add_dht_node(("::1", node[1]))
             time.sleep(1.0)  # routing tables fill in ~0.3 s; announcing earlier reaches nobody
             self.stored: dict[bytes, set[tuple[str, int]]] = {}
             self.found: dict[bytes, set[tuple[str, int]]] = {}
@@ -5696,6 +5867,8 @@ class LibtorrentDht:
                 self.sessions[n].dht_announce(lt.sha1_hash(infohash), port,
                                               int(lt.announce_flags_t.seed) if seed else 0)
             expected[infohash] = {(self.nodes[n][0], port) for n, port, _ in announcers}
+            if self.ipv6:  # announced on both DHTs, from each family's address
+                expected[infohash] |= {("::1", port) for _, port, _ in announcers}
         deadline = time.monotonic() + timeout
         while any(not expected[h] <= self.stored.get(h, set()) for h in expected):
             if time.monotonic() > deadline:
@@ -5729,6 +5902,37 @@ class LibtorrentDht:
         self.sessions.clear()
 
 
+def free_port_on_both(address: str) -> int:
+    """A port free for TCP and UDP on `address` and on [::1]: a dual-stack libtorrent node's."""
+    for _ in range(50):
+        with contextlib.ExitStack() as held:
+            probe = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            probe.bind((address, 0))
+            port = probe.getsockname()[1]
+            try:
+                for family, host, kind in ((socket.AF_INET, address, socket.SOCK_STREAM),
+                                           (socket.AF_INET6, "::1", socket.SOCK_DGRAM),
+                                           (socket.AF_INET6, "::1", socket.SOCK_STREAM)):
+                    held.enter_context(socket.socket(family, kind)).bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no port free on both {address} and [::1]")
+
+
+def magnet_db(tmp_path, infohashes):
+    """A database of one collection listing `infohashes` as magnets."""
+    db, _ = torrent_db(tmp_path, 0, [])
+    with tsmd.Transaction(db):
+        for infohash in infohashes:
+            torrent_id = tsmd.upsert_torrent(db, tsmd.decode_magnet_untrusted(
+                tsmd.magnet_uri(infohash.hex())), 1)
+            db.execute("INSERT INTO memberships (collection_id, source, torrent_id, "
+                       "first_seen, last_seen) VALUES (1, ?, ?, 1, 1)",
+                       (infohash.hex(), torrent_id))
+    return db
+
+
 def test_dht_against_real_libtorrent_nodes(tmp_path):
     network = LibtorrentDht(16)
     try:
@@ -5737,14 +5941,7 @@ def test_dht_against_real_libtorrent_nodes(tmp_path):
             infohash = hashlib.sha1(f"libtorrent swarm {n}".encode()).digest()
             swarms[infohash] = [((n + a * 5) % 16, 7000 + a, a % 2 == 0) for a in range(1 + n % 4)]
         expected = network.announce(swarms)
-        db, _ = torrent_db(tmp_path, 0, [])
-        with tsmd.Transaction(db):
-            for infohash in swarms:
-                torrent_id = tsmd.upsert_torrent(db, tsmd.decode_magnet_untrusted(
-                    tsmd.magnet_uri(infohash.hex())), 1)
-                db.execute("INSERT INTO memberships (collection_id, source, torrent_id, "
-                           "first_seen, last_seen) VALUES (1, ?, ?, 1, 1)",
-                           (infohash.hex(), torrent_id))
+        db = magnet_db(tmp_path, swarms)
         settings = make_settings(tmp_path, [{"name": "c", "url": "http://x/", "type": "books"}],
                                  dht={"bind": "127.0.0.1:0", "rate": 0, "query_timeout": 2})
         counters = run(tsmd.run_dht, db, settings, settings.collections, tsmd.Reporter(-1),
@@ -5762,6 +5959,39 @@ def test_dht_against_real_libtorrent_nodes(tmp_path):
         seed_ips = {network.nodes[n][0] for n, _, seed in announcers if seed}
         assert row.dht_seeds_estimate == len(seed_ips)
         assert row.dht_peers_estimate == len({network.nodes[n][0] for n, _, _ in announcers})
+
+
+def test_dht_finds_the_peers_of_both_families_on_real_libtorrent_nodes(tmp_path, monkeypatch):
+    """libtorrent nodes on the IPv4 and the IPv6 DHT (BEP 32), bootstrapped from IPv4
+    routers: tsmd finds each swarm's peers on both, as libtorrent's own lookup does, and
+    keeps the nodes of both in the database."""
+    monkeypatch.setattr(tsmd, "host_has_ipv6_route", lambda: True)  # [::1] stands for it
+    network = LibtorrentDht(12, second_octet=95, ipv6=True)
+    try:
+        swarms = {hashlib.sha1(b"dual-stack swarm %d" % n).digest():
+                  [((n + a * 5) % 12, 7100 + a, a % 2 == 0) for a in range(1 + n % 3)]
+                  for n in range(10)}
+        expected = network.announce(swarms)
+        network.lt_get_peers(list(swarms), expected, via=11)
+        db = magnet_db(tmp_path, swarms)
+        settings = make_settings(tmp_path, [{"name": "c", "url": "http://x/", "type": "books"}],
+                                 dht={"bind": "[::]:0", "rate": 0, "query_timeout": 2})
+        counters = run(tsmd.run_dht, db, settings, settings.collections, tsmd.Reporter(-1),
+                       bootstrap=network.bootstrap, timeout=60)
+        results, survey, _ = run(survey_all, network, list(swarms),
+                                 dht_test_options(bep33=False), bind="[::]:0", timeout=60)
+    finally:
+        network.stop()
+    assert list(survey.families) == [False, True] and survey.counters.timeouts == 0
+    rows = {row.infohash: row for row in tsmd.load_report_rows(db)}
+    for infohash in swarms:
+        assert any(":" in host for host, _ in expected[infohash])
+        assert results[infohash].peers == expected[infohash] == network.found[infohash]
+        assert rows[infohash.hex()].dht_peers == len(expected[infohash])
+    assert counters.timeouts == 0 and counters.summary().endswith(
+        "24 nodes cached (12 IPv6)")
+    cache = tsmd.load_node_cache(db, time.time())
+    assert cache.size(False) == cache.size(True) == 12
 
 
 

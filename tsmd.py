@@ -3430,8 +3430,20 @@ def _id_int(node_id: bytes) -> int:
     return int.from_bytes(node_id, "big")
 
 
+# BEP 32: IPv4 and IPv6 nodes form two DHTs, each routing to its own family only. A cache key
+# is the id with this bit set for an IPv6 node, so each family's ids are a run of their own in
+# the cache's order: a dual-stack node (one id, both families) is cached once in each, and a
+# target's closest nodes of one family are never the other's.
+_IPV6_KEY: Final = 1 << 160
+
+
+def _cache_key(node_id: bytes, host: str) -> int:
+    return int.from_bytes(node_id, "big") | (_IPV6_KEY if ":" in host else 0)
+
+
 class NodeCache:
-    """Every responsive node met in a run (and loaded from earlier runs), kept sorted by id.
+    """Every responsive node met in a run (and loaded from earlier runs), kept sorted by id,
+    IPv4 and IPv6 apart (_cache_key).
 
     Ids that share the longest prefix with a target sit next to it in id order, so the nodes
     closest to a target (by XOR) are found by bisection plus a small window: O(log n + k),
@@ -3461,11 +3473,21 @@ class NodeCache:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def size(self, ipv6: bool) -> int:
+        """How many nodes of one family are cached."""
+        ipv4 = bisect.bisect_left(self._ids, _IPV6_KEY)
+        return len(self._ids) - ipv4 if ipv6 else ipv4
+
     def nodes(self) -> list[DhtNode]:
         return list(self._nodes.values())
 
+    def entries(self) -> list[tuple[DhtNode, float, int]]:
+        """Each cached node with when it last answered and its failures since."""
+        return [(node, self.last_seen[key], self.failures[key])
+                for key, node in self._nodes.items()]
+
     def add(self, node: DhtNode, seen: float, failures: int = 0) -> None:
-        key = _id_int(node.node_id)
+        key = _cache_key(node.node_id, node.host)
         address = (node.host, node.port)
         if address in self.distrusted:
             return
@@ -3531,7 +3553,7 @@ class NodeCache:
         if address in self.distrusted:
             return False
         self.known_alive.add(address)  # it answered: never remembered as silent
-        key = _id_int(node_id)
+        key = _cache_key(node_id, host)
         before = self._answered_as.get(address)
         if before is not None and before != key:
             self.distrusted.add(address)
@@ -3563,13 +3585,17 @@ class NodeCache:
         return [address for address in self._strangers_failed
                 if address not in self.known_alive]
 
-    def closest(self, target: bytes, count: int) -> list[DhtNode]:
-        if not self._ids:
+    def closest(self, target: bytes, count: int, ipv6: bool = False) -> list[DhtNode]:
+        """The `count` cached nodes of one family closest to `target`."""
+        family = _IPV6_KEY if ipv6 else 0
+        start, end = ((bisect.bisect_left(self._ids, _IPV6_KEY), len(self._ids)) if ipv6
+                      else (0, bisect.bisect_left(self._ids, _IPV6_KEY)))
+        if start == end:
             return []
-        wanted = _id_int(target)
-        position = bisect.bisect_left(self._ids, wanted)
+        wanted = _id_int(target) | family
+        position = bisect.bisect_left(self._ids, wanted, start, end)
         span = self.WINDOW * count
-        window = self._ids[max(0, position - span):position + span]
+        window = self._ids[max(start, position - span):min(end, position + span)]
         window.sort(key=lambda key: key ^ wanted)
         return [self._nodes[key] for key in window[:count]]
 
@@ -3683,6 +3709,7 @@ class DhtCounters:
     dropped_replies: int = 0  # late, unexpected or from the wrong address
     malformed_packets: int = 0  # not even KRPC: refused before anything read them
     nodes_cached: int = 0
+    ipv6_nodes_cached: int = 0  # of nodes_cached: on the IPv6 DHT (BEP 32)
     implausible_filters: int = 0  # BEP 33 filters saturated, far above the others' or a suspect's
     # Sybil defences (DhtSurvey): nodes passed over, replies and peers not believed.
     # (Counted per lookup: a node met in ten lookups counts ten times.)
@@ -3710,7 +3737,8 @@ class DhtCounters:
                 f"{self.bad_replies} bad replies; "
                 + (f"{self.implausible_filters} implausible BEP 33 filters left out; "
                    if self.implausible_filters else "")
-                + self._sybil_summary() + f"{self.nodes_cached} nodes cached")
+                + self._sybil_summary() + f"{self.nodes_cached} nodes cached"
+                + (f" ({self.ipv6_nodes_cached} IPv6)" if self.ipv6_nodes_cached else ""))
 
     def _sybil_summary(self) -> str:
         parts = [(self.same_subnet_skipped, "candidate", "passed over (one per /24)"),
@@ -3842,7 +3870,9 @@ def _destination_class(host: str) -> tuple[bool, bool]:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return True, False
-    if ip.is_unspecified or ip.is_multicast or ip.is_reserved or host == "255.255.255.255":
+    # (Python counts IPv6's loopback, in ::/8, as reserved: it is a lab's, as 127/8 is.)
+    if (ip.is_unspecified or ip.is_multicast or ip.is_reserved and not ip.is_loopback
+            or host == "255.255.255.255"):
         return True, False
     return False, is_global_address(host)
 
@@ -3856,12 +3886,13 @@ def _bogus_destination(host: str, port: int, allow_private: bool) -> bool:
     return never or (not allow_private and not routable)
 
 
-def subnet_of(host: str) -> str:
+def subnet_of(host: str, port: int) -> str:
     """What the one-node-per-subnet rule counts as one owner: the IPv4 /24 or IPv6 /64 of a
-    global address (a host, a NAT, a rented block); any other address alone, as a closed
-    network (a LAN, containers, a lab) may have all its nodes in one /24."""
+    global address (a host, a NAT, a rented block); at any other address, each node alone.
+    A closed network (a LAN, containers, a lab) may have all its nodes in one /24, or, on
+    IPv6's one loopback address, on one host, and has no sybils to keep out."""
     if not _destination_class(host)[1]:
-        return host
+        return f"{host}:{port}"
     return host.rpartition(".")[0] if ":" not in host else _ipv6_subnet(host)
 
 
@@ -3879,7 +3910,8 @@ class LookupView(Protocol):
     or waits, and of what the survey holds it changes only the counters it is given."""
 
     options: DhtOptions
-    bootstrap: list[DhtNode]  # routers, of unknown id
+    ipv6: bool  # which of BEP 32's two DHTs the lookup runs on
+    bootstrap: list[DhtNode]  # its routers, of unknown id
     implausibly_close: int  # ids closer than this to a target are suspect
 
     def usable(self, host: str, port: int) -> bool:
@@ -3895,10 +3927,10 @@ class LookupView(Protocol):
         """It asked us to back off for longer than the stall timeout."""
 
     def closest(self, target: bytes, count: int) -> list[DhtNode]:
-        """The cached nodes closest to `target`."""
+        """The cached nodes of the lookup's family closest to `target`."""
 
     def known(self) -> int:
-        """How many nodes are cached (other lookups' replies add to them)."""
+        """How many nodes of the lookup's family are cached (other lookups add to them)."""
 
 
 class Lookup:
@@ -3909,14 +3941,23 @@ class Lookup:
     only: the survey that drives it alone touches the socket, the clock, the limiters and the
     cache, and a step never calls back into it.
 
+    A lookup runs on one of BEP 32's two DHTs, IPv4 or IPv6 (`view.ipv6`): its candidates are
+    nodes of that family only. The nodes of the other family that its replies name come out
+    too (take_foreign), for the survey to hand to that family's lookup of the same target
+    (introduce). Both may write to one `result`: their peers are merged.
+
     A query costs no task, cancel scope or event of its own: with those, a query took about
     300 µs of CPU, against about 100 µs now (most of it decoding and the syscalls)."""
 
-    def __init__(self, infohash: bytes, view: LookupView, counters: DhtCounters) -> None:
+    def __init__(self, infohash: bytes, view: LookupView, counters: DhtCounters,
+                 result: LookupResult | None = None) -> None:
         self.view = view
+        self.ipv6 = view.ipv6
         self.counters = counters  # the survey's: what the lookup passed over is counted there
         self.target = _id_int(infohash)
-        self.result = LookupResult(infohash)
+        self.result = LookupResult(infohash) if result is None else result
+        self.queries = 0  # this lookup's own, of result.queries
+        self.answered = 0  # nodes that answered and were trusted, of result.nodes_answered
         self.finished = False
         self.rounds = 0
         self.candidates: dict[tuple[str, int], LookupCandidate] = {}
@@ -3925,15 +3966,17 @@ class Lookup:
         # By subnet: the nodes passed over, to take a failed holder's place, and how often.
         self.passed_over: dict[str, list[LookupCandidate]] = {}
         self.takeovers: dict[str, int] = {}
-        self.ids_seen: set[tuple[bool, int]] = set()  # (IPv6, distance) of each candidate
+        self.ids_seen: set[int] = set()  # the distance of each candidate
         # Nodes a reply made suspect: not asked again if the lookup starts over (the survey
         # forgets them from the cache only after the event that ended the round).
         self.flagged: set[tuple[str, int]] = set()
         self.active = 0  # queries asked and not stalled: at most Kademlia's alpha
         self.in_flight = 0  # candidates asked and not yet answered or failed
         self._known_at_look = 0  # nodes cached when the lookup last took the closest
+        self._introduced: list[DhtNode] = []  # by the other family's lookup (introduce)
         self._to_send: list[LookupQuery] = []
         self._withdrawn: list[LookupQuery] = []
+        self._foreign: list[DhtNode] = []
 
     # -- What comes out
 
@@ -3948,6 +3991,11 @@ class Lookup:
         queries, self._withdrawn = self._withdrawn, []
         return queries
 
+    def take_foreign(self) -> list[DhtNode]:
+        """The nodes of the other family that trusted replies named since the last call."""
+        nodes, self._foreign = self._foreign, []
+        return nodes
+
     def closest_answered(self) -> list[int]:
         """The distances of the K closest nodes that answered and are trusted, for the survey's
         estimate of the network's size."""
@@ -3961,14 +4009,18 @@ class Lookup:
 
     # -- Events
 
-    def start(self) -> None:
+    def start(self, introduced: Sequence[DhtNode] = ()) -> None:
         """Begin (or, when nobody answered the first round, begin again) from the cached
-        nodes closest to the target, and the routers while fewer than K are usable."""
+        nodes closest to the target, the nodes the other family's lookup `introduced`, and
+        the routers while fewer than K are usable."""
         self.rounds += 1
+        self._introduced.extend(introduced)
         self.candidates, self.by_distance, self.by_subnet = {}, [], {}
         self.passed_over, self.takeovers, self.ids_seen = {}, {}, set()
         self.active = self.in_flight = 0
         self._look_in_cache()
+        for node in self._introduced:
+            self.consider(node)
         if sum(not c.suspect and c.state is not CandidateState.FAILED
                for c in self.by_distance) < DHT_K:
             for node in self.view.bootstrap:
@@ -3990,6 +4042,7 @@ class Lookup:
             return
         result = self.result
         if not query.follow_up and not candidate.suspect:
+            self.answered += 1
             result.nodes_answered += 1
         self._take(candidate, reply, filters=query.scrape)
         # Lookups learn from each other: on a cold start the cache fills as they go, and the
@@ -4002,6 +4055,7 @@ class Lookup:
         # (Not a node that has just told another lookup to back off: it counts as answered.)
         if (query.scrape and not reply.peers and (reply.seeds_bloom or reply.peers_bloom)
                 and not candidate.suspect and not self.resting(candidate)):
+            self.queries += 1
             result.queries += 1
             if candidate.stalled:
                 candidate.stalled = False  # a fresh query: it holds a slot again
@@ -4028,6 +4082,15 @@ class Lookup:
             self._give_way(candidate)
         self._advance()
 
+    def introduce(self, nodes: Sequence[DhtNode]) -> None:
+        """Nodes of this lookup's family that a reply to the other family's lookup named (a
+        node asked for both, BEP 32's `want`, names both)."""
+        if not self.finished:
+            self._introduced.extend(nodes)
+            for node in nodes:
+                self.consider(node)
+            self._advance()
+
     def stalled(self, query: LookupQuery) -> None:
         """`query` is older than the stall timeout: it still counts if it answers, but lets the
         next candidate go."""
@@ -4047,7 +4110,11 @@ class Lookup:
 
     def consider(self, node: DhtNode, known_id: bool = True) -> None:
         """A node a reply named (or the cache or, with `known_id` False, the routers): a
-        candidate, unless the sybil defences pass it over."""
+        candidate, unless the sybil defences pass it over. One of the other family goes out
+        (take_foreign)."""
+        if (":" in node.host) != self.ipv6:
+            self._foreign.append(node)
+            return
         address = (node.host, node.port)
         if address in self.candidates or address in self.flagged:
             return
@@ -4063,15 +4130,14 @@ class Lookup:
             return
         distance = _id_int(node.node_id) ^ self.target
         # One id, two addresses of a family: one of them lies. (A dual-stack node uses one id
-        # for IPv4 and IPv6: BEP 32's two networks.)
-        same_id = (":" in node.host, distance)
-        if same_id in self.ids_seen:
+        # for IPv4 and IPv6, but each family has its own lookup.)
+        if distance in self.ids_seen:
             counters.same_id_skipped += 1
             return
         candidate = LookupCandidate(node, distance, suspect=distance < view.implausibly_close)
         # One node per IPv4 /24 (IPv6 /64), as libtorrent's dht_restrict_search_ips: sybils
         # come by the hundred from a few rented blocks.
-        subnet = subnet_of(node.host)
+        subnet = subnet_of(node.host, node.port)
         held = self.by_subnet.get(subnet)
         if held is not None:
             counters.same_subnet_skipped += 1
@@ -4098,7 +4164,7 @@ class Lookup:
         self.by_subnet[subnet] = candidate
         if candidate.suspect:
             self.counters.suspect_nodes += 1
-        self.ids_seen.add((":" in candidate.node.host, candidate.distance))
+        self.ids_seen.add(candidate.distance)
         self._add(address, candidate)
 
     def _give_way(self, candidate: LookupCandidate) -> None:
@@ -4107,7 +4173,7 @@ class Lookup:
         hide its subnet's live one. A few times a lookup: a subnet of sybils costs no more."""
         if candidate.distance == UNKNOWN_DISTANCE:
             return
-        subnet = subnet_of(candidate.node.host)
+        subnet = subnet_of(candidate.node.host, candidate.node.port)
         if self.by_subnet.get(subnet) is not candidate:
             return
         if self.takeovers.get(subnet, 0) >= DHT_SUBNET_TAKEOVERS:
@@ -4115,7 +4181,7 @@ class Lookup:
         self.takeovers[subnet] = self.takeovers.get(subnet, 0) + 1
         dead, ids_seen = self.view.is_dead, self.ids_seen
         waiting = [other for other in self.passed_over.get(subnet, ())
-                   if (":" in other.node.host, other.distance) not in ids_seen
+                   if other.distance not in ids_seen
                    and not dead(other.node.host, other.node.port) and other is not candidate]
         if not waiting:
             del self.by_subnet[subnet]  # the next node met in it holds it
@@ -4168,7 +4234,7 @@ class Lookup:
                 return
             passed = False
             for candidate in head:
-                if self.active >= DHT_ALPHA or result.queries >= options.max_queries:
+                if self.active >= DHT_ALPHA or self.queries >= options.max_queries:
                     break
                 if candidate.state is CandidateState.NEW:
                     node = candidate.node
@@ -4179,6 +4245,7 @@ class Lookup:
                         self._give_way(candidate)
                         passed = True
                         continue
+                    self.queries += 1
                     result.queries += 1
                     candidate.state = CandidateState.ASKED
                     self.active += 1
@@ -4258,6 +4325,7 @@ class Lookup:
         if peers is not None and peers in result.peers_blooms:
             result.peers_blooms.remove(peers)
         candidate.filters = (None, None)
+        self.answered -= 1
         result.nodes_answered -= 1
 
     def _withdraw_all(self) -> None:
@@ -4271,29 +4339,89 @@ class Lookup:
 
     def _end_round(self) -> None:
         self._withdraw_all()  # beyond the K closest: not waited for
-        result = self.result
-        if (self.rounds == 1 and result.nodes_answered == 0
-                and result.queries < self.view.options.max_queries):
+        if (self.rounds == 1 and self.answered == 0
+                and self.queries < self.view.options.max_queries):
             self.start()  # one retry when nobody answered
             return
         self.finished = True
-        self.counters.suspect_peers += len(result.suspect_peers - result.peers)
-        result.suspect_peers = set()
+
+
+class DhtFamily:
+    """One of BEP 32's two DHTs, IPv4 or IPv6, as a survey sees it: the lookups on it (the
+    LookupView they ask), its routers, and its size, which sets how close to a target an id
+    may plausibly be. Nodes route only to their own family, and the IPv6 DHT is a fraction of
+    the IPv4 one: each has its own closest nodes, cache entries and estimate."""
+
+    def __init__(self, survey: DhtSurvey, ipv6: bool) -> None:
+        self.survey = survey
+        self.options = survey.options
+        self.ipv6 = ipv6
+        self.bootstrap = [node for node in survey.bootstrap if (":" in node.host) == ipv6]
+        # Ids closer than this to a lookup's target are suspect (DHT_CLOSE_ID_MARGIN_BITS),
+        # from the network size the finished lookups tell (observe_size).
+        self.implausibly_close = 1 << (160 - DHT_ASSUMED_SIZE_BITS - DHT_CLOSE_ID_MARGIN_BITS)
+        self._size_bits: deque[float] = deque(maxlen=DHT_SIZE_SAMPLES)
+
+    def usable(self, host: str, port: int) -> bool:
+        return self.survey.usable(host, port)
+
+    def is_dead(self, host: str, port: int) -> bool:
+        return self.survey.cache.is_dead(host, port)
+
+    def is_distrusted(self, host: str, port: int) -> bool:
+        return (host, port) in self.survey.cache.distrusted
+
+    def resting(self, host: str) -> bool:
+        return self.survey.resting(host)
+
+    def closest(self, target: bytes, count: int) -> list[DhtNode]:
+        return self.survey.cache.closest(target, count, self.ipv6)
+
+    def known(self) -> int:
+        return self.survey.cache.size(self.ipv6)
+
+    def has_a_start(self) -> bool:
+        """Whether a lookup here has a node to ask first: a router or a cached node."""
+        return bool(self.bootstrap) or self.known() > 0
+
+    def observe_size(self, distances: Sequence[int]) -> None:
+        """Estimate the network's size from the distances of a finished lookup's closest
+        trusted nodes (Lookup.closest_answered): the k-th closest of N random ids lies about
+        k / N of the id space from a target. The median of the last lookups sets
+        `implausibly_close`."""
+        if not distances:
+            return
+        # Capped a little above the public DHT's size: sybils just outside the threshold can
+        # only make the network look bigger, and so the threshold smaller; real networks that
+        # need it to adapt are smaller.
+        self._size_bits.append(min(DHT_ASSUMED_SIZE_BITS + 1, math.log2(len(distances)) + 160
+                                   - math.log2(distances[-1] + 1)))
+        if len(self._size_bits) >= DHT_SIZE_MIN_SAMPLES:
+            ordered = sorted(self._size_bits)
+            size_bits = ordered[len(ordered) // 2]
+            self.implausibly_close = 1 << max(0, int(160 - size_bits - DHT_CLOSE_ID_MARGIN_BITS))
 
 
 @dataclass(slots=True, eq=False)
 class _Running:
-    """What the survey keeps of a lookup in progress."""
+    """What the survey keeps of a target's lookups in progress: one on each family (BEP 32),
+    writing to one result."""
 
+    result: LookupResult
     done: trio.Event
     watch: Callable[[LookupResult], None] | None  # told after each reply
+    lookups: dict[bool, Lookup] = field(default_factory=dict)  # by family (IPv6)
+    ended: set[bool] = field(default_factory=set)  # the families whose lookup has ended
     packets: dict[bool, tuple[bytes, bytes]] = field(default_factory=dict)  # by scrape
 
 
 class DhtSurvey:
     """Iterative get_peers lookups (BEP 5) over one UDP endpoint, sharing a warm node cache.
 
-    Each lookup is a `Lookup`, stepped by the survey's events. Three tasks that `serve` runs
+    Each lookup is a `Lookup`, stepped by the survey's events. A target is looked up on the
+    IPv4 DHT and, where the host reaches IPv6, on the IPv6 one (BEP 32), each lookup on its
+    own `DhtFamily`; the other family's lookup starts when the first one meets a node of it,
+    if it had none to start from. Three tasks that `serve` runs
     make them: the endpoint's receive loop hands each reply to its query, a timer stalls and
     expires queries in the order they were sent (every query has the same timeouts), and a
     pacer sends what the rate limits or a full socket buffer held back. After each event,
@@ -4309,10 +4437,9 @@ class DhtSurvey:
         self.want_ipv6 = want_ipv6
         self.node_id = os.urandom(20)
         self.counters = DhtCounters()
-        # Ids closer than this to a lookup's target are suspect (DHT_CLOSE_ID_MARGIN_BITS),
-        # from the network size the finished lookups tell (observe_size).
-        self.implausibly_close = 1 << (160 - DHT_ASSUMED_SIZE_BITS - DHT_CLOSE_ID_MARGIN_BITS)
-        self._size_bits: deque[float] = deque(maxlen=DHT_SIZE_SAMPLES)
+        self.families = {False: DhtFamily(self, ipv6=False)}
+        if want_ipv6:
+            self.families[True] = DhtFamily(self, ipv6=True)
         # At most `rate` packets in any one-second window: a bucket of one token refilled at
         # rate - 1 per second can send rate - 1 + 1 in a window, never rate + burst.
         self.limited = options.rate > 0
@@ -4355,7 +4482,7 @@ class DhtSurvey:
         self._next_transaction = (self._next_transaction + 1) % 2**32
         return self._next_transaction.to_bytes(4, "big")
 
-    # -- What a lookup may ask (LookupView)
+    # -- What a lookup may ask (through its DhtFamily)
 
     def usable(self, host: str, port: int) -> bool:
         if _bogus_destination(host, port, self.options.allow_private):
@@ -4364,23 +4491,11 @@ class DhtSurvey:
             return False
         return self.endpoint.can_reach(host) and (self.want_ipv6 or ":" not in host)
 
-    def is_dead(self, host: str, port: int) -> bool:
-        return self.cache.is_dead(host, port)
-
-    def is_distrusted(self, host: str, port: int) -> bool:
-        return (host, port) in self.cache.distrusted
-
     def resting(self, host: str) -> bool:
         """A node that answered 201/202 and has longer to wait than the stall timeout: lookups
         go on without it."""
         return (self.limited and self.per_ip.penalised(host)
                 and self.per_ip.due(host) > self.options.stall_timeout)
-
-    def closest(self, target: bytes, count: int) -> list[DhtNode]:
-        return self.cache.closest(target, count)
-
-    def known(self) -> int:
-        return len(self.cache)
 
     # -- Lookups
 
@@ -4416,27 +4531,41 @@ class DhtSurvey:
         # 50-300 ms round trips take 2.4 times as long as a warm one.
         async with self._lookup_slots:
             try:
-                lookup = Lookup(infohash, self, self.counters)
-                running = self._running[lookup] = _Running(trio.Event(), watch)
+                running = _Running(LookupResult(infohash), trio.Event(), watch)
                 try:
-                    lookup.start()
-                    self._step(lookup)
+                    # The IPv4 lookup starts even with nothing to ask (and so ends at once).
+                    # All are enlisted first: the target is done when the last one ends.
+                    starting = [self._enlist(running, family)
+                                for ipv6, family in self.families.items()
+                                if not ipv6 or family.has_a_start()]
+                    for lookup in starting:
+                        lookup.start()
+                        self._step(lookup)
                     await running.done.wait()
                 finally:
-                    del self._running[lookup]
-                    if not lookup.finished:  # cancelled
-                        lookup.abandon()
-                        self._step(lookup)
-                return lookup.result
+                    for lookup in running.lookups.values():
+                        del self._running[lookup]
+                        if not lookup.finished:  # cancelled
+                            lookup.abandon()
+                            self._step(lookup)
+                return running.result
             finally:
                 self._resize_lookup_slots()
+
+    def _enlist(self, running: _Running, family: DhtFamily) -> Lookup:
+        """A target's lookup on `family`, to be started."""
+        lookup = Lookup(running.result.infohash, family, self.counters, running.result)
+        running.lookups[family.ipv6] = lookup
+        self._running[lookup] = running
+        return lookup
 
     def _lookups_allowed(self) -> int:
         # Until K nodes are cached, lookups also ask the bootstrap routers, each once: no more
         # lookups than a router may be sent packets at once (its per-address burst).
         cached, routers_allow = len(self.cache), max(1, self.options.per_ip_burst)
-        return min(self.options.concurrency, routers_allow if cached < DHT_K else
+        allowed = (routers_allow if cached < DHT_K else
                    max(routers_allow, DHT_LOOKUPS_PER_NODE * cached))
+        return min(self.options.concurrency, allowed)
 
     def _resize_lookup_slots(self) -> None:
         allowed = self._lookups_allowed()
@@ -4455,11 +4584,38 @@ class DhtSurvey:
                 break
             for query in refused:
                 lookup.failed(query)
-        if lookup.finished:
-            running = self._running.get(lookup)
-            if running is not None and not running.done.is_set():
-                self.observe_size(lookup.closest_answered())
+        running = self._running.get(lookup)
+        if running is None or running.done.is_set():
+            return
+        foreign = lookup.take_foreign()
+        if foreign:
+            self._introduce(running, not lookup.ipv6, foreign)
+        if lookup.finished and lookup.ipv6 not in running.ended:
+            running.ended.add(lookup.ipv6)
+            self.families[lookup.ipv6].observe_size(lookup.closest_answered())
+            if len(running.ended) == len(running.lookups):
+                result = running.result
+                self.counters.suspect_peers += len(result.suspect_peers - result.peers)
+                result.suspect_peers = set()
                 running.done.set()
+
+    def _introduce(self, running: _Running, ipv6: bool, nodes: list[DhtNode]) -> None:
+        """Nodes of one family that a reply in the other's lookup named: to the target's
+        lookup on that family, started with them if it had nothing to start from. (Their own
+        replies name nodes of both families: the step this takes never comes back here with
+        nodes for the lookup that named them.)"""
+        family = self.families.get(ipv6)
+        if family is None:
+            return  # not surveyed: the host has no route there
+        lookup = running.lookups.get(ipv6)
+        if lookup is None:
+            lookup = self._enlist(running, family)
+            lookup.start(nodes)
+        elif not lookup.finished:
+            lookup.introduce(nodes)
+        else:
+            return
+        self._step(lookup)
 
     def _fail(self, query: LookupQuery, distrusted: bool = False) -> None:
         """Tell `query`'s lookup it got no usable reply, and carry out what it decides."""
@@ -4570,23 +4726,6 @@ class DhtSurvey:
         running = self._running.get(lookup)
         if running is not None and running.watch is not None:
             running.watch(lookup.result)
-
-    def observe_size(self, distances: Sequence[int]) -> None:
-        """Estimate the network's size from the distances of a finished lookup's closest
-        trusted nodes (Lookup.closest_answered): the k-th closest of N random ids lies about
-        k / N of the id space from a target. The median of the last lookups sets
-        `implausibly_close`."""
-        if not distances:
-            return
-        # Capped a little above the public DHT's size: sybils just outside the threshold can
-        # only make the network look bigger, and so the threshold smaller; real networks that
-        # need it to adapt are smaller.
-        self._size_bits.append(min(DHT_ASSUMED_SIZE_BITS + 1, math.log2(len(distances)) + 160
-                                   - math.log2(distances[-1] + 1)))
-        if len(self._size_bits) >= DHT_SIZE_MIN_SAMPLES:
-            ordered = sorted(self._size_bits)
-            size_bits = ordered[len(ordered) // 2]
-            self.implausibly_close = 1 << max(0, int(160 - size_bits - DHT_CLOSE_ID_MARGIN_BITS))
 
     def _timed_out(self, query: LookupQuery) -> None:
         query.state = QueryState.ENDED
@@ -7573,8 +7712,8 @@ def save_node_cache(db: sqlite3.Connection, cache: NodeCache, now: float,
     reply at all says nothing of the nodes, only of its own network: nothing is saved."""
     if not heard_anything:
         return
-    rows = [(node.node_id, node.host, node.port, int(cache.last_seen[_id_int(node.node_id)]),
-             cache.failures[_id_int(node.node_id)]) for node in cache.nodes()]
+    rows = [(node.node_id, node.host, node.port, int(seen), failures)
+            for node, seen, failures in cache.entries()]
     with Transaction(db):
         db.executemany("DELETE FROM dht_nodes WHERE host = ? AND port = ?", sorted(cache.evicted))
         db.executemany(
@@ -7741,6 +7880,7 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
             save_node_cache(db, cache, time.time(),
                             heard_anything=counters.replies > 0 and counters.outage is None)
             counters.nodes_cached = len(cache)
+            counters.ipv6_nodes_cached = cache.size(ipv6=True)
             counters.stall_after = survey.round_trips.stall_after
             counters.packets_sent, counters.packets_received = udp.sent, udp.received
             counters.send_errors = udp.send_errors
