@@ -4256,20 +4256,70 @@ def test_dht_looks_up_on_ipv4_and_ipv6_apart_and_merges_the_peers():
     done, results, sent = survey(cache, want_ipv6=True)
     assert all(result.peers == {v4_peer, v6_peer} for result in results)
     assert min(at for at, host, _ in sent if ":" in host) == 0
-    # Only IPv6 nodes known: the IPv4 lookup ends at once, and each target waits for the
-    # IPv6 one (the IPv4 nodes it names come too late for the IPv4 lookup).
+    # Only IPv6 nodes known: the IPv4 lookup ends at once, and goes on when the IPv6 replies
+    # name IPv4 nodes. (Each target waits for both.)
     v6_only = tsmd.NodeCache()
     for node in v6:
         v6_only.add(node, 0)
     done, results, sent = survey(v6_only, want_ipv6=True, bootstrap=[])
-    assert len(results) == 10 and all(result.peers == {v6_peer} for result in results)
-    assert not [host for _, host, _ in sent if ":" not in host]
+    assert len(results) == 10 and all(result.peers == {v4_peer, v6_peer} for result in results)
+    assert min(at for at, host, _ in sent if ":" not in host) >= 0.05
     # Where IPv6 is not routed: IPv4 alone, and no query asks for IPv6 nodes.
     done, results, sent = survey(tsmd.NodeCache(), want_ipv6=False)
     assert all(result.peers == {v4_peer} for result in results)
     assert not [host for _, host, _ in sent if ":" in host]
     assert not [query for _, _, query in sent if b"want" in query[b"a"]]
     assert list(done.families) == [False]
+
+
+def test_dht_an_ipv6_lookup_that_ended_goes_on_with_the_nodes_the_ipv4_one_meets():
+    """The one IPv6 node cached answers at once, naming no node: the IPv6 lookup ends before
+    the (slow) IPv4 routers name the IPv6 nodes that hold the peer. It goes on with them."""
+    v4, v6 = dual_stack_network()
+    routers = [tsmd.DhtNode(b"", node.host, node.port) for node in v4[:2]]
+    v6_peer = ("2001:db8:ffff::6", 6881)
+    lonely = tsmd.DhtNode(hashlib.sha1(b"lonely").digest(), "2001:db8:aaaa::1", 6881)
+
+    class LonelyEndpoint(RecordingEndpoint):
+        def reply(self, query, host, port):
+            message = super().reply(query, host, port)
+            if host == lonely.host:  # an empty routing table
+                message.body.pop(b"nodes6", None)
+                message.body.pop(b"nodes", None)
+            return message
+
+    cache = tsmd.NodeCache()
+    cache.add(lonely, 0)
+    endpoint = LonelyEndpoint(v4 + v6 + [lonely], 0.05, values={n.host: [v6_peer] for n in v6},
+                              slow={router.host: 0.2 for router in routers})
+    endpoint.dual_stack = True
+    _, results = paced_survey(endpoint, cache, routers, 5, want_ipv6=True)
+    assert len(results) == 5 and all(v6_peer in result.peers for result in results)
+
+
+def test_dht_a_lookup_cancelled_while_both_families_run_leaves_nothing_behind():
+    v4, v6 = dual_stack_network()
+    cache = tsmd.NodeCache()
+    for node in v4 + v6:
+        cache.add(node, 0)
+    endpoint = RecordingEndpoint(v4 + v6, 0.05)
+    endpoint.dual_stack = True
+
+    async def scenario():
+        survey = tsmd.DhtSurvey(endpoint, cache, [], dht_test_options(bep33=False), True)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(survey.serve)
+            with trio.move_on_after(0.07):  # both lookups have queries out
+                await survey.lookup(b"\x11" * 20)
+            assert survey._running == {}
+            sent = len(endpoint.sent)
+            await trio.sleep(10)
+            assert len(endpoint.sent) == sent  # nothing more asked for it
+            result = await survey.lookup(b"\x12" * 20)
+            assert result.nodes_answered == 2 * tsmd.DHT_K
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def test_dht_each_family_estimates_its_own_size():
@@ -4559,7 +4609,7 @@ def test_bep42_node_ids_and_subnets():
     # one loopback address): each node counts alone.
     assert tsmd.subnet_of("10.0.0.1", 1) != tsmd.subnet_of("10.0.0.2", 1)
     assert tsmd.subnet_of("::1", 6881) != tsmd.subnet_of("::1", 6882)
-    assert tsmd.subnet_of("127.66.6.1", 6881) == tsmd.subnet_of("127.66.6.1", 6881)
+    assert tsmd.subnet_of("127.66.6.1", 6881) == "127.66.6.1:6881"
 
 
 @dataclass
@@ -4862,9 +4912,69 @@ def test_dht_lookup_core_hands_the_other_familys_nodes_on():
     assert lookup.result.peers == {("2a00:1450:99::1", 1)}
     assert lookup.result.queries == lookup.queries + v6_lookup.queries == tsmd.DHT_ALPHA + 1 + 6
     assert lookup.result.nodes_answered == 2
+    for query in again[1:]:
+        v6_lookup.failed(query)
+    assert v6_lookup.finished and lookup.result.nodes_answered == 2
+    # Ended with the one node that answered: nodes the IPv4 lookup meets later still come
+    # in, and the lookup goes on with them (and ends again once they have answered).
+    closer = node_at(7, "2a00:1450:7::1")
+    v6_lookup.introduce([closer, v6_nodes[0]])
+    [to_closer] = v6_lookup.take_queries()
+    assert to_closer.candidate.node == closer and not v6_lookup.finished
+    v6_lookup.replied(to_closer, reply_of(closer))
+    assert v6_lookup.finished and lookup.result.nodes_answered == 3
+    v6_lookup.introduce(v6_nodes)  # none new: it ends again at once
+    assert v6_lookup.finished and v6_lookup.take_queries() == []
+    # Abandoned (its caller is gone), it never goes on.
     v6_lookup.abandon()
-    v6_lookup.introduce([node_at(7, "2a00:1450:7::1")])  # ended: nothing more is asked
+    v6_lookup.introduce([node_at(8, "2a00:1450:8::1")])
     assert v6_lookup.take_queries() == [] and v6_lookup.finished
+
+
+def test_dht_lookup_core_goes_on_after_its_end_with_nothing_left_out():
+    """A lookup that ended with queries out beyond the K closest (withdrawn) and then takes
+    an introduced node asks it: the withdrawn ones hold no slot and are not waited for."""
+    cached = [node_at(10 * n, f"{20 + n}.0.0.1") for n in range(1, 13)]
+    lookup, _ = scripted_lookup(ScriptedView(cached=cached))
+    lookup.start()
+    out = lookup.take_queries()
+    for _ in range(2):  # every query stalls: the next ones go, up to all 12
+        for query in list(out):
+            lookup.stalled(query)
+        out += lookup.take_queries()
+    assert len(out) == 12
+    for query in out[:8]:
+        lookup.replied(query, reply_of(query.candidate.node))
+    assert lookup.finished and len(lookup.take_withdrawn()) == 4
+    assert lookup.active == lookup.in_flight == 0
+    assert [c.state for c in lookup.by_distance].count(tsmd.CandidateState.ASKED) == 0
+    closer = node_at(5, "40.0.0.1")
+    lookup.introduce([closer])
+    [query] = lookup.take_queries()
+    assert query.candidate.node == closer and not lookup.finished
+    lookup.replied(query, reply_of(closer))
+    assert lookup.finished and lookup.result.nodes_answered == 9
+
+
+def test_dht_lookup_core_judges_named_ids_by_their_own_familys_size():
+    """An IPv6 node names the IPv4 nodes closest to the target too (`want`): those are judged
+    by the IPv4 DHT's size, in the IPv4 lookup, not taken for sybils it hands out."""
+    view = ScriptedView(ipv6=True, implausibly_close=1 << 110,  # a small DHT: a loose line
+                        cached=[node_at(1 << 12, "2a00:1450:1::1")])
+    lookup, counters = scripted_lookup(view)
+    lookup.start()
+    [query] = lookup.take_queries()
+    close_v4 = [node_at(1 << 5, "20.0.0.1"), node_at(1 << 6, "21.0.0.1")]  # within its line
+    lookup.replied(query, reply_of(query.candidate.node, nodes=close_v4 + [
+        node_at(1 << 11, "2a00:1450:2::1")], peers=[("2a00:1450:99::1", 1)]))
+    assert counters.suspect_introducers == 0 and not query.candidate.suspect
+    assert lookup.result.peers == {("2a00:1450:99::1", 1)}
+    assert lookup.take_foreign() == close_v4
+    # Two IPv6 ids within the line: a node that hands out sybils.
+    [query] = lookup.take_queries()
+    lookup.replied(query, reply_of(query.candidate.node, nodes=[
+        node_at(1 << 3, "2a00:1450:3::1"), node_at(1 << 4, "2a00:1450:4::1")]))
+    assert counters.suspect_introducers == 1 and query.candidate.suspect
 
 
 def test_dht_lookup_core_edge_events():

@@ -3418,6 +3418,10 @@ DHT_LOOKUPS_PER_NODE: Final = 10  # lookups in flight per cached node, once K ar
 # times closer happens to an honest node once in ~1,000 lookups, and is what a sybil claims.
 DHT_CLOSE_ID_MARGIN_BITS: Final = 10
 DHT_ASSUMED_SIZE_BITS: Final = 24  # 16 M nodes (the public DHT's order) until lookups tell
+# The IPv6 DHT is a small fraction of the IPv4 one (every client's IPv6 routing table is far
+# emptier); with no published count at hand, a million is assumed, two at most. Were it four
+# times that, an honest node would be suspect in about one IPv6 lookup in 256.
+DHT_ASSUMED_IPV6_SIZE_BITS: Final = 20
 DHT_SIZE_SAMPLES: Final = 101  # lookups whose closest nodes estimate the network's size
 DHT_SIZE_MIN_SAMPLES: Final = 8
 # libtorrent sends 100 values at most (dht_max_peers_reply); a reply that holds more than
@@ -3959,6 +3963,7 @@ class Lookup:
         self.queries = 0  # this lookup's own, of result.queries
         self.answered = 0  # nodes that answered and were trusted, of result.nodes_answered
         self.finished = False
+        self.abandoned = False
         self.rounds = 0
         self.candidates: dict[tuple[str, int], LookupCandidate] = {}
         self.by_distance: list[LookupCandidate] = []  # kept sorted as candidates arrive
@@ -3973,7 +3978,8 @@ class Lookup:
         self.active = 0  # queries asked and not stalled: at most Kademlia's alpha
         self.in_flight = 0  # candidates asked and not yet answered or failed
         self._known_at_look = 0  # nodes cached when the lookup last took the closest
-        self._introduced: list[DhtNode] = []  # by the other family's lookup (introduce)
+        # By the other family's lookup (introduce), by address: asked again in a retry round.
+        self._introduced: dict[tuple[str, int], DhtNode] = {}
         self._to_send: list[LookupQuery] = []
         self._withdrawn: list[LookupQuery] = []
         self._foreign: list[DhtNode] = []
@@ -4014,12 +4020,12 @@ class Lookup:
         nodes closest to the target, the nodes the other family's lookup `introduced`, and
         the routers while fewer than K are usable."""
         self.rounds += 1
-        self._introduced.extend(introduced)
+        self._introduced.update(((node.host, node.port), node) for node in introduced)
         self.candidates, self.by_distance, self.by_subnet = {}, [], {}
         self.passed_over, self.takeovers, self.ids_seen = {}, {}, set()
         self.active = self.in_flight = 0
         self._look_in_cache()
-        for node in self._introduced:
+        for node in self._introduced.values():
             self.consider(node)
         if sum(not c.suspect and c.state is not CandidateState.FAILED
                for c in self.by_distance) < DHT_K:
@@ -4084,12 +4090,19 @@ class Lookup:
 
     def introduce(self, nodes: Sequence[DhtNode]) -> None:
         """Nodes of this lookup's family that a reply to the other family's lookup named (a
-        node asked for both, BEP 32's `want`, names both)."""
-        if not self.finished:
-            self._introduced.extend(nodes)
-            for node in nodes:
+        node asked for both, BEP 32's `want`, names both). A lookup that has ended takes them
+        too, unless abandoned: it may have ended with the few nodes it knew, while the other
+        lookup goes on meeting closer ones. (It ends again at once if none of them is among
+        the K closest.)"""
+        if self.abandoned:
+            return
+        self.finished = False
+        for node in nodes:
+            address = (node.host, node.port)
+            if address not in self._introduced:
+                self._introduced[address] = node
                 self.consider(node)
-            self._advance()
+        self._advance()
 
     def stalled(self, query: LookupQuery) -> None:
         """`query` is older than the stall timeout: it still counts if it answers, but lets the
@@ -4102,6 +4115,7 @@ class Lookup:
 
     def abandon(self) -> None:
         """The lookup's caller is gone (cancelled): withdraw every query it still has out."""
+        self.abandoned = True
         if not self.finished:
             self.finished = True
             self._withdraw_all()
@@ -4305,9 +4319,10 @@ class Lookup:
         if len(reply.peers) > DHT_MAX_VALUES_PER_REPLY:
             counters.values_over_cap += 1
             candidate.suspect = True
-        close, target = self.view.implausibly_close, self.target
-        if len({node.node_id for node in reply.nodes
-                if _id_int(node.node_id) ^ target < close}) >= 2:
+        # (Of its own family only: the other's ids are judged by that family's size.)
+        close, target, ipv6 = self.view.implausibly_close, self.target, self.ipv6
+        if len({node.node_id for node in reply.nodes if (":" in node.host) == ipv6
+                and _id_int(node.node_id) ^ target < close}) >= 2:
             counters.suspect_introducers += 1
             candidate.suspect = True
 
@@ -4332,10 +4347,14 @@ class Lookup:
         not_out = {id(query) for query in self._to_send}  # never handed out: dropped
         self._to_send = []
         for candidate in self.candidates.values():
-            if candidate.query is not None:
-                if id(candidate.query) not in not_out:
-                    self._withdrawn.append(candidate.query)
-                candidate.query = None
+            query = candidate.query
+            if query is not None:
+                if id(query) not in not_out:
+                    self._withdrawn.append(query)
+                # The node of a follow-up has answered; any other is as if never asked, for
+                # a lookup that takes introduced nodes after its end (introduce).
+                self._settle(candidate, CandidateState.ANSWERED if query.follow_up
+                             else CandidateState.NEW)
 
     def _end_round(self) -> None:
         self._withdraw_all()  # beyond the K closest: not waited for
@@ -4357,9 +4376,10 @@ class DhtFamily:
         self.options = survey.options
         self.ipv6 = ipv6
         self.bootstrap = [node for node in survey.bootstrap if (":" in node.host) == ipv6]
+        self.assumed_size_bits = DHT_ASSUMED_IPV6_SIZE_BITS if ipv6 else DHT_ASSUMED_SIZE_BITS
         # Ids closer than this to a lookup's target are suspect (DHT_CLOSE_ID_MARGIN_BITS),
         # from the network size the finished lookups tell (observe_size).
-        self.implausibly_close = 1 << (160 - DHT_ASSUMED_SIZE_BITS - DHT_CLOSE_ID_MARGIN_BITS)
+        self.implausibly_close = 1 << (160 - self.assumed_size_bits - DHT_CLOSE_ID_MARGIN_BITS)
         self._size_bits: deque[float] = deque(maxlen=DHT_SIZE_SAMPLES)
 
     def usable(self, host: str, port: int) -> bool:
@@ -4394,7 +4414,7 @@ class DhtFamily:
         # Capped a little above the public DHT's size: sybils just outside the threshold can
         # only make the network look bigger, and so the threshold smaller; real networks that
         # need it to adapt are smaller.
-        self._size_bits.append(min(DHT_ASSUMED_SIZE_BITS + 1, math.log2(len(distances)) + 160
+        self._size_bits.append(min(self.assumed_size_bits + 1, math.log2(len(distances)) + 160
                                    - math.log2(distances[-1] + 1)))
         if len(self._size_bits) >= DHT_SIZE_MIN_SAMPLES:
             ordered = sorted(self._size_bits)
@@ -4411,7 +4431,7 @@ class _Running:
     done: trio.Event
     watch: Callable[[LookupResult], None] | None  # told after each reply
     lookups: dict[bool, Lookup] = field(default_factory=dict)  # by family (IPv6)
-    ended: set[bool] = field(default_factory=set)  # the families whose lookup has ended
+    ended: set[bool] = field(default_factory=set)  # the families whose lookup has ended (so far)
     packets: dict[bool, tuple[bytes, bytes]] = field(default_factory=dict)  # by scrape
 
 
@@ -4592,8 +4612,9 @@ class DhtSurvey:
             self._introduce(running, not lookup.ipv6, foreign)
         if lookup.finished and lookup.ipv6 not in running.ended:
             running.ended.add(lookup.ipv6)
-            self.families[lookup.ipv6].observe_size(lookup.closest_answered())
             if len(running.ended) == len(running.lookups):
+                for ended in running.lookups.values():
+                    self.families[ended.ipv6].observe_size(ended.closest_answered())
                 result = running.result
                 self.counters.suspect_peers += len(result.suspect_peers - result.peers)
                 result.suspect_peers = set()
@@ -4611,10 +4632,10 @@ class DhtSurvey:
         if lookup is None:
             lookup = self._enlist(running, family)
             lookup.start(nodes)
-        elif not lookup.finished:
-            lookup.introduce(nodes)
         else:
-            return
+            lookup.introduce(nodes)  # (one that had ended may go on)
+            if not lookup.finished:
+                running.ended.discard(ipv6)
         self._step(lookup)
 
     def _fail(self, query: LookupQuery, distrusted: bool = False) -> None:
@@ -6392,7 +6413,7 @@ class DhtSettings:
     per_ip_burst: int = 4
     stall_timeout: float = 1.0  # at most this long before a silent node lets the next go
     query_timeout: float = 4.0  # seconds before a query counts as failed
-    max_queries: int = 64  # per lookup
+    max_queries: int = 64  # per lookup, and per address family (BEP 32)
     bep33: bool = True  # ask for BEP 33 seed/peer filters
 
 
@@ -6656,7 +6677,7 @@ per_ip_burst = 4
 # which 90 % of them came, but not sooner than 0.1 s (unless this is shorter).
 stall_timeout = "1s"
 query_timeout = "4s"
-# Queries one lookup may send at most.
+# Queries one lookup may send at most (on each of the IPv4 and IPv6 DHTs).
 max_queries = 64
 # Ask for BEP 33 bloom filters (seed and peer estimates).
 bep33 = true
