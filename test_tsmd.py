@@ -4031,20 +4031,23 @@ class RecordingEndpoint:
                 handler(self.reply(query, host, port))
 
 
-def paced_survey(endpoint, cache, bootstrap, lookups: int, want_ipv6=False, **options):
-    """Survey `lookups` targets through `endpoint` on a MockClock; the survey and results."""
+def paced_survey(endpoint, cache, bootstrap, lookups: int, want_ipv6=False, watch=None,
+                 **options):
+    """Survey `lookups` targets through `endpoint` on a MockClock; the survey and results.
+    `watch(survey)` is called after each reply."""
     options = dht_test_options(**{"concurrency": lookups, "bep33": False, **options})
     results = []
 
     async def scenario():
         survey = tsmd.DhtSurvey(endpoint, cache, bootstrap, options, want_ipv6)
+        told = None if watch is None else lambda _: watch(survey)
         with trio.fail_after(24 * 3600):  # on the mock clock: a lookup left hanging fails
             async with trio.open_nursery() as nursery:
                 await nursery.start(survey.serve)
                 async with trio.open_nursery() as looking:
                     async def one(n):
                         results.append(await survey.lookup(
-                            hashlib.sha1(b"target %d" % n).digest()))
+                            hashlib.sha1(b"target %d" % n).digest(), told))
                     for n in range(lookups):
                         looking.start_soon(one, n)
                 nursery.cancel_scope.cancel()
@@ -4333,6 +4336,40 @@ def test_dht_each_family_estimates_its_own_size():
     sizes = {ipv6: 2 ** (160 - tsmd.DHT_CLOSE_ID_MARGIN_BITS) / family.implausibly_close
              for ipv6, family in done.families.items()}
     assert 100 <= sizes[False] <= 1600 and 5 <= sizes[True] <= 80, sizes
+
+
+def test_dht_lookups_start_while_the_rate_has_room():
+    """Under a rate limit, a lookup starts only while fewer queries wait for the rate than it
+    lets out in a stall timeout, not as many as the cache allows: those would only queue in
+    the pacer. The rate is still kept busy, also when lookups wait out silent nodes."""
+    nodes = [tsmd.DhtNode(hashlib.sha1(b"rate %d" % n).digest(),
+                          f"198.{18 + n // 250}.{n % 250 + 1}.1", 6881) for n in range(400)]
+    rate = 100
+    for silent in (set(), {node.host for node in nodes[::2]}):
+        seen = {"lookups": 0, "queued": 0}
+
+        def watch(survey):
+            seen["lookups"] = max(seen["lookups"], len(survey._running))
+            seen["queued"] = max(seen["queued"], len(survey._held) + len(survey._outbox))
+
+        cache = tsmd.NodeCache()
+        for node in nodes:
+            cache.add(node, 0)
+        endpoint = RecordingEndpoint(nodes, 0.1, silent=silent)
+        survey, results = paced_survey(endpoint, cache, [], 300, watch=watch, rate=rate,
+                                       stall_timeout=1.0, query_timeout=2.0)
+        assert len(results) == 300
+        for result in results:  # every lookup heard the live ones of the 2K closest it asked
+            closest = sorted(nodes, key=lambda node: xor(node.node_id, result.infohash))
+            live = [node for node in closest[:2 * tsmd.DHT_K] if node.host not in silent]
+            assert result.nodes_answered >= min(tsmd.DHT_K, len(live))
+        # With the cache's 10 lookups per node alone, all 300 ran at once and 1,191 queries
+        # waited in the pacer; with a fixed rate x stall / ALPHA lookups, half-silent nodes
+        # took 86.7 s (2.6 times the rate's time: lookups waiting for timeouts send little).
+        assert survey._lookup_slots.total_tokens == 300 and seen["lookups"] <= 75
+        assert seen["queued"] <= 1.5 * rate  # at the start: the stall timeout is 1 s until
+        # 32 answers have come
+        assert endpoint.sent[-1][0] <= 1.1 * len(endpoint.sent) / rate  # the rate kept busy
 
 
 def test_dht_pacer_keeps_the_global_and_per_address_limits():

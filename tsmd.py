@@ -4485,6 +4485,7 @@ class DhtSurvey:
         self._outbox: deque[LookupQuery] = deque()
         self._pacer_wake: trio.Event | None = None
         self._pacer_deadline = math.inf
+        self._room: trio.Event | None = None  # set when the outbox has room (_room_in_the_rate)
 
     @classmethod
     def open(cls, bind: str, cache: NodeCache, bootstrap: Sequence[DhtNode],
@@ -4550,6 +4551,7 @@ class DhtSurvey:
         # not as lookups end: waiting for the first lookups to end made a cold start on
         # 50-300 ms round trips take 2.4 times as long as a warm one.
         async with self._lookup_slots:
+            await self._room_in_the_rate()
             try:
                 running = _Running(LookupResult(infohash), trio.Event(), watch)
                 try:
@@ -4571,6 +4573,20 @@ class DhtSurvey:
                 return running.result
             finally:
                 self._resize_lookup_slots()
+
+    async def _room_in_the_rate(self) -> None:
+        """Under a rate limit, a lookup starts only while fewer queries wait for the rate than
+        it lets out in a stall timeout: a lookup started then would only queue its queries
+        behind the others'. (Lookups that wait out silent nodes send little: however many
+        that takes, the queue keeps the rate busy, where a count of lookups fixed by the round
+        trips would leave it idle.)"""
+        while self.limited and len(self._outbox) >= self._outbox_room():
+            if self._room is None:
+                self._room = trio.Event()
+            await self._room.wait()
+
+    def _outbox_room(self) -> float:
+        return max(DHT_ALPHA, self.options.rate * self.round_trips.stall_after)
 
     def _enlist(self, running: _Running, family: DhtFamily) -> Lookup:
         """A target's lookup on `family`, to be started."""
@@ -4833,6 +4849,9 @@ class DhtSurvey:
             # The lookups hear of it after the pass: what they decide joins the outbox's end.
             for query in given_up:
                 self._fail(query)
+            if self._room is not None and len(outbox) < self._outbox_room():
+                self._room.set()
+                self._room = None
             if socket_full:
                 await self.endpoint.wait_writable()
                 continue
