@@ -4291,13 +4291,17 @@ def test_dht_an_ipv6_lookup_that_ended_goes_on_with_the_nodes_the_ipv4_one_meets
                 message.body.pop(b"nodes", None)
             return message
 
-    cache = tsmd.NodeCache()
-    cache.add(lonely, 0)
-    endpoint = LonelyEndpoint(v4 + v6 + [lonely], 0.05, values={n.host: [v6_peer] for n in v6},
-                              slow={router.host: 0.2 for router in routers})
-    endpoint.dual_stack = True
-    _, results = paced_survey(endpoint, cache, routers, 5, want_ipv6=True)
-    assert len(results) == 5 and all(v6_peer in result.peers for result in results)
+    # Then with IPv6 nodes that answer after their queries have stalled: the target waits for
+    # the lookup that went on, not only for the one that ended first.
+    for slow_v6 in (0.05, 0.6):
+        cache = tsmd.NodeCache()
+        cache.add(lonely, 0)
+        slow = {router.host: 0.2 for router in routers} | {node.host: slow_v6 for node in v6}
+        endpoint = LonelyEndpoint(v4 + v6 + [lonely], 0.05,
+                                  values={node.host: [v6_peer] for node in v6}, slow=slow)
+        endpoint.dual_stack = True
+        _, results = paced_survey(endpoint, cache, routers, 5, want_ipv6=True)
+        assert len(results) == 5 and all(v6_peer in result.peers for result in results)
 
 
 def test_dht_a_lookup_cancelled_while_both_families_run_leaves_nothing_behind():
@@ -4312,7 +4316,7 @@ def test_dht_a_lookup_cancelled_while_both_families_run_leaves_nothing_behind():
         survey = tsmd.DhtSurvey(endpoint, cache, [], dht_test_options(bep33=False), True)
         async with trio.open_nursery() as nursery:
             await nursery.start(survey.serve)
-            with trio.move_on_after(0.07):  # both lookups have queries out
+            with trio.move_on_after(0.03):  # both lookups have queries out, and more to ask
                 await survey.lookup(b"\x11" * 20)
             assert survey._running == {}
             sent = len(endpoint.sent)
@@ -4332,6 +4336,9 @@ def test_dht_each_family_estimates_its_own_size():
     routers = [tsmd.DhtNode(b"", node.host, node.port) for node in v4[:2]]
     endpoint = RecordingEndpoint(v4 + v6, 0.05)
     endpoint.dual_stack = True
+    fresh = tsmd.DhtSurvey(endpoint, tsmd.NodeCache(), routers, dht_test_options(), True)
+    # Before any lookup: 16 million IPv4 nodes and a million IPv6 ones assumed.
+    assert fresh.families[True].implausibly_close == 16 * fresh.families[False].implausibly_close
     done, _ = paced_survey(endpoint, tsmd.NodeCache(), routers, 40, want_ipv6=True)
     sizes = {ipv6: 2 ** (160 - tsmd.DHT_CLOSE_ID_MARGIN_BITS) / family.implausibly_close
              for ipv6, family in done.families.items()}
@@ -4658,6 +4665,7 @@ class ScriptedView:
     bootstrap: list = dataclasses.field(default_factory=list)
     options: tsmd.DhtOptions = dataclasses.field(default_factory=lambda: dht_test_options(allow_private=False))
     implausibly_close: int = 1 << 64  # node_at(0) is suspect, node_at(1) is not
+    implausibly_close_elsewhere: int = 1 << 64  # the other family's line
     ipv6: bool = False
     dead: set = dataclasses.field(default_factory=set)
     distrusted: set = dataclasses.field(default_factory=set)
@@ -4997,21 +5005,28 @@ def test_dht_lookup_core_judges_named_ids_by_their_own_familys_size():
     """An IPv6 node names the IPv4 nodes closest to the target too (`want`): those are judged
     by the IPv4 DHT's size, in the IPv4 lookup, not taken for sybils it hands out."""
     view = ScriptedView(ipv6=True, implausibly_close=1 << 110,  # a small DHT: a loose line
+                        implausibly_close_elsewhere=1 << 104,  # the IPv4 DHT's, tighter
                         cached=[node_at(1 << 12, "2a00:1450:1::1")])
     lookup, counters = scripted_lookup(view)
     lookup.start()
     [query] = lookup.take_queries()
     close_v4 = [node_at(1 << 5, "20.0.0.1"), node_at(1 << 6, "21.0.0.1")]  # within its line
     lookup.replied(query, reply_of(query.candidate.node, nodes=close_v4 + [
-        node_at(1 << 11, "2a00:1450:2::1")], peers=[("2a00:1450:99::1", 1)]))
+        node_at(1 << 11, "2a00:1450:2::1"), node_at(1 << 10, "2a00:1450:5::1")],
+        peers=[("2a00:1450:99::1", 1)]))
     assert counters.suspect_introducers == 0 and not query.candidate.suspect
     assert lookup.result.peers == {("2a00:1450:99::1", 1)}
     assert lookup.take_foreign() == close_v4
-    # Two IPv6 ids within the line: a node that hands out sybils.
-    [query] = lookup.take_queries()
-    lookup.replied(query, reply_of(query.candidate.node, nodes=[
-        node_at(1 << 3, "2a00:1450:3::1"), node_at(1 << 4, "2a00:1450:4::1")]))
-    assert counters.suspect_introducers == 1 and query.candidate.suspect
+    # Two IPv6 ids within the line: a node that hands out sybils. Two IPv4 ids within the
+    # IPv4 line: that too.
+    queries = lookup.take_queries()
+    assert len(queries) == 2
+    for query, sybils in zip(queries, (
+            [node_at(1 << 3, "2a00:1450:3::1"), node_at(1 << 4, "2a00:1450:4::1")],
+            [node_at(1, "22.0.0.1"), node_at(2, "23.0.0.1")])):
+        lookup.replied(query, reply_of(query.candidate.node, nodes=sybils))
+        assert query.candidate.suspect
+    assert counters.suspect_introducers == 2
 
 
 def test_dht_lookup_core_edge_events():

@@ -3918,6 +3918,10 @@ class LookupView(Protocol):
     bootstrap: list[DhtNode]  # its routers, of unknown id
     implausibly_close: int  # ids closer than this to a target are suspect
 
+    @property
+    def implausibly_close_elsewhere(self) -> int:
+        """The same line for the ids of the other family."""
+
     def usable(self, host: str, port: int) -> bool:
         """Whether a query may go to this address at all."""
 
@@ -4319,10 +4323,11 @@ class Lookup:
         if len(reply.peers) > DHT_MAX_VALUES_PER_REPLY:
             counters.values_over_cap += 1
             candidate.suspect = True
-        # (Of its own family only: the other's ids are judged by that family's size.)
-        close, target, ipv6 = self.view.implausibly_close, self.target, self.ipv6
-        if len({node.node_id for node in reply.nodes if (":" in node.host) == ipv6
-                and _id_int(node.node_id) ^ target < close}) >= 2:
+        # (Each id by the line of its own family's DHT, whose size sets it.)
+        view, target, ipv6 = self.view, self.target, self.ipv6
+        lines = {ipv6: view.implausibly_close, not ipv6: view.implausibly_close_elsewhere}
+        if len({node.node_id for node in reply.nodes
+                if _id_int(node.node_id) ^ target < lines[":" in node.host]}) >= 2:
             counters.suspect_introducers += 1
             candidate.suspect = True
 
@@ -4381,6 +4386,14 @@ class DhtFamily:
         # from the network size the finished lookups tell (observe_size).
         self.implausibly_close = 1 << (160 - self.assumed_size_bits - DHT_CLOSE_ID_MARGIN_BITS)
         self._size_bits: deque[float] = deque(maxlen=DHT_SIZE_SAMPLES)
+
+    @property
+    def implausibly_close_elsewhere(self) -> int:
+        other = self.survey.families.get(not self.ipv6)
+        # (Not surveyed: its ids are never asked, and are judged by the tighter line.)
+        return (other.implausibly_close if other is not None else
+                min(self.implausibly_close, 1 << (160 - DHT_ASSUMED_SIZE_BITS
+                                                  - DHT_CLOSE_ID_MARGIN_BITS)))
 
     def usable(self, host: str, port: int) -> bool:
         return self.survey.usable(host, port)
@@ -4485,7 +4498,8 @@ class DhtSurvey:
         self._outbox: deque[LookupQuery] = deque()
         self._pacer_wake: trio.Event | None = None
         self._pacer_deadline = math.inf
-        self._room: trio.Event | None = None  # set when the outbox has room (_room_in_the_rate)
+        # Lookups waiting for room in the rate (_room_in_the_rate), woken one at a time.
+        self._waiting_for_room = trio.lowlevel.ParkingLot()
 
     @classmethod
     def open(cls, bind: str, cache: NodeCache, bootstrap: Sequence[DhtNode],
@@ -4563,6 +4577,7 @@ class DhtSurvey:
                     for lookup in starting:
                         lookup.start()
                         self._step(lookup)
+                    self._pass_room_on()
                     await running.done.wait()
                 finally:
                     for lookup in running.lookups.values():
@@ -4580,13 +4595,22 @@ class DhtSurvey:
         behind the others'. (Lookups that wait out silent nodes send little: however many
         that takes, the queue keeps the rate busy, where a count of lookups fixed by the round
         trips would leave it idle.)"""
-        while self.limited and len(self._outbox) >= self._outbox_room():
-            if self._room is None:
-                self._room = trio.Event()
-            await self._room.wait()
+        try:
+            while self.limited and len(self._outbox) >= self._outbox_room():
+                await self._waiting_for_room.park()
+        except BaseException:  # cancelled: the room it was woken for goes to the next one
+            self._pass_room_on()
+            raise
 
     def _outbox_room(self) -> float:
         return max(DHT_ALPHA, self.options.rate * self.round_trips.stall_after)
+
+    def _pass_room_on(self) -> None:
+        """Wake one lookup waiting for room, if there is room: it starts (its queries join the
+        outbox) and passes it on in turn. One at a time: woken together, all but one would
+        only wait again (a million wakes for 2,000 lookups with concurrency 2,000)."""
+        if self._waiting_for_room and len(self._outbox) < self._outbox_room():
+            self._waiting_for_room.unpark()
 
     def _enlist(self, running: _Running, family: DhtFamily) -> Lookup:
         """A target's lookup on `family`, to be started."""
@@ -4849,9 +4873,7 @@ class DhtSurvey:
             # The lookups hear of it after the pass: what they decide joins the outbox's end.
             for query in given_up:
                 self._fail(query)
-            if self._room is not None and len(outbox) < self._outbox_room():
-                self._room.set()
-                self._room = None
+            self._pass_room_on()
             if socket_full:
                 await self.endpoint.wait_writable()
                 continue
