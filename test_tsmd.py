@@ -5142,9 +5142,9 @@ class FakeDhtNetwork:
     answer every query with 8 random nodes, not the closest ones they know.
 
     `sybils` > 0 adds that many sybil nodes after the `count` others, on two addresses of
-    127.66.6.0/24 (on loopback, each node counts as its own subnet) and in no routing table. Asked about a target, sybil s claims the id one bit (bit s) away from
-    it, names the other sybils the same way, and answers the same 20 made-up peers and
-    saturated BEP 33 filters. A router whose behaviour is "sybil-router" hands them all out; a
+    127.66.6.0/24 (on loopback, each node counts as its own subnet) and in no routing table.
+    Asked about a target, sybil s claims the id one bit (bit s) away from it, names the other
+    sybils the same way, and answers the same 20 made-up peers and saturated BEP 33 filters. A router whose behaviour is "sybil-router" hands them all out; a
     "sybil-gateway" node answers as an honest one would, but with one sybil (a new one each
     time) in place of its eighth node."""
 
@@ -5487,7 +5487,8 @@ def test_dht_sybils_and_liars_bend_no_count(style):
     distrusted = {host for host, _ in cache.distrusted}
     assert {network.addresses[n] for n in (11, 23)} <= distrusted
     # The network's size, as the lookups saw it (150 nodes), set what is implausibly close.
-    seen_size = 2 ** (160 - tsmd.DHT_CLOSE_ID_MARGIN_BITS) / runs[1][1].families[False].implausibly_close
+    seen_size = (2 ** (160 - tsmd.DHT_CLOSE_ID_MARGIN_BITS)
+                 / runs[1][1].families[False].implausibly_close)
     assert 75 <= seen_size <= 300, seen_size
 
 

@@ -4454,11 +4454,11 @@ class DhtSurvey:
     Each lookup is a `Lookup`, stepped by the survey's events. A target is looked up on the
     IPv4 DHT and, where the host reaches IPv6, on the IPv6 one (BEP 32), each lookup on its
     own `DhtFamily`; the other family's lookup starts when the first one meets a node of it,
-    if it had none to start from. Three tasks that `serve` runs
-    make them: the endpoint's receive loop hands each reply to its query, a timer stalls and
-    expires queries in the order they were sent (every query has the same timeouts), and a
-    pacer sends what the rate limits or a full socket buffer held back. After each event,
-    `_step` carries out what the lookup decided: a query no limit holds back leaves at once.
+    if it had none to start from. Three tasks that `serve` runs make them: the endpoint's
+    receive loop hands each reply to its query, a timer stalls and expires queries in the
+    order they were sent (every query has the same timeouts), and a pacer sends what the rate
+    limits or a full socket buffer held back. After each event, `_step` carries out what the
+    lookup decided: a query no limit holds back leaves at once.
     """
 
     def __init__(self, endpoint: UdpEndpoint, cache: NodeCache, bootstrap: Sequence[DhtNode],
@@ -4623,9 +4623,8 @@ class DhtSurvey:
         # Until K nodes are cached, lookups also ask the bootstrap routers, each once: no more
         # lookups than a router may be sent packets at once (its per-address burst).
         cached, routers_allow = len(self.cache), max(1, self.options.per_ip_burst)
-        allowed = (routers_allow if cached < DHT_K else
+        return min(self.options.concurrency, routers_allow if cached < DHT_K else
                    max(routers_allow, DHT_LOOKUPS_PER_NODE * cached))
-        return min(self.options.concurrency, allowed)
 
     def _resize_lookup_slots(self) -> None:
         allowed = self._lookups_allowed()
@@ -4662,9 +4661,9 @@ class DhtSurvey:
 
     def _introduce(self, running: _Running, ipv6: bool, nodes: list[DhtNode]) -> None:
         """Nodes of one family that a reply in the other's lookup named: to the target's
-        lookup on that family, started with them if it had nothing to start from. (Their own
-        replies name nodes of both families: the step this takes never comes back here with
-        nodes for the lookup that named them.)"""
+        lookup on that family, started with them if it had nothing to start from. (Only
+        replies name nodes of the other family, never a start or an introduction: the step
+        this takes never comes back here.)"""
         family = self.families.get(ipv6)
         if family is None:
             return  # not surveyed: the host has no route there
