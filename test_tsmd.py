@@ -6158,6 +6158,277 @@ def test_dht_finds_the_peers_of_both_families_on_real_libtorrent_nodes(tmp_path,
 
 
 
+# ---- Peer probe (BEP 3, BEP 6, BEP 10) ----
+
+
+PROBE_INFOHASH = hashlib.sha1(b"probe target").digest()
+
+
+def probe_test_options(**overrides) -> tsmd.ProbeOptions:
+    options = dict(connect_timeout=2.0, answer_timeout=3.0, have_window=0.3, concurrency=20,
+                   peers_per_torrent=50, rate=0, allow_private=True)
+    options.update(overrides)
+    return tsmd.ProbeOptions(**options)
+
+
+def peer_message(kind: int, payload: bytes = b"") -> bytes:
+    return (1 + len(payload)).to_bytes(4, "big") + bytes([kind]) + payload
+
+
+def test_peer_wire_codecs():
+    handshake = tsmd.encode_peer_handshake(PROBE_INFOHASH, b"-XX0001-123456789012")
+    assert len(handshake) == tsmd.PEER_HANDSHAKE_LENGTH and handshake[25] & 0x10 \
+        and handshake[27] & 0x04  # the BEP 10 and BEP 6 bits
+    assert tsmd.decode_peer_handshake_untrusted(handshake, PROBE_INFOHASH) == \
+        b"-XX0001-123456789012"
+    with pytest.raises(tsmd.ProtocolError, match="another torrent"):
+        tsmd.decode_peer_handshake_untrusted(handshake, b"\x01" * 20)
+    for bad in (b"", b"\x13BitTorrent protocoX" + bytes(48), handshake[:-1]):
+        with pytest.raises(tsmd.ProtocolError, match="not a BitTorrent handshake"):
+            tsmd.decode_peer_handshake_untrusted(bad, PROBE_INFOHASH)
+    # Messages: whole ones are taken out, a keep-alive skipped, a partial one left.
+    buffer = bytearray(bytes(4) + peer_message(5, b"\xff") + peer_message(4, bytes(4))[:6])
+    assert tsmd.split_peer_messages_untrusted(buffer) == [(5, b"\xff")] and len(buffer) == 6
+    with pytest.raises(tsmd.ProtocolError, match="message of 4,294,967,295 bytes"):
+        tsmd.split_peer_messages_untrusted(bytearray(b"\xff\xff\xff\xff\x05"))
+    # A bitfield: piece 0 is the first byte's high bit; its length and spare bits checked.
+    holdings = tsmd.PeerHoldings(10)
+    holdings.take_untrusted(5, bytes([0b10000000, 0b01000000]))
+    assert holdings.pieces == 1 | 1 << 9 and holdings.answered and not holdings.complete
+    holdings.take_untrusted(4, (3).to_bytes(4, "big"))  # have
+    assert holdings.pieces == 1 | 1 << 3 | 1 << 9
+    for kind, payload, error in ((5, b"\xff", "bitfield of 1 bytes for 10 pieces"),
+                                 (5, b"\xff\xc1", "spare bits"),
+                                 (4, (10).to_bytes(4, "big"), "have of piece 10 of 10"),
+                                 (4, b"\0\0\0", "have of 3 bytes")):
+        with pytest.raises(tsmd.ProtocolError, match=error):
+            tsmd.PeerHoldings(10).take_untrusted(kind, payload)
+    full = tsmd.PeerHoldings(10)
+    full.take_untrusted(5, b"\xff\xc0")
+    assert full.complete and full.holds() == (1 << 10) - 1
+    seed = tsmd.PeerHoldings(None)  # no piece count: only have_all shows a seed
+    seed.take_untrusted(14, b"")
+    assert seed.complete
+    unknown = tsmd.PeerHoldings(None)
+    unknown.take_untrusted(5, b"\xff\xff")
+    assert unknown.answered and not unknown.complete
+    with pytest.raises(tsmd.ProtocolError, match="have of piece"):  # no 512 MB int
+        unknown.take_untrusted(4, b"\xff\xff\xff\xff")
+    nothing = tsmd.PeerHoldings(10)
+    nothing.take_untrusted(15, b"")
+    nothing.take_untrusted(1, b"")  # unchoke: nothing about pieces
+    assert nothing.answered and nothing.pieces == 0 and not nothing.complete
+
+
+@given(st.integers(1, 90), st.lists(st.one_of(st.none(), st.integers(0)), max_size=7))
+@hsettings(max_examples=300, deadline=None)
+def test_distributed_copies_is_the_rarest_piece_plus_the_fraction_above(count, peers):
+    holdings = []
+    for bits in peers:
+        holding = tsmd.PeerHoldings(count)
+        if bits is None:
+            holding.have_all = True
+        else:
+            holding.pieces = bits & ((1 << count) - 1)
+        holdings.append(holding)
+    per_piece = [sum(holding.holds() >> piece & 1 for holding in holdings)
+                 for piece in range(count)]
+    rarest = min(per_piece)
+    expected = rarest + sum(n > rarest for n in per_piece) / count
+    assert tsmd.distributed_copies(holdings, count) == pytest.approx(expected)
+
+
+def test_metainfo_piece_count(tmp_path):
+    v1 = lt_torrent(tmp_path / "a", "v1", [40_000, 1_000], lt.create_torrent.v1_only)
+    hybrid = lt_torrent(tmp_path / "b", "hybrid", [40_000, 1_000], 0)
+    v2 = lt_torrent(tmp_path / "c", "v2", [40_000, 1_000], lt.create_torrent.v2_only)
+    for data in (v1, hybrid):
+        assert tsmd.decode_metainfo_untrusted(data).piece_count == \
+            lt.torrent_info(data).num_pieces()
+    assert tsmd.decode_metainfo_untrusted(v2).piece_count is None
+    # `pieces` of a length that is not whole hashes: no count (libtorrent refuses it).
+    odd = b"d4:infod6:lengthi5e4:name1:x12:piece lengthi16384e6:pieces3:abcee"
+    assert tsmd.decode_metainfo_untrusted(odd).piece_count is None
+
+
+class FakePeers:
+    """TCP peers on 127.91.0.x, each with a behaviour: "seed" (have_all), "partial" (a bitfield
+    of the even pieces, then a `have` of piece 1), "garbage", "wrong torrent", "huge length"
+    (a 4 GiB length prefix), "bad bitfield" (the wrong length), "trickle" (a byte every 0.2 s),
+    "silent" (a handshake, then nothing), "hang up" (closes after the handshake). Each records
+    every byte the prober sent, by host."""
+
+    def __init__(self, behaviours: list[str], piece_count: int) -> None:
+        self.behaviours, self.piece_count = behaviours, piece_count
+        self.addresses: list[tuple[str, int]] = []
+        self.received: dict[str, bytearray] = {}
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for n, behaviour in enumerate(self.behaviours):
+                host = f"127.91.0.{n + 1}"
+                listeners = await trio.open_tcp_listeners(0, host=host)
+                self.addresses.append((host, listeners[0].socket.getsockname()[1]))
+                nursery.start_soon(trio.serve_listeners,
+                                   functools.partial(self._peer, behaviour, host), listeners)
+            task_status.started()
+
+    async def _peer(self, behaviour: str, host: str, stream) -> None:
+        received = self.received.setdefault(host, bytearray())
+        async with stream:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._answer(behaviour, stream, received)
+
+    async def _answer(self, behaviour: str, stream, received: bytearray) -> None:
+        while len(received) < tsmd.PEER_HANDSHAKE_LENGTH:
+            data = await stream.receive_some(1000)
+            if not data:
+                return
+            received += data
+        infohash = b"\x09" * 20 if behaviour == "wrong torrent" else PROBE_INFOHASH
+        if behaviour == "garbage":
+            await stream.send_all(b"HTTP/1.1 400 Bad Request\r\n" + bytes(60))
+            return
+        handshake = tsmd.encode_peer_handshake(infohash, b"-FK0001-000000000000")
+        bitfield_bytes = (self.piece_count + 7) // 8
+        if behaviour == "trickle":
+            for byte in handshake + peer_message(14):
+                await stream.send_all(bytes([byte]))
+                await trio.sleep(0.2)
+            return
+        await stream.send_all(handshake)
+        if behaviour == "seed":
+            await stream.send_all(peer_message(20, b"d1:md11:ut_metadatai1eee")
+                                  + peer_message(14))
+        elif behaviour == "partial":
+            evens = sum(1 << (7 - i % 8) << 8 * (bitfield_bytes - 1 - i // 8)
+                        for i in range(0, self.piece_count, 2))
+            await stream.send_all(peer_message(5, evens.to_bytes(bitfield_bytes, "big"))
+                                  + peer_message(1) + peer_message(4, (1).to_bytes(4, "big")))
+        elif behaviour == "huge length":
+            await stream.send_all(b"\xff\xff\xff\xff\x05" + bytes(100))
+        elif behaviour == "bad bitfield":
+            await stream.send_all(peer_message(5, b"\xff" * (bitfield_bytes + 3)))
+        elif behaviour == "hang up":
+            return
+        # Then whatever the prober sends, until it hangs up.
+        while data := await stream.receive_some(1000):
+            received += data
+
+
+def test_probe_reads_what_peers_hold_and_survives_hostile_ones():
+    """Seeds, a partial peer, and peers that lie or break the protocol: each is a counted
+    outcome of its own, and the prober never sends more than its handshake."""
+    behaviours = ["seed", "seed", "partial", "garbage", "wrong torrent", "huge length",
+                  "bad bitfield", "trickle", "silent", "hang up"]
+    peers = FakePeers(behaviours, 12)
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(peers.serve)
+            closed = await trio.open_tcp_listeners(0, host="127.91.1.1")
+            refusing = ("127.91.1.1", closed[0].socket.getsockname()[1])
+            await closed[0].aclose()  # nothing listens there: refused
+            prober = tsmd.PeerProber(probe_test_options(answer_timeout=1.5))
+            addresses = peers.addresses + [refusing, ("0.0.0.0", 6881)]
+            swarm = await prober.probe(PROBE_INFOHASH, addresses, 12)
+            again = await prober.probe(PROBE_INFOHASH, addresses, 12)
+            nursery.cancel_scope.cancel()
+        return swarm, again
+
+    swarm, again = run(scenario, timeout=30)
+    outcome = {behaviours[peers.addresses.index((p.host, p.port))]: p
+               for p in swarm.peers if (p.host, p.port) in peers.addresses}
+    O = tsmd.ProbeOutcome
+    assert {name: probe.outcome for name, probe in outcome.items()} == {
+        "seed": O.TOLD, "partial": O.TOLD, "garbage": O.MALFORMED,
+        "wrong torrent": O.WRONG_TORRENT, "huge length": O.MALFORMED,
+        "bad bitfield": O.MALFORMED, "trickle": O.SILENT, "silent": O.SILENT,
+        "hang up": O.CLOSED}
+    assert outcome["partial"].holdings.pieces == sum(1 << i for i in range(0, 12, 2)) | 1 << 1
+    assert (swarm.tried, swarm.reachable, swarm.answering, swarm.verified_seeds) == \
+        (11, 10, 3, 2)
+    assert swarm.outcomes[O.REFUSED] == 1 and swarm.outcomes[O.NOT_ASKED] == 1
+    # Two seeds: every piece twice; the partial peer adds the even pieces and piece 1.
+    assert swarm.availability == pytest.approx(2 + 7 / 12)
+    # Read only: every peer got our handshake and nothing after it.
+    assert len(peers.received) == len(behaviours)
+    for received in peers.received.values():
+        assert bytes(received[:20]) == tsmd.PEER_PROTOCOL
+        assert len(received) == tsmd.PEER_HANDSHAKE_LENGTH
+    # A peer is never asked twice in one run.
+    assert again.tried == 0 and again.peers == []
+
+
+def libtorrent_swarm(tmp_path: Path, network: LibtorrentDht, seeds: list[int],
+                     partial: dict[int, set[int]], pieces: int = 40):
+    """A .torrent of `pieces` pieces of 16 KiB, seeded by the sessions of `network` numbered
+    in `seeds` and held in part (the pieces given, in upload mode: never downloading) by
+    those in `partial`. Its data, the .torrent, and each session's handle."""
+    data = os.urandom(16384 * pieces - 1000)
+    (tmp_path / "made").mkdir()
+    (tmp_path / "made" / "book.bin").write_bytes(data)
+    storage = lt.file_storage()
+    lt.add_files(storage, str(tmp_path / "made" / "book.bin"))
+    creator = lt.create_torrent(storage, 16384, flags=lt.create_torrent.v1_only)
+    lt.set_piece_hashes(creator, str(tmp_path / "made"))
+    torrent = lt.bencode(creator.generate())
+    handles = {}
+    for n in seeds + list(partial):
+        folder = tmp_path / f"peer{n}"
+        folder.mkdir()
+        held = bytearray(len(data))
+        for piece in (range(pieces) if n in seeds else partial[n]):
+            held[piece * 16384:(piece + 1) * 16384] = data[piece * 16384:(piece + 1) * 16384]
+        (folder / "book.bin").write_bytes(bytes(held[:len(data)]))
+        params = lt.add_torrent_params()
+        params.ti, params.save_path = lt.torrent_info(torrent), str(folder)
+        if n not in seeds:
+            params.flags |= lt.torrent_flags.upload_mode
+        handles[n] = network.sessions[n].add_torrent(params)
+    deadline = time.monotonic() + 30
+    while any(handle.status().state in (lt.torrent_status.checking_files,
+                                        lt.torrent_status.checking_resume_data)
+              or not handle.status().has_metadata for handle in handles.values()):
+        assert time.monotonic() < deadline, "libtorrent did not check its files"
+        time.sleep(0.05)
+    return torrent, handles
+
+
+def test_probe_against_real_libtorrent_seeds_and_partial_peers(tmp_path):
+    """libtorrent sessions seeding and holding part of a torrent: tsmd's verified seeds and
+    availability equal what libtorrent says each session holds, found through the DHT by
+    `tsmd check` of the .torrent."""
+    network = LibtorrentDht(10, second_octet=97)
+    try:
+        rng = random.Random(7)
+        partial = {n: set(rng.sample(range(40), 14)) for n in (3, 4, 5, 6)}
+        torrent, handles = libtorrent_swarm(tmp_path, network, [1, 2], partial)
+        infohash = bytes.fromhex(str(lt.torrent_info(torrent).info_hashes().v1))
+        # Each announces its own listening port (one port for the DHT and the peer wire).
+        network.announce({infohash: [(n, network.nodes[n][1], n in (1, 2)) for n in handles]})
+        (tmp_path / "book.torrent").write_bytes(torrent)
+        settings = make_settings(tmp_path, [], dht={"bind": "127.0.0.1:0", "rate": 0},
+                                 probe={"rate": 0})
+        meta = run(tsmd.load_check_target, str(tmp_path / "book.torrent"), settings)
+        result = run(tsmd.check_torrent, meta, settings, tsmd.Reporter(-1), trackers=[],
+                     bootstrap=network.bootstrap, cache=tsmd.NodeCache(), use_dht=True,
+                     use_probe=True, timeout=60)
+        held = {n: handle.status(lt.status_flags_t.query_pieces).pieces
+                for n, handle in handles.items()}
+    finally:
+        network.stop()
+    assert [sum(held[n]) for n in (1, 2)] == [40, 40]
+    assert all(sum(held[n]) == 14 for n in partial)
+    per_piece = [sum(held[n][piece] for n in held) for piece in range(40)]
+    rarest = min(per_piece)
+    assert (result.dht_peers, result.probe_tried, result.reachable_peers,
+            result.probe_answering) == (6, 6, 6, 6)
+    assert result.verified_seeds == 2
+    assert result.availability == pytest.approx(rarest + sum(n > rarest for n in per_piece) / 40)
+    assert result.as_dict()["availability"] == result.availability
+
+
 # ---- Hostile input and edge cases found in review ----
 
 

@@ -276,6 +276,7 @@ class Metainfo:
     has_metainfo: bool  # False for a magnet link or a bare infohash
     trackers_skipped: int = 0  # tracker URLs past MAX_ANNOUNCE_URLS, not even read
     web_seeds: tuple[WebSeed, ...] = ()
+    piece_count: int | None = None  # of a v1 or hybrid .torrent (what a peer's bitfield covers)
 
     @classmethod
     def bare(cls, infohash: str) -> Metainfo:
@@ -718,6 +719,7 @@ class _InfoDict:
     v2_files: _FileTotals | ProtocolError | None = None
     v1_files_at: int | None = None  # where `files` and `file tree` start, to read them again
     v2_files_at: int | None = None
+    pieces_bytes: int | None = None  # the length of v1 `pieces`: 20 bytes a piece
 
 
 _INFO_KEYS: Final = frozenset({b"name", b"name.utf-8", b"piece length", b"length",
@@ -745,6 +747,10 @@ def _info_dict_at(data: bytes, pos: int) -> tuple[_InfoDict, int]:
             info.v2_files, pos = _deferred(_v2_file_tree_at, data, pos)
         elif key in _INFO_KEYS:
             info.fields[key], pos = _decode_if_small_at(data, pos)
+        elif key == b"pieces":  # its hashes are never read, only how many there are
+            start, pos = pos, _skip_value_at(data, pos)
+            colon = data.find(b":", start, pos)
+            info.pieces_bytes = pos - colon - 1 if data[start:start + 1].isdigit() else None
         else:
             pos = _skip_value_at(data, pos)
 
@@ -942,6 +948,8 @@ def decode_metainfo_untrusted(data: bytes) -> Metainfo:
         has_metainfo=True,
         trackers_skipped=announce_list.skipped if announce_list is not None else 0,
         web_seeds=_collect_web_seeds((kind, _text(url) or "") for kind, url in top.web_seeds),
+        piece_count=(info.pieces_bytes // 20 if is_v1 and info.pieces_bytes
+                     and info.pieces_bytes % 20 == 0 else None),
     )
 
 
@@ -2233,6 +2241,139 @@ def decode_ws_scrape_untrusted(message: str | bytes) -> HttpScrapeReply:
     if action != "scrape":
         raise NotAScrapeReply(f"tracker message with action {_json_text(action)}, not 'scrape'")
     return _scrape_files_untrusted(reply.get("files"), _ws_scrape_key, _WS_COUNT_NAMES)
+
+
+# ---- Peer wire: what a peer holds (BEP 3, BEP 6, BEP 10) ----
+
+PEER_PROTOCOL: Final = b"\x13BitTorrent protocol"
+PEER_HANDSHAKE_LENGTH: Final = 68  # the protocol string, 8 reserved bytes, infohash, peer id
+# Reserved bits we set: BEP 10 extensions (byte 5, 0x10) and BEP 6 fast (byte 7, 0x04), so a
+# seed may answer have_all in one message instead of a bitfield.
+PEER_RESERVED: Final = bytes([0, 0, 0, 0, 0, 0x10, 0, 0x04])
+PEER_MAX_MESSAGE: Final = 1 << 20  # a bitfield of 8 M pieces; anything longer is refused
+
+
+class PeerMessage(enum.IntEnum):
+    HAVE = 4
+    BITFIELD = 5
+    HAVE_ALL = 14  # BEP 6
+    HAVE_NONE = 15
+
+
+def encode_peer_handshake(infohash: bytes, peer_id: bytes) -> bytes:
+    return PEER_PROTOCOL + PEER_RESERVED + infohash + peer_id
+
+
+def decode_peer_handshake_untrusted(data: bytes, infohash: bytes) -> bytes:
+    """The peer id of a handshake for `infohash`; ProtocolError for anything else."""
+    if len(data) != PEER_HANDSHAKE_LENGTH or not data.startswith(PEER_PROTOCOL):
+        raise ProtocolError("not a BitTorrent handshake")
+    if data[28:48] != infohash:
+        raise ProtocolError(f"handshake for another torrent ({data[28:48].hex()})")
+    return data[48:]
+
+
+@dataclass(slots=True)
+class PeerHoldings:
+    """The pieces one peer says it has: from its bitfield or have_all/have_none, and the
+    have messages after. `pieces` is its bitfield as an int, bit i for piece i (None until a
+    bitfield, have_all or have_none came)."""
+
+    piece_count: int | None  # None: unknown (no metainfo); only have_all then tells a seed
+    pieces: int | None = None
+    have_all: bool = False
+
+    def take_untrusted(self, kind: int, payload: bytes) -> None:
+        """One message; ProtocolError for one that breaks BEP 3 (a bitfield of the wrong
+        length or with spare bits set, a have past the last piece)."""
+        if kind == PeerMessage.HAVE_ALL:
+            self.have_all, self.pieces = True, None
+            return
+        if kind == PeerMessage.HAVE_NONE:
+            self.have_all, self.pieces = False, 0
+            return
+        if kind == PeerMessage.BITFIELD:
+            self.pieces = _bitfield_untrusted(payload, self.piece_count)
+            self.have_all = False
+            return
+        if kind == PeerMessage.HAVE:
+            if len(payload) != 4:
+                raise ProtocolError(f"have of {len(payload)} bytes")
+            index = int.from_bytes(payload, "big")
+            last = self.piece_count if self.piece_count is not None else PEER_MAX_MESSAGE * 8
+            if index >= last:
+                raise ProtocolError(f"have of piece {index:,} of {last:,}")
+            if not self.have_all:
+                self.pieces = (self.pieces or 0) | 1 << index
+        # Anything else (choke, unchoke, port, suggest, allowed fast, extended) tells nothing
+        # of what the peer holds.
+
+    @property
+    def answered(self) -> bool:
+        return self.have_all or self.pieces is not None
+
+    @property
+    def complete(self) -> bool:
+        """A verified seed: have_all, or every piece of a known count."""
+        if self.have_all:
+            return True
+        return (self.piece_count is not None and self.pieces is not None
+                and self.pieces == (1 << self.piece_count) - 1)
+
+    def holds(self) -> int:
+        """Its pieces as a bitfield int (every piece for have_all), the count known."""
+        assert self.piece_count is not None
+        return (1 << self.piece_count) - 1 if self.have_all else self.pieces or 0
+
+
+# Each byte with its bits in reverse order: BEP 3 puts piece 0 in the first byte's high bit.
+_BITS_REVERSED: Final = bytes(int(f"{byte:08b}"[::-1], 2) for byte in range(256))
+
+
+def _bitfield_untrusted(payload: bytes, piece_count: int | None) -> int:
+    """A BEP 3 bitfield as an int, bit i for piece i."""
+    if piece_count is not None and len(payload) != (piece_count + 7) // 8:
+        raise ProtocolError(f"bitfield of {len(payload):,} bytes for {piece_count:,} pieces")
+    value = int.from_bytes(payload.translate(_BITS_REVERSED), "little")
+    if piece_count is not None and value >> piece_count:
+        raise ProtocolError("bitfield with spare bits set")
+    return value
+
+
+def split_peer_messages_untrusted(buffer: bytearray) -> list[tuple[int, bytes]]:
+    """The whole messages at the start of `buffer` as (id, payload), taken out of it; a
+    keep-alive is skipped. ProtocolError for a length over PEER_MAX_MESSAGE."""
+    messages = []
+    while len(buffer) >= 4:
+        length = int.from_bytes(buffer[:4], "big")
+        if length > PEER_MAX_MESSAGE:
+            raise ProtocolError(f"message of {length:,} bytes")
+        if len(buffer) < 4 + length:
+            break
+        if length:
+            messages.append((buffer[4], bytes(buffer[5:4 + length])))
+        del buffer[:4 + length]
+    return messages
+
+
+def distributed_copies(holdings: Sequence[PeerHoldings], piece_count: int) -> float:
+    """Complete copies among `holdings`, as libtorrent's "distributed copies": how many peers
+    hold the rarest piece, plus the fraction of pieces held by more than that."""
+    if piece_count <= 0:
+        return 0.0
+    every = (1 << piece_count) - 1
+    # held_by[k]: the pieces that at least k of the peers hold (bit i for piece i), built a
+    # peer at a time: whole bitfields at once, not a count per piece.
+    held_by = [every]
+    for holding in holdings:
+        if holding.answered:
+            pieces = holding.holds()
+            held_by.append(held_by[-1] & pieces)
+            for k in range(len(held_by) - 2, 0, -1):
+                held_by[k] |= held_by[k - 1] & pieces
+    rarest = max(k for k, pieces in enumerate(held_by) if pieces == every)
+    above = held_by[rarest + 1].bit_count() if rarest + 1 < len(held_by) else 0
+    return rarest + above / piece_count
 
 
 # ---- Address policy ----
@@ -4930,6 +5071,166 @@ def host_has_ipv6_route() -> bool:
         return False
 
 
+# ---- Peer probe ----
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeOptions:
+    connect_timeout: float  # seconds for the TCP connection
+    answer_timeout: float  # seconds from then for the handshake and what the peer holds
+    have_window: float  # seconds more for `have` messages after a partial bitfield
+    concurrency: int  # connections open at once
+    peers_per_torrent: int  # peers tried at most for one torrent
+    rate: float  # new connections per second at most (0: no limit)
+    allow_private: bool
+
+
+class ProbeOutcome(enum.Enum):
+    TOLD = "told what it holds"
+    REFUSED = "refused"  # or reset, or unreachable
+    TIMEOUT = "no connection in time"
+    SILENT = "connected, then silent"  # or trickled: nothing whole within the answer timeout
+    CLOSED = "closed before telling what it holds"
+    WRONG_TORRENT = "handshake for another torrent"
+    MALFORMED = "broke the protocol"
+    NOT_ASKED = "not an address to connect to"
+
+
+@dataclass(slots=True)
+class PeerProbe:
+    host: str
+    port: int
+    outcome: ProbeOutcome
+    holdings: PeerHoldings | None = None
+    detail: str = ""
+
+
+async def probe_peer(host: str, port: int, infohash: bytes, piece_count: int | None,
+                     options: ProbeOptions, peer_id: bytes) -> PeerProbe:
+    """Ask one peer what it holds, read only: our handshake (with the BEP 6 and BEP 10 bits),
+    then its handshake, its bitfield or have_all/have_none, and the `have` messages within
+    `have_window`; then we hang up. Nothing else is ever sent: no `interested`, no request,
+    no piece, no bitfield of ours. Every failure is this peer's outcome, never an exception."""
+    if _bogus_destination(host, port, options.allow_private):
+        return PeerProbe(host, port, ProbeOutcome.NOT_ASKED)
+    try:
+        with trio.move_on_after(options.connect_timeout) as connecting:
+            stream = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        return PeerProbe(host, port, ProbeOutcome.REFUSED, detail=exc.strerror or str(exc))
+    if connecting.cancelled_caught:
+        return PeerProbe(host, port, ProbeOutcome.TIMEOUT)
+    probe = PeerProbe(host, port, ProbeOutcome.SILENT)
+    async with stream:
+        try:
+            with trio.move_on_after(options.answer_timeout):
+                await _read_holdings(stream, probe, infohash, piece_count, options, peer_id)
+        except ProtocolError as exc:
+            probe.outcome = (ProbeOutcome.WRONG_TORRENT if "another torrent" in str(exc)
+                             else ProbeOutcome.MALFORMED)
+            probe.detail = str(exc)
+        except (OSError, trio.BrokenResourceError) as exc:
+            probe.outcome, probe.detail = ProbeOutcome.CLOSED, str(exc)
+    if probe.outcome is ProbeOutcome.SILENT and probe.holdings is not None:
+        probe.outcome = ProbeOutcome.TOLD  # a bitfield, then no `have` in the window
+    return probe
+
+
+async def _read_holdings(stream: trio.SocketStream, probe: PeerProbe, infohash: bytes,
+                         piece_count: int | None, options: ProbeOptions,
+                         peer_id: bytes) -> None:
+    await stream.send_all(encode_peer_handshake(infohash, peer_id))
+    buffer = bytearray()
+    while len(buffer) < PEER_HANDSHAKE_LENGTH:
+        data = await stream.receive_some(1 << 16)
+        if not data:
+            probe.outcome = ProbeOutcome.CLOSED
+            return
+        buffer += data
+    decode_peer_handshake_untrusted(bytes(buffer[:PEER_HANDSHAKE_LENGTH]), infohash)
+    del buffer[:PEER_HANDSHAKE_LENGTH]
+    holdings = PeerHoldings(piece_count)
+    window_ends = math.inf
+    while True:
+        for kind, payload in split_peer_messages_untrusted(buffer):
+            holdings.take_untrusted(kind, payload)
+        if holdings.answered:
+            probe.holdings = holdings
+            if holdings.complete:
+                probe.outcome = ProbeOutcome.TOLD
+                return
+            window_ends = min(window_ends, trio.current_time() + options.have_window)
+        data = b""
+        with trio.move_on_at(window_ends):
+            data = await stream.receive_some(1 << 16)
+        if not data:  # the window is over, or the peer hung up
+            probe.outcome = ProbeOutcome.TOLD if holdings.answered else ProbeOutcome.CLOSED
+            return
+        buffer += data
+
+
+@dataclass(slots=True)
+class SwarmProbe:
+    """What the peers of one torrent said they hold."""
+
+    tried: int = 0  # connections attempted
+    reachable: int = 0  # connected
+    answering: int = 0  # told what they hold
+    verified_seeds: int = 0  # every piece (or have_all)
+    availability: float | None = None  # complete copies among them; None: piece count unknown
+    outcomes: Counter[ProbeOutcome] = field(default_factory=Counter)
+    peers: list[PeerProbe] = field(default_factory=list)
+
+
+class PeerProber:
+    """Probes swarms under one set of limits: connections at once, a rate of new ones, and
+    one connection per peer address in a run, the first only (a peer is never asked twice)."""
+
+    def __init__(self, options: ProbeOptions) -> None:
+        self.options = options
+        self.peer_id = b"-TS0001-" + os.urandom(6).hex().encode()
+        self._connections = trio.CapacityLimiter(max(1, options.concurrency))
+        self._rate = TokenBucket(options.rate, 1.0)
+        self._asked: set[tuple[str, int]] = set()
+
+    async def probe(self, infohash: bytes, peers: Iterable[tuple[str, int]],
+                    piece_count: int | None) -> SwarmProbe:
+        """Probe up to `peers_per_torrent` of `peers` (chosen at random: which ones a lookup
+        found first says nothing of what they hold)."""
+        fresh = sorted(set(peers) - self._asked)
+        random.Random(infohash).shuffle(fresh)
+        chosen = fresh[:self.options.peers_per_torrent]
+        self._asked.update(chosen)
+        swarm = SwarmProbe()
+
+        async def one(host: str, port: int) -> None:
+            async with self._connections:
+                while (wait := self._rate.due()) > 0:
+                    await trio.sleep(wait)
+                self._rate.take()
+                swarm.peers.append(await probe_peer(host, port, infohash, piece_count,
+                                                    self.options, self.peer_id))
+
+        async with trio.open_nursery() as nursery:
+            for host, port in chosen:
+                nursery.start_soon(one, host, port)
+        for peer in swarm.peers:
+            swarm.outcomes[peer.outcome] += 1
+            if peer.outcome is not ProbeOutcome.NOT_ASKED:
+                swarm.tried += 1
+            if peer.outcome not in (ProbeOutcome.NOT_ASKED, ProbeOutcome.REFUSED,
+                                    ProbeOutcome.TIMEOUT):
+                swarm.reachable += 1
+            if peer.holdings is not None:
+                swarm.answering += 1
+                swarm.verified_seeds += peer.holdings.complete
+        if piece_count is not None:
+            swarm.availability = distributed_copies(
+                [peer.holdings for peer in swarm.peers if peer.holdings is not None],
+                piece_count)
+        return swarm
+
+
 # ---- Tracker scrape ----
 
 
@@ -6458,6 +6759,16 @@ class DhtSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ProbeSettings:
+    connect_timeout: float = 5.0
+    answer_timeout: float = 10.0  # after connecting: the handshake and what the peer holds
+    have_window: float = 1.0  # for `have` messages after a partial bitfield
+    concurrency: int = 50  # connections open at once
+    peers_per_torrent: int = 30
+    rate: float = 20.0  # new connections per second; 0 lifts the limit
+
+
+@dataclass(frozen=True, slots=True)
 class ReportOutput:
     format: str  # any report format but table
     path: str  # written atomically; relative to the config file's folder
@@ -6512,6 +6823,7 @@ class Settings:
     sync: SyncSettings = SyncSettings()
     scrape: ScrapeSettings = ScrapeSettings()
     dht: DhtSettings = DhtSettings()
+    probe: ProbeSettings = ProbeSettings()
     report: ReportSettings = ReportSettings()
     retention: RetentionSettings = RetentionSettings()
     run: RunSettings = RunSettings()
@@ -6521,9 +6833,9 @@ class Settings:
 
 _DURATION_FIELDS: Final = {"timeout", "connect_timeout", "revalidate_after", "backoff",
                             "max_backoff", "stall_timeout", "query_timeout", "samples", "nodes",
-                            "outage_after"}
+                            "outage_after", "answer_timeout", "have_window"}
 _POSITIVE_DURATION_FIELDS: Final = {"timeout", "connect_timeout", "stall_timeout",
-                                     "query_timeout", "outage_after"}
+                                     "query_timeout", "outage_after", "answer_timeout"}
 _SIZE_FIELDS: Final = {"max_index_bytes", "max_torrent_bytes", "pick"}
 
 
@@ -6722,6 +7034,20 @@ max_queries = 64
 # Ask for BEP 33 bloom filters (seed and peer estimates).
 bep33 = true
 
+[probe]
+# `tsmd check` asks the peers it found what they hold, read only: a BitTorrent handshake, then
+# the peer's bitfield (or have_all), then we hang up. No piece is asked for or sent. A complete
+# bitfield is a verified seed; availability is the complete copies among them.
+# Seconds to connect, and then for the handshake and the bitfield.
+connect_timeout = "5s"
+answer_timeout = "10s"
+# After a partial bitfield, how long `have` messages are read.
+have_window = "1s"
+# Connections open at once, peers asked per torrent at most, new connections per second.
+concurrency = 50
+peers_per_torrent = 30
+rate = 20.0
+
 [report]
 # What `tsmd run` publishes after measuring: each file is written atomically (a web server never
 # serves half of one). Formats: json (the libgen-seedtools feed), html, ndjson, csv, prometheus,
@@ -6825,8 +7151,8 @@ def load_settings(config_path: Path | None, db_override: Path | None = None) -> 
 def settings_from_document(document: dict, config_path: Path) -> Settings:
     where = str(config_path)
     base = config_path.resolve().parent
-    sections = {"database", "network", "sync", "scrape", "dht", "report", "retention", "run",
-                "collections"}
+    sections = {"database", "network", "sync", "scrape", "dht", "probe", "report", "retention",
+                "run", "collections"}
     for key in document:
         if key not in sections:
             raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(sections))})")
@@ -6834,7 +7160,7 @@ def settings_from_document(document: dict, config_path: Path) -> Settings:
     if not isinstance(database, str) or not database:
         raise ConfigError(f"{where}: database: expected a file name string, got {database!r}")
     tables = {}
-    for section in ("network", "sync", "scrape", "dht", "report", "retention", "run"):
+    for section in ("network", "sync", "scrape", "dht", "probe", "report", "retention", "run"):
         table = document.get(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{section}] must be a table")
@@ -6865,6 +7191,12 @@ def settings_from_document(document: dict, config_path: Path) -> Settings:
         raise ConfigError(f"{where}: [scrape].bind: {exc}") from None
     dht = _settings_from_table(DhtSettings, tables["dht"], f"{where}: [dht]")
     check_dht_settings(dht, f"{where}: [dht]")
+    probe = _settings_from_table(ProbeSettings, tables["probe"], f"{where}: [probe]")
+    for name in ("concurrency", "peers_per_torrent"):
+        if getattr(probe, name) < 1:
+            raise ConfigError(f"{where}: [probe].{name}: expected at least 1")
+    if probe.rate < 0:
+        raise ConfigError(f"{where}: [probe].rate: expected 0 (unlimited) or more")
     report = _report_settings(tables["report"], base, f"{where}: [report]")
     retention = _settings_from_table(RetentionSettings, tables["retention"],
                                      f"{where}: [retention]")
@@ -6897,7 +7229,7 @@ def settings_from_document(document: dict, config_path: Path) -> Settings:
         collections.append(dataclasses.replace(collection, url=url))
     return Settings(
         database=(base / Path(database).expanduser()).resolve(), network=network, sync=sync,
-        scrape=scrape, dht=dht, report=report, retention=retention, run=run,
+        scrape=scrape, dht=dht, probe=probe, report=report, retention=retention, run=run,
         collections=tuple(collections), config_path=config_path)
 
 
@@ -7855,6 +8187,15 @@ async def _dht_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChannel
             _write_dht_samples(db, rows)
 
 
+def probe_options(settings: Settings) -> ProbeOptions:
+    probe = settings.probe
+    return ProbeOptions(connect_timeout=probe.connect_timeout,
+                        answer_timeout=probe.answer_timeout, have_window=probe.have_window,
+                        concurrency=probe.concurrency,
+                        peers_per_torrent=probe.peers_per_torrent, rate=probe.rate,
+                        allow_private=settings.network.allow_private)
+
+
 def dht_options(settings: Settings, concurrency: int | None = None,
                 rate: float | None = None) -> DhtOptions:
     dht = settings.dht
@@ -8387,6 +8728,13 @@ class CheckResult:
     dht_seeds_estimate: float | None = None
     dht_peers_estimate: float | None = None
     dht_error: str | None = None
+    # The DHT's peers asked what they hold (PeerProber); -1: not probed.
+    probe_tried: int = -1
+    reachable_peers: int = -1
+    probe_answering: int = -1
+    verified_seeds: int = -1
+    availability: float | None = None  # complete copies; None: not probed, or no piece count
+    probe_outcomes: dict[str, int] = field(default_factory=dict)
 
     @property
     def trusted_trackers(self) -> list[TrackerCheck]:
@@ -8409,16 +8757,20 @@ class CheckResult:
                 "dht_peers": self.dht_peers, "dht_nodes_answered": self.dht_nodes_answered,
                 "dht_seeds_estimate": self.dht_seeds_estimate,
                 "dht_peers_estimate": self.dht_peers_estimate, "dht_error": self.dht_error,
+                "probe_tried": self.probe_tried, "reachable_peers": self.reachable_peers,
+                "probe_answering": self.probe_answering, "verified_seeds": self.verified_seeds,
+                "availability": self.availability, "probe_outcomes": self.probe_outcomes,
                 "trackers": [dataclasses.asdict(t) for t in self.trackers]}
 
 
 async def check_torrent(meta: Metainfo, settings: Settings, reporter: Reporter, *,
                         trackers: Sequence[str], bootstrap: Sequence[str] | None,
-                        cache: NodeCache, use_dht: bool,
+                        cache: NodeCache, use_dht: bool, use_probe: bool = False,
                         excluded: Iterable[str] = (),
                         full_scrape: Iterable[str] = ()) -> CheckResult:
     """Measure one torrent now: every tracker in `trackers` but the `excluded` ones, and a DHT
-    lookup, side by side; asked as a scrape run asks them (canaries, full scrapes)."""
+    lookup, side by side; asked as a scrape run asks them (canaries, full scrapes). With
+    `use_probe`, the peers the lookup found are asked what they hold."""
     excluded, trusted = frozenset(excluded), _normalised(settings.scrape.trusted)
     # Asked for their full scrape: those configured so, and those runs learnt serve only that.
     # Never on a hunch: one hash unknown to a tracker is no sign (a dead torrent is just that).
@@ -8468,6 +8820,14 @@ async def check_torrent(meta: Metainfo, settings: Settings, reporter: Reporter, 
             result.dht_seeds_estimate, result.dht_peers_estimate = found.bep33_estimates()
         else:
             result.dht_error = "no DHT node answered"
+        if use_probe:
+            swarm = await PeerProber(probe_options(settings)).probe(
+                infohash, found.peers, meta.piece_count)
+            result.probe_tried, result.reachable_peers = swarm.tried, swarm.reachable
+            result.probe_answering, result.verified_seeds = swarm.answering, swarm.verified_seeds
+            result.availability = swarm.availability
+            result.probe_outcomes = {outcome.value: count
+                                     for outcome, count in swarm.outcomes.items()}
 
     tracker_endpoint = UdpEndpoint.open(settings.scrape.bind, udp_tracker_packet_untrusted)
     fetcher = make_fetcher(settings)
@@ -10759,6 +11119,18 @@ def render_check(result: CheckResult, console: Console) -> None:
             f"{result.dht_peers} peers from {result.dht_nodes_answered} nodes; BEP 33 estimates")
         table.add_row("DHT", number(result.dht_seeds_estimate),
                       number(result.dht_peers_estimate), unknown, note)
+    if result.probe_tried >= 0:
+        if result.availability is not None:
+            copies = f"; availability {result.availability:.2f} copies"
+        elif result.probe_answering > 0:
+            copies = "; no piece count (not a .torrent): only have_all shows a seed"
+        else:
+            copies = ""
+        note = (f"{result.probe_answering} of {result.probe_tried} peers told what they hold"
+                f"{copies}")
+        table.add_row("peers, asked", number(result.verified_seeds),
+                      number(result.probe_answering - result.verified_seeds
+                             if result.probe_answering >= 0 else -1), unknown, note)
     console.print(table)
 
 
@@ -10776,6 +11148,8 @@ def check(
         "--bootstrap", metavar="HOST:PORT", help="HOST:PORT of a bootstrap node (repeatable; replaces [dht].bootstrap)."
     )] = None,
     dht: Annotated[bool, typer.Option(help="Look the torrent up in the DHT.")] = True,
+    probe: Annotated[bool, typer.Option(
+        help="Ask the peers the DHT found what they hold (TCP, read only).")] = True,
 ) -> None:
     """Measure one torrent now, from its trackers and the DHT; no collection needed.
 
@@ -10807,7 +11181,7 @@ def check(
                        NodeCache()) if dht else NodeCache()
     result, interrupted = run_interruptible(
         check_torrent, meta, settings, reporter, trackers=urls, bootstrap=bootstrap,
-        cache=cache, use_dht=dht,
+        cache=cache, use_dht=dht, use_probe=dht and probe,
         # A tracker named with --tracker is asked, excluded or not, as `tsmd scrape` does.
         excluded=() if asked else _normalised(settings.scrape.exclude),
         full_scrape=_read_only(settings.database, lambda db: {url for (url,) in db.execute(
