@@ -6194,9 +6194,10 @@ def test_peer_wire_codecs():
     # A bitfield: piece 0 is the first byte's high bit; its length and spare bits checked.
     holdings = tsmd.PeerHoldings(10)
     holdings.take_untrusted(5, bytes([0b10000000, 0b01000000]))
-    assert holdings.pieces == 1 | 1 << 9 and holdings.answered and not holdings.complete
+    assert holdings.holds() == 1 | 1 << 9 and holdings.answered and not holdings.complete
     holdings.take_untrusted(4, (3).to_bytes(4, "big"))  # have
-    assert holdings.pieces == 1 | 1 << 3 | 1 << 9
+    holdings.take_untrusted(4, (3).to_bytes(4, "big"))  # the same again: counted once
+    assert holdings.holds() == 1 | 1 << 3 | 1 << 9 and holdings.held == 3
     for kind, payload, error in ((5, b"\xff", "bitfield of 1 bytes for 10 pieces"),
                                  (5, b"\xff\xc1", "spare bits"),
                                  (4, (10).to_bytes(4, "big"), "have of piece 10 of 10"),
@@ -6217,7 +6218,18 @@ def test_peer_wire_codecs():
     nothing = tsmd.PeerHoldings(10)
     nothing.take_untrusted(15, b"")
     nothing.take_untrusted(1, b"")  # unchoke: nothing about pieces
-    assert nothing.answered and nothing.pieces == 0 and not nothing.complete
+    assert nothing.answered and nothing.holds() == 0 and not nothing.complete
+    # Haves with no bitfield before (BEP 3 lets a peer with nothing send none), up to all.
+    gathering = tsmd.PeerHoldings(3)
+    for index in (2, 0, 1):
+        assert not gathering.complete
+        gathering.take_untrusted(4, index.to_bytes(4, "big"))
+    assert gathering.answered and gathering.complete and gathering.holds() == 0b111
+    # With no piece count, a flood of haves sets bits in place, in at most a 1 MiB field.
+    flood = tsmd.PeerHoldings(None)
+    for index in range(tsmd.PEER_MAX_MESSAGE * 8 - 1000, tsmd.PEER_MAX_MESSAGE * 8):
+        flood.take_untrusted(4, index.to_bytes(4, "big"))
+    assert len(flood.field) == tsmd.PEER_MAX_MESSAGE and flood.held == 1000
 
 
 @given(st.integers(1, 90), st.lists(st.one_of(st.none(), st.integers(0)), max_size=7))
@@ -6229,7 +6241,9 @@ def test_distributed_copies_is_the_rarest_piece_plus_the_fraction_above(count, p
         if bits is None:
             holding.have_all = True
         else:
-            holding.pieces = bits & ((1 << count) - 1)
+            bits &= (1 << count) - 1
+            holding.take_untrusted(5, int(f"{bits:0{count}b}"[::-1].ljust(
+                (count + 7) // 8 * 8, "0"), 2).to_bytes((count + 7) // 8, "big"))
         holdings.append(holding)
     per_piece = [sum(holding.holds() >> piece & 1 for holding in holdings)
                  for piece in range(count)]
@@ -6253,7 +6267,7 @@ def test_metainfo_piece_count(tmp_path):
 
 class FakePeers:
     """TCP peers on 127.91.0.x, each with a behaviour: "seed" (have_all), "partial" (a bitfield
-    of the even pieces, then a `have` of piece 1), "garbage", "wrong torrent", "huge length"
+    of the even pieces, a `have` of piece 1 0.1 s later, one of piece 3 1 s later), "garbage", "wrong torrent", "huge length"
     (a 4 GiB length prefix), "bad bitfield" (the wrong length), "trickle" (a byte every 0.2 s),
     "silent" (a handshake, then nothing), "hang up" (closes after the handshake). Each records
     every byte the prober sent, by host."""
@@ -6304,7 +6318,11 @@ class FakePeers:
             evens = sum(1 << (7 - i % 8) << 8 * (bitfield_bytes - 1 - i // 8)
                         for i in range(0, self.piece_count, 2))
             await stream.send_all(peer_message(5, evens.to_bytes(bitfield_bytes, "big"))
-                                  + peer_message(1) + peer_message(4, (1).to_bytes(4, "big")))
+                                  + peer_message(1))
+            await trio.sleep(0.1)
+            await stream.send_all(peer_message(4, (1).to_bytes(4, "big")))
+            await trio.sleep(1)
+            await stream.send_all(peer_message(4, (3).to_bytes(4, "big")))
         elif behaviour == "huge length":
             await stream.send_all(b"\xff\xff\xff\xff\x05" + bytes(100))
         elif behaviour == "bad bitfield":
@@ -6345,7 +6363,9 @@ def test_probe_reads_what_peers_hold_and_survives_hostile_ones():
         "wrong torrent": O.WRONG_TORRENT, "huge length": O.MALFORMED,
         "bad bitfield": O.MALFORMED, "trickle": O.SILENT, "silent": O.SILENT,
         "hang up": O.CLOSED}
-    assert outcome["partial"].holdings.pieces == sum(1 << i for i in range(0, 12, 2)) | 1 << 1
+    # Its have of piece 1 came 0.1 s after the bitfield, within the window; the one of piece
+    # 3, 1 s after, did not count.
+    assert outcome["partial"].holdings.holds() == sum(1 << i for i in range(0, 12, 2)) | 1 << 1
     assert (swarm.tried, swarm.reachable, swarm.answering, swarm.verified_seeds) == \
         (11, 10, 3, 2)
     assert swarm.outcomes[O.REFUSED] == 1 and swarm.outcomes[O.NOT_ASKED] == 1
@@ -6358,6 +6378,38 @@ def test_probe_reads_what_peers_hold_and_survives_hostile_ones():
         assert len(received) == tsmd.PEER_HANDSHAKE_LENGTH
     # A peer is never asked twice in one run.
     assert again.tried == 0 and again.peers == []
+
+
+def test_probe_asks_one_port_of_an_address_and_counts_only_what_was_told():
+    """A reply naming one host at many ports (a poisoned one, to have us connect to a
+    victim) costs one connection. A peer that told its bitfield, then broke the protocol, is
+    not believed: not answering, not in the availability."""
+    async def scenario():
+        prober = tsmd.PeerProber(probe_test_options())
+        many = await prober.probe(PROBE_INFOHASH, [("127.91.2.1", port)
+                                                   for port in range(20000, 20030)], 8)
+
+        async def liar(stream):
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.receive_some(100)
+                await stream.send_all(tsmd.encode_peer_handshake(PROBE_INFOHASH, bytes(20))
+                                      + peer_message(5, b"\x0f"))
+                await trio.sleep(0.1)
+                await stream.send_all(peer_message(4, (99).to_bytes(4, "big")))
+                await trio.sleep(5)
+
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host="127.91.3.1")
+            nursery.start_soon(trio.serve_listeners, liar, listeners)
+            lying = await prober.probe(PROBE_INFOHASH, [
+                ("127.91.3.1", listeners[0].socket.getsockname()[1])], 8)
+            nursery.cancel_scope.cancel()
+        return many, lying
+
+    many, lying = run(scenario)
+    assert many.tried == 1 and many.outcomes[tsmd.ProbeOutcome.REFUSED] == 1
+    assert lying.outcomes[tsmd.ProbeOutcome.MALFORMED] == 1 and lying.reachable == 1
+    assert lying.answering == 0 and lying.availability is None and lying.verified_seeds == 0
 
 
 def libtorrent_swarm(tmp_path: Path, network: LibtorrentDht, seeds: list[int],

@@ -2275,28 +2275,27 @@ def decode_peer_handshake_untrusted(data: bytes, infohash: bytes) -> bytes:
 
 @dataclass(slots=True)
 class PeerHoldings:
-    """The pieces one peer says it has: from its bitfield or have_all/have_none, and the
-    have messages after. `pieces` is its bitfield as an int, bit i for piece i (None until a
-    bitfield, have_all or have_none came)."""
+    """The pieces one peer says it has: its bitfield (BEP 3 order: piece 0 is the first byte's
+    high bit), or have_all/have_none, and the have messages after, each set in place (a flood
+    of haves costs a bit each, never a new big number)."""
 
     piece_count: int | None  # None: unknown (no metainfo); only have_all then tells a seed
-    pieces: int | None = None
+    field: bytearray | None = None  # None until a bitfield, have_none or have came
     have_all: bool = False
+    held: int = 0  # pieces set in `field`
 
     def take_untrusted(self, kind: int, payload: bytes) -> None:
         """One message; ProtocolError for one that breaks BEP 3 (a bitfield of the wrong
-        length or with spare bits set, a have past the last piece)."""
+        length or with spare bits set, a have past the last piece). The last of bitfield,
+        have_all and have_none counts."""
         if kind == PeerMessage.HAVE_ALL:
-            self.have_all, self.pieces = True, None
-            return
-        if kind == PeerMessage.HAVE_NONE:
-            self.have_all, self.pieces = False, 0
-            return
-        if kind == PeerMessage.BITFIELD:
-            self.pieces = _bitfield_untrusted(payload, self.piece_count)
-            self.have_all = False
-            return
-        if kind == PeerMessage.HAVE:
+            self.have_all, self.field, self.held = True, None, 0
+        elif kind == PeerMessage.HAVE_NONE:
+            self.have_all, self.field, self.held = False, bytearray(), 0
+        elif kind == PeerMessage.BITFIELD:
+            self.held = _bitfield_untrusted(payload, self.piece_count).bit_count()
+            self.have_all, self.field = False, bytearray(payload)
+        elif kind == PeerMessage.HAVE:
             if len(payload) != 4:
                 raise ProtocolError(f"have of {len(payload)} bytes")
             index = int.from_bytes(payload, "big")
@@ -2304,26 +2303,32 @@ class PeerHoldings:
             if index >= last:
                 raise ProtocolError(f"have of piece {index:,} of {last:,}")
             if not self.have_all:
-                self.pieces = (self.pieces or 0) | 1 << index
+                field = self.field if self.field is not None else bytearray()
+                if len(field) <= index >> 3:
+                    field.extend(bytes((index >> 3) + 1 - len(field)))
+                bit = 0x80 >> (index & 7)
+                if not field[index >> 3] & bit:
+                    field[index >> 3] |= bit
+                    self.held += 1
+                self.field = field
         # Anything else (choke, unchoke, port, suggest, allowed fast, extended) tells nothing
         # of what the peer holds.
 
     @property
     def answered(self) -> bool:
-        return self.have_all or self.pieces is not None
+        return self.have_all or self.field is not None
 
     @property
     def complete(self) -> bool:
         """A verified seed: have_all, or every piece of a known count."""
-        if self.have_all:
-            return True
-        return (self.piece_count is not None and self.pieces is not None
-                and self.pieces == (1 << self.piece_count) - 1)
+        return self.have_all or self.piece_count is not None and self.held == self.piece_count
 
     def holds(self) -> int:
-        """Its pieces as a bitfield int (every piece for have_all), the count known."""
+        """Its pieces as an int, bit i for piece i (every piece for have_all)."""
         assert self.piece_count is not None
-        return (1 << self.piece_count) - 1 if self.have_all else self.pieces or 0
+        if self.have_all:
+            return (1 << self.piece_count) - 1
+        return int.from_bytes((self.field or b"").translate(_BITS_REVERSED), "little")
 
 
 # Each byte with its bits in reverse order: BEP 3 puts piece 0 in the first byte's high bit.
@@ -5128,11 +5133,13 @@ async def probe_peer(host: str, port: int, infohash: bytes, piece_count: int | N
         except ProtocolError as exc:
             probe.outcome = (ProbeOutcome.WRONG_TORRENT if "another torrent" in str(exc)
                              else ProbeOutcome.MALFORMED)
-            probe.detail = str(exc)
+            probe.holdings, probe.detail = None, str(exc)  # what it said before is not believed
         except (OSError, trio.BrokenResourceError) as exc:
             probe.outcome, probe.detail = ProbeOutcome.CLOSED, str(exc)
     if probe.outcome is ProbeOutcome.SILENT and probe.holdings is not None:
         probe.outcome = ProbeOutcome.TOLD  # a bitfield, then no `have` in the window
+    elif probe.outcome is ProbeOutcome.CLOSED and probe.holdings is not None:
+        probe.outcome = ProbeOutcome.TOLD  # reset after telling: what it told stands
     return probe
 
 
@@ -5199,7 +5206,11 @@ class PeerProber:
         found first says nothing of what they hold)."""
         fresh = sorted(set(peers) - self._asked)
         random.Random(infohash).shuffle(fresh)
-        chosen = fresh[:self.options.peers_per_torrent]
+        # One port per IP: a lookup's reply may name one host at many ports (a poisoned
+        # one, to have us connect to a victim), and peers behind one NAT are rare.
+        by_host = {host: (host, port) for host, port in reversed(fresh)}
+        chosen = [peer for peer in fresh if by_host[peer[0]] == peer]
+        chosen = chosen[:self.options.peers_per_torrent]
         self._asked.update(chosen)
         swarm = SwarmProbe()
 
@@ -5214,6 +5225,7 @@ class PeerProber:
         async with trio.open_nursery() as nursery:
             for host, port in chosen:
                 nursery.start_soon(one, host, port)
+        told = []
         for peer in swarm.peers:
             swarm.outcomes[peer.outcome] += 1
             if peer.outcome is not ProbeOutcome.NOT_ASKED:
@@ -5221,13 +5233,12 @@ class PeerProber:
             if peer.outcome not in (ProbeOutcome.NOT_ASKED, ProbeOutcome.REFUSED,
                                     ProbeOutcome.TIMEOUT):
                 swarm.reachable += 1
-            if peer.holdings is not None:
-                swarm.answering += 1
+            if peer.holdings is not None:  # (only a peer that told keeps them)
+                told.append(peer.holdings)
                 swarm.verified_seeds += peer.holdings.complete
-        if piece_count is not None:
-            swarm.availability = distributed_copies(
-                [peer.holdings for peer in swarm.peers if peer.holdings is not None],
-                piece_count)
+        swarm.answering = len(told)
+        if piece_count is not None and told:  # (none told: nothing seen, not 0 copies)
+            swarm.availability = distributed_copies(told, piece_count)
         return swarm
 
 
@@ -6758,6 +6769,9 @@ class DhtSettings:
     bep33: bool = True  # ask for BEP 33 seed/peer filters
 
 
+PROBE_MAX_PEERS: Final = 500
+
+
 @dataclass(frozen=True, slots=True)
 class ProbeSettings:
     connect_timeout: float = 5.0
@@ -7197,6 +7211,9 @@ def settings_from_document(document: dict, config_path: Path) -> Settings:
             raise ConfigError(f"{where}: [probe].{name}: expected at least 1")
     if probe.rate < 0:
         raise ConfigError(f"{where}: [probe].rate: expected 0 (unlimited) or more")
+    if probe.peers_per_torrent > PROBE_MAX_PEERS:
+        raise ConfigError(f"{where}: [probe].peers_per_torrent: expected at most "
+                          f"{PROBE_MAX_PEERS} (availability costs the square of it)")
     report = _report_settings(tables["report"], base, f"{where}: [report]")
     retention = _settings_from_table(RetentionSettings, tables["retention"],
                                      f"{where}: [retention]")
@@ -11127,10 +11144,11 @@ def render_check(result: CheckResult, console: Console) -> None:
         else:
             copies = ""
         note = (f"{result.probe_answering} of {result.probe_tried} peers told what they hold"
-                f"{copies}")
-        table.add_row("peers, asked", number(result.verified_seeds),
-                      number(result.probe_answering - result.verified_seeds
-                             if result.probe_answering >= 0 else -1), unknown, note)
+                f"{copies}" if result.probe_tried else "no peer to ask")
+        told = result.probe_answering > 0  # else nothing was seen: unknown, not 0
+        table.add_row("peers, asked", number(result.verified_seeds if told else -1),
+                      number(result.probe_answering - result.verified_seeds if told else -1),
+                      unknown, note)
     console.print(table)
 
 
