@@ -6861,6 +6861,9 @@ def _fuzz_seeds() -> dict[str, list]:
         "infohash": [infohash.encode(), b"MOQEFENIWKZG3GFKPK4KE5SUH6TDVHUE", b" " + b"A" * 40],
         "link": [b"r_0.torrent", b"../../x/y.torrent?a=1#f", b"http://h.example:99/x", b"//[::1]/a"],
         "index": pages,
+        "peer_wire": [tsmd.encode_peer_handshake(PROBE_INFOHASH, bytes(20))
+                      + peer_message(20, b"d1:md11:ut_metadatai1eee") + peer_message(5, b"\xff\xf0")
+                      + peer_message(4, (3).to_bytes(4, "big")) + bytes(4) + peer_message(14)],
     }
 
 
@@ -6884,6 +6887,15 @@ def _fuzz_parsers() -> dict[str, Callable[[bytes], object]]:
             reader.feed(data[start:start + step])
         return reader.finish()
 
+    def peer_wire(data: bytes) -> bool:
+        """A peer's bytes: its handshake (for the torrent it names), then messages, fed to
+        what it holds, of 12 pieces or (odd lengths) of a count unknown."""
+        tsmd.decode_peer_handshake_untrusted(data[:tsmd.PEER_HANDSHAKE_LENGTH], data[28:48])
+        holdings = tsmd.PeerHoldings(None if len(data) % 2 else 12)
+        for kind, payload in tsmd.split_peer_messages_untrusted(bytearray(data[68:])):
+            holdings.take_untrusted(kind, payload)
+        return holdings.complete
+
     return {
         "scan": tsmd.scan_bencode_untrusted,
         "bdecode": tsmd.bdecode_untrusted,
@@ -6904,6 +6916,7 @@ def _fuzz_parsers() -> dict[str, Callable[[bytes], object]]:
         "infohash": lambda data: tsmd.parse_infohash_untrusted(text(data)),
         "link": lambda data: tsmd.resolve_link_untrusted(BASE, text(data)),
         "index": index,
+        "peer_wire": peer_wire,
         # Not fuzzed as a target of tsmd: shows that the harness catches what the scan prevents.
         "unguarded_bencoder": bencoder.bdecode,
     }
