@@ -6988,7 +6988,7 @@ def fuzz_input(seed: int, index: int, targets: tuple[str, ...]) -> tuple[str, by
 
 FUZZ_TARGETS = ("scan", "bdecode", "metainfo", "krpc", "get_peers_reply", "compact_nodes",
                  "compact_peer", "udp_tracker_reply", "http_scrape", "full_scrape", "ws_scrape",
-                 "magnet", "infohash", "link", "index")
+                 "magnet", "infohash", "link", "index", "peer_wire")
 _fuzz_seeds_cached = functools.cache(_fuzz_seeds)
 
 
