@@ -6229,7 +6229,7 @@ def test_peer_wire_codecs():
     flood = tsmd.PeerHoldings(None)
     for index in range(tsmd.PEER_MAX_MESSAGE * 8 - 1000, tsmd.PEER_MAX_MESSAGE * 8):
         flood.take_untrusted(4, index.to_bytes(4, "big"))
-    assert len(flood.field) == tsmd.PEER_MAX_MESSAGE and flood.held == 1000
+    assert len(flood.bits) == tsmd.PEER_MAX_MESSAGE and flood.held == 1000
 
 
 @given(st.integers(1, 90), st.lists(st.one_of(st.none(), st.integers(0)), max_size=7))

@@ -2280,21 +2280,21 @@ class PeerHoldings:
     of haves costs a bit each, never a new big number)."""
 
     piece_count: int | None  # None: unknown (no metainfo); only have_all then tells a seed
-    field: bytearray | None = None  # None until a bitfield, have_none or have came
+    bits: bytearray | None = None  # its bitfield; None until a bitfield, have_none or have
     have_all: bool = False
-    held: int = 0  # pieces set in `field`
+    held: int = 0  # pieces set in `bits`
 
     def take_untrusted(self, kind: int, payload: bytes) -> None:
         """One message; ProtocolError for one that breaks BEP 3 (a bitfield of the wrong
         length or with spare bits set, a have past the last piece). The last of bitfield,
         have_all and have_none counts."""
         if kind == PeerMessage.HAVE_ALL:
-            self.have_all, self.field, self.held = True, None, 0
+            self.have_all, self.bits, self.held = True, None, 0
         elif kind == PeerMessage.HAVE_NONE:
-            self.have_all, self.field, self.held = False, bytearray(), 0
+            self.have_all, self.bits, self.held = False, bytearray(), 0
         elif kind == PeerMessage.BITFIELD:
             self.held = _bitfield_untrusted(payload, self.piece_count).bit_count()
-            self.have_all, self.field = False, bytearray(payload)
+            self.have_all, self.bits = False, bytearray(payload)
         elif kind == PeerMessage.HAVE:
             if len(payload) != 4:
                 raise ProtocolError(f"have of {len(payload)} bytes")
@@ -2303,20 +2303,20 @@ class PeerHoldings:
             if index >= last:
                 raise ProtocolError(f"have of piece {index:,} of {last:,}")
             if not self.have_all:
-                field = self.field if self.field is not None else bytearray()
-                if len(field) <= index >> 3:
-                    field.extend(bytes((index >> 3) + 1 - len(field)))
+                bits = self.bits if self.bits is not None else bytearray()
+                if len(bits) <= index >> 3:
+                    bits.extend(bytes((index >> 3) + 1 - len(bits)))
                 bit = 0x80 >> (index & 7)
-                if not field[index >> 3] & bit:
-                    field[index >> 3] |= bit
+                if not bits[index >> 3] & bit:
+                    bits[index >> 3] |= bit
                     self.held += 1
-                self.field = field
+                self.bits = bits
         # Anything else (choke, unchoke, port, suggest, allowed fast, extended) tells nothing
         # of what the peer holds.
 
     @property
     def answered(self) -> bool:
-        return self.have_all or self.field is not None
+        return self.have_all or self.bits is not None
 
     @property
     def complete(self) -> bool:
@@ -2328,7 +2328,7 @@ class PeerHoldings:
         assert self.piece_count is not None
         if self.have_all:
             return (1 << self.piece_count) - 1
-        return int.from_bytes((self.field or b"").translate(_BITS_REVERSED), "little")
+        return int.from_bytes((self.bits or b"").translate(_BITS_REVERSED), "little")
 
 
 # Each byte with its bits in reverse order: BEP 3 puts piece 0 in the first byte's high bit.
@@ -5184,7 +5184,7 @@ class SwarmProbe:
     reachable: int = 0  # connected
     answering: int = 0  # told what they hold
     verified_seeds: int = 0  # every piece (or have_all)
-    availability: float | None = None  # complete copies among them; None: piece count unknown
+    availability: float | None = None  # complete copies; None: no piece count, or none told
     outcomes: Counter[ProbeOutcome] = field(default_factory=Counter)
     peers: list[PeerProbe] = field(default_factory=list)
 
