@@ -1262,44 +1262,20 @@ def dht_processes_side_by_side(routers: list[tuple[str, int]], swarms: dict, exp
                                rounds: int) -> None:
     """`tsmd dht` (cold: no node cache; then warm: the cache the cold run left) and a libtorrent
     process, each a whole process from start to exit, knowing only the same three routers."""
-    import tsmd
-
     infohashes = list(swarms)
     with tempfile.TemporaryDirectory(prefix="tsmd-bench-") as tmp:
         root = Path(tmp)
-        config = root / "tsmd.toml"
-        config.write_text(f"""database = "{root / 'dht.sqlite3'}"
-[network]
-allow_private = true
-[dht]
-bootstrap = [{", ".join(f'"{host}:{port}"' for host, port in routers)}]
-bind = "127.0.0.1:0"
-# As libtorrent's dht_get_peers: peers only, no BEP 33 scrape, every lookup at once.
-bep33 = false
-concurrency = {len(infohashes)}
-[[collections]]
-name = "bench"
-url = "http://127.0.0.1:9/"
-type = "books"
-""")
+        database = root / "dht.sqlite3"
+        # As libtorrent's dht_get_peers: peers only, no BEP 33 scrape, every lookup at once.
+        bootstrap = ", ".join(f'"{host}:{port}"' for host, port in routers)
+        config = scrape_config(root, database, dht=f'bootstrap = [{bootstrap}]\n'
+                               f'bind = "127.0.0.1:0"\nbep33 = false\n'
+                               f'concurrency = {len(infohashes)}\n')
         results: dict[str, list[float]] = {"cold": [], "warm": [], "libtorrent": []}
         exact: dict[str, int] = {}
         for _ in range(rounds):
-            database = root / "dht.sqlite3"
             database.unlink(missing_ok=True)
-            tsmd.open_database(database).close()
-            db = sqlite3.connect(database)
-            with db:
-                db.execute("INSERT INTO collections (id, name, url, type) VALUES "
-                           "(1, 'bench', 'http://127.0.0.1:9/', 'books')")
-                db.executemany("INSERT INTO torrents (id, infohash, name, first_seen, updated) "
-                               "VALUES (?, ?, ?, 1, 1)",
-                               ((n, h.hex(), f"bench {n}") for n, h in enumerate(infohashes, 1)))
-                db.executemany("INSERT INTO memberships (collection_id, source, torrent_id, "
-                               "file_name, first_seen, last_seen) VALUES (1, ?, ?, ?, 1, 1)",
-                               ((f"bench {n}", n, f"{n}.torrent")
-                                for n in range(1, len(infohashes) + 1)))
-            db.close()
+            make_scrape_db(database, infohashes, lambda n: [])
             for label in ("cold", "warm"):
                 # --rate 0: libtorrent, beside it, keeps no packet budget either.
                 wall, _, _ = run_tsmd(config, "-q", "dht", "--rate", "0")

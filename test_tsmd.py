@@ -4057,10 +4057,11 @@ def paced_survey(endpoint, cache, bootstrap, lookups: int, want_ipv6=False, watc
     return survey, results
 
 
-def paced_nodes(count: int) -> list[tsmd.DhtNode]:
-    """Nodes of distinct /24s, as the survey asks one node per /24 in a lookup."""
-    return [tsmd.DhtNode(hashlib.sha1(b"paced %d" % n).digest(), f"198.18.{n + 1}.1", 6881)
-            for n in range(count)]
+def paced_nodes(count: int, label: bytes = b"paced") -> list[tsmd.DhtNode]:
+    """Nodes of distinct /24s of 198.18.0.0/15, as the survey asks one node per /24 in a
+    lookup; their ids are the SHA-1 of `label` and their number."""
+    return [tsmd.DhtNode(hashlib.sha1(b"%s %d" % (label, n)).digest(),
+                         f"198.{18 + n // 250}.{n % 250 + 1}.1", 6881) for n in range(count)]
 
 
 def test_dht_slow_nodes_stall_early_but_never_fail_early():
@@ -4215,8 +4216,7 @@ def test_dht_a_node_near_the_end_of_its_back_off_is_waited_for():
 def dual_stack_network(v4_count: int = 30, v6_count: int = 12):
     """Nodes of both families, of distinct /24s (/64s); the first 4 of each family are one
     dual-stack node each, with one id for both addresses (BEP 32)."""
-    v4 = [tsmd.DhtNode(hashlib.sha1(b"v4 %d" % n).digest(), f"198.{18 + n // 250}.{n % 250 + 1}.1",
-                       6881) for n in range(v4_count)]
+    v4 = paced_nodes(v4_count, b"v4")
     v6 = [tsmd.DhtNode(v4[n].node_id if n < 4 else hashlib.sha1(b"v6 %d" % n).digest(),
                        f"2001:db8:{n + 1:x}::1", 6881) for n in range(v6_count)]
     return v4, v6
@@ -4349,8 +4349,7 @@ def test_dht_lookups_start_while_the_rate_has_room():
     """Under a rate limit, a lookup starts only while fewer queries wait for the rate than it
     lets out in a stall timeout, not as many as the cache allows: those would only queue in
     the pacer. The rate is still kept busy, also when lookups wait out silent nodes."""
-    nodes = [tsmd.DhtNode(hashlib.sha1(b"rate %d" % n).digest(),
-                          f"198.{18 + n // 250}.{n % 250 + 1}.1", 6881) for n in range(400)]
+    nodes = paced_nodes(400, b"rate")
     rate = 100
     for silent in (set(), {node.host for node in nodes[::2]}):
         seen = {"lookups": 0, "queued": 0}
@@ -6083,19 +6082,6 @@ def free_port_on_both(address: str) -> int:
     raise OSError(f"no port free on both {address} and [::1]")
 
 
-def magnet_db(tmp_path, infohashes):
-    """A database of one collection listing `infohashes` as magnets."""
-    db, _ = torrent_db(tmp_path, 0, [])
-    with tsmd.Transaction(db):
-        for infohash in infohashes:
-            torrent_id = tsmd.upsert_torrent(db, tsmd.decode_magnet_untrusted(
-                tsmd.magnet_uri(infohash.hex())), 1)
-            db.execute("INSERT INTO memberships (collection_id, source, torrent_id, "
-                       "first_seen, last_seen) VALUES (1, ?, ?, 1, 1)",
-                       (infohash.hex(), torrent_id))
-    return db
-
-
 def test_dht_against_real_libtorrent_nodes(tmp_path):
     network = LibtorrentDht(16)
     try:
@@ -6104,9 +6090,7 @@ def test_dht_against_real_libtorrent_nodes(tmp_path):
             infohash = hashlib.sha1(f"libtorrent swarm {n}".encode()).digest()
             swarms[infohash] = [((n + a * 5) % 16, 7000 + a, a % 2 == 0) for a in range(1 + n % 4)]
         expected = network.announce(swarms)
-        db = magnet_db(tmp_path, swarms)
-        settings = make_settings(tmp_path, [{"name": "c", "url": "http://x/", "type": "books"}],
-                                 dht={"bind": "127.0.0.1:0", "rate": 0, "query_timeout": 2})
+        db, settings = dht_survey_db(tmp_path, swarms, query_timeout=2)
         counters = run(tsmd.run_dht, db, settings, settings.collections, tsmd.Reporter(-1),
                        bootstrap=network.bootstrap, timeout=60)
         results, _, _ = run(survey_all, network, list(swarms), dht_test_options(), timeout=60)
@@ -6136,9 +6120,7 @@ def test_dht_finds_the_peers_of_both_families_on_real_libtorrent_nodes(tmp_path,
                   for n in range(10)}
         expected = network.announce(swarms)
         network.lt_get_peers(list(swarms), expected, via=11)
-        db = magnet_db(tmp_path, swarms)
-        settings = make_settings(tmp_path, [{"name": "c", "url": "http://x/", "type": "books"}],
-                                 dht={"bind": "[::]:0", "rate": 0, "query_timeout": 2})
+        db, settings = dht_survey_db(tmp_path, swarms, bind="[::]:0", query_timeout=2)
         counters = run(tsmd.run_dht, db, settings, settings.collections, tsmd.Reporter(-1),
                        bootstrap=network.bootstrap, timeout=60)
         results, survey, _ = run(survey_all, network, list(swarms),

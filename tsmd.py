@@ -178,6 +178,10 @@ class NotAScrapeReply(ProtocolError):
     say): a WebSocket carries no transaction id, so the reader skips it and waits on."""
 
 
+class WrongTorrentError(ProtocolError):
+    """A well-formed peer handshake for another infohash than the one asked for."""
+
+
 class FetchError(TsmdError):
     """A URL could not be fetched: refused by policy, network failure, HTTP error, too large."""
 
@@ -2265,11 +2269,12 @@ def encode_peer_handshake(infohash: bytes, peer_id: bytes) -> bytes:
 
 
 def decode_peer_handshake_untrusted(data: bytes, infohash: bytes) -> bytes:
-    """The peer id of a handshake for `infohash`; ProtocolError for anything else."""
+    """The peer id of a handshake for `infohash`; WrongTorrentError for another torrent's,
+    ProtocolError for anything else."""
     if len(data) != PEER_HANDSHAKE_LENGTH or not data.startswith(PEER_PROTOCOL):
         raise ProtocolError("not a BitTorrent handshake")
     if data[28:48] != infohash:
-        raise ProtocolError(f"handshake for another torrent ({data[28:48].hex()})")
+        raise WrongTorrentError(f"handshake for another torrent ({data[28:48].hex()})")
     return data[48:]
 
 
@@ -2328,18 +2333,23 @@ class PeerHoldings:
         assert self.piece_count is not None
         if self.have_all:
             return (1 << self.piece_count) - 1
-        return int.from_bytes((self.bits or b"").translate(_BITS_REVERSED), "little")
+        return _bitfield_int(self.bits or b"")
 
 
 # Each byte with its bits in reverse order: BEP 3 puts piece 0 in the first byte's high bit.
 _BITS_REVERSED: Final = bytes(int(f"{byte:08b}"[::-1], 2) for byte in range(256))
 
 
-def _bitfield_untrusted(payload: bytes, piece_count: int | None) -> int:
+def _bitfield_int(bits: bytes | bytearray) -> int:
     """A BEP 3 bitfield as an int, bit i for piece i."""
+    return int.from_bytes(bits.translate(_BITS_REVERSED), "little")
+
+
+def _bitfield_untrusted(payload: bytes, piece_count: int | None) -> int:
+    """A BEP 3 bitfield as an int, checked against the piece count if known."""
     if piece_count is not None and len(payload) != (piece_count + 7) // 8:
         raise ProtocolError(f"bitfield of {len(payload):,} bytes for {piece_count:,} pieces")
-    value = int.from_bytes(payload.translate(_BITS_REVERSED), "little")
+    value = _bitfield_int(payload)
     if piece_count is not None and value >> piece_count:
         raise ProtocolError("bitfield with spare bits set")
     return value
@@ -3580,6 +3590,11 @@ def _id_int(node_id: bytes) -> int:
     return int.from_bytes(node_id, "big")
 
 
+def _implausibly_close(size_bits: float) -> int:
+    """The distance from a target under which an id is suspect, in a DHT of 2^size_bits."""
+    return 1 << max(0, int(160 - size_bits - DHT_CLOSE_ID_MARGIN_BITS))
+
+
 # BEP 32: IPv4 and IPv6 nodes form two DHTs, each routing to its own family only. A cache key
 # is the id with this bit set for an IPv6 node, so each family's ids are a run of their own in
 # the cache's order: a dual-stack node (one id, both families) is cached once in each, and a
@@ -3623,10 +3638,15 @@ class NodeCache:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def _family_span(self, ipv6: bool) -> tuple[int, int]:
+        """Where one family's keys lie in `_ids`: [start, end)."""
+        ipv4 = bisect.bisect_left(self._ids, _IPV6_KEY)
+        return (ipv4, len(self._ids)) if ipv6 else (0, ipv4)
+
     def size(self, ipv6: bool) -> int:
         """How many nodes of one family are cached."""
-        ipv4 = bisect.bisect_left(self._ids, _IPV6_KEY)
-        return len(self._ids) - ipv4 if ipv6 else ipv4
+        start, end = self._family_span(ipv6)
+        return end - start
 
     def nodes(self) -> list[DhtNode]:
         return list(self._nodes.values())
@@ -3737,12 +3757,10 @@ class NodeCache:
 
     def closest(self, target: bytes, count: int, ipv6: bool = False) -> list[DhtNode]:
         """The `count` cached nodes of one family closest to `target`."""
-        family = _IPV6_KEY if ipv6 else 0
-        start, end = ((bisect.bisect_left(self._ids, _IPV6_KEY), len(self._ids)) if ipv6
-                      else (0, bisect.bisect_left(self._ids, _IPV6_KEY)))
+        start, end = self._family_span(ipv6)
         if start == end:
             return []
-        wanted = _id_int(target) | family
+        wanted = _id_int(target) | (_IPV6_KEY if ipv6 else 0)
         position = bisect.bisect_left(self._ids, wanted, start, end)
         span = self.WINDOW * count
         window = self._ids[max(start, position - span):min(end, position + span)]
@@ -4530,7 +4548,7 @@ class DhtFamily:
         self.assumed_size_bits = DHT_ASSUMED_IPV6_SIZE_BITS if ipv6 else DHT_ASSUMED_SIZE_BITS
         # Ids closer than this to a lookup's target are suspect (DHT_CLOSE_ID_MARGIN_BITS),
         # from the network size the finished lookups tell (observe_size).
-        self.implausibly_close = 1 << (160 - self.assumed_size_bits - DHT_CLOSE_ID_MARGIN_BITS)
+        self.implausibly_close = _implausibly_close(self.assumed_size_bits)
         self._size_bits: deque[float] = deque(maxlen=DHT_SIZE_SAMPLES)
 
     @property
@@ -4538,8 +4556,7 @@ class DhtFamily:
         other = self.survey.families.get(not self.ipv6)
         # (Not surveyed: its ids are never asked, and are judged by the tighter line.)
         return (other.implausibly_close if other is not None else
-                min(self.implausibly_close, 1 << (160 - DHT_ASSUMED_SIZE_BITS
-                                                  - DHT_CLOSE_ID_MARGIN_BITS)))
+                min(self.implausibly_close, _implausibly_close(DHT_ASSUMED_SIZE_BITS)))
 
     def usable(self, host: str, port: int) -> bool:
         return self.survey.usable(host, port)
@@ -4577,8 +4594,7 @@ class DhtFamily:
                                    - math.log2(distances[-1] + 1)))
         if len(self._size_bits) >= DHT_SIZE_MIN_SAMPLES:
             ordered = sorted(self._size_bits)
-            size_bits = ordered[len(ordered) // 2]
-            self.implausibly_close = 1 << max(0, int(160 - size_bits - DHT_CLOSE_ID_MARGIN_BITS))
+            self.implausibly_close = _implausibly_close(ordered[len(ordered) // 2])
 
 
 @dataclass(slots=True, eq=False)
@@ -5131,7 +5147,7 @@ async def probe_peer(host: str, port: int, infohash: bytes, piece_count: int | N
             with trio.move_on_after(options.answer_timeout):
                 await _read_holdings(stream, probe, infohash, piece_count, options, peer_id)
         except ProtocolError as exc:
-            probe.outcome = (ProbeOutcome.WRONG_TORRENT if "another torrent" in str(exc)
+            probe.outcome = (ProbeOutcome.WRONG_TORRENT if isinstance(exc, WrongTorrentError)
                              else ProbeOutcome.MALFORMED)
             probe.holdings, probe.detail = None, str(exc)  # what it said before is not believed
         except (OSError, trio.BrokenResourceError) as exc:
