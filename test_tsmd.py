@@ -842,6 +842,9 @@ class LoopbackHttpServer:
     def respond(self, handler, path: str) -> None:
         raise NotImplementedError
 
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
     def __enter__(self):
         self.thread.start()
         return self
@@ -865,8 +868,6 @@ class CollectionServer(LoopbackHttpServer):
         self.busy: dict[str, list[str]] = {}  # path -> Retry-After values of 429s, one a request
         self.started: list[float] = []  # when each request came in (time.monotonic)
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
 
     def count(self, prefix: str = "/") -> int:
         with self.lock:
@@ -2191,7 +2192,7 @@ def test_waiting_for_a_busy_host_does_not_eat_a_downloads_deadline(tmp_path):
     settings = make_settings(tmp_path, [], sync={"per_host_concurrency": 1})
     fetcher = tsmd.make_fetcher(settings, paced=True)  # deadline: 2 + 4 x 2 = 10 s
 
-    async def slow_server(url, max_bytes, etag, last_modified, gzip=False):
+    async def slow_server(url, max_bytes, etag, last_modified, gzip=False, byte_range=None):
         await trio.sleep(6)  # each answer takes 6 s; one at a time to this host
         return 200, {}, b"done"
 
@@ -5635,8 +5636,8 @@ type = "books"
         assert done.returncode == tsmd.ExitCode.UNREACHABLE, done.stderr
         status = json.loads(cli("--config", str(config), "status", "--format", "json").stdout)
         assert {stage: run["outcome"] for stage, run in status["runs"].items()} == {
-            "run": "unreachable", "sync": "ok", "dht": "unreachable", "scrape": "ok",
-            "report": "ok", "prune": "ok"}
+            "run": "unreachable", "sync": "ok", "dht": "unreachable", "probe": "ok",
+            "scrape": "ok", "report": "ok", "prune": "ok"}
         page = (tmp_path / "page.html").read_text()
         assert "heard nothing from the network: the DHT numbers here are from earlier" in page
     finally:
@@ -6394,6 +6395,102 @@ def test_probe_asks_one_port_of_an_address_and_counts_only_what_was_told():
     assert lying.answering == 0 and lying.availability is None and lying.verified_seeds == 0
 
 
+def info_dict_of(files: int, pieces: int) -> bytes:
+    """A v1 info dictionary of `files` files with long names: over one 16 KiB metadata piece."""
+    return tsmd.bencode({b"name": b"metadata test", b"piece length": 16384,
+                         b"pieces": os.urandom(20 * pieces),
+                         b"files": [{b"length": 16384 * pieces // files,
+                                     b"path": [b"folder", b"file %04d " % n + b"x" * 40]}
+                                    for n in range(files)]})
+
+
+async def metadata_peer(info: bytes, behaviour: str, sent: list[int], stream) -> None:
+    """A peer that holds every piece of the torrent of `info` (a full bitfield) and serves its
+    metadata (BEP 9): "honest"; "forged", pieces that do not hash to the infohash; "huge", a
+    metadata_size over the cap; "short", a piece of the wrong length; "reject". `sent` gets
+    the id of every message the prober sends it."""
+    pieces = len(bencoder.bdecode(info)[b"pieces"]) // 20
+    size = tsmd.MAX_METADATA_BYTES + 1 if behaviour == "huge" else len(info)
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        buffer = bytearray()
+        while len(buffer) < tsmd.PEER_HANDSHAKE_LENGTH:
+            data = await stream.receive_some(1000)
+            if not data:
+                return
+            buffer += data
+        infohash = bytes(buffer[28:48])
+        del buffer[:tsmd.PEER_HANDSHAKE_LENGTH]
+        full = ((1 << pieces) - 1 << (-pieces % 8)).to_bytes((pieces + 7) // 8, "big")
+        await stream.send_all(
+            tsmd.encode_peer_handshake(infohash, b"-MD0001-000000000000")
+            + peer_message(20, b"\x00" + tsmd.bencode({b"m": {b"ut_metadata": 3},
+                                                       b"metadata_size": size}))
+            + peer_message(5, full))
+        while True:
+            for kind, payload in tsmd.split_peer_messages_untrusted(buffer):
+                sent.append(kind)
+                if kind != 20 or payload[:1] != b"\x03":
+                    continue
+                piece = bencoder.bdecode(payload[1:])[b"piece"]
+                data = info[piece * 16384:(piece + 1) * 16384]
+                if behaviour == "forged":
+                    data = bytes(len(data))
+                elif behaviour == "short":
+                    data = data[:-1]
+                kind_of_answer = 2 if behaviour == "reject" else 1
+                await stream.send_all(peer_message(20, bytes([tsmd.UT_METADATA_OURS]) + (
+                    tsmd.bencode({b"msg_type": kind_of_answer, b"piece": piece,
+                                  b"total_size": len(info)}) + data)))
+            data = await stream.receive_some(1000)
+            if not data:
+                return
+            buffer += data
+
+
+def test_probe_fetches_metadata_and_refuses_what_does_not_hash():
+    """A peer serving the info dictionary gives it whole, checked against the infohash, and
+    the piece count it gives makes its full bitfield a verified seed. A forged, oversized,
+    short or refused metadata is that peer's outcome, and no metadata. The prober sends
+    nothing but handshakes and ut_metadata requests."""
+    info = info_dict_of(files=300, pieces=24)
+    assert len(info) > 16384  # two metadata pieces at least
+    infohash = hashlib.sha1(info).digest()
+    sent: dict[str, list[int]] = {}
+
+    async def scenario():
+        swarms = {}
+        async with trio.open_nursery() as nursery:
+            for n, behaviour in enumerate(["honest", "forged", "huge", "short", "reject"]):
+                listeners = await trio.open_tcp_listeners(0, host=f"127.91.4.{n + 1}")
+                nursery.start_soon(trio.serve_listeners, functools.partial(
+                    metadata_peer, info, behaviour, sent.setdefault(behaviour, [])), listeners)
+                prober = tsmd.PeerProber(probe_test_options())
+                swarms[behaviour] = await prober.probe(
+                    infohash, [(f"127.91.4.{n + 1}", listeners[0].socket.getsockname()[1])],
+                    None, want_metadata=True)
+            nursery.cancel_scope.cancel()
+        return swarms
+
+    swarms = run(scenario)
+    honest = swarms["honest"]
+    assert honest.metadata == info and honest.piece_count == 24
+    assert (honest.answering, honest.verified_seeds, honest.availability) == (1, 1, 1.0)
+    meta = tsmd.metainfo_from_info_untrusted(honest.metadata, infohash)
+    assert (meta.name, meta.file_count, meta.piece_count, meta.piece_length) == \
+        ("metadata test", 300, 24, 16384)
+    O = tsmd.ProbeOutcome
+    for behaviour in ("forged", "huge", "short"):
+        swarm = swarms[behaviour]
+        assert swarm.metadata is None and swarm.outcomes == {O.MALFORMED: 1}, behaviour
+        assert swarm.answering == 0 and swarm.availability is None
+    # A refusal is no lie: what it holds is known, but not its piece count (no seed verified).
+    assert swarms["reject"].metadata is None and swarms["reject"].outcomes == {O.TOLD: 1}
+    assert swarms["reject"].verified_seeds == 0 and swarms["reject"].availability is None
+    # Our extended handshake, then requests for the metadata's pieces: nothing else.
+    assert sent["honest"] == [20] * (1 + -(-len(info) // 16384))
+    assert all(set(kinds) <= {20} for kinds in sent.values())
+
+
 def libtorrent_swarm(tmp_path: Path, network: LibtorrentDht, seeds: list[int],
                      partial: dict[int, set[int]], pieces: int = 40):
     """A .torrent of `pieces` pieces of 16 KiB, seeded by the sessions of `network` numbered
@@ -6461,6 +6558,154 @@ def test_probe_against_real_libtorrent_seeds_and_partial_peers(tmp_path):
     assert result.verified_seeds == 2
     assert result.availability == pytest.approx(rarest + sum(n > rarest for n in per_piece) / 40)
     assert result.as_dict()["availability"] == result.availability
+
+
+class WebSeedServer(LoopbackHttpServer):
+    """Serves files by path with byte ranges (206), as BEP 19 web seeds need, and BEP 17
+    `/seed?info_hash=...&piece=N` from `pieces` (infohash -> piece 0's data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: dict[str, bytes] = {}
+        self.pieces: dict[bytes, bytes] = {}
+        self.ranges: list[str] = []
+
+    def respond(self, handler, path: str) -> None:
+        if path == "/seed":
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query,
+                                          encoding="latin-1")
+            body = self.pieces.get(query.get("info_hash", [""])[0].encode("latin-1"))
+            status = 200 if body is not None and query.get("piece") == ["0"] else 404
+        else:
+            body, status = self.files.get(path), 200
+            wanted = re.fullmatch(r"bytes=(\d+)-(\d+)", handler.headers.get("Range", ""))
+            if body is not None and wanted:
+                self.ranges.append(wanted.group(0))
+                body, status = body[int(wanted[1]):int(wanted[2]) + 1], 206
+            elif body is None:
+                status = 404
+        body = body if status in (200, 206) else b"not here"
+        handler.send_response(status)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+
+def web_seeded_torrent(folder: Path, files: dict[str, bytes], url_list: list[str] = (),
+                       httpseeds: list[str] = ()) -> bytes:
+    """A v1 .torrent (16 KiB pieces) of `files` under `folder`, made by libtorrent."""
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    storage = lt.file_storage()
+    lt.add_files(storage, str(folder))
+    creator = lt.create_torrent(storage, 16384, flags=lt.create_torrent.v1_only)
+    for url in url_list:
+        creator.add_url_seed(url)
+    lt.set_piece_hashes(creator, str(folder.parent))
+    torrent = creator.generate()
+    if httpseeds:  # (libtorrent 2 no longer writes BEP 17's key)
+        torrent[b"httpseeds"] = list(httpseeds)
+    return lt.bencode(torrent)
+
+
+def test_web_seed_requests_follow_bep_19_and_bep_17():
+    piece = tsmd.WebSeedPiece(b"\x01" * 20, "a set", ("sub dir", "f#1.txt"), 5000, 16384,
+                              b"\x02" * 20)
+    folder = tsmd.WebSeed("http://h/data/", "url-list")
+    assert tsmd.web_seed_request(folder, piece) == (
+        "http://h/data/a%20set/sub%20dir/f%231.txt", (0, 4999))  # the first file is short
+    assert tsmd.web_seed_request(tsmd.WebSeed("http://h/data", "url-list"), piece)[0] == \
+        "http://h/data/a%20set/sub%20dir/f%231.txt"
+    single = dataclasses.replace(piece, first_file_path=None, first_file_length=10**6)
+    assert tsmd.web_seed_request(folder, single) == ("http://h/data/a%20set", (0, 16383))
+    assert tsmd.web_seed_request(tsmd.WebSeed("http://h/f.iso", "url-list"), single) == (
+        "http://h/f.iso", (0, 16383))
+    assert tsmd.web_seed_request(tsmd.WebSeed("http://h/seed?x=1", "httpseeds"), piece) == (
+        "http://h/seed?x=1&info_hash=%01%01%01%01%01%01%01%01%01%01%01%01%01%01%01%01%01%01"
+        "%01%01&piece=0", None)
+
+
+def test_probe_stage_measures_libtorrent_peers_fetches_metadata_and_checks_web_seeds(tmp_path):
+    """`tsmd dht` then `tsmd probe` on a collection listing a magnet whose swarm is real
+    libtorrent sessions, and .torrent files with web seeds on a loopback server: the probe's
+    sample holds libtorrent's verified seeds and availability, the magnet's metadata is stored
+    as the .torrent says, and a web seed counts only when it serves the data."""
+    network = LibtorrentDht(10, second_octet=96)
+    with WebSeedServer() as server:
+        try:
+            rng = random.Random(11)
+            partial = {n: set(rng.sample(range(40), 20)) for n in (3, 4, 5)}
+            torrent, handles = libtorrent_swarm(tmp_path, network, [1], partial)
+            info = lt.torrent_info(torrent)
+            infohash = bytes.fromhex(str(info.info_hashes().v1))
+            network.announce({infohash: [(n, network.nodes[n][1], n == 1) for n in handles]})
+            db, settings = dht_survey_db(tmp_path, [infohash])
+            # Web-seeded torrents: a folder served right, a single file served wrong, and a
+            # BEP 17 script serving piece 0.
+            good = {"a.bin": os.urandom(20000), "b.bin": os.urandom(30000)}
+            for name, data in good.items():
+                server.files["/files/set/" + name] = data
+            bad_data = os.urandom(50000)
+            server.files["/wrong.bin"] = os.urandom(50000)
+            script_data = os.urandom(40000)
+            (tmp_path / "w1").mkdir(), (tmp_path / "w2").mkdir(), (tmp_path / "w3").mkdir()
+            made = [
+                web_seeded_torrent(tmp_path / "w1" / "set", good,
+                                   url_list=[server.url("/files/")]),
+                web_seeded_torrent(tmp_path / "w2" / "wrong.bin", {".": bad_data},
+                                   url_list=[server.url("/wrong.bin")]),
+                web_seeded_torrent(tmp_path / "w3" / "script.bin", {".": script_data},
+                                   httpseeds=[server.url("/seed")])]
+            metas = [tsmd.decode_metainfo_untrusted(t) for t in made]
+            server.pieces[bytes.fromhex(metas[2].infohash)] = script_data[:16384]
+            with tsmd.Transaction(db):
+                for meta in metas:
+                    torrent_id = tsmd.upsert_torrent(db, meta, 1)
+                    db.execute("INSERT INTO memberships (collection_id, source, torrent_id, "
+                               "first_seen, last_seen) VALUES (1, ?, ?, 1, 1)",
+                               (meta.infohash, torrent_id))
+            dht = run(tsmd.run_dht, db, settings, settings.collections, tsmd.Reporter(-1),
+                      bootstrap=network.bootstrap, timeout=60)
+            run_id = tsmd.start_run(db, "probe")
+            counts = run(tsmd.run_probe, db, settings, settings.collections, tsmd.Reporter(-1),
+                         options=probe_test_options(), run_id=run_id, timeout=60)
+            held = {n: handle.status(lt.status_flags_t.query_pieces).pieces
+                    for n, handle in handles.items()}
+        finally:
+            network.stop()
+    assert dht.peers == 4
+    per_piece = [sum(held[n][piece] for n in held) for piece in range(40)]
+    rarest = min(per_piece)
+    samples = {infohash: tuple(row) for infohash, *row in db.execute(
+        "SELECT t.infohash, p.run_id, p.tried, p.reachable, p.answering, p.verified_seeds, "
+        "p.availability, p.webseeds_tried, p.webseeds_ok FROM probe_samples p "
+        "JOIN torrents t ON t.id = p.torrent_id")}
+    assert samples[infohash.hex()] == (run_id, 4, 4, 4, 1, pytest.approx(
+        rarest + sum(n > rarest for n in per_piece) / 40), 0, 0)
+    assert [samples[meta.infohash][-2:] for meta in metas] == [(1, 1), (1, 0), (1, 1)]
+    # The peer addresses the DHT stage kept are those libtorrent's sessions listen on.
+    assert sorted(db.execute("SELECT host, port FROM swarm_peers")) == sorted(
+        network.nodes[n] for n in handles)
+    # The magnet's metadata, fetched from a peer, is stored as a sync of the .torrent would.
+    stored = db.execute("SELECT name, size_bytes, file_count, piece_length, piece_count, "
+                        "has_metainfo, first_piece_sha1 FROM torrents WHERE infohash = ?",
+                        (infohash.hex(),)).fetchone()
+    assert stored == (info.name(), info.total_size(), info.num_files(), info.piece_length(),
+                      info.num_pieces(), 1, info.hash_for_piece(0))
+    assert (counts.torrents, counts.metadata_wanted, counts.metadata_fetched) == (4, 1, 1)
+    assert (counts.webseeds_tried, counts.webseeds_ok, counts.downloadable) == (3, 2, 3)
+    # The url-list seeds were asked for piece 0's bytes (both first files are longer than a
+    # piece, so they were checked against its hash); the script for piece 0 by its query.
+    assert server.ranges == ["bytes=0-16383"] * 2
+    rows = {row.infohash: row for row in tsmd.load_report_rows(db)}
+    swarm_row = rows[infohash.hex()]
+    assert (swarm_row.verified_seeds, swarm_row.reachable_peers, swarm_row.downloadable) == \
+        (1, 4, 1)
+    # No tracker counts it: its seeders are the verified ones, and its size is now known.
+    assert swarm_row.seeders == 1 and swarm_row.size_bytes == info.total_size()
+    assert [rows[m.infohash].downloadable for m in metas] == [1, 0, 1]
+    assert rows[metas[1].infohash].webseeds_ok == 0
 
 
 # ---- Hostile input and edge cases found in review ----
@@ -7341,7 +7586,8 @@ def report_row_strategy():
         kind = field.type.replace(" ", "")
         fields[field.name] = {"str": text, "str|None": st.none() | text, "int": count,
                               "int|None": maybe_count,
-                              "float|None": st.none() | st.floats(0, 1e12)}[kind]
+                              "float|None": st.none() | st.floats(0, 1e12),
+                              "float": st.just(-1) | st.floats(0, 1e6)}[kind]
     return st.builds(tsmd.ReportRow, **fields)
 
 
@@ -7362,10 +7608,14 @@ def test_json_objects_are_exactly_what_json_dumps_writes(row):
 
 
 def plan_place(row) -> int:
-    """The plan's groups, spelt out: downloadable red, yellow, green; dead; not measured."""
+    """The plan's groups, spelt out: downloadable red, yellow, green; unverified (the probe
+    reached peers and saw no complete copy); dead (unless the probe saw a complete copy); not
+    measured."""
     if row.seeders < 0:
+        return 5
+    if row.seeders == 0 and row.dht_seeds_estimate <= 0 and row.downloadable != 1:
         return 4
-    if row.seeders == 0 and row.dht_seeds_estimate <= 0:
+    if row.downloadable == 0 and row.reachable_peers > 0:
         return 3
     return ("red", "yellow", "green").index(row.band)
 
@@ -7482,8 +7732,8 @@ def test_the_terminal_table_fits_80_columns_one_line_a_torrent():
         assert lines[0].rstrip() == "6 torrents"
         headers = next(line for line in lines if "name" in line and "seeders" in line)
         if width == 200:  # room for every column, and most of each name
-            assert "DHT peers" in headers and lines[-1].startswith("└")
-            assert rows[0].name[:100] in body[0]
+            assert "copies" in headers and lines[-1].startswith("└")
+            assert rows[0].name[:80] in body[0]
         else:  # the name is cut with an ellipsis; the last columns give way, and say so
             assert all("…" in line for line in body) and "DHT peers" not in headers
             after = " ".join(lines[lines.index(next(l for l in lines if l.startswith("└"))) + 1:])
@@ -8374,7 +8624,7 @@ def test_pick_fills_the_budget_neediest_first_with_a_bounded_spread():
     # Downloadable red and yellow only: never a dead one (0 seeders), nor green, nor one that
     # cannot be weighed.
     weighable = [r for r in rows if plan_place(r) < 2 and r.size_bytes > 0]
-    assert any(plan_place(r) == 3 for r in rows) and any(plan_place(r) == 2 for r in rows)
+    assert any(plan_place(r) == 4 for r in rows) and any(plan_place(r) == 2 for r in rows)
     for budget in (50_000, 400_000):
         exact = tsmd.pick_torrents(rows, budget, 0.0, random.Random(1))
         assert sum(r.size_bytes for r in exact) <= budget
@@ -8593,6 +8843,11 @@ def test_prune_keeps_what_it_should(tmp_path):
                        [(b"a" * 20, "127.0.0.9", now - 40 * 86400), (b"b" * 20, "127.0.0.8", now)])
         db.executemany("INSERT INTO dht_silent_nodes VALUES (?, 6881, 1, ?)",
                        [("127.0.0.7", now - 40 * 86400), ("127.0.0.6", now - 86400)])
+        # Peers found long ago and lately; an old probe sample and a recent one.
+        db.executemany("INSERT INTO swarm_peers VALUES (1, ?, 6881, ?)",
+                       [("127.0.0.5", now - 40 * 86400), ("127.0.0.4", now - 3600)])
+        db.executemany("INSERT INTO probe_samples VALUES (?, NULL, ?, 3, 2, 2, 1, 1.5, 0, 0)",
+                       [(1, now - 40 * 86400), (2, now - 40 * 86400), (2, now - 3600)])
     before_rows = {row.infohash: row for row in tsmd.load_report_rows(db)}
     samples_before = db.execute("SELECT count(*) FROM tracker_samples").fetchone()[0]
     db.close()
@@ -8601,7 +8856,8 @@ def test_prune_keeps_what_it_should(tmp_path):
     assert done.returncode == tsmd.ExitCode.USAGE and "at least 8 days" in done.stderr
     done = cli("--config", str(config), "prune", "--older-than", "30d", "--vacuum")
     assert done.returncode == 0, done.stderr
-    assert "1 tracker samples, 2 DHT samples, 1 DHT nodes and 1 runs deleted" in done.stderr
+    assert ("1 tracker samples, 2 DHT samples, 2 probe samples, 1 peer addresses, 1 DHT nodes "
+            "and 1 runs deleted") in done.stderr
     db = tsmd.open_database(tmp_path / "tsmd.sqlite3")
     assert db.execute("SELECT count(*) FROM tracker_samples").fetchone()[0] == samples_before - 1
     assert db.execute("SELECT count(*) FROM tracker_samples WHERE measured < ?",
@@ -8609,6 +8865,9 @@ def test_prune_keeps_what_it_should(tmp_path):
     assert [row[0] for row in db.execute("SELECT host FROM dht_nodes")] == ["127.0.0.8"]
     assert [row[0] for row in db.execute("SELECT host FROM dht_silent_nodes")] == ["127.0.0.6"]
     assert db.execute("SELECT count(*) FROM dht_latest").fetchone()[0] == 0
+    assert [row[0] for row in db.execute("SELECT host FROM swarm_peers")] == ["127.0.0.4"]
+    assert db.execute("SELECT torrent_id, measured FROM probe_latest").fetchall() == [
+        (2, now - 3600)]
     assert db.execute("SELECT count(*) FROM runs WHERE id = ?", (old_run,)).fetchone()[0] == 0
     # The last month is untouched: the same report, changes and trends included.
     after_rows = {row.infohash: row for row in tsmd.load_report_rows(db)}

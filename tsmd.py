@@ -281,6 +281,11 @@ class Metainfo:
     trackers_skipped: int = 0  # tracker URLs past MAX_ANNOUNCE_URLS, not even read
     web_seeds: tuple[WebSeed, ...] = ()
     piece_count: int | None = None  # of a v1 or hybrid .torrent (what a peer's bitfield covers)
+    # What a web seed check asks a server for (v1 and hybrid): the first piece's SHA-1, and the
+    # first file's length and path (None for a single-file torrent, whose file is `name`).
+    first_piece_sha1: bytes | None = None
+    first_file_length: int | None = None
+    first_file_path: tuple[str, ...] | None = None
 
     @classmethod
     def bare(cls, infohash: str) -> Metainfo:
@@ -344,6 +349,7 @@ MAX_PIECE_LENGTH: Final = 1 << 34  # larger "piece lengths" are not kept
 MAX_METAINFO_TEXT: Final = 4096  # characters kept of a name, comment or `created by`
 MAX_ANNOUNCE_URLS: Final = 1000  # tracker URLs read from a .torrent or magnet; more are skipped
 MAX_WEB_SEEDS: Final = 100  # web seed URLs kept of a .torrent or magnet; real ones list a few
+MAX_WEB_SEEDS_CHECKED: Final = 4  # of one torrent's, in a probe run
 MAX_URL_LENGTH: Final = 2048  # longer tracker or web seed URLs are not kept
 
 
@@ -621,6 +627,8 @@ class _FileTotals:
     size: int = 0
     count: int = 0
     digest: Any = None  # a hashlib object, or None when no comparison is wanted
+    first_length: int | None = None  # the first file's, for a web seed check
+    first_path: Any = None  # its `path` as listed (a list of strings, or None if too big)
 
     def add(self, length: int, path: Callable[[], bytes] | None = None) -> None:
         """Count a file; `path` gives its path as a bencoded list of strings (only called when
@@ -666,6 +674,8 @@ def _v1_files_at(data: bytes, pos: int, digest: Any = None) -> tuple[_FileTotals
         listed += 1
         length = _file_length(entry, "a 'files' entry")
         if not _is_pad_file(entry):
+            if totals.first_length is None:
+                totals.first_length, totals.first_path = length, path
             totals.add(length, None if digest is None else functools.partial(_path_bytes, path))
     if not listed:
         raise ProtocolError("'files' is not a non-empty list")
@@ -724,6 +734,7 @@ class _InfoDict:
     v1_files_at: int | None = None  # where `files` and `file tree` start, to read them again
     v2_files_at: int | None = None
     pieces_bytes: int | None = None  # the length of v1 `pieces`: 20 bytes a piece
+    first_piece_sha1: bytes | None = None
 
 
 _INFO_KEYS: Final = frozenset({b"name", b"name.utf-8", b"piece length", b"length",
@@ -755,6 +766,8 @@ def _info_dict_at(data: bytes, pos: int) -> tuple[_InfoDict, int]:
             start, pos = pos, _skip_value_at(data, pos)
             colon = data.find(b":", start, pos)
             info.pieces_bytes = pos - colon - 1 if data[start:start + 1].isdigit() else None
+            if info.pieces_bytes is not None and info.pieces_bytes >= 20:
+                info.first_piece_sha1 = bytes(data[colon + 1:colon + 21])
         else:
             pos = _skip_value_at(data, pos)
 
@@ -938,6 +951,14 @@ def decode_metainfo_untrusted(data: bytes) -> Metainfo:
         _check_hybrid_views(data, info)
 
     name = _text(fields.get(b"name.utf-8")) or _text(fields.get(b"name"))
+    piece_count = (info.pieces_bytes // 20 if is_v1 and info.pieces_bytes
+                   and info.pieces_bytes % 20 == 0 else None)
+    # The v1 view's first file: where a url-list web seed serves piece 0's first bytes.
+    first_length, first_path = None, None
+    if piece_count and isinstance(info.v1_files, _FileTotals):
+        first_length, first_path = info.v1_files.first_length, _file_path(info.v1_files.first_path)
+    elif piece_count and info.v1_files is None:  # one file, called `name`
+        first_length = files.size
     return Metainfo(
         infohash=infohash,
         infohash_v2=sha256,
@@ -952,9 +973,19 @@ def decode_metainfo_untrusted(data: bytes) -> Metainfo:
         has_metainfo=True,
         trackers_skipped=announce_list.skipped if announce_list is not None else 0,
         web_seeds=_collect_web_seeds((kind, _text(url) or "") for kind, url in top.web_seeds),
-        piece_count=(info.pieces_bytes // 20 if is_v1 and info.pieces_bytes
-                     and info.pieces_bytes % 20 == 0 else None),
+        piece_count=piece_count,
+        first_piece_sha1=info.first_piece_sha1 if piece_count else None,
+        first_file_length=first_length,
+        first_file_path=first_path,
     )
+
+
+def _file_path(path: Any) -> tuple[str, ...] | None:
+    """A `files` entry's path as text components; None if it was too big to decode, or is
+    not a list of strings."""
+    if not isinstance(path, list) or not path or not all(isinstance(p, bytes) for p in path):
+        return None
+    return tuple(_text(part) or "" for part in path)
 
 
 def _check_hybrid_views(data: bytes, info: _InfoDict) -> None:
@@ -2262,6 +2293,110 @@ class PeerMessage(enum.IntEnum):
     BITFIELD = 5
     HAVE_ALL = 14  # BEP 6
     HAVE_NONE = 15
+    EXTENDED = 20  # BEP 10
+
+
+# BEP 9 metadata: the info dictionary in 16 KiB pieces, from a peer that has it.
+METADATA_PIECE_BYTES: Final = 16384
+MAX_METADATA_BYTES: Final = 4 << 20  # an info dict of 100,000 files is about 3 MiB
+UT_METADATA_OURS: Final = 1  # the extended id we ask peers to send ut_metadata messages with
+
+
+class MetadataMessage(enum.IntEnum):
+    REQUEST = 0
+    DATA = 1
+    REJECT = 2
+
+
+def encode_peer_message(kind: int, payload: bytes = b"") -> bytes:
+    return (1 + len(payload)).to_bytes(4, "big") + bytes([kind]) + payload
+
+
+def encode_extended_handshake() -> bytes:
+    """Our BEP 10 handshake: only ut_metadata, to be sent the info dictionary. No listen port,
+    no `reqq`: nothing that asks the peer to connect back or to send data."""
+    return encode_peer_message(PeerMessage.EXTENDED, b"\x00" + bencode(
+        {b"m": {b"ut_metadata": UT_METADATA_OURS}}))
+
+
+def encode_metadata_request(peer_ut_metadata: int, piece: int) -> bytes:
+    return encode_peer_message(PeerMessage.EXTENDED, bytes([peer_ut_metadata]) + bencode(
+        {b"msg_type": MetadataMessage.REQUEST, b"piece": piece}))
+
+
+def decode_extended_handshake_untrusted(payload: bytes) -> tuple[int | None, int | None]:
+    """(the peer's ut_metadata id, metadata_size) of its BEP 10 handshake (the payload after
+    the extended id 0); None for what it does not offer. ProtocolError for a broken one."""
+    message = bdecode_untrusted(payload)
+    if not isinstance(message, dict):
+        raise ProtocolError("extended handshake is not a dictionary")
+    names = message.get(b"m")
+    ut_id = names.get(b"ut_metadata") if isinstance(names, dict) else None
+    size = message.get(b"metadata_size")
+    if not isinstance(ut_id, int) or isinstance(ut_id, bool) or not 1 <= ut_id <= 255:
+        ut_id = None  # 0 disables it; no id: not offered
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        size = None
+    elif size > MAX_METADATA_BYTES:
+        raise ProtocolError(f"metadata of {size:,} bytes, over {MAX_METADATA_BYTES:,}")
+    return ut_id, size
+
+
+def decode_metadata_message_untrusted(payload: bytes) -> tuple[int, int, bytes]:
+    """(msg_type, piece, the bytes after the dictionary) of a ut_metadata message (the payload
+    after its extended id). ProtocolError for a broken one."""
+    end = _nesting_walk(payload, 0, 2, one_value=True) if payload else 0
+    header = bdecode_untrusted(payload[:end]) if end else None
+    if not isinstance(header, dict):
+        raise ProtocolError("ut_metadata message is not a dictionary")
+    kind, piece = header.get(b"msg_type"), header.get(b"piece")
+    if not isinstance(kind, int) or not isinstance(piece, int) or isinstance(piece, bool) \
+            or piece < 0:
+        raise ProtocolError("ut_metadata message without a msg_type and a piece")
+    return kind, piece, payload[end:]
+
+
+@dataclass(slots=True)
+class MetadataAssembly:
+    """The info dictionary of one torrent, a piece at a time from one peer, checked whole
+    against the infohash: SHA-1 (v1, hybrid) or truncated SHA-256 (v2)."""
+
+    infohash: bytes
+    size: int
+    pieces: dict[int, bytes] = field(default_factory=dict)
+
+    @property
+    def piece_count(self) -> int:
+        return -(-self.size // METADATA_PIECE_BYTES)
+
+    def take_untrusted(self, piece: int, data: bytes) -> bytes | None:
+        """One piece; the whole info dictionary once every piece is in and it hashes to the
+        infohash. ProtocolError for a piece out of range or of the wrong length, and for
+        metadata of another torrent."""
+        if piece >= self.piece_count:
+            raise ProtocolError(f"metadata piece {piece} of {self.piece_count}")
+        expected = min(METADATA_PIECE_BYTES, self.size - piece * METADATA_PIECE_BYTES)
+        if len(data) != expected:
+            raise ProtocolError(f"metadata piece {piece} of {len(data):,} bytes, not "
+                                f"{expected:,}")
+        self.pieces[piece] = data
+        if len(self.pieces) < self.piece_count:
+            return None
+        info = b"".join(self.pieces[index] for index in range(self.piece_count))
+        if hashlib.sha1(info).digest() != self.infohash and \
+                hashlib.sha256(info).digest()[:20] != self.infohash:
+            raise ProtocolError("metadata that does not hash to the infohash")
+        return info
+
+
+def metainfo_from_info_untrusted(info: bytes, infohash: bytes) -> Metainfo:
+    """What a fetched info dictionary tells, as sync stores a .torrent's: no trackers, no web
+    seeds (those live outside `info`). ProtocolError for one that tsmd would not read, or that
+    is not the torrent's."""
+    meta = decode_metainfo_untrusted(b"d4:info" + info + b"e")
+    if meta.infohash != infohash.hex():
+        raise ProtocolError("metadata of another torrent")  # a v2 hash of a hybrid's info
+    return meta
 
 
 def encode_peer_handshake(infohash: bytes, peer_id: bytes) -> bytes:
@@ -2327,6 +2462,18 @@ class PeerHoldings:
     def complete(self) -> bool:
         """A verified seed: have_all, or every piece of a known count."""
         return self.have_all or self.piece_count is not None and self.held == self.piece_count
+
+    def learn_piece_count(self, piece_count: int) -> None:
+        """The piece count, learnt from metadata fetched after this peer told what it holds;
+        ProtocolError if it claimed pieces past the last."""
+        if self.piece_count is not None:
+            return
+        if self.bits is not None:
+            size = (piece_count + 7) // 8
+            if any(self.bits[size:]) or _bitfield_int(self.bits[:size]) >> piece_count:
+                raise ProtocolError(f"holds pieces past the last of {piece_count:,}")
+            self.bits = self.bits[:size] + bytes(size - min(size, len(self.bits)))
+        self.piece_count = piece_count
 
     def holds(self) -> int:
         """Its pieces as an int, bit i for piece i (every piece for have_all)."""
@@ -3336,10 +3483,13 @@ class Fetcher:
 
     async def fetch(self, url: str, *, max_bytes: int, etag: str | None = None,
                     last_modified: str | None = None, allow_local: bool = False,
-                    raw: bool = False) -> FetchResult:
+                    raw: bool = False, byte_range: tuple[int, int] | None = None
+                    ) -> FetchResult:
         """GET `url`; with `etag`/`last_modified` a 304 comes back as status 304 and no body.
         With `raw`, gzip is asked for and the body comes as sent (its `content_encoding` says
         how), for the caller to decode a piece at a time; `max_bytes` bounds the encoded size.
+        With `byte_range` (first, last), only those bytes are asked for: the answer is a 206
+        with them (its status says so), or a 200 with the whole body.
 
         Only FetchError comes out of here. A `file:` URL is read only with `allow_local` (the
         configured collection, or entries of a local index), and never after a redirect.
@@ -3347,7 +3497,7 @@ class Fetcher:
         try:
             with trio.fail_after(self.deadline) as deadline:
                 return await self._fetch(url, max_bytes, etag, last_modified, allow_local,
-                                         deadline, raw)
+                                         deadline, raw, byte_range)
         except trio.TooSlowError:
             text = f"{url}: timed out after {self.deadline:g} s"
         except (ValueError, UnicodeError, h11.LocalProtocolError) as exc:
@@ -3358,7 +3508,8 @@ class Fetcher:
 
     async def _fetch(self, url: str, max_bytes: int, etag: str | None,
                      last_modified: str | None, allow_local: bool,
-                     deadline: trio.CancelScope, raw: bool = False) -> FetchResult:
+                     deadline: trio.CancelScope, raw: bool = False,
+                     byte_range: tuple[int, int] | None = None) -> FetchResult:
         for hop in range(self.max_redirects + 1):
             scheme = urllib.parse.urlsplit(url).scheme.lower()
             if scheme == "file":
@@ -3374,7 +3525,8 @@ class Fetcher:
                     and not is_global_address(literal):
                 raise AddressRefused(f"{url}: refused, {host} is not a public address")
             status, headers, body = await self._paced_get(url, host, max_bytes, etag,
-                                                          last_modified, deadline, raw)
+                                                          last_modified, deadline, raw,
+                                                          byte_range)
             if status in (301, 302, 303, 307, 308):
                 location = headers.get("location")
                 if not location:
@@ -3384,6 +3536,8 @@ class Fetcher:
             if status == 304 and (etag or last_modified):
                 return FetchResult(url, 304, b"", etag, last_modified,
                                    headers.get("content-type", ""))
+            if status == 206 and byte_range is not None:  # identity was asked for: as sent
+                return FetchResult(url, 206, body, None, None, headers.get("content-type", ""))
             if status != 200:
                 raise HttpStatusError(f"{url}: HTTP {status}" + _retry_after_note(status, headers),
                                       status)
@@ -3402,7 +3556,8 @@ class Fetcher:
 
     async def _paced_get(self, url: str, host: str, max_bytes: int, etag: str | None,
                          last_modified: str | None, deadline: trio.CancelScope,
-                         gzip: bool = False) -> tuple[int, dict[str, str], bytes]:
+                         gzip: bool = False, byte_range: tuple[int, int] | None = None
+                         ) -> tuple[int, dict[str, str], bytes]:
         """`_get` within the host's limits; a 429 or 503 with a short Retry-After is asked
         again (RETRY_AFTER_ATTEMPTS times at most), after that wait. Time spent waiting for
         the host moves the download's `deadline` back: it bounds the server, not the queue."""
@@ -3419,7 +3574,7 @@ class Fetcher:
                 await trio.sleep_until(start)
                 deadline.deadline = trio.current_time() + remaining
                 status, headers, body = await self._get(url, max_bytes, etag, last_modified,
-                                                        gzip)
+                                                        gzip, byte_range)
             wait = retry_after_seconds(headers.get("retry-after", ""), time.time())
             if not self.collection_server or status not in (429, 503) or wait is None \
                     or wait > MAX_RETRY_AFTER or attempt == RETRY_AFTER_ATTEMPTS:
@@ -3429,10 +3584,14 @@ class Fetcher:
         raise AssertionError("unreachable")
 
     async def _get(self, url: str, max_bytes: int, etag: str | None,
-                   last_modified: str | None, gzip: bool = False
+                   last_modified: str | None, gzip: bool = False,
+                   byte_range: tuple[int, int] | None = None
                    ) -> tuple[int, dict[str, str], bytes]:
-        headers = [("User-Agent", self.user_agent), ("Accept-Encoding", "gzip, deflate" if
-                                                     self.collection_server or gzip else "identity")]
+        compressed = (self.collection_server or gzip) and byte_range is None
+        headers = [("User-Agent", self.user_agent),
+                   ("Accept-Encoding", "gzip, deflate" if compressed else "identity")]
+        if byte_range is not None:
+            headers.append(("Range", f"bytes={byte_range[0]}-{byte_range[1]}"))
         if etag:
             headers.append(("If-None-Match", etag))
         if last_modified:
@@ -5124,14 +5283,34 @@ class PeerProbe:
     outcome: ProbeOutcome
     holdings: PeerHoldings | None = None
     detail: str = ""
+    metadata: bytes | None = None  # the info dictionary it sent (BEP 9), checked
+
+
+class MetadataWanted:
+    """One torrent's BEP 9 fetch, shared by the probes of its peers: asked of one peer at a
+    time (a hostile peer may send megabytes), until one has sent it whole and checked."""
+
+    def __init__(self) -> None:
+        self.info: bytes | None = None
+        self.asking = False
+
+    def claim(self) -> bool:
+        """Whether this peer is to be asked: nobody has it yet, and nobody is asked now."""
+        if self.info is not None or self.asking:
+            return False
+        self.asking = True
+        return True
 
 
 async def probe_peer(host: str, port: int, infohash: bytes, piece_count: int | None,
-                     options: ProbeOptions, peer_id: bytes) -> PeerProbe:
+                     options: ProbeOptions, peer_id: bytes,
+                     metadata: MetadataWanted | None = None) -> PeerProbe:
     """Ask one peer what it holds, read only: our handshake (with the BEP 6 and BEP 10 bits),
     then its handshake, its bitfield or have_all/have_none, and the `have` messages within
-    `have_window`; then we hang up. Nothing else is ever sent: no `interested`, no request,
-    no piece, no bitfield of ours. Every failure is this peer's outcome, never an exception."""
+    `have_window`; then we hang up. With `metadata`, a peer that offers BEP 9 is also asked for
+    the info dictionary (our extended handshake and ut_metadata requests). Nothing else is
+    ever sent: no `interested`, no request for a piece, no piece, no bitfield of ours. Every
+    failure is this peer's outcome, never an exception."""
     if _bogus_destination(host, port, options.allow_private):
         return PeerProbe(host, port, ProbeOutcome.NOT_ASKED)
     try:
@@ -5142,16 +5321,21 @@ async def probe_peer(host: str, port: int, infohash: bytes, piece_count: int | N
     if connecting.cancelled_caught:
         return PeerProbe(host, port, ProbeOutcome.TIMEOUT)
     probe = PeerProbe(host, port, ProbeOutcome.SILENT)
+    reader = _PeerReader(stream, probe, infohash, piece_count, options, metadata)
     async with stream:
         try:
             with trio.move_on_after(options.answer_timeout):
-                await _read_holdings(stream, probe, infohash, piece_count, options, peer_id)
+                await reader.read(peer_id)
         except ProtocolError as exc:
             probe.outcome = (ProbeOutcome.WRONG_TORRENT if isinstance(exc, WrongTorrentError)
                              else ProbeOutcome.MALFORMED)
             probe.holdings, probe.detail = None, str(exc)  # what it said before is not believed
+            probe.metadata = None
         except (OSError, trio.BrokenResourceError) as exc:
             probe.outcome, probe.detail = ProbeOutcome.CLOSED, str(exc)
+        finally:
+            if reader.asking_metadata and metadata is not None:
+                metadata.asking = False  # another peer may be asked
     if probe.outcome is ProbeOutcome.SILENT and probe.holdings is not None:
         probe.outcome = ProbeOutcome.TOLD  # a bitfield, then no `have` in the window
     elif probe.outcome is ProbeOutcome.CLOSED and probe.holdings is not None:
@@ -5159,37 +5343,89 @@ async def probe_peer(host: str, port: int, infohash: bytes, piece_count: int | N
     return probe
 
 
-async def _read_holdings(stream: trio.SocketStream, probe: PeerProbe, infohash: bytes,
-                         piece_count: int | None, options: ProbeOptions,
-                         peer_id: bytes) -> None:
-    await stream.send_all(encode_peer_handshake(infohash, peer_id))
-    buffer = bytearray()
-    while len(buffer) < PEER_HANDSHAKE_LENGTH:
-        data = await stream.receive_some(1 << 16)
-        if not data:
-            probe.outcome = ProbeOutcome.CLOSED
-            return
-        buffer += data
-    decode_peer_handshake_untrusted(bytes(buffer[:PEER_HANDSHAKE_LENGTH]), infohash)
-    del buffer[:PEER_HANDSHAKE_LENGTH]
-    holdings = PeerHoldings(piece_count)
-    window_ends = math.inf
-    while True:
-        for kind, payload in split_peer_messages_untrusted(buffer):
-            holdings.take_untrusted(kind, payload)
-        if holdings.answered:
-            probe.holdings = holdings
-            if holdings.complete:
-                probe.outcome = ProbeOutcome.TOLD
+class _PeerReader:
+    """The reading side of one probe: what the peer holds and, if wanted, the metadata."""
+
+    def __init__(self, stream: trio.SocketStream, probe: PeerProbe, infohash: bytes,
+                 piece_count: int | None, options: ProbeOptions,
+                 metadata: MetadataWanted | None) -> None:
+        self.stream, self.probe, self.infohash = stream, probe, infohash
+        self.options, self.metadata = options, metadata
+        self.holdings = PeerHoldings(piece_count)
+        self.asking_metadata = False  # our extended handshake sent; no answer settled it yet
+        self.assembly: MetadataAssembly | None = None
+        self.peer_ut_metadata: int | None = None
+
+    async def read(self, peer_id: bytes) -> None:
+        await self.stream.send_all(encode_peer_handshake(self.infohash, peer_id))
+        buffer = bytearray()
+        while len(buffer) < PEER_HANDSHAKE_LENGTH:
+            data = await self.stream.receive_some(1 << 16)
+            if not data:
+                self.probe.outcome = ProbeOutcome.CLOSED
                 return
-            window_ends = min(window_ends, trio.current_time() + options.have_window)
-        data = b""
-        with trio.move_on_at(window_ends):
-            data = await stream.receive_some(1 << 16)
-        if not data:  # the window is over, or the peer hung up
-            probe.outcome = ProbeOutcome.TOLD if holdings.answered else ProbeOutcome.CLOSED
-            return
-        buffer += data
+            buffer += data
+        decode_peer_handshake_untrusted(bytes(buffer[:PEER_HANDSHAKE_LENGTH]), self.infohash)
+        offers_extensions = bool(buffer[25] & 0x10)
+        del buffer[:PEER_HANDSHAKE_LENGTH]
+        if offers_extensions and self.metadata is not None and self.metadata.claim():
+            self.asking_metadata = True
+            await self.stream.send_all(encode_extended_handshake())
+        holdings, window_ends = self.holdings, math.inf
+        while True:
+            for kind, payload in split_peer_messages_untrusted(buffer):
+                if kind == PeerMessage.EXTENDED and self.asking_metadata:
+                    await self._take_extended(payload)
+                else:
+                    holdings.take_untrusted(kind, payload)
+            if holdings.answered:
+                self.probe.holdings = holdings
+                window_ends = min(window_ends, trio.current_time() + self.options.have_window)
+                if holdings.complete and not self.asking_metadata:
+                    self.probe.outcome = ProbeOutcome.TOLD
+                    return
+            data = b""
+            # The have window ends the wait, unless metadata is still coming (the answer
+            # timeout bounds that).
+            with trio.move_on_at(math.inf if self.asking_metadata else window_ends):
+                data = await self.stream.receive_some(1 << 16)
+            if not data:  # the window is over, or the peer hung up
+                self.probe.outcome = (ProbeOutcome.TOLD if holdings.answered
+                                      else ProbeOutcome.CLOSED)
+                return
+            buffer += data
+
+    async def _take_extended(self, payload: bytes) -> None:
+        if not payload:
+            raise ProtocolError("extended message without an id")
+        if payload[0] == 0:  # its extended handshake
+            self.peer_ut_metadata, size = decode_extended_handshake_untrusted(payload[1:])
+            if self.peer_ut_metadata is None or size is None:
+                self._metadata_settled()  # it does not offer the metadata
+                return
+            if self.assembly is None:
+                self.assembly = MetadataAssembly(self.infohash, size)
+                for piece in range(self.assembly.piece_count):
+                    await self.stream.send_all(encode_metadata_request(self.peer_ut_metadata,
+                                                                       piece))
+        elif payload[0] == UT_METADATA_OURS and self.assembly is not None:
+            kind, piece, data = decode_metadata_message_untrusted(payload[1:])
+            if kind == MetadataMessage.REJECT:
+                self._metadata_settled()
+            elif kind == MetadataMessage.DATA:
+                info = self.assembly.take_untrusted(piece, data)
+                if info is not None:
+                    self.probe.metadata = info
+                    assert self.metadata is not None
+                    self.metadata.info = info
+                    self._metadata_settled()
+        # Other extensions' messages (ut_pex, upload_only, ...) tell nothing we read.
+
+    def _metadata_settled(self) -> None:
+        self.asking_metadata = False
+        self.assembly = None
+        if self.metadata is not None:
+            self.metadata.asking = False
 
 
 @dataclass(slots=True)
@@ -5203,6 +5439,8 @@ class SwarmProbe:
     availability: float | None = None  # complete copies; None: no piece count, or none told
     outcomes: Counter[ProbeOutcome] = field(default_factory=Counter)
     peers: list[PeerProbe] = field(default_factory=list)
+    metadata: bytes | None = None  # the info dictionary, when it was wanted and a peer sent it
+    piece_count: int | None = None  # as known before, or learnt from the metadata
 
 
 class PeerProber:
@@ -5217,9 +5455,10 @@ class PeerProber:
         self._asked: set[tuple[str, int]] = set()
 
     async def probe(self, infohash: bytes, peers: Iterable[tuple[str, int]],
-                    piece_count: int | None) -> SwarmProbe:
+                    piece_count: int | None, want_metadata: bool = False) -> SwarmProbe:
         """Probe up to `peers_per_torrent` of `peers` (chosen at random: which ones a lookup
-        found first says nothing of what they hold)."""
+        found first says nothing of what they hold). With `want_metadata`, the info dictionary
+        is fetched too (BEP 9), and the piece count it gives judges what every peer told."""
         fresh = sorted(set(peers) - self._asked)
         random.Random(infohash).shuffle(fresh)
         # One port per IP: a lookup's reply may name one host at many ports (a poisoned
@@ -5228,7 +5467,8 @@ class PeerProber:
         chosen = [peer for peer in fresh if by_host[peer[0]] == peer]
         chosen = chosen[:self.options.peers_per_torrent]
         self._asked.update(chosen)
-        swarm = SwarmProbe()
+        swarm = SwarmProbe(piece_count=piece_count)
+        metadata = MetadataWanted() if want_metadata else None
 
         async def one(host: str, port: int) -> None:
             async with self._connections:
@@ -5236,13 +5476,25 @@ class PeerProber:
                     await trio.sleep(wait)
                 self._rate.take()
                 swarm.peers.append(await probe_peer(host, port, infohash, piece_count,
-                                                    self.options, self.peer_id))
+                                                    self.options, self.peer_id, metadata))
 
         async with trio.open_nursery() as nursery:
             for host, port in chosen:
                 nursery.start_soon(one, host, port)
+        if metadata is not None and metadata.info is not None:
+            swarm.metadata = metadata.info
+            if piece_count is None:
+                with contextlib.suppress(ProtocolError):
+                    swarm.piece_count = metainfo_from_info_untrusted(
+                        metadata.info, infohash).piece_count
         told = []
         for peer in swarm.peers:
+            if peer.holdings is not None and swarm.piece_count is not None:
+                try:
+                    peer.holdings.learn_piece_count(swarm.piece_count)
+                except ProtocolError as exc:
+                    peer.outcome, peer.holdings, peer.detail = (ProbeOutcome.MALFORMED, None,
+                                                                str(exc))
             swarm.outcomes[peer.outcome] += 1
             if peer.outcome is not ProbeOutcome.NOT_ASKED:
                 swarm.tried += 1
@@ -5253,9 +5505,59 @@ class PeerProber:
                 told.append(peer.holdings)
                 swarm.verified_seeds += peer.holdings.complete
         swarm.answering = len(told)
-        if piece_count is not None and told:  # (none told: nothing seen, not 0 copies)
-            swarm.availability = distributed_copies(told, piece_count)
+        if swarm.piece_count is not None and told:  # (none told: nothing seen, not 0 copies)
+            swarm.availability = distributed_copies(told, swarm.piece_count)
         return swarm
+
+
+@dataclass(frozen=True, slots=True)
+class WebSeedPiece:
+    """What a web seed is asked for: piece 0 of a v1 (or hybrid) torrent, whose hash is known.
+    A url-list server is asked for the first file's first bytes, as much of piece 0 as that
+    file holds; a BEP 17 httpseeds script for piece 0 itself."""
+
+    infohash: bytes
+    name: str
+    first_file_path: tuple[str, ...] | None  # None: a single-file torrent (its file is `name`)
+    first_file_length: int
+    piece_length: int  # of piece 0: the piece length, or the whole torrent if smaller
+    piece_sha1: bytes
+
+
+def web_seed_request(seed: WebSeed, piece: WebSeedPiece) -> tuple[str, tuple[int, int] | None]:
+    """The URL to GET and the byte range to ask for, as BEP 19 and BEP 17 say clients do."""
+    quote = functools.partial(urllib.parse.quote, safe="")
+    if seed.kind == "httpseeds":
+        return (seed.url + ("&" if "?" in seed.url else "?")
+                + f"info_hash={urllib.parse.quote_from_bytes(piece.infohash, safe='')}&piece=0",
+                None)
+    url = seed.url
+    if piece.first_file_path is None:
+        if url.endswith("/"):  # a folder holding the file
+            url += quote(piece.name)
+    else:
+        url = (url if url.endswith("/") else url + "/") + "/".join(
+            quote(part) for part in (piece.name, *piece.first_file_path))
+    return url, (0, min(piece.piece_length, piece.first_file_length) - 1)
+
+
+async def check_web_seed(fetcher: Fetcher, seed: WebSeed, piece: WebSeedPiece) -> str | None:
+    """Whether `seed` serves the torrent's data: None if it does, else why not. When the bytes
+    asked for are all of piece 0, they must hash to it; else (a first file shorter than a
+    piece) there must be exactly as many as the file holds there."""
+    url, byte_range = web_seed_request(seed, piece)
+    wanted = piece.piece_length if byte_range is None else byte_range[1] + 1
+    try:
+        result = await fetcher.fetch(url, max_bytes=wanted, byte_range=byte_range)
+    except FetchError as exc:
+        return str(exc)
+    body = result.body[:wanted] if result.status == 206 else result.body
+    if wanted == piece.piece_length:
+        if hashlib.sha1(body).digest() != piece.piece_sha1:
+            return f"{url}: {len(body):,} bytes that are not piece 0"
+    elif len(body) != wanted:
+        return f"{url}: {len(body):,} bytes, not the first {wanted:,} of the file"
+    return None
 
 
 # ---- Tracker scrape ----
@@ -6147,6 +6449,56 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE trackers ADD COLUMN fabricating_since INTEGER;  -- tested it; NULL: honest
     ALTER TABLE trackers ADD COLUMN full_scrape INTEGER;   -- 1: answers only its full scrape
     """,
+    # v9: who really holds the data (the probe). What a torrent's pieces are, for reading a
+    # peer's bitfield and checking a web seed; the peers the DHT stage found, kept for the
+    # probe only (never published, pruned with the samples); one probe sample per torrent and
+    # run, and each torrent's newest.
+    """
+    ALTER TABLE torrents ADD COLUMN piece_count INTEGER;       -- v1 and hybrid; NULL unknown
+    ALTER TABLE torrents ADD COLUMN first_piece_sha1 BLOB;
+    ALTER TABLE torrents ADD COLUMN first_file_length INTEGER;
+    ALTER TABLE torrents ADD COLUMN first_file_path TEXT;      -- JSON list; NULL: one file
+    CREATE TABLE swarm_peers (
+        torrent_id      INTEGER NOT NULL REFERENCES torrents(id) ON DELETE CASCADE,
+        host            TEXT NOT NULL,
+        port            INTEGER NOT NULL,
+        found           INTEGER NOT NULL,
+        PRIMARY KEY (torrent_id, host, port)
+    ) WITHOUT ROWID;
+    CREATE INDEX swarm_peers_found ON swarm_peers(found);
+    CREATE TABLE probe_samples (
+        torrent_id      INTEGER NOT NULL REFERENCES torrents(id) ON DELETE CASCADE,
+        run_id          INTEGER REFERENCES runs(id) ON DELETE SET NULL,
+        measured        INTEGER NOT NULL,
+        tried           INTEGER NOT NULL,       -- peers a connection was attempted to
+        reachable       INTEGER NOT NULL,       -- connected
+        answering       INTEGER NOT NULL,       -- told what they hold
+        verified_seeds  INTEGER NOT NULL,       -- every piece, or have_all
+        availability    REAL,                   -- distributed copies; NULL unknown
+        webseeds_tried  INTEGER NOT NULL,
+        webseeds_ok     INTEGER NOT NULL        -- served piece 0 (its SHA-1 matched if known)
+    );
+    CREATE INDEX probe_samples_torrent ON probe_samples(torrent_id, measured);
+    CREATE INDEX probe_samples_measured ON probe_samples(measured);
+    CREATE INDEX probe_samples_run ON probe_samples(run_id);
+    CREATE TABLE probe_latest (
+        torrent_id      INTEGER PRIMARY KEY REFERENCES torrents(id) ON DELETE CASCADE,
+        measured        INTEGER NOT NULL,
+        reachable       INTEGER NOT NULL,
+        verified_seeds  INTEGER NOT NULL,
+        availability    REAL,
+        webseeds_ok     INTEGER NOT NULL
+    );
+    CREATE TRIGGER probe_samples_latest AFTER INSERT ON probe_samples BEGIN
+        INSERT INTO probe_latest VALUES (new.torrent_id, new.measured, new.reachable,
+                                         new.verified_seeds, new.availability, new.webseeds_ok)
+        ON CONFLICT (torrent_id) DO UPDATE SET
+            measured = excluded.measured, reachable = excluded.reachable,
+            verified_seeds = excluded.verified_seeds, availability = excluded.availability,
+            webseeds_ok = excluded.webseeds_ok
+        WHERE excluded.measured >= probe_latest.measured;
+    END;
+    """,
 )
 # What SQL cannot compute, done in Python inside the same transaction as the migration's SQL:
 # by the index in MIGRATIONS it completes.
@@ -6404,11 +6756,14 @@ def _lock_file(handle: Any, wait: bool) -> bool:
 class PruneCounts:
     tracker_samples: int = 0
     dht_samples: int = 0
+    probe_samples: int = 0
+    swarm_peers: int = 0  # peer addresses the DHT stage kept for the probe
     dht_nodes: int = 0
     runs: int = 0
 
     def summary(self) -> str:
         return (f"{self.tracker_samples:,} tracker samples, {self.dht_samples:,} DHT samples, "
+                f"{self.probe_samples:,} probe samples, {self.swarm_peers:,} peer addresses, "
                 f"{self.dht_nodes:,} DHT nodes and {self.runs:,} runs deleted")
 
 
@@ -6425,19 +6780,21 @@ def prune_database(db: sqlite3.Connection, samples_before: float | None,
         # Samples not folded into the seeder history yet would take their history with them.
         summarize_scrape_runs(db)
         cutoff = int(samples_before)
-        for table, attribute in (("tracker_samples", "tracker_samples"),
-                                 ("dht_samples", "dht_samples")):
+        for table in ("tracker_samples", "dht_samples", "probe_samples"):
             while True:
                 with Transaction(db):
                     deleted = db.execute(
                         f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
                         f"WHERE measured < ? LIMIT {PRUNE_BATCH})", (cutoff,)).rowcount
-                setattr(counts, attribute, getattr(counts, attribute) + deleted)
+                setattr(counts, table, getattr(counts, table) + deleted)
                 if deleted < PRUNE_BATCH:
                     break
         with Transaction(db):
             db.execute("DELETE FROM tracker_latest WHERE measured < ?", (cutoff,))
             db.execute("DELETE FROM dht_latest WHERE measured < ?", (cutoff,))
+            db.execute("DELETE FROM probe_latest WHERE measured < ?", (cutoff,))
+            counts.swarm_peers = db.execute("DELETE FROM swarm_peers WHERE found < ?",
+                                            (cutoff,)).rowcount
             # Runs that ended before the cutoff (their samples are gone with it); a scrape run
             # not folded into seeder_history yet stays until it is.
             counts.runs = db.execute(
@@ -6505,8 +6862,9 @@ def upsert_torrent(db: sqlite3.Connection, meta: Metainfo, now: int,
     row = db.execute(
         """
         INSERT INTO torrents (infohash, infohash_v2, name, size_bytes, file_count, piece_length,
-                              created_unix, created_by, comment, has_metainfo, first_seen, updated)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                              created_unix, created_by, comment, has_metainfo, first_seen, updated,
+                              piece_count, first_piece_sha1, first_file_length, first_file_path)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
         ON CONFLICT(infohash) DO UPDATE SET
             infohash_v2  = coalesce(excluded.infohash_v2, infohash_v2),
             name         = CASE WHEN excluded.has_metainfo OR NOT has_metainfo
@@ -6520,12 +6878,19 @@ def upsert_torrent(db: sqlite3.Connection, meta: Metainfo, now: int,
             created_by   = coalesce(excluded.created_by, created_by),
             comment      = coalesce(excluded.comment, comment),
             has_metainfo = max(has_metainfo, excluded.has_metainfo),
-            updated      = excluded.updated
+            updated      = excluded.updated,
+            piece_count  = coalesce(excluded.piece_count, piece_count),
+            first_piece_sha1 = coalesce(excluded.first_piece_sha1, first_piece_sha1),
+            first_file_length = coalesce(excluded.first_file_length, first_file_length),
+            first_file_path = CASE WHEN excluded.first_file_length IS NOT NULL
+                                   THEN excluded.first_file_path ELSE first_file_path END
         RETURNING id
         """,
         (meta.infohash, meta.infohash_v2, meta.name, meta.size_bytes, meta.file_count,
          meta.piece_length, meta.created_unix, meta.created_by, meta.comment,
-         int(meta.has_metainfo), now, now)).fetchone()
+         int(meta.has_metainfo), now, now, meta.piece_count, meta.first_piece_sha1,
+         meta.first_file_length,
+         None if meta.first_file_path is None else json.dumps(meta.first_file_path))).fetchone()
     torrent_id = int(row[0])
     linked: dict[str, tuple[int, int]] = {}  # url -> (tier, position) of the torrent's trackers
     if meta.has_metainfo:  # a (changed) .torrent file's tracker list replaces the old one
@@ -6818,7 +7183,7 @@ class RetentionSettings:
     nodes: float = 30 * 86400.0  # DHT nodes not seen for this long
 
 
-RUN_STAGES: Final = ("sync", "dht", "scrape", "report", "prune")
+RUN_STAGES: Final = ("sync", "dht", "probe", "scrape", "report", "prune")
 
 
 @dataclass(frozen=True, slots=True)
@@ -7101,8 +7466,9 @@ nodes = "30d"
 
 [run]
 # The stages `tsmd run` runs, in this order. A host without DHT access (UDP blocked) leaves
-# "dht" out; `tsmd run --skip STAGE` leaves one out for a single run.
-stages = ["sync", "dht", "scrape", "report", "prune"]
+# "dht" out (the probe then asks only web seeds); `tsmd run --skip STAGE` leaves one out for
+# a single run.
+stages = ["sync", "dht", "probe", "scrape", "report", "prune"]
 
 # One [[collections]] table per collection. `url` is one of the following, told apart by its
 # content (servers mislabel it), gzip or not:
@@ -8195,29 +8561,46 @@ def waiting_in(channel: trio.MemoryReceiveChannel) -> Iterator[Any]:
 
 
 def _write_dht_samples(db: sqlite3.Connection, rows: list[tuple]) -> None:
+    """Each row is a sample's columns, then the peers found: these replace the torrent's
+    swarm_peers, which the probe reads."""
     with Transaction(db):
         db.executemany("INSERT INTO dht_samples (torrent_id, run_id, measured, peers, "
                        "bep33_seeds, bep33_peers, nodes_answered) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       rows)
+                       [row[:-1] for row in rows])
+        db.executemany("DELETE FROM swarm_peers WHERE torrent_id = ?", [row[:1] for row in rows])
+        db.executemany("INSERT INTO swarm_peers (torrent_id, host, port, found) "
+                       "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                       [(row[0], host, port, row[2]) for row in rows for host, port in row[-1]])
 
 
-async def _dht_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChannel) -> None:
-    """The one task that writes DHT samples: a transaction per batch or per second."""
-    rows: list[tuple] = []
+async def _sample_writer(db: sqlite3.Connection, receive: trio.MemoryReceiveChannel,
+                         write: Callable[[sqlite3.Connection, list[Any]], None],
+                         batch: int) -> None:
+    """The one task that writes a stage's samples: a transaction per batch or per second."""
+    rows: list[Any] = []
     last_commit = trio.current_time()
     try:
         async for row in receive:
             rows.append(row)
-            if len(rows) >= DHT_WRITE_BATCH or trio.current_time() - last_commit > 1:
-                _write_dht_samples(db, rows)
+            if len(rows) >= batch or trio.current_time() - last_commit > 1:
+                write(db, rows)
                 rows.clear()
                 last_commit = trio.current_time()
     finally:
-        # On Ctrl-C or SIGTERM too: every lookup that finished is kept, queued or not.
+        # On Ctrl-C or SIGTERM too: every measurement that finished is kept, queued or not.
         rows.extend(waiting_in(receive))
         receive.close()
         if rows:
-            _write_dht_samples(db, rows)
+            write(db, rows)
+
+
+def peers_to_keep(peers: Iterable[tuple[str, int]], infohash: bytes) -> list[tuple[str, int]]:
+    """What the DHT stage keeps of a lookup's peers for the probe: at most PROBE_MAX_PEERS,
+    chosen at random (a big swarm's thousands would only fill the database)."""
+    chosen = sorted(peers)
+    if len(chosen) > PROBE_MAX_PEERS:
+        chosen = random.Random(infohash).sample(chosen, PROBE_MAX_PEERS)
+    return chosen
 
 
 def probe_options(settings: Settings) -> ProbeOptions:
@@ -8276,7 +8659,8 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
                     counters.lookups_with_peers += bool(result.peers)
                     if result.nodes_answered:  # nobody answered: nothing was measured
                         await send.send((torrent_id, run_id, int(time.time()), len(result.peers),
-                                         seeds, peers, result.nodes_answered))
+                                         seeds, peers, result.nodes_answered,
+                                         peers_to_keep(result.peers, infohash)))
                     else:
                         counters.lookups_unanswered += 1
                     elapsed = max(trio.current_time() - started, 1e-9)
@@ -8296,7 +8680,8 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
                 nursery.start_soon(watch_for_outage, lambda: udp.sent + udp.send_errors, heard,
                                    settings.network.outage_after, lookups_scope)
                 async with trio.open_nursery() as writing:
-                    writing.start_soon(_dht_writer, db, receive)
+                    writing.start_soon(_sample_writer, db, receive, _write_dht_samples,
+                                       DHT_WRITE_BATCH)
                     # The writer ends when the last clone of `send` closes with its lookup.
                     with lookups_scope:
                         async with send, trio.open_nursery() as lookups:
@@ -8322,6 +8707,238 @@ async def run_dht(db: sqlite3.Connection, settings: Settings,
             counters.dropped_replies = udp.dropped_unmatched
             counters.malformed_packets = udp.dropped_invalid
     return counters
+
+
+# ---- Probe stage ----
+
+PROBE_PEER_FRESHNESS: Final = 3 * 86400  # DHT peers found longer ago are not asked
+PROBE_WRITE_BATCH: Final = 200  # samples per transaction
+# Peers and web seeds tried with not one reached: the network is down, not every swarm dead.
+PROBE_OUTAGE_AFTER: Final = 20
+
+
+@dataclass(slots=True)
+class ProbeRunCounts:
+    torrents: int = 0  # probed
+    downloadable: int = 0  # a verified seed, a working web seed or availability >= 1
+    peers_tried: int = 0
+    peers_reachable: int = 0
+    peers_answering: int = 0
+    verified_seeds: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)  # ProbeOutcome value -> peers
+    metadata_wanted: int = 0  # torrents with no piece count (magnets, infohashes)
+    metadata_fetched: int = 0  # BEP 9 info dictionaries received, checked and stored
+    metadata_unreadable: int = 0  # hashed right, but not an info dictionary tsmd reads
+    webseeds_tried: int = 0
+    webseeds_ok: int = 0
+    seconds: float = 0.0
+    outage: str | None = None  # why the stage stopped early: no peer nor web seed answered
+
+    def summary(self) -> str:
+        outcomes = ", ".join(f"{count:,} {outcome}" for outcome, count in
+                             sorted(self.outcomes.items(), key=lambda item: -item[1]))
+        return (f"{_plural(self.torrents, 'torrent')} probed ({self.downloadable:,} "
+                f"downloadable); peers: {self.peers_tried:,} tried, {self.peers_reachable:,} "
+                f"reachable, {self.peers_answering:,} answered, {self.verified_seeds:,} verified "
+                f"seeds" + (f" ({outcomes})" if outcomes else "")
+                + (f"; metadata of {self.metadata_fetched:,} of {self.metadata_wanted:,} "
+                   "magnets fetched" if self.metadata_wanted else "")
+                + (f" ({self.metadata_unreadable:,} unreadable)" if self.metadata_unreadable
+                   else "")
+                + (f"; web seeds: {self.webseeds_ok:,} of {self.webseeds_tried:,} served the data"
+                   if self.webseeds_tried else "") + f"; {self.seconds:.1f} s")
+
+
+@dataclass(slots=True)
+class ProbeTarget:
+    torrent_id: int
+    infohash: bytes
+    piece_count: int | None
+    wants_metadata: bool  # no piece count and not a v2-only torrent: BEP 9 would give it
+    web_seed_piece: WebSeedPiece | None  # None: nothing to ask web seeds for
+
+
+def load_probe_plan(db: sqlite3.Connection, collections: Sequence[CollectionSettings],
+                    infohashes: Sequence[str], stale_after: float | None,
+                    now: int) -> list[ProbeTarget]:
+    """Torrents to probe: those with peers the DHT stage found lately, or with web seeds;
+    never probed first, then the longest ago. Their peers are read as each is probed."""
+    names = [c.name for c in collections]
+    query = (
+        "SELECT t.id, t.infohash, t.infohash_v2, t.has_metainfo, t.name, t.piece_count, "
+        "t.piece_length, t.size_bytes, t.first_piece_sha1, t.first_file_length, "
+        "t.first_file_path, (SELECT max(measured) FROM probe_samples p "
+        "WHERE p.torrent_id = t.id) AS last FROM torrents t WHERE EXISTS ("
+        "SELECT 1 FROM memberships m JOIN collections c ON c.id = m.collection_id "
+        "WHERE m.torrent_id = t.id AND m.removed IS NULL "
+        f"AND c.name IN ({', '.join('?' * len(names))})) AND (EXISTS ("
+        "SELECT 1 FROM swarm_peers s WHERE s.torrent_id = t.id AND s.found >= ?) "
+        "OR EXISTS (SELECT 1 FROM web_seeds w WHERE w.torrent_id = t.id))")
+    params: list[Any] = [*names, now - PROBE_PEER_FRESHNESS]
+    if infohashes:
+        query += f" AND t.infohash IN ({', '.join('?' * len(infohashes))})"
+        params.extend(infohashes)
+    rows = db.execute(query, params).fetchall()
+    if stale_after is not None:
+        rows = [row for row in rows if row[-1] is None or row[-1] <= now - stale_after]
+    rows.sort(key=lambda row: (row[-1] is not None, row[-1] or 0, row[0]))
+    plan = []
+    for (torrent_id, infohash, infohash_v2, has_metainfo, name, piece_count, piece_length,
+         size, first_sha1, first_length, first_path, _) in rows:
+        # A v2-only torrent's pieces follow each file: its metadata gives no count to read
+        # a bitfield by (its infohash is its v2 hash, truncated).
+        v2_only = bool(has_metainfo) and infohash_v2 is not None \
+            and infohash_v2[:SHA1_HEX_LEN] == infohash
+        piece = None
+        if first_sha1 and first_length and piece_length and size and size > 0:
+            with contextlib.suppress(ValueError, TypeError):
+                path = None if first_path is None else tuple(
+                    str(part) for part in json.loads(first_path))
+                piece = WebSeedPiece(bytes.fromhex(infohash), name or "", path, first_length,
+                                     min(piece_length, size), bytes(first_sha1))
+        plan.append(ProbeTarget(torrent_id, bytes.fromhex(infohash), piece_count,
+                                piece_count is None and not v2_only, piece))
+    return plan
+
+
+def load_probe_peers(db: sqlite3.Connection, torrent_id: int, since: int
+                     ) -> list[tuple[str, int]]:
+    return db.execute("SELECT host, port FROM swarm_peers WHERE torrent_id = ? AND found >= ?",
+                      (torrent_id, since)).fetchall()
+
+
+def store_fetched_metadata(db: sqlite3.Connection, torrent_id: int, meta: Metainfo,
+                           now: int) -> None:
+    """What a fetched info dictionary tells, stored as sync stores a .torrent's; the trackers
+    and web seeds stay as the listing gave them (they are not in `info`)."""
+    db.execute(
+        "UPDATE torrents SET infohash_v2 = coalesce(?, infohash_v2), name = coalesce(?, name), "
+        "size_bytes = ?, file_count = ?, piece_length = ?, piece_count = ?, "
+        "first_piece_sha1 = ?, first_file_length = ?, first_file_path = ?, has_metainfo = 1, "
+        "updated = ? WHERE id = ?",
+        (meta.infohash_v2, meta.name, meta.size_bytes, meta.file_count, meta.piece_length,
+         meta.piece_count, meta.first_piece_sha1, meta.first_file_length,
+         None if meta.first_file_path is None else json.dumps(meta.first_file_path), now,
+         torrent_id))
+
+
+@dataclass(slots=True)
+class ProbeSample:
+    torrent_id: int
+    run_id: int | None
+    measured: int
+    swarm: SwarmProbe
+    webseeds_tried: int
+    webseeds_ok: int
+    metadata: Metainfo | None  # fetched now, to be stored
+
+
+def is_downloadable(verified_seeds: int, availability: float | None, webseeds_ok: int) -> bool:
+    """A complete copy was seen: a verified seed, a web seed serving the data, or peers that
+    hold every piece between them."""
+    return verified_seeds > 0 or webseeds_ok > 0 or (availability or 0.0) >= 1.0
+
+
+def _write_probe_samples(db: sqlite3.Connection, samples: list[ProbeSample]) -> None:
+    with Transaction(db):
+        for sample in samples:
+            if sample.metadata is not None:
+                store_fetched_metadata(db, sample.torrent_id, sample.metadata, sample.measured)
+        db.executemany(
+            "INSERT INTO probe_samples (torrent_id, run_id, measured, tried, reachable, "
+            "answering, verified_seeds, availability, webseeds_tried, webseeds_ok) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(x.torrent_id, x.run_id, x.measured, x.swarm.tried, x.swarm.reachable,
+              x.swarm.answering, x.swarm.verified_seeds, x.swarm.availability,
+              x.webseeds_tried, x.webseeds_ok) for x in samples])
+
+
+async def run_probe(db: sqlite3.Connection, settings: Settings,
+                    collections: Sequence[CollectionSettings], reporter: Reporter, *,
+                    infohashes: Sequence[str] = (), stale_after: float | None = None,
+                    options: ProbeOptions | None = None,
+                    run_id: int | None = None) -> ProbeRunCounts:
+    """Ask the peers the DHT stage found what they hold, fetch the metadata of torrents that
+    have none, check their web seeds, and store one sample per torrent."""
+    options = options or probe_options(settings)
+    now = int(time.time())
+    plan = load_probe_plan(db, collections, infohashes, stale_after, now)
+    if infohashes:
+        missing = set(infohashes) - {target.infohash.hex() for target in plan}
+        if missing:
+            raise ConfigError(f"infohash {sorted(missing)[0]} has no peers found lately nor "
+                              "web seeds in the selected collections (run tsmd dht first)")
+    counts = ProbeRunCounts()
+    prober = PeerProber(options)
+    fetcher = make_fetcher(settings)
+    outcomes: Counter[ProbeOutcome] = Counter()
+    send, receive = trio.open_memory_channel[ProbeSample](PROBE_WRITE_BATCH)
+    started = trio.current_time()
+    work = iter(plan)
+    with reporter.progress() as progress:
+        task = progress.add_task("probe", total=len(plan))
+
+        async def probe_worker(send: trio.MemorySendChannel) -> None:
+            async with send:
+                for target in work:
+                    await send.send(await probe_target(target))
+                    progress.update(task, advance=1, description=(
+                        f"probe {counts.peers_answering:,} peers answered, "
+                        f"{counts.verified_seeds:,} seeds"))
+
+        async def probe_target(target: ProbeTarget) -> ProbeSample:
+            peers = load_probe_peers(db, target.torrent_id, now - PROBE_PEER_FRESHNESS)
+            swarm = await prober.probe(target.infohash, peers, target.piece_count,
+                                       want_metadata=target.wants_metadata)
+            meta = None
+            if target.wants_metadata:
+                counts.metadata_wanted += 1
+                if swarm.metadata is not None:
+                    try:
+                        meta = metainfo_from_info_untrusted(swarm.metadata, target.infohash)
+                        counts.metadata_fetched += 1
+                    except ProtocolError as exc:
+                        counts.metadata_unreadable += 1
+                        reporter.problem(f"probe: {target.infohash.hex()}: metadata: {exc}")
+            tried = served = 0
+            piece = target.web_seed_piece
+            if piece is not None:
+                for url, kind in db.execute("SELECT url, kind FROM web_seeds WHERE "
+                                            "torrent_id = ? ORDER BY url LIMIT ?",
+                                            (target.torrent_id, MAX_WEB_SEEDS_CHECKED)):
+                    tried += 1
+                    served += await check_web_seed(fetcher, WebSeed(url, kind), piece) is None
+            counts.torrents += 1
+            counts.peers_tried += swarm.tried
+            counts.peers_reachable += swarm.reachable
+            counts.peers_answering += swarm.answering
+            counts.verified_seeds += swarm.verified_seeds
+            counts.webseeds_tried += tried
+            counts.webseeds_ok += served
+            counts.downloadable += is_downloadable(swarm.verified_seeds, swarm.availability,
+                                                   served)
+            outcomes.update(swarm.outcomes)
+            return ProbeSample(target.torrent_id, run_id, int(time.time()), swarm, tried,
+                               served, meta)
+
+        try:
+            async with trio.open_nursery() as writing:
+                writing.start_soon(_sample_writer, db, receive, _write_probe_samples,
+                                   PROBE_WRITE_BATCH)
+                async with send, trio.open_nursery() as probing:
+                    # Enough torrents at once to keep `concurrency` connections busy.
+                    for _ in range(min(len(plan), max(1, options.concurrency))):
+                        probing.start_soon(probe_worker, send.clone())
+        finally:
+            counts.seconds = trio.current_time() - started
+            counts.outcomes = {outcome.value: count for outcome, count in outcomes.items()}
+            with trio.CancelScope(shield=True):
+                await fetcher.aclose()
+    if counts.peers_tried + counts.webseeds_tried >= PROBE_OUTAGE_AFTER \
+            and not counts.peers_reachable and not fetcher.heard:
+        counts.outage = (f"none of {counts.peers_tried:,} peers nor "
+                         f"{counts.webseeds_tried:,} web seeds could be reached: network down?")
+    return counts
 
 
 # ---- Scrape stage ----
@@ -8768,6 +9385,7 @@ class CheckResult:
     verified_seeds: int = -1
     availability: float | None = None  # complete copies; None: not probed, or no piece count
     probe_outcomes: dict[str, int] = field(default_factory=dict)
+    metadata_fetched: bool = False  # a magnet's info dictionary came from a peer (BEP 9)
 
     @property
     def trusted_trackers(self) -> list[TrackerCheck]:
@@ -8793,6 +9411,7 @@ class CheckResult:
                 "probe_tried": self.probe_tried, "reachable_peers": self.reachable_peers,
                 "probe_answering": self.probe_answering, "verified_seeds": self.verified_seeds,
                 "availability": self.availability, "probe_outcomes": self.probe_outcomes,
+                "metadata_fetched": self.metadata_fetched,
                 "trackers": [dataclasses.asdict(t) for t in self.trackers]}
 
 
@@ -8854,8 +9473,17 @@ async def check_torrent(meta: Metainfo, settings: Settings, reporter: Reporter, 
         else:
             result.dht_error = "no DHT node answered"
         if use_probe:
+            # A magnet or an infohash: its metadata, from a peer, gives the piece count.
             swarm = await PeerProber(probe_options(settings)).probe(
-                infohash, found.peers, meta.piece_count)
+                infohash, found.peers, meta.piece_count,
+                want_metadata=meta.piece_count is None and not meta.has_metainfo)
+            if swarm.metadata is not None:
+                with contextlib.suppress(ProtocolError):
+                    fetched = metainfo_from_info_untrusted(swarm.metadata, infohash)
+                    result.name = result.name or fetched.name
+                    if result.size_bytes < 0 and fetched.size_bytes is not None:
+                        result.size_bytes = fetched.size_bytes
+                    result.metadata_fetched = True
             result.probe_tried, result.reachable_peers = swarm.tried, swarm.reachable
             result.probe_answering, result.verified_seeds = swarm.answering, swarm.verified_seeds
             result.availability = swarm.availability
@@ -8908,6 +9536,13 @@ class ReportRow:
     dht_scraped: int
     dht_seeds_estimate: int
     dht_peers_estimate: int
+    # The probe's newest fresh sample (PROBE_SAMPLE_FRESHNESS); -1 when not probed lately.
+    verified_seeds: int = -1  # peers that hold every piece (a complete bitfield, or have_all)
+    availability: float = -1  # complete copies among the peers that told ("distributed copies")
+    webseeds_ok: int = -1  # web seeds that served piece 0
+    reachable_peers: int = -1
+    probed: int = -1  # when
+    downloadable: int = -1  # 1: a complete copy was seen (is_downloadable); 0: none was
     band: str = "grey"  # red < 4 seeders, yellow 4-10, green > 10, grey unknown
     need: float | None = None  # lower needs seeders more; None when not measured
     seeders_change_previous: int | None = None  # against the previous scrape run
@@ -8972,10 +9607,12 @@ def add_health(rows: list[ReportRow], history: dict[str, list[tuple[int, int]]])
 
 
 # Where a torrent stands in the plan, the first key of the `need` order: downloadable red, then
-# yellow, then green; then the dead (measured, and no seeder anywhere: nothing can be
-# downloaded, so they are lost unless someone who has them comes back, and no volunteer can
-# help by being sent there); then those not measured yet.
-PLAN_RED, PLAN_YELLOW, PLAN_GREEN, PLAN_DEAD, PLAN_UNMEASURED = range(5)
+# yellow, then green; then the unverified (trackers count seeders, but the probe reached peers
+# and none of them, nor a web seed, had a complete copy: a volunteer sent there may wait for
+# ever); then the dead (measured, and no seeder anywhere: nothing can be downloaded, so they
+# are lost unless someone who has them comes back, and no volunteer can help by being sent
+# there); then those not measured yet.
+PLAN_RED, PLAN_YELLOW, PLAN_GREEN, PLAN_UNVERIFIED, PLAN_DEAD, PLAN_UNMEASURED = range(6)
 _PLAN_OF_BAND: Final = {"red": PLAN_RED, "yellow": PLAN_YELLOW, "green": PLAN_GREEN}
 
 
@@ -8984,6 +9621,8 @@ def plan_group(row: ReportRow) -> int:
         return PLAN_UNMEASURED
     if is_dead(row):
         return PLAN_DEAD
+    if row.downloadable == 0 and row.reachable_peers > 0:
+        return PLAN_UNVERIFIED
     return _PLAN_OF_BAND.get(row.band, PLAN_UNMEASURED)
 
 
@@ -9107,9 +9746,12 @@ def _load_report_rows(db: sqlite3.Connection, collections: Sequence[str],
     torrents = [row for row in db.execute(
         "SELECT t.id, t.infohash, t.name, t.size_bytes, t.file_count, t.created_unix, t.magnet, "
         "       d.peers, d.measured, d.bep33_seeds, d.bep33_peers, "
+        "       p.verified_seeds, p.availability, p.webseeds_ok, p.reachable, p.measured, "
         "       s.latest, s.change_previous, s.change_1d, s.change_7d "
         "FROM torrents t LEFT JOIN dht_latest d ON d.torrent_id = t.id "
-        "LEFT JOIN seeder_trends s ON s.torrent_id = t.id") if row[0] in listed]
+        "LEFT JOIN probe_latest p ON p.torrent_id = t.id AND p.measured >= ? "
+        "LEFT JOIN seeder_trends s ON s.torrent_id = t.id",
+        (int(time.time()) - PROBE_SAMPLE_FRESHNESS,)) if row[0] in listed]
     mean = mean_size(row[3] for row in torrents)
     # Sync stores every magnet; rows written by other hands may lack one (fill_magnets).
     missing = missing_magnets(db) if any(row[6] is None for row in torrents) else {}
@@ -9117,7 +9759,8 @@ def _load_report_rows(db: sqlite3.Connection, collections: Sequence[str],
     has_digit = _DIGIT.search
     result: list[ReportRow] = []
     for (torrent_id, infohash, name, size, file_count, created, magnet, dht_peers, dht_measured,
-         bep33_seeds, bep33_peers, folded, *changes) in torrents:
+         bep33_seeds, bep33_peers, verified, availability, webseeds_ok, reachable, probed,
+         folded, *changes) in torrents:
         file_name, source, collection, kind = listed[torrent_id]
         if magnet is None:
             magnet = missing[torrent_id]
@@ -9125,6 +9768,13 @@ def _load_report_rows(db: sqlite3.Connection, collections: Sequence[str],
             torrent_id, NO_TRACKER_NUMBERS)
         if size is None:
             size = -1
+        if probed is None:
+            verified = webseeds_ok = reachable = probed = downloadable = availability = -1
+        else:
+            downloadable = int(is_downloadable(verified, availability, webseeds_ok))
+            availability = -1 if availability is None else round(availability, 3)
+            if seeders < 0:  # no tracker counts it (a DHT-only magnet): the seeds seen do
+                seeders, scraped = verified, probed
         result.append(ReportRow(
             infohash,
             # _report_name, which nearly always returns the file name: asked only otherwise.
@@ -9136,6 +9786,7 @@ def _load_report_rows(db: sqlite3.Connection, collections: Sequence[str],
             -1 if dht_peers is None else dht_peers, -1 if dht_measured is None else dht_measured,
             -1 if bep33_seeds is None else round(bep33_seeds),
             -1 if bep33_peers is None else round(bep33_peers),
+            verified, availability, webseeds_ok, reachable, probed, downloadable,
             # Changes only beside the seeders they were computed from: not beside stale ones,
             # nor beside samples of a scrape still running (folded when it ends).
             *(UNMEASURED_HEALTH if seeders < 0 else health_fields(
@@ -9148,6 +9799,7 @@ def _load_report_rows(db: sqlite3.Connection, collections: Sequence[str],
 TrackerNumbers = tuple[int, int, int, int, Optional[str], int]
 NO_TRACKER_NUMBERS: Final[TrackerNumbers] = (-1, -1, -1, -1, None, 0)
 TRACKER_SAMPLE_FRESHNESS: Final = 3 * 86400  # seconds; older tracker samples no longer count
+PROBE_SAMPLE_FRESHNESS: Final = 3 * 86400  # and probe samples
 
 
 def load_tracker_numbers(db: sqlite3.Connection, since: int,
@@ -9290,7 +9942,9 @@ _JSON_OBJECT: Final = "{" + ", ".join(
 # formats has one way to say "unknown".
 MINUS_ONE_FIELDS: Final = ("size_bytes", "file_count", "created_unix", "seeders", "leechers",
                            "completed", "scraped_date", "dht_peers", "dht_scraped",
-                           "dht_seeds_estimate", "dht_peers_estimate")
+                           "dht_seeds_estimate", "dht_peers_estimate", "verified_seeds",
+                           "availability", "webseeds_ok", "reachable_peers", "probed",
+                           "downloadable")
 
 
 def _known(value: int) -> int | str:
@@ -9310,7 +9964,9 @@ def report_json_object(row: ReportRow, quote: Any = json.encoder.encode_basestri
         count(row.seeders), count(row.leechers), count(row.completed), count(row.scraped_date),
         "null" if row.tracker is None else quote(row.tracker), row.trackers_answered,
         count(row.dht_peers), count(row.dht_scraped), count(row.dht_seeds_estimate),
-        count(row.dht_peers_estimate),
+        count(row.dht_peers_estimate), count(row.verified_seeds),
+        count(-1) if row.availability < 0 else repr(row.availability), count(row.webseeds_ok),
+        count(row.reachable_peers), count(row.probed), count(row.downloadable),
         quote(row.band), "null" if row.need is None else repr(row.need),
         "null" if row.seeders_change_previous is None else row.seeders_change_previous,
         "null" if row.seeders_change_1d is None else row.seeders_change_1d,
@@ -9445,7 +10101,9 @@ def rss_chunks(rows: Sequence[ReportRow], picked_for: int = 0, generated: float 
                 f"<item><title>{_xml_text(row.name)}</title>"
                 f'<guid isPermaLink="false">{row.infohash}</guid><link>{link}</link>'
                 f"<description>{_xml_text(row.collection)}: {_human_size(row.size_bytes)}, "
-                f"{seeders} ({row.band})</description>"
+                f"{seeders} ({row.band})" + (
+                    f", {_plural(row.verified_seeds, 'verified seed')}"
+                    if row.verified_seeds >= 0 else "") + "</description>"
                 f"<category>{_xml_text(row.collection)}</category>"
                 f'<enclosure url="{link}" length="0" type="application/x-bittorrent"/>'
                 f"<torrent:infoHash>{row.infohash}</torrent:infoHash>"
@@ -9461,8 +10119,9 @@ def _prometheus_label(value: str) -> str:
 
 
 def is_dead(row: ReportRow) -> bool:
-    """Measured, and no seeder anywhere: no tracker counts one, nor a DHT filter."""
-    return row.seeders == 0 and row.dht_seeds_estimate <= 0
+    """Measured, and no seeder anywhere: no tracker counts one, nor a DHT filter, and the
+    probe saw no complete copy (a verified seed, a web seed, pieces enough among peers)."""
+    return row.seeders == 0 and row.dht_seeds_estimate <= 0 and row.downloadable != 1
 
 
 @dataclass(slots=True)
@@ -9475,6 +10134,8 @@ class CollectionTotals:
     torrents_by_band: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BANDS, 0))
     bytes_by_band: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BANDS, 0))
     dead: int = 0
+    probed: int = 0  # with a fresh probe sample
+    downloadable: int = 0  # of those, a complete copy seen
 
 
 BANDS: Final = tuple(band.value for band in Band)
@@ -9494,6 +10155,9 @@ def collection_totals(rows: Iterable[ReportRow]) -> dict[str, CollectionTotals]:
         total.bytes_by_band[row.band] = total.bytes_by_band.get(row.band, 0) + size
         if is_dead(row):
             total.dead += 1
+        if row.downloadable >= 0:
+            total.probed += 1
+            total.downloadable += row.downloadable
     return totals
 
 
@@ -9522,10 +10186,21 @@ def render_prometheus(rows: Sequence[ReportRow], per_torrent: bool = False) -> s
             for c, t in totals.items() for b in BANDS))
     metric("tsmd_dead_torrents", "Torrents with no seeder on any tracker nor in the DHT.",
            (({"collection": c}, t.dead) for c, t in totals.items()))
+    metric("tsmd_probed_torrents", "Torrents whose peers and web seeds were probed lately.",
+           (({"collection": c}, t.probed) for c, t in totals.items()))
+    metric("tsmd_downloadable_torrents", "Probed torrents of which a complete copy was seen "
+           "(a verified seed, a working web seed, or the pieces among the peers).",
+           (({"collection": c}, t.downloadable) for c, t in totals.items()))
     if per_torrent:
         metric("tsmd_torrent_seeders", "Seeders of one torrent (maximum over its trackers).",
                (({"collection": x.collection, "infohash": x.infohash, "name": x.name}, x.seeders)
                 for x in rows if x.seeders >= 0))
+        metric("tsmd_torrent_verified_seeds", "Peers of one torrent that hold every piece.",
+               (({"collection": x.collection, "infohash": x.infohash, "name": x.name},
+                 x.verified_seeds) for x in rows if x.verified_seeds >= 0))
+        metric("tsmd_torrent_availability", "Complete copies among one torrent's peers.",
+               (({"collection": x.collection, "infohash": x.infohash, "name": x.name},
+                 x.availability) for x in rows if x.availability >= 0))
     return "\n".join(lines) + "\n"
 
 
@@ -9547,7 +10222,7 @@ def _human_size(size: int) -> str:
 # The terminal table's columns, most wanted first: at 80 columns (the usual terminal, and the
 # width rich assumes when output is piped) those at the end give way, never the name's line.
 TABLE_COLUMNS: Final = ("name", "seeders", "size", "need", "collection", "leechers", "Δ day",
-                        "done", "DHT peers")
+                        "done", "DHT peers", "verified", "copies")
 TABLE_NAME_MIN: Final = 24  # characters of a name kept at the least, then an ellipsis
 _TABLE_CELL_COST: Final = 3  # a column's padding and separator, as rich draws them
 
@@ -9563,6 +10238,9 @@ def render_table(rows: Sequence[ReportRow], console: Console) -> None:
         "leechers": str(row.leechers) if row.leechers >= 0 else unknown,
         "done": str(row.completed) if row.completed >= 0 else unknown,
         "DHT peers": str(row.dht_peers) if row.dht_peers >= 0 else unknown,
+        "verified": (str(row.verified_seeds) + (" +web" if row.webseeds_ok > 0 else "")
+                     if row.verified_seeds >= 0 else unknown),
+        "copies": f"{row.availability:.2f}" if row.availability >= 0 else unknown,
         "Δ day": f"{row.seeders_change_1d:+d}" if row.seeders_change_1d is not None else unknown,
         "need": f"{row.need:.2f}" if row.need is not None else unknown} for row in rows]
     widths = {column: max([len(column), *(len(cell[column]) for cell in cells)])
@@ -9658,6 +10336,7 @@ __CHARTS__<h2>Torrents</h2>
 <th class="wide" data-key="leechers"><button type="button">leechers</button></th>
 <th class="wide" data-key="completed"><button type="button">done</button></th>
 <th class="wide" data-key="dht"><button type="button">DHT peers</button></th>
+<th class="wide" data-key="verified"><button type="button">verified seeds</button></th>
 <th class="wide" data-key="change"><button type="button">&Delta; day</button></th>
 <th data-key="need"><button type="button">need</button></th><th class="wide">trend</th>
 <th>get</th></tr></thead><tbody id="rows"></tbody></table></div>
@@ -9666,7 +10345,7 @@ __CHARTS__<h2>Torrents</h2>
 __UNUSED__<script type="application/json" id="data">__DATA__</script>
 <script>
 "use strict";
-const KEYS = ["name","collection","size","seeders","leechers","completed","dht","need","change"];
+const KEYS = ["name","collection","size","seeders","leechers","completed","dht","verified","need","change"];
 // Rows arrive in the order tsmd sorted them; `rank` is their place in the plan's order.
 // Magnets come as "infohash&dn=name" plus the index of their list of trackers, sent once.
 const dataElement = document.getElementById("data");
@@ -9677,6 +10356,7 @@ const rows = data.map((r, i) => {
   return {name: r[0], collection: r[1], size: r[2], seeders: r[3], leechers: r[4],
           completed: r[5], dht: r[6], band: r[7], need: r[8], change: r[9],
           link: r[10] === null ? magnet : r[10], magnet, trend: r[13], plan: r[14], rank: r[15],
+          verified: r[16], web: r[17],
           text: (r[0] + "\\n" + r[1]).toLowerCase(), i};
 });
 const byRank = rows.slice().sort((a, b) => a.rank - b.rank);
@@ -9684,10 +10364,10 @@ const PAGE = 500, collator = new Intl.Collator(), $ = id => document.getElementB
 let shown = PAGE, order = null, view = rows;
 // Unknown is null, or -1 for counts; a change of -1 is a value (one seeder fewer).
 function unknown(k, v) { return v === null || (v === -1 && k !== "change"); }
-const [RED, YELLOW, GREEN, DEAD, UNMEASURED] = [0, 1, 2, 3, 4];  // tsmd's plan_group
+const [RED, YELLOW, GREEN, UNVERIFIED, DEAD, UNMEASURED] = [0, 1, 2, 3, 4, 5];  // plan_group
 function compare(a, b) {
   const k = order.key, x = a[k], y = b[k];
-  // "need" is the plan's order: downloadable red, yellow, green, then dead, then unmeasured.
+  // "need" is the plan's order: downloadable red, yellow, green, unverified, dead, unmeasured.
   if (k === "need" && a.plan !== b.plan) {
     if (a.plan === UNMEASURED || b.plan === UNMEASURED) return a.plan - b.plan;
     return order.dir * (a.plan - b.plan);
@@ -9766,6 +10446,7 @@ function render() {
     cell(tr, r.seeders < 0 ? "-" : r.seeders, r.band);
     cell(tr, r.leechers < 0 ? "-" : r.leechers, "wide");
     cell(tr, r.completed < 0 ? "-" : r.completed, "wide"); cell(tr, r.dht < 0 ? "-" : r.dht, "wide");
+    cell(tr, r.verified < 0 ? "-" : r.verified + (r.web > 0 ? " +web" : ""), "wide");
     cell(tr, r.change === null ? "-" : (r.change > 0 ? "+" : "") + r.change, "wide");
     cell(tr, r.need === null ? "-" : r.need.toFixed(2)); tr.appendChild(trend(r.trend));
     const get = cell(tr, "", "get"); link(get, r.link, "torrent"); link(get, r.magnet, "magnet");
@@ -9981,7 +10662,8 @@ def render_html(rows: Sequence[ReportRow], trends: dict[str, str] | None = None,
             row.dht_peers, row.band, None if row.need is None else round(row.need, 4),
             row.seeders_change_1d, None if row.link == row.magnet else row.link, head,
             tracker_lists.setdefault(tracker_list, len(tracker_lists)),
-            trends.get(row.infohash, ""), plan_group(row), rank[id(row)]])
+            trends.get(row.infohash, ""), plan_group(row), rank[id(row)], row.verified_seeds,
+            row.webseeds_ok])
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now))
     unused = "" if not unused_trackers else (
         "<h2>Trackers whose numbers are not used</h2>\n<div class=\"scroll\"><table class=\"unused\">"
@@ -10006,7 +10688,7 @@ def stale_measurements(db: sqlite3.Connection) -> list[str]:
     """A sentence for each measuring stage whose last run found the network unreachable: its
     numbers in the reports are those of earlier runs."""
     notes = []
-    for stage, what in (("dht", "DHT"), ("scrape", "tracker")):
+    for stage, what in (("dht", "DHT"), ("probe", "probe"), ("scrape", "tracker")):
         last = db.execute("SELECT started, outcome FROM runs WHERE stage = ? AND outcome NOT IN "
                           "('running', 'interrupted') ORDER BY id DESC LIMIT 1",
                           (stage,)).fetchone()
@@ -10143,7 +10825,7 @@ async def apply_retention(db: sqlite3.Connection, settings: Settings, *, reporte
     return prune_database(db, now - samples if samples else None, now - nodes if nodes else None)
 
 
-STATUS_STAGES: Final = ("run", "sync", "dht", "scrape", "report", "prune")
+STATUS_STAGES: Final = ("run", "sync", "dht", "probe", "scrape", "report", "prune")
 
 
 def load_status(db: sqlite3.Connection, database: Path) -> dict[str, Any]:
@@ -10702,6 +11384,10 @@ def dht_judge(reporter: Reporter) -> Any:
     return judge_with_outage(reporter, "dht", lambda counts: ("ok", ExitCode.OK))
 
 
+def probe_judge(reporter: Reporter) -> Any:
+    return judge_with_outage(reporter, "probe", lambda counts: ("ok", ExitCode.OK))
+
+
 def scrape_judge(reporter: Reporter) -> Any:
     # A tracker that fails is common and reported; it does not fail the stage.
     return judge_with_outage(reporter, "scrape", lambda counts: (
@@ -10782,6 +11468,46 @@ def dht(
                       infohashes=hashes, stale_after=stale,
                       options=dht_options(settings, concurrency, rate), bootstrap=bootstrap,
                       bind=bind)
+
+
+@app.command()
+def probe(
+    ctx: typer.Context,
+    collection: Annotated[Optional[list[str]], typer.Option(
+        "--collection", "-c", metavar="NAME", help="Only torrents of this collection (repeatable).")] = None,
+    infohash: Annotated[Optional[list[str]], typer.Option(
+        "--infohash", metavar="HEX", help="Only this torrent (40 hex or 32 base32; repeatable).")] = None,
+    concurrency: Annotated[Optional[int], typer.Option(
+        min=1, metavar="N", help="Connections open at once (default: [probe].concurrency).")] = None,
+    rate: Annotated[Optional[float], typer.Option(
+        min=0, metavar="PER_SECOND", help="New connections per second; 0 lifts the limit "
+        "(default: [probe].rate).")] = None,
+    stale_after: Annotated[Optional[str], typer.Option(
+        "--stale-after", metavar="DURATION", help="Skip torrents probed more recently than this, e.g. 20h.")] = None,
+    wait: Annotated[Optional[str], typer.Option(
+        "--wait", metavar="[SECONDS]", help=WAIT_OPTION_HELP)] = None,
+) -> None:
+    """Ask the peers the last `tsmd dht` found what they hold (read only: no data is asked
+    for or sent), fetch the metadata of magnet-only torrents from them (BEP 9), and check
+    that web seeds serve the data. Gives verified seeds, availability and downloadable.
+
+    Example: tsmd probe --collection libgen-books --stale-after 20h
+    """
+    settings, reporter = _load(ctx)
+    stale = _duration_option(stale_after, "--stale-after")
+    hashes = _infohash_options(infohash or [])
+    try:
+        chosen = select_collections(settings, collection or [])
+    except TsmdError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    options = dataclasses.replace(
+        probe_options(settings),
+        **({"concurrency": concurrency} if concurrency is not None else {}),
+        **({"rate": rate} if rate is not None else {}))
+    run_stage_command(settings, reporter, "probe", run_probe, ProbeRunCounts(),
+                      probe_judge(reporter), wait=_wait_option(wait), with_run_id=True,
+                      collections=chosen, infohashes=hashes, stale_after=stale,
+                      options=options)
 
 
 @app.command()
@@ -10933,8 +11659,8 @@ def run_command(
     collection: Annotated[Optional[list[str]], typer.Option(
         "--collection", "-c", metavar="NAME", help="Only this collection (repeatable).")] = None,
     skip: Annotated[Optional[list[str]], typer.Option(
-        "--skip", metavar="STAGE", help="Leave this stage out (repeatable): sync, dht, scrape, "
-        "report or prune; [run].stages chooses them for every run.")] = None,
+        "--skip", metavar="STAGE", help="Leave this stage out (repeatable): sync, dht, probe, "
+        "scrape, report or prune; [run].stages chooses them for every run.")] = None,
     wait: Annotated[Optional[str], typer.Option(
         "--wait", metavar="[SECONDS]", help=WAIT_OPTION_HELP)] = None,
     allow_empty: Annotated[bool, typer.Option(
@@ -10942,8 +11668,9 @@ def run_command(
         "emptying the collections on purpose).")] = False,
     accept_removals: Annotated[bool, typer.Option(help=ACCEPT_REMOVALS_HELP)] = False,
 ) -> None:
-    """The whole pipeline, for cron: sync, dht, scrape, then the reports of [report].outputs
-    and the [retention] clean-up. A stage that fails does not stop the next ones.
+    """The whole pipeline, for cron: sync, dht, probe, scrape, then the reports of
+    [report].outputs and the [retention] clean-up. A stage that fails does not stop the next
+    ones.
 
     Exit codes, the worst of the stages': 0 all went well; 1 some items or a stage failed
     (the rest was done); 2 usage or configuration; 3 database; 69 the network answered
@@ -10965,6 +11692,8 @@ def run_command(
         ("sync", run_sync, SyncCounts(len(chosen)), sync_judge(reporter), {
             "collections": chosen, "accept_removals": accept_removals}),
         ("dht", run_dht, DhtCounters(), dht_judge(reporter), {
+            "collections": chosen, "with_run_id": True}),
+        ("probe", run_probe, ProbeRunCounts(), probe_judge(reporter), {
             "collections": chosen, "with_run_id": True}),
         ("scrape", run_scrape, ScrapeRunCounts(), scrape_judge(reporter), {
             "collections": chosen, "with_run_id": True}),
@@ -11073,11 +11802,14 @@ def pick(
     sys.stdout.flush()
     unweighed = sum(1 for row in rows if row.need is None or row.size_bytes <= 0)
     dead = sum(1 for row in rows if plan_group(row) == PLAN_DEAD)
+    unverified = sum(1 for row in rows if plan_group(row) == PLAN_UNVERIFIED)
     total = sum(row.size_bytes for row in chosen)
     reporter.info(f"picked {_plural(len(chosen), 'torrent')}, {_human_size(total)} of "
                   f"{_human_size(space)}"
                   + (f"; {_plural(dead, 'dead torrent')} (no seeder anywhere: nobody can "
                      "download them) left out" if dead else "")
+                  + (f"; {_plural(unverified, 'torrent')} whose reachable peers hold no "
+                     "complete copy (tsmd probe) left out" if unverified else "")
                   + (f"; {_plural(unweighed, 'torrent')} not measured yet (or of unknown size) "
                      "left out" if unweighed else ""))
     if not chosen:
@@ -11105,11 +11837,11 @@ def known_torrent(db: sqlite3.Connection, meta: Metainfo) -> Metainfo:
     """`meta` completed with what the database knows of the torrent, as a .torrent synced
     before told it: name, size, file count and trackers, for a check given only a magnet link
     or an infohash. What `meta` says itself comes first."""
-    row = db.execute("SELECT id, name, size_bytes, file_count, piece_length FROM torrents "
-                     "WHERE infohash = ?", (meta.infohash,)).fetchone()
+    row = db.execute("SELECT id, name, size_bytes, file_count, piece_length, piece_count "
+                     "FROM torrents WHERE infohash = ?", (meta.infohash,)).fetchone()
     if row is None:
         return meta
-    torrent_id, name, size, files, piece_length = row
+    torrent_id, name, size, files, piece_length, piece_count = row
     stored = [Tracker(url, tier) for url, tier in db.execute(
         "SELECT r.url, l.tier FROM torrent_trackers l JOIN trackers r ON r.id = l.tracker_id "
         "WHERE l.torrent_id = ? ORDER BY l.position", (torrent_id,))]
@@ -11119,6 +11851,7 @@ def known_torrent(db: sqlite3.Connection, meta: Metainfo) -> Metainfo:
         size_bytes=meta.size_bytes if meta.size_bytes is not None else size,
         file_count=meta.file_count if meta.file_count is not None else files,
         piece_length=meta.piece_length if meta.piece_length is not None else piece_length,
+        piece_count=meta.piece_count if meta.piece_count is not None else piece_count,
         trackers=(*meta.trackers, *(t for t in stored if t.url not in own)))
 
 
