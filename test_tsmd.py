@@ -6395,6 +6395,54 @@ def test_probe_asks_one_port_of_an_address_and_counts_only_what_was_told():
     assert lying.answering == 0 and lying.availability is None and lying.verified_seeds == 0
 
 
+def test_metadata_codecs():
+    """BEP 10 handshakes and BEP 9 messages as peers send them, and what is refused."""
+    ours = tsmd.encode_extended_handshake()
+    assert ours[4] == 20 and bencoder.bdecode(ours[6:]) == {b"m": {b"ut_metadata": 1}}
+    decode = tsmd.decode_extended_handshake_untrusted
+    assert decode(b"d1:md11:ut_metadatai3ee13:metadata_sizei31235ee") == (3, 31235)
+    assert decode(b"d1:md11:ut_metadatai0eee") == (None, None)  # 0: disabled
+    assert decode(b"d1:md6:ut_pexi1eee") == (None, None)
+    assert decode(b"d13:metadata_sizei-5ee") == (None, None)
+    for broken in (b"", b"le", b"d1:md11:ut_metadatai3ee13:metadata_sizei%dee"
+                   % (tsmd.MAX_METADATA_BYTES + 1), b"d1:m"):
+        with pytest.raises(tsmd.ProtocolError):
+            decode(broken)
+    request = tsmd.encode_metadata_request(3, 7)
+    assert request[4:6] == b"\x14\x03" and bencoder.bdecode(request[6:]) == {
+        b"msg_type": 0, b"piece": 7}
+    message = tsmd.decode_metadata_message_untrusted
+    assert message(b"d8:msg_typei1e5:piecei2e10:total_sizei99ee" + b"raw bytes") == (
+        1, 2, b"raw bytes")
+    for broken in (b"", b"raw", b"d8:msg_typei1ee", b"d8:msg_typei1e5:piecei-1ee",
+                   b"d8:msg_typei1e5:piece" + b"l" * 10):
+        with pytest.raises(tsmd.ProtocolError):
+            message(broken)
+    info = info_dict_of(files=2, pieces=4)
+    assembly = tsmd.MetadataAssembly(hashlib.sha1(info).digest(), len(info))
+    with pytest.raises(tsmd.ProtocolError):
+        assembly.take_untrusted(1, b"")  # one piece only
+    with pytest.raises(tsmd.ProtocolError):
+        assembly.take_untrusted(0, info + b"x")
+    assert assembly.take_untrusted(0, info) == info
+    with pytest.raises(tsmd.ProtocolError):  # another torrent's info
+        tsmd.MetadataAssembly(b"\x00" * 20, len(info)).take_untrusted(0, info)
+    # A peer that told a bitfield before the piece count was known: judged once it is.
+    holdings = tsmd.PeerHoldings(None)
+    holdings.take_untrusted(tsmd.PeerMessage.BITFIELD, b"\xff\xe0")
+    holdings.learn_piece_count(11)
+    assert holdings.complete and holdings.holds() == (1 << 11) - 1
+    for bits, count in ((b"\xff\xf0", 11), (b"\xff\x00\x01", 11)):
+        liar = tsmd.PeerHoldings(None)
+        liar.take_untrusted(tsmd.PeerMessage.BITFIELD, bits)
+        with pytest.raises(tsmd.ProtocolError):
+            liar.learn_piece_count(count)
+    haves = tsmd.PeerHoldings(None)
+    haves.take_untrusted(tsmd.PeerMessage.HAVE, (2).to_bytes(4, "big"))
+    haves.learn_piece_count(20)
+    assert not haves.complete and haves.holds() == 1 << 2 and len(haves.bits) == 3
+
+
 def info_dict_of(files: int, pieces: int) -> bytes:
     """A v1 info dictionary of `files` files with long names: over one 16 KiB metadata piece."""
     return tsmd.bencode({b"name": b"metadata test", b"piece length": 16384,
@@ -6560,6 +6608,39 @@ def test_probe_against_real_libtorrent_seeds_and_partial_peers(tmp_path):
     assert result.as_dict()["availability"] == result.availability
 
 
+def test_probe_stage_keeps_to_its_budget_and_says_when_no_peer_is_reachable(tmp_path):
+    """Peers nobody listens on: each torrent is probed with what the budget allows, the rest
+    waits for the next runs; a torrent none of whose peers answered has nothing measured (no
+    sample), and a run that reached no peer of 20 or more says the network is down."""
+    hashes = [hashlib.sha1(b"budget %d" % n).digest() for n in range(30)]
+    db, settings = dht_survey_db(tmp_path, hashes)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: every connection is refused
+    now = int(time.time())
+    with tsmd.Transaction(db):
+        db.executemany("INSERT INTO swarm_peers SELECT id, ?, ?, ? FROM torrents WHERE infohash = ?",
+                       [(f"127.92.{n}.{k}", port, now, h.hex())
+                        for n, h in enumerate(hashes) for k in (1, 2)])
+        # Found a week ago: not asked.
+        db.execute("UPDATE swarm_peers SET found = ? WHERE host LIKE '127.92.29.%'",
+                   (now - 7 * 86400,))
+    counts = run(tsmd.run_probe, db, settings, settings.collections, tsmd.Reporter(-1),
+                 options=probe_test_options(connections=9))
+    assert (counts.torrents, counts.torrents_left, counts.peers_tried) == (5, 24, 9)
+    assert counts.outcomes == {"refused": 9} and counts.outage is None
+    assert counts.torrents_unreached == 5
+    assert db.execute("SELECT count(*) FROM probe_samples").fetchone()[0] == 0
+    counts = run(tsmd.run_probe, db, settings, settings.collections, tsmd.Reporter(-1),
+                 options=probe_test_options())
+    # The torrent whose peers were found a week ago is not in the plan.
+    assert (counts.torrents, counts.torrents_left, counts.peers_tried) == (29, 0, 58)
+    assert "network down?" in counts.outage
+    assert db.execute("SELECT count(*) FROM probe_samples").fetchone()[0] == 0
+    assert {row.probed for row in tsmd.load_report_rows(db)} == {-1}
+
+
 class WebSeedServer(LoopbackHttpServer):
     """Serves files by path with byte ranges (206), as BEP 19 web seeds need, and BEP 17
     `/seed?info_hash=...&piece=N` from `pieces` (infohash -> piece 0's data)."""
@@ -6706,6 +6787,13 @@ def test_probe_stage_measures_libtorrent_peers_fetches_metadata_and_checks_web_s
     assert swarm_row.seeders == 1 and swarm_row.size_bytes == info.total_size()
     assert [rows[m.infohash].downloadable for m in metas] == [1, 0, 1]
     assert rows[metas[1].infohash].webseeds_ok == 0
+    metrics = tsmd.render_prometheus(list(rows.values()), per_torrent=True)
+    assert 'tsmd_probed_torrents{collection="c"} 4' in metrics
+    assert 'tsmd_downloadable_torrents{collection="c"} 3' in metrics
+    assert f'tsmd_torrent_verified_seeds{{collection="c",infohash="{infohash.hex()}",' in metrics
+    # The magnet with no tracker is weighed by its verified seed: red, and picked.
+    assert swarm_row.band == "red" and swarm_row in tsmd.pick_torrents(
+        tsmd.select_report_rows(list(rows.values()), "need", None, None), 10**9)
 
 
 # ---- Hostile input and edge cases found in review ----
@@ -7091,7 +7179,20 @@ def _fuzz_seeds() -> dict[str, list]:
         "peer_wire": [tsmd.encode_peer_handshake(PROBE_INFOHASH, bytes(20))
                       + peer_message(20, b"d1:md11:ut_metadatai1eee") + peer_message(5, b"\xff\xf0")
                       + peer_message(4, (3).to_bytes(4, "big")) + bytes(4) + peer_message(14)],
+        "metadata": [_metadata_messages(info_dict_of(files=3, pieces=4)),
+                     _metadata_messages(info_dict_of(files=400, pieces=8))],
     }
+
+
+def _metadata_messages(info: bytes) -> bytes:
+    """A peer's BEP 10 handshake offering `info`, then every ut_metadata piece of it."""
+    messages = peer_message(20, b"\x00" + bencoder.bencode(
+        {b"m": {b"ut_metadata": 2}, b"metadata_size": len(info)}))
+    for piece in range(-(-len(info) // 16384)):
+        messages += peer_message(20, b"\x01" + bencoder.bencode(
+            {b"msg_type": 1, b"piece": piece, b"total_size": len(info)})
+            + info[piece * 16384:(piece + 1) * 16384])
+    return messages
 
 
 def _fuzz_parsers() -> dict[str, Callable[[bytes], object]]:
@@ -7123,6 +7224,26 @@ def _fuzz_parsers() -> dict[str, Callable[[bytes], object]]:
             holdings.take_untrusted(kind, payload)
         return holdings.complete
 
+    def metadata(data: bytes) -> object:
+        """A peer's extended messages: its BEP 10 handshake, then ut_metadata pieces, put
+        together (checked against an infohash they cannot match) and read as an info
+        dictionary whatever they make."""
+        assembly, pieces = None, []
+        for kind, payload in tsmd.split_peer_messages_untrusted(bytearray(data)):
+            if kind != 20 or not payload:
+                continue
+            if payload[0] == 0:
+                size = tsmd.decode_extended_handshake_untrusted(payload[1:])[1]
+                assembly = tsmd.MetadataAssembly(bytes(20), size) if size else None
+                continue
+            msg_type, piece, rest = tsmd.decode_metadata_message_untrusted(payload[1:])
+            pieces.append(rest)
+            if assembly is not None and msg_type == 1:
+                with contextlib.suppress(tsmd.ProtocolError):
+                    assembly.take_untrusted(piece, rest)
+        info = b"".join(pieces)
+        return tsmd.metainfo_from_info_untrusted(info, hashlib.sha1(info).digest())
+
     return {
         "scan": tsmd.scan_bencode_untrusted,
         "bdecode": tsmd.bdecode_untrusted,
@@ -7144,6 +7265,7 @@ def _fuzz_parsers() -> dict[str, Callable[[bytes], object]]:
         "link": lambda data: tsmd.resolve_link_untrusted(BASE, text(data)),
         "index": index,
         "peer_wire": peer_wire,
+        "metadata": metadata,
         # Not fuzzed as a target of tsmd: shows that the harness catches what the scan prevents.
         "unguarded_bencoder": bencoder.bdecode,
     }
@@ -7215,7 +7337,7 @@ def fuzz_input(seed: int, index: int, targets: tuple[str, ...]) -> tuple[str, by
 
 FUZZ_TARGETS = ("scan", "bdecode", "metainfo", "krpc", "get_peers_reply", "compact_nodes",
                  "compact_peer", "udp_tracker_reply", "http_scrape", "full_scrape", "ws_scrape",
-                 "magnet", "infohash", "link", "index", "peer_wire")
+                 "magnet", "infohash", "link", "index", "peer_wire", "metadata")
 _fuzz_seeds_cached = functools.cache(_fuzz_seeds)
 
 

@@ -5263,6 +5263,7 @@ class ProbeOptions:
     peers_per_torrent: int  # peers tried at most for one torrent
     rate: float  # new connections per second at most (0: no limit)
     allow_private: bool
+    connections: int | None = None  # a prober's budget: connections in all (None: no limit)
 
 
 class ProbeOutcome(enum.Enum):
@@ -5453,6 +5454,7 @@ class PeerProber:
         self._connections = trio.CapacityLimiter(max(1, options.concurrency))
         self._rate = TokenBucket(options.rate, 1.0)
         self._asked: set[tuple[str, int]] = set()
+        self.budget_left = math.inf if options.connections is None else options.connections
 
     async def probe(self, infohash: bytes, peers: Iterable[tuple[str, int]],
                     piece_count: int | None, want_metadata: bool = False) -> SwarmProbe:
@@ -5465,7 +5467,8 @@ class PeerProber:
         # one, to have us connect to a victim), and peers behind one NAT are rare.
         by_host = {host: (host, port) for host, port in reversed(fresh)}
         chosen = [peer for peer in fresh if by_host[peer[0]] == peer]
-        chosen = chosen[:self.options.peers_per_torrent]
+        chosen = chosen[:int(min(self.options.peers_per_torrent, self.budget_left))]
+        self.budget_left -= len(chosen)
         self._asked.update(chosen)
         swarm = SwarmProbe(piece_count=piece_count)
         metadata = MetadataWanted() if want_metadata else None
@@ -5541,23 +5544,34 @@ def web_seed_request(seed: WebSeed, piece: WebSeedPiece) -> tuple[str, tuple[int
     return url, (0, min(piece.piece_length, piece.first_file_length) - 1)
 
 
-async def check_web_seed(fetcher: Fetcher, seed: WebSeed, piece: WebSeedPiece) -> str | None:
-    """Whether `seed` serves the torrent's data: None if it does, else why not. When the bytes
-    asked for are all of piece 0, they must hash to it; else (a first file shorter than a
-    piece) there must be exactly as many as the file holds there."""
+@dataclass(frozen=True, slots=True)
+class WebSeedCheck:
+    served: bool  # the data, checked
+    answered: bool  # the server answered at all (a 404 is an answer; no connection is not)
+    why: str = ""  # what was wrong
+
+
+async def check_web_seed(fetcher: Fetcher, seed: WebSeed, piece: WebSeedPiece) -> WebSeedCheck:
+    """Whether `seed` serves the torrent's data. When the bytes asked for are all of piece 0,
+    they must hash to it; else (a first file shorter than a piece) there must be exactly as
+    many as the file holds there."""
     url, byte_range = web_seed_request(seed, piece)
     wanted = piece.piece_length if byte_range is None else byte_range[1] + 1
+    # Whether it answered, for telling a dead server from a network that is down (another
+    # request's answer meanwhile may count too: only "nothing at all" matters there).
+    requests_answered = fetcher.heard
     try:
         result = await fetcher.fetch(url, max_bytes=wanted, byte_range=byte_range)
     except FetchError as exc:
-        return str(exc)
+        return WebSeedCheck(False, fetcher.heard > requests_answered, str(exc))
     body = result.body[:wanted] if result.status == 206 else result.body
     if wanted == piece.piece_length:
         if hashlib.sha1(body).digest() != piece.piece_sha1:
-            return f"{url}: {len(body):,} bytes that are not piece 0"
+            return WebSeedCheck(False, True, f"{url}: {len(body):,} bytes that are not piece 0")
     elif len(body) != wanted:
-        return f"{url}: {len(body):,} bytes, not the first {wanted:,} of the file"
-    return None
+        return WebSeedCheck(False, True, f"{url}: {len(body):,} bytes, not the first "
+                                         f"{wanted:,} of the file")
+    return WebSeedCheck(True, True)
 
 
 # ---- Tracker scrape ----
@@ -7161,6 +7175,7 @@ class ProbeSettings:
     concurrency: int = 50  # connections open at once
     peers_per_torrent: int = 30
     rate: float = 20.0  # new connections per second; 0 lifts the limit
+    connections_per_run: int = 50_000  # a probe run's budget (the oldest-probed torrents first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -7430,9 +7445,11 @@ max_queries = 64
 bep33 = true
 
 [probe]
-# `tsmd check` asks the peers it found what they hold, read only: a BitTorrent handshake, then
-# the peer's bitfield (or have_all), then we hang up. No piece is asked for or sent. A complete
-# bitfield is a verified seed; availability is the complete copies among them.
+# `tsmd probe` (a stage of `tsmd run`) and `tsmd check` ask the peers the DHT found what they
+# hold, read only: a BitTorrent handshake, then the peer's bitfield (or have_all), then we hang
+# up. No piece is asked for or sent. A complete bitfield is a verified seed; availability is the
+# complete copies among them. Magnets' metadata comes from a peer (BEP 9); web seeds are asked
+# for the first piece.
 # Seconds to connect, and then for the handshake and the bitfield.
 connect_timeout = "5s"
 answer_timeout = "10s"
@@ -7442,6 +7459,9 @@ have_window = "1s"
 concurrency = 50
 peers_per_torrent = 30
 rate = 20.0
+# Connections one `tsmd probe` run opens at most (about 40 minutes at 20 a second). The
+# torrents probed longest ago go first, so a big collection is probed over several runs.
+connections_per_run = 50000
 
 [report]
 # What `tsmd run` publishes after measuring: each file is written atomically (a web server never
@@ -7588,7 +7608,7 @@ def settings_from_document(document: dict, config_path: Path) -> Settings:
     dht = _settings_from_table(DhtSettings, tables["dht"], f"{where}: [dht]")
     check_dht_settings(dht, f"{where}: [dht]")
     probe = _settings_from_table(ProbeSettings, tables["probe"], f"{where}: [probe]")
-    for name in ("concurrency", "peers_per_torrent"):
+    for name in ("concurrency", "peers_per_torrent", "connections_per_run"):
         if getattr(probe, name) < 1:
             raise ConfigError(f"{where}: [probe].{name}: expected at least 1")
     if probe.rate < 0:
@@ -8609,7 +8629,8 @@ def probe_options(settings: Settings) -> ProbeOptions:
                         answer_timeout=probe.answer_timeout, have_window=probe.have_window,
                         concurrency=probe.concurrency,
                         peers_per_torrent=probe.peers_per_torrent, rate=probe.rate,
-                        allow_private=settings.network.allow_private)
+                        allow_private=settings.network.allow_private,
+                        connections=probe.connections_per_run)
 
 
 def dht_options(settings: Settings, concurrency: int | None = None,
@@ -8720,6 +8741,8 @@ PROBE_OUTAGE_AFTER: Final = 20
 @dataclass(slots=True)
 class ProbeRunCounts:
     torrents: int = 0  # probed
+    torrents_left: int = 0  # for a later run: [probe].connections_per_run was spent
+    torrents_unreached: int = 0  # no peer nor web seed answered: no sample stored
     downloadable: int = 0  # a verified seed, a working web seed or availability >= 1
     peers_tried: int = 0
     peers_reachable: int = 0
@@ -8738,7 +8761,11 @@ class ProbeRunCounts:
         outcomes = ", ".join(f"{count:,} {outcome}" for outcome, count in
                              sorted(self.outcomes.items(), key=lambda item: -item[1]))
         return (f"{_plural(self.torrents, 'torrent')} probed ({self.downloadable:,} "
-                f"downloadable); peers: {self.peers_tried:,} tried, {self.peers_reachable:,} "
+                f"downloadable" + (f", {self.torrents_unreached:,} with no peer nor web seed "
+                                   "reachable" if self.torrents_unreached else "") + ")"
+                + (f", {self.torrents_left:,} left for the next runs "
+                                    "([probe].connections_per_run spent)"
+                                    if self.torrents_left else "") + "; peers: {self.peers_tried:,} tried, {self.peers_reachable:,} "
                 f"reachable, {self.peers_answering:,} answered, {self.verified_seeds:,} verified "
                 f"seeds" + (f" ({outcomes})" if outcomes else "")
                 + (f"; metadata of {self.metadata_fetched:,} of {self.metadata_wanted:,} "
@@ -8881,12 +8908,17 @@ async def run_probe(db: sqlite3.Connection, settings: Settings,
         async def probe_worker(send: trio.MemorySendChannel) -> None:
             async with send:
                 for target in work:
-                    await send.send(await probe_target(target))
+                    if prober.budget_left <= 0:  # the rest waits for the next runs
+                        counts.torrents_left += 1
+                        continue
+                    sample = await probe_target(target)
+                    if sample is not None:
+                        await send.send(sample)
                     progress.update(task, advance=1, description=(
                         f"probe {counts.peers_answering:,} peers answered, "
                         f"{counts.verified_seeds:,} seeds"))
 
-        async def probe_target(target: ProbeTarget) -> ProbeSample:
+        async def probe_target(target: ProbeTarget) -> ProbeSample | None:
             peers = load_probe_peers(db, target.torrent_id, now - PROBE_PEER_FRESHNESS)
             swarm = await prober.probe(target.infohash, peers, target.piece_count,
                                        want_metadata=target.wants_metadata)
@@ -8900,14 +8932,17 @@ async def run_probe(db: sqlite3.Connection, settings: Settings,
                     except ProtocolError as exc:
                         counts.metadata_unreadable += 1
                         reporter.problem(f"probe: {target.infohash.hex()}: metadata: {exc}")
-            tried = served = 0
+            tried = served = answered = 0
             piece = target.web_seed_piece
             if piece is not None:
                 for url, kind in db.execute("SELECT url, kind FROM web_seeds WHERE "
                                             "torrent_id = ? ORDER BY url LIMIT ?",
-                                            (target.torrent_id, MAX_WEB_SEEDS_CHECKED)):
+                                            (target.torrent_id, MAX_WEB_SEEDS_CHECKED)
+                                            ).fetchall():
+                    check = await check_web_seed(fetcher, WebSeed(url, kind), piece)
                     tried += 1
-                    served += await check_web_seed(fetcher, WebSeed(url, kind), piece) is None
+                    served += check.served
+                    answered += check.answered
             counts.torrents += 1
             counts.peers_tried += swarm.tried
             counts.peers_reachable += swarm.reachable
@@ -8918,6 +8953,9 @@ async def run_probe(db: sqlite3.Connection, settings: Settings,
             counts.downloadable += is_downloadable(swarm.verified_seeds, swarm.availability,
                                                    served)
             outcomes.update(swarm.outcomes)
+            if not swarm.reachable and not answered:  # nothing answered: nothing measured
+                counts.torrents_unreached += 1
+                return None
             return ProbeSample(target.torrent_id, run_id, int(time.time()), swarm, tried,
                                served, meta)
 
@@ -10311,8 +10349,10 @@ td.t,th.t{min-width:7em;max-width:14em}
 bands: red &lt; 4 seeders, yellow 4&ndash;10, green &gt; 10, grey not measured. In the plan's order:
 torrents that can be downloaded, red first, then yellow, then green, each by <b>need</b> (Anna's
 Archive's score, (seeders + 0.1 &times; leechers) &times; mean size / size: <b>lower is needier</b>,
-the most bytes at risk first); then the dead (no seeder anywhere: lost unless someone who has them
-comes back); then those not measured yet.</p>
+the most bytes at risk first); then the unverified (trackers count seeders, but the peers tsmd
+reached hold no complete copy); then the dead (no seeder anywhere: lost unless someone who has
+them comes back); then those not measured yet. <b>Verified seeds</b> are peers that told tsmd
+they hold every piece; "+web" marks a web seed that served the data.</p>
 __NOTES__<h2>Collections</h2>
 <div class="scroll">__SUMMARY__</div>
 __CHARTS__<h2>Torrents</h2>
@@ -10459,7 +10499,7 @@ function render() {
   const note = $("listnote");
   note.hidden = !list;
   note.textContent = list === "dead"
-    ? "Dead: no tracker counts a seeder and the DHT knows none. Nobody can download these: they are lost unless someone who has them comes back."
+    ? "Dead: no tracker counts a seeder, the DHT knows none, and no peer nor web seed showed a complete copy. Nobody can download these: they are lost unless someone who has them comes back."
     : list !== "pick" ? "" : bytes === null ? "Not a size: write it like 500GB, 2TB or 1.5TiB."
     : "Downloadable red torrents, then yellow, the neediest first, that fit " + size(bytes) +
       " (" + size(view.reduce((sum, r) => sum + r.size, 0)) + " picked). tsmd pick gives the list with a random spread, so that volunteers do not all pick the same torrents.";
@@ -10844,6 +10884,8 @@ def load_status(db: sqlite3.Connection, database: Path) -> dict[str, Any]:
     scraped = db.execute("SELECT count(DISTINCT torrent_id) FROM tracker_latest "
                          "WHERE measured >= ?", (now - TRACKER_SAMPLE_FRESHNESS,)).fetchone()[0]
     in_dht = db.execute("SELECT count(*) FROM dht_latest").fetchone()[0]
+    probed = db.execute("SELECT count(*) FROM probe_latest WHERE measured >= ?",
+                        (now - PROBE_SAMPLE_FRESHNESS,)).fetchone()[0]
     busy = DatabaseLock(database).held_by()
     runs = {}
     for stage in STATUS_STAGES:
@@ -10868,6 +10910,7 @@ def load_status(db: sqlite3.Connection, database: Path) -> dict[str, Any]:
             "bytes": sum(f.stat().st_size for f in files if f.exists()),
             "busy": busy,
             "torrents": listed, "torrents_scraped": scraped, "torrents_in_dht": in_dht,
+            "torrents_probed": probed,
             "dht_nodes": db.execute("SELECT count(*) FROM dht_nodes").fetchone()[0],
             "collections": collections, "runs": runs}
 
@@ -10878,7 +10921,8 @@ def render_status(status: dict[str, Any], console: Console) -> None:
     now = time.time()
     console.print(f"database {status['database']}: {_human_size(status['bytes'])}, "
                   f"{status['torrents']:,} torrents listed ({status['torrents_scraped']:,} with "
-                  f"fresh tracker numbers, {status['torrents_in_dht']:,} looked up in the DHT), "
+                  f"fresh tracker numbers, {status['torrents_in_dht']:,} looked up in the DHT, "
+                  f"{status['torrents_probed']:,} probed), "
                   f"{status['dht_nodes']:,} DHT nodes cached", markup=False)
     if status["busy"]:
         console.print(f"busy: {status['busy']}", markup=False)
@@ -11889,9 +11933,12 @@ def render_check(result: CheckResult, console: Console) -> None:
         if result.availability is not None:
             copies = f"; availability {result.availability:.2f} copies"
         elif result.probe_answering > 0:
-            copies = "; no piece count (not a .torrent): only have_all shows a seed"
+            copies = ("; no piece count (no peer sent the metadata, or a v2-only torrent): "
+                      "only have_all shows a seed")
         else:
             copies = ""
+        if result.metadata_fetched:
+            copies += "; metadata from a peer"
         note = (f"{result.probe_answering} of {result.probe_tried} peers told what they hold"
                 f"{copies}" if result.probe_tried else "no peer to ask")
         told = result.probe_answering > 0  # else nothing was seen: unknown, not 0
