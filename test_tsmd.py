@@ -6516,10 +6516,19 @@ def test_probe_fetches_metadata_and_refuses_what_does_not_hash():
                 swarms[behaviour] = await prober.probe(
                     infohash, [(f"127.91.4.{n + 1}", listeners[0].socket.getsockname()[1])],
                     None, want_metadata=True)
+            peers = []
+            for n in range(3):
+                listeners = await trio.open_tcp_listeners(0, host=f"127.91.5.{n + 1}")
+                nursery.start_soon(trio.serve_listeners, functools.partial(
+                    metadata_peer, info, "honest", sent_by_three[n]), listeners)
+                peers.append((f"127.91.5.{n + 1}", listeners[0].socket.getsockname()[1]))
+            three = await tsmd.PeerProber(probe_test_options()).probe(infohash, peers, None,
+                                                                      want_metadata=True)
             nursery.cancel_scope.cancel()
-        return swarms
+        return swarms, three
 
-    swarms = run(scenario)
+    sent_by_three: list[list[int]] = [[], [], []]
+    swarms, three = run(scenario)
     honest = swarms["honest"]
     assert honest.metadata == info and honest.piece_count == 24
     assert (honest.answering, honest.verified_seeds, honest.availability) == (1, 1, 1.0)
@@ -6537,6 +6546,11 @@ def test_probe_fetches_metadata_and_refuses_what_does_not_hash():
     # Our extended handshake, then requests for the metadata's pieces: nothing else.
     assert sent["honest"] == [20] * (1 + -(-len(info) // 16384))
     assert all(set(kinds) <= {20} for kinds in sent.values())
+    # Of three peers that offer it, one at a time is asked: the first gives it, the others
+    # are never asked (nor sent our extended handshake).
+    assert [len(kinds) > 0 for kinds in sent_by_three] in (
+        [True, False, False], [False, True, False], [False, False, True])
+    assert three.metadata == info and three.verified_seeds == 3
 
 
 def libtorrent_swarm(tmp_path: Path, network: LibtorrentDht, seeds: list[int],
@@ -7754,7 +7768,8 @@ SORTS_AS_TUPLES = {
 
 @hsettings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["a 1", "b 2", "B 2", "é 3", "a 10"]),
-                          st.integers(-1, 12), st.integers(-1, 3), st.integers(-1, 5)),
+                          st.integers(-1, 12), st.integers(-1, 3), st.integers(-1, 5),
+                          st.integers(-1, 1), st.integers(-1, 2)),
                 max_size=30),
        st.sampled_from(sorted(SORTS_AS_TUPLES)), st.none() | st.integers(0, 5))
 def test_report_orders_are_by_key_then_name(raw, sort, max_seeders):
@@ -7762,12 +7777,40 @@ def test_report_orders_are_by_key_then_name(raw, sort, max_seeders):
         infohash=f"{n:040x}", name=name, torrent_name=None, link="", magnet="", collection="c",
         type="books", size_bytes=size, file_count=1, created_unix=created, seeders=seeders,
         leechers=1, completed=-1, scraped_date=-1, tracker=None, trackers_answered=0,
-        dht_peers=-1, dht_scraped=-1, dht_seeds_estimate=-1, dht_peers_estimate=-1)
-        for n, (name, seeders, size, created) in enumerate(raw)], {})
+        dht_peers=-1, dht_scraped=-1, dht_seeds_estimate=-1, dht_peers_estimate=-1,
+        downloadable=downloadable, reachable_peers=reachable)
+        for n, (name, seeders, size, created, downloadable, reachable) in enumerate(raw)], {})
     expected = sorted((row for row in rows if max_seeders is None or
                        0 <= row.seeders <= max_seeders), key=SORTS_AS_TUPLES[sort])
     assert tsmd.select_report_rows(rows, sort, None, max_seeders) == expected
     assert tsmd.select_report_rows(rows, sort, 3, max_seeders) == expected[:3]
+
+
+def test_the_plan_and_pick_follow_what_the_probe_saw():
+    """A complete copy seen (a web seed, a verified seed) makes a torrent with no tracker
+    seeder downloadable: red, picked. Tracker seeders whose reachable peers showed no complete
+    copy are unverified: after green, never picked. A probe that reached nobody is no
+    evidence either way."""
+    base = dict(torrent_name=None, link="", magnet="", collection="c", type="books",
+                size_bytes=1000, file_count=1, created_unix=1, leechers=0, completed=0,
+                scraped_date=1, tracker=None, trackers_answered=1, dht_peers=0, dht_scraped=1,
+                dht_seeds_estimate=0, dht_peers_estimate=0)
+    cases = {  # name: (seeders, downloadable, reachable peers), plan group
+        "web seed 1": ((0, 1, 0), tsmd.PLAN_RED),
+        "claimed 2": ((5, 0, 3), tsmd.PLAN_UNVERIFIED),
+        "unreached 3": ((5, 0, 0), tsmd.PLAN_YELLOW),
+        "dead 4": ((0, 0, 2), tsmd.PLAN_DEAD),
+        "verified 5": ((5, 1, 4), tsmd.PLAN_YELLOW),
+        "never probed 6": ((0, -1, -1), tsmd.PLAN_DEAD)}
+    rows = tsmd.add_health([tsmd.ReportRow(
+        infohash=f"{n:040x}", name=name, seeders=seeders, downloadable=downloadable,
+        reachable_peers=reachable, **base)
+        for n, (name, ((seeders, downloadable, reachable), _)) in enumerate(cases.items())], {})
+    assert {row.name: tsmd.plan_group(row) for row in rows} == {
+        name: group for name, (_, group) in cases.items()}
+    plan = tsmd.select_report_rows(rows, "need", None, None)
+    assert [row.name for row in tsmd.pick_torrents(plan, 10**6)] == [
+        "web seed 1", "unreached 3", "verified 5"]
 
 
 def test_big_formats_come_in_pieces_that_add_up(tmp_path):
