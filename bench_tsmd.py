@@ -9,6 +9,7 @@
     python3 bench_tsmd.py fuzz [--inputs 1000000] [--seed 1]
     python3 bench_tsmd.py decode [--files 1000000]
     python3 bench_tsmd.py startup [--torrents 2000]
+    python3 bench_tsmd.py probe [--torrents 200] [--sessions 8] [--peers 1000]
 
 `sync`: generates a collection of .torrent files (libgen-like: many files per torrent, a few
 trackers), serves it from a separate process on 127.0.0.1 (an HTML index page, ETags, conditional
@@ -22,6 +23,15 @@ trackers are dead.
 per lookup cold and warm, the rate limit as the nodes saw it), then a network of real libtorrent
 nodes where tsmd and libtorrent's own `dht_get_peers` look up the same infohashes, both timed
 until every announced peer had arrived and until every lookup had ended.
+`probe`: first exactness against libtorrent: torrents held by real libtorrent sessions on distinct
+127.x addresses, some whole, some in part (upload mode), half of them listed as magnets only;
+`tsmd probe` must find the verified seeds and availability that the sessions themselves report,
+and fetch every magnet's metadata (BEP 9). Then speed and memory for 1,000 honest fake peers in
+a process of their own (50 torrents x 20, seeds and partial holders), at the default concurrency
+and at 200, beside one libtorrent session connecting to the same peers until every bitfield has
+arrived. Then hostile peers among honest ones (garbage, another torrent's handshake, a 4 GiB
+length, a wrong bitfield, a trickle, silence, a hang-up, forged metadata): tsmd must exit 0,
+the honest numbers stay exact and the forged metadata is not stored.
 `fuzz`: test_tsmd's seeded mutation fuzzer over every `_untrusted` parser, in worker processes
 that may crash or hang without stopping the count.
 `decode`: what the bencode scan costs beside bencoder.pyx's own decode (10,000 DHT replies, two
@@ -32,6 +42,7 @@ Everything runs on loopback and stops by itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import hashlib
 import html
@@ -1710,6 +1721,10 @@ rate = {SIMULATION_RATE}
 per_ip_rate = 50
 per_ip_burst = 10
 concurrency = 500
+[probe]
+# The DHT's peers here are addresses nobody listens on: refused at once on loopback. At the
+# default 20 connections a second, its 10,000 swarms' peers would take a quarter of an hour.
+rate = 0
 [report]
 outputs = [{{ format = "json", path = "{root / 'www' / 'torrents.json'}" }},
            {{ format = "html", path = "{root / 'www' / 'index.html'}" }},
@@ -1740,6 +1755,529 @@ type = "books"
                 if worker.is_alive():
                     worker.kill()
             tracker.stop()
+
+
+# ---- Peer probe: exactness against libtorrent, 1,000 peers, hostile peers ----
+
+PROBE_PIECE: Final = 16384  # bytes a piece, in every torrent the probe bench makes
+HOLDERS_OCTET: Final = 96  # libtorrent session n listens on 127.96.n.1 (and 127.96.n.t)
+FAKE_PEERS_OCTET: Final = 94  # the honest fake peers: 127.94.t.k
+HOSTILE_OCTET: Final = 93  # the hostile run's peers: 127.93.t.k
+FAKE_PEERS_PER_TORRENT: Final = 20
+FAKE_PIECES: Final = 200
+# FakePeers' hostile behaviours, and the tsmd.ProbeOutcome each must be counted as.
+HOSTILE_BEHAVIOURS: Final = {"garbage": "MALFORMED", "wrong torrent": "WRONG_TORRENT",
+                             "huge length": "MALFORMED", "bad bitfield": "MALFORMED",
+                             "trickle": "SILENT", "silent": "SILENT", "hang up": "CLOSED"}
+# libtorrent's defaults open 30 connections a second (connection_speed), 200 in all
+# (connections_limit), try new ones twice a second (tick_interval) and drop a connection
+# neither side needs (close_redundant_connections: a seed, seen from an upload-only torrent),
+# keep few torrents active and check one torrent's files at a time, one a second.
+# Lifted, so what is timed is libtorrent reading bitfields, not its pacing.
+LT_UNTHROTTLED: Final = {"connections_limit": 10_000, "connection_speed": 10_000,
+                         "torrent_connect_boost": 255, "tick_interval": 50,
+                         "close_redundant_connections": False, "active_downloads": -1,
+                         "active_seeds": -1, "active_limit": -1, "active_checking": 1000}
+# By default libtorrent tries uTP before TCP and an encrypted handshake (MSE) before a plain
+# one; the fake peers know neither: plain TCP, as tsmd connects.
+LT_PLAINTEXT: Final = {"out_enc_policy": 2, "enable_outgoing_utp": False}
+LT_QUIET: Final = {"enable_dht": False, "enable_lsd": False, "enable_upnp": False,
+                   "enable_natpmp": False, "enable_ip_notifier": False,
+                   "listen_system_port_fallback": False, "max_retry_port_bind": 0,
+                   "alert_mask": 0}
+
+
+def probe_config(root: Path, database: Path, variant: str = "", **probe: object) -> Path:
+    config = root / f"{database.stem}{variant}.toml"
+    options = "".join(f"{key} = {value!r}\n".replace("'", '"') for key, value in probe.items())
+    config.write_text(f'database = "{database}"\n[network]\nallow_private = true\n'
+                      f'[probe]\n{options}[[collections]]\nname = "bench"\n'
+                      f'url = "http://bench.invalid/"\ntype = "books"\n')
+    return config
+
+
+def make_probe_db(path: Path, swarms: list[tuple[object, list[tuple[str, int]]]]) -> None:
+    """One collection of the torrents given (a tsmd.Metainfo each), each with the peer
+    addresses the DHT stage would have stored for it, found now."""
+    import tsmd
+
+    now = int(time.time())
+    db = tsmd.open_database(path)
+    with tsmd.Transaction(db):
+        collection_id = tsmd.upsert_collection(db, "bench", "http://bench.invalid/", "books", True)
+        for meta, peers in swarms:
+            torrent_id = tsmd.upsert_torrent(db, meta, now)
+            db.execute("INSERT INTO memberships (collection_id, source, torrent_id, first_seen, "
+                       "last_seen) VALUES (?, ?, ?, ?, ?)",
+                       (collection_id, meta.infohash, torrent_id, now, now))
+            db.executemany("INSERT INTO swarm_peers (torrent_id, host, port, found) "
+                           "VALUES (?, ?, ?, ?)", [(torrent_id, h, p, now) for h, p in peers])
+    db.close()
+
+
+def single_file_info(name: str, length: int, piece_hashes: bytes) -> bytes:
+    return bencoder.bencode({b"name": name.encode(), b"length": length,
+                             b"piece length": PROBE_PIECE, b"pieces": piece_hashes})
+
+
+def torrent_of(info: bytes) -> bytes:
+    """A .torrent of nothing but `info` (bencoded exactly as given: its hash is the infohash)."""
+    return b"d4:info" + info + b"e"
+
+
+def copies_held(holdings: list[list[bool]]) -> float:
+    """libtorrent's distributed copies, counted a piece at a time: how many hold the rarest
+    piece, plus the fraction of pieces more of them hold."""
+    per_piece = [sum(held) for held in zip(*holdings)]
+    rarest = min(per_piece)
+    return rarest + sum(count > rarest for count in per_piece) / len(per_piece)
+
+
+def bitfield_of(held: list[bool]) -> bytes:
+    """BEP 3: piece 0 is the first byte's high bit."""
+    bits = bytearray((len(held) + 7) // 8)
+    for piece, has in enumerate(held):
+        if has:
+            bits[piece >> 3] |= 0x80 >> (piece & 7)
+    return bytes(bits)
+
+
+def probe_results(database: Path) -> dict[str, tuple]:
+    """infohash -> (verified seeds, availability, answering, has_metainfo, piece_count, name,
+    size) after the last probe run; the first three None for a torrent it stored nothing for."""
+    db = sqlite3.connect(database)
+    rows = {infohash: tuple(rest) for infohash, *rest in db.execute(
+        "SELECT t.infohash, p.verified_seeds, p.availability, p.answering, t.has_metainfo, "
+        "t.piece_count, t.name, t.size_bytes FROM torrents t LEFT JOIN probe_samples p "
+        "ON p.torrent_id = t.id AND p.run_id = (SELECT max(run_id) FROM probe_samples)")}
+    db.close()
+    return rows
+
+
+def same_swarm(got: tuple, seeds: int, copies: float) -> bool:
+    return got[0] == seeds and got[1] is not None and abs(got[1] - copies) < 1e-9
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on `host` now; nothing else on the machine listens on 127.96/16."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def bench_probe_libtorrent(root: Path, torrents: int, sessions: int, seed: int) -> None:
+    """Torrents held by real libtorrent sessions, in whole or in part, half of them known to
+    tsmd as magnets only: its verified seeds and availability must be what the sessions
+    themselves say they hold, and every magnet's metadata must be fetched.
+
+    Two layouts of the same holdings. As BitTorrent clients are: session n at one address
+    for all its torrents, which tsmd asks about each torrent on one connection at a time
+    (PeerProber's politeness), so the run takes as long as the busiest session's torrents one
+    after the other. And one address per holding: session n also listens on 127.96.n.t for
+    torrent t, so that no address holds two torrents and nothing waits for another."""
+    import libtorrent as lt
+
+    import tsmd
+
+    if not 1 <= sessions <= 250 or not 1 <= torrents <= 250:
+        sys.exit("probe bench: --sessions and --torrents from 1 to 250 (an address each)")
+    rng = random.Random(f"probe holders {seed}")
+    holders = []
+    try:
+        ports = []
+        for n in range(sessions):
+            ports.append(free_port(f"127.{HOLDERS_OCTET}.{n + 1}.1"))
+            holders.append(lt.session({
+                **LT_QUIET, **LT_UNTHROTTLED, "listen_interfaces": ",".join(
+                    f"127.{HOLDERS_OCTET}.{n + 1}.{t + 1}:{ports[n]}" for t in range(torrents))}))
+        made = []  # (Metainfo as tsmd is told, Metainfo of the .torrent, {session: handle})
+        started = time.perf_counter()
+        for number in range(torrents):
+            pieces = rng.randint(4, 40)
+            data = rng.randbytes(pieces * PROBE_PIECE - rng.randrange(PROBE_PIECE))
+            name = f"probe-{number:03d}.bin"
+            info = single_file_info(name, len(data), b"".join(
+                hashlib.sha1(data[at:at + PROBE_PIECE]).digest()
+                for at in range(0, len(data), PROBE_PIECE)))
+            torrent = torrent_of(info)
+            handles = {}
+            for n in sorted(rng.sample(range(sessions), rng.randint(1, sessions))):
+                whole = rng.random() < 0.4
+                held = range(pieces) if whole else rng.sample(range(pieces),
+                                                               rng.randint(1, pieces - 1))
+                folder = root / f"holder{n}"
+                folder.mkdir(exist_ok=True)
+                with open(folder / name, "wb") as file:  # sparse: only the pieces it holds
+                    file.truncate(len(data))
+                    for piece in held:
+                        file.seek(piece * PROBE_PIECE)
+                        file.write(data[piece * PROBE_PIECE:(piece + 1) * PROBE_PIECE])
+                params = lt.add_torrent_params()
+                params.ti, params.save_path = lt.torrent_info(torrent), str(folder)
+                if not whole:
+                    params.flags |= lt.torrent_flags.upload_mode  # never downloads the rest
+                handles[n] = holders[n].add_torrent(params)
+            full = tsmd.decode_metainfo_untrusted(torrent)
+            told = full if number % 2 else tsmd.decode_magnet_untrusted(
+                tsmd.magnet_uri(full.infohash))
+            made.append((told, full, handles))
+        deadline = time.monotonic() + 600
+        checking = (lt.torrent_status.checking_files, lt.torrent_status.checking_resume_data)
+        while any(h.status().state in checking for _, _, handles in made
+                  for h in handles.values()):
+            if time.monotonic() > deadline:
+                sys.exit("probe bench: libtorrent did not check its files in 10 minutes")
+            time.sleep(0.2)
+        held = [{n: list(h.status(lt.status_flags_t.query_pieces).pieces)
+                 for n, h in handles.items()} for _, _, handles in made]
+        print(f"{torrents} torrents of 4 to 40 pieces of 16 KiB held by {sessions} libtorrent "
+              f"sessions ({sum(map(len, held))} holdings, "
+              f"{sum(all(p) for h in held for p in h.values())} of them whole), made and "
+              f"checked in {time.perf_counter() - started:.1f} s; half listed as magnets only")
+        for layout, variant, address in (
+                ("one address per session, as a client has", "session", lambda n, t: 1),
+                ("one address per holding (127.96.n.t)", "holding", lambda n, t: t + 1)):
+            database = root / f"libtorrent-{variant}.sqlite3"
+            make_probe_db(database, [(told, [(f"127.{HOLDERS_OCTET}.{n + 1}.{address(n, t)}",
+                                              ports[n]) for n in handles])
+                                     for t, (told, _, handles) in enumerate(made)])
+            wall, peak, said = run_tsmd(probe_config(root, database), "probe", "--rate", "0")
+            got = probe_results(database)
+            exact, fetched, wrong = 0, 0, []
+            for (told, full, _), holdings in zip(made, held):
+                row = got[full.infohash]
+                seeds = sum(all(pieces) for pieces in holdings.values())
+                copies = copies_held(list(holdings.values()))
+                right = same_swarm(row, seeds, copies)
+                if not told.has_metainfo:
+                    learnt = row[3:] == (1, full.piece_count, full.name, full.size_bytes)
+                    fetched += learnt
+                    right = right and learnt
+                exact += right
+                if not right:
+                    wrong.append(f"{full.infohash[:8]}{' (magnet)' if not told.has_metainfo else ''}"
+                                 f": tsmd (seeds, copies, answering) {row[:3]}, libtorrent "
+                                 f"({seeds}, {copies:.4f}, {len(holdings)})")
+            counts = last_run_counts(database)
+            print(f"{layout}: tsmd probe --rate 0: exact {exact}/{torrents} torrents; metadata "
+                  f"fetched {fetched}/{(torrents + 1) // 2} magnets; {wall:.2f} s (network phase "
+                  f"{counts['seconds']:.2f} s), peak RSS {peak / 1024:.0f} MiB; "
+                  f"{counts['peers_tried']} of {sum(map(len, held))} holdings asked; outcomes "
+                  f"{json.dumps(counts['outcomes'])}")
+            print(f"    tsmd said: {said}")
+            for line in wrong[:3]:
+                print(f"    not exact: {line}")
+            if len(wrong) > 3:
+                print(f"    ... and {len(wrong) - 3} more")
+    finally:
+        for session in holders:
+            session.pause()
+        holders.clear()
+
+
+def fake_peer_swarms(torrents: int, seed: int, octet: int) -> list[tuple[bytes, list]]:
+    """Per torrent: its info dict of FAKE_PIECES pieces, and FAKE_PEERS_PER_TORRENT peers
+    (host, bitfield), seeds and partial holders drawn from `seed`."""
+    rng = random.Random(f"fake peers {seed}")
+    swarms = []
+    for t in range(torrents):
+        info = single_file_info(f"fake-{t:03d}.bin", FAKE_PIECES * PROBE_PIECE,
+                                rng.randbytes(20 * FAKE_PIECES))
+        peers = []
+        for k in range(FAKE_PEERS_PER_TORRENT):
+            share = 1.0 if rng.random() < 0.3 else rng.uniform(0.2, 0.9)
+            held = [rng.random() < share for _ in range(FAKE_PIECES)]
+            peers.append((f"127.{octet}.{t + 1}.{k + 1}", held))
+        swarms.append((info, peers))
+    return swarms
+
+
+async def fake_peer(behaviour: str, infohash: bytes, bitfield: bytes, peer_id: bytes,
+                    stream) -> None:
+    """One connection to a fake peer: "bitfield" answers the handshake and sends `bitfield`
+    (honest); the others are FakePeers' hostile behaviours. Then it reads and ignores whatever
+    comes (libtorrent's messages too) until the other side hangs up."""
+    import trio
+
+    import tsmd
+
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        async with stream:
+            received = bytearray()
+            while len(received) < tsmd.PEER_HANDSHAKE_LENGTH:
+                data = await stream.receive_some(4096)
+                if not data:
+                    return
+                received += data
+            if behaviour == "garbage":
+                await stream.send_all(b"HTTP/1.1 400 Bad Request\r\n" + bytes(60))
+                return
+            handshake = tsmd.encode_peer_handshake(
+                b"\x09" * 20 if behaviour == "wrong torrent" else infohash, peer_id)
+            if behaviour == "trickle":
+                for byte in handshake + (1).to_bytes(4, "big") + bytes([14]):
+                    await stream.send_all(bytes([byte]))
+                    await trio.sleep(0.2)
+                return
+            await stream.send_all(handshake)
+            if behaviour == "bitfield":
+                await stream.send_all((1 + len(bitfield)).to_bytes(4, "big") + b"\x05" + bitfield)
+            elif behaviour == "huge length":
+                await stream.send_all(b"\xff\xff\xff\xff\x05" + bytes(100))
+            elif behaviour == "bad bitfield":
+                await stream.send_all((4 + len(bitfield)).to_bytes(4, "big") + b"\x05"
+                                      + b"\xff" * (len(bitfield) + 3))
+            elif behaviour == "hang up":
+                return
+            while await stream.receive_some(1 << 16):
+                pass
+
+
+async def serve_fake_peers_until(specs: list[tuple[str, str, bytes, bytes]], ports, stop) -> None:
+    import functools
+
+    import trio
+
+    from test_tsmd import metadata_peer
+
+    addresses = []
+    async with trio.open_nursery() as nursery:
+        for number, (host, behaviour, infohash, payload) in enumerate(specs):
+            listeners = await trio.open_tcp_listeners(0, host=host, backlog=64)
+            addresses.append((host, listeners[0].socket.getsockname()[1]))
+            if behaviour in ("honest", "forged"):  # a magnet's metadata, served (BEP 9)
+                handler = functools.partial(metadata_peer, payload, behaviour, [])
+            else:
+                # Each its own peer id: libtorrent drops a second peer with the same one.
+                handler = functools.partial(fake_peer, behaviour, infohash, payload,
+                                            b"-FK0001-%012d" % number)
+            nursery.start_soon(trio.serve_listeners, handler, listeners)
+        ports.put(addresses)
+        deadline = trio.current_time() + 3600  # never outlive a forgotten benchmark
+        while not stop.is_set() and trio.current_time() < deadline:
+            await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+
+
+def serve_fake_peers(specs: list[tuple[str, str, bytes, bytes]], ports, stop) -> None:
+    """Fake peers, each (host, behaviour, infohash, bitfield or info dict) on its own address,
+    in a process of their own (their CPU is not tsmd's), until `stop` is set; their
+    addresses go to `ports`, in the order of `specs`."""
+    import trio
+
+    trio.run(serve_fake_peers_until, specs, ports, stop)
+
+
+def start_fake_peers(specs: list[tuple[str, str, bytes, bytes]]):
+    """(process, stop event, addresses); spawned, not forked: libtorrent's threads may run."""
+    context = multiprocessing.get_context("spawn")
+    stop, ports = context.Event(), context.Queue()
+    process = context.Process(target=serve_fake_peers, args=(specs, ports, stop), daemon=True)
+    process.start()
+    try:
+        return process, stop, ports.get(timeout=120)
+    except BaseException:
+        stop_fake_peers(process, stop)
+        raise
+
+
+def stop_fake_peers(process, stop) -> None:
+    stop.set()
+    process.join(timeout=10)
+    if process.is_alive():
+        process.kill()
+        process.join(timeout=5)
+
+
+def libtorrent_bitfields(root: Path, swarms: list[tuple[bytes, list[tuple[tuple[str, int], list[bool]]]]],
+                         timeout: float) -> tuple[float, int, int]:
+    """One libtorrent session adds every torrent (upload mode: it downloads nothing) and
+    connects to each of its peers: (seconds until every peer's bitfield had arrived, or the
+    timeout; peers whose bitfield arrived; of them, those libtorrent read the same bits of)."""
+    import libtorrent as lt
+
+    session = lt.session({**LT_QUIET, **LT_UNTHROTTLED, **LT_PLAINTEXT,
+                          "listen_interfaces": "127.0.0.1:0"})
+    try:
+        handles = []
+        for info, _ in swarms:
+            params = lt.add_torrent_params()
+            params.ti, params.save_path = lt.torrent_info(torrent_of(info)), str(root)
+            params.flags |= lt.torrent_flags.upload_mode
+            handles.append(session.add_torrent(params))
+        deadline = time.monotonic() + 60
+        while any(h.status().state in (lt.torrent_status.checking_files,
+                                       lt.torrent_status.checking_resume_data)
+                  for h in handles) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        expected = {address: held for _, peers in swarms for address, held in peers}
+        arrived: dict[tuple[str, int], list[bool]] = {}
+        waiting = {h: {address for address, _ in peers} for h, (_, peers) in zip(handles, swarms)}
+        started = time.perf_counter()
+        for handle, (_, peers) in zip(handles, swarms):
+            for address, _ in peers:
+                handle.connect_peer(address)
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            time.sleep(0.02)
+            for handle in list(waiting):
+                for peer in handle.get_peer_info():
+                    address = (str(peer.ip[0]), int(peer.ip[1]))
+                    if address in waiting[handle] and any(peer.pieces):
+                        arrived[address] = list(peer.pieces)
+                        waiting[handle].discard(address)
+                if not waiting[handle]:
+                    del waiting[handle]
+        seconds = time.perf_counter() - started
+        return seconds, len(arrived), sum(bits == expected[a] for a, bits in arrived.items())
+    finally:
+        session.pause()
+        del session
+
+
+def bench_probe_peers(root: Path, peers: int, seed: int) -> None:
+    """`tsmd probe` of fake peers in a process of their own, at the default concurrency, at
+    200, and with no have window at 1000; then libtorrent connecting to the same peers."""
+    import tsmd
+
+    torrents = max(1, peers // FAKE_PEERS_PER_TORRENT)
+    if torrents > 250:
+        sys.exit("probe bench: --peers at most 5000 (250 torrents of 20 peers on 127.94/16)")
+    swarms = fake_peer_swarms(torrents, seed, FAKE_PEERS_OCTET)
+    specs = [(host, "bitfield", hashlib.sha1(info).digest(), bitfield_of(held))
+             for info, swarm in swarms for host, held in swarm]
+    process, stop, addresses = start_fake_peers(specs)
+    try:
+        at = dict(zip((host for host, *_ in specs), addresses))
+        expected = {hashlib.sha1(info).hexdigest(): (
+            sum(all(held) for _, held in swarm), copies_held([held for _, held in swarm]))
+            for info, swarm in swarms}
+        database = root / "peers.sqlite3"
+        make_probe_db(database, [(tsmd.decode_metainfo_untrusted(torrent_of(info)),
+                                  [at[host] for host, _ in swarm]) for info, swarm in swarms])
+        partial = sum(not all(held) for _, swarm in swarms for _, held in swarm)
+        print(f"{torrents * FAKE_PEERS_PER_TORRENT} fake peers in a process of their own: "
+              f"{torrents} torrents x {FAKE_PEERS_PER_TORRENT} peers, {FAKE_PIECES} pieces; "
+              f"{partial} partial holders (tsmd reads `have` messages for [probe].have_window, "
+              f"1 s, after a partial bitfield), "
+              f"{sum(s for s, _ in expected.values())} seeds")
+        config = probe_config(root, database)
+        # Like for like with libtorrent, timed to the bitfield: no have window, no bound.
+        no_window = probe_config(root, database, "no-window", have_window="0s")
+        network_phase = {}
+        for label, chosen, extra in (
+                ("default concurrency (50)", config, ()),
+                ("--concurrency 200", config, ("--concurrency", "200")),
+                ("have_window 0 s, --concurrency 1000", no_window, ("--concurrency", "1000"))):
+            wall, peak, said = run_tsmd(chosen, "probe", "--rate", "0", *extra)
+            counts = last_run_counts(database)
+            got = probe_results(database)
+            exact = sum(same_swarm(got[h], *expected[h]) for h in expected)
+            network_phase[label] = counts["seconds"]
+            print(f"tsmd probe --rate 0, {label}: {wall:.2f} s (network phase "
+                  f"{counts['seconds']:.2f} s), {counts['peers_answering']} of "
+                  f"{counts['peers_tried']} peers answered, peak RSS {peak / 1024:.0f} MiB; "
+                  f"verified seeds and availability exact for {exact}/{torrents} torrents")
+            print(f"    tsmd said: {said}")
+        print("libtorrent " + lt_version() + ", one session, settings: " + ", ".join(
+            f"{key} = {value}" for key, value in {**LT_UNTHROTTLED, **LT_PLAINTEXT}.items()))
+        seconds, arrived, same = libtorrent_bitfields(
+            root, [(info, [(at[host], held) for host, held in swarm]) for info, swarm in swarms],
+            timeout=120)
+        print(f"libtorrent connect_peer to the same {len(specs)} peers: {arrived} bitfields "
+              f"arrived in {seconds:.2f} s ({same} with the bits sent)")
+        print(f"    network phase tsmd / libtorrent: --concurrency 200 "
+              f"x{network_phase['--concurrency 200'] / seconds:.1f} (tsmd waits the 1 s have "
+              f"window after each of the {partial} partial bitfields; libtorrent is timed to "
+              f"the bitfield alone); have_window 0 s, --concurrency 1000 x"
+              f"{network_phase['have_window 0 s, --concurrency 1000'] / seconds:.1f}")
+    finally:
+        stop_fake_peers(process, stop)
+
+
+def lt_version() -> str:
+    import libtorrent as lt
+
+    return lt.__version__
+
+
+def bench_probe_hostile(root: Path, seed: int) -> None:
+    """Ten torrents, each with ten honest peers and one peer of each hostile behaviour; a
+    magnet whose only peer forges its metadata, and one with a forger and an honest peer."""
+    import tsmd
+
+    swarms = fake_peer_swarms(10, seed + 1, HOSTILE_OCTET)
+    swarms = [(info, peers[:10]) for info, peers in swarms]
+    specs = []
+    for t, (info, peers) in enumerate(swarms):
+        infohash = hashlib.sha1(info).digest()
+        specs += [(host, "bitfield", infohash, bitfield_of(held)) for host, held in peers]
+        specs += [(f"127.{HOSTILE_OCTET}.{t + 1}.{100 + k}", behaviour, infohash,
+                   bitfield_of(peers[0][1])) for k, behaviour in enumerate(HOSTILE_BEHAVIOURS)]
+    rng = random.Random(f"hostile magnets {seed}")
+    # Over 16 KiB of metadata (1,000 pieces of 20 bytes): two ut_metadata pieces each.
+    magnets = [single_file_info(f"magnet-{n}.bin", 1000 * PROBE_PIECE, rng.randbytes(20_000))
+               for n in range(2)]
+    specs += [(f"127.{HOSTILE_OCTET}.200.1", "forged", b"", magnets[0]),
+              (f"127.{HOSTILE_OCTET}.201.1", "forged", b"", magnets[1]),
+              (f"127.{HOSTILE_OCTET}.201.2", "honest", b"", magnets[1])]
+    process, stop, addresses = start_fake_peers(specs)
+    try:
+        of_torrent: dict[bytes, list] = {}
+        for (host, _, infohash, payload), address in zip(specs, addresses):
+            of_torrent.setdefault(infohash or hashlib.sha1(payload).digest(), []).append(address)
+        listed = [tsmd.decode_metainfo_untrusted(torrent_of(info)) for info, _ in swarms]
+        listed += [tsmd.decode_magnet_untrusted(tsmd.magnet_uri(hashlib.sha1(info).hexdigest()))
+                   for info in magnets]
+        database = root / "hostile.sqlite3"
+        make_probe_db(database, [(meta, of_torrent[bytes.fromhex(meta.infohash)])
+                                 for meta in listed])
+        wall, peak, said = run_tsmd(probe_config(root, database), "probe", "--rate", "0")
+        counts = last_run_counts(database)
+        # Ten honest peers a torrent and the honest metadata peer tell, the lone forger breaks
+        # the protocol. The other forger does if it is asked for the metadata (one peer at a
+        # time); if the honest peer was asked first, it only tells its (whole) bitfield.
+        told, broke = tsmd.ProbeOutcome.TOLD.value, tsmd.ProbeOutcome.MALFORMED.value
+        planted = Counter({told: 10 * len(swarms) + 1, broke: 1})
+        for outcome in HOSTILE_BEHAVIOURS.values():
+            planted[tsmd.ProbeOutcome[outcome].value] += len(swarms)
+        as_planted = counts["outcomes"] in (dict(planted + Counter({broke: 1})),
+                                            dict(planted + Counter({told: 1})))
+        got = probe_results(database)
+        exact = sum(same_swarm(got[hashlib.sha1(info).hexdigest()],
+                               sum(all(held) for _, held in peers),
+                               copies_held([held for _, held in peers]))
+                    for info, peers in swarms)
+        forged_only, mixed = (got[hashlib.sha1(info).hexdigest()] for info in magnets)
+        true_pieces = 1000
+        print(f"hostile peers: {len(swarms)} torrents x (10 honest + {len(HOSTILE_BEHAVIOURS)} "
+              f"hostile: {', '.join(HOSTILE_BEHAVIOURS)}), and 2 magnets: one whose only peer "
+              f"forges the metadata, one with a forger and an honest peer")
+        print(f"tsmd probe --rate 0: exit 0 in {wall:.2f} s, peak RSS {peak / 1024:.0f} MiB; "
+              f"outcomes {json.dumps(counts['outcomes'])} (as planted: {as_planted})")
+        print(f"    honest peers' verified seeds and availability exact for "
+              f"{exact}/{len(swarms)} torrents; forged-only magnet: has_metainfo "
+              f"{forged_only[3]}, piece_count {forged_only[4]} (forged metadata not stored: "
+              f"{forged_only[3] == 0 and forged_only[4] is None}); forger + honest magnet: "
+              f"has_metainfo {mixed[3]}, piece_count {mixed[4]} (the true one: "
+              f"{mixed[4] == true_pieces}), verified seeds {mixed[0]}")
+        print(f"    tsmd said: {said}")
+    finally:
+        stop_fake_peers(process, stop)
+
+
+def bench_probe(torrents: int, sessions: int, peers: int, seed: int,
+                only: str | None) -> None:
+    print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}")
+    with tempfile.TemporaryDirectory(prefix="tsmd-bench-") as tmp:
+        root = Path(tmp)
+        if only in (None, "libtorrent"):
+            bench_probe_libtorrent(root, torrents, sessions, seed)
+        if only in (None, "peers"):
+            bench_probe_peers(root, peers, seed)
+        if only in (None, "hostile"):
+            bench_probe_hostile(root, seed)
 
 
 # ---- Hostile bytes: fuzzing, the bencode scan's cost, a million-file .torrent ----
@@ -1955,6 +2493,14 @@ def main() -> None:
     decode = sub.add_parser("decode", help="cost of the bencode scan; sync of a huge .torrent")
     decode.add_argument("--files", type=int, default=1_000_000,
                         help="files in the huge .torrent")
+    probe = sub.add_parser("probe", help="tsmd probe against libtorrent holders, 1,000 fake "
+                                         "peers beside libtorrent, hostile peers")
+    probe.add_argument("--torrents", type=int, default=200,
+                       help="torrents held by the libtorrent sessions")
+    probe.add_argument("--sessions", type=int, default=8, help="libtorrent sessions")
+    probe.add_argument("--peers", type=int, default=1000, help="honest fake peers, 20 a torrent")
+    probe.add_argument("--seed", type=int, default=1)
+    probe.add_argument("--only", choices=("libtorrent", "peers", "hostile"))
     args = parser.parse_args()
     if args.bench == "startup":
         bench_startup(args.torrents)
@@ -1981,6 +2527,8 @@ def main() -> None:
         bench_plan(args.torrents, args.days, args.dead_every, args.budget)
     elif args.bench == "run":
         bench_run(args.torrents, args.dht_nodes)
+    elif args.bench == "probe":
+        bench_probe(args.torrents, args.sessions, args.peers, args.seed, args.only)
     elif args.bench == "scrape":
         bench_scrape(args.hashes, not args.no_libtorrent, args.libtorrent_hashes)
 

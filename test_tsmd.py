@@ -4,6 +4,7 @@ reports, command line. Network tests use loopback only and run under trio.fail_a
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -1350,6 +1351,36 @@ def test_trackers_that_differ_only_by_a_udp_path_are_merged_with_their_history(t
     magnets = dict(db.execute("SELECT infohash, magnet FROM torrents"))
     assert magnets == magnets_from_scratch(db)
     assert magnets[first].count("udp://t.example:1337") == 1
+
+
+def test_version_9_reads_web_seeded_torrents_again_for_their_first_piece(tmp_path):
+    """A web seed is checked against piece 0's hash, which only the .torrent gives: the
+    upgrade forgets the validators of web-seeded torrents' listings, so that the next sync
+    reads their .torrent files again; the others' stay (peers give their piece count)."""
+    path = tmp_path / "v8.sqlite3"
+    db = sqlite3.connect(path)
+    for number, migration in enumerate(tsmd.MIGRATIONS[:8]):
+        db.executescript(migration)
+        if number in tsmd.MIGRATION_FILLS:
+            tsmd.MIGRATION_FILLS[number](db)
+    db.executescript(f"""
+        INSERT INTO collections (id, name, url, type) VALUES (1, 'c', 'http://x/', 'books');
+        INSERT INTO torrents (id, infohash, name, has_metainfo, first_seen, updated) VALUES
+            (1, '{"aa" * 20}', 'seeded', 1, 1, 1), (2, '{"bb" * 20}', 'plain', 1, 1, 1);
+        INSERT INTO web_seeds VALUES (1, 'http://h.example/files/', 'url-list');
+        INSERT INTO memberships (collection_id, source, torrent_id, first_seen, last_seen,
+                                 etag, last_modified, validated) VALUES
+            (1, 'http://x/1.torrent', 1, 1, 1, '"e1"', 'Mon', 5),
+            (1, 'http://x/2.torrent', 2, 1, 1, '"e2"', 'Tue', 6);
+        PRAGMA user_version = 8;
+        """)
+    db.close()
+    db = tsmd.open_database(path)
+    assert db.execute("SELECT torrent_id, etag, last_modified, validated FROM memberships "
+                      "ORDER BY torrent_id").fetchall() == [
+        (1, None, None, None), (2, '"e2"', "Tue", 6)]
+    assert db.execute("SELECT piece_count, probe_attempted FROM torrents").fetchall() == [
+        (None, None), (None, None)]
 
 
 def test_a_failed_migration_leaves_the_database_as_it_was(tmp_path, monkeypatch):
@@ -6404,8 +6435,10 @@ def test_metadata_codecs():
     assert decode(b"d1:md11:ut_metadatai0eee") == (None, None)  # 0: disabled
     assert decode(b"d1:md6:ut_pexi1eee") == (None, None)
     assert decode(b"d13:metadata_sizei-5ee") == (None, None)
-    for broken in (b"", b"le", b"d1:md11:ut_metadatai3ee13:metadata_sizei%dee"
-                   % (tsmd.MAX_METADATA_BYTES + 1), b"d1:m"):
+    # A huge torrent's metadata is no lie: said as it is, and the probe does not ask for it.
+    assert decode(b"d1:md11:ut_metadatai3ee13:metadata_sizei%dee"
+                  % (tsmd.MAX_METADATA_BYTES + 1)) == (3, tsmd.MAX_METADATA_BYTES + 1)
+    for broken in (b"", b"le", b"d1:m"):
         with pytest.raises(tsmd.ProtocolError):
             decode(broken)
     request = tsmd.encode_metadata_request(3, 7)
@@ -6414,6 +6447,10 @@ def test_metadata_codecs():
     message = tsmd.decode_metadata_message_untrusted
     assert message(b"d8:msg_typei1e5:piecei2e10:total_sizei99ee" + b"raw bytes") == (
         1, 2, b"raw bytes")
+    # The bytes after the dictionary may be bencode themselves: a small info dictionary is.
+    small_info = bencoder.bencode({b"length": 65536, b"name": b"a.bin", b"piece length": 16384,
+                                   b"pieces": bytes(80)})
+    assert message(b"d8:msg_typei1e5:piecei0ee" + small_info) == (1, 0, small_info)
     for broken in (b"", b"raw", b"d8:msg_typei1ee", b"d8:msg_typei1e5:piecei-1ee",
                    b"d8:msg_typei1e5:piece" + b"l" * 10):
         with pytest.raises(tsmd.ProtocolError):
@@ -6452,11 +6489,13 @@ def info_dict_of(files: int, pieces: int) -> bytes:
                                     for n in range(files)]})
 
 
-async def metadata_peer(info: bytes, behaviour: str, sent: list[int], stream) -> None:
+async def metadata_peer(info: bytes, behaviour: str, sent: list[int], stream,
+                        delay: float = 0.0) -> None:
     """A peer that holds every piece of the torrent of `info` (a full bitfield) and serves its
-    metadata (BEP 9): "honest"; "forged", pieces that do not hash to the infohash; "huge", a
-    metadata_size over the cap; "short", a piece of the wrong length; "reject". `sent` gets
-    the id of every message the prober sends it."""
+    metadata (BEP 9), each piece `delay` seconds after it is asked for: "honest"; "forged",
+    pieces that do not hash to the infohash; "huge", a metadata_size over the cap; "short", a
+    piece of the wrong length; "reject". `sent` gets the id of every message the prober sends
+    it."""
     pieces = len(bencoder.bdecode(info)[b"pieces"]) // 20
     size = tsmd.MAX_METADATA_BYTES + 1 if behaviour == "huge" else len(info)
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -6486,6 +6525,7 @@ async def metadata_peer(info: bytes, behaviour: str, sent: list[int], stream) ->
                 elif behaviour == "short":
                     data = data[:-1]
                 kind_of_answer = 2 if behaviour == "reject" else 1
+                await trio.sleep(delay)
                 await stream.send_all(peer_message(20, bytes([tsmd.UT_METADATA_OURS]) + (
                     tsmd.bencode({b"msg_type": kind_of_answer, b"piece": piece,
                                   b"total_size": len(info)}) + data)))
@@ -6524,11 +6564,26 @@ def test_probe_fetches_metadata_and_refuses_what_does_not_hash():
                 peers.append((f"127.91.5.{n + 1}", listeners[0].socket.getsockname()[1]))
             three = await tsmd.PeerProber(probe_test_options()).probe(infohash, peers, None,
                                                                       want_metadata=True)
+
+            async def slow_forger(stream):
+                await metadata_peer(info, "forged", [], stream, delay=0.5)
+
+            async def honest_after(stream):
+                await trio.sleep(0.1)
+                await metadata_peer(info, "honest", [], stream)
+
+            peers = []
+            for n, handler in enumerate((slow_forger, honest_after)):
+                listeners = await trio.open_tcp_listeners(0, host=f"127.91.6.{n + 1}")
+                nursery.start_soon(trio.serve_listeners, handler, listeners)
+                peers.append((f"127.91.6.{n + 1}", listeners[0].socket.getsockname()[1]))
+            late = await tsmd.PeerProber(probe_test_options()).probe(infohash, peers, None,
+                                                                     want_metadata=True)
             nursery.cancel_scope.cancel()
-        return swarms, three
+        return swarms, three, late
 
     sent_by_three: list[list[int]] = [[], [], []]
-    swarms, three = run(scenario)
+    swarms, three, late = run(scenario)
     honest = swarms["honest"]
     assert honest.metadata == info and honest.piece_count == 24
     assert (honest.answering, honest.verified_seeds, honest.availability) == (1, 1, 1.0)
@@ -6536,21 +6591,83 @@ def test_probe_fetches_metadata_and_refuses_what_does_not_hash():
     assert (meta.name, meta.file_count, meta.piece_count, meta.piece_length) == \
         ("metadata test", 300, 24, 16384)
     O = tsmd.ProbeOutcome
-    for behaviour in ("forged", "huge", "short"):
+    for behaviour in ("forged", "short"):
         swarm = swarms[behaviour]
         assert swarm.metadata is None and swarm.outcomes == {O.MALFORMED: 1}, behaviour
         assert swarm.answering == 0 and swarm.availability is None
-    # A refusal is no lie: what it holds is known, but not its piece count (no seed verified).
-    assert swarms["reject"].metadata is None and swarms["reject"].outcomes == {O.TOLD: 1}
-    assert swarms["reject"].verified_seeds == 0 and swarms["reject"].availability is None
+    # A refusal, or metadata over the cap, is no lie: what the peer holds is known, but not
+    # its piece count (no seed verified), and the oversized metadata is never asked for.
+    for behaviour in ("reject", "huge"):
+        swarm = swarms[behaviour]
+        assert swarm.metadata is None and swarm.outcomes == {O.TOLD: 1}, behaviour
+        assert swarm.verified_seeds == 0 and swarm.availability is None
+    assert sent["huge"] == []
     # Our extended handshake, then requests for the metadata's pieces: nothing else.
     assert sent["honest"] == [20] * (1 + -(-len(info) // 16384))
     assert all(set(kinds) <= {20} for kinds in sent.values())
+    # A forger asked first (its pieces late, then wrong) loses its turn, and the honest peer
+    # that came after is asked on its open connection.
+    assert late.metadata == info and late.outcomes == {O.MALFORMED: 1, O.TOLD: 1}
     # Of three peers that offer it, one at a time is asked: the first gives it, the others
     # are never asked (nor sent our extended handshake).
     assert [len(kinds) > 0 for kinds in sent_by_three] in (
         [True, False, False], [False, True, False], [False, False, True])
     assert three.metadata == info and three.verified_seeds == 3
+
+
+def test_probe_asks_a_client_of_many_torrents_about_each_one_connection_at_a_time():
+    """A client seeding five torrents of a collection is asked about each of them, never on
+    two connections at once; an address that refused once is left alone for the rest of the
+    run."""
+    open_now, most_at_once, handshakes = [0], [0], []
+
+    async def client(stream):
+        open_now[0] += 1
+        most_at_once[0] = max(most_at_once[0], open_now[0])
+        try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                received = b""
+                while len(received) < tsmd.PEER_HANDSHAKE_LENGTH:
+                    received += await stream.receive_some(100)
+                handshakes.append(received[28:48])
+                await trio.sleep(0.05)
+                await stream.send_all(tsmd.encode_peer_handshake(received[28:48], bytes(20))
+                                      + peer_message(14))
+                await stream.receive_some(100)
+        finally:
+            open_now[0] -= 1
+
+    torrents = [hashlib.sha1(b"many %d" % n).digest() for n in range(5)]
+
+    async def scenario():
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host="127.91.7.1")
+            nursery.start_soon(trio.serve_listeners, client, listeners)
+            closed = await trio.open_tcp_listeners(0, host="127.91.7.2")
+            refusing = ("127.91.7.2", closed[0].socket.getsockname()[1])
+            await closed[0].aclose()
+            peers = [("127.91.7.1", listeners[0].socket.getsockname()[1]), refusing]
+            prober = tsmd.PeerProber(probe_test_options())
+            swarms = {}
+
+            async def one(infohash):
+                swarms[infohash] = await prober.probe(infohash, peers, 8)
+
+            async with trio.open_nursery() as probing:
+                for infohash in torrents:
+                    probing.start_soon(one, infohash)
+            nursery.cancel_scope.cancel()
+        return swarms
+
+    swarms = run(scenario)
+    assert sorted(handshakes) == sorted(torrents) and most_at_once[0] == 1
+    assert all(swarm.verified_seeds == 1 for swarm in swarms.values())
+    outcomes: collections.Counter = collections.Counter()
+    for swarm in swarms.values():
+        outcomes.update(swarm.outcomes)
+    O = tsmd.ProbeOutcome
+    assert outcomes == {O.TOLD: 5, O.REFUSED: 1, O.LEFT_ALONE: 4}
+    assert sum(swarm.tried for swarm in swarms.values()) == 6
 
 
 def libtorrent_swarm(tmp_path: Path, network: LibtorrentDht, seeds: list[int],
@@ -6622,10 +6739,11 @@ def test_probe_against_real_libtorrent_seeds_and_partial_peers(tmp_path):
     assert result.as_dict()["availability"] == result.availability
 
 
-def test_probe_stage_keeps_to_its_budget_and_says_when_no_peer_is_reachable(tmp_path):
-    """Peers nobody listens on: each torrent is probed with what the budget allows, the rest
-    waits for the next runs; a torrent none of whose peers answered has nothing measured (no
-    sample), and a run that reached no peer of 20 or more says the network is down."""
+def test_probe_stage_keeps_to_its_budget_and_goes_round_the_collection(tmp_path):
+    """Peers nobody listens on: each run probes what its budget allows, those probed longest
+    ago (or never) first, answered or not, so runs go round the collection. A torrent none of
+    whose peers answered has nothing measured (no sample); a refused connection is an answer
+    of the network (no outage), and the address is left alone for the rest of the run."""
     hashes = [hashlib.sha1(b"budget %d" % n).digest() for n in range(30)]
     db, settings = dht_survey_db(tmp_path, hashes)
     closed = socket.socket()
@@ -6637,22 +6755,58 @@ def test_probe_stage_keeps_to_its_budget_and_says_when_no_peer_is_reachable(tmp_
         db.executemany("INSERT INTO swarm_peers SELECT id, ?, ?, ? FROM torrents WHERE infohash = ?",
                        [(f"127.92.{n}.{k}", port, now, h.hex())
                         for n, h in enumerate(hashes) for k in (1, 2)])
-        # Found a week ago: not asked.
+        # Found a week ago: not asked, and no longer kept.
         db.execute("UPDATE swarm_peers SET found = ? WHERE host LIKE '127.92.29.%'",
                    (now - 7 * 86400,))
-    counts = run(tsmd.run_probe, db, settings, settings.collections, tsmd.Reporter(-1),
-                 options=probe_test_options(connections=9))
-    assert (counts.torrents, counts.torrents_left, counts.peers_tried) == (5, 24, 9)
-    assert counts.outcomes == {"refused": 9} and counts.outage is None
-    assert counts.torrents_unreached == 5
+
+    def attempted() -> set[int]:
+        return {row[0] for row in db.execute(
+            "SELECT id FROM torrents WHERE probe_attempted IS NOT NULL")}
+
+    firsts = []
+    for _ in range(2):
+        before = attempted()
+        counts = run(tsmd.run_probe, db, settings, settings.collections, tsmd.Reporter(-1),
+                     options=probe_test_options(connections=9))
+        firsts.append(attempted() - before)
+        assert (counts.torrents, counts.peers_tried, counts.torrents_unreached) == (5, 9, 5)
+        assert counts.torrents_left == 24
+        assert counts.outcomes == {"refused": 9} and counts.outage is None
+    assert len(firsts[0]) == len(firsts[1]) == 5 and not firsts[0] & firsts[1]
     assert db.execute("SELECT count(*) FROM probe_samples").fetchone()[0] == 0
-    counts = run(tsmd.run_probe, db, settings, settings.collections, tsmd.Reporter(-1),
-                 options=probe_test_options())
-    # The torrent whose peers were found a week ago is not in the plan.
-    assert (counts.torrents, counts.torrents_left, counts.peers_tried) == (29, 0, 58)
-    assert "network down?" in counts.outage
-    assert db.execute("SELECT count(*) FROM probe_samples").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM swarm_peers WHERE host LIKE '127.92.29.%'"
+                      ).fetchone()[0] == 0
     assert {row.probed for row in tsmd.load_report_rows(db)} == {-1}
+    assert counts.summary().startswith(
+        "5 torrents probed (0 downloadable, 5 with no peer nor web seed reachable), 24 left for "
+        "the next runs ([probe].connections_per_run spent); peers: 9 tried, 0 reachable, 0 "
+        "answered, 0 verified seeds (9 refused); ")
+
+
+def test_probe_stage_stops_when_the_network_is_down(tmp_path, monkeypatch):
+    """Connections that time out, torrent after torrent, with not one answer: the stage stops
+    after [network].outage_after instead of spending its whole budget, and says why."""
+    hashes = [hashlib.sha1(b"outage %d" % n).digest() for n in range(400)]
+    db, settings = dht_survey_db(tmp_path, hashes)
+    settings = dataclasses.replace(settings, network=dataclasses.replace(
+        settings.network, outage_after=1.0))
+    with tsmd.Transaction(db):
+        db.executemany("INSERT INTO swarm_peers SELECT id, ?, 6881, ? FROM torrents "
+                       "WHERE infohash = ?",
+                       [(f"127.92.{n // 200}.{n % 200 + 1}", int(time.time()), h.hex())
+                        for n, h in enumerate(hashes)])
+
+    async def no_answer(host, port, *args, **kwargs):
+        await trio.sleep(0.2)  # a connect timeout, shortened
+        return tsmd.PeerProbe(host, port, tsmd.ProbeOutcome.TIMEOUT)
+
+    monkeypatch.setattr(tsmd, "probe_peer", no_answer)
+    started = time.monotonic()
+    counts = run(tsmd.run_probe, db, settings, settings.collections, tsmd.Reporter(-1),
+                 options=probe_test_options(concurrency=5))
+    assert time.monotonic() - started < 10  # not 400 x 0.2 s / 5 = 16 s
+    assert "network down?" in counts.outage and counts.torrents < 400
+    assert db.execute("SELECT count(*) FROM probe_samples").fetchone()[0] == 0
 
 
 class WebSeedServer(LoopbackHttpServer):
@@ -6676,7 +6830,15 @@ class WebSeedServer(LoopbackHttpServer):
             wanted = re.fullmatch(r"bytes=(\d+)-(\d+)", handler.headers.get("Range", ""))
             if body is not None and wanted:
                 self.ranges.append(wanted.group(0))
+                whole = len(body)
                 body, status = body[int(wanted[1]):int(wanted[2]) + 1], 206
+                handler.send_response(status)
+                handler.send_header("Content-Range", f"bytes {wanted[1]}-"
+                                                     f"{int(wanted[1]) + len(body) - 1}/{whole}")
+                handler.send_header("Content-Length", str(len(body)))
+                handler.end_headers()
+                handler.wfile.write(body)
+                return
             elif body is None:
                 status = 404
         body = body if status in (200, 206) else b"not here"
@@ -6719,6 +6881,59 @@ def test_web_seed_requests_follow_bep_19_and_bep_17():
     assert tsmd.web_seed_request(tsmd.WebSeed("http://h/seed?x=1", "httpseeds"), piece) == (
         "http://h/seed?x=1&info_hash=%01%01%01%01%01%01%01%01%01%01%01%01%01%01%01%01%01%01"
         "%01%01&piece=0", None)
+
+
+def test_web_seed_check_wants_the_data_not_any_answer(tmp_path):
+    """A first file shorter than a piece cannot be hashed alone: its bytes must be that file
+    whole, of its length. A server that answers every path with one page (a parked domain,
+    an app's fallback) fails; so does a server that ignores the range of a big file."""
+    first = os.urandom(5000)
+    piece = tsmd.WebSeedPiece(b"\x01" * 20, "set", ("a.txt",), len(first), 16384,
+                              hashlib.sha1(first + bytes(16384 - 5000)).digest())
+    settings = make_settings(tmp_path, [])
+
+    class CatchAll(WebSeedServer):
+        def respond(self, handler, path):
+            self.files[path] = os.urandom(100_000)  # its own page, whatever was asked
+            super().respond(handler, path)
+
+    class NoRanges(WebSeedServer):
+        def respond(self, handler, path):
+            body = self.files.get(path, b"")
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+
+    async def check(server):
+        fetcher = tsmd.make_fetcher(settings)
+        try:
+            return await tsmd.check_web_seed(fetcher, tsmd.WebSeed(server.url("/d/"), "url-list"),
+                                             piece)
+        finally:
+            await fetcher.aclose()
+
+    with WebSeedServer() as right, CatchAll() as catch_all, NoRanges() as no_ranges:
+        right.files["/d/set/a.txt"] = first
+        no_ranges.files["/d/set/a.txt"] = first
+        results = [run(check, server) for server in (right, catch_all, no_ranges)]
+        no_ranges.files["/d/set/a.txt"] = first * 10  # a file longer than asked for, whole
+        big = dataclasses.replace(piece, first_file_length=50000, piece_length=16384,
+                                  piece_sha1=hashlib.sha1((first * 10)[:16384]).digest())
+
+        async def check_big():
+            fetcher = tsmd.make_fetcher(settings)
+            try:
+                return await tsmd.check_web_seed(
+                    fetcher, tsmd.WebSeed(no_ranges.url("/d/"), "url-list"), big)
+            finally:
+                await fetcher.aclose()
+
+        ignored = run(check_big)
+    assert [(r.served, r.answered) for r in results] == [(True, True), (False, True),
+                                                          (True, True)]
+    assert "bytes 0-4999/100000" in results[1].why
+    assert (ignored.served, ignored.answered) == (False, True)
 
 
 def test_probe_stage_measures_libtorrent_peers_fetches_metadata_and_checks_web_seeds(tmp_path):
@@ -6774,7 +6989,7 @@ def test_probe_stage_measures_libtorrent_peers_fetches_metadata_and_checks_web_s
     rarest = min(per_piece)
     samples = {infohash: tuple(row) for infohash, *row in db.execute(
         "SELECT t.infohash, p.run_id, p.tried, p.reachable, p.answering, p.verified_seeds, "
-        "p.availability, p.webseeds_tried, p.webseeds_ok FROM probe_samples p "
+        "p.availability, p.webseeds_answered, p.webseeds_ok FROM probe_samples p "
         "JOIN torrents t ON t.id = p.torrent_id")}
     assert samples[infohash.hex()] == (run_id, 4, 4, 4, 1, pytest.approx(
         rarest + sum(n > rarest for n in per_piece) / 40), 0, 0)
@@ -6799,7 +7014,8 @@ def test_probe_stage_measures_libtorrent_peers_fetches_metadata_and_checks_web_s
         (1, 4, 1)
     # No tracker counts it: its seeders are the verified ones, and its size is now known.
     assert swarm_row.seeders == 1 and swarm_row.size_bytes == info.total_size()
-    assert [rows[m.infohash].downloadable for m in metas] == [1, 0, 1]
+    # A web seed that serves something else says nothing of the peers: no verdict.
+    assert [rows[m.infohash].downloadable for m in metas] == [1, -1, 1]
     assert rows[metas[1].infohash].webseeds_ok == 0
     metrics = tsmd.render_prometheus(list(rows.values()), per_torrent=True)
     assert 'tsmd_probed_torrents{collection="c"} 4' in metrics
@@ -7744,14 +7960,14 @@ def test_json_objects_are_exactly_what_json_dumps_writes(row):
 
 
 def plan_place(row) -> int:
-    """The plan's groups, spelt out: downloadable red, yellow, green; unverified (the probe
-    reached peers and saw no complete copy); dead (unless the probe saw a complete copy); not
-    measured."""
+    """The plan's groups, spelt out: downloadable red, yellow, green; unverified (peers told
+    the probe what they hold, and no complete copy was seen); dead (unless the probe saw a
+    complete copy); not measured."""
     if row.seeders < 0:
         return 5
     if row.seeders == 0 and row.dht_seeds_estimate <= 0 and row.downloadable != 1:
         return 4
-    if row.downloadable == 0 and row.reachable_peers > 0:
+    if row.downloadable == 0:
         return 3
     return ("red", "yellow", "green").index(row.band)
 
@@ -7788,9 +8004,9 @@ def test_report_orders_are_by_key_then_name(raw, sort, max_seeders):
 
 def test_the_plan_and_pick_follow_what_the_probe_saw():
     """A complete copy seen (a web seed, a verified seed) makes a torrent with no tracker
-    seeder downloadable: red, picked. Tracker seeders whose reachable peers showed no complete
-    copy are unverified: after green, never picked. A probe that reached nobody is no
-    evidence either way."""
+    seeder downloadable: red, picked. Tracker seeders whose peers told what they hold, with no
+    complete copy among them, are unverified: after green, never picked. A probe that could
+    not tell (nobody told, or no piece count) is no evidence either way."""
     base = dict(torrent_name=None, link="", magnet="", collection="c", type="books",
                 size_bytes=1000, file_count=1, created_unix=1, leechers=0, completed=0,
                 scraped_date=1, tracker=None, trackers_answered=1, dht_peers=0, dht_scraped=1,
@@ -7798,7 +8014,7 @@ def test_the_plan_and_pick_follow_what_the_probe_saw():
     cases = {  # name: (seeders, downloadable, reachable peers), plan group
         "web seed 1": ((0, 1, 0), tsmd.PLAN_RED),
         "claimed 2": ((5, 0, 3), tsmd.PLAN_UNVERIFIED),
-        "unreached 3": ((5, 0, 0), tsmd.PLAN_YELLOW),
+        "could not tell 3": ((5, -1, 2), tsmd.PLAN_YELLOW),
         "dead 4": ((0, 0, 2), tsmd.PLAN_DEAD),
         "verified 5": ((5, 1, 4), tsmd.PLAN_YELLOW),
         "never probed 6": ((0, -1, -1), tsmd.PLAN_DEAD)}
@@ -7810,7 +8026,7 @@ def test_the_plan_and_pick_follow_what_the_probe_saw():
         name: group for name, (_, group) in cases.items()}
     plan = tsmd.select_report_rows(rows, "need", None, None)
     assert [row.name for row in tsmd.pick_torrents(plan, 10**6)] == [
-        "web seed 1", "unreached 3", "verified 5"]
+        "web seed 1", "could not tell 3", "verified 5"]
 
 
 def test_big_formats_come_in_pieces_that_add_up(tmp_path):

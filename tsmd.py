@@ -208,6 +208,10 @@ class HttpStatusError(FetchError):
         return type(self), (*self.args, self.status)
 
 
+class ResponseTooBig(FetchError):
+    """The server answered with more than was asked for, or allowed."""
+
+
 class AddressRefused(FetchError):
     """tsmd's own address policy refused the host: no request left this machine."""
 
@@ -2326,7 +2330,8 @@ def encode_metadata_request(peer_ut_metadata: int, piece: int) -> bytes:
 
 def decode_extended_handshake_untrusted(payload: bytes) -> tuple[int | None, int | None]:
     """(the peer's ut_metadata id, metadata_size) of its BEP 10 handshake (the payload after
-    the extended id 0); None for what it does not offer. ProtocolError for a broken one."""
+    the extended id 0); None for what it does not offer. ProtocolError for a broken one. A
+    size over MAX_METADATA_BYTES is returned as it is: a huge torrent, not a broken peer."""
     message = bdecode_untrusted(payload)
     if not isinstance(message, dict):
         raise ProtocolError("extended handshake is not a dictionary")
@@ -2337,15 +2342,13 @@ def decode_extended_handshake_untrusted(payload: bytes) -> tuple[int | None, int
         ut_id = None  # 0 disables it; no id: not offered
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         size = None
-    elif size > MAX_METADATA_BYTES:
-        raise ProtocolError(f"metadata of {size:,} bytes, over {MAX_METADATA_BYTES:,}")
     return ut_id, size
 
 
 def decode_metadata_message_untrusted(payload: bytes) -> tuple[int, int, bytes]:
     """(msg_type, piece, the bytes after the dictionary) of a ut_metadata message (the payload
     after its extended id). ProtocolError for a broken one."""
-    end = _nesting_walk(payload, 0, 2, one_value=True) if payload else 0
+    end = _skip_value_at(payload, 0) if payload else 0
     header = bdecode_untrusted(payload[:end]) if end else None
     if not isinstance(header, dict):
         raise ProtocolError("ut_metadata message is not a dictionary")
@@ -2423,6 +2426,7 @@ class PeerHoldings:
     bits: bytearray | None = None  # its bitfield; None until a bitfield, have_none or have
     have_all: bool = False
     held: int = 0  # pieces set in `bits`
+    bitfield_bytes: int | None = None  # the length of its bitfield message, if it sent one
 
     def take_untrusted(self, kind: int, payload: bytes) -> None:
         """One message; ProtocolError for one that breaks BEP 3 (a bitfield of the wrong
@@ -2435,6 +2439,7 @@ class PeerHoldings:
         elif kind == PeerMessage.BITFIELD:
             self.held = _bitfield_untrusted(payload, self.piece_count).bit_count()
             self.have_all, self.bits = False, bytearray(payload)
+            self.bitfield_bytes = len(payload)
         elif kind == PeerMessage.HAVE:
             if len(payload) != 4:
                 raise ProtocolError(f"have of {len(payload)} bytes")
@@ -2470,6 +2475,9 @@ class PeerHoldings:
             return
         if self.bits is not None:
             size = (piece_count + 7) // 8
+            if self.bitfield_bytes is not None and self.bitfield_bytes != size:
+                raise ProtocolError(f"bitfield of {self.bitfield_bytes:,} bytes for "
+                                    f"{piece_count:,} pieces")
             if any(self.bits[size:]) or _bitfield_int(self.bits[:size]) >> piece_count:
                 raise ProtocolError(f"holds pieces past the last of {piece_count:,}")
             self.bits = self.bits[:size] + bytes(size - min(size, len(self.bits)))
@@ -3039,6 +3047,7 @@ class FetchResult:
     content_type: str
     link: str = ""  # the Link header (RFC 8288): a listing's rel="next" page
     content_encoding: str = ""  # set only for a `raw` fetch, whose body is still encoded
+    content_range: str = ""  # of a 206, the answer to a `byte_range` fetch
 
 
 def decode_content_untrusted(body: bytes, encoding: str, max_bytes: int) -> bytes:
@@ -3375,14 +3384,16 @@ class HttpClient:
                     return status, headers, b""
                 declared = headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > max_bytes and status == 200:
-                    raise FetchError(f"{int(declared):,} bytes, over the {max_bytes:,}-byte limit")
+                    raise ResponseTooBig(f"{int(declared):,} bytes, over the {max_bytes:,}-byte "
+                                         "limit")
             elif isinstance(event, h11.Data):
                 body += event.data
                 pieces += 1
                 if len(body) > max_bytes:
-                    raise FetchError(f"more than {max_bytes:,} bytes, over the limit")
+                    raise ResponseTooBig(f"more than {max_bytes:,} bytes, over the limit")
                 if len(body) + pieces * HTTP_PIECE_COST > 2 * max_bytes:
-                    raise FetchError(f"{len(body):,} bytes in {pieces:,} pieces, over the limit")
+                    raise ResponseTooBig(f"{len(body):,} bytes in {pieces:,} pieces, over the "
+                                         "limit")
             elif isinstance(event, h11.EndOfMessage):
                 return status, headers, bytes(body)
             elif isinstance(event, h11.ConnectionClosed):
@@ -3537,7 +3548,8 @@ class Fetcher:
                 return FetchResult(url, 304, b"", etag, last_modified,
                                    headers.get("content-type", ""))
             if status == 206 and byte_range is not None:  # identity was asked for: as sent
-                return FetchResult(url, 206, body, None, None, headers.get("content-type", ""))
+                return FetchResult(url, 206, body, None, None, headers.get("content-type", ""),
+                                   content_range=headers.get("content-range", ""))
             if status != 200:
                 raise HttpStatusError(f"{url}: HTTP {status}" + _retry_after_note(status, headers),
                                       status)
@@ -5275,6 +5287,7 @@ class ProbeOutcome(enum.Enum):
     WRONG_TORRENT = "handshake for another torrent"
     MALFORMED = "broke the protocol"
     NOT_ASKED = "not an address to connect to"
+    LEFT_ALONE = "refused earlier in the run: left alone"
 
 
 @dataclass(slots=True)
@@ -5289,18 +5302,29 @@ class PeerProbe:
 
 class MetadataWanted:
     """One torrent's BEP 9 fetch, shared by the probes of its peers: asked of one peer at a
-    time (a hostile peer may send megabytes), until one has sent it whole and checked."""
+    time (a hostile peer may send megabytes), until one has sent it whole and checked. The
+    peers that offer it wait their turn on their open connection; a peer asked must send a
+    piece every METADATA_PATIENCE seconds or lose its turn, so a staller or a forger delays
+    the fetch but cannot deny it."""
 
     def __init__(self) -> None:
         self.info: bytes | None = None
         self.asking = False
 
+    @property
+    def wanted(self) -> bool:
+        return self.info is None
+
     def claim(self) -> bool:
-        """Whether this peer is to be asked: nobody has it yet, and nobody is asked now."""
+        """Whether this peer is to be asked now: nobody has it yet, and nobody is asked."""
         if self.info is not None or self.asking:
             return False
         self.asking = True
         return True
+
+
+METADATA_PATIENCE: Final = 3.0  # seconds a peer asked for metadata may go without sending some
+METADATA_TURN_POLL: Final = 0.1  # how often a peer waiting its turn looks whether it has come
 
 
 async def probe_peer(host: str, port: int, infohash: bytes, piece_count: int | None,
@@ -5309,9 +5333,9 @@ async def probe_peer(host: str, port: int, infohash: bytes, piece_count: int | N
     """Ask one peer what it holds, read only: our handshake (with the BEP 6 and BEP 10 bits),
     then its handshake, its bitfield or have_all/have_none, and the `have` messages within
     `have_window`; then we hang up. With `metadata`, a peer that offers BEP 9 is also asked for
-    the info dictionary (our extended handshake and ut_metadata requests). Nothing else is
-    ever sent: no `interested`, no request for a piece, no piece, no bitfield of ours. Every
-    failure is this peer's outcome, never an exception."""
+    the info dictionary (our extended handshake and ut_metadata requests) when its turn comes.
+    Nothing else is ever sent: no `interested`, no request for a piece, no piece, no bitfield
+    of ours. Every failure is this peer's outcome, never an exception."""
     if _bogus_destination(host, port, options.allow_private):
         return PeerProbe(host, port, ProbeOutcome.NOT_ASKED)
     try:
@@ -5335,8 +5359,7 @@ async def probe_peer(host: str, port: int, infohash: bytes, piece_count: int | N
         except (OSError, trio.BrokenResourceError) as exc:
             probe.outcome, probe.detail = ProbeOutcome.CLOSED, str(exc)
         finally:
-            if reader.asking_metadata and metadata is not None:
-                metadata.asking = False  # another peer may be asked
+            reader.give_up_metadata()  # its turn passes to another peer
     if probe.outcome is ProbeOutcome.SILENT and probe.holdings is not None:
         probe.outcome = ProbeOutcome.TOLD  # a bitfield, then no `have` in the window
     elif probe.outcome is ProbeOutcome.CLOSED and probe.holdings is not None:
@@ -5353,9 +5376,20 @@ class _PeerReader:
         self.stream, self.probe, self.infohash = stream, probe, infohash
         self.options, self.metadata = options, metadata
         self.holdings = PeerHoldings(piece_count)
-        self.asking_metadata = False  # our extended handshake sent; no answer settled it yet
-        self.assembly: MetadataAssembly | None = None
+        # The metadata from this peer: it may offer it (the BEP 10 bit, then its extended
+        # handshake naming ut_metadata); it is asked when its turn comes (`asking`), and
+        # given up when it cannot or will not give it.
+        self.may_offer_metadata = False
         self.peer_ut_metadata: int | None = None
+        self.peer_metadata_size: int | None = None
+        self.asking = False
+        self.given_up = False
+        self.patience_ends = math.inf
+        self.assembly: MetadataAssembly | None = None
+
+    def _waits_for_metadata(self) -> bool:
+        return (self.metadata is not None and self.metadata.wanted and self.may_offer_metadata
+                and not self.given_up)
 
     async def read(self, peer_id: bytes) -> None:
         await self.stream.send_all(encode_peer_handshake(self.infohash, peer_id))
@@ -5367,66 +5401,88 @@ class _PeerReader:
                 return
             buffer += data
         decode_peer_handshake_untrusted(bytes(buffer[:PEER_HANDSHAKE_LENGTH]), self.infohash)
-        offers_extensions = bool(buffer[25] & 0x10)
+        self.may_offer_metadata = bool(buffer[25] & 0x10)
         del buffer[:PEER_HANDSHAKE_LENGTH]
-        if offers_extensions and self.metadata is not None and self.metadata.claim():
-            self.asking_metadata = True
-            await self.stream.send_all(encode_extended_handshake())
         holdings, window_ends = self.holdings, math.inf
         while True:
             for kind, payload in split_peer_messages_untrusted(buffer):
-                if kind == PeerMessage.EXTENDED and self.asking_metadata:
+                if kind == PeerMessage.EXTENDED and self.metadata is not None:
                     await self._take_extended(payload)
                 else:
                     holdings.take_untrusted(kind, payload)
+            now = trio.current_time()
+            if self.asking and now >= self.patience_ends:
+                self.give_up_metadata()  # a staller: another peer's turn
+            if self._waits_for_metadata() and not self.asking and self.metadata is not None \
+                    and self.metadata.claim():
+                await self._ask_for_metadata()
+            waits = self._waits_for_metadata()
             if holdings.answered:
                 self.probe.holdings = holdings
-                window_ends = min(window_ends, trio.current_time() + self.options.have_window)
-                if holdings.complete and not self.asking_metadata:
+                window_ends = min(window_ends, now + self.options.have_window)
+                if holdings.complete and not waits:
                     self.probe.outcome = ProbeOutcome.TOLD
                     return
-            data = b""
-            # The have window ends the wait, unless metadata is still coming (the answer
-            # timeout bounds that).
-            with trio.move_on_at(math.inf if self.asking_metadata else window_ends):
+            # The have window ends the wait, unless the metadata may still come from this
+            # peer: then until a piece is overdue, or (waiting its turn) a look at the turn.
+            # The answer timeout bounds it all.
+            until = window_ends
+            if waits:
+                until = self.patience_ends if self.asking else now + METADATA_TURN_POLL
+            data = None
+            with trio.move_on_at(until):
                 data = await self.stream.receive_some(1 << 16)
+            if data is None and waits:
+                continue  # a look at the metadata's turn, or a piece overdue
             if not data:  # the window is over, or the peer hung up
                 self.probe.outcome = (ProbeOutcome.TOLD if holdings.answered
                                       else ProbeOutcome.CLOSED)
                 return
             buffer += data
 
+    async def _ask_for_metadata(self) -> None:
+        self.asking = True
+        self.patience_ends = trio.current_time() + METADATA_PATIENCE
+        await self.stream.send_all(encode_extended_handshake())
+        if self.peer_ut_metadata is not None:
+            await self._request_pieces()
+
+    async def _request_pieces(self) -> None:
+        assert self.peer_ut_metadata is not None and self.peer_metadata_size is not None
+        self.assembly = MetadataAssembly(self.infohash, self.peer_metadata_size)
+        for piece in range(self.assembly.piece_count):
+            await self.stream.send_all(encode_metadata_request(self.peer_ut_metadata, piece))
+
     async def _take_extended(self, payload: bytes) -> None:
         if not payload:
             raise ProtocolError("extended message without an id")
-        if payload[0] == 0:  # its extended handshake
-            self.peer_ut_metadata, size = decode_extended_handshake_untrusted(payload[1:])
-            if self.peer_ut_metadata is None or size is None:
-                self._metadata_settled()  # it does not offer the metadata
-                return
-            if self.assembly is None:
-                self.assembly = MetadataAssembly(self.infohash, size)
-                for piece in range(self.assembly.piece_count):
-                    await self.stream.send_all(encode_metadata_request(self.peer_ut_metadata,
-                                                                       piece))
+        if payload[0] == 0:  # its extended handshake (libtorrent sends it unasked)
+            ut_id, size = decode_extended_handshake_untrusted(payload[1:])
+            if ut_id is None or size is None or size > MAX_METADATA_BYTES:
+                self.give_up_metadata()  # it does not offer the metadata, or more than we take
+            elif self.peer_ut_metadata is None:
+                self.peer_ut_metadata, self.peer_metadata_size = ut_id, size
+                if self.asking:
+                    await self._request_pieces()
         elif payload[0] == UT_METADATA_OURS and self.assembly is not None:
             kind, piece, data = decode_metadata_message_untrusted(payload[1:])
             if kind == MetadataMessage.REJECT:
-                self._metadata_settled()
+                self.give_up_metadata()
             elif kind == MetadataMessage.DATA:
                 info = self.assembly.take_untrusted(piece, data)
+                self.patience_ends = trio.current_time() + METADATA_PATIENCE
                 if info is not None:
                     self.probe.metadata = info
                     assert self.metadata is not None
                     self.metadata.info = info
-                    self._metadata_settled()
+                    self.give_up_metadata()  # (done: nothing more to ask)
         # Other extensions' messages (ut_pex, upload_only, ...) tell nothing we read.
 
-    def _metadata_settled(self) -> None:
-        self.asking_metadata = False
-        self.assembly = None
-        if self.metadata is not None:
+    def give_up_metadata(self) -> None:
+        """This peer is not asked (again); if it was being asked, another peer's turn."""
+        if self.asking and self.metadata is not None:
             self.metadata.asking = False
+        self.asking, self.given_up, self.assembly = False, True, None
 
 
 @dataclass(slots=True)
@@ -5441,55 +5497,76 @@ class SwarmProbe:
     outcomes: Counter[ProbeOutcome] = field(default_factory=Counter)
     peers: list[PeerProbe] = field(default_factory=list)
     metadata: bytes | None = None  # the info dictionary, when it was wanted and a peer sent it
+    metainfo: Metainfo | None = None  # what it says, when tsmd reads it
     piece_count: int | None = None  # as known before, or learnt from the metadata
 
 
 class PeerProber:
-    """Probes swarms under one set of limits: connections at once, a rate of new ones, and
-    one connection per peer address in a run, the first only (a peer is never asked twice)."""
+    """Probes swarms under one set of limits: connections at once, a rate of new ones, a
+    budget of connections in all; one connection to a host at a time (a client seeding many
+    torrents of a collection is asked of each, one after the other; a host that DHT replies
+    name at many ports is not flooded), never twice to a peer for one torrent, and none after
+    it refused or did not answer a connection."""
 
     def __init__(self, options: ProbeOptions) -> None:
         self.options = options
         self.peer_id = b"-TS0001-" + os.urandom(6).hex().encode()
         self._connections = trio.CapacityLimiter(max(1, options.concurrency))
         self._rate = TokenBucket(options.rate, 1.0)
-        self._asked: set[tuple[str, int]] = set()
+        self._asked: set[tuple[bytes, str, int]] = set()  # (infohash, host, port)
+        self._left_alone: set[tuple[str, int]] = set()
+        self._one_at_a_time: dict[str, trio.Lock] = {}  # hosts connected to now
         self.budget_left = math.inf if options.connections is None else options.connections
 
     async def probe(self, infohash: bytes, peers: Iterable[tuple[str, int]],
                     piece_count: int | None, want_metadata: bool = False) -> SwarmProbe:
-        """Probe up to `peers_per_torrent` of `peers` (chosen at random: which ones a lookup
-        found first says nothing of what they hold). With `want_metadata`, the info dictionary
-        is fetched too (BEP 9), and the piece count it gives judges what every peer told."""
-        fresh = sorted(set(peers) - self._asked)
-        random.Random(infohash).shuffle(fresh)
+        """Probe up to `peers_per_torrent` of `peers` (chosen at random, others in another
+        run: which ones a lookup found first says nothing of what they hold). With
+        `want_metadata`, the info dictionary is fetched too (BEP 9), and the piece count it
+        gives judges what every peer told."""
+        fresh = sorted(peer for peer in set(peers) if (infohash, *peer) not in self._asked)
+        random.shuffle(fresh)
         # One port per IP: a lookup's reply may name one host at many ports (a poisoned
         # one, to have us connect to a victim), and peers behind one NAT are rare.
         by_host = {host: (host, port) for host, port in reversed(fresh)}
         chosen = [peer for peer in fresh if by_host[peer[0]] == peer]
         chosen = chosen[:int(min(self.options.peers_per_torrent, self.budget_left))]
         self.budget_left -= len(chosen)
-        self._asked.update(chosen)
+        self._asked.update((infohash, host, port) for host, port in chosen)
         swarm = SwarmProbe(piece_count=piece_count)
         metadata = MetadataWanted() if want_metadata else None
 
         async def one(host: str, port: int) -> None:
-            async with self._connections:
-                while (wait := self._rate.due()) > 0:
-                    await trio.sleep(wait)
-                self._rate.take()
-                swarm.peers.append(await probe_peer(host, port, infohash, piece_count,
-                                                    self.options, self.peer_id, metadata))
+            address = (host, port)
+            in_use = self._one_at_a_time.setdefault(host, trio.Lock())
+            try:
+                async with in_use:
+                    if address in self._left_alone:
+                        self.budget_left += 1  # not spent
+                        swarm.peers.append(PeerProbe(host, port, ProbeOutcome.LEFT_ALONE))
+                        return
+                    async with self._connections:
+                        while (wait := self._rate.due()) > 0:
+                            await trio.sleep(wait)
+                        self._rate.take()
+                        probe = await probe_peer(host, port, infohash, piece_count,
+                                                 self.options, self.peer_id, metadata)
+                    if probe.outcome in (ProbeOutcome.REFUSED, ProbeOutcome.TIMEOUT):
+                        self._left_alone.add(address)
+                    swarm.peers.append(probe)
+            finally:
+                if not in_use.locked() and not in_use.statistics().tasks_waiting:
+                    self._one_at_a_time.pop(host, None)
 
         async with trio.open_nursery() as nursery:
             for host, port in chosen:
                 nursery.start_soon(one, host, port)
         if metadata is not None and metadata.info is not None:
             swarm.metadata = metadata.info
-            if piece_count is None:
-                with contextlib.suppress(ProtocolError):
-                    swarm.piece_count = metainfo_from_info_untrusted(
-                        metadata.info, infohash).piece_count
+            with contextlib.suppress(ProtocolError):  # hashed right, but not readable
+                swarm.metainfo = metainfo_from_info_untrusted(metadata.info, infohash)
+                if piece_count is None:
+                    swarm.piece_count = swarm.metainfo.piece_count
         told = []
         for peer in swarm.peers:
             if peer.holdings is not None and swarm.piece_count is not None:
@@ -5499,10 +5576,10 @@ class PeerProber:
                     peer.outcome, peer.holdings, peer.detail = (ProbeOutcome.MALFORMED, None,
                                                                 str(exc))
             swarm.outcomes[peer.outcome] += 1
-            if peer.outcome is not ProbeOutcome.NOT_ASKED:
+            if peer.outcome not in (ProbeOutcome.NOT_ASKED, ProbeOutcome.LEFT_ALONE):
                 swarm.tried += 1
-            if peer.outcome not in (ProbeOutcome.NOT_ASKED, ProbeOutcome.REFUSED,
-                                    ProbeOutcome.TIMEOUT):
+            if peer.outcome not in (ProbeOutcome.NOT_ASKED, ProbeOutcome.LEFT_ALONE,
+                                    ProbeOutcome.REFUSED, ProbeOutcome.TIMEOUT):
                 swarm.reachable += 1
             if peer.holdings is not None:  # (only a peer that told keeps them)
                 told.append(peer.holdings)
@@ -5551,20 +5628,29 @@ class WebSeedCheck:
     why: str = ""  # what was wrong
 
 
+_CONTENT_RANGE: Final = re.compile(r"bytes (\d{1,20})-(\d{1,20})/(\d{1,20})")
+
+
 async def check_web_seed(fetcher: Fetcher, seed: WebSeed, piece: WebSeedPiece) -> WebSeedCheck:
     """Whether `seed` serves the torrent's data. When the bytes asked for are all of piece 0,
-    they must hash to it; else (a first file shorter than a piece) there must be exactly as
-    many as the file holds there."""
+    they must hash to it. Else (a first file shorter than a piece, whose rest of piece 0 is
+    in other files) they must be that file whole: as many bytes, of a file that long (a
+    server answering every path with one page must not pass)."""
     url, byte_range = web_seed_request(seed, piece)
     wanted = piece.piece_length if byte_range is None else byte_range[1] + 1
-    # Whether it answered, for telling a dead server from a network that is down (another
-    # request's answer meanwhile may count too: only "nothing at all" matters there).
-    requests_answered = fetcher.heard
     try:
         result = await fetcher.fetch(url, max_bytes=wanted, byte_range=byte_range)
-    except FetchError as exc:
-        return WebSeedCheck(False, fetcher.heard > requests_answered, str(exc))
-    body = result.body[:wanted] if result.status == 206 else result.body
+    except (HttpStatusError, ResponseTooBig) as exc:
+        return WebSeedCheck(False, True, str(exc))
+    except FetchError as exc:  # no answer: a dead server, or a network that is down
+        return WebSeedCheck(False, False, str(exc))
+    body = result.body
+    if result.status == 206:
+        answered = _CONTENT_RANGE.fullmatch(result.content_range.strip())
+        if answered is None or int(answered[1]) != 0 or int(answered[2]) != wanted - 1 \
+                or int(answered[3]) != piece.first_file_length:
+            return WebSeedCheck(False, True, f"{url}: the range {result.content_range!r}, not "
+                                             f"bytes 0-{wanted - 1}/{piece.first_file_length}")
     if wanted == piece.piece_length:
         if hashlib.sha1(body).digest() != piece.piece_sha1:
             return WebSeedCheck(False, True, f"{url}: {len(body):,} bytes that are not piece 0")
@@ -6472,6 +6558,12 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE torrents ADD COLUMN first_piece_sha1 BLOB;
     ALTER TABLE torrents ADD COLUMN first_file_length INTEGER;
     ALTER TABLE torrents ADD COLUMN first_file_path TEXT;      -- JSON list; NULL: one file
+    ALTER TABLE torrents ADD COLUMN probe_attempted INTEGER;   -- last probe run, answered or not
+    -- The .torrent files of web-seeded torrents are read again at the next sync (their
+    -- validators forgotten): a web seed is checked against piece 0's hash, which only a
+    -- .torrent gives. Other torrents get their piece count from peers (BEP 9) when probed.
+    UPDATE memberships SET etag = NULL, last_modified = NULL, validated = NULL
+    WHERE torrent_id IN (SELECT torrent_id FROM web_seeds);
     CREATE TABLE swarm_peers (
         torrent_id      INTEGER NOT NULL REFERENCES torrents(id) ON DELETE CASCADE,
         host            TEXT NOT NULL,
@@ -6488,9 +6580,11 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         reachable       INTEGER NOT NULL,       -- connected
         answering       INTEGER NOT NULL,       -- told what they hold
         verified_seeds  INTEGER NOT NULL,       -- every piece, or have_all
-        availability    REAL,                   -- distributed copies; NULL unknown
-        webseeds_tried  INTEGER NOT NULL,
-        webseeds_ok     INTEGER NOT NULL        -- served piece 0 (its SHA-1 matched if known)
+        availability    REAL,                   -- distributed copies; NULL: nobody told what
+                                                -- it holds, or no piece count to read it by
+        webseeds_answered INTEGER NOT NULL,     -- checked: their servers answered
+        webseeds_ok     INTEGER NOT NULL        -- served the data (piece 0's hash, or the
+                                                -- first file's bytes and length)
     );
     CREATE INDEX probe_samples_torrent ON probe_samples(torrent_id, measured);
     CREATE INDEX probe_samples_measured ON probe_samples(measured);
@@ -8760,20 +8854,24 @@ class ProbeRunCounts:
     def summary(self) -> str:
         outcomes = ", ".join(f"{count:,} {outcome}" for outcome, count in
                              sorted(self.outcomes.items(), key=lambda item: -item[1]))
-        return (f"{_plural(self.torrents, 'torrent')} probed ({self.downloadable:,} "
-                f"downloadable" + (f", {self.torrents_unreached:,} with no peer nor web seed "
-                                   "reachable" if self.torrents_unreached else "") + ")"
-                + (f", {self.torrents_left:,} left for the next runs "
-                                    "([probe].connections_per_run spent)"
-                                    if self.torrents_left else "") + "; peers: {self.peers_tried:,} tried, {self.peers_reachable:,} "
-                f"reachable, {self.peers_answering:,} answered, {self.verified_seeds:,} verified "
-                f"seeds" + (f" ({outcomes})" if outcomes else "")
-                + (f"; metadata of {self.metadata_fetched:,} of {self.metadata_wanted:,} "
-                   "magnets fetched" if self.metadata_wanted else "")
-                + (f" ({self.metadata_unreadable:,} unreadable)" if self.metadata_unreadable
-                   else "")
-                + (f"; web seeds: {self.webseeds_ok:,} of {self.webseeds_tried:,} served the data"
-                   if self.webseeds_tried else "") + f"; {self.seconds:.1f} s")
+        unreached = (f", {self.torrents_unreached:,} with no peer nor web seed reachable"
+                     if self.torrents_unreached else "")
+        parts = [f"{_plural(self.torrents, 'torrent')} probed ({self.downloadable:,} "
+                 f"downloadable{unreached})"
+                 + (f", {self.torrents_left:,} left for the next runs ([probe]."
+                    "connections_per_run spent)" if self.torrents_left else ""),
+                 f"peers: {self.peers_tried:,} tried, {self.peers_reachable:,} reachable, "
+                 f"{self.peers_answering:,} answered, {self.verified_seeds:,} verified seeds"
+                 + (f" ({outcomes})" if outcomes else "")]
+        if self.metadata_wanted:
+            parts.append(f"metadata fetched for {self.metadata_fetched:,} of "
+                         f"{self.metadata_wanted:,} torrents without it"
+                         + (f" ({self.metadata_unreadable:,} unreadable)"
+                            if self.metadata_unreadable else ""))
+        if self.webseeds_tried:
+            parts.append(f"web seeds: {self.webseeds_ok:,} of {self.webseeds_tried:,} served "
+                         "the data")
+        return "; ".join(parts) + f"; {self.seconds:.1f} s"
 
 
 @dataclass(slots=True)
@@ -8789,13 +8887,13 @@ def load_probe_plan(db: sqlite3.Connection, collections: Sequence[CollectionSett
                     infohashes: Sequence[str], stale_after: float | None,
                     now: int) -> list[ProbeTarget]:
     """Torrents to probe: those with peers the DHT stage found lately, or with web seeds;
-    never probed first, then the longest ago. Their peers are read as each is probed."""
+    never probed first, then the longest ago (answered or not: a torrent whose peers never
+    answer must not come first in every run). Their peers are read as each is probed."""
     names = [c.name for c in collections]
     query = (
         "SELECT t.id, t.infohash, t.infohash_v2, t.has_metainfo, t.name, t.piece_count, "
         "t.piece_length, t.size_bytes, t.first_piece_sha1, t.first_file_length, "
-        "t.first_file_path, (SELECT max(measured) FROM probe_samples p "
-        "WHERE p.torrent_id = t.id) AS last FROM torrents t WHERE EXISTS ("
+        "t.first_file_path, t.probe_attempted FROM torrents t WHERE EXISTS ("
         "SELECT 1 FROM memberships m JOIN collections c ON c.id = m.collection_id "
         "WHERE m.torrent_id = t.id AND m.removed IS NULL "
         f"AND c.name IN ({', '.join('?' * len(names))})) AND (EXISTS ("
@@ -8851,33 +8949,47 @@ def store_fetched_metadata(db: sqlite3.Connection, torrent_id: int, meta: Metain
 
 @dataclass(slots=True)
 class ProbeSample:
+    """One torrent probed: its sample's numbers, unless nothing answered (`measured` False:
+    only the attempt is recorded), and the metadata fetched, to be stored."""
+
     torrent_id: int
     run_id: int | None
-    measured: int
-    swarm: SwarmProbe
-    webseeds_tried: int
-    webseeds_ok: int
-    metadata: Metainfo | None  # fetched now, to be stored
+    attempted: int
+    measured: bool
+    tried: int = 0
+    reachable: int = 0
+    answering: int = 0
+    verified_seeds: int = 0
+    availability: float | None = None
+    webseeds_answered: int = 0
+    webseeds_ok: int = 0
+    metadata: Metainfo | None = None
 
 
-def is_downloadable(verified_seeds: int, availability: float | None, webseeds_ok: int) -> bool:
-    """A complete copy was seen: a verified seed, a web seed serving the data, or peers that
-    hold every piece between them."""
-    return verified_seeds > 0 or webseeds_ok > 0 or (availability or 0.0) >= 1.0
+def probe_verdict(verified_seeds: int, availability: float | None, webseeds_ok: int) -> int:
+    """Whether a complete copy can be downloaded, by what the probe saw: 1 when it saw one (a
+    verified seed, a web seed serving the data, or peers holding every piece between them);
+    0 when peers told what they hold, with a piece count to read it by, and had none; -1
+    when it cannot say (nobody told, or no piece count)."""
+    if verified_seeds > 0 or webseeds_ok > 0 or (availability or 0.0) >= 1.0:
+        return 1
+    return 0 if availability is not None else -1
 
 
 def _write_probe_samples(db: sqlite3.Connection, samples: list[ProbeSample]) -> None:
     with Transaction(db):
         for sample in samples:
             if sample.metadata is not None:
-                store_fetched_metadata(db, sample.torrent_id, sample.metadata, sample.measured)
+                store_fetched_metadata(db, sample.torrent_id, sample.metadata, sample.attempted)
+        db.executemany("UPDATE torrents SET probe_attempted = ? WHERE id = ?",
+                       [(x.attempted, x.torrent_id) for x in samples])
         db.executemany(
             "INSERT INTO probe_samples (torrent_id, run_id, measured, tried, reachable, "
-            "answering, verified_seeds, availability, webseeds_tried, webseeds_ok) "
+            "answering, verified_seeds, availability, webseeds_answered, webseeds_ok) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(x.torrent_id, x.run_id, x.measured, x.swarm.tried, x.swarm.reachable,
-              x.swarm.answering, x.swarm.verified_seeds, x.swarm.availability,
-              x.webseeds_tried, x.webseeds_ok) for x in samples])
+            [(x.torrent_id, x.run_id, x.attempted, x.tried, x.reachable, x.answering,
+              x.verified_seeds, x.availability, x.webseeds_answered, x.webseeds_ok)
+             for x in samples if x.measured])
 
 
 async def run_probe(db: sqlite3.Connection, settings: Settings,
@@ -8889,6 +9001,8 @@ async def run_probe(db: sqlite3.Connection, settings: Settings,
     have none, check their web seeds, and store one sample per torrent."""
     options = options or probe_options(settings)
     now = int(time.time())
+    with Transaction(db):  # peers found longer ago are never asked: not kept either
+        db.execute("DELETE FROM swarm_peers WHERE found < ?", (now - PROBE_PEER_FRESHNESS,))
     plan = load_probe_plan(db, collections, infohashes, stale_after, now)
     if infohashes:
         missing = set(infohashes) - {target.infohash.hex() for target in plan}
@@ -8902,6 +9016,7 @@ async def run_probe(db: sqlite3.Connection, settings: Settings,
     send, receive = trio.open_memory_channel[ProbeSample](PROBE_WRITE_BATCH)
     started = trio.current_time()
     work = iter(plan)
+    webseeds_answered = 0  # for the outage watch: any web server's answer
     with reporter.progress() as progress:
         task = progress.add_task("probe", total=len(plan))
 
@@ -8910,29 +9025,25 @@ async def run_probe(db: sqlite3.Connection, settings: Settings,
                 for target in work:
                     if prober.budget_left <= 0:  # the rest waits for the next runs
                         counts.torrents_left += 1
-                        continue
-                    sample = await probe_target(target)
-                    if sample is not None:
-                        await send.send(sample)
+                    else:
+                        await send.send(await probe_target(target))
                     progress.update(task, advance=1, description=(
                         f"probe {counts.peers_answering:,} peers answered, "
                         f"{counts.verified_seeds:,} seeds"))
 
-        async def probe_target(target: ProbeTarget) -> ProbeSample | None:
+        async def probe_target(target: ProbeTarget) -> ProbeSample:
+            nonlocal webseeds_answered
             peers = load_probe_peers(db, target.torrent_id, now - PROBE_PEER_FRESHNESS)
             swarm = await prober.probe(target.infohash, peers, target.piece_count,
                                        want_metadata=target.wants_metadata)
-            meta = None
             if target.wants_metadata:
                 counts.metadata_wanted += 1
-                if swarm.metadata is not None:
-                    try:
-                        meta = metainfo_from_info_untrusted(swarm.metadata, target.infohash)
-                        counts.metadata_fetched += 1
-                    except ProtocolError as exc:
-                        counts.metadata_unreadable += 1
-                        reporter.problem(f"probe: {target.infohash.hex()}: metadata: {exc}")
-            tried = served = answered = 0
+                counts.metadata_fetched += swarm.metainfo is not None
+                if swarm.metadata is not None and swarm.metainfo is None:
+                    counts.metadata_unreadable += 1
+                    reporter.problem(f"probe: {target.infohash.hex()}: its metadata hashes "
+                                     "right but is not an info dictionary tsmd reads")
+            answered = served = 0
             piece = target.web_seed_piece
             if piece is not None:
                 for url, kind in db.execute("SELECT url, kind FROM web_seeds WHERE "
@@ -8940,42 +9051,63 @@ async def run_probe(db: sqlite3.Connection, settings: Settings,
                                             (target.torrent_id, MAX_WEB_SEEDS_CHECKED)
                                             ).fetchall():
                     check = await check_web_seed(fetcher, WebSeed(url, kind), piece)
-                    tried += 1
-                    served += check.served
+                    counts.webseeds_tried += 1
                     answered += check.answered
+                    served += check.served
+            webseeds_answered += answered
             counts.torrents += 1
             counts.peers_tried += swarm.tried
             counts.peers_reachable += swarm.reachable
             counts.peers_answering += swarm.answering
             counts.verified_seeds += swarm.verified_seeds
-            counts.webseeds_tried += tried
             counts.webseeds_ok += served
-            counts.downloadable += is_downloadable(swarm.verified_seeds, swarm.availability,
-                                                   served)
+            counts.downloadable += probe_verdict(swarm.verified_seeds, swarm.availability,
+                                                 served) == 1
             outcomes.update(swarm.outcomes)
-            if not swarm.reachable and not answered:  # nothing answered: nothing measured
+            sample = ProbeSample(target.torrent_id, run_id, int(time.time()),
+                                 measured=bool(swarm.reachable or answered),
+                                 metadata=swarm.metainfo)
+            if not sample.measured:  # nothing answered: nothing measured
                 counts.torrents_unreached += 1
-                return None
-            return ProbeSample(target.torrent_id, run_id, int(time.time()), swarm, tried,
-                               served, meta)
+                return sample
+            sample.tried, sample.reachable, sample.answering = (swarm.tried, swarm.reachable,
+                                                                swarm.answering)
+            sample.verified_seeds, sample.availability = swarm.verified_seeds, swarm.availability
+            sample.webseeds_answered, sample.webseeds_ok = answered, served
+            return sample
 
+        def tried() -> int:
+            return counts.peers_tried + counts.webseeds_tried
+
+        def heard() -> int:  # a refused connection is an answer too: the network works
+            return (counts.peers_reachable + outcomes[ProbeOutcome.REFUSED]
+                    + webseeds_answered)
+
+        probing_scope = trio.CancelScope()
         try:
-            async with trio.open_nursery() as writing:
-                writing.start_soon(_sample_writer, db, receive, _write_probe_samples,
-                                   PROBE_WRITE_BATCH)
-                async with send, trio.open_nursery() as probing:
-                    # Enough torrents at once to keep `concurrency` connections busy.
-                    for _ in range(min(len(plan), max(1, options.concurrency))):
-                        probing.start_soon(probe_worker, send.clone())
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_for_outage, tried, heard,
+                                   settings.network.outage_after, probing_scope)
+                async with trio.open_nursery() as writing:
+                    writing.start_soon(_sample_writer, db, receive, _write_probe_samples,
+                                       PROBE_WRITE_BATCH)
+                    with probing_scope:
+                        async with send, trio.open_nursery() as probing:
+                            # Enough torrents at once to keep `concurrency` connections busy.
+                            for _ in range(min(len(plan), max(1, options.concurrency))):
+                                probing.start_soon(probe_worker, send.clone())
+                nursery.cancel_scope.cancel()  # stop watching
         finally:
             counts.seconds = trio.current_time() - started
             counts.outcomes = {outcome.value: count for outcome, count in outcomes.items()}
             with trio.CancelScope(shield=True):
                 await fetcher.aclose()
-    if counts.peers_tried + counts.webseeds_tried >= PROBE_OUTAGE_AFTER \
-            and not counts.peers_reachable and not fetcher.heard:
-        counts.outage = (f"none of {counts.peers_tried:,} peers nor "
-                         f"{counts.webseeds_tried:,} web seeds could be reached: network down?")
+    if probing_scope.cancelled_caught:
+        counts.outage = outage_message("peer nor web seed", heard(),
+                                       settings.network.outage_after)
+    elif tried() >= PROBE_OUTAGE_AFTER and not heard():
+        counts.outage = (f"none of {counts.peers_tried:,} peers nor {counts.webseeds_tried:,} "
+                         "web seeds answered: network down?")
     return counts
 
 
@@ -9515,13 +9647,11 @@ async def check_torrent(meta: Metainfo, settings: Settings, reporter: Reporter, 
             swarm = await PeerProber(probe_options(settings)).probe(
                 infohash, found.peers, meta.piece_count,
                 want_metadata=meta.piece_count is None and not meta.has_metainfo)
-            if swarm.metadata is not None:
-                with contextlib.suppress(ProtocolError):
-                    fetched = metainfo_from_info_untrusted(swarm.metadata, infohash)
-                    result.name = result.name or fetched.name
-                    if result.size_bytes < 0 and fetched.size_bytes is not None:
-                        result.size_bytes = fetched.size_bytes
-                    result.metadata_fetched = True
+            if swarm.metainfo is not None:
+                result.name = result.name or swarm.metainfo.name
+                if result.size_bytes < 0 and swarm.metainfo.size_bytes is not None:
+                    result.size_bytes = swarm.metainfo.size_bytes
+                result.metadata_fetched = True
             result.probe_tried, result.reachable_peers = swarm.tried, swarm.reachable
             result.probe_answering, result.verified_seeds = swarm.answering, swarm.verified_seeds
             result.availability = swarm.availability
@@ -9580,7 +9710,7 @@ class ReportRow:
     webseeds_ok: int = -1  # web seeds that served piece 0
     reachable_peers: int = -1
     probed: int = -1  # when
-    downloadable: int = -1  # 1: a complete copy was seen (is_downloadable); 0: none was
+    downloadable: int = -1  # probe_verdict: 1 a complete copy seen, 0 peers told and none held one
     band: str = "grey"  # red < 4 seeders, yellow 4-10, green > 10, grey unknown
     need: float | None = None  # lower needs seeders more; None when not measured
     seeders_change_previous: int | None = None  # against the previous scrape run
@@ -9645,9 +9775,9 @@ def add_health(rows: list[ReportRow], history: dict[str, list[tuple[int, int]]])
 
 
 # Where a torrent stands in the plan, the first key of the `need` order: downloadable red, then
-# yellow, then green; then the unverified (trackers count seeders, but the probe reached peers
-# and none of them, nor a web seed, had a complete copy: a volunteer sent there may wait for
-# ever); then the dead (measured, and no seeder anywhere: nothing can be downloaded, so they
+# yellow, then green; then the unverified (trackers count seeders, but the peers that told the
+# probe what they hold had no complete copy between them, nor did a web seed serve it: a
+# volunteer sent there may wait for ever); then the dead (measured, and no seeder anywhere: nothing can be downloaded, so they
 # are lost unless someone who has them comes back, and no volunteer can help by being sent
 # there); then those not measured yet.
 PLAN_RED, PLAN_YELLOW, PLAN_GREEN, PLAN_UNVERIFIED, PLAN_DEAD, PLAN_UNMEASURED = range(6)
@@ -9659,7 +9789,7 @@ def plan_group(row: ReportRow) -> int:
         return PLAN_UNMEASURED
     if is_dead(row):
         return PLAN_DEAD
-    if row.downloadable == 0 and row.reachable_peers > 0:
+    if row.downloadable == 0:
         return PLAN_UNVERIFIED
     return _PLAN_OF_BAND.get(row.band, PLAN_UNMEASURED)
 
@@ -9809,10 +9939,10 @@ def _load_report_rows(db: sqlite3.Connection, collections: Sequence[str],
         if probed is None:
             verified = webseeds_ok = reachable = probed = downloadable = availability = -1
         else:
-            downloadable = int(is_downloadable(verified, availability, webseeds_ok))
+            downloadable = probe_verdict(verified, availability, webseeds_ok)
             availability = -1 if availability is None else round(availability, 3)
-            if seeders < 0:  # no tracker counts it (a DHT-only magnet): the seeds seen do
-                seeders, scraped = verified, probed
+            if seeders < 0 and downloadable >= 0:  # no tracker counts it (a DHT-only
+                seeders, scraped = verified, probed  # magnet): the seeds the probe saw do
         result.append(ReportRow(
             infohash,
             # _report_name, which nearly always returns the file name: asked only otherwise.
@@ -10193,9 +10323,9 @@ def collection_totals(rows: Iterable[ReportRow]) -> dict[str, CollectionTotals]:
         total.bytes_by_band[row.band] = total.bytes_by_band.get(row.band, 0) + size
         if is_dead(row):
             total.dead += 1
-        if row.downloadable >= 0:
+        if row.probed >= 0:
             total.probed += 1
-            total.downloadable += row.downloadable
+            total.downloadable += row.downloadable == 1
     return totals
 
 
@@ -11544,10 +11674,9 @@ def probe(
         chosen = select_collections(settings, collection or [])
     except TsmdError as exc:
         raise _fail(str(exc), exc.exit_code) from None
-    options = dataclasses.replace(
-        probe_options(settings),
-        **({"concurrency": concurrency} if concurrency is not None else {}),
-        **({"rate": rate} if rate is not None else {}))
+    options = probe_options(settings)
+    options = dataclasses.replace(options, concurrency=concurrency or options.concurrency,
+                                  rate=options.rate if rate is None else rate)
     run_stage_command(settings, reporter, "probe", run_probe, ProbeRunCounts(),
                       probe_judge(reporter), wait=_wait_option(wait), with_run_id=True,
                       collections=chosen, infohashes=hashes, stale_after=stale,
