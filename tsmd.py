@@ -5429,16 +5429,16 @@ class _PeerReader:
             until = window_ends
             if waits:
                 until = self.patience_ends if self.asking else now + METADATA_TURN_POLL
-            data = None
+            received: bytes | None = None
             with trio.move_on_at(until):
-                data = await self.stream.receive_some(1 << 16)
-            if data is None and waits:
+                received = await self.stream.receive_some(1 << 16)
+            if received is None and waits:
                 continue  # a look at the metadata's turn, or a piece overdue
-            if not data:  # the window is over, or the peer hung up
+            if not received:  # the window is over, or the peer hung up
                 self.probe.outcome = (ProbeOutcome.TOLD if holdings.answered
                                       else ProbeOutcome.CLOSED)
                 return
-            buffer += data
+            buffer += received
 
     async def _ask_for_metadata(self) -> None:
         self.asking = True
