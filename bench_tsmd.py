@@ -2166,7 +2166,7 @@ def bench_probe_peers(root: Path, peers: int, seed: int) -> None:
         no_window = probe_config(root, database, "no-window", have_window="0s")
         network_phase = {}
         for label, chosen, extra in (
-                ("default concurrency (50)", config, ()),
+                (f"default concurrency ({tsmd.ProbeSettings().concurrency})", config, ()),
                 ("--concurrency 200", config, ("--concurrency", "200")),
                 ("have_window 0 s, --concurrency 1000", no_window, ("--concurrency", "1000"))):
             wall, peak, said = run_tsmd(chosen, "probe", "--rate", "0", *extra)

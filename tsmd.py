@@ -7266,7 +7266,7 @@ class ProbeSettings:
     connect_timeout: float = 5.0
     answer_timeout: float = 10.0  # after connecting: the handshake and what the peer holds
     have_window: float = 1.0  # for `have` messages after a partial bitfield
-    concurrency: int = 50  # connections open at once
+    concurrency: int = 100  # connections open at once
     peers_per_torrent: int = 30
     rate: float = 20.0  # new connections per second; 0 lifts the limit
     connections_per_run: int = 50_000  # a probe run's budget (the oldest-probed torrents first)
@@ -7550,7 +7550,7 @@ answer_timeout = "10s"
 # After a partial bitfield, how long `have` messages are read.
 have_window = "1s"
 # Connections open at once, peers asked per torrent at most, new connections per second.
-concurrency = 50
+concurrency = 100
 peers_per_torrent = 30
 rate = 20.0
 # Connections one `tsmd probe` run opens at most (about 40 minutes at 20 a second). The
