@@ -7,6 +7,7 @@ import bisect
 import collections
 import contextlib
 import copy
+import errno
 import dataclasses
 import functools
 import gzip
@@ -6469,7 +6470,7 @@ def test_metadata_codecs():
     holdings.take_untrusted(tsmd.PeerMessage.BITFIELD, b"\xff\xe0")
     holdings.learn_piece_count(11)
     assert holdings.complete and holdings.holds() == (1 << 11) - 1
-    for bits, count in ((b"\xff\xf0", 11), (b"\xff\x00\x01", 11)):
+    for bits, count in ((b"\xff\xf0", 11), (b"\xff\x00\x01", 11), (b"\xff\xe0\x00", 11)):
         liar = tsmd.PeerHoldings(None)
         liar.take_untrusted(tsmd.PeerMessage.BITFIELD, bits)
         with pytest.raises(tsmd.ProtocolError):
@@ -6494,8 +6495,8 @@ async def metadata_peer(info: bytes, behaviour: str, sent: list[int], stream,
     """A peer that holds every piece of the torrent of `info` (a full bitfield) and serves its
     metadata (BEP 9), each piece `delay` seconds after it is asked for: "honest"; "forged",
     pieces that do not hash to the infohash; "huge", a metadata_size over the cap; "short", a
-    piece of the wrong length; "reject". `sent` gets the id of every message the prober sends
-    it."""
+    piece of the wrong length; "reject"; "repeat", piece 0 again and again, a second apart,
+    and never another. `sent` gets the id of every message the prober sends it."""
     pieces = len(bencoder.bdecode(info)[b"pieces"]) // 20
     size = tsmd.MAX_METADATA_BYTES + 1 if behaviour == "huge" else len(info)
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -6519,6 +6520,15 @@ async def metadata_peer(info: bytes, behaviour: str, sent: list[int], stream,
                 if kind != 20 or payload[:1] != b"\x03":
                     continue
                 piece = bencoder.bdecode(payload[1:])[b"piece"]
+                if behaviour == "repeat":
+                    if piece == 0:
+                        for _ in range(20):
+                            await stream.send_all(peer_message(20, bytes(
+                                [tsmd.UT_METADATA_OURS]) + tsmd.bencode(
+                                {b"msg_type": 1, b"piece": 0, b"total_size": len(info)})
+                                + info[:16384]))
+                            await trio.sleep(1)
+                    continue
                 data = info[piece * 16384:(piece + 1) * 16384]
                 if behaviour == "forged":
                     data = bytes(len(data))
@@ -6572,6 +6582,16 @@ def test_probe_fetches_metadata_and_refuses_what_does_not_hash():
                 await trio.sleep(0.1)
                 await metadata_peer(info, "honest", [], stream)
 
+            async def repeater(stream):
+                await metadata_peer(info, "repeat", [], stream)
+
+            peers = []
+            for n, handler in enumerate((repeater, honest_after)):
+                listeners = await trio.open_tcp_listeners(0, host=f"127.91.8.{n + 1}")
+                nursery.start_soon(trio.serve_listeners, handler, listeners)
+                peers.append((f"127.91.8.{n + 1}", listeners[0].socket.getsockname()[1]))
+            stalled = await tsmd.PeerProber(probe_test_options()).probe(
+                infohash, peers, None, want_metadata=True)
             peers = []
             for n, handler in enumerate((slow_forger, honest_after)):
                 listeners = await trio.open_tcp_listeners(0, host=f"127.91.6.{n + 1}")
@@ -6580,10 +6600,10 @@ def test_probe_fetches_metadata_and_refuses_what_does_not_hash():
             late = await tsmd.PeerProber(probe_test_options()).probe(infohash, peers, None,
                                                                      want_metadata=True)
             nursery.cancel_scope.cancel()
-        return swarms, three, late
+        return swarms, three, late, stalled
 
     sent_by_three: list[list[int]] = [[], [], []]
-    swarms, three, late = run(scenario)
+    swarms, three, late, stalled = run(scenario)
     honest = swarms["honest"]
     assert honest.metadata == info and honest.piece_count == 24
     assert (honest.answering, honest.verified_seeds, honest.availability) == (1, 1, 1.0)
@@ -6608,6 +6628,10 @@ def test_probe_fetches_metadata_and_refuses_what_does_not_hash():
     # A forger asked first (its pieces late, then wrong) loses its turn, and the honest peer
     # that came after is asked on its open connection.
     assert late.metadata == info and late.outcomes == {O.MALFORMED: 1, O.TOLD: 1}
+    # A peer that sends the same piece again and again, never the next, loses its turn after
+    # METADATA_PATIENCE, and the honest peer, still connected past its answer timeout while
+    # it waited, is asked.
+    assert stalled.metadata == info and stalled.outcomes == {O.TOLD: 2}
     # Of three peers that offer it, one at a time is asked: the first gives it, the others
     # are never asked (nor sent our extended handshake).
     assert [len(kinds) > 0 for kinds in sent_by_three] in (
@@ -6618,8 +6642,10 @@ def test_probe_fetches_metadata_and_refuses_what_does_not_hash():
 def test_probe_asks_a_client_of_many_torrents_about_each_one_connection_at_a_time():
     """A client seeding five torrents of a collection is asked about each of them, never on
     two connections at once; an address that refused once is left alone for the rest of the
-    run."""
+    run; a host that connects and says nothing is asked one torrent at a time, and a torrent
+    waits for it no longer than one probe takes."""
     open_now, most_at_once, handshakes = [0], [0], []
+    mute_open, mute_most = [0], [0]
 
     async def client(stream):
         open_now[0] += 1
@@ -6646,8 +6672,21 @@ def test_probe_asks_a_client_of_many_torrents_about_each_one_connection_at_a_tim
             closed = await trio.open_tcp_listeners(0, host="127.91.7.2")
             refusing = ("127.91.7.2", closed[0].socket.getsockname()[1])
             await closed[0].aclose()
-            peers = [("127.91.7.1", listeners[0].socket.getsockname()[1]), refusing]
-            prober = tsmd.PeerProber(probe_test_options())
+            async def silent(stream):
+                mute_open[0] += 1
+                mute_most[0] = max(mute_most[0], mute_open[0])
+                try:  # reads what comes, answers nothing, until the prober hangs up
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        while await stream.receive_some(100):
+                            pass
+                finally:
+                    mute_open[0] -= 1
+
+            mute = await trio.open_tcp_listeners(0, host="127.91.7.3")
+            nursery.start_soon(trio.serve_listeners, silent, mute)
+            peers = [("127.91.7.1", listeners[0].socket.getsockname()[1]), refusing,
+                     ("127.91.7.3", mute[0].socket.getsockname()[1])]
+            prober = tsmd.PeerProber(probe_test_options(answer_timeout=1.0))
             swarms = {}
 
             async def one(infohash):
@@ -6666,8 +6705,13 @@ def test_probe_asks_a_client_of_many_torrents_about_each_one_connection_at_a_tim
     for swarm in swarms.values():
         outcomes.update(swarm.outcomes)
     O = tsmd.ProbeOutcome
-    assert outcomes == {O.TOLD: 5, O.REFUSED: 1, O.LEFT_ALONE: 4}
-    assert sum(swarm.tried for swarm in swarms.values()) == 6
+    assert (outcomes[O.TOLD], outcomes[O.REFUSED], outcomes[O.LEFT_ALONE]) == (5, 1, 4)
+    # Each silent probe takes the answer timeout, 1 s; a torrent waits 3 s (connect and
+    # answer timeouts) for the host: two or three are asked, the others go on without it.
+    assert outcomes[O.SILENT] + outcomes[O.BUSY] == 5 and outcomes[O.BUSY] >= 1
+    assert mute_most[0] == 1
+    assert sum(swarm.tried for swarm in swarms.values()) == 6 + outcomes[O.SILENT]
+    assert all(swarm.skipped == swarm.outcomes[O.BUSY] for swarm in swarms.values())
 
 
 def libtorrent_swarm(tmp_path: Path, network: LibtorrentDht, seeds: list[int],
@@ -6778,14 +6822,58 @@ def test_probe_stage_keeps_to_its_budget_and_goes_round_the_collection(tmp_path)
                       ).fetchone()[0] == 0
     assert {row.probed for row in tsmd.load_report_rows(db)} == {-1}
     assert counts.summary().startswith(
-        "5 torrents probed (0 downloadable, 5 with no peer nor web seed reachable), 24 left for "
+        "5 torrents probed (0 downloadable, 5 with no peer nor web seed telling), 24 left for "
         "the next runs ([probe].connections_per_run spent); peers: 9 tried, 0 reachable, 0 "
         "answered, 0 verified seeds (9 refused); ")
 
 
-def test_probe_stage_stops_when_the_network_is_down(tmp_path, monkeypatch):
-    """Connections that time out, torrent after torrent, with not one answer: the stage stops
-    after [network].outage_after instead of spending its whole budget, and says why."""
+def test_probe_stage_keeps_what_it_knew_when_peers_say_nothing(tmp_path):
+    """A run where peers connect and say nothing measured nothing: the sample of the run
+    before, which saw a seed, stays the torrent's newest."""
+    infohash = hashlib.sha1(b"keeps what it knew").digest()
+    db, settings = dht_survey_db(tmp_path, [infohash])
+
+    async def seed(stream):
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.receive_some(100)
+            await stream.send_all(tsmd.encode_peer_handshake(infohash, bytes(20))
+                                  + peer_message(14))
+            await stream.receive_some(100)
+
+    async def mute(stream):
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await stream.receive_some(100):
+                pass
+
+    async def probe_with(handler):
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host="127.91.9.1")
+            nursery.start_soon(trio.serve_listeners, handler, listeners)
+            with tsmd.Transaction(db):
+                db.execute("DELETE FROM swarm_peers")
+                db.execute("INSERT INTO swarm_peers VALUES (1, '127.91.9.1', ?, ?)",
+                           (listeners[0].socket.getsockname()[1], int(time.time())))
+            counts = await tsmd.run_probe(db, settings, settings.collections,
+                                          tsmd.Reporter(-1),
+                                          options=probe_test_options(answer_timeout=0.5))
+            nursery.cancel_scope.cancel()
+        return counts
+
+    first = run(probe_with, seed)
+    second = run(probe_with, mute)
+    assert (first.verified_seeds, first.torrents_unreached) == (1, 0)
+    assert (second.peers_reachable, second.peers_answering, second.torrents_unreached) == (
+        1, 0, 1)
+    assert db.execute("SELECT count(*) FROM probe_samples").fetchone()[0] == 1
+    row = tsmd.load_report_rows(db)[0]
+    assert (row.verified_seeds, row.downloadable) == (1, 1)
+
+
+@pytest.mark.parametrize("silence", ["timeout", "no route"])
+def test_probe_stage_stops_when_the_network_is_down(tmp_path, monkeypatch, silence):
+    """Connections that time out, or find no route, torrent after torrent, with not one
+    answer: the stage stops after [network].outage_after instead of spending its whole
+    budget, and says why."""
     hashes = [hashlib.sha1(b"outage %d" % n).digest() for n in range(400)]
     db, settings = dht_survey_db(tmp_path, hashes)
     settings = dataclasses.replace(settings, network=dataclasses.replace(
@@ -6800,7 +6888,14 @@ def test_probe_stage_stops_when_the_network_is_down(tmp_path, monkeypatch):
         await trio.sleep(0.2)  # a connect timeout, shortened
         return tsmd.PeerProbe(host, port, tsmd.ProbeOutcome.TIMEOUT)
 
-    monkeypatch.setattr(tsmd, "probe_peer", no_answer)
+    async def no_route(host, port, *args, **kwargs):
+        await trio.sleep(0.2)
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    if silence == "timeout":
+        monkeypatch.setattr(tsmd, "probe_peer", no_answer)
+    else:  # what the kernel says with no default route: no answer from anyone
+        monkeypatch.setattr(tsmd.trio, "open_tcp_stream", no_route)
     started = time.monotonic()
     counts = run(tsmd.run_probe, db, settings, settings.collections, tsmd.Reporter(-1),
                  options=probe_test_options(concurrency=5))
@@ -6993,7 +7088,12 @@ def test_probe_stage_measures_libtorrent_peers_fetches_metadata_and_checks_web_s
         "JOIN torrents t ON t.id = p.torrent_id")}
     assert samples[infohash.hex()] == (run_id, 4, 4, 4, 1, pytest.approx(
         rarest + sum(n > rarest for n in per_piece) / 40), 0, 0)
-    assert [samples[meta.infohash][-2:] for meta in metas] == [(1, 1), (1, 0), (1, 1)]
+    assert [samples[meta.infohash][-2:] for meta in (metas[0], metas[2])] == [(1, 1), (1, 1)]
+    # The web seed serving something else told nothing, nor any peer: no sample, only the
+    # attempt (the next runs probe others first).
+    assert metas[1].infohash not in samples and db.execute(
+        "SELECT probe_attempted FROM torrents WHERE infohash = ?",
+        (metas[1].infohash,)).fetchone()[0] is not None
     # The peer addresses the DHT stage kept are those libtorrent's sessions listen on.
     assert sorted(db.execute("SELECT host, port FROM swarm_peers")) == sorted(
         network.nodes[n] for n in handles)
@@ -7014,11 +7114,10 @@ def test_probe_stage_measures_libtorrent_peers_fetches_metadata_and_checks_web_s
         (1, 4, 1)
     # No tracker counts it: its seeders are the verified ones, and its size is now known.
     assert swarm_row.seeders == 1 and swarm_row.size_bytes == info.total_size()
-    # A web seed that serves something else says nothing of the peers: no verdict.
     assert [rows[m.infohash].downloadable for m in metas] == [1, -1, 1]
-    assert rows[metas[1].infohash].webseeds_ok == 0
+    assert rows[metas[1].infohash].probed == -1
     metrics = tsmd.render_prometheus(list(rows.values()), per_torrent=True)
-    assert 'tsmd_probed_torrents{collection="c"} 4' in metrics
+    assert 'tsmd_probed_torrents{collection="c"} 3' in metrics
     assert 'tsmd_downloadable_torrents{collection="c"} 3' in metrics
     assert f'tsmd_torrent_verified_seeds{{collection="c",infohash="{infohash.hex()}",' in metrics
     # The magnet with no tracker is weighed by its verified seed: red, and picked.
@@ -8027,6 +8126,12 @@ def test_the_plan_and_pick_follow_what_the_probe_saw():
     plan = tsmd.select_report_rows(rows, "need", None, None)
     assert [row.name for row in tsmd.pick_torrents(plan, 10**6)] == [
         "web seed 1", "could not tell 3", "verified 5"]
+    # The verdict: no copy among the peers that told is 0 only if none was skipped (the
+    # run's budget spent, or its host busy with other torrents).
+    verdict = tsmd.probe_verdict
+    assert (verdict(0, 0.5, 0, 0), verdict(0, 0.5, 0, 2), verdict(0, None, 0, 0),
+            verdict(1, None, 0, 3), verdict(0, 1.0, 0, 0), verdict(0, None, 1, 0)) == (
+        0, -1, -1, 1, 1, 1)
 
 
 def test_big_formats_come_in_pieces_that_add_up(tmp_path):
@@ -9227,7 +9332,7 @@ def test_prune_keeps_what_it_should(tmp_path):
         # Peers found long ago and lately; an old probe sample and a recent one.
         db.executemany("INSERT INTO swarm_peers VALUES (1, ?, 6881, ?)",
                        [("127.0.0.5", now - 40 * 86400), ("127.0.0.4", now - 3600)])
-        db.executemany("INSERT INTO probe_samples VALUES (?, NULL, ?, 3, 2, 2, 1, 1.5, 0, 0)",
+        db.executemany("INSERT INTO probe_samples VALUES (?, NULL, ?, 3, 2, 2, 1, 1.5, 0, 0, 0)",
                        [(1, now - 40 * 86400), (2, now - 40 * 86400), (2, now - 3600)])
     before_rows = {row.infohash: row for row in tsmd.load_report_rows(db)}
     samples_before = db.execute("SELECT count(*) FROM tracker_samples").fetchone()[0]

@@ -41,6 +41,7 @@ import bisect
 from array import array
 import dataclasses
 import enum
+import errno
 import functools
 import gc
 import heapq
@@ -5287,7 +5288,9 @@ class ProbeOutcome(enum.Enum):
     WRONG_TORRENT = "handshake for another torrent"
     MALFORMED = "broke the protocol"
     NOT_ASKED = "not an address to connect to"
-    LEFT_ALONE = "refused earlier in the run: left alone"
+    UNREACHABLE = "no route to it"  # or a local firewall: no answer from the network
+    LEFT_ALONE = "refused or unreachable earlier in the run: left alone"
+    BUSY = "its host was busy with other torrents: not asked"
 
 
 @dataclass(slots=True)
@@ -5300,6 +5303,12 @@ class PeerProbe:
     metadata: bytes | None = None  # the info dictionary it sent (BEP 9), checked
 
 
+METADATA_PATIENCE: Final = 3.0  # seconds a peer asked for metadata may go without a new piece
+METADATA_PIECE_SECONDS: Final = 0.25  # its turn lasts at most this more a piece (64 KiB/s)
+METADATA_TURN_POLL: Final = 0.1  # how often a peer waiting its turn looks whether it has come
+METADATA_DEADLINE: Final = 30.0  # seconds one torrent's peers may spend on its metadata
+
+
 class MetadataWanted:
     """One torrent's BEP 9 fetch, shared by the probes of its peers: asked of one peer at a
     time (a hostile peer may send megabytes), until one has sent it whole and checked. The
@@ -5310,6 +5319,8 @@ class MetadataWanted:
     def __init__(self) -> None:
         self.info: bytes | None = None
         self.asking = False
+        # Peers waiting their turn stay connected past their answer timeout, until this.
+        self.deadline = trio.current_time() + METADATA_DEADLINE
 
     @property
     def wanted(self) -> bool:
@@ -5321,10 +5332,6 @@ class MetadataWanted:
             return False
         self.asking = True
         return True
-
-
-METADATA_PATIENCE: Final = 3.0  # seconds a peer asked for metadata may go without sending some
-METADATA_TURN_POLL: Final = 0.1  # how often a peer waiting its turn looks whether it has come
 
 
 async def probe_peer(host: str, port: int, infohash: bytes, piece_count: int | None,
@@ -5342,14 +5349,24 @@ async def probe_peer(host: str, port: int, infohash: bytes, piece_count: int | N
         with trio.move_on_after(options.connect_timeout) as connecting:
             stream = await trio.open_tcp_stream(host, port)
     except OSError as exc:
-        return PeerProbe(host, port, ProbeOutcome.REFUSED, detail=exc.strerror or str(exc))
+        # Only a refusal (a reset) came from the peer's host; no route, a network down or a
+        # local firewall is no answer at all (the outage watch must see it as silence).
+        # (trio gives the attempts' errors as the cause of its own.)
+        attempts = [exc, *getattr(exc.__cause__, "exceptions", ())]
+        refused = any(isinstance(attempt, OSError)
+                      and attempt.errno in (errno.ECONNREFUSED, errno.ECONNRESET)
+                      for attempt in attempts)
+        return PeerProbe(host, port, ProbeOutcome.REFUSED if refused
+                         else ProbeOutcome.UNREACHABLE, detail=exc.strerror or str(exc))
     if connecting.cancelled_caught:
         return PeerProbe(host, port, ProbeOutcome.TIMEOUT)
     probe = PeerProbe(host, port, ProbeOutcome.SILENT)
-    reader = _PeerReader(stream, probe, infohash, piece_count, options, metadata)
     async with stream:
+        answering = trio.CancelScope(deadline=trio.current_time() + options.answer_timeout)
+        reader = _PeerReader(stream, probe, infohash, piece_count, options, metadata,
+                             answering)
         try:
-            with trio.move_on_after(options.answer_timeout):
+            with answering:
                 await reader.read(peer_id)
         except ProtocolError as exc:
             probe.outcome = (ProbeOutcome.WRONG_TORRENT if isinstance(exc, WrongTorrentError)
@@ -5372,9 +5389,12 @@ class _PeerReader:
 
     def __init__(self, stream: trio.SocketStream, probe: PeerProbe, infohash: bytes,
                  piece_count: int | None, options: ProbeOptions,
-                 metadata: MetadataWanted | None) -> None:
+                 metadata: MetadataWanted | None, answering: trio.CancelScope) -> None:
         self.stream, self.probe, self.infohash = stream, probe, infohash
         self.options, self.metadata = options, metadata
+        # The answer timeout, moved to the metadata's deadline while this peer may still
+        # give it (waiting its turn, or asked), and back once it no longer may.
+        self.answering, self.answer_deadline = answering, answering.deadline
         self.holdings = PeerHoldings(piece_count)
         # The metadata from this peer: it may offer it (the BEP 10 bit, then its extended
         # handshake naming ut_metadata); it is asked when its turn comes (`asking`), and
@@ -5385,6 +5405,7 @@ class _PeerReader:
         self.asking = False
         self.given_up = False
         self.patience_ends = math.inf
+        self.turn_ends = math.inf
         self.assembly: MetadataAssembly | None = None
 
     def _waits_for_metadata(self) -> bool:
@@ -5411,12 +5432,15 @@ class _PeerReader:
                 else:
                     holdings.take_untrusted(kind, payload)
             now = trio.current_time()
-            if self.asking and now >= self.patience_ends:
+            if self.asking and now >= min(self.patience_ends, self.turn_ends):
                 self.give_up_metadata()  # a staller: another peer's turn
             if self._waits_for_metadata() and not self.asking and self.metadata is not None \
                     and self.metadata.claim():
                 await self._ask_for_metadata()
             waits = self._waits_for_metadata()
+            self.answering.deadline = (max(self.answer_deadline, self.metadata.deadline)
+                                       if waits and self.metadata is not None
+                                       else self.answer_deadline)
             if holdings.answered:
                 self.probe.holdings = holdings
                 window_ends = min(window_ends, now + self.options.have_window)
@@ -5428,7 +5452,8 @@ class _PeerReader:
             # The answer timeout bounds it all.
             until = window_ends
             if waits:
-                until = self.patience_ends if self.asking else now + METADATA_TURN_POLL
+                until = (min(self.patience_ends, self.turn_ends) if self.asking
+                         else now + METADATA_TURN_POLL)
             received: bytes | None = None
             with trio.move_on_at(until):
                 received = await self.stream.receive_some(1 << 16)
@@ -5450,6 +5475,8 @@ class _PeerReader:
     async def _request_pieces(self) -> None:
         assert self.peer_ut_metadata is not None and self.peer_metadata_size is not None
         self.assembly = MetadataAssembly(self.infohash, self.peer_metadata_size)
+        self.turn_ends = (trio.current_time() + METADATA_PATIENCE
+                          + METADATA_PIECE_SECONDS * self.assembly.piece_count)
         for piece in range(self.assembly.piece_count):
             await self.stream.send_all(encode_metadata_request(self.peer_ut_metadata, piece))
 
@@ -5469,8 +5496,10 @@ class _PeerReader:
             if kind == MetadataMessage.REJECT:
                 self.give_up_metadata()
             elif kind == MetadataMessage.DATA:
+                new = piece not in self.assembly.pieces  # a piece sent again buys no time
                 info = self.assembly.take_untrusted(piece, data)
-                self.patience_ends = trio.current_time() + METADATA_PATIENCE
+                if new:
+                    self.patience_ends = trio.current_time() + METADATA_PATIENCE
                 if info is not None:
                     self.probe.metadata = info
                     assert self.metadata is not None
@@ -5485,6 +5514,12 @@ class _PeerReader:
         self.asking, self.given_up, self.assembly = False, True, None
 
 
+_NOT_TRIED: Final = frozenset({ProbeOutcome.NOT_ASKED, ProbeOutcome.LEFT_ALONE,
+                               ProbeOutcome.BUSY})
+_NOT_REACHED: Final = frozenset({ProbeOutcome.REFUSED, ProbeOutcome.TIMEOUT,
+                                 ProbeOutcome.UNREACHABLE})
+
+
 @dataclass(slots=True)
 class SwarmProbe:
     """What the peers of one torrent said they hold."""
@@ -5494,6 +5529,9 @@ class SwarmProbe:
     answering: int = 0  # told what they hold
     verified_seeds: int = 0  # every piece (or have_all)
     availability: float | None = None  # complete copies; None: no piece count, or none told
+    # Peers that would have been asked but were not (the run's budget spent, their host busy
+    # with other torrents): a complete copy may have been there, unseen.
+    skipped: int = 0
     outcomes: Counter[ProbeOutcome] = field(default_factory=Counter)
     peers: list[PeerProbe] = field(default_factory=list)
     metadata: bytes | None = None  # the info dictionary, when it was wanted and a peer sent it
@@ -5506,7 +5544,7 @@ class PeerProber:
     budget of connections in all; one connection to a host at a time (a client seeding many
     torrents of a collection is asked of each, one after the other; a host that DHT replies
     name at many ports is not flooded), never twice to a peer for one torrent, and none after
-    it refused or did not answer a connection."""
+    it refused, did not answer a connection, or connected and said nothing."""
 
     def __init__(self, options: ProbeOptions) -> None:
         self.options = options
@@ -5517,6 +5555,26 @@ class PeerProber:
         self._left_alone: set[tuple[str, int]] = set()
         self._one_at_a_time: dict[str, trio.Lock] = {}  # hosts connected to now
         self.budget_left = math.inf if options.connections is None else options.connections
+
+    async def _probe_one(self, host: str, port: int, infohash: bytes, piece_count: int | None,
+                         metadata: MetadataWanted | None) -> PeerProbe:
+        """One peer, its host ours for now: under the limits, unless left alone."""
+        if (host, port) in self._left_alone or (host, 0) in self._left_alone:
+            self.budget_left += 1  # not spent
+            return PeerProbe(host, port, ProbeOutcome.LEFT_ALONE)
+        async with self._connections:
+            while (wait := self._rate.due()) > 0:
+                await trio.sleep(wait)
+            self._rate.take()
+            probe = await probe_peer(host, port, infohash, piece_count, self.options,
+                                     self.peer_id, metadata)
+        # A port that refused, or a host with no connection in time or no route, would cost
+        # as much for every torrent that names it: left alone for the run.
+        if probe.outcome is ProbeOutcome.REFUSED:
+            self._left_alone.add((host, port))
+        elif probe.outcome in (ProbeOutcome.TIMEOUT, ProbeOutcome.UNREACHABLE):
+            self._left_alone.add((host, 0))
+        return probe
 
     async def probe(self, infohash: bytes, peers: Iterable[tuple[str, int]],
                     piece_count: int | None, want_metadata: bool = False) -> SwarmProbe:
@@ -5530,30 +5588,33 @@ class PeerProber:
         # one, to have us connect to a victim), and peers behind one NAT are rare.
         by_host = {host: (host, port) for host, port in reversed(fresh)}
         chosen = [peer for peer in fresh if by_host[peer[0]] == peer]
-        chosen = chosen[:int(min(self.options.peers_per_torrent, self.budget_left))]
+        wanted = min(self.options.peers_per_torrent, len(chosen))
+        chosen = chosen[:int(min(wanted, self.budget_left))]
         self.budget_left -= len(chosen)
         self._asked.update((infohash, host, port) for host, port in chosen)
-        swarm = SwarmProbe(piece_count=piece_count)
+        swarm = SwarmProbe(piece_count=piece_count, skipped=wanted - len(chosen))
         metadata = MetadataWanted() if want_metadata else None
 
         async def one(host: str, port: int) -> None:
-            address = (host, port)
             in_use = self._one_at_a_time.setdefault(host, trio.Lock())
             try:
-                async with in_use:
-                    if address in self._left_alone:
-                        self.budget_left += 1  # not spent
-                        swarm.peers.append(PeerProbe(host, port, ProbeOutcome.LEFT_ALONE))
-                        return
-                    async with self._connections:
-                        while (wait := self._rate.due()) > 0:
-                            await trio.sleep(wait)
-                        self._rate.take()
-                        probe = await probe_peer(host, port, infohash, piece_count,
-                                                 self.options, self.peer_id, metadata)
-                    if probe.outcome in (ProbeOutcome.REFUSED, ProbeOutcome.TIMEOUT):
-                        self._left_alone.add(address)
-                    swarm.peers.append(probe)
+                # A host that many torrents name is asked about one at a time; a torrent
+                # waits for it at most as long as one probe can take, then goes on without
+                # it (a host in every swarm must not set the pace of the whole run).
+                ours = False
+                with trio.move_on_after(self.options.connect_timeout
+                                        + self.options.answer_timeout):
+                    await in_use.acquire()
+                    ours = True
+                if not ours:
+                    self.budget_left += 1  # not spent
+                    swarm.peers.append(PeerProbe(host, port, ProbeOutcome.BUSY))
+                    return
+                try:
+                    swarm.peers.append(await self._probe_one(host, port, infohash,
+                                                             piece_count, metadata))
+                finally:
+                    in_use.release()
             finally:
                 if not in_use.locked() and not in_use.statistics().tasks_waiting:
                     self._one_at_a_time.pop(host, None)
@@ -5576,11 +5637,10 @@ class PeerProber:
                     peer.outcome, peer.holdings, peer.detail = (ProbeOutcome.MALFORMED, None,
                                                                 str(exc))
             swarm.outcomes[peer.outcome] += 1
-            if peer.outcome not in (ProbeOutcome.NOT_ASKED, ProbeOutcome.LEFT_ALONE):
+            swarm.skipped += peer.outcome is ProbeOutcome.BUSY
+            if peer.outcome not in _NOT_TRIED:
                 swarm.tried += 1
-            if peer.outcome not in (ProbeOutcome.NOT_ASKED, ProbeOutcome.LEFT_ALONE,
-                                    ProbeOutcome.REFUSED, ProbeOutcome.TIMEOUT):
-                swarm.reachable += 1
+                swarm.reachable += peer.outcome not in _NOT_REACHED
             if peer.holdings is not None:  # (only a peer that told keeps them)
                 told.append(peer.holdings)
                 swarm.verified_seeds += peer.holdings.complete
@@ -6582,6 +6642,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         verified_seeds  INTEGER NOT NULL,       -- every piece, or have_all
         availability    REAL,                   -- distributed copies; NULL: nobody told what
                                                 -- it holds, or no piece count to read it by
+        skipped         INTEGER NOT NULL,       -- peers not asked: budget spent, host busy
         webseeds_answered INTEGER NOT NULL,     -- checked: their servers answered
         webseeds_ok     INTEGER NOT NULL        -- served the data (piece 0's hash, or the
                                                 -- first file's bytes and length)
@@ -6595,15 +6656,17 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         reachable       INTEGER NOT NULL,
         verified_seeds  INTEGER NOT NULL,
         availability    REAL,
+        skipped         INTEGER NOT NULL,
         webseeds_ok     INTEGER NOT NULL
     );
     CREATE TRIGGER probe_samples_latest AFTER INSERT ON probe_samples BEGIN
         INSERT INTO probe_latest VALUES (new.torrent_id, new.measured, new.reachable,
-                                         new.verified_seeds, new.availability, new.webseeds_ok)
+                                         new.verified_seeds, new.availability, new.skipped,
+                                         new.webseeds_ok)
         ON CONFLICT (torrent_id) DO UPDATE SET
             measured = excluded.measured, reachable = excluded.reachable,
             verified_seeds = excluded.verified_seeds, availability = excluded.availability,
-            webseeds_ok = excluded.webseeds_ok
+            skipped = excluded.skipped, webseeds_ok = excluded.webseeds_ok
         WHERE excluded.measured >= probe_latest.measured;
     END;
     """,
@@ -8836,7 +8899,7 @@ PROBE_OUTAGE_AFTER: Final = 20
 class ProbeRunCounts:
     torrents: int = 0  # probed
     torrents_left: int = 0  # for a later run: [probe].connections_per_run was spent
-    torrents_unreached: int = 0  # no peer nor web seed answered: no sample stored
+    torrents_unreached: int = 0  # no peer told what it holds, no web seed served: no sample
     downloadable: int = 0  # a verified seed, a working web seed or availability >= 1
     peers_tried: int = 0
     peers_reachable: int = 0
@@ -8854,7 +8917,7 @@ class ProbeRunCounts:
     def summary(self) -> str:
         outcomes = ", ".join(f"{count:,} {outcome}" for outcome, count in
                              sorted(self.outcomes.items(), key=lambda item: -item[1]))
-        unreached = (f", {self.torrents_unreached:,} with no peer nor web seed reachable"
+        unreached = (f", {self.torrents_unreached:,} with no peer nor web seed telling"
                      if self.torrents_unreached else "")
         parts = [f"{_plural(self.torrents, 'torrent')} probed ({self.downloadable:,} "
                  f"downloadable{unreached})"
@@ -8961,19 +9024,22 @@ class ProbeSample:
     answering: int = 0
     verified_seeds: int = 0
     availability: float | None = None
+    skipped: int = 0
     webseeds_answered: int = 0
     webseeds_ok: int = 0
     metadata: Metainfo | None = None
 
 
-def probe_verdict(verified_seeds: int, availability: float | None, webseeds_ok: int) -> int:
+def probe_verdict(verified_seeds: int, availability: float | None, webseeds_ok: int,
+                  skipped: int) -> int:
     """Whether a complete copy can be downloaded, by what the probe saw: 1 when it saw one (a
     verified seed, a web seed serving the data, or peers holding every piece between them);
-    0 when peers told what they hold, with a piece count to read it by, and had none; -1
-    when it cannot say (nobody told, or no piece count)."""
+    0 when peers told what they hold, with a piece count to read it by, and had none, and no
+    peer was skipped; -1 when it cannot say (nobody told, no piece count, or peers that might
+    have held a copy were not asked)."""
     if verified_seeds > 0 or webseeds_ok > 0 or (availability or 0.0) >= 1.0:
         return 1
-    return 0 if availability is not None else -1
+    return 0 if availability is not None and not skipped else -1
 
 
 def _write_probe_samples(db: sqlite3.Connection, samples: list[ProbeSample]) -> None:
@@ -8985,10 +9051,10 @@ def _write_probe_samples(db: sqlite3.Connection, samples: list[ProbeSample]) -> 
                        [(x.attempted, x.torrent_id) for x in samples])
         db.executemany(
             "INSERT INTO probe_samples (torrent_id, run_id, measured, tried, reachable, "
-            "answering, verified_seeds, availability, webseeds_answered, webseeds_ok) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "answering, verified_seeds, availability, skipped, webseeds_answered, webseeds_ok) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(x.torrent_id, x.run_id, x.attempted, x.tried, x.reachable, x.answering,
-              x.verified_seeds, x.availability, x.webseeds_answered, x.webseeds_ok)
+              x.verified_seeds, x.availability, x.skipped, x.webseeds_answered, x.webseeds_ok)
              for x in samples if x.measured])
 
 
@@ -9062,17 +9128,20 @@ async def run_probe(db: sqlite3.Connection, settings: Settings,
             counts.verified_seeds += swarm.verified_seeds
             counts.webseeds_ok += served
             counts.downloadable += probe_verdict(swarm.verified_seeds, swarm.availability,
-                                                 served) == 1
+                                                 served, swarm.skipped) == 1
             outcomes.update(swarm.outcomes)
+            # Only what told something is a measurement: a run where peers connected and
+            # said nothing must not replace what an earlier run learnt.
             sample = ProbeSample(target.torrent_id, run_id, int(time.time()),
-                                 measured=bool(swarm.reachable or answered),
+                                 measured=bool(swarm.answering or served),
                                  metadata=swarm.metainfo)
-            if not sample.measured:  # nothing answered: nothing measured
+            if not sample.measured:
                 counts.torrents_unreached += 1
                 return sample
             sample.tried, sample.reachable, sample.answering = (swarm.tried, swarm.reachable,
                                                                 swarm.answering)
             sample.verified_seeds, sample.availability = swarm.verified_seeds, swarm.availability
+            sample.skipped = swarm.skipped
             sample.webseeds_answered, sample.webseeds_ok = answered, served
             return sample
 
@@ -9915,6 +9984,7 @@ def _load_report_rows(db: sqlite3.Connection, collections: Sequence[str],
         "SELECT t.id, t.infohash, t.name, t.size_bytes, t.file_count, t.created_unix, t.magnet, "
         "       d.peers, d.measured, d.bep33_seeds, d.bep33_peers, "
         "       p.verified_seeds, p.availability, p.webseeds_ok, p.reachable, p.measured, "
+        "       p.skipped, "
         "       s.latest, s.change_previous, s.change_1d, s.change_7d "
         "FROM torrents t LEFT JOIN dht_latest d ON d.torrent_id = t.id "
         "LEFT JOIN probe_latest p ON p.torrent_id = t.id AND p.measured >= ? "
@@ -9928,7 +9998,7 @@ def _load_report_rows(db: sqlite3.Connection, collections: Sequence[str],
     result: list[ReportRow] = []
     for (torrent_id, infohash, name, size, file_count, created, magnet, dht_peers, dht_measured,
          bep33_seeds, bep33_peers, verified, availability, webseeds_ok, reachable, probed,
-         folded, *changes) in torrents:
+         skipped, folded, *changes) in torrents:
         file_name, source, collection, kind = listed[torrent_id]
         if magnet is None:
             magnet = missing[torrent_id]
@@ -9939,7 +10009,7 @@ def _load_report_rows(db: sqlite3.Connection, collections: Sequence[str],
         if probed is None:
             verified = webseeds_ok = reachable = probed = downloadable = availability = -1
         else:
-            downloadable = probe_verdict(verified, availability, webseeds_ok)
+            downloadable = probe_verdict(verified, availability, webseeds_ok, skipped)
             availability = -1 if availability is None else round(availability, 3)
             if seeders < 0 and downloadable >= 0:  # no tracker counts it (a DHT-only
                 seeders, scraped = verified, probed  # magnet): the seeds the probe saw do
