@@ -5290,7 +5290,7 @@ class ProbeOutcome(enum.Enum):
     NOT_ASKED = "not an address to connect to"
     UNREACHABLE = "no route to it"  # or a local firewall: no answer from the network
     LEFT_ALONE = "refused or unreachable earlier in the run: left alone"
-    BUSY = "its host was busy with other torrents: not asked"
+    BUSY = "its host had its share of the run: not asked"
 
 
 @dataclass(slots=True)
@@ -5514,6 +5514,10 @@ class _PeerReader:
         self.asking, self.given_up, self.assembly = False, True, None
 
 
+# Seconds of connections one host may take in a probe run: a client seeding a thousand torrents
+# of a collection, each asked on its own connection, one at a time, is asked about a few
+# hundred; a host in every swarm that answers at the last moment, about thirty.
+PROBE_HOST_SECONDS: Final = 300.0
 _NOT_TRIED: Final = frozenset({ProbeOutcome.NOT_ASKED, ProbeOutcome.LEFT_ALONE,
                                ProbeOutcome.BUSY})
 _NOT_REACHED: Final = frozenset({ProbeOutcome.REFUSED, ProbeOutcome.TIMEOUT,
@@ -5529,8 +5533,8 @@ class SwarmProbe:
     answering: int = 0  # told what they hold
     verified_seeds: int = 0  # every piece (or have_all)
     availability: float | None = None  # complete copies; None: no piece count, or none told
-    # Peers that would have been asked but were not (the run's budget spent, their host busy
-    # with other torrents): a complete copy may have been there, unseen.
+    # Peers that would have been asked but were not (the run's budget spent, or their host's
+    # share of the run): a complete copy may have been there, unseen.
     skipped: int = 0
     outcomes: Counter[ProbeOutcome] = field(default_factory=Counter)
     peers: list[PeerProbe] = field(default_factory=list)
@@ -5554,6 +5558,7 @@ class PeerProber:
         self._asked: set[tuple[bytes, str, int]] = set()  # (infohash, host, port)
         self._left_alone: set[tuple[str, int]] = set()
         self._one_at_a_time: dict[str, trio.Lock] = {}  # hosts connected to now
+        self._host_seconds: dict[str, float] = {}  # each host's time connected in the run
         self.budget_left = math.inf if options.connections is None else options.connections
 
     async def _probe_one(self, host: str, port: int, infohash: bytes, piece_count: int | None,
@@ -5598,23 +5603,22 @@ class PeerProber:
         async def one(host: str, port: int) -> None:
             in_use = self._one_at_a_time.setdefault(host, trio.Lock())
             try:
-                # A host that many torrents name is asked about one at a time; a torrent
-                # waits for it at most as long as one probe can take, then goes on without
-                # it (a host in every swarm must not set the pace of the whole run).
-                ours = False
-                with trio.move_on_after(self.options.connect_timeout
-                                        + self.options.answer_timeout):
-                    await in_use.acquire()
-                    ours = True
-                if not ours:
-                    self.budget_left += 1  # not spent
-                    swarm.peers.append(PeerProbe(host, port, ProbeOutcome.BUSY))
-                    return
-                try:
-                    swarm.peers.append(await self._probe_one(host, port, infohash,
-                                                             piece_count, metadata))
-                finally:
-                    in_use.release()
+                # A host that many torrents name is asked about one at a time, for
+                # PROBE_HOST_SECONDS of connections in a run at most: then the torrents
+                # still waiting for it go on without it (a host in every swarm, slow to
+                # answer, must not set the pace of the whole run).
+                async with in_use:
+                    if self._host_seconds.get(host, 0.0) >= PROBE_HOST_SECONDS:
+                        self.budget_left += 1  # not spent
+                        swarm.peers.append(PeerProbe(host, port, ProbeOutcome.BUSY))
+                        return
+                    started = trio.current_time()
+                    try:
+                        swarm.peers.append(await self._probe_one(host, port, infohash,
+                                                                 piece_count, metadata))
+                    finally:
+                        self._host_seconds[host] = (self._host_seconds.get(host, 0.0)
+                                                    + trio.current_time() - started)
             finally:
                 if not in_use.locked() and not in_use.statistics().tasks_waiting:
                     self._one_at_a_time.pop(host, None)
