@@ -2000,15 +2000,12 @@ async def fake_peer(behaviour: str, infohash: bytes, bitfield: bytes, peer_id: b
     import trio
 
     import tsmd
+    from test_tsmd import read_handshake
 
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         async with stream:
-            received = bytearray()
-            while len(received) < tsmd.PEER_HANDSHAKE_LENGTH:
-                data = await stream.receive_some(4096)
-                if not data:
-                    return
-                received += data
+            if await read_handshake(stream) is None:
+                return
             if behaviour == "garbage":
                 await stream.send_all(b"HTTP/1.1 400 Bad Request\r\n" + bytes(60))
                 return

@@ -1303,13 +1303,19 @@ def test_version_2_database_gets_each_torrents_magnet_stored(tmp_path):
     assert tsmd.fill_magnets(db) == 0  # every one stored once
 
 
-def test_trackers_that_differ_only_by_a_udp_path_are_merged_with_their_history(tmp_path):
-    path = tmp_path / "v6.sqlite3"
+def database_at_version(path: Path, version: int) -> sqlite3.Connection:
+    """A database as tsmd left it at schema `version` (its user_version still to be set)."""
     db = sqlite3.connect(path)
-    for number, migration in enumerate(tsmd.MIGRATIONS[:6]):
+    for number, migration in enumerate(tsmd.MIGRATIONS[:version]):
         db.executescript(migration)
         if number in tsmd.MIGRATION_FILLS:
             tsmd.MIGRATION_FILLS[number](db)
+    return db
+
+
+def test_trackers_that_differ_only_by_a_udp_path_are_merged_with_their_history(tmp_path):
+    path = tmp_path / "v6.sqlite3"
+    db = database_at_version(path, 6)
     first, second = "aa" * 20, "bb" * 20
     # As a database before v7 held them: the same UDP tracker twice; two HTTP passkeys.
     db.executescript(f"""
@@ -1359,11 +1365,7 @@ def test_version_9_reads_web_seeded_torrents_again_for_their_first_piece(tmp_pat
     upgrade forgets the validators of web-seeded torrents' listings, so that the next sync
     reads their .torrent files again; the others' stay (peers give their piece count)."""
     path = tmp_path / "v8.sqlite3"
-    db = sqlite3.connect(path)
-    for number, migration in enumerate(tsmd.MIGRATIONS[:8]):
-        db.executescript(migration)
-        if number in tsmd.MIGRATION_FILLS:
-            tsmd.MIGRATION_FILLS[number](db)
+    db = database_at_version(path, 8)
     db.executescript(f"""
         INSERT INTO collections (id, name, url, type) VALUES (1, 'c', 'http://x/', 'books');
         INSERT INTO torrents (id, infohash, name, has_metainfo, first_seen, updated) VALUES
@@ -6490,6 +6492,18 @@ def info_dict_of(files: int, pieces: int) -> bytes:
                                     for n in range(files)]})
 
 
+async def read_handshake(stream) -> bytearray | None:
+    """What a fake peer reads first: the prober's handshake and anything after it; None if
+    the prober hung up before it was whole."""
+    buffer = bytearray()
+    while len(buffer) < tsmd.PEER_HANDSHAKE_LENGTH:
+        data = await stream.receive_some(4096)
+        if not data:
+            return None
+        buffer += data
+    return buffer
+
+
 async def metadata_peer(info: bytes, behaviour: str, sent: list[int], stream,
                         delay: float = 0.0) -> None:
     """A peer that holds every piece of the torrent of `info` (a full bitfield) and serves its
@@ -6500,12 +6514,9 @@ async def metadata_peer(info: bytes, behaviour: str, sent: list[int], stream,
     pieces = len(bencoder.bdecode(info)[b"pieces"]) // 20
     size = tsmd.MAX_METADATA_BYTES + 1 if behaviour == "huge" else len(info)
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        buffer = bytearray()
-        while len(buffer) < tsmd.PEER_HANDSHAKE_LENGTH:
-            data = await stream.receive_some(1000)
-            if not data:
-                return
-            buffer += data
+        buffer = await read_handshake(stream)
+        if buffer is None:
+            return
         infohash = bytes(buffer[28:48])
         del buffer[:tsmd.PEER_HANDSHAKE_LENGTH]
         full = ((1 << pieces) - 1 << (-pieces % 8)).to_bytes((pieces + 7) // 8, "big")
