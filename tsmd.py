@@ -9850,9 +9850,9 @@ def add_health(rows: list[ReportRow], history: dict[str, list[tuple[int, int]]])
 # Where a torrent stands in the plan, the first key of the `need` order: downloadable red, then
 # yellow, then green; then the unverified (trackers count seeders, but the peers that told the
 # probe what they hold had no complete copy between them, nor did a web seed serve it: a
-# volunteer sent there may wait for ever); then the dead (measured, and no seeder anywhere: nothing can be downloaded, so they
-# are lost unless someone who has them comes back, and no volunteer can help by being sent
-# there); then those not measured yet.
+# volunteer sent there may wait for ever); then the dead (measured, and no seeder anywhere:
+# nothing can be downloaded, so they are lost unless someone who has them comes back, and no
+# volunteer can help by being sent there); then those not measured yet.
 PLAN_RED, PLAN_YELLOW, PLAN_GREEN, PLAN_UNVERIFIED, PLAN_DEAD, PLAN_UNMEASURED = range(6)
 _PLAN_OF_BAND: Final = {"red": PLAN_RED, "yellow": PLAN_YELLOW, "green": PLAN_GREEN}
 
