@@ -42,7 +42,6 @@ Everything runs on loopback and stops by itself.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import hashlib
 import html
@@ -1992,50 +1991,12 @@ def fake_peer_swarms(torrents: int, seed: int, octet: int) -> list[tuple[bytes, 
     return swarms
 
 
-async def fake_peer(behaviour: str, infohash: bytes, bitfield: bytes, peer_id: bytes,
-                    stream) -> None:
-    """One connection to a fake peer: "bitfield" answers the handshake and sends `bitfield`
-    (honest); the others are FakePeers' hostile behaviours. Then it reads and ignores whatever
-    comes (libtorrent's messages too) until the other side hangs up."""
-    import trio
-
-    import tsmd
-    from test_tsmd import read_handshake
-
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        async with stream:
-            if await read_handshake(stream) is None:
-                return
-            if behaviour == "garbage":
-                await stream.send_all(b"HTTP/1.1 400 Bad Request\r\n" + bytes(60))
-                return
-            handshake = tsmd.encode_peer_handshake(
-                b"\x09" * 20 if behaviour == "wrong torrent" else infohash, peer_id)
-            if behaviour == "trickle":
-                for byte in handshake + (1).to_bytes(4, "big") + bytes([14]):
-                    await stream.send_all(bytes([byte]))
-                    await trio.sleep(0.2)
-                return
-            await stream.send_all(handshake)
-            if behaviour == "bitfield":
-                await stream.send_all((1 + len(bitfield)).to_bytes(4, "big") + b"\x05" + bitfield)
-            elif behaviour == "huge length":
-                await stream.send_all(b"\xff\xff\xff\xff\x05" + bytes(100))
-            elif behaviour == "bad bitfield":
-                await stream.send_all((4 + len(bitfield)).to_bytes(4, "big") + b"\x05"
-                                      + b"\xff" * (len(bitfield) + 3))
-            elif behaviour == "hang up":
-                return
-            while await stream.receive_some(1 << 16):
-                pass
-
-
 async def serve_fake_peers_until(specs: list[tuple[str, str, bytes, bytes]], ports, stop) -> None:
     import functools
 
     import trio
 
-    from test_tsmd import metadata_peer
+    from test_tsmd import fake_peer, metadata_peer
 
     addresses = []
     async with trio.open_nursery() as nursery:

@@ -6194,8 +6194,7 @@ def probe_test_options(**overrides) -> tsmd.ProbeOptions:
     return tsmd.ProbeOptions(**options)
 
 
-def peer_message(kind: int, payload: bytes = b"") -> bytes:
-    return (1 + len(payload)).to_bytes(4, "big") + bytes([kind]) + payload
+peer_message = tsmd.encode_peer_message
 
 
 def test_peer_wire_codecs():
@@ -6289,11 +6288,8 @@ def test_metainfo_piece_count(tmp_path):
 
 
 class FakePeers:
-    """TCP peers on 127.91.0.x, each with a behaviour: "seed" (have_all), "partial" (a bitfield
-    of the even pieces, a `have` of piece 1 0.1 s later, one of piece 3 1 s later), "garbage", "wrong torrent", "huge length"
-    (a 4 GiB length prefix), "bad bitfield" (the wrong length), "trickle" (a byte every 0.2 s),
-    "silent" (a handshake, then nothing), "hang up" (closes after the handshake). Each records
-    every byte the prober sent, by host."""
+    """TCP peers on 127.91.0.x, each with a behaviour of fake_peer ("partial": a bitfield of
+    the even pieces). Each records every byte the prober sent, by host."""
 
     def __init__(self, behaviours: list[str], piece_count: int) -> None:
         self.behaviours, self.piece_count = behaviours, piece_count
@@ -6311,50 +6307,59 @@ class FakePeers:
             task_status.started()
 
     async def _peer(self, behaviour: str, host: str, stream) -> None:
-        received = self.received.setdefault(host, bytearray())
-        async with stream:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._answer(behaviour, stream, received)
-
-    async def _answer(self, behaviour: str, stream, received: bytearray) -> None:
-        while len(received) < tsmd.PEER_HANDSHAKE_LENGTH:
-            data = await stream.receive_some(1000)
-            if not data:
-                return
-            received += data
-        infohash = b"\x09" * 20 if behaviour == "wrong torrent" else PROBE_INFOHASH
-        if behaviour == "garbage":
-            await stream.send_all(b"HTTP/1.1 400 Bad Request\r\n" + bytes(60))
-            return
-        handshake = tsmd.encode_peer_handshake(infohash, b"-FK0001-000000000000")
         bitfield_bytes = (self.piece_count + 7) // 8
-        if behaviour == "trickle":
-            for byte in handshake + peer_message(14):
-                await stream.send_all(bytes([byte]))
-                await trio.sleep(0.2)
-            return
-        await stream.send_all(handshake)
-        if behaviour == "seed":
-            await stream.send_all(peer_message(20, b"d1:md11:ut_metadatai1eee")
-                                  + peer_message(14))
-        elif behaviour == "partial":
-            evens = sum(1 << (7 - i % 8) << 8 * (bitfield_bytes - 1 - i // 8)
-                        for i in range(0, self.piece_count, 2))
-            await stream.send_all(peer_message(5, evens.to_bytes(bitfield_bytes, "big"))
-                                  + peer_message(1))
-            await trio.sleep(0.1)
-            await stream.send_all(peer_message(4, (1).to_bytes(4, "big")))
-            await trio.sleep(1)
-            await stream.send_all(peer_message(4, (3).to_bytes(4, "big")))
-        elif behaviour == "huge length":
-            await stream.send_all(b"\xff\xff\xff\xff\x05" + bytes(100))
-        elif behaviour == "bad bitfield":
-            await stream.send_all(peer_message(5, b"\xff" * (bitfield_bytes + 3)))
-        elif behaviour == "hang up":
-            return
-        # Then whatever the prober sends, until it hangs up.
-        while data := await stream.receive_some(1000):
-            received += data
+        evens = sum(1 << (7 - i % 8) << 8 * (bitfield_bytes - 1 - i // 8)
+                    for i in range(0, self.piece_count, 2))
+        await fake_peer(behaviour, PROBE_INFOHASH, evens.to_bytes(bitfield_bytes, "big"),
+                        b"-FK0001-000000000000", stream,
+                        self.received.setdefault(host, bytearray()))
+
+
+async def fake_peer(behaviour: str, infohash: bytes, bitfield: bytes, peer_id: bytes, stream,
+                    received: bytearray | None = None) -> None:
+    """One connection to a fake peer of `infohash`: "seed" (have_all), "bitfield" (sends
+    `bitfield`), "partial" (`bitfield`, a `have` of piece 1 0.1 s later, one of piece 3 1 s
+    later), "garbage", "wrong torrent", "huge length" (a 4 GiB length prefix), "bad bitfield"
+    (3 bytes too long), "trickle" (a byte every 0.2 s), "silent" (a handshake, then nothing),
+    "hang up" (closes after the handshake). Then it reads and ignores whatever comes (a
+    client's messages too) until the other side hangs up; `received` gets every byte."""
+    received = bytearray() if received is None else received
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        async with stream:
+            handshake = await read_handshake(stream)
+            if handshake is None:
+                return
+            received += handshake
+            if behaviour == "garbage":
+                await stream.send_all(b"HTTP/1.1 400 Bad Request\r\n" + bytes(60))
+                return
+            ours = tsmd.encode_peer_handshake(
+                b"\x09" * 20 if behaviour == "wrong torrent" else infohash, peer_id)
+            if behaviour == "trickle":
+                for byte in ours + peer_message(14):
+                    await stream.send_all(bytes([byte]))
+                    await trio.sleep(0.2)
+                return
+            await stream.send_all(ours)
+            if behaviour == "seed":
+                await stream.send_all(peer_message(20, b"d1:md11:ut_metadatai1eee")
+                                      + peer_message(14))
+            elif behaviour == "bitfield":
+                await stream.send_all(peer_message(5, bitfield))
+            elif behaviour == "partial":
+                await stream.send_all(peer_message(5, bitfield) + peer_message(1))
+                await trio.sleep(0.1)
+                await stream.send_all(peer_message(4, (1).to_bytes(4, "big")))
+                await trio.sleep(1)
+                await stream.send_all(peer_message(4, (3).to_bytes(4, "big")))
+            elif behaviour == "huge length":
+                await stream.send_all(b"\xff\xff\xff\xff\x05" + bytes(100))
+            elif behaviour == "bad bitfield":
+                await stream.send_all(peer_message(5, b"\xff" * (len(bitfield) + 3)))
+            elif behaviour == "hang up":
+                return
+            while data := await stream.receive_some(1 << 16):
+                received += data
 
 
 def test_probe_reads_what_peers_hold_and_survives_hostile_ones():
