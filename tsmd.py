@@ -5281,7 +5281,7 @@ class ProbeOptions:
 
 class ProbeOutcome(enum.Enum):
     TOLD = "told what it holds"
-    REFUSED = "refused"  # or reset, or unreachable
+    REFUSED = "refused"  # or reset: the peer's host answered
     TIMEOUT = "no connection in time"
     SILENT = "connected, then silent"  # or trickled: nothing whole within the answer timeout
     CLOSED = "closed before telling what it holds"
@@ -5300,7 +5300,6 @@ class PeerProbe:
     outcome: ProbeOutcome
     holdings: PeerHoldings | None = None
     detail: str = ""
-    metadata: bytes | None = None  # the info dictionary it sent (BEP 9), checked
 
 
 METADATA_PATIENCE: Final = 3.0  # seconds a peer asked for metadata may go without a new piece
@@ -5372,7 +5371,6 @@ async def probe_peer(host: str, port: int, infohash: bytes, piece_count: int | N
             probe.outcome = (ProbeOutcome.WRONG_TORRENT if isinstance(exc, WrongTorrentError)
                              else ProbeOutcome.MALFORMED)
             probe.holdings, probe.detail = None, str(exc)  # what it said before is not believed
-            probe.metadata = None
         except (OSError, trio.BrokenResourceError) as exc:
             probe.outcome, probe.detail = ProbeOutcome.CLOSED, str(exc)
         finally:
@@ -5501,7 +5499,6 @@ class _PeerReader:
                 if new:
                     self.patience_ends = trio.current_time() + METADATA_PATIENCE
                 if info is not None:
-                    self.probe.metadata = info
                     assert self.metadata is not None
                     self.metadata.info = info
                     self.give_up_metadata()  # (done: nothing more to ask)
@@ -8784,12 +8781,14 @@ def peers_to_keep(peers: Iterable[tuple[str, int]], infohash: bytes) -> list[tup
     return chosen
 
 
-def probe_options(settings: Settings) -> ProbeOptions:
+def probe_options(settings: Settings, concurrency: int | None = None,
+                  rate: float | None = None) -> ProbeOptions:
     probe = settings.probe
     return ProbeOptions(connect_timeout=probe.connect_timeout,
                         answer_timeout=probe.answer_timeout, have_window=probe.have_window,
-                        concurrency=probe.concurrency,
-                        peers_per_torrent=probe.peers_per_torrent, rate=probe.rate,
+                        concurrency=concurrency or probe.concurrency,
+                        peers_per_torrent=probe.peers_per_torrent,
+                        rate=probe.rate if rate is None else rate,
                         allow_private=settings.network.allow_private,
                         connections=probe.connections_per_run)
 
@@ -11526,6 +11525,19 @@ def _infohash_options(values: Sequence[str]) -> list[str]:
         raise _fail(f"--infohash: {exc}", ExitCode.USAGE) from None
 
 
+def _stage_selection(settings: Settings, collection: Sequence[str] | None,
+                     infohash: Sequence[str] | None, stale_after: str | None
+                     ) -> tuple[list[CollectionSettings], list[str], float | None]:
+    """What a measuring stage's command was asked to measure: its collections, infohashes
+    and --stale-after; a bad one is said, with exit code 2."""
+    stale = _duration_option(stale_after, "--stale-after")
+    hashes = _infohash_options(infohash or [])
+    try:
+        return select_collections(settings, collection or []), hashes, stale
+    except TsmdError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+
+
 def _tracker_options(values: Sequence[str]) -> list[str]:
     """--tracker URLs, normalised; one that is no tracker URL is a usage error."""
     urls = [normalise_tracker_url(value) for value in values]
@@ -11698,18 +11710,13 @@ def dht(
     Example: tsmd dht --collection libgen-books --stale-after 20h
     """
     settings, reporter = _load(ctx)
-    stale = _duration_option(stale_after, "--stale-after")
-    hashes = _infohash_options(infohash or [])
     _host_port_options(bootstrap or [], "dht")
     if bind:
         try:
             split_bind_address(bind)
         except ValueError as exc:
             raise _fail(f"dht: --bind: {exc}", ExitCode.USAGE) from None
-    try:
-        chosen = select_collections(settings, collection or [])
-    except TsmdError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
+    chosen, hashes, stale = _stage_selection(settings, collection, infohash, stale_after)
     run_stage_command(settings, reporter, "dht", run_dht, DhtCounters(), dht_judge(reporter),
                       wait=_wait_option(wait),
                       with_run_id=True, collections=chosen,
@@ -11742,19 +11749,11 @@ def probe(
     Example: tsmd probe --collection libgen-books --stale-after 20h
     """
     settings, reporter = _load(ctx)
-    stale = _duration_option(stale_after, "--stale-after")
-    hashes = _infohash_options(infohash or [])
-    try:
-        chosen = select_collections(settings, collection or [])
-    except TsmdError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
-    options = probe_options(settings)
-    options = dataclasses.replace(options, concurrency=concurrency or options.concurrency,
-                                  rate=options.rate if rate is None else rate)
+    chosen, hashes, stale = _stage_selection(settings, collection, infohash, stale_after)
     run_stage_command(settings, reporter, "probe", run_probe, ProbeRunCounts(),
                       probe_judge(reporter), wait=_wait_option(wait), with_run_id=True,
                       collections=chosen, infohashes=hashes, stale_after=stale,
-                      options=options)
+                      options=probe_options(settings, concurrency, rate))
 
 
 @app.command()
@@ -11778,13 +11777,8 @@ def scrape(
     Example: tsmd scrape --collection libgen-books --stale-after 12h
     """
     settings, reporter = _load(ctx)
-    stale = _duration_option(stale_after, "--stale-after")
-    hashes = _infohash_options(infohash or [])
     only_trackers = _tracker_options(tracker or [])
-    try:
-        chosen = select_collections(settings, collection or [])
-    except TsmdError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
+    chosen, hashes, stale = _stage_selection(settings, collection, infohash, stale_after)
     run_stage_command(settings, reporter, "scrape", run_scrape, ScrapeRunCounts(),
                       scrape_judge(reporter), wait=_wait_option(wait), with_run_id=True,
                       collections=chosen,
